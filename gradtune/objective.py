@@ -28,3 +28,41 @@ class Output:
 
 class Objective(Protocol):
     def __call__(self, model: nn.Module, batch: Batch) -> Output: ...
+
+
+class Regression:
+    """Tabular regression: model(x) (B, 1) against y (B,). Loss mse | mse_half | huber."""
+
+    def __init__(self, loss: str = "mse", huber_delta: float = 1.0) -> None:
+        self.loss, self.huber_delta = loss, huber_delta
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Output:
+        from gradtune import losses
+
+        y = batch["y"]
+        pred = model(batch["x"]).reshape(y.shape)
+        if self.loss == "huber":
+            loss_sum = losses.huber(pred, y, self.huber_delta, reduction="sum")
+        else:
+            loss_sum = losses.mse(pred, y, reduction="sum", half=self.loss == "mse_half")
+        sq_err = (pred.detach() - y).pow(2).sum()
+        return Output(loss_sum, torch.tensor(y.shape[0]), {"sq_err": sq_err})
+
+
+class Classification:
+    """Tabular classification: logits (B, C) against class ids (B,). Loss cross_entropy | bce."""
+
+    def __init__(self, loss: str = "cross_entropy", label_smoothing: float = 0.0) -> None:
+        self.loss, self.label_smoothing = loss, label_smoothing
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Output:
+        from gradtune import losses
+
+        y, logits = batch["y"], model(batch["x"])
+        if self.loss == "bce":  # one logit per sample: P(class 1) = sigmoid(z)
+            loss_sum = losses.bce_with_logits(logits, y, reduction="sum")
+            correct = ((logits.detach().reshape(y.shape) > 0).long() == y).sum()
+        else:
+            loss_sum = losses.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing)
+            correct = (logits.detach().argmax(-1) == y).sum()
+        return Output(loss_sum, torch.tensor(y.shape[0]), {"correct": correct})

@@ -1,0 +1,317 @@
+"""The one training loop. Every job — a line, the 10-5-1 MLP, a GPT, a LoRA-tuned LLM — runs here.
+
+    for each step:
+        batch(es)  <- sampler (batch_size: full | 1 | k), split into micro-batches
+        loss       <- objective(model, micro-batch) as sums; gradients of sums accumulated
+        grad       <- divided once by the batch's total count: exact whatever the split
+        guard      <- finite? no spike? else skip / stop (before anything is touched)
+        param      <- optimizer.step() at lr(step)
+        measure    <- at evaluation points only: loss, metrics, grad norm, log, plot
+        stop?      <- converged (tol, patience, grad_tol) or budget reached
+
+Importable: ``fit(job, cfg)`` for objects built in Python, ``train(cfg)`` for a config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gradtune.config import Config
+from gradtune.data.dataset import Dataset
+from gradtune.guard import Guard
+from gradtune.job import Job
+from gradtune.objective import Objective
+from gradtune.schedules import factor
+from gradtune.stopping import Convergence
+from gradtune.telemetry import MetricsLog, Progress
+from gradtune.variants import Sampler
+
+
+@dataclass
+class Result:
+    steps: int
+    epochs: float
+    stop_reason: str
+    train_loss: float  # loss of the last evaluation (epoch mean for SGD/mini-batch; exact for full)
+    val_loss: Optional[float]
+    metrics: dict[str, float]
+    wall_time: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Optional[Path] = None
+    info: dict[str, Any] = field(default_factory=dict)  # the job's facts (closed-form loss, classes...)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    """Our own update rules (gradtune.optim), drop-in torch.optim optimizers."""
+    from gradtune.optim import SGD, AdamW
+
+    if cfg.optimizer == "adamw":
+        return AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
+               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: list[torch.Tensor],
+               device: torch.device, amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
+
+    Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync).
+    """
+    loss_sum = count = None
+    sums: dict[str, torch.Tensor] = {}
+    for idx in micro:
+        with amp:
+            out = objective(model, _to(data.get(idx), device))
+        out.loss_sum.backward()
+        ls = out.loss_sum.detach()
+        loss_sum = ls if loss_sum is None else loss_sum + ls
+        count = out.count if count is None else count + out.count
+        for k, v in out.metrics.items():
+            sums[k] = v if k not in sums else sums[k] + v
+    return loss_sum, count, sums
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, device: torch.device,
+             amp: contextlib.AbstractContextManager) -> tuple[float, float, dict[str, float]]:
+    """(mean loss, count, metric sums) over ``data`` in chunks of ``batch`` samples."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, sums = 0.0, 0.0, {}
+    for idx in torch.arange(len(data)).split(batch):
+        with amp:
+            out = objective(model, _to(data.get(idx), device))
+        loss_sum += out.loss_sum.double().item()
+        count += float(out.count)
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    model.train(was_training)
+    return loss_sum / max(count, 1.0), count, sums
+
+
+def task_metrics(job: Job, prefix: str, loss: float, count: float, sums: dict[str, float]) -> dict[str, float]:
+    """Loss plus the metrics that fit the task: RMSE and R^2, accuracy, perplexity."""
+    out = {f"{prefix}loss": loss}
+    if "sq_err" in sums and count:
+        mse = sums["sq_err"] / count
+        out[f"{prefix}rmse"] = math.sqrt(mse) * job.info.get("target_std", 1.0)
+        var = job.info.get("val_var") if prefix == "val_" else None
+        if var:
+            out[f"{prefix}r2"] = 1.0 - mse / var
+    if "correct" in sums and count:
+        out[f"{prefix}accuracy"] = sums["correct"] / count
+    if job.task == "lm":
+        out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+    return out
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
+    for g in opt.param_groups:
+        g["lr"] = g.setdefault("initial_lr", g["lr"]) * f
+    return opt.param_groups[0]["lr"]
+
+
+class Loop:
+    """State of one run of the loop; ``run`` is the loop itself."""
+
+    def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog) -> None:
+        self.job, self.cfg, self.log = job, cfg, log
+        self.out_dir = out_dir
+        self.device = resolve_device(cfg.device)
+        self.model = job.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(cfg, job.param_groups or self.params)
+        self.sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
+        per_epoch = self.sampler.steps_per_epoch
+        self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+        self.eval_every = cfg.eval_every or per_epoch
+        self.eval_batch = cfg.micro_batch_size or (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256))
+        self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
+        self.guard = Guard(cfg.guard)
+        self.amp = autocast(cfg, self.device)
+        self.step = 0
+        self.skipped = 0
+
+    def _schedule(self) -> float:
+        c = self.cfg
+        min_ratio = c.min_lr / c.lr
+        return factor(self.step, c.schedule, self.total, c.warmup_steps, c.gamma, c.step_size, min_ratio)
+
+    def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
+        job, cfg = self.job, self.cfg
+        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4), "lr": lr}
+        row.update(task_metrics(job, "", train_loss, self.ep_count, self.ep_sums))
+        gnorm = None
+        if cfg.grad_tol > 0 and cfg.batch_size == "full":
+            gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
+            row["grad_norm"] = gnorm
+        if job.val is not None:
+            vl, vc, vs = evaluate(self.model, job.objective, job.val, self.eval_batch, self.device, self.amp)
+            row.update(task_metrics(job, "val_", vl, vc, vs))
+        self.log.write(row)
+        self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
+        return self.stopper.update(train_loss, gnorm)
+
+    def _reset_epoch_sums(self) -> None:
+        self.ep_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.ep_count = 0.0
+        self.ep_sums: dict[str, float] = {}
+        self._ep_count_t = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._ep_metric_t: dict[str, torch.Tensor] = {}
+
+    def _close_epoch_sums(self) -> float:
+        """One host sync per evaluation: the epoch's running loss and metric sums."""
+        self.ep_count = float(self._ep_count_t)
+        self.ep_sums = {k: float(v) for k, v in self._ep_metric_t.items()}
+        return float(self.ep_loss) / max(self.ep_count, 1.0)
+
+    def run(self) -> Result:
+        cfg, job = self.cfg, self.job
+        t0 = time.perf_counter()
+        self.progress = Progress(cfg.progress, self.total)
+        self._reset_epoch_sums()
+        self.last_gnorm = None
+        stop_reason, train_loss = f"budget reached ({self.total} steps)", math.nan
+        need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0
+        self.model.train()
+        while self.step < self.total:
+            s = next(self.sampler)
+            lr = _set_lr(self.opt, self._schedule())
+            for p in self.params:
+                p.grad = None
+            loss_sum, count, sums = accumulate(self.model, job.objective, job.train, s.micro, self.device, self.amp)
+            # The gradient of the mean: one division by the whole batch's count (see objective.py).
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_div_(grads, count.to(grads[0].dtype)) if grads else None
+            loss = float(loss_sum) / float(count)  # one scalar read; the guard needs it now
+            action, why = self.guard.check(loss)
+            if action != "ok":
+                self.skipped += 1
+                self.log.write({"kind": "guard", "step": self.step, "action": action, "reason": why,
+                                "sample_ids": torch.cat(s.micro).tolist()[:64]})
+                self.progress.note(f"guard: step {self.step}: {why} -> {action}")
+                if action == "stop" or self.skipped > max(10, self.total // 10):
+                    stop_reason = f"diverged: {why}"
+                    break
+                self.step += 1
+                continue
+            if need_norm:
+                self.last_gnorm = grad_norm(self.params)
+                if cfg.clip_grad_norm is not None:
+                    torch._foreach_mul_(grads, (cfg.clip_grad_norm / (self.last_gnorm + 1e-6)).clamp(max=1.0))
+            self.opt.step()
+            self.ep_loss += loss_sum.double()
+            self._ep_count_t += count
+            for k, v in sums.items():
+                self._ep_metric_t[k] = self._ep_metric_t.get(k, 0.0) + v
+            self.step += 1
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                self.log.write({"kind": "step", "step": self.step, "loss": loss, "lr": lr})
+            if self.step % self.eval_every == 0 or s.epoch_end or self.step == self.total:
+                train_loss = self._close_epoch_sums()
+                reason = self._evaluate(train_loss, lr)
+                self._reset_epoch_sums()
+                if reason:
+                    stop_reason = reason
+                    break
+        self.progress.close(self.step)
+        last = next((r for r in reversed(self.log.rows) if r.get("kind") == "eval"), {})
+        metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
+        return Result(self.step, self.step / self.sampler.steps_per_epoch, stop_reason,
+                      last.get("loss", train_loss), last.get("val_loss"), metrics,
+                      time.perf_counter() - t0, self.log.rows, self.out_dir)
+
+
+@contextlib.contextmanager
+def cpu_threads(model: nn.Module, device: torch.device):
+    """One intra-op thread for tiny models on CPU: splitting a (32, 5) matmul across cores costs
+    more in synchronisation than it saves (and stalls badly when other processes share the
+    cores). Restored afterwards."""
+    before = torch.get_num_threads()
+    tiny = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000
+    if tiny:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if tiny:
+            torch.set_num_threads(before)
+
+
+def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
+    """Train ``job`` with ``cfg``; write metrics.jsonl under ``out_dir`` if given."""
+    torch.manual_seed(cfg.seed)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None)
+    try:
+        with cpu_threads(job.model, resolve_device(cfg.device)):
+            return Loop(job, cfg, out_dir, log).run()
+    finally:
+        log.close()
+
+
+def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
+    """Final weights (safetensors, unwrapped names), config, summary and the loss plot."""
+    from safetensors.torch import save_file
+
+    from gradtune.atomic import atomic_path, write_text
+    from gradtune.report import plot_losses
+
+    import yaml
+
+    state = {k: v.detach().cpu().contiguous() for k, v in job.model.state_dict().items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"config_hash": cfg.hash()})
+    write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    summary = {"steps": result.steps, "epochs": result.epochs, "stop_reason": result.stop_reason,
+               "train_loss": result.train_loss, "val_loss": result.val_loss, "metrics": result.metrics,
+               "wall_time_s": result.wall_time, "job": job.info}
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    if cfg.plot and any(r.get("kind") == "eval" for r in result.history):
+        plot_losses(result.history, out_dir / "loss.png", title=f"{cfg.model} on {Path(cfg.data).name}",
+                    optimum=job.info.get("closed_form_loss"))
+
+
+def train(cfg: Config) -> Result:
+    """Build the job from ``cfg`` (validating every input first), train it, write the outputs."""
+    from gradtune.job import build
+
+    job = build(cfg)  # all bad input is rejected here, before anything is written
+    out_dir = Path(cfg.out_dir)
+    result = fit(job, cfg, out_dir)
+    result.info = job.info
+    save_outputs(job, cfg, result, out_dir)
+    return result

@@ -1,0 +1,75 @@
+"""Batch, stochastic and mini-batch gradient descent as one setting: which indices form a step.
+
+    batch_size="full"  batch GD: every training sample, each step is one epoch (exact gradient)
+    batch_size=1       stochastic GD: one sample per step, reshuffled every epoch
+    batch_size=k       mini-batch GD: k samples per step, reshuffled every epoch, last one short
+
+Each step's batch is split into micro-batches of ``micro_batch_size`` (memory only: the loop
+sums the micro-batch losses and divides by the batch's total count, so the gradient is exact).
+The order is a pure function of (seed, epoch), so the data position is just (epoch, index):
+resuming needs two integers, and every process of a distributed run agrees on the order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import torch
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The permutation of sample indices for ``epoch``: (n,) long."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+@dataclass
+class Step:
+    epoch: int
+    index: int  # position of the batch's first sample within the epoch order
+    micro: list[torch.Tensor]  # micro-batches of sample indices, (<= micro_batch_size,) each
+    epoch_end: bool  # this step finishes its epoch
+
+
+class Sampler:
+    """Yields the steps of training, epoch after epoch, from a resumable position."""
+
+    def __init__(self, n: int, batch_size: Union[int, str], micro_batch_size: Optional[int] = None,
+                 seed: int = 0, shuffle: Optional[bool] = None) -> None:
+        if n <= 0:
+            raise ValueError("the training set is empty")
+        self.n = n
+        self.batch = n if batch_size == "full" else min(int(batch_size), n)
+        self.micro = min(micro_batch_size or self.batch, self.batch)
+        # Batch GD's gradient does not depend on order; keep it sequential (cache friendly).
+        self.shuffle = (batch_size != "full") if shuffle is None else shuffle
+        self.seed = seed
+        self.epoch, self.index = 0, 0
+        self._order: Optional[torch.Tensor] = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def __next__(self) -> Step:
+        if self._order is None:
+            self._order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        start, stop = self.index, min(self.index + self.batch, self.n)
+        idx = self._order[start:stop]
+        step = Step(self.epoch, start, list(idx.split(self.micro)), stop >= self.n)
+        self.index = stop
+        if step.epoch_end:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return step
