@@ -82,34 +82,34 @@ class Config:
     data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
-    task: Literal["auto", "regression", "classification"] = "auto"
+    task: Literal["auto", "regression", "classification"] = "auto"  # auto: from the loss, else from the labels
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
-    standardize_target: bool = False  # regression target too; losses then read as 1 - R^2
+    standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
     val_fraction: float = 0.2  # held out for validation; 0: no validation
     hidden: list[int] = field(default_factory=lambda: [5])  # MLP hidden widths (classic 10-5-1)
-    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # MLP non-linearity
     init: str = "random"  # random (seeded) | path to a .safetensors weights file
     method: str = "full"  # fine-tuning: full | freeze | head | lora | bitfit (combine with '+')
     # --- objective ---------------------------------------------------------------------------
-    loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"
-    label_smoothing: float = 0.0
-    huber_delta: float = 1.0
+    loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"  # auto: mse / cross_entropy; mse_half: the 1/(2m) convention
+    label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
+    huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
     # --- gradient descent ----------------------------------------------------------------------
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
     lr: float = 0.01  # step size; too large oscillates/diverges, too small crawls (see lr-find)
     momentum: float = 0.0  # SGD heavy-ball momentum; 0.9 typical
-    nesterov: bool = False
-    dampening: float = 0.0
+    nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
+    dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
     weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator floor
     batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
     micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
     clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off
     # --- schedule and stopping -------------------------------------------------------------------
-    schedule: Literal["constant", "step", "exponential", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    schedule: Literal["constant", "step", "exponential", "linear", "cosine"] = "constant"  # lr(step); decay lets SGD settle
+    warmup_steps: int = 0  # linear lr warm-up steps before the schedule (large models)
     min_lr: float = 0.0  # floor for linear/cosine decay
     gamma: float = 0.1  # step/exponential decay factor
     step_size: int = 1000  # steps between step-schedule decays
@@ -120,20 +120,20 @@ class Config:
     grad_tol: float = 0.0  # stop when the gradient norm falls under this
     eval_every: Optional[int] = None  # steps between evaluations; None: once per epoch
     # --- numerics and reproducibility ------------------------------------------------------------
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and split; same seed, same run
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for matmuls (large models)
     compile: bool = False  # torch.compile the model: faster steps after a warm-up
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # --- output -------------------------------------------------------------------------------
-    out_dir: str = "runs/latest"
+    out_dir: str = "runs/latest"  # weights, metrics.jsonl, plots, checkpoints
     log_every: int = 0  # steps between log lines; 0: per evaluation only
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
     plot: bool = True  # loss-curve PNG at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
-    keep_checkpoints: int = 2
-    resume: Literal["auto", "never", "force"] = "auto"
-    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the newest good checkpoint
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
     # --- sections ------------------------------------------------------------------------------
     guard: GuardConfig = field(default_factory=GuardConfig)
     gpt: GPTSection = field(default_factory=GPTSection)
