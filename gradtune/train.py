@@ -153,6 +153,9 @@ class Loop:
         self.out_dir = out_dir
         self.device = resolve_device(cfg.device)
         self.model = job.model.to(self.device)
+        # compile=true: the forward/backward runs through Inductor; weights are saved from the
+        # plain module, so files never carry an `_orig_mod.` prefix.
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, job.param_groups or self.params)
         self.sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
@@ -213,7 +216,7 @@ class Loop:
             lr = _set_lr(self.opt, self._schedule())
             for p in self.params:
                 p.grad = None
-            loss_sum, count, sums = accumulate(self.model, job.objective, job.train, s.micro, self.device, self.amp)
+            loss_sum, count, sums = accumulate(self.fwd, job.objective, job.train, s.micro, self.device, self.amp)
             # The gradient of the mean: one division by the whole batch's count (see objective.py).
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_div_(grads, count.to(grads[0].dtype)) if grads else None
