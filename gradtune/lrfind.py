@@ -49,7 +49,7 @@ def lr_find(cfg: Config, min_lr: float = 1e-6, max_lr: float = 10.0, steps: int 
             p.grad = None
         s = next(sampler)
         loss_sum, count, _ = accumulate(model, job.objective, job.train, s.micro, device, amp)
-        torch._foreach_div_([p.grad for p in params if p.grad is not None], count.to(params[0].dtype))
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / float(count))
         loss = float(loss_sum) / float(count)
         if not math.isfinite(loss):
             return _done(lrs, smooth, True)

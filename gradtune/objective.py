@@ -20,7 +20,9 @@ from gradtune.data.dataset import Batch
 @dataclass
 class Output:
     loss_sum: torch.Tensor  # scalar, differentiable: sum of per-sample (or per-token) losses
-    count: torch.Tensor  # scalar long: samples or non-ignored tokens in this batch
+    # Samples or non-ignored tokens in this batch: a Python int when known on the host (tabular
+    # rows), else a scalar long tensor (token counts) so that no host sync is forced.
+    count: "int | torch.Tensor"
     # Detached sums to aggregate for metrics, e.g. {"correct": n} or {"sq_err": s}; divided by
     # ``count`` (or by the named denominator) when reported.
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -41,12 +43,16 @@ class Regression:
 
         y = batch["y"]
         pred = model(batch["x"]).reshape(y.shape)
-        if self.loss == "huber":
-            loss_sum = losses.huber(pred, y, self.huber_delta, reduction="sum")
+        if self.loss == "mse":
+            loss_sum = losses.mse(pred, y, reduction="sum")
+            sq_err = loss_sum.detach()  # the same number: no second pass
+        elif self.loss == "mse_half":
+            loss_sum = losses.mse(pred, y, reduction="sum", half=True)
+            sq_err = 2 * loss_sum.detach()
         else:
-            loss_sum = losses.mse(pred, y, reduction="sum", half=self.loss == "mse_half")
-        sq_err = (pred.detach() - y).pow(2).sum()
-        return Output(loss_sum, torch.tensor(y.shape[0]), {"sq_err": sq_err})
+            loss_sum = losses.huber(pred, y, self.huber_delta, reduction="sum")
+            sq_err = (pred.detach() - y).pow(2).sum()
+        return Output(loss_sum, y.shape[0], {"sq_err": sq_err})
 
 
 class Classification:
@@ -65,4 +71,4 @@ class Classification:
         else:
             loss_sum = losses.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing)
             correct = (logits.detach().argmax(-1) == y).sum()
-        return Output(loss_sum, torch.tensor(y.shape[0]), {"correct": correct})
+        return Output(loss_sum, y.shape[0], {"correct": correct})

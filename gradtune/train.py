@@ -190,17 +190,13 @@ class Loop:
         return self.stopper.update(train_loss, gnorm)
 
     def _reset_epoch_sums(self) -> None:
-        self.ep_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.ep_count = 0.0
+        self.ep_loss, self.ep_count = 0.0, 0.0
         self.ep_sums: dict[str, float] = {}
-        self._ep_count_t = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._ep_metric_t: dict[str, torch.Tensor] = {}
+        self._ep_metric_t: dict[str, torch.Tensor] = {}  # device tensors: read once per evaluation
 
     def _close_epoch_sums(self) -> float:
-        """One host sync per evaluation: the epoch's running loss and metric sums."""
-        self.ep_count = float(self._ep_count_t)
         self.ep_sums = {k: float(v) for k, v in self._ep_metric_t.items()}
-        return float(self.ep_loss) / max(self.ep_count, 1.0)
+        return self.ep_loss / max(self.ep_count, 1.0)
 
     def run(self) -> Result:
         cfg, job = self.cfg, self.job
@@ -219,8 +215,11 @@ class Loop:
             loss_sum, count, sums = accumulate(self.fwd, job.objective, job.train, s.micro, self.device, self.amp)
             # The gradient of the mean: one division by the whole batch's count (see objective.py).
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_div_(grads, count.to(grads[0].dtype)) if grads else None
-            loss = float(loss_sum) / float(count)  # one scalar read; the guard needs it now
+            count_f = float(count)
+            if grads and count_f != 1.0:
+                torch._foreach_mul_(grads, 1.0 / count_f)
+            loss_f = float(loss_sum)  # one scalar read per step: the guard needs it now
+            loss = loss_f / count_f
             action, why = self.guard.check(loss)
             if action != "ok":
                 self.skipped += 1
@@ -237,8 +236,8 @@ class Loop:
                 if cfg.clip_grad_norm is not None:
                     torch._foreach_mul_(grads, (cfg.clip_grad_norm / (self.last_gnorm + 1e-6)).clamp(max=1.0))
             self.opt.step()
-            self.ep_loss += loss_sum.double()
-            self._ep_count_t += count
+            self.ep_loss += loss_f
+            self.ep_count += count_f
             for k, v in sums.items():
                 self._ep_metric_t[k] = self._ep_metric_t.get(k, 0.0) + v
             self.step += 1
