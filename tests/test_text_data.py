@@ -52,6 +52,7 @@ def hf_tokenizer_file(tmp_path, corpus=SAMPLE * 5):
     tok.train_from_iterator([corpus], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.enable_truncation(max_length=8)  # as a classifier's tokenizer.json may carry: must be ignored
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     return str(path)
@@ -84,10 +85,15 @@ def test_hf_tokenizer_encodes_like_tokenizers_and_saves_byte_for_byte(tmp_path):
     path = hf_tokenizer_file(tmp_path)
     tok = tokenizer.load(path)
     oracle = Tokenizer.from_file(path)
+    oracle.no_truncation()
     assert tok.encode(SAMPLE) == oracle.encode(SAMPLE, add_special_tokens=False).ids
     assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
     assert tok.vocab_size == oracle.get_vocab_size(with_added_tokens=True)
     assert tok.eos_id == oracle.token_to_id("<|endoftext|>")
+    parts = list(tokenizer.pieces(SAMPLE * 5, 40))  # line-aligned pieces encode like the whole
+    assert "".join(parts) == SAMPLE * 5 and len(parts) > 3
+    assert [i for p in parts for i in tok.encode(p)] == tok.encode(SAMPLE * 5)
+    assert np.array_equal(tok.encode_array(SAMPLE * 5), tok.encode(SAMPLE * 5))
     saved = tokenizer.save(tok, tmp_path / "out" / "tokenizer.json")
     assert saved.read_bytes() == open(path, "rb").read()
 
@@ -103,6 +109,7 @@ def test_token_file_equals_encode_and_is_reused(tmp_path, monkeypatch, spec):
     first = text.tokenize(src, spec)
     oracle = tokenizer.load(spec, SAMPLE * 3).encode(SAMPLE * 3)
     assert first.tokens.dtype == np.uint16 and list(first.tokens) == oracle and not first.cache_hit
+    assert first.n_tokens > 100  # a tokenizer.json's truncation (max_length=8) is switched off
     mtime, n_calls = os.stat(first.path).st_mtime_ns, len(calls)
     assert n_calls >= 1
     second = text.tokenize(src, spec)

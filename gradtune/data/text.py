@@ -28,7 +28,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from gradtune.errors import GradtuneError
 
 CACHE_ENV = "GRADTUNE_CACHE"  # root of gradtune's caches; token files go to $GRADTUNE_CACHE/tokens
 FORMAT = 1  # bump when the token file layout or the window rule changes: old files are ignored
-CHUNK_CHARS = 1 << 22  # texts are encoded 4M characters at a time (cut after a newline): bounded memory
+CHUNK_CHARS = 1 << 22  # texts are encoded ~4M characters at a time: bounded memory for any size
 
 
 def cache_dir() -> Path:
@@ -84,16 +84,6 @@ def decode_utf8(label: str, raw: bytes) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise GradtuneError(f"{label}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
     return text.removeprefix("\ufeff")  # a byte-order mark is not text
-
-
-def _chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
-    """Pieces of about ``size`` characters, each ending after a newline (so no word is cut)."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
-        start = end
 
 
 def _encode(tok: Tokenizer, chunk: str) -> np.ndarray:
@@ -140,7 +130,7 @@ def _write_tokens(path: Path, tok: Tokenizer, text: str, dtype: np.dtype, label:
     n = 0
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            for chunk in _chunks(text):
+            for chunk in tokenizers.pieces(text, CHUNK_CHARS):
                 ids = _encode(tok, chunk)
                 if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
                     bad = int(ids.max() if ids.max() >= tok.vocab_size else ids.min())
@@ -178,7 +168,7 @@ def tokenize(data: str, tokenizer: str = "byte", cache: Optional[Path] = None) -
                 "tokenize_s": round(time.perf_counter() - t0, 4)}
         with atomic_path(meta_path) as tmp:  # written last: its presence marks a complete entry
             tmp.write_text(json.dumps(meta, indent=1))
-    else:
+    elif tok is None:  # char: the vocabulary saved with the tokens (no need to decode the text)
         tok = tokenizers.load(str(tok_path))
     if meta["n_tokens"] == 0:
         raise GradtuneError(f"{label}: the text has no tokens under tokenizer {tok.name}")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +45,21 @@ class Tokenizer(Protocol):
     def to_json(self) -> str:
         """The whole tokenizer as one JSON document (``load`` reads it back)."""
         ...
+
+
+_CUT = re.compile(r"\n(?=\S)")  # a newline followed by a non-space: a word boundary for every tokenizer
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, each cut after a newline that starts a
+    non-blank line. BPE pre-tokenizers split there anyway, so encoding piece by piece gives the
+    tokens of encoding the whole; a text with no such newline is one piece."""
+    start = 0
+    while start < len(text):
+        m = _CUT.search(text, start + size)
+        end = len(text) if m is None else m.end()
+        yield text[start:end]
+        start = end
 
 
 class ByteTokenizer:
@@ -141,6 +157,10 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for every parse error
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise GradtuneError(f"{path}: not a valid tokenizer.json ({first})") from None
+        # A tokenizer.json may carry truncation/padding for a classifier (e.g. max_length 512);
+        # a corpus is encoded whole, so both are switched off.
+        self.tok.no_truncation()
+        self.tok.no_padding()
         self.path = path
         self.name = f"hf:{path.name}"
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -149,9 +169,12 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Several chunks at once: the Rust side encodes them in parallel."""
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as (n,) int64; a long text is cut into line-aligned pieces that the Rust side
+        encodes in parallel (one long string would use one core). A tokenizer that marks the start
+        of every input (a SentencePiece-style prefix space) gets one extra mark per 256K chars."""
+        parts = self.tok.encode_batch(list(pieces(text, 1 << 18)), add_special_tokens=False)
+        return np.fromiter((i for e in parts for i in e.ids), dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
