@@ -306,28 +306,47 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
                 base: Optional[dict[str, Any]] = None) -> Config:
-    """Defaults <- ``base`` <- YAML file <- ``key=value`` overrides, validated at each layer."""
+    """Defaults <- the model family's defaults <- ``base`` <- YAML file <- ``key=value`` overrides,
+    validated at each layer."""
     cfg = Config()
+    file_values = _read_yaml(path) if path is not None else {}
+    pairs = [_parse_override(item) for item in overrides or []]
+    model = next((v for k, v in reversed(pairs) if k == "model"), file_values.get("model", cfg.model))
+    family = MODEL_DEFAULTS.get(str(model))
+    if family:
+        _apply(cfg, family, "", f"defaults for model={model}")
     if base:
         _apply(cfg, base, "", "defaults")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise GradtuneError(f"config file not found: {path}")
-        try:
-            values = _yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise GradtuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(values, dict):
-            raise GradtuneError(f"{path}: expected a mapping of settings at the top level")
-        _apply(cfg, values, "", str(path))
-    for item in overrides or []:
-        key, value = _parse_override(item)
+        _apply(cfg, file_values, "", str(path))
+    for key, value in pairs:
         _apply(cfg, _nest(key, value), "", "command line")
     _check_combinations(cfg)
     return cfg
+
+
+# A model family's own defaults, applied before the file and the command line. A language model
+# trains on text with AdamW, warm-up + cosine and clipping (nanoGPT's recipe), not on diabetes.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt": {"data": "shakespeare", "val_fraction": 0.1, "optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.99],
+            "weight_decay": 0.1, "batch_size": 16, "schedule": "cosine", "warmup_steps": 100, "min_lr": 1e-4,
+            "clip_grad_norm": 1.0, "epochs": 1, "eval_every": 250},
+}
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise GradtuneError(f"config file not found: {path}")
+    try:
+        values = _yaml(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise GradtuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise GradtuneError(f"{path}: expected a mapping of settings at the top level")
+    return values
 
 
 def _check_combinations(cfg: Config) -> None:

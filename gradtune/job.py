@@ -160,3 +160,12 @@ def build(cfg: Config) -> Job:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(BUILDERS)})"
             raise GradtuneError(f"config: unknown model '{cfg.model}'{hint}")
     return builder(cfg)
+
+
+def _build_gpt(cfg: Config) -> Job:
+    from gradtune.job_text import build_text  # lazy: job_text imports this module
+
+    return build_text(cfg)
+
+
+BUILDERS["gpt"] = _build_gpt

@@ -298,6 +298,10 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if job.task == "lm":  # generation must decode exactly as training encoded
+        from gradtune.job_text import save_tokenizer
+
+        save_tokenizer(job, out_dir)
     summary = {"steps": result.steps, "epochs": result.epochs, "stop_reason": result.stop_reason,
                "train_loss": result.train_loss, "val_loss": result.val_loss, "metrics": result.metrics,
                "wall_time_s": result.wall_time, "job": job.info}
