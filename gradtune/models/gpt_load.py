@@ -55,9 +55,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
         raise PretrainedPathError(
             f"{str(path)!r} is not a local folder with config.json nor a local .gguf file; "
             "gradtune never downloads: pass a path on disk")
-    hf_config = json.loads((p / "config.json").read_text())
-    cfg = config_from_hf(hf_config)
-    return GPT.from_state_dict(cfg, state_dict_from_hf(read_safetensors(p), cfg)).to(dtype)
+    tensors = read_safetensors(p)
+    cfg = config_from_hf(json.loads((p / "config.json").read_text()))
+    return GPT.from_state_dict(cfg, state_dict_from_hf(tensors, cfg)).to(dtype)
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
