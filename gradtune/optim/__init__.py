@@ -1,1 +1,0 @@
-from torch.optim import SGD, AdamW  # TEMP STUB
