@@ -60,14 +60,19 @@ def triad_gbps(n: int, reps: int) -> float:
     return 3 * 4 * n / statistics.median(times[1:]) / 1e9
 
 
-def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int) -> dict[str, list[float]]:
+def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int,
+                  budget_s: float) -> dict[str, list[float]]:
     """Seconds per step for each optimizer; the order rotates and reverses every repetition
-    so slow drift (thermal, other processes) does not favour one side."""
+    so slow drift (thermal, other processes) does not favour one side. Stops after
+    budget_s once 3 repetitions are done (a loaded machine can be 10x slower)."""
+    deadline = time.perf_counter() + budget_s
     for opt in opts.values():  # warm-up: state allocation, kernel build/load, page faults
         opt.step()
         opt.step()
     names, times = list(opts), {k: [] for k in opts}
     for r in range(reps):
+        if r >= 3 and time.perf_counter() > deadline:
+            break
         order = names[r % len(names):] + names[:r % len(names)]
         for name in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
@@ -99,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model, 3 reps: a smoke run")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per implementation")
+    ap.add_argument("--budget-s", type=float, default=40.0,
+                    help="per optimizer: stop repeating after this many seconds (>= 3 reps)")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 9)
     shapes = gpt2_shapes(n_layer=2, vocab=8192) if args.quick else gpt2_shapes()
@@ -113,11 +120,12 @@ def main() -> None:
     rows = []
     for algo, makers in variants(params).items():
         opts = {name: make() for name, make in makers.items()}
-        times = timed_medians(opts, reps)
+        times = timed_medians(opts, reps, args.budget_s)
         ours = statistics.median(times["gradtune (fused)"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            rows.append((algo, name, med, min(ts), bytes_per[algo] / med / 1e9, ours / med))
+            rows.append((algo, name, len(ts), med, min(ts), bytes_per[algo] / med / 1e9,
+                         ours / med))
         del opts  # free this algorithm's state before the next one
     triad = (triad_before + triad_gbps(triad_n, reps)) / 2
 
@@ -125,13 +133,14 @@ def main() -> None:
           f"{triad_before:.1f} / {2 * triad - triad_before:.1f})")
     print(f"bytes per step: SGD momentum {bytes_per['SGD momentum'] / 1e9:.2f} GB, "
           f"AdamW {bytes_per['AdamW'] / 1e9:.2f} GB")
-    head = f"{'optimizer':<14}{'implementation':<22}{'median ms':>10}{'min ms':>9}" \
+    head = f"{'optimizer':<14}{'implementation':<22}{'steps':>6}{'median ms':>10}{'min ms':>9}" \
            f"{'GB/s':>7}{'% triad':>9}{'ours/this':>11}"
     print(head + "\n" + "-" * len(head))
-    for algo, name, med, best, gbps, ratio in rows:
-        print(f"{algo:<14}{name:<22}{med * 1e3:>10.1f}{best * 1e3:>9.1f}{gbps:>7.1f}"
+    for algo, name, steps, med, best, gbps, ratio in rows:
+        print(f"{algo:<14}{name:<22}{steps:>6}{med * 1e3:>10.1f}{best * 1e3:>9.1f}{gbps:>7.1f}"
               f"{100 * gbps / triad:>8.0f}%{ratio:>10.2f}x")
-    print(f"\nHow measured: one process, {reps} timed steps per implementation after 2 warm-up "
+    print(f"\nHow measured: one process, up to {reps} timed steps per implementation (fewer if "
+          f"over the {args.budget_s:.0f} s budget: see 'steps') after 2 warm-up "
           "steps, order rotated/reversed each repetition, medians; shared params and grads, "
           "separate optimizer state. ours/this < 1 means gradtune is faster. On a shared "
           "machine, compare ratios, not absolute times (load average printed above).")

@@ -123,16 +123,17 @@ def supported(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return False
     dtype = tensors[0].dtype
+    strided = torch.strided  # is_cpu / `is`: this runs per tensor per step, keep it cheap
     return dtype in _DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided
-        and t.is_contiguous() for t in tensors)
+        t.is_cpu and t.dtype is dtype and t.layout is strided and t.is_contiguous()
+        for t in tensors)
 
 
 def steps_supported(steps: list[torch.Tensor]) -> bool:
     """AdamW step counters the kernel can increment: CPU float32/float64 scalars, one dtype."""
     dtype = steps[0].dtype
     return dtype in _DTYPES and all(
-        s.device.type == "cpu" and s.dtype == dtype and s.numel() == 1 for s in steps)
+        s.is_cpu and s.dtype is dtype and s.numel() == 1 for s in steps)
 
 
 def choose(fused: bool | None, tensors: list[torch.Tensor]) -> ctypes.CDLL | None:
