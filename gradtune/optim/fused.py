@@ -1,19 +1,21 @@
 """The fast path: build the C kernels of kernel_source.py once, cache them, call them via ctypes.
 
-Mechanism, and why not the alternatives (measured on a 2-core CPU):
-  * torch.compile of the update: Inductor compiles per distinct set of shapes, ~10-60 s
-    cold on 2 cores for a GPT-sized list of tensors, and re-traces when parameters change.
-  * cpp_extension.load_inline: torch/extension.h alone costs ~30-60 s to compile.
+Mechanism, and why not the alternatives (costs are typical orders of magnitude, not measured
+here, except the C build: ~0.8 s on the 2-core dev box):
+  * torch.compile of the update: Inductor compiles per distinct set of shapes, tens of
+    seconds cold for a GPT-sized list of tensors, and re-traces when parameters change.
+  * cpp_extension.load_inline: torch/extension.h + pybind11 alone take tens of seconds.
   * flattening parameters into one buffer: fast, but changes how params/grads are stored,
     which breaks drop-in use with any model and state_dict structure.
-A ~100-line C file compiled with gcc/cc takes ~1 s, needs no torch headers, and the .so is
+A ~150-line C file compiled with gcc/cc takes ~1 s, needs no torch headers, and the .so is
 cached per user (``$GRADTUNE_CACHE_DIR`` or ``~/.cache/gradtune``) under a hash of source,
 flags, compiler and CPU, so later processes load it in microseconds.
 
 No compiler, a failed build, or a tensor the kernel does not handle (non-CPU device, dtype
 other than float32/float64, non-contiguous, sparse): ``supported`` says no and the optimizer
-falls back to its reference path, with a one-time warning when the build itself failed.
-On CUDA the reference path runs torch ops on the GPU (correct, not fused; see report).
+falls back to its reference path, with a one-time warning when the build failed (or when
+fused=True was asked for tensors it cannot take). On CUDA the reference path runs torch ops
+on the GPU: correct, but not fused (a Triton/CUDA kernel is future work).
 """
 
 from __future__ import annotations
