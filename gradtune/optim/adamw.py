@@ -1,0 +1,120 @@
+"""AdamW (decoupled weight decay, Loshchilov & Hutter 2019): torch.optim.AdamW's rule.
+
+    t   = t + 1
+    p   = p * (1 - lr * weight_decay)                # decay the weight, not the gradient
+    m   = beta1 * m + (1 - beta1) * g                # first moment  (exp_avg)
+    v   = beta2 * v + (1 - beta2) * g * g            # second moment (exp_avg_sq)
+    direction = (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)
+    p   = p - lr * direction
+
+State per parameter: ``step`` (0-d float tensor on CPU, as torch keeps it), ``exp_avg`` and
+``exp_avg_sq`` (shape of p). Same names and structure as torch, so state_dicts, LR
+schedulers and checkpoints carry over unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradtune.optim import fused as fast
+
+
+def _step_dtype() -> torch.dtype:
+    # torch stores step in float64 when the default dtype is float64, else float32.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def adamw_reference(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                    exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float) -> None:
+    """The readable update, one tensor at a time, in the operation order torch uses."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                        steps):
+        step_t += 1
+        step = step_t.item()
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)  # m + (1 - beta1) * (g - m)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        # direction * lr folded as torch does: (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+class AdamW(torch.optim.Optimizer):
+    """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
+
+    fused: None (default) uses the C fast path when it can be built and the group's tensors
+    are dense contiguous CPU float32/float64; True asks for it (falls back with a warning);
+    False always runs ``adamw_reference``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, fused: bool | None = None) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (need 0 <= beta < 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
+                        weight_decay=weight_decay, fused=fused)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by load_state_dict too: groups saved by torch.optim.AdamW lack "fused".
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("fused", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_step_dtype())
+
+    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:  # lazy init, as torch: zeros shaped like p, step a CPU scalar
+            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # A param without grad this step is skipped: its step count and moments stay.
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("gradtune AdamW does not support sparse gradients")
+            states = [self._state_for(p) for p in params]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            steps = [s["step"] for s in states]
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
+            if lib is not None and fast.steps_supported(steps):
+                fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            else:
+                adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+        return loss
