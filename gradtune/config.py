@@ -38,16 +38,17 @@ class GuardConfig:
 
 @dataclass
 class GPTSection:
-    """Shape of a GPT/Llama model trained from scratch (model=gpt)."""
+    """Shape of a GPT/Llama model trained from scratch (model=gpt); names as in models/gpt.py."""
 
-    arch: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal["gpt2", "llama"] = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
     n_embd: int = 256
     block_size: int = 256  # context length in tokens
     dropout: float = 0.0
-    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    tie_embeddings: bool = True  # lm_head shares the token embedding
+    checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 @dataclass

@@ -52,25 +52,9 @@ def _standardize(x: torch.Tensor, train_idx: torch.Tensor) -> tuple[torch.Tensor
 
 def load_init(model: nn.Module, path: str) -> None:
     """Initial weights from a safetensors file; shapes and names must match exactly."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from gradtune.weights import load_weights
 
-    p = Path(path)
-    if not p.is_file():
-        raise GradtuneError(f"init weights file not found: {path}")
-    try:
-        state = load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GradtuneError(f"{path}: not a readable safetensors file ({e})") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise GradtuneError(f"{path}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise GradtuneError(f"{path}: '{k}' has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    load_weights(model, path)
 
 
 def build_tabular(cfg: Config) -> Job:

@@ -57,8 +57,12 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
         "train_windows": len(train), "val_windows": len(val) if val is not None else 0,
         "token_cache": str(tf.path), "token_cache_hit": tf.cache_hit, "tokenize_s": round(tf.seconds, 4),
     }
-    return Job(model, CausalLM(cfg.label_smoothing), train, val, "lm", info,
-               param_groups=_param_groups(model, cfg.weight_decay))
+    groups = (model.optim_groups(cfg.weight_decay) if hasattr(model, "optim_groups") and cfg.weight_decay
+              else _param_groups(model, cfg.weight_decay))
+    if hasattr(model, "flops_per_token"):
+        info["flops_per_token"] = model.flops_per_token()
+        info["n_params"] = model.num_params()
+    return Job(model, CausalLM(cfg.label_smoothing), train, val, "lm", info, param_groups=groups)
 
 
 def _gpt(vocab_size: int, section: GPTSection) -> nn.Module:

@@ -287,16 +287,13 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
 
 def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     """Final weights (safetensors, unwrapped names), config, summary and the loss plot."""
-    from safetensors.torch import save_file
-
-    from gradtune.atomic import atomic_path, write_text
+    from gradtune.atomic import write_text
     from gradtune.report import plot_losses
+    from gradtune.weights import save_weights
 
     import yaml
 
-    state = {k: v.detach().cpu().contiguous() for k, v in job.model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"config_hash": cfg.hash()})
+    save_weights(job.model, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if job.task == "lm":  # generation must decode exactly as training encoded
         from gradtune.job_text import save_tokenizer

@@ -56,7 +56,7 @@ CASES = {
     "unknown model": (lambda t: ["model=lineer"], ["unknown model 'lineer'", "did you mean 'linear'"]),
     "micro larger than batch": (lambda t: ["batch_size=4", "micro_batch_size=8"], ["micro_batch_size"]),
     "loss does not fit task": (lambda t: ["loss=cross_entropy", "task=regression"], ["does not fit"]),
-    "init file missing": (lambda t: ["init=/nope/w.safetensors"], ["init weights file not found"]),
+    "init file missing": (lambda t: ["init=/nope/w.safetensors"], ["weights file not found"]),
     "init file not safetensors": (lambda t: ["init=" + csv(t, "garbage", "w.safetensors")], ["w.safetensors", "safetensors"]),
     "nested unknown key": (lambda t: ["guard.polcy=skip"], ["unknown config key 'guard.polcy'", "guard.policy"]),
 }
