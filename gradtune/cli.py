@@ -72,7 +72,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 EXTRA: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
+def _register_builtin() -> None:
+    from gradtune import sample
+
+    EXTRA.setdefault("generate", ("sample text from a trained language model", sample.setup, sample.run))
+
+
 def parser() -> argparse.ArgumentParser:
+    _register_builtin()
     p = argparse.ArgumentParser(prog="gradtune", description="Gradient descent, visible: from a line to large models.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a config and key=value settings")
