@@ -30,6 +30,7 @@ from gradtune.data.dataset import Dataset
 from gradtune.guard import Guard
 from gradtune.job import Job
 from gradtune.objective import Objective
+from gradtune.peak import peak_flops
 from gradtune.schedules import factor
 from gradtune.stopping import Convergence
 from gradtune.telemetry import MetricsLog, Progress
@@ -139,6 +140,20 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+@torch.no_grad()
+def update_ratios(opt: torch.optim.Optimizer, before: list[list[torch.Tensor]]) -> dict[str, float]:
+    """||update|| / ||weights|| per parameter group: ~1e-3 is healthy; 1e-1 means the lr is too
+    large for that group, 1e-5 that it barely moves."""
+    out = {}
+    for i, (g, old) in enumerate(zip(opt.param_groups, before)):
+        if not old:
+            continue
+        du = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - o) for p, o in zip(g["params"], old)]))
+        w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(o) for o in old]))
+        out[f"update_ratio_g{i}"] = float(du / w.clamp(min=1e-12))
+    return out
+
+
 def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
     for g in opt.param_groups:
         g["lr"] = g.setdefault("initial_lr", g["lr"]) * f
@@ -178,16 +193,24 @@ class Loop:
         job, cfg = self.job, self.cfg
         row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4), "lr": lr}
         row.update(task_metrics(job, "", train_loss, self.ep_count, self.ep_sums))
-        gnorm = None
-        if cfg.grad_tol > 0 and cfg.batch_size == "full":
-            gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
+        gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
+        if gnorm is not None:
             row["grad_norm"] = gnorm
+        row.update(self.health)
+        now = time.perf_counter()
+        if job.task == "lm":  # throughput since the previous evaluation (evaluation time excluded)
+            tps = self.ep_count / max(now - self.t_mark, 1e-9)
+            row["tokens_per_s"] = tps
+            if "flops_per_token" in job.info:
+                peak = peak_flops(self.device, self.cfg.precision == "bf16")
+                row["mfu"] = job.info["flops_per_token"] * tps / peak
         if job.val is not None:
             vl, vc, vs = evaluate(self.model, job.objective, job.val, self.eval_batch, self.device, self.amp)
             row.update(task_metrics(job, "val_", vl, vc, vs))
         self.log.write(row)
         self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
-        return self.stopper.update(train_loss, gnorm)
+        self.t_mark = time.perf_counter()
+        return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None)
 
     def _reset_epoch_sums(self) -> None:
         self.ep_loss, self.ep_count = 0.0, 0.0
@@ -204,6 +227,8 @@ class Loop:
         self.progress = Progress(cfg.progress, self.total)
         self._reset_epoch_sums()
         self.last_gnorm = None
+        self.health: dict[str, float] = {}
+        self.t_mark = t0
         stop_reason, train_loss = f"budget reached ({self.total} steps)", math.nan
         need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0
         self.model.train()
@@ -235,7 +260,11 @@ class Loop:
                 self.last_gnorm = grad_norm(self.params)
                 if cfg.clip_grad_norm is not None:
                     torch._foreach_mul_(grads, (cfg.clip_grad_norm / (self.last_gnorm + 1e-6)).clamp(max=1.0))
+            watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
+            before = [[p.detach().clone() for p in g["params"]] for g in self.opt.param_groups] if watch else None
             self.opt.step()
+            if before is not None:
+                self.health = update_ratios(self.opt, before)
             self.ep_loss += loss_f
             self.ep_count += count_f
             for k, v in sums.items():
