@@ -160,9 +160,22 @@ def choose(fused: bool | None, tensors: list[torch.Tensor]) -> ctypes.CDLL | Non
     return None
 
 
-def _ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
+class _Array:
+    """A C int64/uint8 array with a ``data_ptr()`` like a tensor's. ctypes arrays cost about a
+    microsecond to build, a torch.tensor several: this runs a few times every step."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, values: list[int], ctype: type = ctypes.c_int64) -> None:
+        self.buf = (ctype * len(values))(*values)
+
+    def data_ptr(self) -> int:
+        return ctypes.addressof(self.buf)
+
+
+def _ptrs(tensors: list[torch.Tensor]) -> _Array:
     """int64 array of data pointers (n,); kept alive by the caller for the call's duration."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    return _Array([t.data_ptr() for t in tensors])
 
 
 def sgd_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -170,10 +183,10 @@ def sgd_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor]
          momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
     """In place: params (and bufs) updated by one SGD step; first[i]: bufs[i] is uninitialised."""
     arrays = [_ptrs(params), _ptrs(grads)]
-    numel = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    numel = _Array([p.numel() for p in params])
     buf_ptr = first_ptr = None
     if bufs is not None:
-        arrays += [_ptrs(bufs), torch.tensor(first, dtype=torch.uint8)]
+        arrays += [_ptrs(bufs), _Array([int(f) for f in first], ctypes.c_uint8)]
         buf_ptr, first_ptr = arrays[2].data_ptr(), arrays[3].data_ptr()
     fn = getattr(lib, f"sgd_{_DTYPES[params[0].dtype]}")
     fn(len(params), arrays[0].data_ptr(), arrays[1].data_ptr(), buf_ptr, numel.data_ptr(),
@@ -188,8 +201,8 @@ def adamw_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tenso
     if not steps_supported(steps):
         raise ValueError("steps must be CPU float32/float64 scalars of one dtype")
     p, g, m, v, s = (_ptrs(x) for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
-    numel = torch.tensor([t.numel() for t in params], dtype=torch.int64)
-    scratch = torch.empty(2 * len(params), dtype=torch.float64)  # per-tensor -step_size, bc2_sqrt
+    numel = _Array([t.numel() for t in params])
+    scratch = _Array([0] * (2 * len(params)), ctypes.c_double)  # per-tensor -step_size, bc2_sqrt
     fn = getattr(lib, f"adamw_{_DTYPES[params[0].dtype]}")
     fn(len(params), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel.data_ptr(),
        s.data_ptr(), int(steps[0].dtype == torch.float64), scratch.data_ptr(),
