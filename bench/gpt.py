@@ -33,25 +33,30 @@ from gradtune.models.gpt import GPT, GPTConfig  # noqa: E402
 B, T, V = 8, 256, 256
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float) -> tuple[float, int]:
-    """Median FLOP/s of a square matmul loop (the median, like the training rates, so machine
-    load hits both alike). n doubles from 256 up to 2048 while one product takes < 50 ms, so an
-    emulated dtype (bf16 without AVX512-BF16 / AMX) still finishes in time."""
+def matmul_size(dtype: torch.dtype) -> int:
+    """Square size for the peak probe: doubles from 256 up to 2048 while one product takes
+    < 50 ms, so an emulated dtype (bf16 without AVX512-BF16 / AMX) still finishes in time."""
     n = 256
-    while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # first call: allocation and kernel selection
+    while n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        a @ a  # first call: allocation and kernel selection
         t = time.perf_counter()
-        a @ b
-        if n >= 2048 or time.perf_counter() - t > 0.05:
+        a @ a
+        if time.perf_counter() - t > 0.05:
             break
         n *= 2
+    return n
+
+
+def matmul_rate(dtype: torch.dtype, n: int, seconds: float) -> float:
+    """Median FLOP/s of an n x n matmul loop lasting ``seconds`` (at least 3 products)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     rates, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(rates) < 3:
         t = time.perf_counter()
         a @ b
         rates.append(2 * n**3 / (time.perf_counter() - t))
-    return statistics.median(rates), n
+    return statistics.median(rates)
 
 
 def build_sides(use_compile: bool) -> dict[str, torch.nn.Module]:
@@ -90,20 +95,26 @@ def make_step(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor]
 
 
 def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps: int,
-            data: torch.Tensor) -> dict[str, float]:
-    """Median tokens/s per side over ``reps`` alternating repetitions of ``steps`` steps each."""
+            data: torch.Tensor, peak_n: int) -> tuple[dict[str, float], dict[str, float], float]:
+    """Alternating repetitions of ``steps`` steps per side, plus a matmul peak probe in each
+    repetition (so the peak sees the same machine load as the steps, e.g. other processes).
+    Returns median tokens/s per side, median per-repetition ratio to hf, median peak FLOP/s."""
     fns = {name: make_step(m, autocast) for name, m in sides.items()}
     for fn in fns.values():  # warm-up: allocator, oneDNN primitives, compiled graphs
         fn(data[0])
+    dtype = torch.bfloat16 if autocast else torch.float32
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    peaks = []
     names = list(sides)
     for rep in range(reps):
+        peaks.append(matmul_rate(dtype, peak_n, 0.3))
         for name in names if rep % 2 == 0 else names[::-1]:
             t = time.perf_counter()
             for i in range(steps):
                 fns[name](data[(rep * steps + i) % len(data)])
             rates[name].append(steps * B * T / (time.perf_counter() - t))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    ratios = {name: statistics.median(a / b for a, b in zip(r, rates["hf"])) for name, r in rates.items()}
+    return {name: statistics.median(r) for name, r in rates.items()}, ratios, statistics.median(peaks)
 
 
 def main() -> None:
@@ -121,28 +132,27 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[name], n = matmul_peak(dtype, 0.5 if args.quick else 2.0)
-        print(f"matmul peak {name}: {peaks[name] / 1e9:8.1f} GFLOP/s  (n={n})")
+    sizes = {"fp32": matmul_size(torch.float32), "bf16": matmul_size(torch.bfloat16)}
     sides = build_sides(args.compile)
     flops = sides["ours"].flops_per_token(T)  # same shape on every side
     print(f"model: {sides['ours'].num_params() / 1e6:.2f}M params, {flops / 1e6:.1f} MFLOP/token (train)")
     data = torch.randint(0, V, (16, B, T + 1), generator=torch.Generator().manual_seed(0))
 
-    rows = []
+    rows, peaks = [], {}
     for mode in args.modes.split(","):
         autocast = mode == "bf16"
         m_reps, m_steps = reps, steps
-        if autocast and peaks["bf16"] < 0.5 * peaks["fp32"] and not args.quick:
+        if autocast and sizes["bf16"] < sizes["fp32"] and not args.quick:
             # bf16 matmuls are emulated on this CPU (no AVX512-BF16 / AMX): 10-50x slower than
             # fp32, so a shorter protocol keeps the run within minutes.
             m_reps, m_steps = 3, 1
-            print("note: bf16 matmul is slower than fp32 here (emulated); bf16 uses 3 reps x 1 step")
-        rates = measure(sides, autocast, m_reps, m_steps, data)
+            print("note: bf16 matmul is far slower than fp32 here (no AVX512-BF16/AMX: emulated); "
+                  "bf16 runs 3 reps x 1 step")
+        rates, ratios, peaks[mode] = measure(sides, autocast, m_reps, m_steps, data, sizes[mode])
         for name, rate in rates.items():
-            mfu = rate * flops / peaks[mode]
-            rows.append((mode, name, rate, rate / rates["hf"], mfu))
+            rows.append((mode, name, rate, ratios[name], rate * flops / peaks[mode]))
+    for mode, peak in peaks.items():
+        print(f"matmul peak {mode}: {peak / 1e9:8.1f} GFLOP/s (n={sizes[mode]}, median over the run)")
     fp32_ours = next((r[2] for r in rows if r[:2] == ("fp32", "ours")), float("nan"))
     print(f"\n{'mode':6}{'side':>14}{'tokens/s':>11}{'vs hf':>8}{'vs ours fp32':>14}{'MFU':>8}")
     for mode, name, rate, ratio, mfu in rows:

@@ -16,6 +16,7 @@ do SwiGLU's gate and up; attention is ``F.scaled_dot_product_attention(is_causal
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Literal
@@ -74,7 +75,7 @@ class GPTConfig:
             "gpt2": cls(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),  # 124M
             "gpt2-medium": cls(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
             "gpt2-large": cls(vocab_size=50257, block_size=1024, n_layer=36, n_head=20, n_embd=1280),
-            "gpt2-xl": cls(vocab_size=50257, block_size=1600, n_layer=48, n_head=25, n_embd=1600),
+            "gpt2-xl": cls(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
             # A few hundred thousand parameters: for tests and smoke runs.
             "tiny-gpt2": cls(n_layer=2, n_head=2, n_embd=64, block_size=64),
             "tiny-llama": cls(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
@@ -86,10 +87,12 @@ class GPTConfig:
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}")
+        known = [f.name for f in fields(cls)]
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown GPTConfig field {key!r}{hint}")
         return replace(presets[name], **overrides)
 
 
