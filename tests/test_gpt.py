@@ -42,9 +42,11 @@ def test_presets_and_param_counts() -> None:
     cfg = shakespeare.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (4, 4, 256, 256, 256)
     assert 100_000 < GPT(tiny("gpt2")).num_params() < 1_000_000
+    wide = GPTConfig.preset("shakespeare", n_embd=512)  # derived sizes follow the override
+    assert (wide.head_dim, wide.intermediate_size) == (128, 2048)
     with pytest.raises(ValueError, match="unknown preset"):
         GPTConfig.preset("gpt5")
-    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+    with pytest.raises(ValueError, match="did you mean 'n_layer'"):
         GPTConfig.preset("gpt2", n_layers=3)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         GPTConfig(family="llama", n_head=4, n_kv_head=3)

@@ -180,7 +180,7 @@ def save_hf(model: GPT, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(model.config)
-    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     save_file(state_dict_to_hf(model), folder / "model.safetensors", metadata={"format": "pt"})
     return folder
