@@ -27,6 +27,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/optim.py
+	$(BIN)/python bench/loop.py
+	$(BIN)/python bench/gpt.py
 
 clean:
 	rm -rf $(VENV) runs
