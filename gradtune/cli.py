@@ -99,11 +99,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except GradtuneError as e:
-        print(f"gradtune: error: {e}", file=sys.stderr)
+        from gradtune.distributed import where
+
+        who = where()  # under torchrun: which rank said it
+        print(f"gradtune: error{' on ' + who if who else ''}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("gradtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from gradtune.distributed import describe, launched
+
+        if not launched():
+            raise
+        # One line naming the rank, then the traceback (torchrun's summary names the first failure).
+        print(f"gradtune: error on {describe(e)}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":
