@@ -136,8 +136,9 @@ def choose(mode: str, model: nn.Module, optimizer: str, dev: torch.device) -> st
     return "ddp" if replica < 0.5 * _memory_per_process(dev) else "fsdp"
 
 
-def _sum_hook(group: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: all-reduce SUM of the gradient-of-sums (no 1/world division)."""
+def _sum_hook(group, bucket):  # no annotations: DDP checks them, and ours are strings here
+    """DDP communication hook: all-reduce SUM of the gradient-of-sums (no 1/world division).
+    (group: None for the default group; bucket: dist.GradBucket -> Future[Tensor])"""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 
@@ -152,7 +153,10 @@ def _shard_fsdp(model: nn.Module) -> nn.Module:
             for block in mod:
                 fully_shard(block)
     fully_shard(model)
-    model.set_gradient_divide_factor(1.0)
+    for mod in model.modules():
+        if _is_fsdp(mod):  # per unit: the setters do not recurse
+            mod.set_gradient_divide_factor(1.0)
+            mod.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
 
 
