@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _split(args.items)
     cfg = load_config(path, overrides)
     r = train(cfg)
+    from gradtune.distributed import is_main
+
+    if not is_main():  # one summary per job, from rank 0
+        return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))
     print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {r.wall_time:.2f}s; stopped: {r.stop_reason}")
     print(f"final: {metrics}")

@@ -50,7 +50,10 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank; from torchrun's RANK before the group exists or after it is torn down."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size() -> int:
@@ -90,7 +93,13 @@ def init(dev: torch.device, timeout_s: float) -> torch.device:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun --max-restarts reuses its store across attempts; keys left by a dead attempt (a
+    # peer's old address) would send the new one to a closed port. One key space per attempt.
+    store, r, n = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gradtune/attempt{attempt}/", store),
+                            rank=r, world_size=n, timeout=timeout)
     _STATE["timeout_s"] = timeout_s
     return dev
 
@@ -329,9 +338,10 @@ def probe(batch: dict[str, torch.Tensor]) -> None:
 
 
 def fault_point(step: int) -> None:
-    """Test hook: GRADTUNE_FAULT='RANK:STEP:kill|raise|hang' makes that rank fail at that step."""
+    """Test hook: GRADTUNE_FAULT='RANK:STEP:kill|raise|hang' makes that rank fail at that step,
+    in the first attempt only (torchrun --max-restarts counts attempts in TORCHELASTIC_RESTART_COUNT)."""
     spec = os.environ.get("GRADTUNE_FAULT")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     r, s, kind = spec.split(":")
     if int(r) != rank() or int(s) != step:

@@ -161,9 +161,10 @@ def test_one_process_is_a_no_op():
     assert loop.model is loop.job.model  # not wrapped
 
 
-def _cli_run(tmp_path: Path, fault: str, *settings: str) -> tuple[int, str, float]:
+def _cli_run(tmp_path: Path, fault: str, *settings: str, launcher: tuple[str, ...] = ()) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    p = torchrun(2, ["-m", "gradtune", "train", "model=mlp", "max_steps=100000", "progress=lines",
+    p = torchrun(2, [*launcher, "-m", "gradtune", "train", "model=mlp", "standardize_target=true", "max_steps=100000",
+                     "progress=lines",
                      f"out_dir={tmp_path}", "plot=false", "device=cpu", *settings], GRADTUNE_FAULT=fault)
     out, _ = p.communicate(timeout=240)
     return p.returncode, out, time.monotonic() - t0
@@ -185,3 +186,19 @@ def test_hung_rank_times_out_and_raising_rank_is_named(tmp_path):
     assert wall < 60 + 30
     code, out, _ = _cli_run(tmp_path / "raise", "1:3:raise")
     assert code != 0 and "gradtune: error on rank 1/2" in out and "injected fault" in out
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_rank_finishes_the_same_run(tmp_path):
+    """torchrun --max-restarts restarts every rank; the restarted job ends with the weights of an
+    uninterrupted run. (Until the loop checkpoints, the restart begins at step 0; with
+    checkpoint_every and resume=auto it begins at the last checkpoint, see gradtune/checkpoint.py.)"""
+    steps = ("max_steps=60", "resume=auto")
+    code, out, _ = _cli_run(tmp_path / "restarted", "1:30:kill", *steps, launcher=("--max-restarts", "1"))
+    assert code == 0, out[-3000:]
+    assert "fault injection: kill on rank 1/2" in out
+    code, out, _ = _cli_run(tmp_path / "straight", "", *steps)
+    assert code == 0, out[-3000:]
+    a = load_file(str(tmp_path / "restarted" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
