@@ -93,6 +93,7 @@ def init(dev: torch.device, timeout_s: float) -> torch.device:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
+    _STATE["timeout_s"] = timeout_s
     timeout = datetime.timedelta(seconds=timeout_s)
     # torchrun --max-restarts reuses its store across attempts; keys left by a dead attempt (a
     # peer's old address) would send the new one to a closed port. One key space per attempt.
@@ -100,7 +101,6 @@ def init(dev: torch.device, timeout_s: float) -> torch.device:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"gradtune/attempt{attempt}/", store),
                             rank=r, world_size=n, timeout=timeout)
-    _STATE["timeout_s"] = timeout_s
     return dev
 
 
@@ -220,6 +220,11 @@ def grad_sync(model: nn.Module, last: bool) -> Iterator[None]:
     if _is_fsdp(model):
         model.set_requires_gradient_sync(last)
     yield
+    if last and active() and not isinstance(model, nn.parallel.DistributedDataParallel) and not _is_fsdp(model):
+        # A plain module in a multi-process run (e.g. lr-find): sum the gradients ourselves.
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
 
 
 def all_reduce_sums(loss_sum: torch.Tensor, count: torch.Tensor,

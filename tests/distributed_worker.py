@@ -124,6 +124,19 @@ def save(out: Path, name: str, state: dict[str, torch.Tensor], info: dict | None
             (out / f"{name}.json").write_text(json.dumps(info))
 
 
+def plain_grads() -> dict[str, torch.Tensor]:
+    """Gradient of the mean loss over 37 samples in micro-batches of 8, through an *unwrapped*
+    model (the lr-find path): grad_sync sums the gradients itself."""
+    import contextlib
+
+    from gradtune.train import accumulate
+
+    job, _ = make("mlp_mini")
+    micro = list(torch.arange(37).split(8))
+    _, count, _ = accumulate(job.model, job.objective, job.train, micro, torch.device("cpu"), contextlib.nullcontext())
+    return {n: p.grad / count for n, p in job.model.named_parameters()}
+
+
 def loop_for(case: str, steps: int) -> Loop:
     job, cfg = make(case, [f"max_steps={steps}"])
     return Loop(job, cfg, None, MetricsLog(None))
@@ -153,6 +166,8 @@ def main(out: Path, suite: str) -> None:
     tag = f"w{distributed.world_size()}"
     parts = {"ddp", "fsdp", "probe"} if suite == "all" else set(suite.split("+"))
     names = [c for c in CASES if c != "gpt_fsdp"] if "ddp" in parts else []
+    if "ddp" in parts:
+        save(out, f"{tag}_plain_grads", plain_grads())
     for case in names:
         job, cfg = make(case)
         r = fit(job, cfg)
