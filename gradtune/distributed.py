@@ -13,6 +13,18 @@ Why a run means the same thing at any world size:
   * A rank whose share is empty (tail of a batch, micro-batch smaller than the world) still runs
     forward/backward on zero samples, so it joins every collective: no hang, zero contribution.
 
+Hence each rank holds micro_batch_size / N samples at a time, so
+all ranks run the same number of forward/backward passes per step (FSDP2 needs the lockstep).
+
+Checkpoints and resume. DDP: rank 0 writes the unwrapped weights once (``on_main``), every rank
+reads them. FSDP2: ``save_sharded`` (torch.distributed.checkpoint; ``.metadata`` is written last
+and is the commit marker, ``is_complete``). The data position is (epoch, index) in the *global*
+sample order, so it does not depend on the world size: a run resumed with another number of
+processes loads the weights exactly (DCP reshards) and continues with the very same batches;
+its later updates equal the original ones up to float summation order (bit-exact only at the same
+world size). Dropout masks are drawn per rank from the same seed: runs with dropout > 0 are not
+equal across world sizes.
+
 DDP or our own all-reduce? We wrap with DistributedDataParallel (bucketing, overlap of the
 all-reduce with backward, ``no_sync`` for accumulation) but register a communication hook that
 *sums* the buckets: DDP's default hook divides by the world size, which for sum-losses would
@@ -163,7 +175,7 @@ def _shard_fsdp(model: nn.Module) -> nn.Module:
                 fully_shard(block)
     fully_shard(model)
     for mod in model.modules():
-        if _is_fsdp(mod):  # per unit: the setters do not recurse
+        if is_sharded(mod):  # per unit: the setters do not recurse
             mod.set_gradient_divide_factor(1.0)
             mod.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model
@@ -192,7 +204,8 @@ def wrap(model: nn.Module, mode: str, dev: torch.device,
     return model, [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in param_groups]
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2-sharded (checkpoint with ``save_sharded``) rather than replicated (write on rank 0)."""
     return hasattr(model, "set_requires_gradient_sync")  # FSDP2 turns the module into an FSDPModule
 
 
@@ -217,10 +230,10 @@ def grad_sync(model: nn.Module, last: bool) -> Iterator[None]:
         with model.no_sync():
             yield
         return
-    if _is_fsdp(model):
+    if is_sharded(model):
         model.set_requires_gradient_sync(last)
     yield
-    if last and active() and not isinstance(model, nn.parallel.DistributedDataParallel) and not _is_fsdp(model):
+    if last and active() and not isinstance(model, nn.parallel.DistributedDataParallel) and not is_sharded(model):
         # A plain module in a multi-process run (e.g. lr-find): sum the gradients ourselves.
         for p in model.parameters():
             if p.grad is not None:
@@ -250,7 +263,7 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unwrapped, unsharded weights on CPU, on rank 0 (other ranks get {}). Collective under FSDP."""
     model = unwrap(model)
-    if not _is_fsdp(model):
+    if not is_sharded(model):
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if is_main() else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
