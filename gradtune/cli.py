@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _split(args.items)
     cfg = load_config(path, overrides)
     r = train(cfg)
+    from gradtune.distributed import is_main
+
+    if not is_main():  # one summary per job, from rank 0
+        return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))
     print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {r.wall_time:.2f}s; stopped: {r.stop_reason}")
     print(f"final: {metrics}")
@@ -106,11 +110,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except GradtuneError as e:
-        print(f"gradtune: error: {e}", file=sys.stderr)
+        from gradtune.distributed import where
+
+        who = where()  # under torchrun: which rank said it
+        print(f"gradtune: error{' on ' + who if who else ''}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("gradtune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from gradtune.distributed import describe, launched
+
+        if not launched():
+            raise
+        # One line naming the rank, then the traceback (torchrun's summary names the first failure).
+        print(f"gradtune: error on {describe(e)}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the newest good checkpoint
-    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun; auto: ddp
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun: ddp replicates, fsdp shards (fits larger models, more traffic); auto picks
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks; lower: a dead or hung rank fails the run sooner, too low: slow steps abort
     # --- sections ------------------------------------------------------------------------------
     guard: GuardConfig = field(default_factory=GuardConfig)
     gpt: GPTSection = field(default_factory=GPTSection)
@@ -194,6 +195,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "eval_every": (lambda v: v is None or v >= 1, ">= 1"),
     "log_every": (lambda v: v >= 0, ">= 0"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0"),
+    "dist_timeout": (lambda v: v > 0, "> 0"),
     "keep_checkpoints": (lambda v: v >= 1, ">= 1"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "hidden": (lambda v: all(h >= 1 for h in v), "positive widths"),

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from gradtune import distributed
 from gradtune.config import Config
 from gradtune.data.dataset import Dataset
 from gradtune.guard import Guard
@@ -84,37 +85,46 @@ def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: lis
     """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
 
     Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync).
+    Under torch.distributed each rank takes its share of every micro-batch, gradients are summed
+    across ranks on the last micro-batch only, and the returned sums are global.
     """
     loss_sum = count = None
     sums: dict[str, torch.Tensor] = {}
-    for idx in micro:
-        with amp:
-            out = objective(model, _to(data.get(idx), device))
-        out.loss_sum.backward()
+    for i, idx in enumerate(micro):
+        batch = data.get(distributed.shard(idx))
+        distributed.probe(batch)
+        with distributed.grad_sync(model, last=i == len(micro) - 1):
+            with amp:
+                out = objective(model, _to(batch, device))
+            out.loss_sum.backward()
         ls = out.loss_sum.detach()
         loss_sum = ls if loss_sum is None else loss_sum + ls
         count = out.count if count is None else count + out.count
         for k, v in out.metrics.items():
             sums[k] = v if k not in sums else sums[k] + v
-    return loss_sum, count, sums
+    return distributed.all_reduce_sums(loss_sum, count, sums)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, device: torch.device,
              amp: contextlib.AbstractContextManager) -> tuple[float, float, dict[str, float]]:
-    """(mean loss, count, metric sums) over ``data`` in chunks of ``batch`` samples."""
+    """(mean loss, count, metric sums) over ``data`` in chunks of ``batch`` samples (each rank
+    takes its share of every chunk; the sums are global)."""
     was_training = model.training
     model.eval()
-    loss_sum, count, sums = 0.0, 0.0, {}
+    loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for idx in torch.arange(len(data)).split(batch):
         with amp:
-            out = objective(model, _to(data.get(idx), device))
-        loss_sum += out.loss_sum.double().item()
+            out = objective(model, _to(data.get(distributed.shard(idx)), device))
+        loss_sum += out.loss_sum.double()
         count += float(out.count)
         for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + v.double()
     model.train(was_training)
-    return loss_sum / max(count, 1.0), count, sums
+    loss_sum, count, sums = distributed.all_reduce_sums(loss_sum, count, sums)
+    total = float(count)
+    return float(loss_sum) / max(total, 1.0), total, {k: float(v) for k, v in sums.items()}
 
 
 def task_metrics(job: Job, prefix: str, loss: float, count: float, sums: dict[str, float]) -> dict[str, float]:
@@ -137,7 +147,8 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    # FSDP2: the norm of sharded grads is a DTensor; the clip factor needs the plain global value.
+    return distributed.plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
 
 
 @torch.no_grad()
@@ -166,13 +177,15 @@ class Loop:
     def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog) -> None:
         self.job, self.cfg, self.log = job, cfg, log
         self.out_dir = out_dir
-        self.device = resolve_device(cfg.device)
-        self.model = job.model.to(self.device)
+        self.device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+        mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
+        # DDP wraps, FSDP2 shards in place; self.model is what the loop calls, job.model stays unwrapped.
+        self.model, groups = distributed.wrap(job.model.to(self.device), mode, self.device, job.param_groups)
         # compile=true: the forward/backward runs through Inductor; weights are saved from the
         # plain module, so files never carry an `_orig_mod.` prefix.
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(cfg, job.param_groups or self.params)
+        self.opt = make_optimizer(cfg, groups or self.params)
         self.sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -224,7 +237,7 @@ class Loop:
     def run(self) -> Result:
         cfg, job = self.cfg, self.job
         t0 = time.perf_counter()
-        self.progress = Progress(cfg.progress, self.total)
+        self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total)
         self._reset_epoch_sums()
         self.last_gnorm = None
         self.health: dict[str, float] = {}
@@ -233,6 +246,7 @@ class Loop:
         need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0
         self.model.train()
         while self.step < self.total:
+            distributed.fault_point(self.step)
             s = next(self.sampler)
             lr = _set_lr(self.opt, self._schedule())
             for p in self.params:
@@ -306,7 +320,8 @@ def cpu_threads(model: nn.Module, device: torch.device):
 def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
     """Train ``job`` with ``cfg``; write metrics.jsonl under ``out_dir`` if given."""
     torch.manual_seed(cfg.seed)
-    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir else None)
+    distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir and distributed.is_main() else None)  # one log: rank 0
     try:
         with cpu_threads(job.model, resolve_device(cfg.device)):
             return Loop(job, cfg, out_dir, log).run()
@@ -318,11 +333,14 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     """Final weights (safetensors, unwrapped names), config, summary and the loss plot."""
     from gradtune.atomic import write_text
     from gradtune.report import plot_losses
-    from gradtune.weights import save_weights
+    from gradtune.weights import save_state
 
     import yaml
 
-    save_weights(job.model, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
+    state = distributed.full_state_dict(job.model)  # collective under FSDP; {} except on rank 0
+    if not distributed.is_main():
+        return
+    save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if job.task == "lm":  # generation must decode exactly as training encoded
         from gradtune.job_text import save_tokenizer
@@ -343,7 +361,8 @@ def train(cfg: Config) -> Result:
 
     job = build(cfg)  # all bad input is rejected here, before anything is written
     out_dir = Path(cfg.out_dir)
-    result = fit(job, cfg, out_dir)
-    result.info = job.info
-    save_outputs(job, cfg, result, out_dir)
+    with distributed.session(cfg):  # a no-op in one process
+        result = fit(job, cfg, out_dir)
+        result.info = job.info
+        save_outputs(job, cfg, result, out_dir)
     return result

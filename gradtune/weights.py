@@ -18,9 +18,19 @@ from gradtune.errors import GradtuneError
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict without aliases of an already-listed tensor, as contiguous CPU tensors."""
+    return dedupe(model.state_dict())
+
+
+def aliases(model: nn.Module) -> set[str]:
+    """Names in the state_dict that alias an earlier entry (tied weights)."""
+    return set(model.state_dict()) - set(unique_state(model))
+
+
+def dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop entries that alias an earlier entry's memory (tied weights), as contiguous CPU tensors."""
     seen: set[tuple[int, int]] = set()
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
         if key in seen:
             continue
@@ -29,18 +39,18 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def aliases(model: nn.Module) -> set[str]:
-    """Names in the state_dict that alias an earlier entry (tied weights)."""
-    return set(model.state_dict()) - set(unique_state(model))
-
-
-def save_weights(model: nn.Module, path: Path | str, metadata: Optional[dict[str, str]] = None) -> None:
+def save_state(state: dict[str, torch.Tensor], path: Path | str, metadata: Optional[dict[str, str]] = None) -> None:
+    """Atomically write a state dict (aliases stored once) as safetensors."""
     from safetensors.torch import save_file
 
     from gradtune.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file(unique_state(model), str(tmp), metadata=metadata)
+        save_file(dedupe(state), str(tmp), metadata=metadata)
+
+
+def save_weights(model: nn.Module, path: Path | str, metadata: Optional[dict[str, str]] = None) -> None:
+    save_state(model.state_dict(), path, metadata)
 
 
 def load_weights(model: nn.Module, path: Path | str) -> None:
