@@ -1,6 +1,8 @@
 """The ``gradtune`` command: train, lr-find, demo (and the commands other modules register).
 
-Every bad input ends as one line on stderr and exit code 2, never a traceback.
+Every bad input ends as one line on stderr and exit code 2, never a traceback. A checkpoint
+that cannot be written exits 74 (EX_IOERR); a run stopped by SIGTERM/SIGINT after writing its
+checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -99,8 +101,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except GradtuneError as e:
-        print(f"gradtune: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        from gradtune.preempt import Preempted
+
+        # 2: bad input; 74: a checkpoint could not be written; 75: preempted, checkpoint saved.
+        kind = "preempted" if isinstance(e, Preempted) else "error"
+        print(f"gradtune: {kind}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("gradtune: interrupted", file=sys.stderr)
         return 130
