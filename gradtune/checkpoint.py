@@ -168,11 +168,11 @@ def save(root: Path, step: int, model: dict[str, torch.Tensor], state: dict[str,
     On a write error the temporary folder is removed, the previous checkpoints are untouched,
     and ``WriteError`` names the path and the last good step.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    sweep(root)
     final = root / folder_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        sweep(root)
         tmp.mkdir()
         tensors: dict[str, torch.Tensor] = {}
         state_json = split_tensors(state, "state", tensors)
