@@ -55,10 +55,12 @@ def split_tensors(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> A
         if all(isinstance(k, str) for k in tree):
             return {k: split_tensors(v, f"{prefix}.{k}", tensors) for k, v in tree.items()}
         return {"__items__": [[k, split_tensors(v, f"{prefix}.{k}", tensors)] for k, v in tree.items()]}
-    if isinstance(tree, tuple):
-        return {"__tuple__": [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(tree)]}
-    if isinstance(tree, list):
-        return [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(tree)]
+    if isinstance(tree, (tuple, list)):
+        if all(type(v) in (int, float) for v in tree):  # fast path: RNG keys, loss windows
+            items = list(tree)
+        else:
+            items = [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(tree)]
+        return {"__tuple__": items} if isinstance(tree, tuple) else items
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
     raise TypeError(f"cannot checkpoint a {type(tree).__name__} at '{prefix}'")

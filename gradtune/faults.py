@@ -23,11 +23,20 @@ import signal
 from typing import Optional, TextIO
 
 _PLAN: dict[str, tuple[int, int]] = {}
-for _item in filter(None, os.environ.get("GRADTUNE_FAULTS", "").split(",")):
-    _point, _, _rest = _item.partition("@")
-    _count, _, _sig = _rest.partition("=")
-    _PLAN[_point] = (int(_count), getattr(signal, f"SIG{_sig or 'KILL'}"))
 _SEEN: dict[str, int] = {}
+
+
+def configure(spec: str) -> None:
+    """Replace the plan (a forked test process sets its own; see tests/test_kill_resume.py)."""
+    _PLAN.clear()
+    _SEEN.clear()
+    for item in filter(None, spec.split(",")):
+        point, _, rest = item.partition("@")
+        count, _, sig = rest.partition("=")
+        _PLAN[point] = (int(count), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
+configure(os.environ.get("GRADTUNE_FAULTS", ""))
 
 
 def hit(point: str) -> None:
