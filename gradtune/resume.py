@@ -75,7 +75,7 @@ def latest(root: Path) -> Optional[Plan]:
     for _, folder in reversed(checkpoint.listing(root)):
         try:
             model, state, saved = checkpoint.load(folder)
-            if not isinstance(state, dict) or not isinstance(saved.get("config"), dict):
+            if not (isinstance(state, dict) and isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
                 raise GradtuneError(f"checkpoint {folder}: state.json or config.json has the wrong shape")
         except GradtuneError as e:
             skipped.append(str(e))
