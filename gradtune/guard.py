@@ -59,6 +59,30 @@ class Guard:
         return "ok", ""
 
 
+def handle(loop: Any, action: str, why: str, step: Any) -> Optional[str]:
+    """Apply the decision to ``loop`` for a step (variants.Step) whose update was not made;
+    return why to stop, or None. The step counter does not advance (the schedule stays put)
+    and the batch is dropped; the decision is written to metrics.jsonl with the sample ids."""
+    import torch
+
+    for p in loop.params:
+        p.grad = None
+    loop.skipped += 1
+    row: dict[str, Any] = {"kind": "guard", "step": loop.step, "action": action, "reason": why,
+                           "epoch": step.epoch, "index": step.index,
+                           "sample_ids": torch.cat(step.micro).tolist()[:64]}
+    stop = None
+    if action == "rollback":
+        stop = rollback(loop, row)
+    elif action == "stop":
+        stop = f"diverged: {why} at step {loop.step}"
+    elif loop.skipped > max(10, loop.total // 10):
+        stop = f"diverged: {why} ({loop.skipped} steps skipped)"
+    loop.log.write(row)
+    loop.progress.note(f"guard: step {loop.step}: {why} -> {action}")
+    return stop
+
+
 def rollback(loop: Any, row: dict[str, Any]) -> Optional[str]:
     """Roll ``loop`` back to its newest good checkpoint with a lower lr; why to stop, or None.
 

@@ -35,7 +35,7 @@ from gradtune import checkpoint, faults
 from gradtune.config import Config
 from gradtune.data.dataset import Dataset
 from gradtune.errors import GradtuneError
-from gradtune.guard import Guard, rollback
+from gradtune.guard import Guard, handle
 from gradtune.job import Job
 from gradtune.objective import Objective
 from gradtune.preempt import Flag, Preempted
@@ -230,27 +230,6 @@ class Loop:
         self.saved_step = self.step
         return path
 
-    def _guard_action(self, action: str, why: str, s: Any) -> Optional[str]:
-        """Apply the guard's decision to a step whose update was not made; why to stop, or None.
-
-        The step counter does not advance (the schedule stays put); the batch is dropped.
-        """
-        for p in self.params:
-            p.grad = None
-        self.skipped += 1
-        row: dict[str, Any] = {"kind": "guard", "step": self.step, "action": action, "reason": why,
-                               "epoch": s.epoch, "index": s.index, "sample_ids": torch.cat(s.micro).tolist()[:64]}
-        stop = None
-        if action == "rollback":
-            stop = rollback(self, row)
-        elif action == "stop":
-            stop = f"diverged: {why} at step {self.step}"
-        elif self.skipped > max(10, self.total // 10):
-            stop = f"diverged: {why} ({self.skipped} steps skipped)"
-        self.log.write(row)
-        self.progress.note(f"guard: step {self.step}: {why} -> {action}")
-        return stop
-
     def _schedule(self) -> float:
         c = self.cfg
         min_ratio = c.min_lr / c.lr
@@ -289,7 +268,8 @@ class Loop:
         t0 = time.perf_counter()
         self.progress = Progress(cfg.progress, self.total)
         stop_reason, train_loss = self.finished or f"budget reached ({self.total} steps)", math.nan
-        need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or cfg.guard.enabled
+        check_grad = cfg.guard.enabled and cfg.guard.check_grad
+        need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or check_grad
         if cfg.guard.enabled and cfg.guard.policy == "rollback":
             if self.ckpt_root is None:
                 raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
@@ -307,9 +287,9 @@ class Loop:
             torch._foreach_div_(grads, count.to(grads[0].dtype)) if grads else None
             loss = float(loss_sum) / float(count)  # one scalar read; the guard needs it now
             gnorm = grad_norm(self.params) if need_norm else None
-            action, why = self.guard.check(loss, float(gnorm) if cfg.guard.enabled else None)
+            action, why = self.guard.check(loss, float(gnorm) if check_grad else None)
             if action != "ok":
-                reason = self._guard_action(action, why, s)
+                reason = handle(self, action, why, s)
                 if reason:
                     stop_reason = self.finished = reason
                     break
@@ -339,7 +319,10 @@ class Loop:
             if self.ckpt_root is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             if self.preempt is not None and self.preempt.requested:
-                path = self.save_checkpoint() if self.saved_step != self.step else self.ckpt_root / checkpoint.folder_name(self.step)
+                assert self.ckpt_root is not None
+                path = self.ckpt_root / checkpoint.folder_name(self.step)
+                if self.saved_step != self.step:
+                    path = self.save_checkpoint()
                 self.progress.close(self.step)
                 raise Preempted(f"preempted by {self.preempt.signal} at step {self.step}; checkpoint {path}; "
                                 f"run the same command again to resume")
@@ -383,6 +366,8 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
     loop = Loop(job, cfg, out_dir, MetricsLog(None))
     if plan is not None:
         resume.restore(loop, plan)
+        if cfg.resume == "force":
+            loop.finished = None  # forcing on (say with a lower lr) reopens a converged/diverged run
     elif out_dir is not None and cfg.resume == "never":
         resume.discard(out_dir)
     loop.log = log = resume.open_log(out_dir, plan)  # only now is anything written
