@@ -2,7 +2,7 @@
 
 Each case: exit code 2, one line on stderr naming the file/key/value, no traceback, and nothing
 written or half-written (a fresh out_dir is not created; an existing one is byte-for-byte
-unchanged). Together with tests/test_bad_input.py: 65 bad inputs."""
+unchanged). 40 cases here; with the 29 of tests/test_bad_input.py, 69 bad inputs."""
 
 import hashlib
 import json

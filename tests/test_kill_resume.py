@@ -93,7 +93,7 @@ class Forked:
     def __init__(self, args: list[str], env: dict[str, str], err_path: Path) -> None:
         if Forked._ctx is None:
             Forked._ctx = multiprocessing.get_context("forkserver")
-            Forked._ctx.set_forkserver_preload(["torch", "safetensors.torch", "gradtune.train", "gradtune.cli"])
+            Forked._ctx.set_forkserver_preload(["torch", "safetensors.torch", "gradtune.train", "gradtune.cli", __name__])
         self.err_path = err_path
         self.proc = Forked._ctx.Process(target=_child, args=(args, env, str(err_path)))
         self.proc.start()
