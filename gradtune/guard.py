@@ -99,7 +99,8 @@ def rollback(loop: Any, row: dict[str, Any]) -> Optional[str]:
     found = resume.latest(loop.ckpt_root)
     if found is None:
         return "diverged: no checkpoint to roll back to"
-    position, rollbacks, scale, skipped = loop.sampler.state(), g.rollbacks + 1, loop.lr_scale * g.cfg.lr_factor, loop.skipped
+    position, skipped = loop.sampler.state(), loop.skipped
+    rollbacks, scale = g.rollbacks + 1, loop.lr_scale * g.cfg.lr_factor
     resume.restore(loop, found)
     # Kept from now, not from the checkpoint: the data already passed (the offending window is
     # skipped), the rollback count and the lowered lr.
