@@ -1,6 +1,8 @@
 """The ``gradtune`` command: train, lr-find, demo (and the commands other modules register).
 
-Every bad input ends as one line on stderr and exit code 2, never a traceback.
+Every bad input ends as one line on stderr and exit code 2, never a traceback. A checkpoint
+that cannot be written exits 74 (EX_IOERR); a run stopped by SIGTERM/SIGINT after writing its
+checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -111,10 +113,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except GradtuneError as e:
         from gradtune.distributed import where
+        from gradtune.preempt import Preempted
 
+        # 2: bad input; 74: a checkpoint could not be written; 75: preempted, checkpoint saved.
+        kind = "preempted" if isinstance(e, Preempted) else "error"
         who = where()  # under torchrun: which rank said it
-        print(f"gradtune: error{' on ' + who if who else ''}: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        print(f"gradtune: {kind}{' on ' + who if who else ''}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("gradtune: interrupted", file=sys.stderr)
         return 130

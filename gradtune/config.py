@@ -34,6 +34,7 @@ class GuardConfig:
     spike_window: int = 50  # steps in the running window; larger: steadier baseline, slower to adapt
     lr_factor: float = 0.5  # rollback multiplies lr by this
     max_rollbacks: int = 3  # after this many rollbacks the run stops and suggests a learning rate
+    check_grad: bool = True  # also catch a non-finite gradient under a finite loss; costs one norm per step
 
 
 @dataclass

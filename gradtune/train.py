@@ -4,10 +4,16 @@
         batch(es)  <- sampler (batch_size: full | 1 | k), split into micro-batches
         loss       <- objective(model, micro-batch) as sums; gradients of sums accumulated
         grad       <- divided once by the batch's total count: exact whatever the split
-        guard      <- finite? no spike? else skip / stop (before anything is touched)
+        guard      <- finite loss and gradient? no spike? else skip / rollback / stop
+                      (decided before anything is touched)
         param      <- optimizer.step() at lr(step)
         measure    <- at evaluation points only: loss, metrics, grad norm, log, plot
+        checkpoint <- every checkpoint_every steps, at the end, and on SIGTERM/SIGINT
         stop?      <- converged (tol, patience, grad_tol) or budget reached
+
+Resume (gradtune.resume) restores ``Loop.load_state_dict`` from a checkpoint; checkpoints are
+written only between steps, so a kill inside an accumulation window simply recomputes that
+whole step from the last checkpoint.
 
 Importable: ``fit(job, cfg)`` for objects built in Python, ``train(cfg)`` for a config.
 """
@@ -25,13 +31,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gradtune import distributed
+from gradtune import checkpoint, distributed, faults
 from gradtune.config import Config
 from gradtune.data.dataset import Dataset
-from gradtune.guard import Guard
+from gradtune.errors import GradtuneError
+from gradtune.guard import Guard, handle
 from gradtune.job import Job
 from gradtune.objective import Objective
 from gradtune.peak import peak_flops
+from gradtune.preempt import Flag, Preempted
 from gradtune.schedules import factor
 from gradtune.stopping import Convergence
 from gradtune.telemetry import MetricsLog, Progress
@@ -97,6 +105,7 @@ def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: lis
             with amp:
                 out = objective(model, _to(batch, device))
             out.loss_sum.backward()
+        faults.hit("micro")
         ls = out.loss_sum.detach()
         loss_sum = ls if loss_sum is None else loss_sum + ls
         count = out.count if count is None else count + out.count
@@ -196,6 +205,67 @@ class Loop:
         self.amp = autocast(cfg, self.device)
         self.step = 0
         self.skipped = 0
+        self.lr_scale = 1.0  # lowered by each guard rollback
+        self.finished: Optional[str] = None  # why a checkpointed run already stopped (converged...)
+        self.ckpt_root = out_dir / "checkpoints" if out_dir is not None else None
+        self.saved_step: Optional[int] = None
+        self.preempt: Optional[Flag] = None  # set by fit() while its signal handlers are installed
+        self.probe = faults.Probe()
+        self._reset_epoch_sums()
+        self.last_gnorm: Optional[torch.Tensor] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on, except the weights (saved apart, see checkpoint.py).
+
+        The schedule needs only the step (lr is a pure function of it) and the rollback scale;
+        the data position is the sampler's (epoch, index) - ``micro_index`` is always 0 because
+        checkpoints are taken between steps, never inside an accumulation window.
+        """
+        s = self.sampler
+        return {
+            "step": self.step, "skipped": self.skipped, "finished": self.finished,
+            "schedule": {"step": self.step, "lr_scale": self.lr_scale, "lr": self.opt.param_groups[0]["lr"]},
+            "data": {**s.state(), "micro_index": 0, "n": s.n, "seed": s.seed, "order_sha256": s.order_digest()},
+            "optimizer": self.opt.state_dict(),
+            "guard": self.guard.state(),
+            "stopper": self.stopper.state(),
+            "sums": {"loss": self.ep_loss, "count": self._ep_count_t, "metrics": dict(self._ep_metric_t)},
+            "last_gnorm": self.last_gnorm,
+            "metrics_rows": len(self.log.rows),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict`` (the weights are loaded by the caller)."""
+        self.step, self.skipped, self.finished = int(state["step"]), int(state["skipped"]), state["finished"]
+        self.lr_scale = float(state["schedule"]["lr_scale"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.load_state(state["data"])
+        if self.sampler.order_digest() != state["data"]["order_sha256"]:
+            raise GradtuneError("checkpoint: the data order regenerated from (seed, epoch) differs from the saved one")
+        self.guard.load_state(state["guard"])
+        self.stopper.load_state(state["stopper"])
+        sums = state["sums"]
+        self.ep_loss, self._ep_count_t = sums["loss"].to(self.device), sums["count"].to(self.device)
+        self._ep_metric_t = {k: v.to(self.device) for k, v in sums["metrics"].items()}
+        gn = state["last_gnorm"]
+        self.last_gnorm = gn.to(self.device) if gn is not None else None
+        checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        assert self.ckpt_root is not None
+        cfg = self.cfg
+        if distributed.is_sharded(self.model):
+            raise GradtuneError("checkpoint_every with distributed=fsdp: periodic sharded checkpoints are not "
+                                "wired into the loop yet (gradtune.distributed.save_sharded); use ddp")
+        from gradtune.weights import dedupe
+
+        # Unwrapped names (no `module.`), tied weights once, written by rank 0 only.
+        model_state = dedupe(distributed.full_state_dict(self.model)) if distributed.is_main() else {}
+        path = distributed.on_main(checkpoint.save, self.ckpt_root, self.step, model_state, self.state_dict(),
+                                   cfg.to_dict(), cfg.hash(), cfg.keep_checkpoints)
+        self.saved_step = self.step
+        return path
 
     def _schedule(self) -> float:
         c = self.cfg
@@ -226,29 +296,38 @@ class Loop:
         return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None)
 
     def _reset_epoch_sums(self) -> None:
-        self.ep_loss, self.ep_count = 0.0, 0.0
+        # Device tensors (checkpointed as they are), read once per evaluation: no per-step sync.
+        self.ep_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.ep_count = 0.0
         self.ep_sums: dict[str, float] = {}
-        self._ep_metric_t: dict[str, torch.Tensor] = {}  # device tensors: read once per evaluation
+        self._ep_count_t = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._ep_metric_t: dict[str, torch.Tensor] = {}
 
     def _close_epoch_sums(self) -> float:
+        """One host sync per evaluation: the epoch's running loss and metric sums."""
+        self.ep_count = float(self._ep_count_t)
         self.ep_sums = {k: float(v) for k, v in self._ep_metric_t.items()}
-        return self.ep_loss / max(self.ep_count, 1.0)
+        return float(self.ep_loss) / max(self.ep_count, 1.0)
 
     def run(self) -> Result:
         cfg, job = self.cfg, self.job
         t0 = time.perf_counter()
         self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total)
-        self._reset_epoch_sums()
-        self.last_gnorm = None
         self.health: dict[str, float] = {}
         self.t_mark = t0
-        stop_reason, train_loss = f"budget reached ({self.total} steps)", math.nan
-        need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0
+        stop_reason, train_loss = self.finished or f"budget reached ({self.total} steps)", math.nan
+        check_grad = cfg.guard.enabled and cfg.guard.check_grad
+        need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or check_grad
+        if cfg.guard.enabled and cfg.guard.policy == "rollback":
+            if self.ckpt_root is None:
+                raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
+            if checkpoint.newest_step(self.ckpt_root) is None:
+                self.save_checkpoint()  # there is always a last good state to roll back to
         self.model.train()
-        while self.step < self.total:
+        while self.step < self.total and not self.finished:
             distributed.fault_point(self.step)
             s = next(self.sampler)
-            lr = _set_lr(self.opt, self._schedule())
+            lr = _set_lr(self.opt, self._schedule() * self.lr_scale)
             for p in self.params:
                 p.grad = None
             loss_sum, count, sums = accumulate(self.fwd, job.objective, job.train, s.micro, self.device, self.amp)
@@ -257,21 +336,17 @@ class Loop:
             count_f = float(count)
             if grads and count_f != 1.0:
                 torch._foreach_mul_(grads, 1.0 / count_f)
-            loss_f = float(loss_sum)  # one scalar read per step: the guard needs it now
-            loss = loss_f / count_f
-            action, why = self.guard.check(loss)
+            loss = float(loss_sum) / count_f  # one scalar read per step: the guard needs it now
+            gnorm = grad_norm(self.params) if need_norm else None
+            action, why = self.guard.check(loss, float(gnorm) if check_grad else None)
             if action != "ok":
-                self.skipped += 1
-                self.log.write({"kind": "guard", "step": self.step, "action": action, "reason": why,
-                                "sample_ids": torch.cat(s.micro).tolist()[:64]})
-                self.progress.note(f"guard: step {self.step}: {why} -> {action}")
-                if action == "stop" or self.skipped > max(10, self.total // 10):
-                    stop_reason = f"diverged: {why}"
+                reason = handle(self, action, why, s)
+                if reason:
+                    stop_reason = self.finished = reason
                     break
-                self.step += 1
                 continue
             if need_norm:
-                self.last_gnorm = grad_norm(self.params)
+                self.last_gnorm = gnorm
                 if cfg.clip_grad_norm is not None:
                     torch._foreach_mul_(grads, (cfg.clip_grad_norm / (self.last_gnorm + 1e-6)).clamp(max=1.0))
             watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
@@ -279,11 +354,14 @@ class Loop:
             self.opt.step()
             if before is not None:
                 self.health = update_ratios(self.opt, before)
-            self.ep_loss += loss_f
-            self.ep_count += count_f
+            faults.hit("step")
+            self.ep_loss += loss_sum.double()
+            self._ep_count_t += count
             for k, v in sums.items():
                 self._ep_metric_t[k] = self._ep_metric_t.get(k, 0.0) + v
             self.step += 1
+            if self.probe.file is not None:
+                self.probe.record(self.step, torch.cat(s.micro).tolist())
             if cfg.log_every and self.step % cfg.log_every == 0:
                 self.log.write({"kind": "step", "step": self.step, "loss": loss, "lr": lr})
             if self.step % self.eval_every == 0 or s.epoch_end or self.step == self.total:
@@ -291,8 +369,21 @@ class Loop:
                 reason = self._evaluate(train_loss, lr)
                 self._reset_epoch_sums()
                 if reason:
-                    stop_reason = reason
+                    stop_reason = self.finished = reason
                     break
+            if self.ckpt_root is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.preempt is not None and self.preempt.requested:
+                assert self.ckpt_root is not None
+                path = self.ckpt_root / checkpoint.folder_name(self.step)
+                if self.saved_step != self.step:
+                    path = self.save_checkpoint()
+                self.progress.close(self.step)
+                raise Preempted(f"preempted by {self.preempt.signal} at step {self.step}; checkpoint {path}; "
+                                f"run the same command again to resume")
+        if self.ckpt_root is not None and cfg.checkpoint_every and self.saved_step != self.step:
+            self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
+        self.probe.close()
         self.progress.close(self.step)
         last = next((r for r in reversed(self.log.rows) if r.get("kind") == "eval"), {})
         metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
@@ -318,15 +409,32 @@ def cpu_threads(model: nn.Module, device: torch.device):
 
 
 def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
-    """Train ``job`` with ``cfg``; write metrics.jsonl under ``out_dir`` if given."""
+    """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
+
+    With ``resume: auto`` a run finding a verified checkpoint in ``out_dir`` continues from it.
+    Every check (which checkpoint, does the config match) happens before anything is written.
+    """
+    from gradtune import preempt, resume
+
     torch.manual_seed(cfg.seed)
     distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
-    log = MetricsLog(out_dir / "metrics.jsonl" if out_dir and distributed.is_main() else None)  # one log: rank 0
+    plan = resume.plan(cfg, out_dir, job)
+    loop = Loop(job, cfg, out_dir, MetricsLog(None))
+    if plan is not None:
+        resume.restore(loop, plan)
+        if cfg.resume == "force":
+            loop.finished = None  # forcing on (say with a lower lr) reopens a converged/diverged run
+    elif out_dir is not None and cfg.resume == "never" and distributed.is_main():
+        resume.discard(out_dir)
+    # Only now is anything written; one log, on rank 0.
+    loop.log = log = resume.open_log(out_dir, plan) if distributed.is_main() else MetricsLog(None)
     try:
-        with cpu_threads(job.model, resolve_device(cfg.device)):
-            return Loop(job, cfg, out_dir, log).run()
+        with cpu_threads(job.model, loop.device), preempt.catch() as flag:
+            loop.preempt = flag if out_dir is not None else None
+            return loop.run()
     finally:
         log.close()
+        loop.probe.close()
 
 
 def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:

@@ -60,6 +60,14 @@ class Sampler:
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
 
+    def order_digest(self) -> str:
+        """sha256 of this epoch's permutation: a checkpoint records it so a resume can prove the
+        order it regenerates from (seed, epoch) is the one the run was using."""
+        import hashlib
+
+        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        return hashlib.sha256(order.numpy().tobytes()).hexdigest()
+
     def __iter__(self) -> Iterator[Step]:
         return self
 
