@@ -12,6 +12,10 @@ out of the optimizer, a module the forward never uses.
 
 Why fingerprints rather than copies: a copy of every weight doubles memory on a large model;
 a hash of each tensor's bytes is exact for "unchanged" and costs one pass.
+
+One exemption, by construction: while a LoRA ``lora_b`` is zero (the first step), the gradient
+of its ``lora_a`` is ``B^T (...) = 0``, so that A may neither get a non-zero gradient nor move;
+it must still get a gradient tensor (it is connected), and its B must pass every check.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from gradtune.finetune.lora import lora_layers
 
 _MAX_NAMES = 8  # offenders listed per problem; the count says how many more
 
@@ -35,6 +41,7 @@ class Snapshot:
     fingerprints: dict[str, bytes]  # parameter name -> hash of its bytes
     trainable: frozenset[str]  # names with requires_grad at snapshot time
     expected: frozenset[str] | None  # what the method declared trainable, if given
+    zero_grad_ok: frozenset[str] = frozenset()  # lora_a whose lora_b is still zero
 
 
 def fingerprint(t: torch.Tensor) -> bytes:
@@ -50,6 +57,8 @@ def before(model: nn.Module, expect_trainable: Iterable[str] | None = None) -> S
         fingerprints={n: fingerprint(p) for n, p in params.items()},
         trainable=frozenset(n for n, p in params.items() if p.requires_grad),
         expected=None if expect_trainable is None else frozenset(expect_trainable),
+        zero_grad_ok=frozenset(f"{n}.lora_a.weight" for n, m in lora_layers(model).items()
+                               if not m.lora_b.weight.any()),
     )
 
 
@@ -71,6 +80,8 @@ def problems(model: nn.Module, snapshot: Snapshot) -> dict[str, list[str]]:
                              "do not require grad under activation checkpointing)", []).append(name)
         elif not torch.isfinite(p.grad).all():
             found.setdefault("non-finite gradient", []).append(name)
+        elif name in snapshot.zero_grad_ok:
+            continue
         elif not p.grad.any():
             found.setdefault("all-zero gradient", []).append(name)
         elif not moved:
