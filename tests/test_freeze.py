@@ -109,3 +109,10 @@ def test_lora_with_head_trains_lora_and_head():
     model, names = methods.apply(tiny_hf.bert(), methods.FinetuneSettings(method="lora"), num_outputs=2)
     assert {"head.weight", "head.bias"} <= names
     assert all(n.startswith("head.") or ".lora_" in n for n in names)
+
+
+def test_head_freezes_the_unused_bert_pooler():
+    """The head pools last_hidden_state; BERT's pooler would get no gradient (audit failure)."""
+    model, names = methods.apply(tiny_hf.bert(), methods.FinetuneSettings(method="full"), num_outputs=2)
+    assert not any(n.startswith("body.pooler.") for n in names)
+    assert "body.encoder.layer.0.attention.self.query.weight" in names

@@ -56,6 +56,11 @@ def add_head(body: nn.Module, num_outputs: int, pooling: Pooling = "mean",
     """Wrap ``body`` with a fresh, trainable head; the body's ``requires_grad`` flags are left as
     the fine-tuning method set them (frozen for ``head``, LoRA-only for ``lora``...).
 
+    One exception: a BERT-style ``pooler`` (tanh dense on CLS) is frozen, since the head pools
+    ``last_hidden_state`` itself; left trainable it would get no gradient (the audit's catch).
     Not in place: returns the wrapper (whose ``.body`` is the same module object).
     """
+    pooler = getattr(body, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
     return EncoderWithHead(body, num_outputs, pooling, dropout)
