@@ -12,7 +12,7 @@ from gradtune.finetune import audit
 
 
 def train(model, objective, dataset, steps: int, lr: float, batch_size: int = 8, seed: int = 0,
-          expect_trainable=None, epochs_max: int | None = None) -> list[float]:
+          expect_trainable=None, epochs_max: int | None = None, log_every: int = 0) -> list[float]:
     """Run ``steps`` optimizer steps (or ``epochs_max`` passes); returns the per-step mean losses."""
     g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -31,6 +31,8 @@ def train(model, objective, dataset, steps: int, lr: float, batch_size: int = 8,
                 audit.check(model, snapshot)
             losses.append(loss.item())
             step += 1
+            if log_every and step % log_every == 0:
+                print(f"step {step} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
             if step >= steps:
                 break
         epoch += 1
