@@ -126,8 +126,9 @@ def supported(tensors: list[torch.Tensor]) -> bool:
         return False
     dtype = tensors[0].dtype
     strided = torch.strided  # is_cpu / `is`: this runs per tensor per step, keep it cheap
+    plain = (torch.Tensor, torch.nn.Parameter)  # not DTensor (FSDP2 shards): its data_ptr is no array
     return dtype in _DTYPES and all(
-        t.is_cpu and t.dtype is dtype and t.layout is strided and t.is_contiguous()
+        type(t) in plain and t.is_cpu and t.dtype is dtype and t.layout is strided and t.is_contiguous()
         for t in tensors)
 
 

@@ -1,0 +1,38 @@
+"""Causal-LM fine-tuning on plain text: the token stream cut into windows of ``max_length``.
+
+Windows overlap by one token (stride ``max_length - 1``): the objective predicts token t+1 from
+tokens <= t inside a window, so without the overlap the pair across each window boundary would
+never be trained. Every token of the stream is a target exactly once (but the first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gradtune.data.sequences import SequenceDataset, pad_id
+from gradtune.data.text_tasks import DataError, read_rows
+
+
+def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
+                     text_column: str = "text") -> SequenceDataset:
+    """A .txt file (one document) or .jsonl (one document per line in ``text_column``);
+    documents are joined with the eos token so the model learns where one ends."""
+    path = Path(path)
+    if max_length < 2:
+        raise DataError(f"max_length must be >= 2 for causal LM windows, got {max_length}")
+    if path.suffix == ".jsonl":
+        docs = [str(r[text_column]) for _, r in read_rows(path) if r.get(text_column)]
+    elif path.is_file():
+        docs = [path.read_text(encoding="utf-8")]
+    else:
+        raise DataError(f"data file {str(path)!r} does not exist")
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in docs:
+        stream += tokenizer(doc)["input_ids"] + ([eos] if eos is not None else [])
+    if len(stream) < 2:
+        raise DataError(f"{path}: no text to train on")
+    stride = max_length - 1
+    windows = [stream[i: i + max_length] for i in range(0, len(stream) - 1, stride)]
+    return SequenceDataset(windows, [list(w) for w in windows], pad_id(tokenizer))

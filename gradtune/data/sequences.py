@@ -1,0 +1,76 @@
+"""Token sequences of different lengths, tokenised once, padded per batch (dynamic padding).
+
+Why pad per batch rather than to ``max_length``: most texts are short, and a batch padded to its
+longest member does far less attention and MLP work on padding than one padded to the maximum.
+
+Two label shapes: one label per sample (text classification / regression, ``labels`` (B,)), or
+one per token (causal LM, ``labels`` (B, T), aligned with ``input_ids`` as in transformers, -100
+= not trained, the objective shifts by one). Padding is on the right; ``attention_mask`` (B, T)
+is 1 on real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradtune.data.dataset import Batch
+
+IGNORE = -100  # label of tokens kept out of the loss (prompt, padding): torch's ignore_index
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad to the longest: list of B lists -> (B, T) long."""
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+class SequenceDataset:
+    """``input_ids`` per sample; ``labels`` a (N,) tensor, or a list of per-token label lists."""
+
+    def __init__(self, input_ids: list[list[int]], labels: torch.Tensor | list[list[int]],
+                 pad_id: int) -> None:
+        if len(input_ids) != len(labels):
+            raise ValueError(f"{len(input_ids)} sequences but {len(labels)} labels")
+        self.input_ids, self.labels, self.pad_id = input_ids, labels, pad_id
+        self.token_labels = not isinstance(labels, torch.Tensor)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def get(self, idx: torch.Tensor) -> Batch:
+        rows = idx.tolist()
+        seqs = [self.input_ids[i] for i in rows]
+        input_ids = pad(seqs, self.pad_id)
+        attention_mask = pad([[1] * len(s) for s in seqs], 0)
+        if self.token_labels:
+            labels = pad([self.labels[i] for i in rows], IGNORE)
+        else:
+            labels = self.labels.index_select(0, idx)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "sample_id": idx}
+
+    def subset(self, indices: Sequence[int]) -> SequenceDataset:
+        """The samples at ``indices`` (e.g. a train / eval split), renumbered from 0."""
+        labels = (self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+                  if not self.token_labels else [self.labels[i] for i in indices])
+        return SequenceDataset([self.input_ids[i] for i in indices], labels, self.pad_id)
+
+
+def split(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A fixed random (train, eval) split of range(n): same seed, same split, on any machine."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_eval = round(n * eval_fraction)
+    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id (Llama has no pad token), else 0; never trained."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0

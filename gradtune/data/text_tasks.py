@@ -1,0 +1,138 @@
+"""Text classification and regression from CSV / TSV / JSONL files, for encoder + head models.
+
+Each row has a text column and a label column (names configurable; ``columns`` names the
+columns of a file without a header, e.g. the SMS spam TSV ``label\ttext``). Texts are tokenised
+once up front, truncated to ``max_length``; batches are padded per batch (``SequenceDataset``).
+Classification labels may be names or integer ids; the label -> id map is built from the
+training data, saved next to the run, and evaluation data must use only labels seen in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from gradtune.data.sequences import SequenceDataset, pad_id
+from gradtune.errors import InputError
+
+Task = Literal["classification", "regression"]
+Row = tuple[int, dict[str, Any]]  # (line number in the file, column -> value)
+
+
+class DataError(InputError):
+    """A data file is not what the task needs; the message names the file and line."""
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None) -> list[Row]:
+    """Rows of a .jsonl (one object a line) or delimited text file (tab if .tsv or the first
+    line has a tab, else comma); the first line is the header unless ``columns`` is given."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix == ".jsonl":
+            rows = []
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((line_no, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                    if not isinstance(rows[-1][1], dict):
+                        raise DataError(f"{path}:{line_no}: expected a JSON object")
+            return rows
+        first = f.readline()
+        f.seek(0)
+        delimiter = "\t" if path.suffix == ".tsv" or "\t" in first else ","
+        reader = csv.reader(f, delimiter=delimiter)
+        header = columns or next(reader, [])
+        start = 1 if columns else 2
+        return [(start + i, dict(zip(header, values))) for i, values in enumerate(reader) if values]
+
+
+@dataclass
+class LabelMap:
+    """Class names in id order; integer labels 0..K-1 map to themselves."""
+
+    names: list[str]
+
+    @classmethod
+    def from_labels(cls, labels: list[str]) -> LabelMap:
+        unique = sorted(set(labels))
+        if all(s.isdigit() for s in unique):  # ids given: keep them (0..max, gaps allowed)
+            return cls([str(i) for i in range(max(int(s) for s in unique) + 1)])
+        return cls(unique)
+
+    def ids(self, labels: list[str], where: list[str]) -> torch.Tensor:
+        index = {n: i for i, n in enumerate(self.names)}
+        for label, loc in zip(labels, where):
+            if label not in index:
+                raise DataError(f"{loc}: label {label!r} was not seen in training "
+                                f"(known: {', '.join(self.names[:10])})")
+        return torch.tensor([index[s] for s in labels], dtype=torch.long)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"labels": self.names}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelMap:
+        return cls(json.loads(Path(path).read_text())["labels"])
+
+
+def _column(rows: list[Row], path: Path, name: str) -> list[str]:
+    """The column's values as stripped strings; missing column or empty value -> DataError."""
+    if rows and all(name not in r for _, r in rows):
+        raise DataError(f"{path}: no column {name!r} (columns: {', '.join(map(str, rows[0][1]))})")
+    values = []
+    for line_no, row in rows:
+        value = row.get(name)
+        if value is None or str(value).strip() == "":
+            raise DataError(f"{path}:{line_no}: column {name!r} is empty")
+        values.append(str(value).strip())
+    return values
+
+
+def load_text_task(
+    path: str | Path,
+    tokenizer: Any,
+    task: Task = "classification",
+    text_column: str = "text",
+    label_column: str = "label",
+    columns: list[str] | None = None,
+    max_length: int = 128,
+    label_map: LabelMap | None = None,
+) -> tuple[SequenceDataset, LabelMap | None]:
+    """The file as a dataset, and the label map (built here unless given: pass the training
+    one when loading evaluation data). Regression labels are floats; no label map."""
+    path = Path(path)
+    rows = read_rows(path, columns)
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    texts, labels = _column(rows, path, text_column), _column(rows, path, label_column)
+    where = [f"{path}:{line_no}" for line_no, _ in rows]
+    if task == "classification":
+        label_map = label_map or LabelMap.from_labels(labels)
+        y = label_map.ids(labels, where)
+    elif task == "regression":
+        try:
+            y = torch.tensor([float(s) for s in labels], dtype=torch.float32)
+        except ValueError:
+            bad = next(i for i, s in enumerate(labels) if not _is_float(s))
+            raise DataError(f"{where[bad]}: regression label {labels[bad]!r} is not a number") from None
+    else:
+        raise InputError(f"task must be 'classification' or 'regression', got {task!r}")
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return SequenceDataset(ids, y, pad_id(tokenizer)), label_map
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
