@@ -376,3 +376,18 @@ def field_docs() -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         docs.append((f.name, repr(default), comment))
     return docs
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from the dataclass (the single source)."""
+    sections = {f.name for f in dataclasses.fields(Config)
+                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, comment in field_docs():
+        if key not in sections:
+            rows.append(f"| `{key}` | `{default}` | {comment.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

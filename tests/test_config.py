@@ -42,3 +42,15 @@ def test_hash_changes_with_settings():
 def test_every_setting_is_documented():
     missing = [k for k, _, doc in field_docs() if not doc and k not in ("guard", "gpt", "text", "lora", "freeze")]
     assert not missing, missing
+
+
+def test_readme_settings_table_is_current():
+    """The README's table is generated from Config: regenerate with `python -m gradtune.config`."""
+    from pathlib import Path
+
+    from gradtune.config import markdown_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- settings-table")
+    table = readme[readme.index("\n", start) + 1: readme.index("<!-- /settings-table -->")].strip()
+    assert table == markdown_table()
