@@ -32,7 +32,7 @@ from gradtune.telemetry import MetricsLog
 # Output, bookkeeping and placement: none of them changes a single number of the run on CPU.
 # (Changing ``device`` resumes fine, but bitwise equality is only promised on the same device.)
 RUN_NEUTRAL = {"out_dir", "progress", "log_every", "plot", "checkpoint_every", "keep_checkpoints",
-               "resume", "device", "distributed"}
+               "resume", "device", "distributed", "dist_timeout"}
 BUDGET = {"epochs", "max_steps"}
 TOTAL_FREE_SCHEDULES = {"constant", "step", "exponential"}  # lr(step) does not use the total
 

@@ -196,8 +196,8 @@ def test_hung_rank_times_out_naming_the_waiting_rank(tmp_path):
 @pytest.mark.slow
 def test_torchrun_restart_after_a_failed_rank_finishes_the_same_run(tmp_path):
     """A rank raising names itself; torchrun --max-restarts restarts every rank; the restarted job
-    ends with the weights of an uninterrupted run. (Until the loop checkpoints, the restart begins at step 0; with
-    checkpoint_every and resume=auto it begins at the last checkpoint, see gradtune/checkpoint.py.)"""
+    ends with the weights of an uninterrupted run. (No checkpoint_every here: the restart begins at step 0;
+    the test below covers continuing from a checkpoint.)"""
     from gradtune.config import load_config
     from gradtune.job import build
 
@@ -207,6 +207,28 @@ def test_torchrun_restart_after_a_failed_rank_finishes_the_same_run(tmp_path):
     assert "gradtune: error on rank 1/2" in out and "injected fault at step 30" in out
     assert out.count("done: 60 steps") == 1  # one summary: rank 0's
     # The oracle: the same 60 steps, uninterrupted, in this process (2 processes == 1, float64).
+    cfg = load_config(None, ["model=mlp", "standardize_target=true", "progress=off", "device=cpu", *steps])
+    job = build(cfg)
+    fit(job, cfg)
+    assert worst_rel(load_file(str(tmp_path / "model.safetensors")), job.model.state_dict()) < 1e-9
+
+
+@pytest.mark.slow
+def test_killed_rank_then_resume_auto_finishes_the_same_run(tmp_path):
+    """Kill rank 1 of 2 mid-run (SIGKILL): the job stops naming it; rerunning the same command with
+    resume=auto continues from rank 0's last checkpoint and ends with the uninterrupted weights."""
+    from gradtune.config import load_config
+    from gradtune.job import build
+
+    steps = ("max_steps=60", "checkpoint_every=10", "resume=auto", "dtype=float64")
+    code, out, wall = _cli_run(tmp_path, "1:35:kill", *steps, "dist_timeout=30")
+    assert code != 0 and "SIGKILL" in out and wall < 60 + 30
+    assert (tmp_path / "checkpoints").is_dir()
+    code, out, _ = _cli_run(tmp_path, "", *steps)
+    assert code == 0, out[-3000:]
+    assert out.count("done: 60 steps") == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kind") == "resume" for r in rows), "the rerun must continue from a checkpoint"
     cfg = load_config(None, ["model=mlp", "standardize_target=true", "progress=off", "device=cpu", *steps])
     job = build(cfg)
     fit(job, cfg)
