@@ -155,7 +155,7 @@ class Config:
     text: TextSection = field(default_factory=TextSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
-    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
