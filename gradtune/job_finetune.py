@@ -110,6 +110,9 @@ def build_pretrained(cfg: Config) -> Job:
 
     task = resolve_task(cfg)
     settings(cfg, task)  # fail fast on the method before reading model or data
+    if cfg.loss != "auto" or cfg.label_smoothing:
+        raise GradtuneError("config: fine-tuning objectives fix the loss (cross-entropy for classes and "
+                            "tokens, mse for regression); leave loss=auto and label_smoothing=0")
     tokenizer = hf.load_tokenizer(cfg.model)
     data, labels = load_data(cfg, task, cfg.data, tokenizer)
     if cfg.finetune.eval_data:  # a separate test file: train on all of data

@@ -124,3 +124,27 @@ def test_bad_method_and_export_are_one_line_errors(assets, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("gradtune: error:") for e in err), err
     assert not (tmp_path / "r").exists()  # rejected before anything was written
+
+
+def test_pretrained_defaults_pick_adamw_and_an_lr_per_method(assets):
+    from gradtune.config import load_config
+
+    model = f"model={assets / 'bert'}"
+    cfg = load_config(None, [model])
+    assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.text.max_length) == ("adamw", 16, 1, 64)
+    assert cfg.lr == 5e-5  # method full
+    assert load_config(None, [model, "method=head"]).lr == 1e-2
+    assert load_config(None, [model, "method=head+lora"]).lr == 5e-4  # the smaller: the body's
+    assert load_config(None, [model, "method=lora", "lr=3e-4"]).lr == 3e-4  # explicit wins
+    assert load_config(None, []).optimizer == "sgd"  # tabular models keep their own defaults
+
+
+def test_regression_reports_rmse(assets, tmp_path, capsys):
+    data = tmp_path / "reg.csv"
+    data.write_text("score,text\n" + "".join(f"{i % 3},{' '.join(['good'] * (i % 3 + 1))}\n" for i in range(30)))
+    run = tmp_path / "run"
+    assert main(["train", f"model={assets / 'bert'}", f"data={data}", "task=regression", "method=full",
+                 "text.label_column=score", "lr=1e-3", "epochs=2", "batch_size=8", f"out_dir={run}", *QUIET]) == 0
+    assert "val_rmse" in _evals(run)[-1]
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    assert "rmse=" in capsys.readouterr().out
