@@ -21,6 +21,9 @@ import torch
 
 # method -> settings. A fresh head on frozen mean-pooled features (small, ~0.1) needs a large
 # step: lr 3e-3 x 120 steps reached only 0.952; the pretrained body takes only a small one.
+# Measured (test 972 texts, 2 shared cores under load ~4): head 0.979 in 157 s, full 0.989 in
+# 315 s, lora 0.985 in 147 s. At max_length 32 on 583 test texts, full (lr 1e-4 x 40) reached
+# 0.969, lora (1e-3 x 50) 0.966, head 0.964: too short a text and too few steps.
 SETTINGS = {
     "head": ["lr=3e-2", "max_steps=60"],
     "full": ["lr=1e-4", "max_steps=60"],
