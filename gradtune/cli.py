@@ -82,6 +82,11 @@ def _register_builtin() -> None:
     from gradtune import sample
 
     EXTRA.setdefault("generate", ("sample text from a trained language model", sample.setup, sample.run))
+    from gradtune import finetune_cli as ft  # light: transformers loads inside the handlers
+
+    EXTRA.setdefault("export", ("write a fine-tuning run as a PEFT adapter and/or a merged HF folder",
+                                ft.setup_export, ft.run_export))
+    EXTRA.setdefault("eval", ("evaluate a fine-tuning run on a labelled file", ft.setup_eval, ft.run_eval))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -60,6 +60,7 @@ class TextSection:
     max_length: int = 128  # fine-tuning: tokens per example after truncation
     text_column: str = "text"
     label_column: str = "label"
+    columns: Optional[list[str]] = None  # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
 
 
 @dataclass
@@ -72,9 +73,20 @@ class LoraSection:
 
 @dataclass
 class FreezeSection:
-    patterns: list[str] = field(default_factory=list)  # module-name globs to freeze
+    patterns: list[str] = field(default_factory=list)  # method=freeze: parameter-name globs that train; everything else is frozen
     train_last_blocks: Optional[int] = None  # train only the last N blocks (+ head)
     embeddings: bool = True  # freeze the embeddings
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning a pretrained model (model = a HF folder or .gguf file)."""
+
+    pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
+    head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
+    audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; costs a hash pass
+    eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
+    export: Literal["none", "adapter", "merged", "both"] = "none"  # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
 
 
 @dataclass
@@ -84,7 +96,7 @@ class Config:
     data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
-    task: Literal["auto", "regression", "classification"] = "auto"  # auto: from the loss, else from the labels
+    task: Literal["auto", "regression", "classification", "causal_lm", "instruction"] = "auto"  # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction: prompt/response JSONL
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
     standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
@@ -143,6 +155,7 @@ class Config:
     text: TextSection = field(default_factory=TextSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +217,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "guard.spike_window": (lambda v: v >= 5, ">= 5"),
     "guard.max_rollbacks": (lambda v: v >= 0, ">= 0"),
     "lora.rank": (lambda v: v >= 1, ">= 1"),
+    "text.max_length": (lambda v: v >= 2, ">= 2"),
+    "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -316,9 +331,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     file_values = _read_yaml(path) if path is not None else {}
     pairs = [_parse_override(item) for item in overrides or []]
     model = next((v for k, v in reversed(pairs) if k == "model"), file_values.get("model", cfg.model))
-    family = MODEL_DEFAULTS.get(str(model))
+    family = MODEL_DEFAULTS.get("pretrained" if is_pretrained(str(model)) else str(model))
     if family:
         _apply(cfg, family, "", f"defaults for model={model}")
+    if is_pretrained(str(model)):
+        method = next((v for k, v in reversed(pairs) if k == "method"), file_values.get("method", cfg.method))
+        cfg.lr = pretrained_lr(str(method))  # the file and the command line still override it
     if base:
         _apply(cfg, base, "", "defaults")
     if path is not None:
@@ -335,7 +353,25 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt": {"data": "shakespeare", "val_fraction": 0.1, "optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.99],
             "weight_decay": 0.1, "batch_size": 16, "schedule": "cosine", "warmup_steps": 100, "min_lr": 1e-4,
             "clip_grad_norm": 1.0, "epochs": 1, "eval_every": 250},
+    # A pretrained model (HF folder / .gguf): AdamW, one epoch, short texts; lr per method below.
+    "pretrained": {"optimizer": "adamw", "batch_size": 16, "epochs": 1, "val_fraction": 0.2,
+                   "text": {"max_length": 64}, "clip_grad_norm": 1.0},
 }
+
+# Default lr per fine-tuning method: the fewer weights train, the larger the step they take. A
+# pretrained body moved by more than ~1e-4 forgets what it knew; a fresh head needs ~1e-2.
+_PRETRAINED_LR = {"full": 5e-5, "freeze": 1e-4, "bitfit": 1e-3, "lora": 5e-4, "head": 1e-2}
+
+
+def is_pretrained(model: str) -> bool:
+    """Is ``model`` a pretrained source (a path / HF folder / .gguf) rather than a family name?"""
+    return "/" in model or model.endswith(".gguf") or Path(model).exists()
+
+
+def pretrained_lr(method: str) -> float:
+    """The default lr of a method; for a combination (head+lora) the smallest, so no part of the
+    pretrained body takes a step too large for it."""
+    return min((_PRETRAINED_LR.get(m, 5e-5) for m in method.split("+") if m), default=5e-5)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

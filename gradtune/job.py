@@ -30,8 +30,11 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)  # written to out_dir/job.json
     # Optimizer parameter groups (e.g. no weight decay on norms); None: every trainable param.
     param_groups: Optional[list[dict[str, Any]]] = None
-    # Run after the first optimizer step with the pre-step snapshot (fine-tuning audit).
+    # Run with the model right after the first optimizer step of a fresh run (fine-tuning audit:
+    # the builder fingerprints the weights, untouched until that step, and compares).
     after_first_step: Optional[Callable[[nn.Module], None]] = None
+    # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
+    save_extra: Optional[Callable[[Path], None]] = None
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,3 +156,12 @@ def _build_gpt(cfg: Config) -> Job:
 
 
 BUILDERS["gpt"] = _build_gpt
+
+
+def _build_pretrained(cfg: Config) -> Job:
+    from gradtune.job_finetune import build_pretrained  # lazy: transformers loads only here
+
+    return build_pretrained(cfg)
+
+
+BUILDERS["pretrained"] = _build_pretrained

@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise GradtuneError("generate: need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 1")
+    from gradtune.job_finetune import is_run
+
+    if is_run(Path(args.checkpoint)):  # a fine-tuned HF causal LM
+        from gradtune.finetune_cli import generate_run
+
+        return generate_run(args)
     model, tokenizer, cfg = load_run(Path(args.checkpoint))
     ids = tokenizer.encode(args.prompt)
     if not ids:

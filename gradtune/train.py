@@ -352,6 +352,8 @@ class Loop:
             watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
             before = [[p.detach().clone() for p in g["params"]] for g in self.opt.param_groups] if watch else None
             self.opt.step()
+            if self.step == 0 and job.after_first_step is not None:
+                job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
             if before is not None:
                 self.health = update_ratios(self.opt, before)
             faults.hit("step")
@@ -450,7 +452,9 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
         return
     save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if job.task == "lm":  # generation must decode exactly as training encoded
+    if job.save_extra is not None:  # what reloading needs beside the weights (tokenizer, labels)
+        job.save_extra(out_dir)
+    elif job.task == "lm":  # generation must decode exactly as training encoded
         from gradtune.job_text import save_tokenizer
 
         save_tokenizer(job, out_dir)

@@ -14,7 +14,7 @@ from gradtune.finetune.audit import AuditError
 from gradtune.finetune.objectives import CausalLMObjective
 
 pytest.importorskip("transformers")
-from tests import mini_loop, tiny_hf  # noqa: E402
+from tests import tiny_hf  # noqa: E402
 
 SEQS = [[2, 5, 6, 7, 8, 3], [2, 9, 10, 3], [2, 11, 12, 13, 14, 15, 3], [2, 16, 3]]
 DATA = SequenceDataset(SEQS, [list(s) for s in SEQS], 0)
@@ -131,8 +131,25 @@ def test_lora_with_reentrant_activation_checkpointing_trap_is_caught(fix):
             audit.check(model, snapshot)
 
 
-def test_mini_loop_runs_the_audit():
+def fit(model, objective, data, steps, trainable, batch_size=2, lr=1e-2):
+    """``steps`` AdamW steps of the one loop (gradtune.train.fit), audited after the first."""
+    from gradtune.config import load_config
+    from gradtune.job import Job
+    from gradtune.job_finetune import _audit_hook
+    from gradtune.train import fit as loop_fit
+
+    cfg = load_config(None, ["optimizer=adamw", f"lr={lr}", f"batch_size={batch_size}", f"max_steps={steps}",
+                             "epochs=1000", "val_fraction=0", "progress=off", "plot=false"])
+    job = Job(model, objective, data, None, "lm", after_first_step=_audit_hook(model, trainable))
+    return loop_fit(job, cfg)
+
+
+def test_the_loop_runs_the_audit():
+    from gradtune.errors import GradtuneError
+
     model, trainable = lora_llama()
-    losses = mini_loop.train(model, CausalLMObjective(), DATA, steps=5, lr=1e-2, batch_size=2,
-                             expect_trainable=trainable)
-    assert len(losses) == 5
+    assert fit(model, CausalLMObjective(), DATA, 5, trainable).steps == 5
+    model, trainable = lora_llama()
+    wrong = trainable | {"model.embed_tokens.weight"}  # declared trainable, but frozen by LoRA
+    with pytest.raises(GradtuneError, match="expected trainable but frozen: model.embed_tokens.weight"):
+        fit(model, CausalLMObjective(), DATA, 5, wrong)

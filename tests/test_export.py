@@ -14,7 +14,8 @@ from gradtune.finetune.objectives import CausalLMObjective, ClassificationObject
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from tests import mini_loop, tiny_hf  # noqa: E402
+from tests import tiny_hf  # noqa: E402
+from tests.test_audit import fit  # noqa: E402
 from tests.test_lora import IDS, MASK, _minilm, out  # noqa: E402
 
 # Four tiny sequences, token labels for the causal LM and a class per sequence.
@@ -27,7 +28,7 @@ def _train_lora(model, kind: str, steps: int = 3):
         data, objective = SequenceDataset(SEQS, [list(s) for s in SEQS], 0), CausalLMObjective()
     else:  # the bare encoder's hidden states: train them toward a sequence label with a fixed probe
         data, objective = SequenceDataset(SEQS, torch.tensor([0, 1, 0, 1]), 0), _ProbeObjective()
-    mini_loop.train(model, objective, data, steps=steps, lr=1e-2, batch_size=4, expect_trainable=trainable)
+    fit(model, objective, data, steps, trainable, batch_size=4)
     return model.eval()
 
 

@@ -51,6 +51,9 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
                dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pretrained model on the CPU, in train mode (dropout on, as the loop expects)."""
     from transformers import AutoModel, AutoModelForCausalLM  # lazy: heavy import
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries gradtune's one-line output
 
     if kind not in ("encoder", "causal_lm"):
         raise InputError(f"model kind must be 'encoder' or 'causal_lm', got {kind!r}")
