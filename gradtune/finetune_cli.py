@@ -72,8 +72,10 @@ def generate_run(args: argparse.Namespace) -> int:
     if task in ENCODER_TASKS:
         raise GradtuneError(f"{args.checkpoint}: a {task} run has no language-model head to generate with")
     if task == "instruction" and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                            add_generation_prompt=True)
+        # Render as text, then tokenize, exactly as training did (data/instructions.py).
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(args.prompt)["input_ids"]
     if not ids:

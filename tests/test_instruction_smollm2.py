@@ -24,7 +24,7 @@ def _gguf() -> Path:
 def test_smollm2_lora_learns_the_answer_format(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
-                 "batch_size=4", "max_steps=16", "eval_every=4", "val_fraction=0", "text.max_length=96",
+                 "batch_size=4", "epochs=6", "eval_every=4", "val_fraction=0", "text.max_length=96",
                  "progress=off", "plot=false", f"out_dir={out}"])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
