@@ -33,7 +33,7 @@ from torch import nn
 
 from gradtune import checkpoint, distributed, faults
 from gradtune.config import Config
-from gradtune.data.dataset import Dataset
+from gradtune.data.dataset import Dataset, TensorDataset
 from gradtune.errors import GradtuneError
 from gradtune.guard import Guard, handle
 from gradtune.job import Job
@@ -199,7 +199,12 @@ class Loop:
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.eval_every = cfg.eval_every or per_epoch
-        self.eval_batch = cfg.micro_batch_size or (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256))
+        # Evaluation chunks: large for in-memory tables (cheap rows), the training batch for
+        # sequences, whose activations grow with the chunk (peak memory is set here otherwise).
+        tabular = isinstance(job.train, TensorDataset)
+        self.eval_batch = cfg.micro_batch_size or (
+            (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256)) if tabular
+            else (cfg.batch_size if cfg.batch_size != "full" else 32))
         self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
         self.guard = Guard(cfg.guard)
         self.amp = autocast(cfg, self.device)
