@@ -8,7 +8,8 @@
    optimum's loss, against scikit-learn's SGDRegressor (its own tolerance) and numpy.linalg.lstsq.
 
 Method: sides alternate (ours, peer, ours, peer ...), each side ``--repeats`` times; we print
-medians and the ratio of medians. The machine is shared and noisy: read ratios, not seconds.
+medians and the ratio of medians, after one untimed warm-up epoch of each side (one-time imports).
+The machine is shared and noisy: read ratios, not seconds.
 Run: ``python bench/loop.py`` (about a minute or two on 2 cores) or ``--quick``.
 """
 
@@ -24,7 +25,8 @@ import torch
 
 from gradtune.config import load_config
 from gradtune.job import build
-from gradtune.train import evaluate, fit
+from gradtune.evaluation import evaluate
+from gradtune.train import fit
 
 
 def plain_tutorial_loop(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> float:
@@ -58,6 +60,10 @@ def compare_mlp(batch_size: str, epochs: int, repeats: int) -> None:
     job = build(load_config(None, ["model=mlp", "device=cpu"]))
     x, y = job.train.fields["x"], job.train.fields["y"]
     bs = len(x) if batch_size == "full" else int(batch_size)
+    # Warm-up, untimed: one-time process costs (torch.optim.Optimizer's first construction
+    # imports torch._dynamo, ~3 s here) would otherwise be charged to whichever side runs first.
+    ours(batch_size, 1)
+    plain_tutorial_loop(x, y, bs, 1)
     a, b = [], []
     for _ in range(repeats):
         a.append(ours(batch_size, epochs))

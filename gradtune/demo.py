@@ -19,7 +19,8 @@ import torch
 from gradtune.config import load_config
 from gradtune.job import build
 from gradtune.report import plot_curves
-from gradtune.train import evaluate, fit, save_outputs
+from gradtune.evaluation import evaluate
+from gradtune.train import fit, save_outputs
 
 COMMON = ["data=diabetes", "standardize_target=true", "progress=off", "plot=true", "device=cpu"]
 

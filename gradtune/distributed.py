@@ -347,6 +347,10 @@ def describe(exc: BaseException) -> str:
     return f"{who}: {text}"
 
 
+def probing() -> bool:
+    return bool(os.environ.get("GRADTUNE_SAMPLE_PROBE"))
+
+
 def probe(batch: dict[str, torch.Tensor]) -> None:
     """Test hook: with GRADTUNE_SAMPLE_PROBE=DIR each rank appends the sample ids it processed,
     one line per micro-batch, to DIR/rank<R>.txt (proves no sample is lost or duplicated)."""

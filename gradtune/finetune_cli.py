@@ -49,7 +49,7 @@ def setup_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from gradtune.job import Job
     from gradtune.job_finetune import load_data, load_run, objective_for
-    from gradtune.train import evaluate, task_metrics
+    from gradtune.evaluation import evaluate, task_metrics
 
     model, tokenizer, cfg, labels, task = load_run(Path(args.run))
     data, _ = load_data(cfg, task, args.data, tokenizer, labels)  # unseen labels: one-line error

@@ -18,7 +18,8 @@ import torch
 
 from gradtune.config import Config
 from gradtune.job import build
-from gradtune.train import accumulate, autocast, make_optimizer, resolve_device
+from gradtune.gradient import accumulate
+from gradtune.train import autocast, make_optimizer, resolve_device
 from gradtune.variants import Sampler
 
 

@@ -31,13 +31,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gradtune import checkpoint, distributed, faults
+from gradtune import checkpoint, distributed, faults, gradient
 from gradtune.config import Config
-from gradtune.data.dataset import Dataset, TensorDataset
+from gradtune.data.dataset import TensorDataset
 from gradtune.errors import GradtuneError
+from gradtune.evaluation import evaluate, task_metrics, update_ratios
+from gradtune.gradient import accumulate
 from gradtune.guard import Guard, handle
 from gradtune.job import Job
-from gradtune.objective import Objective
+from gradtune.optim.direct import direct_step
 from gradtune.peak import peak_flops
 from gradtune.preempt import Flag, Preempted
 from gradtune.schedules import factor
@@ -82,98 +84,6 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: list[torch.Tensor],
-               device: torch.device, amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
-
-    Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync).
-    Under torch.distributed each rank takes its share of every micro-batch, gradients are summed
-    across ranks on the last micro-batch only, and the returned sums are global.
-    """
-    loss_sum = count = None
-    sums: dict[str, torch.Tensor] = {}
-    for i, idx in enumerate(micro):
-        batch = data.get(distributed.shard(idx))
-        distributed.probe(batch)
-        with distributed.grad_sync(model, last=i == len(micro) - 1):
-            with amp:
-                out = objective(model, _to(batch, device))
-            out.loss_sum.backward()
-        faults.hit("micro")
-        ls = out.loss_sum.detach()
-        loss_sum = ls if loss_sum is None else loss_sum + ls
-        count = out.count if count is None else count + out.count
-        for k, v in out.metrics.items():
-            sums[k] = v if k not in sums else sums[k] + v
-    return distributed.all_reduce_sums(loss_sum, count, sums)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, device: torch.device,
-             amp: contextlib.AbstractContextManager) -> tuple[float, float, dict[str, float]]:
-    """(mean loss, count, metric sums) over ``data`` in chunks of ``batch`` samples (each rank
-    takes its share of every chunk; the sums are global)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64)
-    sums: dict[str, torch.Tensor] = {}
-    for idx in torch.arange(len(data)).split(batch):
-        with amp:
-            out = objective(model, _to(data.get(distributed.shard(idx)), device))
-        loss_sum += out.loss_sum.double()
-        count += float(out.count)
-        for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0.0) + v.double()
-    model.train(was_training)
-    loss_sum, count, sums = distributed.all_reduce_sums(loss_sum, count, sums)
-    total = float(count)
-    return float(loss_sum) / max(total, 1.0), total, {k: float(v) for k, v in sums.items()}
-
-
-def task_metrics(job: Job, prefix: str, loss: float, count: float, sums: dict[str, float]) -> dict[str, float]:
-    """Loss plus the metrics that fit the task: RMSE and R^2, accuracy, perplexity."""
-    out = {f"{prefix}loss": loss}
-    if "sq_err" in sums and count:
-        mse = sums["sq_err"] / count
-        out[f"{prefix}rmse"] = math.sqrt(mse) * job.info.get("target_std", 1.0)
-        var = job.info.get("val_var") if prefix == "val_" else None
-        if var:
-            out[f"{prefix}r2"] = 1.0 - mse / var
-    if "correct" in sums and count:
-        out[f"{prefix}accuracy"] = sums["correct"] / count
-    if job.task == "lm":
-        out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
-    return out
-
-
-def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # FSDP2: the norm of sharded grads is a DTensor; the clip factor needs the plain global value.
-    return distributed.plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-
-
-@torch.no_grad()
-def update_ratios(opt: torch.optim.Optimizer, before: list[list[torch.Tensor]]) -> dict[str, float]:
-    """||update|| / ||weights|| per parameter group: ~1e-3 is healthy; 1e-1 means the lr is too
-    large for that group, 1e-5 that it barely moves."""
-    out = {}
-    for i, (g, old) in enumerate(zip(opt.param_groups, before)):
-        if not old:
-            continue
-        du = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - o) for p, o in zip(g["params"], old)]))
-        w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(o) for o in old]))
-        out[f"update_ratio_g{i}"] = float(du / w.clamp(min=1e-12))
-    return out
-
-
 def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
     for g in opt.param_groups:
         g["lr"] = g.setdefault("initial_lr", g["lr"]) * f
@@ -195,6 +105,7 @@ class Loop:
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, groups or self.params)
+        self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         self.sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -217,7 +128,7 @@ class Loop:
         self.preempt: Optional[Flag] = None  # set by fit() while its signal handlers are installed
         self.probe = faults.Probe()
         self._reset_epoch_sums()
-        self.last_gnorm: Optional[torch.Tensor] = None
+        self.last_gnorm: "Optional[float | torch.Tensor]" = None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on, except the weights (saved apart, see checkpoint.py).
@@ -234,8 +145,8 @@ class Loop:
             "optimizer": self.opt.state_dict(),
             "guard": self.guard.state(),
             "stopper": self.stopper.state(),
-            "sums": {"loss": self.ep_loss, "count": self._ep_count_t, "metrics": dict(self._ep_metric_t)},
-            "last_gnorm": self.last_gnorm,
+            "sums": {"loss": self.run_loss, "count": self.run_count, "metrics": dict(self.run_metrics)},
+            "last_gnorm": self.last_gnorm,  # a float, or a 0-d tensor (CUDA/DTensor gradients)
             "metrics_rows": len(self.log.rows),
             "rng": checkpoint.rng_state(),
         }
@@ -251,10 +162,10 @@ class Loop:
         self.guard.load_state(state["guard"])
         self.stopper.load_state(state["stopper"])
         sums = state["sums"]
-        self.ep_loss, self._ep_count_t = sums["loss"].to(self.device), sums["count"].to(self.device)
-        self._ep_metric_t = {k: v.to(self.device) for k, v in sums["metrics"].items()}
+        self.run_loss, self.run_count = float(sums["loss"]), float(sums["count"])
+        self.run_metrics = {k: v.to(self.device) for k, v in sums["metrics"].items()}
         gn = state["last_gnorm"]
-        self.last_gnorm = gn.to(self.device) if gn is not None else None
+        self.last_gnorm = gn.to(self.device) if isinstance(gn, torch.Tensor) else gn
         checkpoint.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
@@ -301,18 +212,19 @@ class Loop:
         return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None)
 
     def _reset_epoch_sums(self) -> None:
-        # Device tensors (checkpointed as they are), read once per evaluation: no per-step sync.
-        self.ep_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Running sums since the last evaluation. Loss and count are host floats (float64): the
+        # guard reads each step's loss anyway. Metric sums stay device tensors (checkpointed as
+        # they are), read once per evaluation: no per-step sync for them.
+        self.run_loss, self.run_count = 0.0, 0.0
+        self.run_metrics: dict[str, torch.Tensor] = {}
         self.ep_count = 0.0
         self.ep_sums: dict[str, float] = {}
-        self._ep_count_t = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._ep_metric_t: dict[str, torch.Tensor] = {}
 
     def _close_epoch_sums(self) -> float:
-        """One host sync per evaluation: the epoch's running loss and metric sums."""
-        self.ep_count = float(self._ep_count_t)
-        self.ep_sums = {k: float(v) for k, v in self._ep_metric_t.items()}
-        return float(self.ep_loss) / max(self.ep_count, 1.0)
+        """One host sync per evaluation: the metric sums since the last one; the mean loss."""
+        self.ep_count = self.run_count
+        self.ep_sums = {k: float(v) for k, v in self.run_metrics.items()}
+        return self.run_loss / max(self.ep_count, 1.0)
 
     def run(self) -> Result:
         cfg, job = self.cfg, self.job
@@ -341,8 +253,9 @@ class Loop:
             count_f = float(count)
             if grads and count_f != 1.0:
                 torch._foreach_mul_(grads, 1.0 / count_f)
-            loss = float(loss_sum) / count_f  # one scalar read per step: the guard needs it now
-            gnorm = grad_norm(self.params) if need_norm else None
+            loss_sum_f = float(loss_sum)  # one scalar read per step: the guard needs it now
+            loss = loss_sum_f / count_f
+            gnorm = gradient.norm(grads) if need_norm else None
             action, why = self.guard.check(loss, float(gnorm) if check_grad else None)
             if action != "ok":
                 reason = handle(self, action, why, s)
@@ -353,19 +266,19 @@ class Loop:
             if need_norm:
                 self.last_gnorm = gnorm
                 if cfg.clip_grad_norm is not None:
-                    torch._foreach_mul_(grads, (cfg.clip_grad_norm / (self.last_gnorm + 1e-6)).clamp(max=1.0))
+                    gradient.clip_(grads, gnorm, cfg.clip_grad_norm)
             watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
             before = [[p.detach().clone() for p in g["params"]] for g in self.opt.param_groups] if watch else None
-            self.opt.step()
+            self.opt_step()
             if self.step == 0 and job.after_first_step is not None:
                 job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
             if before is not None:
                 self.health = update_ratios(self.opt, before)
             faults.hit("step")
-            self.ep_loss += loss_sum.double()
-            self._ep_count_t += count
+            self.run_loss += loss_sum_f
+            self.run_count += count_f
             for k, v in sums.items():
-                self._ep_metric_t[k] = self._ep_metric_t.get(k, 0.0) + v
+                self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
             self.step += 1
             if self.probe.file is not None:
                 self.probe.record(self.step, torch.cat(s.micro).tolist())

@@ -76,7 +76,8 @@ class Sampler:
             self._order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
         start, stop = self.index, min(self.index + self.batch, self.n)
         idx = self._order[start:stop]
-        step = Step(self.epoch, start, list(idx.split(self.micro)), stop >= self.n)
+        micro = [idx] if stop - start <= self.micro else list(idx.split(self.micro))
+        step = Step(self.epoch, start, micro, stop >= self.n)
         self.index = stop
         if step.epoch_end:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None

@@ -129,7 +129,7 @@ def plain_grads() -> dict[str, torch.Tensor]:
     model (the lr-find path): grad_sync sums the gradients itself."""
     import contextlib
 
-    from gradtune.train import accumulate
+    from gradtune.gradient import accumulate
 
     job, _ = make("mlp_mini")
     micro = list(torch.arange(37).split(8))

@@ -8,7 +8,8 @@ import torch
 from gradtune.config import load_config
 from gradtune.job import build
 from gradtune.models.linear import closed_form
-from gradtune.train import evaluate, fit
+from gradtune.evaluation import evaluate
+from gradtune.train import fit
 
 BASE = ["model=linear", "data=diabetes", "standardize_target=true", "dtype=float64", "val_fraction=0",
         "progress=off"]

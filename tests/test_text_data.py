@@ -22,7 +22,8 @@ from gradtune.errors import GradtuneError
 from gradtune.job import BUILDERS
 from gradtune.job_text import build_text, save_tokenizer, text_job
 from gradtune.objectives_lm import CausalLM
-from gradtune.train import accumulate, fit
+from gradtune.gradient import accumulate
+from gradtune.train import fit
 from gradtune.variants import Sampler
 
 CPU = torch.device("cpu")

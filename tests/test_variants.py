@@ -10,7 +10,7 @@ from gradtune.data.dataset import TensorDataset
 from gradtune.job import build
 from gradtune.objective import Classification, Regression
 from gradtune.models.mlp import MLP
-from gradtune.train import accumulate
+from gradtune.gradient import accumulate
 from gradtune.variants import Sampler
 
 CPU = torch.device("cpu")

@@ -117,6 +117,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                dbl, dbl, dbl, dbl, i32, i32]
         getattr(lib, f"adamw_{sfx}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr,
                                                  dbl, dbl, dbl, dbl, dbl, i32]
+        getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
+        getattr(lib, f"sumsq_{sfx}").restype = dbl
     return lib
 
 
@@ -208,3 +210,10 @@ def adamw_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tenso
     fn(len(params), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel.data_ptr(),
        s.data_ptr(), int(steps[0].dtype == torch.float64), scratch.data_ptr(),
        lr, beta1, beta2, eps, weight_decay, torch.get_num_threads())
+
+
+def sumsq(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> float:
+    """Sum of the squares of every element (float64 accumulation), in one pass over memory."""
+    ptrs, numel = _ptrs(tensors), _Array([t.numel() for t in tensors])
+    fn = getattr(lib, f"sumsq_{_DTYPES[tensors[0].dtype]}")
+    return fn(len(tensors), ptrs.data_ptr(), numel.data_ptr(), torch.get_num_threads())
