@@ -6,7 +6,14 @@ of steps. Each side runs in its own process (so peak memory is that process's ma
 sides alternate. Time per step is the median of per-step intervals (start-up, data preparation
 and evaluation excluded on both sides). Accuracy is on the same held-out texts.
 
+Each side runs with its defaults. Ours: batches grouped by length (text.group_by_length, pools
+of 8 batches) and padded to a multiple of 8, activation checkpointing for method full
+(finetune.checkpointing=auto). The Trainer: random batches padded to their longest
+(DataCollatorWithPadding). ``--hf-grouped`` adds a second Trainer run with its own
+``train_sampling_strategy="group_by_length"`` (transformers 5; megabatches of 50 batches) and prints that ratio too.
+
     python bench/finetune.py                 # head, full, lora; 60 steps each, 1 repeat
+    python bench/finetune.py --hf-grouped    # also against the Trainer's group_by_length=True
     python bench/finetune.py --quick         # 10 steps, lora only: a smoke run
 Differences that remain: our head pools the mean of token states, HF's classifier uses the
 pooler over [CLS]; everything else is matched.
@@ -29,6 +36,8 @@ import time
 from pathlib import Path
 
 LR = {"head": 3e-2, "full": 1e-4, "lora": 2e-3}
+# Extra settings for our side, e.g. GRADTUNE_BENCH_EXTRA="finetune.checkpointing=false text.group_by_length=false"
+EXTRA = [a for a in os.environ.get("GRADTUNE_BENCH_EXTRA", "").split() if a]
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
 
 
@@ -62,14 +71,14 @@ def ours(method: str, folder: Path, steps: int) -> dict:
                              f"finetune.eval_data={folder / 'test.tsv'}", "text.columns=[label,text]",
                              f"method={method}", f"lr={LR[method]}", "batch_size=16", "text.max_length=48",
                              f"max_steps={steps}", "schedule=constant", "weight_decay=0", "clip_grad_norm=1.0",
-                             "seed=0", "log_every=1", "progress=off", "plot=false", f"out_dir={out}"])
+                             "seed=0", *EXTRA, "log_every=1", "progress=off", "plot=false", f"out_dir={out}"])
     r = train(cfg)
     times = [row["time"] for row in r.history if row.get("kind") == "step"]
     return {"step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
             "accuracy": r.metrics["val_accuracy"], "peak_mb": peak_mb()}
 
 
-def hf(method: str, folder: Path, steps: int) -> dict:
+def hf(method: str, folder: Path, steps: int, grouped: bool = False) -> dict:
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               Trainer, TrainerCallback, TrainingArguments)
@@ -105,7 +114,8 @@ def hf(method: str, folder: Path, steps: int) -> dict:
                              max_steps=steps, learning_rate=LR[method], lr_scheduler_type="constant",
                              weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0, report_to=[],
                              save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                             per_device_eval_batch_size=64)
+                             per_device_eval_batch_size=64,
+                             train_sampling_strategy="group_by_length" if grouped else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tok),
                       callbacks=[Clock()])
     trainer.train()
@@ -116,6 +126,7 @@ def hf(method: str, folder: Path, steps: int) -> dict:
 
 
 def side(which: str, method: str, folder: Path, steps: int) -> dict:
+    """which: ours | hf | hf-grouped, run in a fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     p = subprocess.run([sys.executable, __file__, "--side", which, "--method", method, "--dir", str(folder),
@@ -127,14 +138,18 @@ def side(which: str, method: str, folder: Path, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--side", choices=["ours", "hf"])
+    ap.add_argument("--side", choices=["ours", "hf", "hf-grouped"])
+    ap.add_argument("--hf-grouped", action="store_true", help="also run the Trainer with train_sampling_strategy=group_by_length")
     ap.add_argument("--method", default=None)
     ap.add_argument("--dir")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.side:  # one side, in its own process
-        print(json.dumps((ours if a.side == "ours" else hf)(a.method, Path(a.dir), a.steps)))
+        if a.side == "ours":
+            print(json.dumps(ours(a.method, Path(a.dir), a.steps)))
+        else:
+            print(json.dumps(hf(a.method, Path(a.dir), a.steps, grouped=a.side == "hf-grouped")))
         return
     methods = [a.method] if a.method else (["lora"] if a.quick else ["head", "full", "lora"])
     steps = 10 if a.quick else a.steps
@@ -152,6 +167,11 @@ def main() -> None:
                   f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
                   f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt",
                   flush=True)
+            if a.hf_grouped:
+                g = side("hf-grouped", m, folder, steps)
+                print(f"{'':<6} vs Trainer grouped by length: {g['step_s']:.3f} s/step "
+                      f"(time ratio {o['step_s'] / g['step_s']:.2f}x), {g['peak_mb']:.0f} MB "
+                      f"({o['peak_mb'] / g['peak_mb']:.2f}x), accuracy {g['accuracy']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ class TextSection:
     text_column: str = "text"
     label_column: str = "label"
     columns: Optional[list[str]] = None  # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
+    group_by_length: bool = True  # variable-length texts: batches of similar length (less padding, ~1.7x faster on SMS spam); false: plain shuffling
+    pad_to_multiple_of: int = 8  # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores get aligned shapes)
+    length_pool: int = 8  # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less random batches)
 
 
 @dataclass
@@ -84,7 +87,8 @@ class FinetuneSection:
 
     pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
     head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
-    audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; costs a hash pass
+    audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; costs a hash pass over the trainable weights
+    checkpointing: Literal["auto", "true", "false"] = "auto"  # recompute each layer's activations in backward (~1 layer's activation memory instead of all; ~25% more compute); auto: on for method full (grads + optimizer state make memory the limit), off otherwise
     eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
     export: Literal["none", "adapter", "merged", "both"] = "none"  # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
 
@@ -218,6 +222,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "guard.max_rollbacks": (lambda v: v >= 0, ">= 0"),
     "lora.rank": (lambda v: v >= 1, ">= 1"),
     "text.max_length": (lambda v: v >= 2, ">= 2"),
+    "text.length_pool": (lambda v: v >= 1, ">= 1"),
+    "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 

@@ -25,7 +25,11 @@ def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, 
     model.eval()
     loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64)
     sums: dict[str, torch.Tensor] = {}
-    for idx in torch.arange(len(data)).split(batch):
+    # Sequences in length order: each chunk pads only to its own longest (sums do not depend
+    # on the order; the order is fixed, so results are reproducible).
+    lengths = getattr(data, "lengths", None)
+    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(data))
+    for idx in order.split(batch):
         with amp:
             out = objective(model, to_device(data.get(distributed.shard(idx)), device))
         loss_sum += out.loss_sum.double()
@@ -54,15 +58,43 @@ def task_metrics(job: Job, prefix: str, loss: float, count: float, sums: dict[st
     return out
 
 
+SAMPLE = 4096  # elements per tensor kept to measure its update (exact below this size)
+
+
+def _sample(p: torch.Tensor) -> torch.Tensor:
+    """A fixed, evenly strided sample of at most SAMPLE elements of ``p`` (its local shard under
+    FSDP2), as a new float64 tensor: (k,)."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    flat = local.detach().reshape(-1)
+    stride = max(1, -(-flat.numel() // SAMPLE))
+    return flat[::stride].double()  # a copy (dtype change): the step cannot alter it
+
+
+@torch.no_grad()
+def ratio_snapshot(opt: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """Taken just before a step whose update ratios are wanted (see ``update_ratios``)."""
+    return [[_sample(p) for p in g["params"]] for g in opt.param_groups]
+
+
 @torch.no_grad()
 def update_ratios(opt: torch.optim.Optimizer, before: list[list[torch.Tensor]]) -> dict[str, float]:
     """||update|| / ||weights|| per parameter group: ~1e-3 is healthy; 1e-1 means the lr is too
-    large for that group, 1e-5 that it barely moves."""
+    large for that group, 1e-5 that it barely moves.
+
+    Why samples: copying every weight before the step would add a whole model's worth to peak
+    memory (90 MB for MiniLM, 28 GB for a 7B model in fp32) once per evaluation. Tensors up to
+    SAMPLE elements are measured exactly; larger ones on an evenly strided sample, each
+    sample's squared norms scaled by (elements / sampled) to estimate the full sums.
+    """
     out = {}
     for i, (g, old) in enumerate(zip(opt.param_groups, before)):
         if not old:
             continue
-        du = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - o) for p, o in zip(g["params"], old)]))
-        w = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(o) for o in old]))
-        out[f"update_ratio_g{i}"] = float(du / w.clamp(min=1e-12))
+        du2 = w2 = 0.0
+        for p, o in zip(g["params"], old):
+            now = _sample(p)
+            scale = (p.to_local() if hasattr(p, "to_local") else p).numel() / max(o.numel(), 1)
+            du2 += scale * float(torch.sum((now - o) ** 2))
+            w2 += scale * float(torch.sum(o * o))
+        out[f"update_ratio_g{i}"] = (du2 ** 0.5) / max(w2 ** 0.5, 1e-12)
     return out

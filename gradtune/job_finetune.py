@@ -97,9 +97,22 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
     s = settings(cfg, task)  # method errors before the (slow) model load
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
+    if checkpointing(cfg, s.method) and getattr(body, "supports_gradient_checkpointing", False):
+        # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
+        # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.
+        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
     model, trainable = methods.apply(body, s, num_outputs if task in ENCODER_TASKS else None)
     return model, tokenizer, trainable
+
+
+def checkpointing(cfg: Config, method: str) -> bool:
+    """Activation checkpointing: ``auto`` turns it on for full fine-tuning only. There the
+    gradients and two AdamW moments of every weight already fill memory, and recomputing the
+    forward adds ~25% to a step; under LoRA a step is mostly forward, so recomputing it costs
+    ~50%; ``head`` never backpropagates through the body."""
+    c = cfg.finetune.checkpointing
+    return method != "head" and (c == "true" or (c == "auto" and method == "full"))
 
 
 def build_pretrained(cfg: Config) -> Job:
@@ -123,6 +136,9 @@ def build_pretrained(cfg: Config) -> Job:
         if not train_idx:
             raise GradtuneError(f"val_fraction={cfg.val_fraction} leaves no training rows out of {len(data)}")
         train, val = data.subset(train_idx), (data.subset(val_idx) if val_idx else None)
+    for part in (train, val):
+        if part is not None:
+            part.pad_multiple = cfg.text.pad_to_multiple_of
     num_outputs = len(labels.names) if labels is not None else 1
     model, tokenizer, trainable = transformed(cfg, task, num_outputs)
     line = summary(model)

@@ -20,7 +20,7 @@ from gradtune.config import Config
 from gradtune.job import build
 from gradtune.gradient import accumulate
 from gradtune.train import autocast, make_optimizer, resolve_device
-from gradtune.variants import Sampler
+from gradtune.variants import make_sampler
 
 
 @dataclass
@@ -38,7 +38,7 @@ def lr_find(cfg: Config, min_lr: float = 1e-6, max_lr: float = 10.0, steps: int 
     model = job.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, job.param_groups or params)
-    sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
+    sampler = make_sampler(job, cfg)
     amp = autocast(cfg, device)
     lrs, smooth = [], []
     avg, best = 0.0, math.inf

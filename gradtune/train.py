@@ -35,7 +35,7 @@ from gradtune import checkpoint, distributed, faults, gradient
 from gradtune.config import Config
 from gradtune.data.dataset import TensorDataset
 from gradtune.errors import GradtuneError
-from gradtune.evaluation import evaluate, task_metrics, update_ratios
+from gradtune.evaluation import evaluate, ratio_snapshot, task_metrics, update_ratios
 from gradtune.gradient import accumulate
 from gradtune.guard import Guard, handle
 from gradtune.job import Job
@@ -45,7 +45,7 @@ from gradtune.preempt import Flag, Preempted
 from gradtune.schedules import factor
 from gradtune.stopping import Convergence
 from gradtune.telemetry import MetricsLog, Progress
-from gradtune.variants import Sampler
+from gradtune.variants import make_sampler
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Loop:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, groups or self.params)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
-        self.sampler = Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed)
+        self.sampler = make_sampler(job, cfg)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.eval_every = cfg.eval_every or per_epoch
@@ -268,7 +268,7 @@ class Loop:
                 if cfg.clip_grad_norm is not None:
                     gradient.clip_(grads, gnorm, cfg.clip_grad_norm)
             watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
-            before = [[p.detach().clone() for p in g["params"]] for g in self.opt.param_groups] if watch else None
+            before = ratio_snapshot(self.opt) if watch else None
             self.opt_step()
             if self.step == 0 and job.after_first_step is not None:
                 job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
@@ -390,6 +390,10 @@ def train(cfg: Config) -> Result:
     from gradtune.job import build
 
     job = build(cfg)  # all bad input is rejected here, before anything is written
+    if getattr(job.train, "lengths", None) is not None and resolve_device(cfg.device).type == "cpu":
+        from gradtune.allocator import release_large_blocks
+
+        release_large_blocks()  # variable batch shapes would fragment the heap (allocator.py)
     out_dir = Path(cfg.out_dir)
     with distributed.session(cfg):  # a no-op in one process
         result = fit(job, cfg, out_dir)

@@ -8,6 +8,13 @@ Each step's batch is split into micro-batches of ``micro_batch_size`` (memory on
 sums the micro-batch losses and divides by the batch's total count, so the gradient is exact).
 The order is a pure function of (seed, epoch), so the data position is just (epoch, index):
 resuming needs two integers, and every process of a distributed run agrees on the order.
+
+Grouping by length (sequences padded per batch): the shuffled order is cut into pools of
+``pool`` batches, each pool sorted by length, cut into batches, and the batches shuffled. A
+batch then holds texts of similar length, so padding (compute spent on nothing) shrinks: on SMS
+spam with batches of 16 and max_length 48, random batches pad to 47 tokens on average while
+holding 24 real ones; pools of 8 batches pad to 26. Small pools keep batches nearly as random
+as plain shuffling (a pool of 8 batches is 128 texts, not the whole set).
 """
 
 from __future__ import annotations
@@ -18,12 +25,23 @@ from typing import Iterator, Optional, Union
 import torch
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
-    """The permutation of sample indices for ``epoch``: (n,) long."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True,
+                lengths: Optional[torch.Tensor] = None, batch: int = 1, pool: int = 0) -> torch.Tensor:
+    """The permutation of sample indices for ``epoch``: (n,) long. With ``lengths`` (n,) and
+    ``pool`` > 0, consecutive ``batch``-sized slices are length-grouped batches (module doc);
+    the one short batch, if any, stays last."""
     if not shuffle:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g)
+    if lengths is None or pool <= 0 or batch <= 1:
+        return order
+    span = pool * batch
+    pools = [p[torch.argsort(lengths[p], descending=True, stable=True)] for p in order.split(span)]
+    batches = list(torch.cat(pools).split(batch))
+    short = [batches.pop()] if len(batches[-1]) < batch else []
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return torch.cat([batches[i] for i in perm] + short)
 
 
 @dataclass
@@ -34,11 +52,19 @@ class Step:
     epoch_end: bool  # this step finishes its epoch
 
 
+def make_sampler(job, cfg) -> "Sampler":
+    """The sampler a config asks for; variable-length sequences grouped by length if enabled."""
+    lengths = getattr(job.train, "lengths", None) if cfg.text.group_by_length else None
+    return Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed,
+                   lengths=lengths, pool=cfg.text.length_pool if lengths is not None else 0)
+
+
 class Sampler:
     """Yields the steps of training, epoch after epoch, from a resumable position."""
 
     def __init__(self, n: int, batch_size: Union[int, str], micro_batch_size: Optional[int] = None,
-                 seed: int = 0, shuffle: Optional[bool] = None) -> None:
+                 seed: int = 0, shuffle: Optional[bool] = None,
+                 lengths: Optional[torch.Tensor] = None, pool: int = 0) -> None:
         if n <= 0:
             raise ValueError("the training set is empty")
         self.n = n
@@ -47,6 +73,7 @@ class Sampler:
         # Batch GD's gradient does not depend on order; keep it sequential (cache friendly).
         self.shuffle = (batch_size != "full") if shuffle is None else shuffle
         self.seed = seed
+        self.lengths, self.pool = lengths, pool  # length grouping (module doc); pool 0: off
         self.epoch, self.index = 0, 0
         self._order: Optional[torch.Tensor] = None
 
@@ -65,15 +92,18 @@ class Sampler:
         order it regenerates from (seed, epoch) is the one the run was using."""
         import hashlib
 
-        order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        order = self._epoch_order()
         return hashlib.sha256(order.numpy().tobytes()).hexdigest()
+
+    def _epoch_order(self) -> torch.Tensor:
+        return epoch_order(self.n, self.seed, self.epoch, self.shuffle, self.lengths, self.batch, self.pool)
 
     def __iter__(self) -> Iterator[Step]:
         return self
 
     def __next__(self) -> Step:
         if self._order is None:
-            self._order = epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+            self._order = self._epoch_order()
         start, stop = self.index, min(self.index + self.batch, self.n)
         idx = self._order[start:stop]
         micro = [idx] if stop - start <= self.micro else list(idx.split(self.micro))

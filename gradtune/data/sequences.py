@@ -20,9 +20,10 @@ from gradtune.data.dataset import Batch
 IGNORE = -100  # label of tokens kept out of the loss (prompt, padding): torch's ignore_index
 
 
-def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Right-pad to the longest: list of B lists -> (B, T) long."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+def pad(seqs: Sequence[Sequence[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    """Right-pad to the longest, rounded up to ``multiple``: list of B lists -> (B, T) long."""
+    longest = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), -(-longest // multiple) * multiple), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
@@ -37,17 +38,25 @@ class SequenceDataset:
             raise ValueError(f"{len(input_ids)} sequences but {len(labels)} labels")
         self.input_ids, self.labels, self.pad_id = input_ids, labels, pad_id
         self.token_labels = not isinstance(labels, torch.Tensor)
+        # Batch lengths rounded up to this (text.pad_to_multiple_of): fewer distinct shapes.
+        self.pad_multiple = 1
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens per sample, (N,) long: for grouping batches by length (gradtune.variants)."""
+        return torch.tensor([len(s) for s in self.input_ids], dtype=torch.long)
+
     def get(self, idx: torch.Tensor) -> Batch:
         rows = idx.tolist()
         seqs = [self.input_ids[i] for i in rows]
-        input_ids = pad(seqs, self.pad_id)
-        attention_mask = pad([[1] * len(s) for s in seqs], 0)
+        m = self.pad_multiple
+        input_ids = pad(seqs, self.pad_id, m)
+        attention_mask = pad([[1] * len(s) for s in seqs], 0, m)
         if self.token_labels:
-            labels = pad([self.labels[i] for i in rows], IGNORE)
+            labels = pad([self.labels[i] for i in rows], IGNORE, m)
         else:
             labels = self.labels.index_select(0, idx)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
@@ -57,7 +66,9 @@ class SequenceDataset:
         """The samples at ``indices`` (e.g. a train / eval split), renumbered from 0."""
         labels = (self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
                   if not self.token_labels else [self.labels[i] for i in indices])
-        return SequenceDataset([self.input_ids[i] for i in indices], labels, self.pad_id)
+        out = SequenceDataset([self.input_ids[i] for i in indices], labels, self.pad_id)
+        out.pad_multiple = self.pad_multiple
+        return out
 
 
 def split(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
