@@ -13,6 +13,7 @@ of 8 batches) and padded to a multiple of 8, activation checkpointing for method
 ``train_sampling_strategy="group_by_length"`` (transformers 5; megabatches of 50 batches) and prints that ratio too.
 
     python bench/finetune.py                 # head, full, lora; 60 steps each, 1 repeat
+    python bench/finetune.py --method full --repeats 3   # medians of 3 processes per side
     python bench/finetune.py --hf-grouped    # also against the Trainer's group_by_length=True
     python bench/finetune.py --quick         # 10 steps, lora only: a smoke run
 Differences that remain: our head pools the mean of token states, HF's classifier uses the
@@ -125,6 +126,10 @@ def hf(method: str, folder: Path, steps: int, grouped: bool = False) -> dict:
             "peak_mb": peak_mb()}
 
 
+def median_run(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def side(which: str, method: str, folder: Path, steps: int) -> dict:
     """which: ours | hf | hf-grouped, run in a fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -143,6 +148,7 @@ def main() -> None:
     ap.add_argument("--method", default=None)
     ap.add_argument("--dir")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=1, help="processes per side and method (medians)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     if a.side:  # one side, in its own process
@@ -161,8 +167,12 @@ def main() -> None:
         folder = Path(d)
         write_split(folder)
         for m in methods:
-            o = side("ours", m, folder, steps)
-            h = side("hf", m, folder, steps)
+            # Sides alternate; each figure is the median over --repeats processes.
+            runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+            for _ in range(a.repeats):
+                for which in runs:
+                    runs[which].append(side(which, m, folder, steps))
+            o, h = (median_run(runs[k]) for k in ("ours", "hf"))
             print(f"{m:<6} {o['step_s']:11.3f} {h['step_s']:10.3f} {o['step_s'] / h['step_s']:9.2f}x "
                   f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
                   f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt",

@@ -50,12 +50,20 @@ def make_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
 
 
 def triad_gbps(n: int, reps: int) -> float:
-    """Median GB/s of a = b + s*c over n float32 elements (3 x 4 B counted per element)."""
-    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    """Median GB/s of STREAM's triad a = b + s*c over n float32 elements (3 x 4 B counted per
+    element), in a plain C/OpenMP loop with the threads our optimizer uses (torch.add with
+    alpha reached only about half the bandwidth here, which would flatter any optimizer)."""
+    from gradtune.optim import fused
+
+    lib = fused.load()
+    a, b, c = torch.zeros(n), torch.rand(n), torch.rand(n)  # zeros: pages touched before timing
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
+        if lib is not None:
+            fused.triad(lib, a, b, c, 0.5)
+        else:
+            torch.add(b, c, alpha=0.5, out=a)
         times.append(time.perf_counter() - t0)
     return 3 * 4 * n / statistics.median(times[1:]) / 1e9
 

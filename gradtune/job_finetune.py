@@ -100,6 +100,8 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
     if checkpointing(cfg, s.method) and getattr(body, "supports_gradient_checkpointing", False):
         # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
         # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.
+        if task in ENCODER_TASKS and getattr(body.config, "use_cache", None):
+            body.config.use_cache = False  # an encoder never generates (silences a warning)
         body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
     model, trainable = methods.apply(body, s, num_outputs if task in ENCODER_TASKS else None)
@@ -112,7 +114,7 @@ def checkpointing(cfg: Config, method: str) -> bool:
     forward adds ~25% to a step; under LoRA a step is mostly forward, so recomputing it costs
     ~50%; ``head`` never backpropagates through the body."""
     c = cfg.finetune.checkpointing
-    return method != "head" and (c == "true" or (c == "auto" and method == "full"))
+    return method != "head" and (c is True or (c == "auto" and method == "full"))
 
 
 def build_pretrained(cfg: Config) -> Job:

@@ -148,3 +148,30 @@ def test_regression_reports_rmse(assets, tmp_path, capsys):
     assert "val_rmse" in _evals(run)[-1]
     assert main(["eval", str(run), "--data", str(data)]) == 0
     assert "rmse=" in capsys.readouterr().out
+
+
+def test_activation_checkpointing_auto_is_on_for_full_only_and_changes_nothing(assets, tmp_path):
+    """auto: on for method full, off for lora/head; with or without it a run is the same run
+    (non-reentrant checkpointing replays dropout exactly)."""
+    from gradtune.config import load_config
+    from gradtune.job import build
+    from gradtune.train import fit
+
+    def job(method: str, ckpt: str):
+        cfg = load_config(None, [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}",
+                                 f"finetune.checkpointing={ckpt}", "max_steps=3", "batch_size=8", *QUIET])
+        return build(cfg), cfg
+
+    def enabled(j) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in j.model.modules())
+
+    assert enabled(job("full", "auto")[0]) and not enabled(job("lora", "auto")[0])
+    assert enabled(job("lora", "true")[0]) and not enabled(job("full", "false")[0])
+    assert not enabled(job("head", "true")[0])  # the frozen body has no backward to save
+    weights = {}
+    for ckpt in ("true", "false"):
+        j, cfg = job("full", ckpt)
+        fit(j, cfg)
+        weights[ckpt] = {k: v.clone() for k, v in j.model.state_dict().items()}
+    for k, v in weights["true"].items():
+        torch.testing.assert_close(v, weights["false"][k], rtol=0, atol=1e-6)

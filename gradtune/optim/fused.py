@@ -119,6 +119,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                  dbl, dbl, dbl, dbl, dbl, i32]
         getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
         getattr(lib, f"sumsq_{sfx}").restype = dbl
+    lib.triad_f32.argtypes = [i64, ptr, ptr, ptr, ctypes.c_float, i32]
     return lib
 
 
@@ -217,3 +218,8 @@ def sumsq(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> float:
     ptrs, numel = _ptrs(tensors), _Array([t.numel() for t in tensors])
     fn = getattr(lib, f"sumsq_{_DTYPES[tensors[0].dtype]}")
     return fn(len(tensors), ptrs.data_ptr(), numel.data_ptr(), torch.get_num_threads())
+
+
+def triad(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
+    """a = b + s * c over contiguous float32 CPU tensors (STREAM triad; a benchmark yardstick)."""
+    lib.triad_f32(a.numel(), a.data_ptr(), b.data_ptr(), c.data_ptr(), s, torch.get_num_threads())

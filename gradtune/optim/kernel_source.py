@@ -204,4 +204,16 @@ DEFINE_KERNELS(float, f32, fmaf, sqrtf)
 DEFINE_KERNELS(double, f64, fma, sqrt)
 DEFINE_SUMSQ(float, f32)
 DEFINE_SUMSQ(double, f64)
+
+/* STREAM's triad, a = b + s * c, with the same threads and partition as the updates above: the
+   memory-bandwidth yardstick bench/optim.py measures our optimizer steps against. */
+void triad_f32(int64_t n, float *restrict a, const float *restrict b, const float *restrict c,
+               float s, int nthreads) {
+    _Pragma("omp parallel num_threads(threads_for(n, nthreads))")
+    {
+        int64_t lo, hi;
+        thread_range(n, &lo, &hi);
+        for (int64_t j = lo; j < hi; ++j) a[j] = b[j] + s * c[j];
+    }
+}
 """
