@@ -88,7 +88,7 @@ class FinetuneSection:
     pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
     head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
     audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; costs a hash pass over the trainable weights
-    checkpointing: Union[bool, Literal["auto"]] = "auto"  # recompute each layer's activations in backward (~1 layer's activation memory instead of all; ~25% more compute); auto: on for method full (grads + optimizer state make memory the limit), off otherwise
+    checkpointing: bool = False  # recompute each layer's activations in backward: ~1 layer's activation memory instead of all, 30-60% more time per step; for long sequences or big models
     eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
     export: Literal["none", "adapter", "merged", "both"] = "none"  # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gradtune import checkpoint, distributed, faults, gradient
+from gradtune import allocator, checkpoint, distributed, faults, gradient
 from gradtune.config import Config
 from gradtune.data.dataset import TensorDataset
 from gradtune.errors import GradtuneError
@@ -106,6 +106,7 @@ class Loop:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, groups or self.params)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
+        self.trim = allocator.trim if allocator.tuned() else None
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -270,6 +271,8 @@ class Loop:
             watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
             before = ratio_snapshot(self.opt) if watch else None
             self.opt_step()
+            if self.trim is not None:
+                self.trim()  # hand the freed activations back to the system (allocator.py)
             if self.step == 0 and job.after_first_step is not None:
                 job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
             if before is not None:
@@ -391,9 +394,7 @@ def train(cfg: Config) -> Result:
 
     job = build(cfg)  # all bad input is rejected here, before anything is written
     if getattr(job.train, "lengths", None) is not None and resolve_device(cfg.device).type == "cpu":
-        from gradtune.allocator import release_large_blocks
-
-        release_large_blocks()  # variable batch shapes would fragment the heap (allocator.py)
+        allocator.release_large_blocks()  # variable batch shapes would fragment the heap
     out_dir = Path(cfg.out_dir)
     with distributed.session(cfg):  # a no-op in one process
         result = fit(job, cfg, out_dir)

@@ -150,8 +150,8 @@ def test_regression_reports_rmse(assets, tmp_path, capsys):
     assert "rmse=" in capsys.readouterr().out
 
 
-def test_activation_checkpointing_auto_is_on_for_full_only_and_changes_nothing(assets, tmp_path):
-    """auto: on for method full, off for lora/head; with or without it a run is the same run
+def test_activation_checkpointing_is_opt_in_and_changes_nothing(assets, tmp_path):
+    """Off by default; true turns it on (not for head); with or without it a run is the same run
     (non-reentrant checkpointing replays dropout exactly)."""
     from gradtune.config import load_config
     from gradtune.job import build
@@ -165,8 +165,8 @@ def test_activation_checkpointing_auto_is_on_for_full_only_and_changes_nothing(a
     def enabled(j) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in j.model.modules())
 
-    assert enabled(job("full", "auto")[0]) and not enabled(job("lora", "auto")[0])
-    assert enabled(job("lora", "true")[0]) and not enabled(job("full", "false")[0])
+    assert not enabled(job("full", "false")[0]) and not enabled(job("lora", "false")[0])
+    assert enabled(job("lora", "true")[0]) and enabled(job("full", "true")[0])
     assert not enabled(job("head", "true")[0])  # the frozen body has no backward to save
     weights = {}
     for ckpt in ("true", "false"):
