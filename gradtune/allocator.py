@@ -4,14 +4,14 @@ glibc's malloc serves large blocks with mmap and returns them to the system on f
 the first such free it raises its mmap threshold (up to 32 MB) so that later blocks of that size
 come from the heap instead, and the heap is not given back while fragmented. With
 variable-length batches every step allocates activations of new sizes, so the heap grows well
-past what is ever live at once. Two measures (MiniLM full fine-tuning on CPU, 60 steps,
-bench/finetune.py, peak RSS):
+past what is ever live at once. Two measures (MiniLM full fine-tuning on CPU, batches grouped
+by length, bench/finetune.py --side ours, peak RSS):
   * the mmap threshold fixed at 1 MB: large activations live in mmap'd blocks that go back on
-    free (1069 -> ~1058 MB with grouping; more on runs with more distinct shapes); time
-    unchanged. 256 KB cut more but page faults cost ~40% more time.
+    free (40 steps: 1134 -> 1060 MB, time unchanged within noise). 256 KB cut more (LoRA: 816
+    -> 693 MB) but page faults cost ~40% more time.
   * ``malloc_trim(0)`` after each optimizer step: free heap pages (the step's small
-    activations) go back too: ~1058 -> 994 MB, for ~10% more time per step, cheaper than
-    activation checkpointing (~990 MB for ~40% more time).
+    activations) go back too (60 steps: 994 MB, ~1060 without), for ~10% more time per step;
+    activation checkpointing instead reached 982-998 MB for ~40% more time.
 
 Applied by ``gradtune.train.train`` (the command line's process) on CPU runs with
 variable-length data only; a library caller of ``fit`` keeps their process's malloc as it is.

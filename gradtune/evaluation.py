@@ -61,11 +61,15 @@ def task_metrics(job: Job, prefix: str, loss: float, count: float, sums: dict[st
 SAMPLE = 4096  # elements per tensor kept to measure its update (exact below this size)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter; other tensors as they are."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def _sample(p: torch.Tensor) -> torch.Tensor:
     """A fixed, evenly strided sample of at most SAMPLE elements of ``p`` (its local shard under
     FSDP2), as a new float64 tensor: (k,)."""
-    local = p.to_local() if hasattr(p, "to_local") else p
-    flat = local.detach().reshape(-1)
+    flat = _local(p).detach().reshape(-1)
     stride = max(1, -(-flat.numel() // SAMPLE))
     return flat[::stride].double()  # a copy (dtype change): the step cannot alter it
 
@@ -93,7 +97,7 @@ def update_ratios(opt: torch.optim.Optimizer, before: list[list[torch.Tensor]]) 
         du2 = w2 = 0.0
         for p, o in zip(g["params"], old):
             now = _sample(p)
-            scale = (p.to_local() if hasattr(p, "to_local") else p).numel() / max(o.numel(), 1)
+            scale = _local(p).numel() / max(o.numel(), 1)
             du2 += scale * float(torch.sum((now - o) ** 2))
             w2 += scale * float(torch.sum(o * o))
         out[f"update_ratio_g{i}"] = (du2 ** 0.5) / max(w2 ** 0.5, 1e-12)
