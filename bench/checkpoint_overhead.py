@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from gradtune.config import load_config
-from gradtune.job import build
-from gradtune.telemetry import MetricsLog
-from gradtune.train import Loop
+from gradtune.jobs.registry import build
+from gradtune.telemetry.metrics_log import MetricsLog
+from gradtune.loop.loop import Loop
 
 MODELS = {
     "mlp 10-5-1": ["model=mlp", "hidden=[5]"],

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 from distributed_worker import TinyGPT, TokenLoss  # noqa: E402
 
 from gradtune import distributed  # noqa: E402
 from gradtune.config import load_config  # noqa: E402
 from gradtune.data.dataset import TensorDataset  # noqa: E402
-from gradtune.job import Job  # noqa: E402
-from gradtune.telemetry import MetricsLog  # noqa: E402
-from gradtune.train import Loop  # noqa: E402
+from gradtune.jobs.job import Job  # noqa: E402
+from gradtune.telemetry.metrics_log import MetricsLog  # noqa: E402
+from gradtune.loop.loop import Loop  # noqa: E402
 
 T, STEPS, BATCH = 64, int(os.environ.get("STEPS", "12")), 16
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from gradtune.config import load_config
-from gradtune.job import build
-from gradtune.evaluation import evaluate
-from gradtune.train import fit
+from gradtune.jobs.registry import build
+from gradtune.loop.evaluation import evaluate
+from gradtune.loop.fit import fit
 
 
 def plain_tutorial_loop(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int = 0) -> float:

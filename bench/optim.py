@@ -16,6 +16,7 @@ state. Repetitions alternate the order of implementations; we report medians.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import time
@@ -23,7 +24,22 @@ from collections.abc import Callable
 
 import torch
 
-from gradtune.optim import SGD, AdamW
+from gradtune.optim import SGD, AdamW, fused
+from gradtune.optim.kernel_source import PRELUDE
+
+# STREAM's triad, a = b + s * c, on the optimizer kernels' prelude: the same threads and the
+# same partition of the elements as the updates, so the two bandwidths compare like for like.
+TRIAD_SOURCE = PRELUDE + r"""
+void triad_f32(int64_t n, float *restrict a, const float *restrict b, const float *restrict c,
+               float s, int nthreads) {
+    _Pragma("omp parallel num_threads(threads_for(n, nthreads))")
+    {
+        int64_t lo, hi;
+        thread_range(n, &lo, &hi);
+        for (int64_t j = lo; j < hi; ++j) a[j] = b[j] + s * c[j];
+    }
+}
+"""
 
 
 def gpt2_shapes(n_layer: int = 12, vocab: int = 50257, n_ctx: int = 1024,
@@ -49,19 +65,37 @@ def make_params(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     return params
 
 
+def triad_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None] | None:
+    """``triad(a, b, c, s)``: a = b + s * c over contiguous float32 CPU tensors, in C built like
+    the optimizer's kernels (same compiler lookup and flags, cached under gradtune's cache root
+    in kernels/); None when it cannot be built."""
+    try:
+        lib = ctypes.CDLL(str(fused.compiled(TRIAD_SOURCE, "triad")))
+    except (RuntimeError, OSError) as err:
+        print(f"triad kernel unavailable ({str(err).splitlines()[0]}); using torch.add")
+        return None
+    fn = lib.triad_f32
+    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                   ctypes.c_int]
+    fn.restype = None
+
+    def triad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
+        fn(a.numel(), a.data_ptr(), b.data_ptr(), c.data_ptr(), s, torch.get_num_threads())
+
+    return triad
+
+
 def triad_gbps(n: int, reps: int) -> float:
     """Median GB/s of STREAM's triad a = b + s*c over n float32 elements (3 x 4 B counted per
     element), in a plain C/OpenMP loop with the threads our optimizer uses (torch.add with
     alpha reached only about half the bandwidth here, which would flatter any optimizer)."""
-    from gradtune.optim import fused
-
-    lib = fused.load()
+    triad = triad_kernel()
     a, b, c = torch.zeros(n), torch.rand(n), torch.rand(n)  # zeros: pages touched before timing
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
-        if lib is not None:
-            fused.triad(lib, a, b, c, 0.5)
+        if triad is not None:
+            triad(a, b, c, 0.5)
         else:
             torch.add(b, c, alpha=0.5, out=a)
         times.append(time.perf_counter() - t0)

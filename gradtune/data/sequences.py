@@ -71,14 +71,6 @@ class SequenceDataset:
         return out
 
 
-def split(n: int, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """A fixed random (train, eval) split of range(n): same seed, same split, on any machine."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).tolist()
-    n_eval = round(n * eval_fraction)
-    return sorted(perm[n_eval:]), sorted(perm[:n_eval])
-
-
 def pad_id(tokenizer) -> int:
     """The tokenizer's pad id, else its eos id (Llama has no pad token), else 0; never trained."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from gradtune.datasets import EMBEDDED, embedded_path
-from gradtune.errors import GradtuneError
+from gradtune.runtime.errors import GradtuneError
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Table:
     target: str
     feature_names: list[str]
     x: torch.Tensor  # (N, F) float64
-    y_raw: list[Any]  # target cells as read (numbers or label strings)
+    y_raw: list[Any]  # target cells as read (numbers or label strings); [] when read unlabelled
     lines: list[int] = field(default_factory=list)  # source line (or row) of each sample, for errors
 
 
@@ -99,8 +99,10 @@ def _number(value: Any, path: Path, lineno: int, col: str) -> float:
     return v
 
 
-def read_table(data: str, target: Optional[str], features: Optional[list[str]]) -> Table:
-    """Load a file (or an embedded data set's name) into a validated Table."""
+def read_table(data: str, target: Optional[str], features: Optional[list[str]], labelled: bool = True) -> Table:
+    """Load a file (or an embedded data set's name) into a validated Table. ``labelled=False``
+    reads features only (rows to predict): the target column may be absent, and is ignored when
+    present (``y_raw`` is then empty)."""
     path = embedded_path(data) if data in EMBEDDED else Path(data)
     if not path.is_file():
         hint = f" (embedded data sets: {', '.join(sorted(EMBEDDED))})" if "/" not in data and "." not in data else ""
@@ -111,7 +113,7 @@ def read_table(data: str, target: Optional[str], features: Optional[list[str]]) 
     if not rows:
         raise GradtuneError(f"{path}: no data rows")
     target = target or (EMBEDDED[data]["target"] if data in EMBEDDED else cols[-1])
-    if target not in cols:
+    if labelled and target not in cols:
         raise GradtuneError(f"{path}: target column '{target}' not found{_suggest(target, cols)}")
     names = features or [c for c in cols if c != target]
     for name in names:
@@ -119,13 +121,14 @@ def read_table(data: str, target: Optional[str], features: Optional[list[str]]) 
             raise GradtuneError(f"{path}: feature column '{name}' not found{_suggest(name, cols)}")
     if not names:
         raise GradtuneError(f"{path}: no feature columns besides the target '{target}'")
+    needed = names + [target] if labelled else names
     values = []
     for lineno, row in rows:
-        for col in names + [target]:
+        for col in needed:
             if col not in row:
                 raise GradtuneError(f"{path}:{lineno}: column '{col}' missing")
         values.append([_number(row[c], path, lineno, c) for c in names])
-    y_raw = [row[target] for _, row in rows]
+    y_raw = [row[target] for _, row in rows] if labelled else []
     return Table(str(path), target, names, torch.tensor(values, dtype=torch.float64), y_raw, [ln for ln, _ in rows])
 
 
@@ -162,6 +165,27 @@ def class_targets(table: Table, target: str, num_classes: Optional[int]) -> tupl
         raise GradtuneError(f"{path}: column '{target}' has {len(names)} labels, more than num_classes={num_classes}")
     ids = {n: i for i, n in enumerate(names)}
     return torch.tensor([ids[str(v)] for v in cells], dtype=torch.long), names
+
+
+def known_class_ids(table: Table, target: str, classes: list[str]) -> torch.Tensor:
+    """(N,) long ids of the labels in ``target`` by the training run's class names; a label
+    training never saw is an error naming its line. Integer labels match by value ('1.0' is 1)."""
+    path = Path(table.path)
+    index = {name: i for i, name in enumerate(classes)}
+    ids = []
+    for v, ln in zip(table.y_raw, table.lines):
+        key = str(v).strip()
+        try:
+            f = float(key)
+            if f == int(f) and str(int(f)) in index:
+                key = str(int(f))
+        except (ValueError, OverflowError):
+            pass
+        if key not in index:
+            raise GradtuneError(f"{path}:{ln}: column '{target}': label {key!r} was not seen in training "
+                                f"(classes: {', '.join(classes[:10])})")
+        ids.append(index[key])
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def looks_categorical(y_raw: list[Any]) -> bool:

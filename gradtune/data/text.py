@@ -33,20 +33,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from gradtune.atomic import atomic_path
+from gradtune import datasets
+from gradtune.runtime import cache
+from gradtune.runtime.atomic import atomic_path
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
 from gradtune.data.tokenizer import Tokenizer
-from gradtune.errors import GradtuneError
+from gradtune.runtime.errors import GradtuneError
 
-CACHE_ENV = "GRADTUNE_CACHE"  # root of gradtune's caches; token files go to $GRADTUNE_CACHE/tokens
 FORMAT = 1  # bump when the token file layout or the window rule changes: old files are ignored
 CHUNK_CHARS = 1 << 22  # texts are encoded ~4M characters at a time: bounded memory for any size
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "gradtune") / "tokens"
+    return cache.path("tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -61,7 +61,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def read_source(data: str) -> tuple[str, bytes]:
     """(label for messages, raw bytes) of an embedded corpus name or a text file path."""
-    from gradtune import datasets
 
     if data in datasets.TEXT:
         return f"embedded:{data}", datasets.text_bytes(data)

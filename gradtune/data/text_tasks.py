@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from gradtune.data.sequences import SequenceDataset, pad_id
-from gradtune.errors import InputError
+from gradtune.data.sequences import IGNORE, SequenceDataset, pad_id
+from gradtune.runtime.errors import InputError
 
 Task = Literal["classification", "regression"]
 Row = tuple[int, dict[str, Any]]  # (line number in the file, column -> value)
@@ -28,9 +28,11 @@ class DataError(InputError):
     """A data file is not what the task needs; the message names the file and line."""
 
 
-def read_rows(path: str | Path, columns: list[str] | None = None) -> list[Row]:
+def read_rows(path: str | Path, columns: list[str] | None = None, optional: str | None = None) -> list[Row]:
     """Rows of a .jsonl (one object a line) or delimited text file (tab if .tsv or the first
-    line has a tab, else comma); the first line is the header unless ``columns`` is given."""
+    line has a tab, else comma); the first line is the header unless ``columns`` is given.
+    ``optional``: a column of ``columns`` that a header-less file may leave out (the label of
+    rows to predict); each row then has all of ``columns`` or all but that one."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -52,7 +54,21 @@ def read_rows(path: str | Path, columns: list[str] | None = None) -> list[Row]:
         reader = csv.reader(f, delimiter=delimiter)
         header = columns or next(reader, [])
         start = 1 if columns else 2
-        return [(start + i, dict(zip(header, values))) for i, values in enumerate(reader) if values]
+        records = [(start + i, values) for i, values in enumerate(reader) if values]
+    if columns and optional in columns:
+        return [(n, _match(columns, optional, values, f"{path}:{n}")) for n, values in records]
+    return [(n, dict(zip(header, values))) for n, values in records]
+
+
+def _match(columns: list[str], optional: str, values: list[str], where: str) -> dict[str, str]:
+    """A header-less row by its cell count: all ``columns``, or all but ``optional``."""
+    if len(values) == len(columns):
+        return dict(zip(columns, values))
+    rest = [c for c in columns if c != optional]
+    if len(values) == len(rest):
+        return dict(zip(rest, values))
+    raise DataError(f"{where}: expected {len(columns)} cells ({', '.join(columns)}) or {len(rest)} "
+                    f"({', '.join(rest)}), found {len(values)}")
 
 
 @dataclass
@@ -106,28 +122,40 @@ def load_text_task(
     columns: list[str] | None = None,
     max_length: int = 128,
     label_map: LabelMap | None = None,
+    labelled: bool = True,
 ) -> tuple[SequenceDataset, LabelMap | None]:
     """The file as a dataset, and the label map (built here unless given: pass the training
-    one when loading evaluation data). Regression labels are floats; no label map."""
+    one when loading evaluation data). Regression labels are floats; no label map.
+    ``labelled=False`` reads texts only (rows to predict): the label column may be absent and is
+    ignored when present; the dataset's labels are placeholders (IGNORE), never to be read."""
     path = Path(path)
-    rows = read_rows(path, columns)
+    rows = read_rows(path, columns, None if labelled else label_column)
     if not rows:
         raise DataError(f"{path}: no data rows")
-    texts, labels = _column(rows, path, text_column), _column(rows, path, label_column)
+    texts = _column(rows, path, text_column)
+    if labelled:
+        y, label_map = _labels(rows, path, task, label_column, label_map)
+    else:
+        y = torch.full((len(texts),), IGNORE, dtype=torch.long)
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return SequenceDataset(ids, y, pad_id(tokenizer)), label_map
+
+
+def _labels(rows: list[Row], path: Path, task: Task, label_column: str,
+            label_map: LabelMap | None) -> tuple[torch.Tensor, LabelMap | None]:
+    """(N,) class ids (by ``label_map``, built here unless given) or float regression targets."""
+    labels = _column(rows, path, label_column)
     where = [f"{path}:{line_no}" for line_no, _ in rows]
     if task == "classification":
         label_map = label_map or LabelMap.from_labels(labels)
-        y = label_map.ids(labels, where)
-    elif task == "regression":
+        return label_map.ids(labels, where), label_map
+    if task == "regression":
         try:
-            y = torch.tensor([float(s) for s in labels], dtype=torch.float32)
+            return torch.tensor([float(s) for s in labels], dtype=torch.float32), label_map
         except ValueError:
             bad = next(i for i, s in enumerate(labels) if not _is_float(s))
             raise DataError(f"{where[bad]}: regression label {labels[bad]!r} is not a number") from None
-    else:
-        raise InputError(f"task must be 'classification' or 'regression', got {task!r}")
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return SequenceDataset(ids, y, pad_id(tokenizer)), label_map
+    raise InputError(f"task must be 'classification' or 'regression', got {task!r}")
 
 
 def _is_float(s: str) -> bool:

@@ -24,8 +24,8 @@ from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 
-from gradtune.atomic import atomic_path
-from gradtune.errors import GradtuneError
+from gradtune.runtime.atomic import atomic_path
+from gradtune.runtime.errors import GradtuneError
 
 
 @runtime_checkable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 from gradtune.finetune.freeze import set_trainable
 
 

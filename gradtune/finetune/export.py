@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 from gradtune.finetune.patterns import matches
 
 
@@ -52,19 +52,22 @@ def embedding_names(model: nn.Module) -> set[str]:
 
 def freeze(
     model: nn.Module,
-    train: Sequence[str] = (),
-    last_n_blocks: int | None = None,
-    train_embeddings: bool = False,
+    patterns: Sequence[str] = (),
+    train_last_blocks: int | None = None,
+    embeddings: bool = True,
 ) -> nn.Module:
-    """Freeze everything, then train: names matching ``train``; the last ``last_n_blocks``
-    blocks and what follows them (final norm, pooler, untied output head); embeddings if asked.
+    """Freeze everything, then train: names matching ``patterns``; the last ``train_last_blocks``
+    blocks and what follows them (final norm, pooler, untied output head). ``embeddings``: keep
+    the embeddings frozen (True) or train them too (False). The arguments are ``FreezeSection``'s
+    fields: ``freeze(model, **asdict(cfg.freeze))``.
     """
-    keep: set[str] = {n for n, _ in model.named_parameters() if matches(n, train)}
+    last_n_blocks = train_last_blocks
+    keep: set[str] = {n for n, _ in model.named_parameters() if matches(n, patterns)}
     if last_n_blocks is not None:
         blocks = find_blocks(model)
         n_blocks = len(model.get_submodule(blocks))
         if not 0 <= last_n_blocks <= n_blocks:
-            raise InputError(f"last_n_blocks={last_n_blocks} but {blocks} has {n_blocks} blocks")
+            raise InputError(f"freeze.train_last_blocks={last_n_blocks} but {blocks} has {n_blocks} blocks")
         first = n_blocks - last_n_blocks
         after_blocks = False
         for name, _ in model.named_parameters():  # definition order: embeddings, blocks, norm, head
@@ -74,8 +77,8 @@ def freeze(
                     keep.add(name)
             elif after_blocks and last_n_blocks > 0:
                 keep.add(name)
-    embeddings = embedding_names(model)
-    keep = (keep | embeddings) if train_embeddings else (keep - embeddings)
+    embedded = embedding_names(model)
+    keep = (keep - embedded) if embeddings else (keep | embedded)
     if not keep:
-        raise InputError("freeze leaves no parameter to train: set train patterns or last_n_blocks")
+        raise InputError("freeze leaves no parameter to train: set freeze.patterns or freeze.train_last_blocks")
     return set_trainable(model, lambda n: n in keep)

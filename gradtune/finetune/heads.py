@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 
 Pooling = Literal["mean", "cls"]
 

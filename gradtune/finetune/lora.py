@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 from gradtune.finetune.patterns import matches
 
 # Attention projections under the names of the common families: Llama/Mistral/Qwen (q_proj...),

@@ -1,68 +1,56 @@
-"""Compose the fine-tuning transforms from settings: one entry point for the loop and the CLI.
+"""Compose the fine-tuning transforms from the config's own sections: one entry point.
 
-    model, trainable = methods.apply(model, FinetuneSettings(method="lora", rank=8), num_outputs=2)
+    model, trainable = methods.apply(model, "head+lora", num_outputs=2, lora=LoraSection(rank=8))
 
-``method`` says what in the pretrained body trains; ``num_outputs`` (set by the task) adds a
-head on the pooled encoder output, and the head always trains. ``trainable`` is the set of
-parameter names the method declares trainable, for ``audit.before(model, trainable)``.
+``method`` says what in the pretrained body trains (full | freeze | lora | bitfit, or 'head'
+alone: the body frozen); ``num_outputs`` (set by the task) adds a head on the pooled encoder
+output, and the head always trains. The sections are passed exactly as the config holds them
+(``cfg.lora``, ``cfg.freeze``, ``cfg.finetune``), already validated by ``gradtune.config``.
+``trainable`` is the set of parameter names the method declares trainable, for
+``audit.before(model, trainable)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.config.schema import METHODS, FinetuneSection, FreezeSection, LoraSection
 from gradtune.finetune.bitfit import bitfit
-from gradtune.finetune.freeze import freeze, full
-from gradtune.finetune.heads import Pooling, add_head
+from gradtune.finetune.freeze import freeze as freeze_layers, full
+from gradtune.finetune.heads import add_head
 from gradtune.finetune.lora import DEFAULT_TARGETS, apply_lora
-
-Method = Literal["full", "freeze", "head", "lora", "bitfit"]
-METHODS: tuple[str, ...] = ("full", "freeze", "head", "lora", "bitfit")
+from gradtune.runtime.errors import InputError
 
 
-@dataclass
-class FinetuneSettings:
-    method: Method = "lora"  # full: best accuracy, most memory; head: cheapest; lora: in between
-    # freeze: what trains besides nothing (glob / "re:" patterns on parameter names)
-    train: list[str] = field(default_factory=list)
-    last_n_blocks: int | None = None  # freeze: train the last N blocks (+ final norm / pooler)
-    train_embeddings: bool = False  # freeze: embeddings train too (large vocab: much memory)
-    rank: int = 8  # lora: higher = more capacity and memory
-    alpha: float = 16.0  # lora: update scale is alpha / rank
-    dropout: float = 0.0  # lora: dropout on the LoRA input path
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # lora modules
-    pooling: Pooling = "mean"  # head: mean over real tokens, or the first (CLS) token
-    head_dropout: float = 0.1  # head: dropout before the head's linear layer
+def body_method(method: str) -> str:
+    """The method that decides the body's trainable weights: 'head+lora' -> 'lora', 'head' -> 'head'."""
+    body = [m.strip() for m in method.split("+") if m.strip() and m.strip() != "head"]
+    return body[0] if body else "head"
 
 
-def apply(model: nn.Module, settings: FinetuneSettings,
-          num_outputs: int | None = None) -> tuple[nn.Module, frozenset[str]]:
-    """Transform ``model`` per ``settings``; add a head when ``num_outputs`` is given.
+def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
+          lora: LoraSection | None = None, freeze: FreezeSection | None = None,
+          finetune: FinetuneSection | None = None) -> tuple[nn.Module, frozenset[str]]:
+    """Transform ``model`` per ``method``; add a head when ``num_outputs`` is given.
 
     Returns the (possibly wrapped) model and the names of the parameters that must train.
     """
-    s = settings
-    if s.method not in METHODS:
-        raise InputError(f"unknown fine-tuning method {s.method!r}; choose one of {', '.join(METHODS)}")
-    if s.method == "head" and num_outputs is None:
+    body = body_method(method)
+    if body not in METHODS:
+        raise InputError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    if body == "head" and num_outputs is None:
         raise InputError("method 'head' needs a classification or regression task (it adds a head)")
-    if s.method != "freeze" and (s.train or s.last_n_blocks is not None or s.train_embeddings):
-        raise InputError(f"train / last_n_blocks / train_embeddings only apply to method 'freeze', "
-                         f"not {s.method!r}")
-    if s.method == "full":
+    lora, freeze, finetune = lora or LoraSection(), freeze or FreezeSection(), finetune or FinetuneSection()
+    if body == "full":
         full(model)
-    elif s.method == "freeze":
-        freeze(model, s.train, s.last_n_blocks, s.train_embeddings)
-    elif s.method == "head":
+    elif body == "freeze":
+        freeze_layers(model, freeze.patterns, freeze.train_last_blocks, freeze.embeddings)
+    elif body == "head":
         model.requires_grad_(False)
-    elif s.method == "lora":
-        apply_lora(model, s.rank, s.alpha, s.dropout, s.targets)
-    elif s.method == "bitfit":
+    elif body == "lora":
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets or DEFAULT_TARGETS)
+    elif body == "bitfit":
         bitfit(model)
     if num_outputs is not None:
-        model = add_head(model, num_outputs, s.pooling, s.head_dropout)
+        model = add_head(model, num_outputs, finetune.pooling, finetune.head_dropout)
     return model, frozenset(n for n, p in model.named_parameters() if p.requires_grad)

@@ -9,9 +9,11 @@ Everything else (pre-norm residual blocks, causal SDPA attention, init) is share
 Shapes in comments: B batch, T time (tokens), C width (n_embd), nh heads, nkv key/value heads,
 hs head size, V vocabulary. The model returns logits only; the loss lives in an objective.
 
-Performance notes (CPU, measured by bench/gpt.py): q, k and v come from one fused matmul, and so
-do SwiGLU's gate and up; attention is ``F.scaled_dot_product_attention(is_causal=True)`` so no
-(T, T) mask is built; GELU-tanh is the single fused ``F.gelu(approximate="tanh")`` kernel.
+Why it is shaped for speed: q, k and v come from one matmul (one large GEMM instead of three
+small ones), and so do SwiGLU's gate and up; attention is
+``F.scaled_dot_product_attention(is_causal=True)``, so no (T, T) mask is built and torch picks
+its fused attention kernel; GELU-tanh is the single fused ``F.gelu(approximate="tanh")`` kernel
+instead of a chain of elementwise ops.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class GPTConfig:
     rope_theta: float = 10000.0  # rotary base; larger = slower-turning angles, longer contexts
     tie_embeddings: bool = True  # lm_head shares wte: fewer parameters; untied is more expressive
     dropout: float = 0.0  # attention probs + residual branches: regularises small data (0.1-0.2); 0 for big runs
-    checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
+    activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):
@@ -288,7 +290,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            if self.config.checkpointing and self.training and cache is None:
+            if self.config.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope, cache)
@@ -313,16 +315,3 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
-
-    def optim_groups(self, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-        """AdamW parameter groups: 2-D matrices decay; biases and norm gains never do.
-        decay_embeddings=False also exempts wte/wpe (some recipes do; nanoGPT decays them)."""
-        decay, no_decay = [], []
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        for p in self.parameters():  # .parameters() yields a tied tensor once
-            if not p.requires_grad:
-                continue
-            is_embedding = id(p) in embeddings
-            (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradtune.models.gpt import GPT, GPTConfig
+from gradtune.models.gpt_gguf import load_gguf  # imports the gguf package only when called
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 LLAMA_BLOCK = {  # ours (inside transformer.h.i.) -> HF parts (inside model.layers.i.), concatenated
@@ -48,8 +49,6 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     """A GPT from a local HF folder (config.json + safetensors) or a local .gguf file."""
     p = Path(path)
     if p.is_file() and p.suffix == ".gguf":
-        from gradtune.models.gpt_gguf import load_gguf  # gguf is imported lazily there
-
         return load_gguf(p, dtype=dtype)
     if not (p.is_dir() and (p / "config.json").is_file()):
         raise PretrainedPathError(

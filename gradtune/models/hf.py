@@ -3,7 +3,9 @@
 A source is a local HF folder (config.json + *.safetensors + tokenizer files) or a ``.gguf``
 file (llama.cpp format; transformers dequantises it to ``dtype`` on load). ``kind`` picks the
 class: ``encoder`` -> AutoModel (the bare body, for our heads), ``causal_lm`` ->
-AutoModelForCausalLM. transformers is imported inside the functions (DESIGN rule 6).
+AutoModelForCausalLM. transformers is imported inside the functions: heavy optional packages
+(``gradtune[hf]``) load lazily, so the core installs and imports without them and only runs
+that use a pretrained model pay their import time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradtune.errors import InputError
+from gradtune.runtime.errors import InputError
 
 Kind = Literal["encoder", "causal_lm"]
 
@@ -72,11 +74,12 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
     return model.train()
 
 
-def load_tokenizer(source: str | Path) -> Any:
-    """The tokenizer stored with the model (tokenizer.json / GGUF metadata), right padding."""
+def load_tokenizer(source: str | Path, weights: bool = True) -> Any:
+    """The tokenizer stored with the model (tokenizer.json / GGUF metadata), right padding.
+    ``weights=False``: a folder holding only a saved tokenizer (a run's ``tokenizer/``)."""
     from transformers import AutoTokenizer  # lazy
 
-    folder, gguf = resolve(source)
+    folder, gguf = resolve(source) if weights else (Path(source), None)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf

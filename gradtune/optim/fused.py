@@ -1,15 +1,15 @@
 """The fast path: build the C kernels of kernel_source.py once, cache them, call them via ctypes.
 
-Mechanism, and why not the alternatives (costs are typical orders of magnitude, not measured
-here, except the C build: ~0.8 s on the 2-core dev box):
-  * torch.compile of the update: Inductor compiles per distinct set of shapes, tens of
-    seconds cold for a GPT-sized list of tensors, and re-traces when parameters change.
-  * cpp_extension.load_inline: torch/extension.h + pybind11 alone take tens of seconds.
+Mechanism, and why not the alternatives:
+  * torch.compile of the update: Inductor compiles per distinct set of shapes (a slow cold
+    start for a GPT-sized list of tensors) and re-traces when the parameters change.
+  * cpp_extension.load_inline: compiling against torch/extension.h and pybind11 is slow.
   * flattening parameters into one buffer: fast, but changes how params/grads are stored,
     which breaks drop-in use with any model and state_dict structure.
-A ~150-line C file compiled with gcc/cc takes ~1 s, needs no torch headers, and the .so is
-cached per user (``$GRADTUNE_CACHE_DIR`` or ``~/.cache/gradtune``) under a hash of source,
-flags, compiler and CPU, so later processes load it in microseconds.
+A small C file compiled with gcc/cc needs no torch headers, and the .so is cached under
+gradtune's cache root (``$GRADTUNE_CACHE/kernels``) under a hash of source, flags, compiler
+and CPU, so the build happens once per machine and later processes only load it.
+``compiled(source, stem)`` is that build-and-cache step for any C source.
 
 No compiler, a failed build, or a tensor the kernel does not handle (non-CPU device, dtype
 other than float32/float64, non-contiguous, sparse): ``supported`` says no and the optimizer
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from gradtune.optim.kernel_source import SOURCE
+from gradtune.runtime import cache
 
 # -ffp-contract=off: no FMA unless written (see kernel_source.py); -fno-math-errno lets sqrt
 # vectorise; -march=native is safe because the CPU model and flags are part of the cache key.
@@ -47,9 +48,7 @@ _warned_unsupported = False
 
 def cache_dir() -> Path:
     """Where built kernels live; one file per (source, flags, compiler, CPU) hash."""
-    env = os.environ.get("GRADTUNE_CACHE_DIR")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradtune"
-    return base / "kernels"
+    return cache.path("kernels")
 
 
 def _compiler() -> str | None:
@@ -68,17 +67,31 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, target: Path, source: str = SOURCE) -> None:
     """Compile into a temp file next to target, then rename: concurrent processes are safe."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "optim_kernels.c", Path(tmp) / target.name
-        src.write_text(SOURCE)
+        src, out = Path(tmp) / f"{target.stem}.c", Path(tmp) / target.name
+        src.write_text(source)
         proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out), "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, target)
+
+
+def compiled(source: str, stem: str) -> Path:
+    """The shared library built from C ``source`` with ``CFLAGS``: ``cache_dir()/<stem>_<key>.so``,
+    keyed by source, flags, compiler and CPU, built on first use. RuntimeError when there is no
+    compiler or the build fails."""
+    cc = _compiler()
+    key = hashlib.sha256("\0".join([source, *CFLAGS, str(cc), _cpu_id()]).encode()).hexdigest()
+    target = cache_dir() / f"{stem}_{key[:20]}.so"
+    if not target.exists():
+        if cc is None:
+            raise RuntimeError("no C compiler found (tried $GRADTUNE_CC, $CC, gcc, cc, clang)")
+        _build(cc, target, source)
+    return target
 
 
 def load() -> ctypes.CDLL | None:
@@ -88,14 +101,7 @@ def load() -> ctypes.CDLL | None:
         return _lib
     _tried = True
     try:
-        cc = _compiler()
-        key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, str(cc), _cpu_id()]).encode()).hexdigest()
-        target = cache_dir() / f"optim_{key[:20]}.so"
-        if not target.exists():
-            if cc is None:
-                raise RuntimeError("no C compiler found (tried $GRADTUNE_CC, $CC, gcc, cc, clang)")
-            _build(cc, target)
-        _lib = _bind(ctypes.CDLL(str(target)))
+        _lib = _bind(ctypes.CDLL(str(compiled(SOURCE, "optim"))))
     except Exception as err:  # any failure means: use the reference path, say so once
         warnings.warn(f"gradtune.optim: fused kernels unavailable, using the reference "
                       f"per-tensor update (slower, same results). Reason: {err}", RuntimeWarning,
@@ -119,7 +125,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                                                  dbl, dbl, dbl, dbl, dbl, i32]
         getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
         getattr(lib, f"sumsq_{sfx}").restype = dbl
-    lib.triad_f32.argtypes = [i64, ptr, ptr, ptr, ctypes.c_float, i32]
     return lib
 
 
@@ -218,8 +223,3 @@ def sumsq(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> float:
     ptrs, numel = _ptrs(tensors), _Array([t.numel() for t in tensors])
     fn = getattr(lib, f"sumsq_{_DTYPES[tensors[0].dtype]}")
     return fn(len(tensors), ptrs.data_ptr(), numel.data_ptr(), torch.get_num_threads())
-
-
-def triad(lib: ctypes.CDLL, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
-    """a = b + s * c over contiguous float32 CPU tensors (STREAM triad; a benchmark yardstick)."""
-    lib.triad_f32(a.numel(), a.data_ptr(), b.data_ptr(), c.data_ptr(), s, torch.get_num_threads())

@@ -1,0 +1,77 @@
+"""``gradtune generate RUN``: sample text from a finished language-model run (a GPT trained here
+or a fine-tuned causal LM), or from a checkpoint folder inside it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from gradtune.jobs.reload import Run, load_run
+from gradtune.models.generate import context_length, generate
+from gradtune.runtime.errors import GradtuneError
+
+HELP = "sample text from a trained language model"
+
+
+def setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run's out_dir (or a checkpoint folder inside it)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+
+
+def encode_prompt(r: Run, prompt: str) -> list[int]:
+    """The prompt's ids exactly as training encoded text: the chat template for instruction
+    runs (rendered as text, then tokenised, as data/instructions.py does)."""
+    if r.kind == "gpt":
+        return r.tokenizer.encode(prompt)
+    tok = r.tokenizer
+    if r.data_task == "instruction" and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Each bad option is a one-line error naming it (argparse checks only the types)."""
+    if args.max_new_tokens < 1:
+        raise GradtuneError(f"generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise GradtuneError(f"generate: --num-samples must be >= 1, got {args.num_samples}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:  # float('nan') passes type=float
+        raise GradtuneError(f"generate: --temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise GradtuneError(f"generate: --top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # nan fails both comparisons
+        raise GradtuneError(f"generate: --top-p must be in (0, 1], got {args.top_p}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    r = load_run(args.checkpoint)
+    if r.task != "lm":
+        raise GradtuneError(f"{args.checkpoint}: a {r.data_task} run has no language-model head to generate with")
+    ids = encode_prompt(r, args.prompt)
+    if not ids:
+        raise GradtuneError("generate: the prompt encodes to no tokens")
+    eos = r.tokenizer.eos_id if r.kind == "gpt" else r.tokenizer.eos_token_id
+    # Keep the prompt's end when it outgrows the context (GPT: block_size; HF: the model
+    # config's max_position_embeddings); generate slides the same window once text outgrows it.
+    limit = context_length(r.model)
+    if limit is not None:
+        ids = ids[-limit:]
+    prompt = torch.tensor([ids] * args.num_samples)  # (num_samples, T): one batch, one cache
+    out = generate(r.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, eos_id=eos)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(r.tokenizer.decode(row) if r.kind == "gpt" else r.tokenizer.decode(row, skip_special_tokens=True))
+    return 0

@@ -1,0 +1,117 @@
+"""``gradtune predict RUN --data FILE [--out preds.csv]``: a finished run's predictions on new rows.
+
+For tabular runs (linear, logistic, mlp) and text classification / regression fine-tuning runs.
+FILE is read like training's data with training's transforms (standardisation, tokenizer); its
+target / label column may be missing (new rows) and is ignored when present. One CSV row per
+input row, in file order:
+
+    regression       prediction                       in the target's own units
+    classification   prediction,p_<class>,...         the class name, then P(class) per class
+                                                      (softmax; sigmoid for a one-logit bce run)
+
+Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, and never over
+the input file or a file of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gradtune.data.dataset import Dataset
+from gradtune.jobs.reload import Run, load_run, run_folder, run_inputs, run_task, target_units
+from gradtune.objectives.logits import forward
+from gradtune.runtime.atomic import write_text
+from gradtune.runtime.errors import GradtuneError
+
+HELP = "predict with a finished tabular or text classification/regression run (CSV out)"
+
+
+def setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run's out_dir (or a checkpoint folder inside it)")
+    p.add_argument("--data", required=True, help="rows in the training data's format; the target / label "
+                                                 "column may be left out")
+    p.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (memory only)")
+
+
+def _check_out(out: Optional[str], data: str, folder: Path) -> None:
+    """Refuse an --out that would overwrite the input or a file of the run."""
+    if out is None:
+        return
+    target = Path(out).resolve()
+    if target == Path(data).resolve():
+        raise GradtuneError(f"predict: --out {out} is the --data file; write the predictions elsewhere")
+    run = folder.resolve()
+    if target == run or run in target.parents:
+        raise GradtuneError(f"predict: --out {out} is inside the run folder {folder}; write the predictions elsewhere")
+    if target.is_dir():
+        raise GradtuneError(f"predict: --out {out} is a directory; give a file name")
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, data: Dataset, batch: int) -> torch.Tensor:
+    """The model's raw outputs for every sample of ``data``, in its order: (N, out) float64.
+    Sequences go through in length order (each batch pads only to its own longest)."""
+    lengths = getattr(data, "lengths", None)
+    order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(data))
+    out: Optional[torch.Tensor] = None
+    for idx in order.split(batch):
+        logits = forward(model, data.get(idx)).detach().double().reshape(len(idx), -1)
+        if out is None:
+            out = torch.empty(len(data), logits.shape[1], dtype=torch.float64)
+        out[idx] = logits
+    assert out is not None  # a dataset has at least one row (empty files are refused)
+    return out
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, C) class probabilities: softmax over C logits; one logit (bce) is P(class 1) = sigmoid."""
+    if logits.shape[1] == 1:
+        z = logits[:, 0]
+        return torch.stack([torch.sigmoid(-z), torch.sigmoid(z)], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def table(r: Run, logits: torch.Tensor) -> str:
+    """The predictions CSV (header + one line per row)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if r.task == "regression":
+        w.writerow(["prediction"])
+        w.writerows([repr(v)] for v in target_units(r, logits[:, 0]).tolist())
+        return buf.getvalue()
+    classes = r.classes or []
+    probs = probabilities(logits)
+    if probs.shape[1] != len(classes):
+        raise GradtuneError(f"{r.folder}: the model has {probs.shape[1]} outputs but the run names "
+                            f"{len(classes)} classes")
+    w.writerow(["prediction", *(f"p_{c}" for c in classes)])
+    for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
+        w.writerow([classes[k], *map(repr, row)])
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise GradtuneError(f"predict: --batch-size must be >= 1, got {args.batch_size}")
+    if run_task(args.run) == "lm":
+        raise GradtuneError(f"predict: {args.run} is a language model, it has no rows to predict; "
+                            f"sample text with `gradtune generate {args.run}`")
+    _check_out(args.out, args.data, run_folder(Path(args.run)))
+    r = load_run(args.run)
+    data = run_inputs(r, args.data)
+    text = table(r, outputs(r.model, data, args.batch_size))
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    write_text(args.out, text)
+    print(f"predict: {len(data)} rows -> {args.out}")
+    return 0

@@ -1,0 +1,27 @@
+"""``gradtune train [CONFIG.yaml] [key=value ...]``: train a model, write its run folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from gradtune.commands import config_args
+from gradtune.runtime import distributed
+from gradtune.train import train
+
+HELP = "train a model from a config and key=value settings"
+
+
+def setup(p: argparse.ArgumentParser) -> None:
+    config_args.add(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_args.config(args)
+    r = train(cfg)
+    if not distributed.is_main():  # one summary per job, from rank 0
+        return 0
+    metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))
+    print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {r.wall_time:.2f}s; stopped: {r.stop_reason}")
+    print(f"final: {metrics}")
+    print(f"outputs: {cfg.out_dir}/ (model.safetensors, metrics.jsonl, summary.json{', loss.png' if cfg.plot else ''})")
+    return 0

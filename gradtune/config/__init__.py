@@ -1,0 +1,18 @@
+"""Typed, strict run configuration: ``load_config(path, overrides)`` -> a validated ``Config``.
+
+    schema.py    the dataclasses (every setting, its type, default and meaning)
+    checks.py    value ranges and combinations
+    defaults.py  per model family / fine-tuning method
+    loading.py   YAML + key=value -> Config
+    table.py     the README's settings table
+"""
+
+from gradtune.config.defaults import MODEL_DEFAULTS, is_pretrained, pretrained_lr
+from gradtune.config.loading import load_config
+from gradtune.config.schema import (METHODS, Config, FinetuneSection, FreezeSection, GPTSection, GuardConfig,
+                                    LoraSection, TextSection)
+from gradtune.config.table import field_docs, markdown_table
+
+__all__ = ["METHODS", "MODEL_DEFAULTS", "Config", "FinetuneSection", "FreezeSection", "GPTSection", "GuardConfig",
+           "LoraSection", "TextSection", "field_docs", "is_pretrained", "load_config", "markdown_table",
+           "pretrained_lr"]

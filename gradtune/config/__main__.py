@@ -1,0 +1,3 @@
+from gradtune.config.table import markdown_table
+
+print(markdown_table())

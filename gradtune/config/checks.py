@@ -1,0 +1,82 @@
+"""Checks beyond the type: value ranges per key, and settings that are valid alone but not
+together. ``loading`` applies them to every value as it is set, and once more to the whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradtune.config.schema import METHODS, Config
+from gradtune.runtime.errors import GradtuneError
+
+# Checks beyond the type: (predicate, what it must be). Unlisted numeric fields are free.
+RANGES: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "dampening": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v == "full" or v >= 1, ">= 1 or 'full'"),
+    "micro_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
+    "tol": (lambda v: v >= 0, ">= 0"),
+    "grad_tol": (lambda v: v >= 0, ">= 0"),
+    "patience": (lambda v: v >= 1, ">= 1"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "huber_delta": (lambda v: v > 0, "> 0"),
+    "clip_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+    "gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "step_size": (lambda v: v >= 1, ">= 1"),
+    "min_lr": (lambda v: v >= 0, ">= 0"),
+    "num_classes": (lambda v: v is None or v >= 2, ">= 2"),
+    "eval_every": (lambda v: v is None or v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 0, ">= 0"),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0"),
+    "dist_timeout": (lambda v: v > 0, "> 0"),
+    "keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "hidden": (lambda v: all(h >= 1 for h in v), "positive widths"),
+    "guard.lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "guard.spike_window": (lambda v: v >= 5, ">= 5"),
+    "guard.max_rollbacks": (lambda v: v >= 0, ">= 0"),
+    "lora.rank": (lambda v: v >= 1, ">= 1"),
+    "text.max_length": (lambda v: v >= 2, ">= 2"),
+    "text.length_pool": (lambda v: v >= 1, ">= 1"),
+    "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
+    "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_combinations(cfg: Config) -> None:
+    """Fail fast on settings that are each valid but meaningless together."""
+    if cfg.nesterov and (cfg.momentum <= 0 or cfg.dampening != 0):
+        raise GradtuneError("config: nesterov=true needs momentum > 0 and dampening = 0")
+    if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):
+        raise GradtuneError("config: momentum/nesterov are SGD settings; AdamW uses betas")
+    mb, b = cfg.micro_batch_size, cfg.batch_size
+    if mb is not None and b != "full" and mb > b:
+        raise GradtuneError(f"config: micro_batch_size ({mb}) must not exceed batch_size ({b})")
+
+
+def check_method(cfg: Config) -> None:
+    """``method``: one body method, optionally with 'head' ('head+lora'); freeze settings only
+    with 'freeze'. Validated here once; the transforms take the sections as they are."""
+    parts = [m.strip() for m in cfg.method.split("+") if m.strip()]
+    unknown = [m for m in parts if m not in METHODS]
+    if unknown or not parts:
+        raise GradtuneError(f"config: method '{cfg.method}': choose from {', '.join(METHODS)} "
+                            f"(combine with '+', e.g. head+lora)")
+    body = [m for m in parts if m != "head"]
+    if len(body) > 1:
+        # The transforms each decide requires_grad for the whole body: a second would overrule the first.
+        raise GradtuneError(f"config: method '{cfg.method}' combines {' and '.join(body)}; "
+                            f"combine 'head' with at most one of full, freeze, lora, bitfit")
+    f = cfg.freeze
+    if "freeze" not in body and (f.patterns or f.train_last_blocks is not None):
+        raise GradtuneError(f"config: freeze.patterns / freeze.train_last_blocks apply to method 'freeze', "
+                            f"not '{cfg.method}'")
+    if cfg.finetune.export in ("adapter", "both") and "lora" not in body:
+        raise GradtuneError(f"config: finetune.export={cfg.finetune.export} writes a LoRA adapter; "
+                            f"method '{cfg.method}' has no LoRA")

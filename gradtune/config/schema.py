@@ -1,0 +1,165 @@
+"""The run configuration's schema: typed dataclasses, one field per setting, with its default.
+
+The schema is the dataclass itself, so there is one source of truth for names, types, defaults
+and docs (the README's settings table is generated from these comments, see ``table.py``).
+Each section is the exact shape the code that uses it receives: ``cfg.lora`` goes to
+``finetune.lora.apply_lora``, ``cfg.freeze`` to ``finetune.freeze.freeze`` - no renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+# Fine-tuning methods: what in a pretrained body trains ('head' adds the task's head; combine
+# one body method with it as 'head+lora').
+METHODS: tuple[str, ...] = ("full", "freeze", "head", "lora", "bitfit")
+
+
+@dataclass
+class GuardConfig:
+    """Divergence guard: what to do with a non-finite or spiking loss."""
+
+    enabled: bool = True  # off: a NaN loss stops the run at once instead of being handled
+    policy: Literal["skip", "rollback", "stop"] = "skip"  # skip: drop the step; rollback: reload last good checkpoint
+    spike_zscore: float = 0.0  # robust z-score over the window that counts as a spike; 0: off (per-sample SGD losses are heavy-tailed)
+    spike_window: int = 50  # steps in the running window; larger: steadier baseline, slower to adapt
+    lr_factor: float = 0.5  # rollback multiplies lr by this
+    max_rollbacks: int = 3  # after this many rollbacks the run stops and suggests a learning rate
+    check_grad: bool = True  # also catch a non-finite gradient under a finite loss; costs one norm per step
+
+
+@dataclass
+class GPTSection:
+    """Shape of a GPT/Llama model trained from scratch (model=gpt); names as in models/gpt.py."""
+
+    family: Literal["gpt2", "llama"] = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
+    n_embd: int = 256
+    block_size: int = 256  # context length in tokens
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # lm_head shares the token embedding
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory for one more forward pass per step
+
+
+@dataclass
+class TextSection:
+    """Text data for language models."""
+
+    tokenizer: str = "byte"  # byte | char | path to a tokenizer.json
+    max_length: int = 128  # fine-tuning: tokens per example after truncation
+    text_column: str = "text"
+    label_column: str = "label"
+    columns: Optional[list[str]] = None  # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
+    group_by_length: bool = True  # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false: plain shuffling
+    pad_to_multiple_of: int = 8  # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores get aligned shapes)
+    length_pool: int = 8  # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less random batches)
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8  # higher: more capacity and memory
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)  # module-name patterns; empty = attention projections
+
+
+@dataclass
+class FreezeSection:
+    patterns: list[str] = field(default_factory=list)  # method=freeze: parameter-name globs that train; everything else is frozen
+    train_last_blocks: Optional[int] = None  # train only the last N blocks (+ head)
+    embeddings: bool = True  # freeze the embeddings
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning a pretrained model (model = a HF folder or .gguf file)."""
+
+    pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
+    head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
+    audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; hashes the trainable weights once
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward: one layer's activation memory instead of all, for one more forward pass per step; for long sequences or big models
+    eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
+    export: Literal["none", "adapter", "merged", "both"] = "none"  # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
+
+
+@dataclass
+class Config:
+    # --- what to fit -------------------------------------------------------------------------
+    model: str = "linear"  # linear | logistic | mlp | gpt | path to a HF folder or .gguf
+    data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
+    target: Optional[str] = None  # target column; None: the data set's default / last column
+    features: Optional[list[str]] = None  # feature columns; None: every column but the target
+    task: Literal["auto", "regression", "classification", "causal_lm", "instruction"] = "auto"  # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction: prompt/response JSONL
+    num_classes: Optional[int] = None  # classification with integer labels; None: inferred
+    standardize: bool = True  # features to zero mean / unit variance (train statistics)
+    standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
+    val_fraction: float = 0.2  # held out for validation; 0: no validation
+    hidden: list[int] = field(default_factory=lambda: [5])  # MLP hidden widths (classic 10-5-1)
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # MLP non-linearity
+    init: str = "random"  # random (seeded) | path to a .safetensors weights file
+    method: str = "full"  # fine-tuning: full | freeze | head | lora | bitfit (combine with '+')
+    # --- objective ---------------------------------------------------------------------------
+    loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"  # auto: mse / cross_entropy; mse_half: the 1/(2m) convention
+    label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
+    huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
+    # --- gradient descent ----------------------------------------------------------------------
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
+    lr: float = 0.01  # step size; too large oscillates/diverges, too small crawls (see lr-find)
+    momentum: float = 0.0  # SGD heavy-ball momentum; 0.9 typical
+    nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
+    dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
+    weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator floor
+    batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
+    micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
+    clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off
+    # --- schedule and stopping -------------------------------------------------------------------
+    schedule: Literal["constant", "step", "exponential", "linear", "cosine"] = "constant"  # lr(step); decay lets SGD settle
+    warmup_steps: int = 0  # linear lr warm-up steps before the schedule (large models)
+    min_lr: float = 0.0  # floor for linear/cosine decay
+    gamma: float = 0.1  # step/exponential decay factor
+    step_size: int = 1000  # steps between step-schedule decays
+    epochs: int = 100  # passes over the training set
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
+    tol: float = 0.0  # stop when the loss improves by less than this (relative) ...
+    patience: int = 5  # ... for this many evaluations in a row
+    grad_tol: float = 0.0  # stop when the gradient norm falls under this
+    eval_every: Optional[int] = None  # steps between evaluations; None: once per epoch
+    # --- numerics and reproducibility ------------------------------------------------------------
+    seed: int = 0  # initial weights, data order and split; same seed, same run
+    dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for matmuls (large models)
+    compile: bool = False  # torch.compile the model: faster steps after a warm-up
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # --- output -------------------------------------------------------------------------------
+    out_dir: str = "runs/latest"  # weights, metrics.jsonl, plots, checkpoints
+    log_every: int = 0  # steps between log lines; 0: per evaluation only
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
+    plot: bool = True  # loss-curve PNG at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the newest good checkpoint
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun: ddp replicates, fsdp shards (fits larger models, more traffic); auto picks
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks; lower: a dead or hung rank fails the run sooner, too low: slow steps abort
+    # --- sections ------------------------------------------------------------------------------
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    gpt: GPTSection = field(default_factory=GPTSection)
+    text: TextSection = field(default_factory=TextSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (checkpoints record it)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,42 @@
+"""What the loop needs to train anything: a model, an objective, training and validation data.
+
+A model, a fine-tuning method or a data format changes what goes *into* the loop, never the
+loop; the builders in this package make that choice (``registry.build``). Every builder runs
+(and validates its input) before anything is written to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from gradtune.data.dataset import Dataset
+from gradtune.models.weights import load_weights
+from gradtune.objectives.output import Objective
+
+TASKS = ("regression", "classification", "lm")
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    objective: Objective
+    train: Dataset
+    val: Optional[Dataset]
+    task: str  # one of TASKS: which metrics the loss comes with (RMSE, accuracy, perplexity)
+    info: dict[str, Any] = field(default_factory=dict)  # written to summary.json["job"]; reloading reads it
+    # Optimizer parameter groups (e.g. no weight decay on norms); None: every trainable param.
+    param_groups: Optional[list[dict[str, Any]]] = None
+    # Run with the model right after the first optimizer step of a fresh run (fine-tuning audit:
+    # the builder fingerprints the weights, untouched until that step, and compares).
+    after_first_step: Optional[Callable[[nn.Module], None]] = None
+    # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
+    save_extra: Optional[Callable[[Path], None]] = None
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Initial weights from a safetensors file (``init=PATH``); names and shapes must match."""
+    load_weights(model, path)

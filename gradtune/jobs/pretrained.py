@@ -1,0 +1,154 @@
+"""Fine-tuning a pretrained model (HF folder or .gguf) as a Job of the one loop.
+
+    BUILDERS["pretrained"] = build_pretrained   (see registry.py)
+
+Order matters for the "nothing written before the input is validated" promise: the task, the
+data and the model are all loaded and checked here, before the loop opens out_dir. The only
+write it schedules is ``save_extra`` (tokenizer, labels, exports), which ``outputs`` calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from gradtune.config import Config
+from gradtune.data.causal_text import load_causal_text
+from gradtune.data.instructions import load_instructions
+from gradtune.data.split import split_indices
+from gradtune.data.text_tasks import LabelMap, load_text_task
+from gradtune.finetune import audit, export, methods
+from gradtune.finetune.summary import summary
+from gradtune.jobs.job import Job
+from gradtune.models import hf
+from gradtune.objectives.causal_lm import CausalLM
+from gradtune.objectives.classification import Classification
+from gradtune.objectives.output import Objective
+from gradtune.objectives.regression import Regression
+from gradtune.runtime import distributed
+from gradtune.runtime.errors import GradtuneError
+
+ENCODER_TASKS = ("classification", "regression")
+
+
+def resolve_task(cfg: Config) -> str:
+    """auto: plain text (.txt) is causal-LM data, anything else labelled rows (classification)."""
+    if cfg.task != "auto":
+        return cfg.task
+    return "causal_lm" if cfg.data.endswith(".txt") else "classification"
+
+
+def job_task(task: str) -> str:
+    """The Job's task (which metrics) for a fine-tuning task: causal_lm and instruction are 'lm'."""
+    return task if task in ENCODER_TASKS else "lm"
+
+
+def load_data(cfg: Config, task: str, path: str, tokenizer: Any,
+              label_map: Optional[LabelMap] = None) -> tuple[Any, Optional[LabelMap]]:
+    """(SequenceDataset, LabelMap or None) of ``path`` for ``task``; batch lengths rounded up to
+    ``text.pad_to_multiple_of``."""
+    t = cfg.text
+    labels = None
+    if task in ENCODER_TASKS:
+        data, labels = load_text_task(path, tokenizer, task, t.text_column, t.label_column, t.columns,
+                                      t.max_length, label_map)
+    elif task == "instruction":
+        data = load_instructions(path, tokenizer, t.max_length)
+    else:
+        data = load_causal_text(path, tokenizer, t.max_length, t.text_column)
+    data.pad_multiple = t.pad_to_multiple_of
+    return data, labels
+
+
+def objective_for(task: str) -> Objective:
+    if task == "classification":
+        return Classification()
+    if task == "regression":
+        return Regression("mse")
+    return CausalLM(shift=True, token_accuracy=True)  # labels aligned with input_ids (HF convention)
+
+
+def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.Module, Any, frozenset[str]]:
+    """(model after the method's transforms, tokenizer, declared trainable names)."""
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
+    if activation_checkpointing(cfg) and getattr(body, "supports_gradient_checkpointing", False):
+        # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
+        # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.
+        if task in ENCODER_TASKS and getattr(body.config, "use_cache", None):
+            body.config.use_cache = False  # an encoder never generates (silences a warning)
+        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
+    model, trainable = methods.apply(body, cfg.method, num_outputs if task in ENCODER_TASKS else None,
+                                     lora=cfg.lora, freeze=cfg.freeze, finetune=cfg.finetune)
+    return model, tokenizer, trainable
+
+
+def activation_checkpointing(cfg: Config) -> bool:
+    """Recompute activations in backward, when asked for (off by default: the README's
+    fine-tuning section gives the time and memory it trades). ``head`` never backpropagates
+    through the body, so there is nothing to recompute."""
+    return methods.body_method(cfg.method) != "head" and cfg.finetune.activation_checkpointing
+
+
+def _train_val(cfg: Config, task: str, tokenizer: Any) -> tuple[Any, Any, Optional[LabelMap]]:
+    data, labels = load_data(cfg, task, cfg.data, tokenizer)
+    if cfg.finetune.eval_data:  # a separate test file: train on all of data
+        val, _ = load_data(cfg, task, cfg.finetune.eval_data, tokenizer, labels)
+        return data, val, labels
+    train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed, ordered=True)
+    val = data.subset(val_idx.tolist()) if len(val_idx) else None
+    return data.subset(train_idx.tolist()), val, labels
+
+
+def build_pretrained(cfg: Config) -> Job:
+    """BUILDERS["pretrained"]: fine-tune the model at ``cfg.model`` on ``cfg.data``."""
+    task = resolve_task(cfg)
+    if "head" in cfg.method.split("+") and task not in ENCODER_TASKS:
+        raise GradtuneError(f"config: method 'head' adds a classification/regression head; task '{task}' has none")
+    if cfg.loss != "auto" or cfg.label_smoothing:
+        raise GradtuneError("config: fine-tuning objectives fix the loss (cross-entropy for classes and "
+                            "tokens, mse for regression); leave loss=auto and label_smoothing=0")
+    train, val, labels = _train_val(cfg, task, hf.load_tokenizer(cfg.model))
+    model, tokenizer, trainable = transformed(cfg, task, len(labels.names) if labels is not None else 1)
+    line = summary(model)
+    if distributed.is_main():
+        print(f"method {cfg.method}: {line}", flush=True)
+    info: dict[str, Any] = {"data": cfg.data, "task": task, "model": cfg.model, "method": cfg.method,
+                            "parameters": line, "n_train": len(train), "n_val": len(val) if val is not None else 0}
+    if labels is not None:
+        info["classes"] = labels.names
+    if getattr(train, "dropped", 0):
+        info["dropped_no_response"] = train.dropped
+    job = Job(model, objective_for(task), train, val, job_task(task), info)
+    if cfg.finetune.audit:
+        job.after_first_step = _audit_hook(model, trainable)
+    job.save_extra = lambda out_dir: save_extra(job.model, cfg, tokenizer, labels, out_dir)
+    return job
+
+
+def _audit_hook(model: nn.Module, trainable: frozenset[str]) -> Any:
+    """Fingerprint now (the weights are untouched until the first step); check after it."""
+    snapshot = audit.before(model, trainable)
+
+    def check(m: nn.Module) -> None:
+        try:
+            audit.check(m, snapshot)
+        except audit.AuditError as e:  # one line, like every other bad setting
+            raise GradtuneError(str(e)) from None
+
+    return check
+
+
+def save_extra(model: nn.Module, cfg: Config, tokenizer: Any, labels: Optional[LabelMap], out_dir: Path) -> None:
+    """Beside model.safetensors: the tokenizer, the label map, and the exports asked for."""
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    if labels is not None:
+        labels.save(out_dir / "labels.json")
+    if cfg.finetune.export in ("adapter", "both"):
+        export.save_adapter(model, out_dir / "adapter", str(Path(cfg.model).resolve()))
+    if cfg.finetune.export in ("merged", "both"):
+        export.save_merged(model, out_dir / "merged", tokenizer)

@@ -1,0 +1,41 @@
+"""The one table of run types: model name -> the builder that turns a Config into a Job.
+
+To add a run type, write ``build_x(cfg) -> Job`` in this package and register it here (and,
+for ``eval`` / ``predict`` / ``generate`` on its finished runs, a reloader in ``reload.py``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from gradtune.config import Config, is_pretrained
+from gradtune.jobs.job import Job
+from gradtune.jobs.pretrained import build_pretrained
+from gradtune.jobs.tabular import build_tabular
+from gradtune.jobs.text import build_text
+from gradtune.runtime.errors import GradtuneError
+
+BUILDERS: dict[str, Callable[[Config], Job]] = {
+    "linear": build_tabular,
+    "logistic": build_tabular,
+    "mlp": build_tabular,
+    "gpt": build_text,
+    "pretrained": build_pretrained,  # cfg.model is a HF folder or a .gguf file
+}
+
+
+def kind(model: str) -> str:
+    """The BUILDERS key of a ``model`` setting: a built-in name, or 'pretrained' for a path."""
+    if model in BUILDERS and model != "pretrained":
+        return model
+    if is_pretrained(model):
+        return "pretrained"
+    close = difflib.get_close_matches(model, [k for k in BUILDERS if k != "pretrained"], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(BUILDERS)}, or a path)"
+    raise GradtuneError(f"config: unknown model '{model}'{hint}")
+
+
+def build(cfg: Config) -> Job:
+    """The Job ``cfg`` describes; every input is validated here, before anything is written."""
+    return BUILDERS[kind(cfg.model)](cfg)

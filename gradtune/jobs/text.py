@@ -1,0 +1,80 @@
+"""The language-model job: text -> tokens -> windows, a GPT sized to the tokenizer, CausalLM.
+
+The model is made by a factory (``make_model(vocab_size, cfg.gpt)``), so ``text_job`` serves any
+causal LM that maps input_ids (B, T) to logits (B, T, V); ``build_text`` plugs in our GPT. Like
+every builder it validates all input (text, tokenizer, sizes) before anything is written to
+out_dir; the only write is the token cache, which is outside out_dir and safe to delete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from gradtune.config import Config, GPTSection
+from gradtune.data import text
+from gradtune.jobs.job import Job, load_init
+from gradtune.models.gpt import GPT, GPTConfig
+from gradtune.objectives.causal_lm import CausalLM
+from gradtune.optim.groups import decay_groups
+from gradtune.runtime.atomic import atomic_path
+from gradtune.runtime.errors import GradtuneError
+
+# (vocab_size, cfg.gpt) -> a causal LM mapping input_ids (B, T) to logits (B, T, vocab_size).
+ModelFactory = Callable[[int, GPTSection], nn.Module]
+
+
+def gpt(vocab_size: int, section: GPTSection) -> GPT:
+    """GPT(GPTConfig) from every cfg.gpt field GPTConfig also has, plus vocab_size."""
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    given = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+    return GPT(GPTConfig(vocab_size=vocab_size, **given))
+
+
+def text_job(cfg: Config, make_model: ModelFactory) -> Job:
+    """The Job for training ``make_model(vocab, cfg.gpt)`` on ``cfg.data`` with ``cfg.text.tokenizer``."""
+    if cfg.loss not in ("auto", "cross_entropy"):
+        raise GradtuneError(f"config: loss '{cfg.loss}' does not fit a language model; use cross_entropy")
+    tf = text.tokenize(cfg.data, cfg.text.tokenizer)
+    train, val = text.split(tf, cfg.gpt.block_size, cfg.val_fraction)
+    vocab = tf.tokenizer.vocab_size
+    torch.manual_seed(cfg.seed)  # the model's random init is part of the seeded run
+    model = make_model(vocab, cfg.gpt)
+    if cfg.dtype == "float64":
+        model = model.to(torch.float64)
+    if cfg.init != "random":
+        load_init(model, cfg.init)
+    info: dict[str, Any] = {
+        "data": tf.source, "task": "lm", "loss": "cross_entropy",
+        "tokenizer": tf.tokenizer.name, "tokenizer_file": str(tf.tokenizer_path),
+        "vocab_size": vocab, "eos_id": tf.tokenizer.eos_id, "block_size": cfg.gpt.block_size,
+        "n_tokens": tf.n_tokens, "n_train_tokens": train.n_tokens,
+        "n_val_tokens": val.n_tokens if val is not None else 0,
+        "train_windows": len(train), "val_windows": len(val) if val is not None else 0,
+        "token_cache": str(tf.path), "token_cache_hit": tf.cache_hit, "tokenize_s": round(tf.seconds, 4),
+    }
+    if hasattr(model, "flops_per_token"):  # our GPT; a stand-in model may not count its FLOPs
+        info["flops_per_token"] = model.flops_per_token()
+        info["n_params"] = model.num_params()
+    job = Job(model, CausalLM(cfg.label_smoothing), train, val, "lm", info,
+              param_groups=decay_groups(model, cfg.weight_decay))
+    job.save_extra = lambda out_dir: save_tokenizer(job, out_dir)
+    return job
+
+
+def build_text(cfg: Config) -> Job:
+    """BUILDERS["gpt"]: a GPT trained from scratch on text."""
+    return text_job(cfg, gpt)
+
+
+def save_tokenizer(job: Job, out_dir: Path | str) -> Path:
+    """Copy the tokenizer the job trained with to ``out_dir/tokenizer.json``: generation and
+    evaluation must decode exactly as training encoded."""
+    target = Path(out_dir) / "tokenizer.json"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(Path(job.info["tokenizer_file"]).read_bytes())
+    return target

@@ -1,0 +1,67 @@
+"""``fit(job, cfg, out_dir)``: the importable entry point of the loop, for objects built in
+Python as for configs (``gradtune.train.train``). Resume is decided here, before anything is
+written; the signal handlers that turn SIGTERM/SIGINT into a checkpoint are installed here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gradtune.config import Config
+from gradtune.jobs.job import Job
+from gradtune.loop.loop import Loop
+from gradtune.runtime import distributed
+from gradtune.runtime.device import cpu_threads, resolve_device
+from gradtune.state import preempt, resume
+from gradtune.telemetry.metrics_log import MetricsLog
+
+
+@dataclass
+class Result:
+    steps: int
+    epochs: float
+    stop_reason: str
+    train_loss: float  # loss of the last evaluation (epoch mean for SGD/mini-batch; exact for full)
+    val_loss: Optional[float]
+    metrics: dict[str, float]
+    wall_time: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Optional[Path] = None
+    info: dict[str, Any] = field(default_factory=dict)  # the job's facts (closed-form loss, classes...)
+
+
+def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
+    """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
+
+    With ``resume: auto`` a run finding a verified checkpoint in ``out_dir`` continues from it.
+    Every check (which checkpoint, does the config match) happens before anything is written.
+    """
+    torch.manual_seed(cfg.seed)
+    distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+    plan = resume.plan(cfg, out_dir, job)
+    loop = Loop(job, cfg, out_dir, MetricsLog(None))
+    if plan is not None:
+        loop.restore(plan)
+        if cfg.resume == "force":
+            loop.finished = None  # forcing on (say with a lower lr) reopens a converged/diverged run
+    elif out_dir is not None and cfg.resume == "never" and distributed.is_main():
+        resume.discard(out_dir)
+    # Only now is anything written; one log, on rank 0.
+    loop.log = log = resume.open_log(out_dir, plan) if distributed.is_main() else MetricsLog(None)
+    t0 = time.perf_counter()
+    try:
+        with cpu_threads(job.model, loop.device), preempt.catch() as flag:
+            loop.preempt = flag if out_dir is not None else None
+            stop_reason, train_loss = loop.run()
+    finally:
+        log.close()
+        loop.probe.close()
+    last = next((r for r in reversed(log.rows) if r.get("kind") == "eval"), {})
+    metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
+    return Result(loop.step, loop.step / loop.sampler.steps_per_epoch, stop_reason,
+                  last.get("loss", train_loss), last.get("val_loss"), metrics,
+                  time.perf_counter() - t0, log.rows, out_dir, job.info)

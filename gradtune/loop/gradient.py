@@ -1,0 +1,92 @@
+"""The gradient of one step: accumulated over micro-batches (and ranks), its norm, clipping.
+
+    grad = d(sum of per-sample losses over the whole batch)/d(param)   accumulate()
+    grad = grad / count                                               the loop, once
+    ||grad||                                                          norm()
+    grad = grad * min(1, max_norm / ||grad||)                         clip_()
+
+This runs every step, so it avoids needless work there: one process takes no distributed
+branch at all, test hooks are read once per call, and on CPU the norm is one pass of the
+optimizer's C kernel returning a Python float (no tensors created, no dispatches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Union
+
+import torch
+from torch import nn
+
+from gradtune.runtime import distributed, testhooks
+from gradtune.data.dataset import Dataset
+from gradtune.objectives.output import Objective
+from gradtune.optim import fused
+
+_NULL = contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: list[torch.Tensor],
+               device: torch.device, amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
+    """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
+
+    Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync;
+    count stays a Python int when the objective knows it on the host).
+    Under torch.distributed each rank takes its share of every micro-batch, gradients are summed
+    across ranks on the last micro-batch only, and the returned sums are global.
+    """
+    dist = distributed.active()
+    probe = testhooks.probe_dir()
+    loss_sum = count = None
+    sums: dict[str, torch.Tensor] = {}
+    last = len(micro) - 1
+    for i, idx in enumerate(micro):
+        batch = data.get(distributed.shard(idx) if dist else idx)
+        if probe is not None:
+            testhooks.record_micro(probe, batch["sample_id"].tolist())
+        with distributed.grad_sync(model, last=i == last) if dist else _NULL:
+            with amp:
+                out = objective(model, to_device(batch, device))
+            out.loss_sum.backward()
+        testhooks.hit("micro")
+        ls = out.loss_sum.detach()
+        if loss_sum is None:  # the common single micro-batch: no additions at all
+            loss_sum, count, sums = ls, out.count, dict(out.metrics)
+            continue
+        loss_sum, count = loss_sum + ls, count + out.count
+        for k, v in out.metrics.items():
+            sums[k] = v if k not in sums else sums[k] + v
+    if dist:
+        return distributed.all_reduce_sums(loss_sum, count, sums)
+    return loss_sum, count, sums
+
+
+def norm(grads: list[torch.Tensor]) -> Union[float, torch.Tensor]:
+    """||grad|| over all tensors: a Python float from the C kernel (CPU float32/float64, one
+    dtype; accumulated in float64), else a 0-d tensor (CUDA, DTensor, mixed dtypes) so that no
+    host sync is forced."""
+    if not grads:
+        return 0.0
+    if fused.supported(grads):
+        lib = fused.load()
+        if lib is not None:
+            return fused.sumsq(lib, grads) ** 0.5
+    # FSDP2: the norm of sharded grads is a DTensor; the clip factor needs the plain global value.
+    return distributed.plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+
+def clip_(grads: list[torch.Tensor], total_norm: Union[float, torch.Tensor], max_norm: float) -> None:
+    """Scale ``grads`` in place so their norm is at most ``max_norm`` (torch's clip_grad_norm_
+    rule: factor max_norm / (norm + 1e-6), capped at 1)."""
+    if isinstance(total_norm, torch.Tensor):
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
+        return
+    scale = max_norm / (total_norm + 1e-6)
+    if scale < 1.0:  # a factor of exactly 1 changes nothing: skip the pass
+        torch._foreach_mul_(grads, scale)

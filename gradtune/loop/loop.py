@@ -1,0 +1,347 @@
+"""The one training loop. Every job — a line, the 10-5-1 MLP, a GPT, a LoRA-tuned LLM — runs here.
+
+    for each step:
+        batch(es)  <- sampler (batch_size: full | 1 | k), split into micro-batches
+        loss       <- objective(model, micro-batch) as sums; gradients of sums accumulated
+        grad       <- divided once by the batch's total count: exact whatever the split
+        guard      <- finite loss and gradient? no spike? else skip / rollback / stop
+                      (decided before anything is touched)
+        param      <- optimizer.step() at lr(step)
+        measure    <- at evaluation points only: loss, metrics, grad norm, log, plot
+        checkpoint <- every checkpoint_every steps, at the end, and on SIGTERM/SIGINT
+        stop?      <- converged (tol, patience, grad_tol) or budget reached
+
+Resume restores ``Loop.load_state_dict`` from a checkpoint (``Loop.restore``); checkpoints are
+written only between steps, so a kill inside an accumulation window simply recomputes that
+whole step from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gradtune.config import Config
+from gradtune.data.dataset import TensorDataset
+from gradtune.data.sampler import Step, make_sampler
+from gradtune.jobs.job import Job
+from gradtune.loop import gradient
+from gradtune.loop.evaluation import evaluate, ratio_snapshot, task_metrics, update_ratios
+from gradtune.loop.guard import Guard
+from gradtune.loop.schedules import factor
+from gradtune.loop.stopping import Convergence
+from gradtune.models.weights import aliases, dedupe
+from gradtune.optim.build import make_optimizer
+from gradtune.optim.direct import direct_step
+from gradtune.runtime import allocator, distributed, testhooks
+from gradtune.runtime.device import autocast, resolve_device
+from gradtune.runtime.errors import GradtuneError
+from gradtune.runtime.peak import peak_flops
+from gradtune.state import checkpoint, resume
+from gradtune.state.preempt import Flag, Preempted
+from gradtune.telemetry.metrics_log import MetricsLog
+from gradtune.telemetry.progress import Progress
+
+
+def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
+    for g in opt.param_groups:
+        g["lr"] = g.setdefault("initial_lr", g["lr"]) * f
+    return opt.param_groups[0]["lr"]
+
+
+class Loop:
+    """State of one run of the loop; ``run`` is the loop itself."""
+
+    def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog) -> None:
+        self.job, self.cfg, self.log = job, cfg, log
+        self.out_dir = out_dir
+        self.device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+        mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
+        # DDP wraps, FSDP2 shards in place; self.model is what the loop calls, job.model stays unwrapped.
+        self.model, groups = distributed.wrap(job.model.to(self.device), mode, self.device, job.param_groups)
+        # compile=true: the forward/backward runs through Inductor; weights are saved from the
+        # plain module, so files never carry an `_orig_mod.` prefix.
+        self.fwd = torch.compile(self.model) if cfg.compile else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(cfg, groups or self.params)
+        self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
+        self.trim = allocator.trim if allocator.tuned() else None
+        self.sampler = make_sampler(job, cfg)
+        per_epoch = self.sampler.steps_per_epoch
+        self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+        self.eval_every = cfg.eval_every or per_epoch
+        # Evaluation chunks: large for in-memory tables (cheap rows), the training batch for
+        # sequences, whose activations grow with the chunk (peak memory is set here otherwise).
+        tabular = isinstance(job.train, TensorDataset)
+        self.eval_batch = cfg.micro_batch_size or (
+            (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256)) if tabular
+            else (cfg.batch_size if cfg.batch_size != "full" else 32))
+        self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
+        self.guard = Guard(cfg.guard)
+        self.amp = autocast(cfg.precision, self.device)
+        self.step = 0
+        self.skipped = 0
+        self.lr_scale = 1.0  # lowered by each guard rollback
+        self.finished: Optional[str] = None  # why a checkpointed run already stopped (converged...)
+        self.ckpt_root = checkpoint.root(out_dir) if out_dir is not None else None
+        self.saved_step: Optional[int] = None
+        self.preempt: Optional[Flag] = None  # set by fit() while its signal handlers are installed
+        self.probe = testhooks.Probe()
+        self._reset_epoch_sums()
+        self.last_gnorm: "Optional[float | torch.Tensor]" = None
+        self.progress = Progress("off", self.total)
+        self.health: dict[str, float] = {}
+
+    # --- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on, except the weights (saved apart, see checkpoint.py).
+
+        The schedule needs only the step (lr is a pure function of it) and the rollback scale;
+        the data position is the sampler's (epoch, index) - ``micro_index`` is always 0 because
+        checkpoints are taken between steps, never inside an accumulation window.
+        """
+        s = self.sampler
+        return {
+            "step": self.step, "skipped": self.skipped, "finished": self.finished,
+            "schedule": {"step": self.step, "lr_scale": self.lr_scale, "lr": self.opt.param_groups[0]["lr"]},
+            "data": {**s.state(), "micro_index": 0, "n": s.n, "seed": s.seed, "order_sha256": s.order_digest()},
+            "optimizer": self.opt.state_dict(),
+            "guard": self.guard.state(),
+            "stopper": self.stopper.state(),
+            "sums": {"loss": self.run_loss, "count": self.run_count, "metrics": dict(self.run_metrics)},
+            "last_gnorm": self.last_gnorm,  # a float, or a 0-d tensor (CUDA/DTensor gradients)
+            "metrics_rows": len(self.log.rows),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict`` (the weights are loaded by ``restore``)."""
+        self.step, self.skipped, self.finished = int(state["step"]), int(state["skipped"]), state["finished"]
+        self.lr_scale = float(state["schedule"]["lr_scale"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.load_state(state["data"])
+        if self.sampler.order_digest() != state["data"]["order_sha256"]:
+            raise GradtuneError("checkpoint: the data order regenerated from (seed, epoch) differs from the saved one")
+        self.guard.load_state(state["guard"])
+        self.stopper.load_state(state["stopper"])
+        sums = state["sums"]
+        self.run_loss, self.run_count = float(sums["loss"]), float(sums["count"])
+        self.run_metrics = {k: v.to(self.device) for k, v in sums["metrics"].items()}
+        gn = state["last_gnorm"]
+        self.last_gnorm = gn.to(self.device) if isinstance(gn, torch.Tensor) else gn
+        checkpoint.set_rng_state(state["rng"])
+
+    def restore(self, found: resume.Plan) -> None:
+        """Load the weights and every state of checkpoint ``found`` (resume, and rollback)."""
+        try:
+            model = distributed.unwrap(self.model)
+            tied = aliases(model)  # stored once: filling one name fills its aliases
+            with torch.no_grad():
+                for k, p in model.state_dict().items():
+                    if k not in tied:
+                        p.copy_(found.model[k])
+            self.load_state_dict(found.state)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise GradtuneError(f"{found.folder}: state does not restore ({type(e).__name__}: {e})") from None
+        self.saved_step = self.step
+
+    def save_checkpoint(self) -> Path:
+        assert self.ckpt_root is not None
+        cfg = self.cfg
+        if distributed.is_sharded(self.model):
+            raise GradtuneError("checkpoint_every with distributed=fsdp: periodic sharded checkpoints are not "
+                                "wired into the loop yet (gradtune.runtime.distributed.save_sharded); use ddp")
+        # Unwrapped names (no `module.`), tied weights once, written by rank 0 only.
+        model_state = dedupe(distributed.full_state_dict(self.model)) if distributed.is_main() else {}
+        path = distributed.on_main(checkpoint.save, self.ckpt_root, self.step, model_state, self.state_dict(),
+                                   cfg.to_dict(), cfg.hash(), cfg.keep_checkpoints)
+        self.saved_step = self.step
+        return path
+
+    # --- measuring ----------------------------------------------------------------------------
+    def _schedule(self) -> float:
+        c = self.cfg
+        min_ratio = c.min_lr / c.lr
+        return factor(self.step, c.schedule, self.total, c.warmup_steps, c.gamma, c.step_size, min_ratio)
+
+    def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
+        job, cfg = self.job, self.cfg
+        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4), "lr": lr}
+        row.update(task_metrics(job.task, job.info, "", train_loss, self.ep_count, self.ep_sums))
+        gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
+        if gnorm is not None:
+            row["grad_norm"] = gnorm
+        row.update(self.health)
+        now = time.perf_counter()
+        if job.task == "lm":  # throughput since the previous evaluation (evaluation time excluded)
+            tps = self.ep_count / max(now - self.t_mark, 1e-9)
+            row["tokens_per_s"] = tps
+            if "flops_per_token" in job.info:
+                peak = peak_flops(self.device, self.cfg.precision == "bf16")
+                row["mfu"] = job.info["flops_per_token"] * tps / peak
+        if job.val is not None:
+            vl, vc, vs = evaluate(self.model, job.objective, job.val, self.eval_batch, self.device, self.amp)
+            row.update(task_metrics(job.task, job.info, "val_", vl, vc, vs))
+        self.log.write(row)
+        self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
+        self.t_mark = time.perf_counter()
+        return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None)
+
+    def _reset_epoch_sums(self) -> None:
+        # Running sums since the last evaluation. Loss and count are host floats (float64): the
+        # guard reads each step's loss anyway. Metric sums stay device tensors (checkpointed as
+        # they are), read once per evaluation: no per-step sync for them.
+        self.run_loss, self.run_count = 0.0, 0.0
+        self.run_metrics: dict[str, torch.Tensor] = {}
+        self.ep_count = 0.0
+        self.ep_sums: dict[str, float] = {}
+
+    def _close_epoch_sums(self) -> float:
+        """One host sync per evaluation: the metric sums since the last one; the mean loss."""
+        self.ep_count = self.run_count
+        self.ep_sums = {k: float(v) for k, v in self.run_metrics.items()}
+        return self.run_loss / max(self.ep_count, 1.0)
+
+    # --- the guard's decisions ----------------------------------------------------------------
+    def _on_guard(self, action: str, why: str, s: Step) -> Optional[str]:
+        """Apply the guard's decision for step ``s``, whose update was not made; why to stop, or
+        None. The step counter does not advance (the schedule stays put) and the batch is
+        dropped; the decision is written to metrics.jsonl with the sample ids."""
+        for p in self.params:
+            p.grad = None
+        self.skipped += 1
+        row: dict[str, Any] = {"kind": "guard", "step": self.step, "action": action, "reason": why,
+                               "epoch": s.epoch, "index": s.index, "sample_ids": torch.cat(s.micro).tolist()[:64]}
+        stop = None
+        if action == "rollback":
+            stop = self._rollback(row)
+        elif action == "stop":
+            stop = f"diverged: {why} at step {self.step}"
+        elif self.skipped > max(10, self.total // 10):
+            stop = f"diverged: {why} ({self.skipped} steps skipped)"
+        self.log.write(row)
+        self.progress.note(f"guard: step {self.step}: {why} -> {action}")
+        return stop
+
+    def _rollback(self, row: dict[str, Any]) -> Optional[str]:
+        """Back to the newest good checkpoint with a lower lr; why to stop, or None. ``row`` (the
+        guard's record of the bad step) gains what was done."""
+        g = self.guard
+        give_up = g.give_up(self.cfg.lr * self.lr_scale)
+        if give_up:
+            return give_up
+        found = resume.latest(self.ckpt_root) if self.ckpt_root is not None else None
+        if found is None:
+            return "diverged: no checkpoint to roll back to"
+        position, skipped = self.sampler.state(), self.skipped
+        rollbacks, scale = g.rollbacks + 1, self.lr_scale * g.cfg.lr_factor
+        self.restore(found)
+        # Kept from now, not from the checkpoint: the data already passed (the offending window
+        # is skipped), the rollback count and the lowered lr.
+        self.sampler.load_state(position)
+        g.rollbacks, self.lr_scale, self.skipped = rollbacks, scale, skipped
+        self.finished = None
+        row.update({"rollback_to": found.folder.name, "resume_step": self.step, "lr_scale": scale,
+                    "rollbacks": rollbacks})
+        return None
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _begin(self) -> None:
+        cfg = self.cfg
+        self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total)
+        self.health = {}
+        self.t_mark = time.perf_counter()
+        self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
+        self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
+        if cfg.guard.enabled and cfg.guard.policy == "rollback":
+            if self.ckpt_root is None:
+                raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
+            if checkpoint.newest_step(self.ckpt_root) is None:
+                self.save_checkpoint()  # there is always a last good state to roll back to
+        self.model.train()
+
+    def _step(self, s: Step) -> tuple[bool, Optional[str]]:
+        """One optimizer step on ``s``: (was the update applied, why to stop or None). A step that
+        closes an evaluation period sets ``train_loss``."""
+        cfg, job = self.cfg, self.job
+        lr = _set_lr(self.opt, self._schedule() * self.lr_scale)
+        for p in self.params:
+            p.grad = None
+        loss_sum, count, sums = gradient.accumulate(self.fwd, job.objective, job.train, s.micro, self.device, self.amp)
+        # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
+        grads = [p.grad for p in self.params if p.grad is not None]
+        count_f = float(count)
+        if grads and count_f != 1.0:
+            torch._foreach_mul_(grads, 1.0 / count_f)
+        loss_sum_f = float(loss_sum)  # one scalar read per step: the guard needs it now
+        loss = loss_sum_f / count_f
+        gnorm = gradient.norm(grads) if self.need_norm else None
+        action, why = self.guard.check(loss, float(gnorm) if self.check_grad else None)
+        if action != "ok":
+            return False, self._on_guard(action, why, s)
+        if self.need_norm:
+            self.last_gnorm = gnorm
+            if cfg.clip_grad_norm is not None:
+                gradient.clip_(grads, gnorm, cfg.clip_grad_norm)
+        watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
+        before = ratio_snapshot(self.opt) if watch else None
+        self.opt_step()
+        if self.trim is not None:
+            self.trim()  # hand the freed activations back to the system (runtime/allocator.py)
+        if self.step == 0 and job.after_first_step is not None:
+            job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
+        if before is not None:
+            self.health = update_ratios(self.opt, before)
+        testhooks.hit("step")
+        self.run_loss += loss_sum_f
+        self.run_count += count_f
+        for k, v in sums.items():
+            self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
+        self.step += 1
+        if self.probe.file is not None:
+            self.probe.record(self.step, torch.cat(s.micro).tolist())
+        if cfg.log_every and self.step % cfg.log_every == 0:
+            self.log.write({"kind": "step", "step": self.step, "loss": loss, "lr": lr})
+        if self.step % self.eval_every == 0 or s.epoch_end or self.step == self.total:
+            self.train_loss = self._close_epoch_sums()
+            reason = self._evaluate(self.train_loss, lr)
+            self._reset_epoch_sums()
+            return True, reason
+        return True, None
+
+    def _after_step(self) -> None:
+        """Checkpoint when due; on a preemption request, checkpoint and raise ``Preempted``."""
+        cfg = self.cfg
+        if self.ckpt_root is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.preempt is not None and self.preempt.requested:
+            assert self.ckpt_root is not None
+            path = self.ckpt_root / checkpoint.folder_name(self.step)
+            if self.saved_step != self.step:
+                path = self.save_checkpoint()
+            self.progress.close(self.step)
+            raise Preempted(f"preempted by {self.preempt.signal} at step {self.step}; checkpoint {path}; "
+                            f"run the same command again to resume")
+
+    def run(self) -> tuple[str, float]:
+        """Train until the budget is spent or a stop rule fires: (why it stopped, last train loss)."""
+        stop_reason = self.finished or f"budget reached ({self.total} steps)"
+        self.train_loss = math.nan
+        self._begin()
+        while self.step < self.total and not self.finished:
+            testhooks.hit("step.begin")
+            applied, reason = self._step(next(self.sampler))
+            if reason:
+                stop_reason = self.finished = reason
+                break
+            if applied:
+                self._after_step()
+        if self.ckpt_root is not None and self.cfg.checkpoint_every and self.saved_step != self.step:
+            self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
+        self.probe.close()
+        self.progress.close(self.step)
+        return stop_reason, self.train_loss

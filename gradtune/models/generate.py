@@ -1,0 +1,142 @@
+"""Sampling text from a causal LM, our GPT or a Hugging Face one: greedy, temperature, top-k,
+top-p (nucleus); KV cache by default.
+
+temperature == 0 (or None) is greedy argmax decoding, token-for-token what transformers'
+``generate(do_sample=False)`` returns. With a KV cache the prompt runs once (prefill) and each
+new token is one (B, 1) forward; without it (``use_cache=False``), and from the step where the
+text would outgrow the model's context, every step recomputes the last ``context_length``
+tokens, as nanoGPT does.
+
+The model families differ only in how one forward is called, so one loop serves both:
+``_gpt_forward`` (gradtune.models.gpt.GPT and its preallocated KVCache) and ``_hf_forward``
+(any transformers causal LM through its own cache object, DynamicCache for most). A model
+transformed by gradtune.finetune (LoRA swaps nn.Linear layers *inside* it) is still the same
+transformers object, so it takes the HF path unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradtune.models.gpt import GPT, KVCache
+
+# (ids (B, t), cache or None, cached?) -> (last-position logits (B, V), cache to pass next step)
+Forward = Callable[[torch.Tensor, Any, bool], tuple[torch.Tensor, Any]]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top_k / the smallest set with mass >= top_p. (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass *before* it already reaches top_p: the top token always stays.
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float | None, top_k: int | None,
+               top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from last-position logits (B, V) -> (B, 1)."""
+    if not temperature:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """The most positions ``model`` attends over: GPT's block_size, an HF config's
+    max_position_embeddings (GPT-2 maps n_positions onto it); None when the config names none."""
+    if isinstance(model, GPT):
+        return model.config.block_size
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _gpt_forward(model: GPT) -> Forward:
+    """Our GPT: a KVCache preallocated to block_size, filled by GPT.forward in place."""
+    def forward(ids: torch.Tensor, cache: Optional[KVCache], cached: bool) -> tuple[torch.Tensor, Any]:
+        if cached and cache is None:
+            dtype = next(model.parameters()).dtype
+            cache = KVCache(model.config, ids.shape[0], dtype, ids.device)
+        logits = model(ids, cache=cache if cached else None)  # (B, t, V)
+        return logits[:, -1, :], cache
+    return forward
+
+
+def _hf_forward(model: nn.Module) -> Forward:
+    """A transformers causal LM with its own cache: the first cached call (cache None, use_cache)
+    makes one (DynamicCache for most models) and returns it; later calls pass it back with the
+    new (B, 1) token, and the model derives positions from the cache's length. Equal-length rows
+    need no attention_mask: no padding, so the causal mask is the whole story."""
+    params = inspect.signature(model.forward).parameters
+    # transformers 5.x renamed past_key_values to cache (the old name warns until 5.40).
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    # As transformers' generate: no (B, t, V) logits for a prefill that needs only the last row.
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def forward(ids: torch.Tensor, cache: Any, cached: bool) -> tuple[torch.Tensor, Any]:
+        kwargs = dict(extra, input_ids=ids, use_cache=cached)
+        if cached and cache is not None:
+            kwargs[cache_arg] = cache
+        out = model(**kwargs)
+        if not cached:
+            return out.logits[:, -1, :], None
+        new_cache = out.get("cache")  # ModelOutput keys hold the fields that are set
+        return out.logits[:, -1, :], new_cache if new_cache is not None else out.get("past_key_values")
+    return forward
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+             temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, eos_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
+
+    eos_id: a row that emitted it keeps emitting it (padding); generation stops once all rows
+    did. seed makes sampling reproducible without touching the global RNG."""
+    if temperature is not None and (math.isnan(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
+    limit = context_length(model)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    out, step_input, cache, cached = input_ids, input_ids, None, use_cache
+    done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
+    try:
+        for _ in range(max_new_tokens):
+            if cached and limit is not None and out.shape[1] > limit:
+                # The cache cannot grow past the context: from here on, recompute a sliding
+                # window, exactly what the uncached path has done all along.
+                cached, cache = False, None
+            if not cached:
+                step_input = out if limit is None else out[:, -limit:]  # (B, <= limit)
+            logits, cache = forward(step_input, cache, cached)  # (B, V): the last position only
+            tok = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_id is not None:
+                tok = tok.masked_fill(done, eos_id)
+                done |= tok == eos_id
+            out = torch.cat([out, tok], dim=1)
+            step_input = tok
+            if eos_id is not None and bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    return out

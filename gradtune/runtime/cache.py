@@ -1,0 +1,25 @@
+"""gradtune's one cache root: ``$GRADTUNE_CACHE``, else ``~/.cache/gradtune``.
+
+    tokens/     tokenised text (data/text.py), keyed by source and tokenizer hashes
+    kernels/    the optimizer's compiled C kernels (optim/fused.py), keyed by source/CPU/compiler
+    peak.json   measured peak matmul FLOP/s per machine (runtime/peak.py)
+
+Everything under it can be deleted at any time: it is rebuilt on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV = "GRADTUNE_CACHE"
+
+
+def root() -> Path:
+    env = os.environ.get(ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gradtune"
+
+
+def path(*parts: str) -> Path:
+    """A path under the cache root, e.g. ``path("tokens")``."""
+    return root().joinpath(*parts)

@@ -1,0 +1,39 @@
+"""Where and how a run computes: the device, bf16 autocast, CPU threads for tiny models."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for matmuls when ``precision == "bf16"``; a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cpu_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """One intra-op thread for tiny models on CPU: splitting a (32, 5) matmul across cores costs
+    more in synchronisation than it saves (and stalls badly when other processes share the
+    cores). Restored afterwards."""
+    before = torch.get_num_threads()
+    tiny = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000
+    if tiny:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if tiny:
+            torch.set_num_threads(before)

@@ -1,0 +1,344 @@
+"""torchrun environment -> DDP / FSDP2 on PyTorch's own engine; a no-op in one process.
+
+gradtune has no cluster layer of its own: ``torchrun`` starts the processes and sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this module reads them, and the loop stays the loop.
+
+Why a run means the same thing at any world size:
+  * ``batch_size`` (and ``micro_batch_size``) are *global*. Every rank computes the same step
+    indices (variants.Sampler is a pure function of seed, epoch, index) and takes its
+    contiguous share of each micro-batch (``shard``), so no sample is duplicated or dropped.
+  * Objectives return loss *sums* and counts. Gradients of sums are summed across ranks (not
+    averaged), the counts are summed too, and the loop divides once by the global count: the
+    update is the single-process update up to float summation order.
+  * A rank whose share is empty (tail of a batch, micro-batch smaller than the world) still runs
+    forward/backward on zero samples, so it joins every collective: no hang, zero contribution.
+
+Hence each rank holds micro_batch_size / N samples at a time, so
+all ranks run the same number of forward/backward passes per step (FSDP2 needs the lockstep).
+
+Checkpoints and resume. DDP: rank 0 writes the unwrapped weights once (``on_main``), every rank
+reads them. FSDP2: ``save_sharded`` (torch.distributed.checkpoint; ``.metadata`` is written last
+and is the commit marker, ``is_complete``). The data position is (epoch, index) in the *global*
+sample order, so it does not depend on the world size: a run resumed with another number of
+processes loads the weights exactly (DCP reshards) and continues with the very same batches;
+its later updates equal the original ones up to float summation order (bit-exact only at the same
+world size). Dropout masks are drawn per rank from the same seed: runs with dropout > 0 are not
+equal across world sizes.
+
+DDP or our own all-reduce? We wrap with DistributedDataParallel (bucketing, overlap of the
+all-reduce with backward, ``no_sync`` for accumulation) but register a communication hook that
+*sums* the buckets: DDP's default hook divides by the world size, which for sum-losses would
+need a multiply-back (an extra rounding for world sizes that are not powers of two). FSDP2 gets
+the same treatment with ``set_gradient_divide_factor(1.0)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradtune.runtime.errors import GradtuneError
+
+_STATE: dict[str, Any] = {"mode": "none"}
+
+
+# --- environment ---------------------------------------------------------------------------------
+def launched() -> bool:
+    """True when torchrun (or any launcher setting WORLD_SIZE) started more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank; from torchrun's RANK before the group exists or after it is torn down."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def where() -> str:
+    """'rank 1/2 on host' for messages; empty in one process."""
+    if not (active() or launched()):
+        return ""
+    r = dist.get_rank() if active() else int(os.environ.get("RANK", "0"))
+    return f"rank {r}/{os.environ.get('WORLD_SIZE', world_size())} on {socket.gethostname()}"
+
+
+def device(base: torch.device) -> torch.device:
+    """Under torchrun each process owns the GPU of its LOCAL_RANK; 'cuda' means that one."""
+    if base.type == "cuda" and base.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return base
+
+
+def init(dev: torch.device, timeout_s: float) -> torch.device:
+    """Join the process group (idempotent); returns this rank's device.
+
+    NCCL for GPUs (with gloo for CPU-side collectives), gloo on CPU. ``timeout_s`` bounds every
+    collective: a dead or hung peer fails the run in bounded time, not after the 30-minute default.
+    """
+    dev = device(dev)
+    if not launched() or dist.is_initialized():
+        return dev
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    _STATE["timeout_s"] = timeout_s
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun --max-restarts reuses its store across attempts; keys left by a dead attempt (a
+    # peer's old address) would send the new one to a closed port. One key space per attempt.
+    store, r, n = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"gradtune/attempt{attempt}/", store),
+                            rank=r, world_size=n, timeout=timeout)
+    return dev
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE["mode"] = "none"
+
+
+@contextlib.contextmanager
+def session(dev: torch.device, timeout_s: float) -> Iterator[None]:
+    """Process group for one ``train``; torn down on a clean exit (on error the process exits)."""
+    owner = launched() and not dist.is_initialized()
+    init(dev, timeout_s)
+    yield
+    if owner:
+        shutdown()
+
+
+# --- which parallelism ---------------------------------------------------------------------------
+def _memory_per_process(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return float(torch.cuda.get_device_properties(dev).total_memory)
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return pages / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def choose(mode: str, model: nn.Module, optimizer: str, dev: torch.device) -> str:
+    """'none' in one process; ``auto``: DDP when a full replica (weights, grads, optimizer state)
+    takes under half of a process's memory, leaving the rest for activations; FSDP2 otherwise."""
+    if not active():
+        return "none"
+    if mode == "none":
+        raise GradtuneError(f"config: distributed=none but torchrun started {world_size()} processes; "
+                            "use ddp, fsdp or auto (or launch one process)")
+    if mode != "auto":
+        return mode
+    states = 2 if optimizer == "adamw" else 1
+    replica = sum(p.numel() * p.element_size() for p in model.parameters()) * (2 + states)
+    return "ddp" if replica < 0.5 * _memory_per_process(dev) else "fsdp"
+
+
+def _sum_hook(group, bucket):  # no annotations: DDP checks them, and ours are strings here
+    """DDP communication hook: all-reduce SUM of the gradient-of-sums (no 1/world division).
+    (group: None for the default group; bucket: dist.GradBucket -> Future[Tensor])"""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _shard_fsdp(model: nn.Module) -> nn.Module:
+    """FSDP2: one unit per element of every ModuleList (transformer blocks), then the root, so
+    only one block's full weights exist at a time. Gradients are reduce-scattered as sums."""
+    from torch.distributed.fsdp import fully_shard
+
+    for mod in list(model.modules()):
+        if isinstance(mod, nn.ModuleList):
+            for block in mod:
+                fully_shard(block)
+    fully_shard(model)
+    for mod in model.modules():
+        if is_sharded(mod):  # per unit: the setters do not recurse
+            mod.set_gradient_divide_factor(1.0)
+            mod.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+def wrap(model: nn.Module, mode: str, dev: torch.device,
+         param_groups: Optional[list[dict[str, Any]]] = None) -> tuple[nn.Module, Optional[list[dict[str, Any]]]]:
+    """Wrap for ``mode`` (from ``choose``); returns (model to call, param groups for the optimizer).
+
+    FSDP2 shards in place and replaces each Parameter with a DTensor one, so optimizer groups built
+    before sharding are re-pointed by name. DDP keeps the module's own parameters.
+    """
+    _STATE["mode"] = mode
+    if mode == "none":
+        return model, param_groups
+    if mode == "ddp":
+        ids = [dev.index] if dev.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp.register_comm_hook(None, _sum_hook)
+        return ddp, param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    model = _shard_fsdp(model)
+    if param_groups is None:
+        return model, None
+    now = dict(model.named_parameters())
+    return model, [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in param_groups]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2-sharded (checkpoint with ``save_sharded``) rather than replicated (write on rank 0)."""
+    return hasattr(model, "set_requires_gradient_sync")  # FSDP2 turns the module into an FSDPModule
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module (no ``module.`` prefix); FSDP2 shards in place, so it is the module."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --- one step ---------------------------------------------------------------------------------------
+def shard(idx: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of a micro-batch's indices; sizes differ by at most one, and
+    may be zero (the rank then contributes a zero gradient but still joins the collectives)."""
+    if not active():
+        return idx
+    return idx.tensor_split(dist.get_world_size())[dist.get_rank()]
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, last: bool) -> Iterator[None]:
+    """Around forward+backward of a micro-batch: communicate gradients only on the ``last`` one."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        with model.no_sync():
+            yield
+        return
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+    yield
+    if last and active() and not isinstance(model, nn.parallel.DistributedDataParallel) and not is_sharded(model):
+        # A plain module in a multi-process run (e.g. lr-find): sum the gradients ourselves.
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def all_reduce_sums(loss_sum: torch.Tensor, count: torch.Tensor,
+                    sums: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Global (loss sum, count, metric sums) in one float64 all-reduce; every rank gets the same
+    numbers, so guard, stopping and logging decisions agree everywhere."""
+    if not active():
+        return loss_sum, count, sums
+    keys = sorted(sums)
+    dev = loss_sum.device
+    # count may be a Python int (tabular rows) or a tensor (token counts).
+    packed = torch.stack([loss_sum.detach().double(), torch.as_tensor(count, dtype=torch.float64, device=dev),
+                          *(torch.as_tensor(sums[k]).double().to(dev) for k in keys)])
+    dist.all_reduce(packed)
+    return packed[0], packed[1], {k: packed[2 + i] for i, k in enumerate(keys)}
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 norms, parameters) as an ordinary full tensor; others unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# --- output and checkpoints ---------------------------------------------------------------------------
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unwrapped, unsharded weights on CPU, on rank 0 (other ranks get {}). Collective under FSDP."""
+    model = unwrap(model)
+    if not is_sharded(model):
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if is_main() else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=opts)
+    return {k: v.contiguous() for k, v in state.items()} if is_main() else {}
+
+
+def on_main(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on rank 0 only (a file written once), then make every rank wait for it; if it
+    failed, every rank raises, so no rank reads a checkpoint that was never written."""
+    if not active():
+        return fn(*args)
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args)
+        except Exception as e:  # re-raised on every rank below
+            error = f"{type(e).__name__}: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed while writing: {box[0]}")
+    return result
+
+
+def is_complete(path: Path) -> bool:
+    """A sharded checkpoint is committed once DCP's ``.metadata`` exists: it is written last, by
+    the coordinator, after every rank has written its shards."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def save_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """FSDP checkpoint with torch.distributed.checkpoint: each rank writes its own shards of the
+    weights and optimizer state (keyed by unwrapped names, so any world size can read them back)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(unwrap(model), opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, model: nn.Module, opt: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load a ``save_sharded`` checkpoint into ``model`` (and ``opt``), resharding to this world
+    size: 1 process (plain tensors), DDP or FSDP2 with any number of ranks.
+
+    Note: DCP's ``.metadata`` is a pickle; load only checkpoints you wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not is_complete(path):
+        raise GradtuneError(f"{path}: incomplete sharded checkpoint (no .metadata: the save was interrupted)")
+    model = unwrap(model)
+    if opt is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        return
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# --- errors ---------------------------------------------------------------------------
+def describe(exc: BaseException) -> str:
+    """An error message that names the rank it came from, and explains a failed collective."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    who = where()
+    if not who:
+        return text
+    lowered = text.lower()
+    if isinstance(exc, dist.DistBackendError) or any(
+            s in lowered for s in ("connection closed by peer", "connection reset", "timed out", "broken pipe")):
+        timeout = _STATE.get("timeout_s")
+        text = (f"a peer process died or stopped responding during a collective "
+                f"(dist_timeout={timeout}s); torchrun names the rank that failed first. ({text})")
+    return f"{who}: {text}"

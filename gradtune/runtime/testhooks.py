@@ -1,0 +1,109 @@
+"""Test instruments, inert unless their environment variable is set. One family, ``GRADTUNE_TEST_*``:
+
+``GRADTUNE_TEST_FAULTS="ckpt.model@2,micro@37=TERM,step.begin@6=RAISE/rank1"``: the 2nd time this
+process reaches the point ``ckpt.model`` it sends itself SIGKILL; at the 37th micro-batch,
+SIGTERM; rank 1 raises at its 6th step. ``=ACTION`` is a signal name (default KILL), ``RAISE``
+(a RuntimeError) or ``HANG`` (sleeps until killed); ``/rankR`` limits an item to one rank.
+Faults fire in the first attempt only (torchrun --max-restarts counts attempts in
+TORCHELASTIC_RESTART_COUNT), so a restarted job runs clean. Points:
+    step.begin   before a step's batch is drawn (the N-th visit starts step N-1 of a fresh run)
+    micro        after each micro-batch's backward (inside an accumulation window)
+    step         after an optimizer step, before anything else of that step
+    ckpt.model   checkpoint: weights written into the temporary folder
+    ckpt.files   checkpoint: every file written, manifest not yet
+    ckpt.rename  checkpoint: folder complete, not yet renamed into place
+    ckpt.after   checkpoint: renamed into place, old ones not yet pruned
+Why self-inflicted faults: a kill at an exact, reproducible point (during a write, inside an
+accumulation window) in a few milliseconds, where a timer would mostly hit the idle parts.
+
+``GRADTUNE_TEST_PROBE=DIR``: every applied step appends ``{"step", "ids"}`` (its sample ids) to
+``DIR/steps.jsonl`` (rank 0), and each rank appends the sample ids of every micro-batch it
+processed, one line each, to ``DIR/rank<R>.txt``: tests prove with them that across kills and
+ranks no sample is seen twice or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional, TextIO
+
+from gradtune.runtime import distributed
+
+FAULTS_ENV = "GRADTUNE_TEST_FAULTS"
+PROBE_ENV = "GRADTUNE_TEST_PROBE"
+
+_PLAN: dict[str, tuple[int, str]] = {}
+_SEEN: dict[str, int] = {}
+
+
+def configure(spec: str) -> None:
+    """Replace the plan (a forked test process sets its own; see the kill-resume tests)."""
+    _PLAN.clear()
+    _SEEN.clear()
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    for item in filter(None, spec.split(",")):
+        item, _, only = item.partition("/rank")
+        if only and int(only) != distributed.rank():
+            continue
+        point, _, rest = item.partition("@")
+        count, _, action = rest.partition("=")
+        _PLAN[point] = (int(count), action or "KILL")
+
+
+configure(os.environ.get(FAULTS_ENV, ""))
+
+
+def hit(point: str) -> None:
+    """Mark that ``point`` was reached; carry out the planned fault on the planned visit."""
+    if point not in _PLAN:
+        return
+    _SEEN[point] = _SEEN.get(point, 0) + 1
+    count, action = _PLAN[point]
+    if _SEEN[point] != count:
+        return
+    print(f"gradtune: fault injection: {action} at {point} #{count}", file=sys.stderr, flush=True)
+    if action == "RAISE":
+        raise RuntimeError(f"injected fault at {point} #{count}")
+    if action == "HANG":
+        time.sleep(10**6)
+    os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
+
+
+def probe_dir() -> Optional[Path]:
+    """The probe folder, or None when probing is off (read once per call by the hot path)."""
+    out = os.environ.get(PROBE_ENV)
+    return Path(out) if out else None
+
+
+def record_micro(folder: Path, sample_ids: list[int]) -> None:
+    """Append one micro-batch's sample ids to ``folder/rank<R>.txt``."""
+    with open(folder / f"rank{distributed.rank()}.txt", "a") as f:
+        f.write(" ".join(str(i) for i in sample_ids) + "\n")
+
+
+class Probe:
+    """Appends each applied step's sample ids to ``$GRADTUNE_TEST_PROBE/steps.jsonl`` (rank 0;
+    a no-op when unset)."""
+
+    def __init__(self) -> None:
+        folder = probe_dir()
+        self.file: Optional[TextIO] = None
+        if folder is not None and distributed.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(folder / "steps.jsonl", "a", encoding="utf-8")
+
+    def record(self, step: int, ids: list[int]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "ids": ids}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -1,0 +1,146 @@
+"""Resume: continue a run from the newest checkpoint in ``out_dir`` that verifies.
+
+``resume: auto`` (default) resumes when a checkpoint exists and starts fresh otherwise;
+``never`` starts over (the old checkpoints are deleted once the input is validated);
+``force`` resumes even when the config changed in a way that changes the run.
+
+A corrupt or half-written newest checkpoint is reported (stderr and metrics.jsonl) and skipped
+for the one before it. If checkpoints exist but none verifies, the run is refused rather than
+silently restarted: hours of progress are not thrown away without a person deciding it.
+
+Settings that do not change the run's math may differ on resume (``RUN_NEUTRAL``); so may
+``epochs`` / ``max_steps`` (extend or shorten a run) when the schedule does not depend on the
+total number of steps. Everything else differing is refused with the list of differences.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gradtune.runtime.atomic import write_text
+from gradtune.state import checkpoint
+from gradtune.config import Config
+from gradtune.jobs.job import Job
+from gradtune.runtime.errors import GradtuneError
+from gradtune.telemetry.metrics_log import MetricsLog
+
+# Output, bookkeeping and placement: none of them changes a single number of the run on CPU.
+# (Changing ``device`` resumes fine, but bitwise equality is only promised on the same device.)
+RUN_NEUTRAL = {"out_dir", "progress", "log_every", "plot", "checkpoint_every", "keep_checkpoints",
+               "resume", "device", "distributed", "dist_timeout"}
+BUDGET = {"epochs", "max_steps"}
+TOTAL_FREE_SCHEDULES = {"constant", "step", "exponential"}  # lr(step) does not use the total
+
+
+@dataclass
+class Plan:
+    folder: Path
+    model: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)  # "folder: why" of newer, rejected ones
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for each setting that differs and changes the run."""
+    a, b = _flat(saved), _flat(current)
+    neutral = set(RUN_NEUTRAL)
+    if a.get("schedule") == b.get("schedule") in TOTAL_FREE_SCHEDULES:
+        neutral |= BUDGET
+    keys = sorted((set(a) | set(b)) - neutral)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def latest(root: Path) -> Optional[Plan]:
+    """The newest checkpoint under ``root`` that verifies and reads; rejected newer ones listed."""
+    skipped: list[str] = []
+    for _, folder in reversed(checkpoint.listing(root)):
+        try:
+            model, state, saved = checkpoint.load(folder)
+            if not (isinstance(state, dict) and isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+                raise GradtuneError(f"checkpoint {folder}: state.json or config.json has the wrong shape")
+        except GradtuneError as e:
+            skipped.append(str(e))
+            continue
+        state["config"] = saved["config"]
+        return Plan(folder, model, state, skipped)
+    if skipped:
+        raise GradtuneError(f"{root}: no checkpoint verifies (newest: {skipped[0]}); "
+                            f"move the folder away or set resume=never to start over")
+    return None
+
+
+def _check_fits(plan: Plan, model: torch.nn.Module, n_train: int) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(plan.model)), sorted(set(plan.model) - set(own))
+    if missing or unexpected:
+        raise GradtuneError(f"{plan.folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    for k, v in plan.model.items():
+        if v.shape != own[k].shape or v.dtype != own[k].dtype:
+            raise GradtuneError(f"{plan.folder}: '{k}' is {tuple(v.shape)} {v.dtype}, "
+                                f"the model has {tuple(own[k].shape)} {own[k].dtype}")
+    try:
+        n = int(plan.state["data"]["n"])
+    except (KeyError, TypeError, ValueError):
+        raise GradtuneError(f"{plan.folder}: state.json has no data position") from None
+    if n != n_train:
+        raise GradtuneError(f"{plan.folder}: made with {n} training samples, the data now has {n_train}")
+
+
+def plan(cfg: Config, out_dir: Optional[Path], job: Job) -> Optional[Plan]:
+    """Which checkpoint to resume from (None: start fresh); raises GradtuneError to refuse."""
+    if out_dir is None or cfg.resume == "never":
+        return None
+    root = checkpoint.root(out_dir)
+    found = latest(root)
+    if found is None:
+        if cfg.resume == "force":
+            raise GradtuneError(f"resume=force: no checkpoint in {root}")
+        return None
+    for why in found.skipped:
+        print(f"gradtune: warning: skipped {why}", file=sys.stderr)
+    diffs = config_diff(found.state["config"], cfg.to_dict())
+    if diffs and cfg.resume != "force":
+        raise GradtuneError(f"{found.folder}: config changed since this checkpoint ({'; '.join(diffs)}); "
+                            f"use another out_dir, or resume=force to continue anyway")
+    _check_fits(found, job.model, len(job.train))
+    return found
+
+
+def discard(out_dir: Path) -> None:
+    """``resume: never``: the old checkpoints belong to another run; remove them."""
+    shutil.rmtree(checkpoint.root(out_dir), ignore_errors=True)
+
+
+def open_log(out_dir: Optional[Path], found: Optional[Plan]) -> MetricsLog:
+    """metrics.jsonl: fresh, or cut back to the rows the checkpoint had seen and appended to
+    (rows written after it, by the interrupted process, are recomputed identically)."""
+    if out_dir is None:
+        return MetricsLog(None)
+    path = out_dir / "metrics.jsonl"
+    if found is None:
+        return MetricsLog(path)
+    keep = int(found.state.get("metrics_rows", 0))
+    lines = path.read_text(encoding="utf-8").splitlines()[:keep] if path.is_file() else []
+    write_text(path, "".join(line + "\n" for line in lines))
+    log = MetricsLog(path, append=True)
+    log.rows = [json.loads(line) for line in lines]
+    log.write({"kind": "resume", "step": int(found.state["step"]), "checkpoint": found.folder.name,
+               "skipped": found.skipped})
+    return log

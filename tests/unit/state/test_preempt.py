@@ -1,0 +1,52 @@
+"""SIGTERM / SIGINT: checkpoint at the step boundary, exit 75, resume exactly (in process; the
+real-process version, with a second signal during the write, is in test_kill_resume.py)."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from gradtune.state import checkpoint
+from gradtune.runtime import testhooks as faults
+from gradtune.config import load_config
+from gradtune.jobs.registry import build
+from gradtune.state.preempt import EXIT_PREEMPTED, Preempted
+from gradtune.loop.fit import fit
+
+
+def cfg_for(out, *extra):
+    return load_config(None, ["model=mlp", "hidden=[4]", "standardize_target=true", "batch_size=16",
+                              "micro_batch_size=5", "max_steps=25", "checkpoint_every=10", "progress=off",
+                              "plot=false", f"out_dir={out}", *extra])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_writes_a_checkpoint_and_the_resumed_run_is_exact(sig, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    job = build(cfg_for(ref))
+    fit(job, cfg_for(ref), ref)
+    want = job.model.state_dict()
+
+    out = tmp_path / "run"
+    seen = {"n": 0}
+
+    def hit(point: str) -> None:
+        if point == "step":
+            seen["n"] += 1
+            if seen["n"] == 13:
+                os.kill(os.getpid(), sig)  # arrives mid-step; handled at the step boundary
+
+    monkeypatch.setattr(faults, "hit", hit)
+    before = signal.getsignal(sig)
+    with pytest.raises(Preempted) as e:
+        fit(build(cfg_for(out)), cfg_for(out), out)
+    assert e.value.exit_code == EXIT_PREEMPTED == 75
+    assert str(e.value).startswith(f"preempted by {sig.name} at step 13; checkpoint ")
+    assert checkpoint.verify(out / "checkpoints" / "step-00000013") is None
+    assert signal.getsignal(sig) is before  # the run's handlers are gone again
+
+    monkeypatch.setattr(faults, "hit", lambda point: None)
+    job = build(cfg_for(out))
+    fit(job, cfg_for(out), out)
+    assert all(torch.equal(v, want[k]) for k, v in job.model.state_dict().items())
