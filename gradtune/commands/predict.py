@@ -72,9 +72,10 @@ def outputs(model: nn.Module, data: Dataset, batch: int) -> torch.Tensor:
     return out
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """(N, C) class probabilities: softmax over C logits; one logit (bce) is P(class 1) = sigmoid."""
-    if logits.shape[1] == 1:
+def probabilities(logits: torch.Tensor, bce: bool) -> torch.Tensor:
+    """(N, C) class probabilities: softmax over C logits; a bce run's one logit is
+    P(class 1) = sigmoid(z)."""
+    if bce:
         z = logits[:, 0]
         return torch.stack([torch.sigmoid(-z), torch.sigmoid(z)], dim=1)
     return torch.softmax(logits, dim=1)
@@ -89,7 +90,7 @@ def table(r: Run, logits: torch.Tensor) -> str:
         w.writerows([repr(v)] for v in target_units(r, logits[:, 0]).tolist())
         return buf.getvalue()
     classes = r.classes or []
-    probs = probabilities(logits)
+    probs = probabilities(logits, r.info.get("loss") == "bce")
     if probs.shape[1] != len(classes):
         raise GradtuneError(f"{r.folder}: the model has {probs.shape[1]} outputs but the run names "
                             f"{len(classes)} classes")

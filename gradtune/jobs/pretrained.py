@@ -46,15 +46,16 @@ def job_task(task: str) -> str:
     return task if task in ENCODER_TASKS else "lm"
 
 
-def load_data(cfg: Config, task: str, path: str, tokenizer: Any,
-              label_map: Optional[LabelMap] = None) -> tuple[Any, Optional[LabelMap]]:
+def load_data(cfg: Config, task: str, path: str, tokenizer: Any, label_map: Optional[LabelMap] = None,
+              labelled: bool = True) -> tuple[Any, Optional[LabelMap]]:
     """(SequenceDataset, LabelMap or None) of ``path`` for ``task``; batch lengths rounded up to
-    ``text.pad_to_multiple_of``."""
+    ``text.pad_to_multiple_of``. ``labelled=False`` (classification / regression): texts only,
+    to predict."""
     t = cfg.text
     labels = None
     if task in ENCODER_TASKS:
         data, labels = load_text_task(path, tokenizer, task, t.text_column, t.label_column, t.columns,
-                                      t.max_length, label_map)
+                                      t.max_length, label_map, labelled)
     elif task == "instruction":
         data = load_instructions(path, tokenizer, t.max_length)
     else:

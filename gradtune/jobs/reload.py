@@ -32,7 +32,7 @@ from gradtune.data import tabular, text
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
 from gradtune.data.split import split_indices
-from gradtune.data.text_tasks import LabelMap, load_text_task
+from gradtune.data.text_tasks import LabelMap
 from gradtune.jobs import pretrained
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
@@ -207,10 +207,7 @@ def run_data(run: Run, path: Optional[str]) -> Dataset:
 # --- rows to predict: inputs only ----------------------------------------------------------------
 
 def _pretrained_inputs(run: Run, path: str) -> Dataset:
-    t = run.cfg.text
-    data, _ = load_text_task(path, run.tokenizer, run.data_task, t.text_column, t.label_column, t.columns,
-                             t.max_length, labelled=False)
-    data.pad_multiple = t.pad_to_multiple_of  # as pretrained.load_data
+    data, _ = pretrained.load_data(run.cfg, run.data_task, path, run.tokenizer, labelled=False)
     return data
 
 

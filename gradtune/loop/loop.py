@@ -40,7 +40,7 @@ from gradtune.optim.direct import direct_step
 from gradtune.runtime import allocator, distributed, testhooks
 from gradtune.runtime.device import autocast, resolve_device
 from gradtune.runtime.errors import GradtuneError
-from gradtune.runtime.peak import peak_flops
+from gradtune.runtime.peak_flops import peak_flops
 from gradtune.state import checkpoint, resume
 from gradtune.state.preempt import Flag, Preempted
 from gradtune.telemetry.metrics_log import MetricsLog

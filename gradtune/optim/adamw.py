@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
+from gradtune.optim.params import run_closure, with_grads
 
 
 def _step_dtype() -> torch.dtype:
@@ -93,18 +94,8 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            # A param without grad this step is skipped: its step count and moments stay.
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("gradtune AdamW does not support sparse gradients")
+        loss = run_closure(closure)
+        for group, params, grads in with_grads(self.param_groups, "AdamW"):
             states = [self._state_for(p) for p in params]
             exp_avgs = [s["exp_avg"] for s in states]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]

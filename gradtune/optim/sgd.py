@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
+from gradtune.optim.params import run_closure, with_grads
 
 
 def sgd_reference(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None] | None,
@@ -73,18 +74,8 @@ class SGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            # A param without grad this step is skipped entirely (its buffer is not decayed).
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("gradtune SGD does not support sparse gradients")
+        loss = run_closure(closure)
+        for group, params, grads in with_grads(self.param_groups, "SGD"):
             momentum = group["momentum"]
             bufs = ([self.state[p].get("momentum_buffer") for p in params]
                     if momentum != 0 else None)

@@ -191,7 +191,7 @@ def test_eval_reproduces_trainings_last_val_loss(runs, gpt_run, capsys):
         last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [m for m in last if "val_loss" in m][-1]
         assert last["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-12)
-        got = _eval(capsys, run)
+        got = _eval(capsys, run, "--batch-size", "512")
         assert got["loss"] == pytest.approx(summary["val_loss"], rel=1e-5), run
         if run == gpt_run:
             assert got["ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-5)
@@ -215,7 +215,9 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(runs, gpt_run, tmp_pa
     missing = _write(tmp_path / "missing.csv", _rows("diabetes")[:5], [c for c in lin_info["features"] if c != "bmi"])
     out = tmp_path / "out" / "p.csv"
     _fails(capsys, ["predict", str(lin), "--data", str(missing), "--out", str(out)], str(missing), "'bmi'")
-    _fails(capsys, ["eval", str(lin), "--data", str(missing)], str(missing), "'bmi'")
+    labelled = _write(tmp_path / "labelled.csv", _rows("diabetes")[:5],
+                      [c for c in [*lin_info["features"], lin_info["target"]] if c != "bmi"])
+    _fails(capsys, ["eval", str(lin), "--data", str(labelled)], str(labelled), "'bmi'")
     assert not out.parent.exists()
 
     before = missing.read_bytes()
@@ -253,6 +255,7 @@ def test_minilm_predict_agrees_with_eval_accuracy(tmp_path, capsys):
     got = _predict(capsys, run, test)
     assert len(got) == len(test_rows) and list(got[0]) == ["prediction", "p_ham", "p_spam"]
     assert _predict(capsys, run, texts) == got  # the label column is ignored
+    assert {r["prediction"] for r in got} == {"ham", "spam"}  # trained (0.96 on these rows), not constant
     accuracy = sum(r["prediction"] == t["label"] for r, t in zip(got, test_rows)) / len(test_rows)
     metrics = _eval(capsys, run, "--data", str(test))
     assert f"{metrics['accuracy']:.6g}" == f"{accuracy:.6g}"

@@ -54,3 +54,33 @@ def test_readme_settings_table_is_current():
     start = readme.index("<!-- settings-table")
     table = readme[readme.index("\n", start) + 1: readme.index("<!-- /settings-table -->")].strip()
     assert table == markdown_table()
+
+
+def test_renamed_settings_still_work_with_a_warning(capsys):
+    cfg = load_config(None, ["model=gpt", "gpt.checkpointing=true", "finetune.checkpointing=true"])
+    assert cfg.gpt.activation_checkpointing and cfg.finetune.activation_checkpointing
+    err = capsys.readouterr().err
+    assert "'gpt.checkpointing' is now 'gpt.activation_checkpointing'" in err
+    assert "'finetune.checkpointing' is now 'finetune.activation_checkpointing'" in err
+
+
+def test_built_in_model_names_win_over_a_folder_of_the_same_name(tmp_path, monkeypatch):
+    from gradtune.config import is_pretrained
+    from gradtune.jobs.registry import kind
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "linear").mkdir()
+    assert not is_pretrained("linear") and kind("linear") == "linear"
+    assert is_pretrained("./linear") and kind("./linear") == "pretrained"
+    assert load_config(None, ["model=linear"]).optimizer == "sgd"  # the family's defaults, not fine-tuning's
+
+
+def test_method_is_validated_once_in_the_config():
+    import pytest
+
+    from gradtune.runtime.errors import GradtuneError
+
+    for bad, why in [("method=prefix", "choose from"), ("method=lora+full", "combines lora and full"),
+                     ("finetune.export=adapter", "has no LoRA")]:
+        with pytest.raises(GradtuneError, match=why):
+            load_config(None, [bad])

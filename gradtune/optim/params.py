@@ -1,0 +1,31 @@
+"""What one optimizer step updates, shared by every update rule: the closure, then per group the
+parameters that have a gradient this step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def run_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """torch.optim's contract: re-evaluate the loss with grad enabled when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def with_grads(param_groups: list[dict[str, Any]], rule: str) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    """(group, params with a gradient, their gradients) for each group that has any. A parameter
+    without a gradient this step is skipped entirely: its state (buffers, step count) stays."""
+    for group in param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError(f"gradtune {rule} does not support sparse gradients")
+        yield group, params, grads
