@@ -42,6 +42,15 @@ RANGES: dict[str, tuple[Any, str]] = {
     "guard.spike_window": (lambda v: v >= 5, ">= 5"),
     "guard.max_rollbacks": (lambda v: v >= 0, ">= 0"),
     "lora.rank": (lambda v: v >= 1, ">= 1"),
+    "lora.alpha": (lambda v: v > 0, "> 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "gpt.n_layer": (lambda v: v >= 1, ">= 1"),
+    "gpt.n_head": (lambda v: v >= 1, ">= 1"),
+    "gpt.n_kv_head": (lambda v: v is None or v >= 1, ">= 1"),
+    "gpt.n_embd": (lambda v: v >= 1, ">= 1"),
+    "gpt.block_size": (lambda v: v >= 2, ">= 2"),
+    "gpt.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "guard.spike_zscore": (lambda v: v >= 0, ">= 0"),
     "text.max_length": (lambda v: v >= 2, ">= 2"),
     "text.length_pool": (lambda v: v >= 1, ">= 1"),
     "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
@@ -55,6 +64,13 @@ def check_combinations(cfg: Config) -> None:
         raise GradtuneError("config: nesterov=true needs momentum > 0 and dampening = 0")
     if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):
         raise GradtuneError("config: momentum/nesterov are SGD settings; AdamW uses betas")
+    g = cfg.gpt
+    if g.n_embd % g.n_head:
+        raise GradtuneError(f"config: gpt.n_embd ({g.n_embd}) must be divisible by gpt.n_head ({g.n_head})")
+    if g.n_kv_head is not None and g.n_head % g.n_kv_head:
+        raise GradtuneError(f"config: gpt.n_head ({g.n_head}) must be a multiple of gpt.n_kv_head ({g.n_kv_head})")
+    if g.family == "gpt2" and g.n_kv_head not in (None, g.n_head):
+        raise GradtuneError("config: gpt.n_kv_head (grouped-query attention) needs gpt.family=llama")
     mb, b = cfg.micro_batch_size, cfg.batch_size
     if mb is not None and b != "full" and mb > b:
         raise GradtuneError(f"config: micro_batch_size ({mb}) must not exceed batch_size ({b})")

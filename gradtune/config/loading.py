@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import math
+import reprlib
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-
+from gradtune.config import yaml_reader
 from gradtune.config.checks import RANGES, check_combinations, check_method
 from gradtune.config.defaults import MODEL_DEFAULTS, is_pretrained, pretrained_lr
 from gradtune.config.schema import Config
@@ -26,21 +25,6 @@ from gradtune.runtime.errors import GradtuneError
 # Settings renamed since they were introduced: old key -> new key.
 RENAMED = {"gpt.checkpointing": "gpt.activation_checkpointing",
            "finetune.checkpointing": "finetune.activation_checkpointing"}
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. YAML 1.1 would read ``progress: off`` as False."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
@@ -84,17 +68,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-9 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-9 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):
+            raise GradtuneError(f"config key '{key}': must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise GradtuneError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    raise GradtuneError(f"config key '{key}': expected {_type_name(tp)}, got {reprlib.repr(value)}")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -123,7 +112,7 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str) -> None:
         coerced = _coerce(value, hints[key], full)
         check = RANGES.get(full)
         if check and not check[0](coerced):
-            raise GradtuneError(f"config key '{full}' must be {check[1]}, got {value!r}")
+            raise GradtuneError(f"config key '{full}' must be {check[1]}, got {reprlib.repr(value)}")
         setattr(obj, key, coerced)
 
 
@@ -132,9 +121,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise GradtuneError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
     try:
-        value = _yaml(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = yaml_reader.parse(raw, f"command line: {key.strip()}") if raw != "" else ""
+    except GradtuneError as e:
+        if "invalid YAML" not in str(e):
+            raise
+        value = raw  # not YAML: the text as it is (a path with a colon, say)
     return key.strip(), value
 
 
@@ -151,7 +142,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Defaults <- the model family's defaults <- ``base`` <- YAML file <- ``key=value`` overrides,
     validated at each layer."""
     cfg = Config()
-    file_values = _read_yaml(path) if path is not None else {}
+    file_values = yaml_reader.read(path) if path is not None else {}
     pairs = [_parse_override(item) for item in overrides or []]
     model = next((v for k, v in reversed(pairs) if k == "model"), file_values.get("model", cfg.model))
     family = MODEL_DEFAULTS.get("pretrained" if is_pretrained(str(model)) else str(model))
@@ -169,17 +160,3 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     check_combinations(cfg)
     check_method(cfg)
     return cfg
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise GradtuneError(f"config file not found: {path}")
-    try:
-        values = _yaml(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise GradtuneError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(values, dict):
-        raise GradtuneError(f"{path}: expected a mapping of settings at the top level")
-    return values

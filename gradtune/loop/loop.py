@@ -252,7 +252,8 @@ class Loop:
     # --- the loop -----------------------------------------------------------------------------
     def _begin(self) -> None:
         cfg = self.cfg
-        self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total)
+        self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total,
+                                 unit="tokens" if self.job.task == "lm" else "samples", start=self.step)
         self.health = {}
         self.t_mark = time.perf_counter()
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
@@ -302,6 +303,7 @@ class Loop:
         for k, v in sums.items():
             self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
         self.step += 1
+        self.progress.tick(self.step, loss, lr, count_f)
         if self.probe.file is not None:
             self.probe.record(self.step, torch.cat(s.micro).tolist())
         if cfg.log_every and self.step % cfg.log_every == 0:
