@@ -43,6 +43,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: torch.distributed.nn's functions take
+# ``group=group.WORLD`` as a default argument, evaluated on import. DDP's constructor imports it
+# (through torch._dynamo); imported after init_process_group, those defaults would hold the default
+# group for the life of the process: destroy_process_group could not free it, and its gloo worker
+# threads would still run while Python finalizes (std::terminate, SIGABRT, at exit).
+import torch.distributed.nn  # noqa: F401
 from torch import nn
 
 from gradtune.runtime.errors import GradtuneError
