@@ -1,0 +1,58 @@
+"""Reduce the lr when a validation metric stops improving: ``torch.optim.lr_scheduler.
+ReduceLROnPlateau``'s rule, as a small state machine the loop calls at each evaluation.
+
+    improved  metric < best * (1 - threshold)   (mode min, threshold_mode rel; max: > best * (1 + t))
+    bad       evaluations in a row without improvement; past ``patience`` -> lr *= factor, at
+              least ``min_lr``, then ``cooldown`` evaluations during which bad is not counted
+    eps       a reduction smaller than eps is not applied (as torch)
+
+The loop multiplies the base lr by ``scale``; the state (best, bad, cooldown, scale) is saved in
+checkpoints, so a resumed run reduces at the very same evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class Plateau:
+    def __init__(self, base_lr: float, mode: str = "min", factor: float = 0.1, patience: int = 10,
+                 threshold: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8) -> None:
+        self.base_lr, self.mode, self.factor, self.patience = base_lr, mode, factor, patience
+        self.threshold, self.cooldown, self.min_lr, self.eps = threshold, cooldown, min_lr, eps
+        self.best = math.inf if mode == "min" else -math.inf
+        self.bad = 0
+        self.cooldown_left = 0
+        self.scale = 1.0  # lr = base_lr * scale
+
+    def _better(self, a: float) -> bool:
+        if self.mode == "min":
+            return a < self.best * (1.0 - self.threshold)
+        return a > self.best * (1.0 + self.threshold)
+
+    def step(self, metric: float) -> bool:
+        """Record one evaluation's metric; True when the lr was reduced now."""
+        if self._better(metric):
+            self.best, self.bad = metric, 0
+        else:
+            self.bad += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad = 0  # bad evaluations during cooldown do not count
+        if self.bad <= self.patience:
+            return False
+        old = self.base_lr * self.scale
+        new = max(old * self.factor, self.min_lr)
+        self.cooldown_left, self.bad = self.cooldown, 0
+        if old - new <= self.eps:
+            return False
+        self.scale = new / self.base_lr
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left, "scale": self.scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+        self.cooldown_left, self.scale = int(state["cooldown_left"]), float(state["scale"])
