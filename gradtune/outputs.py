@@ -1,31 +1,50 @@
 """What a finished run leaves in ``out_dir``: the final weights (safetensors, unwrapped names),
 the resolved config, the summary, the loss plot, and what reloading needs (``Job.save_extra``:
-tokenizer, label map, exports). Every file is written atomically."""
+tokenizer, label map, exports). Every file is written atomically: a run that fails while writing
+leaves the previous run's file whole, never a truncated one."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import yaml
 
 from gradtune.config import Config
 from gradtune.jobs.job import Job
-from gradtune.loop.fit import Result
+from gradtune.loop.fit import Result, run_inputs
 from gradtune.models.weights import save_state
-from gradtune.runtime import distributed
+from gradtune.runtime import distributed, outdir
 from gradtune.runtime.atomic import write_text
 from gradtune.telemetry.plots import plot_losses
+
+
+def _save_extra(job: Job, out_dir: Path) -> None:
+    """``job.save_extra`` writes into an empty staging folder; each file or folder it made then
+    replaces its old version in one rename (a tokenizer folder, an export: never half old)."""
+    if job.save_extra is None:
+        return
+    stage = out_dir / f".tmp-extra-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        job.save_extra(stage)
+        for item in sorted(stage.iterdir()):
+            outdir.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     state = distributed.full_state_dict(job.model)  # collective under FSDP; {} except on rank 0
     if not distributed.is_main():
         return
+    outdir.claim(out_dir, run_inputs(cfg))  # already gradtune's when fit ran with this out_dir; refuses otherwise
     save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if job.save_extra is not None:  # what reloading needs beside the weights (tokenizer, labels)
-        job.save_extra(out_dir)
+    _save_extra(job, out_dir)  # what reloading needs beside the weights (tokenizer, labels)
     summary = {"steps": result.steps, "epochs": result.epochs, "stop_reason": result.stop_reason,
                "train_loss": result.train_loss, "val_loss": result.val_loss, "metrics": result.metrics,
                "wall_time_s": result.wall_time, "job": job.info}

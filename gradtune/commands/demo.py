@@ -21,6 +21,7 @@ from gradtune.jobs.registry import build
 from gradtune.loop.evaluation import evaluate
 from gradtune.loop.fit import fit
 from gradtune.outputs import save_outputs
+from gradtune.runtime import outdir
 from gradtune.telemetry.plots import plot_curves
 
 HELP = "the classic tutorial on the embedded diabetes data (under a minute)"
@@ -40,6 +41,8 @@ EXPERIMENTS = [
     ("lr-good", "linear", "full", 0.2, ["epochs=300"]),
     ("lr-too-large", "linear", "full", 0.3, ["epochs=300"]),
 ]
+
+PLOTS = ("variants-linear.png", "variants-mlp.png", "learning-rates.png")
 
 VARIANT_NAMES = {"full": "batch GD", "1": "stochastic GD", "32": "mini-batch GD (32)"}
 
@@ -63,6 +66,12 @@ def _print_table(rows: list[list[str]]) -> None:
 
 def run_demo(out_dir: str = "runs/demo") -> list[list[str]]:
     base = Path(out_dir)
+    # The demo owns its folder (the plots) and one run folder per experiment: every one is
+    # checked before the first experiment runs, so a refusal never comes halfway through.
+    names = [e[0] for e in EXPERIMENTS]
+    for name in names:
+        outdir.check(base / name)
+    outdir.claim(base, files=PLOTS, folders=names)
     rows, curves = [], {}
     t0 = time.perf_counter()
     for name, model, variant, lr, extra in EXPERIMENTS:
@@ -79,11 +88,11 @@ def run_demo(out_dir: str = "runs/demo") -> list[list[str]]:
         curves[name] = ([h["epoch"] for h in evals], [float(h["loss"]) for h in evals])
     _print_table(rows)
     print("* exact loss of the final weights on the training set (standardised target: 1 - R^2)")
-    groups = {"variants-linear.png": ("Linear regression: batch vs stochastic vs mini-batch GD",
+    groups = {PLOTS[0]: ("Linear regression: batch vs stochastic vs mini-batch GD",
                                       ["linear-batch", "linear-sgd", "linear-minibatch"]),
-              "variants-mlp.png": ("MLP 10-5-1: batch vs stochastic vs mini-batch GD",
+              PLOTS[1]: ("MLP 10-5-1: batch vs stochastic vs mini-batch GD",
                                    ["mlp-batch", "mlp-sgd", "mlp-minibatch"]),
-              "learning-rates.png": ("Linear regression, batch GD: learning rate too small / good / too large",
+              PLOTS[2]: ("Linear regression, batch GD: learning rate too small / good / too large",
                                      ["lr-too-small", "lr-good", "lr-too-large"])}
     lrs = {name: lr for name, _, _, lr, _ in EXPERIMENTS}
     for file, (title, names) in groups.items():

@@ -17,7 +17,8 @@ def setup(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_args.config(args)
-    r = train(cfg)
+    path, _ = config_args.split(args.items)
+    r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
     if not distributed.is_main():  # one summary per job, from rank 0
         return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))

@@ -7,6 +7,10 @@ adapter_model.safetensors, keys ``base_model.model.<path>.lora_A.weight``), whic
 (``save_pretrained`` + tokenizer) that transformers loads with no gradtune or peft installed.
 A head added by gradtune is not part of the HF model; both write it beside, as head.safetensors
 + head_config.json (``load_head`` reads it back).
+
+Both refuse a destination that is a gradtune run folder or not empty (``runtime.outdir``), and
+write into a temporary sibling renamed into place: never a half-written export, never an
+overwritten model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gradtune.runtime import outdir
 from gradtune.runtime.errors import InputError
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
@@ -56,11 +61,16 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     lora = lora_layers(base)
     if not lora:
         raise InputError("save_adapter: the model has no LoRA layers (method is not 'lora')")
-    first = next(iter(lora.values()))
     if any(m.merged for m in lora.values()):
         raise InputError("save_adapter: unmerge the LoRA layers first (they are merged into W)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with outdir.staged(out_dir) as tmp:
+        _write_adapter(model, base, lora, tmp, base_model_name_or_path)
+    return Path(out_dir)
+
+
+def _write_adapter(model: nn.Module, base: nn.Module, lora: dict[str, LoRALinear], out: Path,
+                   base_model_name_or_path: str) -> None:
+    first = next(iter(lora.values()))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_a.weight.detach().contiguous()
@@ -83,7 +93,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_head(model, out)
-    return out
 
 
 def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,12 +120,12 @@ def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Write the merged model as a transformers folder (+ tokenizer, + head if any)."""
     base = hf_base(model)
-    out = Path(out_dir)
-    base.save_pretrained(str(out), state_dict=merged_state_dict(base))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    save_head(model, out)
-    return out
+    with outdir.staged(out_dir) as out:
+        base.save_pretrained(str(out), state_dict=merged_state_dict(base))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        save_head(model, out)
+    return Path(out_dir)
 
 
 def save_head(model: nn.Module, out_dir: Path) -> None:

@@ -1,6 +1,8 @@
 """``fit(job, cfg, out_dir)``: the importable entry point of the loop, for objects built in
 Python as for configs (``gradtune.train.train``). Resume is decided here, before anything is
-written; the signal handlers that turn SIGTERM/SIGINT into a checkpoint are installed here."""
+written; the signal handlers that turn SIGTERM/SIGINT into a checkpoint are installed here.
+``out_dir`` is claimed here too (``runtime/outdir.py``), so a library caller gets the same
+protection as the CLI: never a foreign folder, never over one of the run's own inputs."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Any, Optional
 import torch
 
 from gradtune.config import Config
+from gradtune.config.defaults import is_pretrained
+from gradtune.data import fingerprint
 from gradtune.jobs.job import Job
 from gradtune.loop.loop import Loop
-from gradtune.runtime import distributed
+from gradtune.runtime import distributed, outdir
 from gradtune.runtime.device import cpu_threads, resolve_device
 from gradtune.state import preempt, resume
 from gradtune.telemetry.metrics_log import MetricsLog
@@ -34,6 +38,18 @@ class Result:
     info: dict[str, Any] = field(default_factory=dict)  # the job's facts (closed-form loss, classes...)
 
 
+def run_inputs(cfg: Config) -> list[str]:
+    """The files and folders a run of ``cfg`` reads: none may lie where the run writes."""
+    found = [str(fingerprint.data_path(cfg.data) or cfg.data), cfg.finetune.eval_data]
+    if cfg.init != "random":
+        found.append(cfg.init)
+    if cfg.text.tokenizer not in ("byte", "char"):
+        found.append(cfg.text.tokenizer)
+    if is_pretrained(cfg.model):
+        found.append(cfg.model)
+    return [f for f in found if f]
+
+
 def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
     """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
 
@@ -42,21 +58,30 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
     """
     torch.manual_seed(cfg.seed)
     distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+    inputs = run_inputs(cfg)
+    if out_dir is not None:
+        outdir.check(out_dir, inputs)  # every rank: a refusal must not leave the others waiting
+        stamp = fingerprint.fingerprint(cfg.data)
+        if stamp is not None:  # checkpoints record it (Loop.state_dict); resume compares
+            job.info.setdefault("data_fingerprint", stamp)
     plan = resume.plan(cfg, out_dir, job)
     loop = Loop(job, cfg, out_dir, MetricsLog(None))
     if plan is not None:
         loop.restore(plan)
         if cfg.resume == "force":
             loop.finished = None  # forcing on (say with a lower lr) reopens a converged/diverged run
-    elif out_dir is not None and cfg.resume == "never" and distributed.is_main():
-        resume.discard(out_dir)
-    # Only now is anything written; one log, on rank 0.
+    # Only now is anything written, on rank 0: the folder claimed, old checkpoints, one log.
+    if out_dir is not None and distributed.is_main():
+        outdir.claim(out_dir, inputs)
+        if plan is None and cfg.resume == "never":
+            resume.discard(out_dir)
     loop.log = log = resume.open_log(out_dir, plan) if distributed.is_main() else MetricsLog(None)
     t0 = time.perf_counter()
     try:
         with cpu_threads(job.model, loop.device), preempt.catch() as flag:
             loop.preempt = flag if out_dir is not None else None
             stop_reason, train_loss = loop.run()
+        log.commit()  # a finished run replaces the old log even if it measured nothing
     finally:
         log.close()
         loop.probe.close()

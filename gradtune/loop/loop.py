@@ -115,6 +115,7 @@ class Loop:
             "sums": {"loss": self.run_loss, "count": self.run_count, "metrics": dict(self.run_metrics)},
             "last_gnorm": self.last_gnorm,  # a float, or a 0-d tensor (CUDA/DTensor gradients)
             "metrics_rows": len(self.log.rows),
+            "data_fingerprint": self.job.info.get("data_fingerprint"),  # resume refuses changed data
             "rng": checkpoint.rng_state(),
         }
 

@@ -16,6 +16,8 @@ total number of steps. Everything else differing is refused with the list of dif
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -24,10 +26,11 @@ from typing import Any, Optional
 
 import torch
 
+from gradtune.config import Config
+from gradtune.data import fingerprint
+from gradtune.jobs.job import Job
 from gradtune.runtime.atomic import write_text
 from gradtune.state import checkpoint
-from gradtune.config import Config
-from gradtune.jobs.job import Job
 from gradtune.runtime.errors import GradtuneError
 from gradtune.telemetry.metrics_log import MetricsLog
 
@@ -86,7 +89,7 @@ def latest(root: Path) -> Optional[Plan]:
     return None
 
 
-def _check_fits(plan: Plan, model: torch.nn.Module, n_train: int) -> None:
+def _check_fits(plan: Plan, model: torch.nn.Module) -> None:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(plan.model)), sorted(set(plan.model) - set(own))
     if missing or unexpected:
@@ -95,12 +98,88 @@ def _check_fits(plan: Plan, model: torch.nn.Module, n_train: int) -> None:
         if v.shape != own[k].shape or v.dtype != own[k].dtype:
             raise GradtuneError(f"{plan.folder}: '{k}' is {tuple(v.shape)} {v.dtype}, "
                                 f"the model has {tuple(own[k].shape)} {own[k].dtype}")
+
+
+_BIG = 2 ** 53  # past this a JSON number is no longer an exact integer
+
+
+def _get(state: dict[str, Any], name: str) -> Any:
+    node: Any = state
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise GradtuneError(f"state.json has no '{name}'")
+        node = node[part]
+    return node
+
+
+def _bad(name: str, want: str, value: Any) -> GradtuneError:
+    return GradtuneError(f"state.json field '{name}' must be {want}, got {reprlib.repr(value)}")
+
+
+def _int(state: dict[str, Any], name: str, lo: int = 0, hi: int = _BIG) -> int:
+    v = _get(state, name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < hi:
+        raise _bad(name, f"an integer in [{lo}, {hi})", v)
+    return v
+
+
+def _number(state: dict[str, Any], name: str, least: Optional[float] = None, above: bool = False,
+            inf: bool = False, nan: bool = False) -> float:
+    """A JSON number (not a bool): finite unless ``inf`` / ``nan`` allow those; ``>= least``
+    (``> least`` if ``above``) when given."""
+    v = _get(state, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok and not math.isfinite(v):
+        ok = nan if math.isnan(v) else inf
+    if ok and least is not None and not math.isnan(v):
+        ok = v > least if above else v >= least
+    if not ok:
+        bound = "" if least is None else f" {'>' if above else '>='} {least:g}"
+        raise _bad(name, f"{'a' if inf or nan else 'a finite'} number{bound}", v)
+    return float(v)
+
+
+def check_state(state: dict[str, Any], n_train: int) -> None:
+    """Every field of a checkpoint's state.json the loop reads, checked before any is used: a
+    crafted or damaged file (re-signed manifest) must fail here with the field's name, not as a
+    division by zero or an index error deep in the loop. Raises GradtuneError."""
     try:
-        n = int(plan.state["data"]["n"])
-    except (KeyError, TypeError, ValueError):
-        raise GradtuneError(f"{plan.folder}: state.json has no data position") from None
+        n = int(state["data"]["n"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise GradtuneError("state.json has no data position") from None
     if n != n_train:
-        raise GradtuneError(f"{plan.folder}: made with {n} training samples, the data now has {n_train}")
+        raise GradtuneError(f"made with {n} training samples, the data now has {n_train}")
+    step = _int(state, "step")
+    _int(state, "skipped")
+    if _int(state, "schedule.step") != step:
+        raise _bad("schedule.step", f"the step ({step})", state["schedule"]["step"])
+    _number(state, "schedule.lr_scale", 0, above=True)
+    _number(state, "schedule.lr", 0)
+    _int(state, "data.epoch")
+    _int(state, "data.index", 0, n_train)  # an index past the data made an empty batch: 0/0
+    _int(state, "data.micro_index", 0, 1)  # checkpoints are taken between steps only
+    _int(state, "data.seed", -_BIG)
+    if not isinstance(_get(state, "data.order_sha256"), str):
+        raise _bad("data.order_sha256", "a hex digest", state["data"]["order_sha256"])
+    if _get(state, "finished") is not None and not isinstance(state["finished"], str):
+        raise _bad("finished", "null or a reason", state["finished"])
+    window = _get(state, "guard.window")
+    if not isinstance(window, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in window):
+        raise _bad("guard.window", "a list of finite numbers", window)
+    _int(state, "guard.rollbacks")
+    _number(state, "stopper.best", -math.inf, above=True, inf=True)  # +inf until the first evaluation
+    _int(state, "stopper.bad")
+    _number(state, "sums.loss")
+    _number(state, "sums.count", 0)
+    metrics = _get(state, "sums.metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(v, torch.Tensor) for v in metrics.values()):
+        raise _bad("sums.metrics", "a mapping of tensors", metrics)
+    if not isinstance(_get(state, "last_gnorm"), (torch.Tensor, type(None))):
+        _number(state, "last_gnorm", inf=True, nan=True)  # unguarded runs may record inf / nan
+    _int(state, "metrics_rows")
+    for name in ("optimizer", "rng"):
+        if not isinstance(_get(state, name), dict):
+            raise _bad(name, "a mapping", state[name])
 
 
 def plan(cfg: Config, out_dir: Optional[Path], job: Job) -> Optional[Plan]:
@@ -119,7 +198,16 @@ def plan(cfg: Config, out_dir: Optional[Path], job: Job) -> Optional[Plan]:
     if diffs and cfg.resume != "force":
         raise GradtuneError(f"{found.folder}: config changed since this checkpoint ({'; '.join(diffs)}); "
                             f"use another out_dir, or resume=force to continue anyway")
-    _check_fits(found, job.model, len(job.train))
+    if cfg.resume != "force":
+        changed = fingerprint.changes(found.state.get("data_fingerprint"), job.info.get("data_fingerprint"))
+        if changed:
+            raise GradtuneError(f"{found.folder}: the training data {cfg.data} changed since this checkpoint "
+                                f"({'; '.join(changed)}); use another out_dir, or resume=force to continue anyway")
+    _check_fits(found, job.model)
+    try:
+        check_state(found.state, len(job.train))
+    except GradtuneError as e:
+        raise GradtuneError(f"{found.folder}: {e}") from None
     return found
 
 
@@ -137,10 +225,14 @@ def open_log(out_dir: Optional[Path], found: Optional[Plan]) -> MetricsLog:
     if found is None:
         return MetricsLog(path)
     keep = int(found.state.get("metrics_rows", 0))
-    lines = path.read_text(encoding="utf-8").splitlines()[:keep] if path.is_file() else []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:keep] if path.is_file() else []
+    try:
+        rows = [json.loads(line) for line in lines]
+    except ValueError as e:
+        raise GradtuneError(f"{path}: not the log this checkpoint wrote ({e}); move it away to resume") from None
     write_text(path, "".join(line + "\n" for line in lines))
     log = MetricsLog(path, append=True)
-    log.rows = [json.loads(line) for line in lines]
+    log.rows = rows
     log.write({"kind": "resume", "step": int(found.state["step"]), "checkpoint": found.folder.name,
                "skipped": found.skipped})
     return log

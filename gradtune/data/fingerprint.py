@@ -1,0 +1,75 @@
+"""A cheap fingerprint of a data file, so a resumed run can tell the file changed under it.
+
+The row count alone misses an edited file of the same length (a relabelled column, a fixed
+typo): the run would continue on data it never started with. Hashing a large corpus at every
+resume would cost minutes, so the hash covers 16 blocks of 64 KiB at fixed offsets spread over
+the file, plus its size: the whole content for files up to 1 MiB, a sample beyond. An edit that
+misses every sampled block still changes the modification time, which is compared too when the
+hash does not cover the whole file (a copied file then needs ``resume: force``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from gradtune import datasets
+
+BLOCKS = 16
+BLOCK = 64 * 1024
+
+
+def data_path(data: str) -> Optional[Path]:
+    """The file behind ``data``: an embedded data set's packaged file, else the path itself;
+    None if it names no file. Embedded names win, as in the loaders."""
+    if data in datasets.TEXT:
+        return datasets.HERE / datasets.TEXT[data]
+    if data in datasets.EMBEDDED:
+        return datasets.embedded_path(data)
+    path = Path(data).expanduser()
+    return path if path.is_file() else None
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= BLOCKS * BLOCK:
+            h.update(f.read())
+        else:
+            span = size - BLOCK
+            for i in range(BLOCKS):  # first and last block included: headers and appended rows
+                f.seek(span * i // (BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return h.hexdigest()
+
+
+def fingerprint(data: str) -> Optional[dict[str, Any]]:
+    """{"file", "bytes", "mtime_ns", "sha256", "whole"} of the file behind ``data``; None when it
+    names no readable file (nothing to compare)."""
+    path = data_path(data)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+        digest = _sampled_sha256(path, st.st_size)
+    except OSError:
+        return None
+    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
+            "whole": st.st_size <= BLOCKS * BLOCK}
+
+
+def changes(saved: Any, now: Optional[dict[str, Any]]) -> list[str]:
+    """How the data differs from the fingerprint ``saved`` in a checkpoint (empty: same data,
+    or nothing to compare: a checkpoint from before fingerprints, or no file)."""
+    if not isinstance(saved, dict) or now is None:
+        return []
+    found = []
+    if saved.get("bytes") != now["bytes"]:
+        found.append(f"{saved.get('bytes')} -> {now['bytes']} bytes")
+    if saved.get("sha256") != now["sha256"]:
+        found.append("content differs")
+    if not found and not now["whole"] and saved.get("mtime_ns") != now["mtime_ns"]:
+        found.append("modified since (the sampled content matches, the rest was not read)")
+    return found
