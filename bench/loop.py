@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -29,6 +30,7 @@ import torch
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
 from gradtune.loop.evaluation import evaluate
+from gradtune.loop.callbacks import Callback
 from gradtune.loop.fit import fit
 
 
@@ -50,18 +52,25 @@ def plain_tutorial_loop(x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch
     return time.perf_counter() - t0
 
 
-def ours(batch_size: str, epochs: int) -> float:
+class NoOp(Callback):
+    """A callback that listens to every step and does nothing: the price of the callback API."""
+
+    def on_step_end(self, step, loss, lr):
+        return None
+
+
+def ours(batch_size: str, epochs: int, callbacks: list | None = None) -> float:
     # All 442 rows (val_fraction=0), as the tutorial trains: 100 epochs at batch 1 = 44,200 steps.
     cfg = load_config(None, ["model=mlp", f"batch_size={batch_size}", "lr=0.01", f"epochs={epochs}",
                              "progress=off", "device=cpu", "val_fraction=0"])
     job = build(cfg)
     with tempfile.TemporaryDirectory() as out:  # metrics.jsonl written as `gradtune train` does
         t0 = time.perf_counter()
-        fit(job, cfg, Path(out))
+        fit(job, cfg, Path(out), callbacks=callbacks)
         return time.perf_counter() - t0
 
 
-def compare_mlp(batch_size: str, epochs: int, repeats: int) -> None:
+def compare_mlp(batch_size: str, epochs: int, repeats: int, with_callback: bool = False) -> None:
     job = build(load_config(None, ["model=mlp", "device=cpu", "val_fraction=0"]))
     x, y = job.train.fields["x"], job.train.fields["y"]
     bs = len(x) if batch_size == "full" else int(batch_size)
@@ -69,15 +78,20 @@ def compare_mlp(batch_size: str, epochs: int, repeats: int) -> None:
     # imports torch._dynamo, ~3 s here) would otherwise be charged to whichever side runs first.
     ours(batch_size, 1)
     plain_tutorial_loop(x, y, bs, 1)
-    a, b = [], []
+    a, b, c = [], [], []
     for _ in range(repeats):
         a.append(ours(batch_size, epochs))
         b.append(plain_tutorial_loop(x, y, bs, epochs))
+        if with_callback:
+            c.append(ours(batch_size, epochs, [NoOp()]))
     steps = epochs * -(-len(x) // bs)
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"MLP 10-5-1 batch_size={batch_size:>4} {steps:>6} steps: gradtune {ma:7.3f}s "
           f"({ma / steps * 1e6:6.1f} us/step)  plain loop {mb:7.3f}s ({mb / steps * 1e6:6.1f} us/step)  "
           f"ratio {ma / mb:.3f}x")
+    if c:
+        mc = statistics.median(c)
+        print(f"  + one no-op callback (on_step_end): {mc:7.3f}s  {mc / ma:.3f}x of gradtune without callbacks")
 
 
 def steps_to_optimum(cfg_items: list[str], rel: float = 1e-6, limit: int = 20000) -> int:
@@ -140,8 +154,10 @@ def main() -> None:
     args = p.parse_args()
     repeats = 1 if args.quick else args.repeats
     epochs = 10 if args.quick else 100
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {repeats}, sides alternated")
-    compare_mlp("1", epochs, repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}; "
+          f"medians of {repeats}, sides alternated")
+    compare_mlp("1", epochs, repeats, with_callback=True)
     compare_mlp("full", epochs * 20, repeats)
     compare_linear(repeats)
 

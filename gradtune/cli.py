@@ -2,20 +2,42 @@
 
 Every bad input ends as one line on stderr and exit code 2, never a traceback. A checkpoint
 that cannot be written exits 74 (EX_IOERR); a run stopped by SIGTERM/SIGINT after writing its
-checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume).
+checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume); Ctrl-C anywhere else,
+start-up included, exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import threading
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
-from gradtune.commands import demo, eval as eval_cmd, export, generate, lr_find, predict, train
-from gradtune.runtime import distributed
-from gradtune.runtime.errors import GradtuneError
-from gradtune.state.preempt import Preempted
+
+def _interrupted_while_starting(signum: int, frame: Any) -> None:
+    # Importing torch and the commands takes seconds. A KeyboardInterrupt raised inside an import
+    # has no try block around it (main is not running yet) and prints a traceback; nothing has
+    # been read or written yet, so leave at once, with the line main prints for Ctrl-C.
+    print("gradtune: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# Installed before the heavy imports below, put back after them (an importing test runner keeps
+# its own Ctrl-C). signal.signal works in the main thread only.
+_STARTING = threading.current_thread() is threading.main_thread()
+_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
+
+from gradtune.commands import compare, demo, eval as eval_cmd, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.runtime import distributed  # noqa: E402
+from gradtune.runtime.errors import GradtuneError  # noqa: E402
+from gradtune.state.preempt import Preempted, command_scope  # noqa: E402
+
+if _STARTING:
+    signal.signal(signal.SIGINT, _BEFORE)
 
 # name -> module with HELP, setup(parser), run(args) -> exit code
 COMMANDS: dict[str, ModuleType] = {
@@ -26,7 +48,12 @@ COMMANDS: dict[str, ModuleType] = {
     "predict": predict,
     "generate": generate,
     "export": export,
+    "compare": compare,
 }
+
+# A write that fails for lack of room or a read-only disk is the environment, not the input: one
+# line and EX_IOERR (74), like a checkpoint that cannot be written, never a traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,9 +67,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        # command_scope: once a preemption checkpoint is written, later signals cannot change 75.
+        with command_scope():
+            args = parser().parse_args(argv)
+            return args.func(args)
     except GradtuneError as e:
         # 2: bad input; 74: a checkpoint could not be written; 75: preempted, checkpoint saved.
         kind = "preempted" if isinstance(e, Preempted) else "error"
@@ -52,6 +81,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("gradtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"gradtune: error: cannot write {e.filename or 'an output file'}: {e.strerror}", file=sys.stderr)
+        return 74
     except Exception as e:
         if not distributed.launched():
             raise

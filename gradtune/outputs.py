@@ -19,6 +19,7 @@ from gradtune.models.weights import save_state
 from gradtune.runtime import distributed, outdir
 from gradtune.runtime.atomic import write_text
 from gradtune.telemetry.plots import plot_losses
+from gradtune.telemetry.report import write_report
 
 
 def _save_extra(job: Job, out_dir: Path) -> None:
@@ -52,3 +53,5 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     if cfg.plot and any(r.get("kind") == "eval" for r in result.history):
         plot_losses(result.history, out_dir / "loss.png", title=f"{cfg.model} on {Path(cfg.data).name}",
                     optimum=job.info.get("closed_form_loss"))
+    if cfg.plot:  # read back from the files just written, as for any finished run
+        write_report(out_dir)

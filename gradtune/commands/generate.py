@@ -39,12 +39,20 @@ def encode_prompt(r: Run, prompt: str) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
+# One batch holds every sample (rows x (prompt + new tokens) ids, plus the KV cache): bounds that
+# no real use reaches, so a typo'd huge number is an error instead of a MemoryError or a day's run.
+MAX_SAMPLES = 4096
+MAX_NEW_TOKENS = 1_000_000
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Each bad option is a one-line error naming it (argparse checks only the types)."""
     if args.max_new_tokens < 1:
         raise GradtuneError(f"generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise GradtuneError(f"generate: --num-samples must be >= 1, got {args.num_samples}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise GradtuneError(f"generate: --num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise GradtuneError(f"generate: --max-new-tokens must be <= {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:  # float('nan') passes type=float
         raise GradtuneError(f"generate: --temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from gradtune import lr_find
@@ -18,13 +19,16 @@ def setup(p: argparse.ArgumentParser) -> None:
     config_args.add(p)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--max-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sweep steps (default: {lr_find.STEPS_PER_DECADE} per decade of lr, 300 for 1e-6..10)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_args.config(args)
-    if not 0 < args.min_lr < args.max_lr:
-        raise GradtuneError(f"lr-find: need 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})")
+    if not (math.isfinite(args.min_lr) and math.isfinite(args.max_lr) and 0 < args.min_lr < args.max_lr):
+        raise GradtuneError(f"lr-find: need finite 0 < --min-lr ({args.min_lr}) < --max-lr ({args.max_lr})")
+    if args.steps is not None and args.steps < 2:
+        raise GradtuneError(f"lr-find: --steps must be >= 2 (a curve needs points), got {args.steps}")
     path, _ = config_args.split(args.items)
     inputs = [*run_inputs(cfg), *([path] if path else [])]
     outdir.check(cfg.out_dir, inputs)  # before the test runs: a refusal should not cost its steps
@@ -32,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     outdir.claim(cfg.out_dir, inputs)
     out = Path(cfg.out_dir) / "lr_find.png"
     lr_find.plot(r, out, f"lr range test: {cfg.model} on {Path(cfg.data).name}, batch_size={cfg.batch_size}")
-    end = "stopped at divergence" if r.stopped_early else "reached --max-lr"
-    print(f"lr-find: {len(r.lrs)} steps from {args.min_lr:g} ({end}); suggested lr = {r.suggestion:.3g}")
-    print(f"plot: {out}")
+    data = lr_find.save(r, Path(cfg.out_dir) / "lr_find.json", args.min_lr, args.max_lr)
+    end = f"diverged at lr {r.divergence:.3g}" if r.divergence is not None else "reached --max-lr"
+    print(f"lr-find: {len(r.lrs)} of {r.steps} steps from {args.min_lr:g} ({end}); loss lowest at lr "
+          f"{r.lowest:.3g}; suggested lr = {r.suggestion:.3g} (a {lr_find.FRACTION:g}th of it)")
+    if r.note:
+        print(f"lr-find: note: {r.note}")
+    print(f"plot: {out}; data: {data}")
     return 0

@@ -54,6 +54,11 @@ def _check_out(out: Optional[str], data: str, folder: Path) -> None:
         raise GradtuneError(f"predict: --out {out} is inside the run folder {folder}; write the predictions elsewhere")
     if target.is_dir():
         raise GradtuneError(f"predict: --out {out} is a directory; give a file name")
+    if target.exists() and not target.is_file():
+        # The write is atomic (a new file renamed over the target): it would replace a device
+        # node such as /dev/null, or a pipe, with a regular file instead of writing into it.
+        raise GradtuneError(f"predict: --out {out} is not a regular file (a device or a pipe); give a file "
+                            f"name, or leave --out out to write to stdout")
 
 
 @torch.no_grad()
@@ -113,6 +118,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    write_text(args.out, text)
+    write_text(Path(args.out).resolve(), text)  # through a symlink, not over it
     print(f"predict: {len(data)} rows -> {args.out}")
     return 0

@@ -24,5 +24,12 @@ def run(args: argparse.Namespace) -> int:
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))
     print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {r.wall_time:.2f}s; stopped: {r.stop_reason}")
     print(f"final: {metrics}")
-    print(f"outputs: {cfg.out_dir}/ (model.safetensors, metrics.jsonl, summary.json{', loss.png' if cfg.plot else ''})")
+    if r.info.get("noise_scale"):
+        print(f"advice: {r.info['noise_scale']['advice']}")
+    best = r.info.get("early_stopping")
+    if best and best["restored"]:
+        print(f"weights: the best evaluation's, step {best['best_step']} ({best['monitor']}={best['best']:.6g}); "
+              f"its checkpoint is in {cfg.out_dir}/best/")
+    plots = ", loss.png, report.html" if cfg.plot else ""
+    print(f"outputs: {cfg.out_dir}/ (model.safetensors, metrics.jsonl, summary.json{plots})")
     return 0

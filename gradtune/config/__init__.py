@@ -9,10 +9,10 @@
 
 from gradtune.config.defaults import MODEL_DEFAULTS, is_pretrained, pretrained_lr
 from gradtune.config.loading import load_config
-from gradtune.config.schema import (METHODS, Config, FinetuneSection, FreezeSection, GPTSection, GuardConfig,
+from gradtune.config.schema import (METHODS, Config, EarlyStoppingSection, FinetuneSection, FreezeSection, GPTSection, GuardConfig,
                                     LoraSection, TextSection)
 from gradtune.config.table import field_docs, markdown_table
 
-__all__ = ["METHODS", "MODEL_DEFAULTS", "Config", "FinetuneSection", "FreezeSection", "GPTSection", "GuardConfig",
+__all__ = ["METHODS", "MODEL_DEFAULTS", "Config", "EarlyStoppingSection", "FinetuneSection", "FreezeSection", "GPTSection", "GuardConfig",
            "LoraSection", "TextSection", "field_docs", "is_pretrained", "load_config", "markdown_table",
            "pretrained_lr"]

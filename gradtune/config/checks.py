@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from gradtune.config.defaults import is_pretrained
 from gradtune.config.schema import METHODS, Config
 from gradtune.runtime.errors import GradtuneError
 
 # Checks beyond the type: (predicate, what it must be). Unlisted numeric fields are free.
 RANGES: dict[str, tuple[Any, str]] = {
-    "lr": (lambda v: v > 0, "> 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: v == "auto" or v > 0, "> 0 or 'auto'"),
+    "momentum": (lambda v: v == "auto" or 0 <= v < 1, "in [0, 1) or 'auto'"),
     "dampening": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "eps": (lambda v: v > 0, "> 0"),
@@ -41,6 +42,16 @@ RANGES: dict[str, tuple[Any, str]] = {
     "guard.lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
     "guard.spike_window": (lambda v: v >= 5, ">= 5"),
     "guard.max_rollbacks": (lambda v: v >= 0, ">= 0"),
+    "decay_steps": (lambda v: v is None or v >= 1, ">= 1"),
+    "decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "plateau_patience": (lambda v: v >= 0, ">= 0"),
+    "plateau_threshold": (lambda v: v >= 0, ">= 0"),
+    "plateau_cooldown": (lambda v: v >= 0, ">= 0"),
+    "early_stopping.patience": (lambda v: v >= 1, ">= 1"),
+    "early_stopping.min_delta": (lambda v: v >= 0, ">= 0"),
+    "callbacks": (lambda v: all(set(c) <= {"class", "args"} and isinstance(c.get("class"), str)
+                                and ":" in c["class"] and isinstance(c.get("args", {}), dict) for c in v),
+                  "a list of {class: 'package.module:Class', args: {...}}"),
     "lora.rank": (lambda v: v >= 1, ">= 1"),
     "lora.alpha": (lambda v: v > 0, "> 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -58,12 +69,36 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+def check_auto(cfg: Config) -> None:
+    """``lr``/``momentum`` auto: the step from the loss curvature (jobs/curvature.py) exists for
+    the convex models under plain gradient descent only; anything else is refused here, at load."""
+    if cfg.lr != "auto" and cfg.momentum != "auto":
+        return
+    which = "lr: auto" if cfg.lr == "auto" else "momentum: auto"
+    if cfg.model not in ("linear", "logistic"):
+        what = "a pretrained model" if is_pretrained(cfg.model) else f"model={cfg.model}"
+        raise GradtuneError(f"config: {which} is defined for the convex models (linear with mse, logistic); "
+                            f"{what} has no known curvature: give a number (gradtune lr-find suggests one)")
+    if cfg.optimizer != "sgd":
+        raise GradtuneError(f"config: {which} is the gradient-descent step from the curvature; "
+                            f"optimizer={cfg.optimizer} rescales steps: use optimizer=sgd or a number")
+    if cfg.momentum == "auto" and cfg.lr != "auto":
+        raise GradtuneError("config: momentum: auto is Nesterov's momentum for the step 1/L: set lr: auto with it")
+    if cfg.momentum == "auto" and cfg.dampening != 0:
+        raise GradtuneError("config: momentum: auto is Nesterov's momentum: it needs dampening = 0")
+
+
 def check_combinations(cfg: Config) -> None:
     """Fail fast on settings that are each valid but meaningless together."""
-    if cfg.nesterov and (cfg.momentum <= 0 or cfg.dampening != 0):
+    check_auto(cfg)
+    if cfg.nesterov and cfg.momentum != "auto" and (cfg.momentum <= 0 or cfg.dampening != 0):
         raise GradtuneError("config: nesterov=true needs momentum > 0 and dampening = 0")
     if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):
         raise GradtuneError("config: momentum/nesterov are SGD settings; AdamW uses betas")
+    watches = cfg.early_stopping.enabled or cfg.schedule == "plateau"
+    if watches and cfg.early_stopping.monitor.startswith("val_") and cfg.val_fraction == 0 and not cfg.finetune.eval_data:
+        raise GradtuneError(f"config: early_stopping / schedule=plateau watch '{cfg.early_stopping.monitor}', "
+                            f"but val_fraction=0 leaves no validation data")
     g = cfg.gpt
     if g.n_embd % g.n_head:
         raise GradtuneError(f"config: gpt.n_embd ({g.n_embd}) must be divisible by gpt.n_head ({g.n_head})")

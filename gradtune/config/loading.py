@@ -45,7 +45,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)
-            except GradtuneError:
+            except GradtuneError as e:
+                if "finite" in str(e):  # a number, just not a usable one: say so, not "expected float"
+                    raise
                 continue
     elif origin is Literal:
         if value in typing.get_args(tp):
@@ -80,6 +82,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise GradtuneError(f"config key '{key}': must be a finite number, got {value!r}")
         if number is not None:
             return number
+    elif tp is dict:  # a free-form mapping (a callback's spec); its keys are checked where used
+        if isinstance(value, dict):
+            return value
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -89,6 +89,18 @@ class FinetuneSection:
 
 
 @dataclass
+class EarlyStoppingSection:
+    """Stop when a validation metric stops improving, and keep the best weights (loop/early_stopping.py)."""
+
+    enabled: bool = False  # on: stop on validation, keep out_dir/best/; off: only tol/patience on the training loss
+    monitor: str = "val_loss"  # a metric the run logs at evaluations: val_loss, val_accuracy, val_rmse, val_r2, val_ppl
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy and r2, min otherwise
+    patience: int = 5  # evaluations without an improvement larger than min_delta before stopping
+    min_delta: float = 0.0  # smaller improvements do not reset the patience (but still become the best)
+    restore_best: bool = True  # end with the best evaluation's weights (model.safetensors, exports)
+
+
+@dataclass
 class Config:
     # --- what to fit -------------------------------------------------------------------------
     model: str = "linear"  # linear | logistic | mlp | gpt | path to a HF folder or .gguf
@@ -110,8 +122,8 @@ class Config:
     huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
     # --- gradient descent ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
-    lr: float = 0.01  # step size; too large oscillates/diverges, too small crawls (see lr-find)
-    momentum: float = 0.0  # SGD heavy-ball momentum; 0.9 typical
+    lr: Union[float, Literal["auto"]] = 0.01  # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and mu), min(2/(mu+L), 1.9/L) or 1/L (linear mse, logistic)
+    momentum: Union[float, Literal["auto"]] = 0.0  # SGD heavy-ball momentum; 0.9 typical; auto (with lr: auto): Nesterov's (sqrt(kappa)-1)/(sqrt(kappa)+1), nesterov on
     nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
     dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
     weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
@@ -120,12 +132,19 @@ class Config:
     batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
     micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
     clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off
+    noise_scale: bool = True  # estimate the gradient noise scale (batch-size advice) when batches are split into micro-batches; one more gradient norm per step
     # --- schedule and stopping -------------------------------------------------------------------
-    schedule: Literal["constant", "step", "exponential", "linear", "cosine"] = "constant"  # lr(step); decay lets SGD settle
+    schedule: Literal["constant", "step", "exponential", "linear", "cosine", "wsd", "plateau"] = "constant"  # lr(step); decay lets SGD settle; wsd: warm-up, stable, decay; plateau: cut by gamma when the monitored validation metric stalls
     warmup_steps: int = 0  # linear lr warm-up steps before the schedule (large models)
     min_lr: float = 0.0  # floor for linear/cosine decay
     gamma: float = 0.1  # step/exponential decay factor
     step_size: int = 1000  # steps between step-schedule decays
+    decay_steps: Optional[int] = None  # wsd: steps of the final decay; None: decay_fraction of the run
+    decay_fraction: float = 0.1  # wsd: share of the run spent decaying (when decay_steps is None)
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "cosine"  # wsd: the decay curve
+    plateau_patience: int = 10  # plateau: evaluations without improvement before the lr is cut by gamma
+    plateau_threshold: float = 1e-4  # plateau: relative improvement that counts
+    plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
     epochs: int = 100  # passes over the training set
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
     tol: float = 0.0  # stop when the loss improves by less than this (relative) ...
@@ -143,6 +162,8 @@ class Config:
     log_every: int = 0  # steps between log lines; 0: per evaluation only
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
     plot: bool = True  # loss-curve PNG at the end
+    log_to: list[Literal["tensorboard"]] = field(default_factory=list)  # also write the metrics to out_dir/tb/ (TensorBoard)
+    callbacks: list[dict] = field(default_factory=list)  # your code in the loop: [{class: pkg.mod:Class, args: {...}}]
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the newest good checkpoint
@@ -154,6 +175,7 @@ class Config:
     text: TextSection = field(default_factory=TextSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)  # stop when validation stops improving; keep the best weights
     finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from gradtune.data.sequences import SequenceDataset, pad_id
-from gradtune.data.text_tasks import DataError, read_rows
+from gradtune.data.text import read_utf8
+from gradtune.data.text_tasks import DataError, data_file, read_rows
 
 
 def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
@@ -23,10 +24,8 @@ def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
         raise DataError(f"max_length must be >= 2 for causal LM windows, got {max_length}")
     if path.suffix == ".jsonl":
         docs = [str(r[text_column]) for _, r in read_rows(path) if r.get(text_column)]
-    elif path.is_file():
-        docs = [path.read_text(encoding="utf-8")]
     else:
-        raise DataError(f"data file {str(path)!r} does not exist")
+        docs = [read_utf8(data_file(path))]
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in docs:

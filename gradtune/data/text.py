@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,12 @@ import numpy as np
 import torch
 
 from gradtune import datasets
-from gradtune.runtime import cache
+from gradtune.runtime import cache, distributed
 from gradtune.runtime.atomic import atomic_path
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
 from gradtune.data.tokenizer import Tokenizer
-from gradtune.runtime.errors import GradtuneError
+from gradtune.runtime.errors import GradtuneError, InputError
 
 FORMAT = 1  # bump when the token file layout or the window rule changes: old files are ignored
 CHUNK_CHARS = 1 << 22  # texts are encoded ~4M characters at a time: bounded memory for any size
@@ -59,6 +60,54 @@ def token_dtype(vocab_size: int) -> np.dtype:
                         f"(at most {1 << 32:,} ids)")
 
 
+# --- files and messages shared by every data reader (tables, texts, tokenizers) -----------------
+
+def path_kind(path: Path) -> Optional[str]:
+    """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
+    the message. Why not ``is_file()`` alone: a folder, a FIFO and a device would all read as
+    "not found", and opening a FIFO to look inside blocks until some writer appears."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:  # permission denied on a parent, a link loop, a name too long
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def need_file(path: Path, what: str, hint: str = "") -> Path:
+    """``path`` if it is a regular file; else an InputError that says what is there instead."""
+    kind = path_kind(path)
+    if kind == "missing":
+        raise InputError(f"{what} not found: {path}{hint}")
+    if kind is not None:
+        raise InputError(f"{what} not found: {path} is {kind}, not a regular file")
+    return path
+
+
+def read_utf8(path: Path, label: Optional[str] = None) -> str:
+    """The text of a regular file, decoded as UTF-8; bad bytes are one error naming the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{label or path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    return decode_utf8(label or str(path), raw)
+
+
+def warn(message: str) -> None:
+    """One ``gradtune: warning:`` line on stderr (rank 0 only); the run goes on."""
+    if distributed.is_main():
+        print(f"gradtune: warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_source(data: str) -> tuple[str, bytes]:
     """(label for messages, raw bytes) of an embedded corpus name or a text file path."""
 
@@ -67,9 +116,7 @@ def read_source(data: str) -> tuple[str, bytes]:
     if data in datasets.EMBEDDED:
         raise GradtuneError(f"data '{data}' is a tabular data set; a language model trains on text "
                             f"(data=shakespeare or a path to a .txt file)")
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise GradtuneError(f"text file not found: {data}")
+    path = need_file(Path(data).expanduser(), "text file")
     raw = path.read_bytes()
     if not raw:
         raise GradtuneError(f"{data}: empty text file")
@@ -81,7 +128,8 @@ def decode_utf8(label: str, raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise GradtuneError(f"{label}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+        raise InputError(f"{label}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r}); "
+                         f"save the file as UTF-8") from None
     return text.removeprefix("\ufeff")  # a byte-order mark is not text
 
 

@@ -9,7 +9,6 @@ training data, saved next to the run, and evaluation data must use only labels s
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Literal
 import torch
 
 from gradtune.data.sequences import IGNORE, SequenceDataset, pad_id
+from gradtune.data.tabular import csv_records
+from gradtune.data.text import path_kind, read_utf8, warn
 from gradtune.runtime.errors import InputError
 
 Task = Literal["classification", "regression"]
@@ -28,36 +29,48 @@ class DataError(InputError):
     """A data file is not what the task needs; the message names the file and line."""
 
 
+def data_file(path: str | Path) -> Path:
+    """``path`` if it is a regular file; else a DataError saying what is there instead."""
+    path = Path(path)
+    kind = path_kind(path)
+    if kind is not None:
+        raise DataError(f"data file {str(path)!r} " + ("does not exist" if kind == "missing" else
+                                                       f"is {kind}, not a regular file"))
+    return path
+
+
 def read_rows(path: str | Path, columns: list[str] | None = None, optional: str | None = None) -> list[Row]:
     """Rows of a .jsonl (one object a line) or delimited text file (tab if .tsv or the first
     line has a tab, else comma); the first line is the header unless ``columns`` is given.
     ``optional``: a column of ``columns`` that a header-less file may leave out (the label of
     rows to predict); each row then has all of ``columns`` or all but that one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8", newline="") as f:
-        if path.suffix == ".jsonl":
-            rows = []
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((line_no, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rows[-1][1], dict):
-                        raise DataError(f"{path}:{line_no}: expected a JSON object")
-            return rows
-        first = f.readline()
-        f.seek(0)
-        delimiter = "\t" if path.suffix == ".tsv" or "\t" in first else ","
-        reader = csv.reader(f, delimiter=delimiter)
-        header = columns or next(reader, [])
-        start = 1 if columns else 2
-        records = [(start + i, values) for i, values in enumerate(reader) if values]
+    path = data_file(path)
+    text = read_utf8(path)
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path, text)
+    first = text.split("\n", 1)[0]
+    delimiter = "\t" if path.suffix == ".tsv" or "\t" in first else ","
+    records = csv_records(path, text, delimiter)
+    header = columns or []
+    if not columns:
+        header, records = (records[0][1], records[1:]) if records else ([], [])
+    records = [(n, values) for n, values in records if values]
     if columns and optional in columns:
         return [(n, _match(columns, optional, values, f"{path}:{n}")) for n, values in records]
     return [(n, dict(zip(header, values))) for n, values in records]
+
+
+def _jsonl_rows(path: Path, text: str) -> list[Row]:
+    rows = []
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(rows[-1][1], dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object")
+    return rows
 
 
 def _match(columns: list[str], optional: str, values: list[str], where: str) -> dict[str, str]:
@@ -147,7 +160,14 @@ def _labels(rows: list[Row], path: Path, task: Task, label_column: str,
     labels = _column(rows, path, label_column)
     where = [f"{path}:{line_no}" for line_no, _ in rows]
     if task == "classification":
-        label_map = label_map or LabelMap.from_labels(labels)
+        if label_map is None:  # training data (evaluation data reuses training's map)
+            label_map = LabelMap.from_labels(labels)
+            if len(label_map.names) < 2:  # a one-output head gets no gradient: the audit would stop it
+                raise DataError(f"{path}: column {label_column!r} holds a single class ({labels[0]!r}); "
+                                f"a classifier needs at least two")
+            if len(set(labels)) == 1:
+                warn(f"{path}: column {label_column!r} holds a single class ({labels[0]!r}): "
+                     f"there is nothing to tell apart")
         return label_map.ids(labels, where), label_map
     if task == "regression":
         try:

@@ -216,7 +216,9 @@ def load(spec: str, text: Optional[str] = None) -> Tokenizer:
         return CharTokenizer.from_text(text)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise GradtuneError(f"tokenizer file not found: {spec} (text.tokenizer is byte, char or a path "
+        # A FIFO is never opened (reading it would wait for a writer); a folder is named as one.
+        what = " is a folder" if path.is_dir() else " is not a regular file" if path.exists() else ""
+        raise GradtuneError(f"tokenizer file not found: {spec}{what} (text.tokenizer is byte, char or a path "
                             "to a tokenizer.json)")
     return _from_json_file(path)
 

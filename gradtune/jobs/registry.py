@@ -10,6 +10,7 @@ import difflib
 from typing import Callable
 
 from gradtune.config import Config, is_pretrained
+from gradtune.jobs import memory
 from gradtune.jobs.job import Job
 from gradtune.jobs.pretrained import build_pretrained
 from gradtune.jobs.tabular import build_tabular
@@ -37,5 +38,8 @@ def kind(model: str) -> str:
 
 
 def build(cfg: Config) -> Job:
-    """The Job ``cfg`` describes; every input is validated here, before anything is written."""
-    return BUILDERS[kind(cfg.model)](cfg)
+    """The Job ``cfg`` describes; every input is validated here, before anything is written.
+    A model that cannot fit in memory is refused first, before data is read or weights made."""
+    k = kind(cfg.model)
+    memory.check(cfg, k)
+    return BUILDERS[k](cfg)

@@ -14,6 +14,8 @@ from gradtune.config import Config
 from gradtune.data import tabular
 from gradtune.data.dataset import TensorDataset
 from gradtune.data.split import split_indices
+from gradtune.data.text import warn
+from gradtune.jobs import memory
 from gradtune.jobs.job import Job, load_init
 from gradtune.models.linear import Linear, closed_form_loss
 from gradtune.models.mlp import MLP
@@ -71,30 +73,63 @@ def make_model(cfg: Config, n_features: int, n_outputs: int) -> nn.Module:
     return model.to(torch.float64 if cfg.dtype == "float64" else torch.float32)
 
 
-def build_tabular(cfg: Config) -> Job:
-    """BUILDERS["linear" | "logistic" | "mlp"]."""
-    table = tabular.read_table(cfg.data, cfg.target, cfg.features)
-    task = resolve_task(cfg, table.y_raw)
-    train_idx, val_idx = split_indices(len(table.y_raw), cfg.val_fraction, cfg.seed)
-    x = table.x
-    info: dict[str, Any] = {"data": table.path, "features": table.feature_names, "target": table.target, "task": task}
-    if cfg.standardize:
-        x, mean, std = standardize(x, train_idx)
-        info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    classes: list[str] = []
+def check_finite(x: torch.Tensor, names: list[str], path: str, why: str) -> None:
+    """Refuse a tensor that went non-finite on its way to the model, naming the first column."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1))
+    if bad.any():
+        col = int(bad.any(0).nonzero()[0])
+        raise GradtuneError(f"{path}: column '{names[col]}' {why}")
+
+
+def _warn_shape(table: tabular.Table) -> None:
+    """Legal but most likely a mistake: said once, the run goes on."""
+    if table.target in table.feature_names:
+        warn(f"{table.path}: the target '{table.target}' is also a feature: the model is given the answer")
+    if len(table.y_raw) == 1:
+        warn(f"{table.path}: only one data row: there is no pattern to learn from one example")
+
+
+def _targets(cfg: Config, table: tabular.Table, task: str, train_idx: torch.Tensor,
+             info: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """(y, class names): standardised float targets, or class ids (warning on a single class)."""
     if task == "regression":
         y = tabular.regression_targets(table, table.target)
         if cfg.standardize_target:
             ym, ys = y[train_idx].mean(), y[train_idx].std(unbiased=False).clamp(min=1e-12)
             y = (y - ym) / ys
             info["target_mean"], info["target_std"] = ym.item(), ys.item()
-        y = y.to(dtype)
-    else:
-        y, classes = tabular.class_targets(table, table.target, cfg.num_classes)
-        info["classes"] = classes
+        return y, []
+    y, classes = tabular.class_targets(table, table.target, cfg.num_classes)
+    if y.unique().numel() == 1:
+        warn(f"{table.path}: column '{table.target}' holds a single class ({classes[int(y[0])]!r}): "
+             f"there is nothing to tell apart")
+    info["classes"] = classes
+    return y, classes
+
+
+def build_tabular(cfg: Config) -> Job:
+    """BUILDERS["linear" | "logistic" | "mlp"]."""
+    table = tabular.read_table(cfg.data, cfg.target, cfg.features)
+    _warn_shape(table)
+    task = resolve_task(cfg, table.y_raw)
+    train_idx, val_idx = split_indices(len(table.y_raw), cfg.val_fraction, cfg.seed)
+    x = table.x
+    info: dict[str, Any] = {"data": table.path, "features": table.feature_names, "target": table.target, "task": task,
+                            "n_train": len(train_idx)}
+    if cfg.standardize:
+        x, mean, std = standardize(x, train_idx)
+        info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    y, classes = _targets(cfg, table, task, train_idx, info)
     objective, info["loss"], n_out = objective_for(cfg, task, len(classes))
+    # Values under the read limit can still overflow float32 when they are not standardised.
+    overflow = f"has values beyond {cfg.dtype}'s range; set standardize=true or dtype=float64"
     x = x.to(dtype)
+    check_finite(x, table.feature_names, table.path, overflow)
+    if task == "regression":
+        y = y.to(dtype)
+        check_finite(y, [table.target], table.path, overflow.replace("standardize=", "standardize_target="))
+    memory.check_tabular(cfg, x.shape[1], n_out, len(train_idx))
     model = make_model(cfg, x.shape[1], n_out)
     if cfg.init != "random":
         load_init(model, cfg.init)

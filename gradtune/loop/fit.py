@@ -17,11 +17,14 @@ from gradtune.config import Config
 from gradtune.config.defaults import is_pretrained
 from gradtune.data import fingerprint
 from gradtune.jobs.job import Job
+from gradtune.loop.callbacks import Callback, from_spec
+from gradtune.loop.early_stopping import EarlyStopping
 from gradtune.loop.loop import Loop
 from gradtune.runtime import distributed, outdir
 from gradtune.runtime.device import cpu_threads, resolve_device
 from gradtune.state import preempt, resume
 from gradtune.telemetry.metrics_log import MetricsLog
+from gradtune.telemetry.tensorboard import TensorBoardSink
 
 
 @dataclass
@@ -50,11 +53,21 @@ def run_inputs(cfg: Config) -> list[str]:
     return [f for f in found if f]
 
 
-def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
+def run_callbacks(cfg: Config, given: Optional[list[Callback]]) -> list[Callback]:
+    """Yours (``fit(callbacks=...)``), then the config's (``callbacks:``), then early stopping."""
+    found = list(given or []) + [from_spec(spec) for spec in cfg.callbacks]
+    if cfg.early_stopping.enabled:
+        found.append(EarlyStopping(cfg.early_stopping))
+    return found
+
+
+def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None,
+        callbacks: Optional[list[Callback]] = None) -> Result:
     """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
 
     With ``resume: auto`` a run finding a verified checkpoint in ``out_dir`` continues from it.
     Every check (which checkpoint, does the config match) happens before anything is written.
+    ``callbacks``: your code at the loop's events (gradtune.loop.callbacks).
     """
     torch.manual_seed(cfg.seed)
     distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
@@ -65,7 +78,7 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
         if stamp is not None:  # checkpoints record it (Loop.state_dict); resume compares
             job.info.setdefault("data_fingerprint", stamp)
     plan = resume.plan(cfg, out_dir, job)
-    loop = Loop(job, cfg, out_dir, MetricsLog(None))
+    loop = Loop(job, cfg, out_dir, MetricsLog(None), run_callbacks(cfg, callbacks))
     if plan is not None:
         loop.restore(plan)
         if cfg.resume == "force":
@@ -75,7 +88,9 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
         outdir.claim(out_dir, inputs)
         if plan is None and cfg.resume == "never":
             resume.discard(out_dir)
-    loop.log = log = resume.open_log(out_dir, plan) if distributed.is_main() else MetricsLog(None)
+    main = distributed.is_main()
+    sinks = [TensorBoardSink(out_dir / "tb")] if main and out_dir is not None and "tensorboard" in cfg.log_to else []
+    loop.log = log = resume.open_log(out_dir, plan, sinks) if main else MetricsLog(None)
     t0 = time.perf_counter()
     try:
         with cpu_threads(job.model, loop.device), preempt.catch() as flag:
@@ -87,6 +102,8 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None) -> Result:
         loop.probe.close()
     last = next((r for r in reversed(log.rows) if r.get("kind") == "eval"), {})
     metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
-    return Result(loop.step, loop.step / loop.sampler.steps_per_epoch, stop_reason,
-                  last.get("loss", train_loss), last.get("val_loss"), metrics,
-                  time.perf_counter() - t0, log.rows, out_dir, job.info)
+    result = Result(loop.step, loop.step / loop.sampler.steps_per_epoch, stop_reason,
+                    last.get("loss", train_loss), last.get("val_loss"), metrics,
+                    time.perf_counter() - t0, log.rows, out_dir, job.info)
+    loop.callbacks.end(result)  # early stopping puts the best weights back here
+    return result

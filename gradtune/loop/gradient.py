@@ -13,7 +13,7 @@ optimizer's C kernel returning a Python float (no tensors created, no dispatches
 from __future__ import annotations
 
 import contextlib
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -33,13 +33,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: list[torch.Tensor],
-               device: torch.device, amp: contextlib.AbstractContextManager) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
+               device: torch.device, amp: contextlib.AbstractContextManager,
+               first: Optional[list[float]] = None) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
     """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
 
     Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync;
     count stays a Python int when the objective knows it on the host).
     Under torch.distributed each rank takes its share of every micro-batch, gradients are summed
     across ranks on the last micro-batch only, and the returned sums are global.
+    ``first`` (a list, one process, several micro-batches): gets [|gradient of the first
+    micro-batch's loss sum|², its count] appended, for the noise scale (loop/noise_scale.py).
     """
     dist = distributed.active()
     probe = testhooks.probe_dir()
@@ -58,6 +61,9 @@ def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: lis
         ls = out.loss_sum.detach()
         if loss_sum is None:  # the common single micro-batch: no additions at all
             loss_sum, count, sums = ls, out.count, dict(out.metrics)
+            if first is not None and last > 0:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                first += [float(norm(grads)) ** 2, float(out.count)]
             continue
         loss_sum, count = loss_sum + ls, count + out.count
         for k, v in out.metrics.items():

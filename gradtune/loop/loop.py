@@ -30,18 +30,22 @@ from gradtune.data.dataset import TensorDataset
 from gradtune.data.sampler import Step, make_sampler
 from gradtune.jobs.job import Job
 from gradtune.loop import gradient
+from gradtune.loop.callbacks import Callback, Callbacks, Control
+from gradtune.loop.early_stopping import monitor_mode, monitored
 from gradtune.loop.evaluation import evaluate, ratio_snapshot, task_metrics, update_ratios
 from gradtune.loop.guard import Guard
+from gradtune.loop.loop_state import LoopState
+from gradtune.loop.noise_scale import NoiseScale
+from gradtune.loop.plateau import Plateau
 from gradtune.loop.schedules import factor
 from gradtune.loop.stopping import Convergence
-from gradtune.models.weights import aliases, dedupe
 from gradtune.optim.build import make_optimizer
 from gradtune.optim.direct import direct_step
 from gradtune.runtime import allocator, distributed, testhooks
 from gradtune.runtime.device import autocast, resolve_device
 from gradtune.runtime.errors import GradtuneError
 from gradtune.runtime.peak_flops import peak_flops
-from gradtune.state import checkpoint, resume
+from gradtune.state import checkpoint, model_weights, resume
 from gradtune.state.preempt import Flag, Preempted
 from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.telemetry.progress import Progress
@@ -53,11 +57,13 @@ def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
     return opt.param_groups[0]["lr"]
 
 
-class Loop:
+class Loop(LoopState):
     """State of one run of the loop; ``run`` is the loop itself."""
 
-    def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog) -> None:
+    def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog,
+                 callbacks: Optional[list[Callback]] = None) -> None:
         self.job, self.cfg, self.log = job, cfg, log
+        self.callbacks = Callbacks(callbacks or [], distributed.is_main())
         self.out_dir = out_dir
         self.device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
         mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
@@ -74,6 +80,13 @@ class Loop:
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.eval_every = cfg.eval_every or per_epoch
+        self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
+        # The gradient noise scale needs two batch sizes per step: the first micro-batch and the batch.
+        split = self.sampler.micro < self.sampler.batch
+        self.noise = (NoiseScale(unit="tokens" if job.task == "lm" else "samples")
+                      if cfg.noise_scale and split and not distributed.active() else None)
+        self.plateau = (Plateau(cfg.lr, monitor_mode(cfg.early_stopping), cfg.gamma, cfg.plateau_patience, cfg.plateau_threshold,
+                                cfg.plateau_cooldown, cfg.min_lr) if cfg.schedule == "plateau" else None)
         # Evaluation chunks: large for in-memory tables (cheap rows), the training batch for
         # sequences, whose activations grow with the chunk (peak memory is set here otherwise).
         tabular = isinstance(job.train, TensorDataset)
@@ -96,78 +109,13 @@ class Loop:
         self.progress = Progress("off", self.total)
         self.health: dict[str, float] = {}
 
-    # --- state ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything the next step depends on, except the weights (saved apart, see checkpoint.py).
-
-        The schedule needs only the step (lr is a pure function of it) and the rollback scale;
-        the data position is the sampler's (epoch, index) - ``micro_index`` is always 0 because
-        checkpoints are taken between steps, never inside an accumulation window.
-        """
-        s = self.sampler
-        return {
-            "step": self.step, "skipped": self.skipped, "finished": self.finished,
-            "schedule": {"step": self.step, "lr_scale": self.lr_scale, "lr": self.opt.param_groups[0]["lr"]},
-            "data": {**s.state(), "micro_index": 0, "n": s.n, "seed": s.seed, "order_sha256": s.order_digest()},
-            "optimizer": self.opt.state_dict(),
-            "guard": self.guard.state(),
-            "stopper": self.stopper.state(),
-            "sums": {"loss": self.run_loss, "count": self.run_count, "metrics": dict(self.run_metrics)},
-            "last_gnorm": self.last_gnorm,  # a float, or a 0-d tensor (CUDA/DTensor gradients)
-            "metrics_rows": len(self.log.rows),
-            "data_fingerprint": self.job.info.get("data_fingerprint"),  # resume refuses changed data
-            "rng": checkpoint.rng_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of ``state_dict`` (the weights are loaded by ``restore``)."""
-        self.step, self.skipped, self.finished = int(state["step"]), int(state["skipped"]), state["finished"]
-        self.lr_scale = float(state["schedule"]["lr_scale"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sampler.load_state(state["data"])
-        if self.sampler.order_digest() != state["data"]["order_sha256"]:
-            raise GradtuneError("checkpoint: the data order regenerated from (seed, epoch) differs from the saved one")
-        self.guard.load_state(state["guard"])
-        self.stopper.load_state(state["stopper"])
-        sums = state["sums"]
-        self.run_loss, self.run_count = float(sums["loss"]), float(sums["count"])
-        self.run_metrics = {k: v.to(self.device) for k, v in sums["metrics"].items()}
-        gn = state["last_gnorm"]
-        self.last_gnorm = gn.to(self.device) if isinstance(gn, torch.Tensor) else gn
-        checkpoint.set_rng_state(state["rng"])
-
-    def restore(self, found: resume.Plan) -> None:
-        """Load the weights and every state of checkpoint ``found`` (resume, and rollback)."""
-        try:
-            model = distributed.unwrap(self.model)
-            tied = aliases(model)  # stored once: filling one name fills its aliases
-            with torch.no_grad():
-                for k, p in model.state_dict().items():
-                    if k not in tied:
-                        p.copy_(found.model[k])
-            self.load_state_dict(found.state)
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-            raise GradtuneError(f"{found.folder}: state does not restore ({type(e).__name__}: {e})") from None
-        self.saved_step = self.step
-
-    def save_checkpoint(self) -> Path:
-        assert self.ckpt_root is not None
-        cfg = self.cfg
-        if distributed.is_sharded(self.model):
-            raise GradtuneError("checkpoint_every with distributed=fsdp: periodic sharded checkpoints are not "
-                                "wired into the loop yet (gradtune.runtime.distributed.save_sharded); use ddp")
-        # Unwrapped names (no `module.`), tied weights once, written by rank 0 only.
-        model_state = dedupe(distributed.full_state_dict(self.model)) if distributed.is_main() else {}
-        path = distributed.on_main(checkpoint.save, self.ckpt_root, self.step, model_state, self.state_dict(),
-                                   cfg.to_dict(), cfg.hash(), cfg.keep_checkpoints)
-        self.saved_step = self.step
-        return path
-
     # --- measuring ----------------------------------------------------------------------------
     def _schedule(self) -> float:
         c = self.cfg
         min_ratio = c.min_lr / c.lr
-        return factor(self.step, c.schedule, self.total, c.warmup_steps, c.gamma, c.step_size, min_ratio)
+        f = factor(self.step, c.schedule, self.total, c.warmup_steps, c.gamma, c.step_size, min_ratio,
+                   self.decay_steps, c.decay_shape)
+        return f * self.plateau.scale if self.plateau is not None else f
 
     def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
         job, cfg = self.job, self.cfg
@@ -177,6 +125,8 @@ class Loop:
         if gnorm is not None:
             row["grad_norm"] = gnorm
         row.update(self.health)
+        if self.noise is not None and self.noise.value is not None:
+            row["noise_scale"] = self.noise.value
         now = time.perf_counter()
         if job.task == "lm":  # throughput since the previous evaluation (evaluation time excluded)
             tps = self.ep_count / max(now - self.t_mark, 1e-9)
@@ -189,8 +139,11 @@ class Loop:
             row.update(task_metrics(job.task, job.info, "val_", vl, vc, vs))
         self.log.write(row)
         self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
+        if self.plateau is not None and self.plateau.step(monitored(row, cfg.early_stopping.monitor)):
+            self.progress.note(f"plateau: step {self.step}: lr cut to {cfg.lr * self.plateau.scale:.3g}")
+        asked = self.callbacks.evaluate(self.step, row)
         self.t_mark = time.perf_counter()
-        return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None)
+        return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None) or asked
 
     def _reset_epoch_sums(self) -> None:
         # Running sums since the last evaluation. Loss and count are host floats (float64): the
@@ -259,6 +212,11 @@ class Loop:
         self.t_mark = time.perf_counter()
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
         self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
+        self.callbacks.begin(Control(
+            self.out_dir, self.total, save_state=lambda root: self.save_checkpoint(root, keep=1),
+            load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
+            snapshot=lambda: model_weights.snapshot(self.model),
+            restore=lambda weights: model_weights.copy_into(self.model, weights)))
         if cfg.guard.enabled and cfg.guard.policy == "rollback":
             if self.ckpt_root is None:
                 raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
@@ -270,10 +228,14 @@ class Loop:
         """One optimizer step on ``s``: (was the update applied, why to stop or None). A step that
         closes an evaluation period sets ``train_loss``."""
         cfg, job = self.cfg, self.job
+        # A signal seen by any rank before this step stops every rank after it (runtime/distributed.py).
+        distributed.vote_stop(self.preempt is not None and self.preempt.requested)
         lr = _set_lr(self.opt, self._schedule() * self.lr_scale)
         for p in self.params:
             p.grad = None
-        loss_sum, count, sums = gradient.accumulate(self.fwd, job.objective, job.train, s.micro, self.device, self.amp)
+        first: Optional[list[float]] = [] if self.noise is not None else None
+        loss_sum, count, sums = gradient.accumulate(self.fwd, job.objective, job.train, s.micro, self.device,
+                                                    self.amp, first)
         # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
         grads = [p.grad for p in self.params if p.grad is not None]
         count_f = float(count)
@@ -285,6 +247,9 @@ class Loop:
         action, why = self.guard.check(loss, float(gnorm) if self.check_grad else None)
         if action != "ok":
             return False, self._on_guard(action, why, s)
+        if first:  # [|grad of the first micro-batch's sum|², its count]; the batch's mean grad now
+            big = float(gnorm) if gnorm is not None else float(gradient.norm(grads))
+            self.noise.update(first[1], count_f, first[0] / first[1] ** 2, big * big)
         if self.need_norm:
             self.last_gnorm = gnorm
             if cfg.clip_grad_norm is not None:
@@ -305,6 +270,7 @@ class Loop:
             self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
         self.step += 1
         self.progress.tick(self.step, loss, lr, count_f)
+        asked = self.callbacks.step_end(self.step, loss, lr) if self.callbacks.per_step else None
         if self.probe.file is not None:
             self.probe.record(self.step, torch.cat(s.micro).tolist())
         if cfg.log_every and self.step % cfg.log_every == 0:
@@ -313,21 +279,22 @@ class Loop:
             self.train_loss = self._close_epoch_sums()
             reason = self._evaluate(self.train_loss, lr)
             self._reset_epoch_sums()
-            return True, reason
-        return True, None
+            return True, reason or asked
+        return True, asked
 
     def _after_step(self) -> None:
         """Checkpoint when due; on a preemption request, checkpoint and raise ``Preempted``."""
         cfg = self.cfg
         if self.ckpt_root is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
-        if self.preempt is not None and self.preempt.requested:
+        if self.preempt is not None and distributed.stop_agreed(self.preempt.requested):
             assert self.ckpt_root is not None
             path = self.ckpt_root / checkpoint.folder_name(self.step)
             if self.saved_step != self.step:
                 path = self.save_checkpoint()
             self.progress.close(self.step)
-            raise Preempted(f"preempted by {self.preempt.signal} at step {self.step}; checkpoint {path}; "
+            by = self.preempt.signal or "a signal to another rank"
+            raise Preempted(f"preempted by {by} at step {self.step}; checkpoint {path}; "
                             f"run the same command again to resume")
 
     def run(self) -> tuple[str, float]:
@@ -347,4 +314,7 @@ class Loop:
             self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
         self.probe.close()
         self.progress.close(self.step)
+        if self.noise is not None and self.noise.value is not None:  # summary.json, report, the CLI's advice
+            self.job.info["noise_scale"] = {"samples": self.noise.value, "batch": self.noise.batch,
+                                            "advice": self.noise.advice()}
         return stop_reason, self.train_loss

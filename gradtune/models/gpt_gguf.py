@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gradtune.models.gpt import GPT, GPTConfig
+from gradtune.models.hf import LOAD_ERRORS, ModelSourceError, check_gguf
 
 GPT2_BLOCK = {  # ours (transformer.h.i.) -> GGUF (blk.i.), one tensor each
     "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
@@ -39,7 +40,11 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata key -> python value, tensor name -> float32 tensor) of a .gguf file."""
     import gguf  # lazy: optional dependency
 
-    reader = gguf.GGUFReader(str(path))
+    check_gguf(Path(path))  # a file shorter than its header is named, not a struct.error
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except LOAD_ERRORS as e:  # past the header: truncated or corrupt metadata / tensor table
+        raise ModelSourceError(f"model file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from None
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")):

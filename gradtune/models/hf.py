@@ -6,10 +6,20 @@ class: ``encoder`` -> AutoModel (the bare body, for our heads), ``causal_lm`` ->
 AutoModelForCausalLM. transformers is imported inside the functions: heavy optional packages
 (``gradtune[hf]``) load lazily, so the core installs and imports without them and only runs
 that use a pretrained model pay their import time.
+
+Before transformers sees a source, ``resolve`` checks what file headers alone can tell, so a
+broken download is one line naming the file instead of a struct / Rust / numpy error from deep
+inside a loader: a FIFO or device given as the model, a GGUF file shorter than its fixed header
+or announcing more than it holds, a config.json that is not a JSON object, a .safetensors file
+whose header is not one or whose tensors run past its end.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import stat
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,20 +35,112 @@ class ModelSourceError(InputError):
     """The model source is not a loadable local folder or GGUF file."""
 
 
+# What transformers and the gguf reader raise on a file they cannot parse: the message names the
+# file; anything else is a bug and keeps its traceback.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, struct.error)
+GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata key/value count
+MAX_HEADER = 100 << 20  # a safetensors JSON header beyond this is not one (real ones: KBs to a few MB)
+
+
+def _special(path: Path) -> str:
+    """'' for a regular file or a folder; else what the path is (a FIFO would block a reader)."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def check_gguf(path: Path) -> None:
+    """The fixed GGUF header is there and plausible. Without this a file shorter than its header
+    fails deep inside the reader (struct.error, or a numpy reshape error) with no file named."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(GGUF_HEADER.size)
+    if len(head) < 4 or head[:4] != b"GGUF":
+        raise ModelSourceError(f"model file {str(path)!r} is not a GGUF file (it does not start with 'GGUF')")
+    if len(head) < GGUF_HEADER.size:
+        raise ModelSourceError(f"model file {str(path)!r} is truncated: {size} bytes, shorter than the "
+                               f"{GGUF_HEADER.size}-byte GGUF header")
+    _, version, n_tensors, n_kv = GGUF_HEADER.unpack(head)
+    if version not in (2, 3):
+        raise ModelSourceError(f"model file {str(path)!r}: GGUF version {version} is not supported (2 or 3)")
+    # Each metadata entry takes at least 12 bytes and each tensor description at least 24.
+    if n_tensors == 0 or GGUF_HEADER.size + 12 * n_kv + 24 * n_tensors > size:
+        raise ModelSourceError(f"model file {str(path)!r} is truncated or corrupt: its header announces "
+                               f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
+    """tensor name -> (shape, dtype) from a .safetensors header, after checking the header is
+    one and the file holds every byte it announces (a truncated download is caught here, with its
+    name, instead of as a Rust deserialisation error)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER):
+            raise ModelSourceError(f"weights file {str(path)!r} is not a safetensors file (no valid header)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        tensors = {k: (v["shape"], v["dtype"], v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"}
+        end = max((t[2] for t in tensors.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ModelSourceError(f"weights file {str(path)!r} is not a safetensors file (bad header)") from None
+    if 8 + n + end > size:
+        raise ModelSourceError(f"weights file {str(path)!r} is truncated: {size} bytes, the header announces "
+                               f"{8 + n + end}")
+    return {k: (shape, dtype) for k, (shape, dtype, _) in tensors.items()}
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json as a dict; a file that is not a JSON object is one clear error."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelSourceError(f"{path}: not UTF-8 text, so not a config.json") from None
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def parameter_count(source: str | Path) -> int:
+    """Number of weights in a model source, from file headers only (nothing is loaded). A GGUF
+    file's tensors are quantised (~4.5 bits each for Q4_1): counted as at least one per byte."""
+    folder, gguf = resolve(source)
+    if gguf:
+        return (folder / gguf).stat().st_size
+    return sum(math.prod(shape) for f in sorted(folder.glob("*.safetensors"))
+               for shape, _ in safetensors_shapes(f).values())
+
+
 def resolve(source: str | Path) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for a local folder or .gguf file; else ModelSourceError."""
+    """(folder, gguf file name or None) for a local folder or .gguf file, their headers checked;
+    else ModelSourceError."""
     path = Path(source).expanduser()
     if not path.exists():
         raise ModelSourceError(f"model {str(source)!r} is not a local folder or .gguf file "
                                f"(gradtune does not download from the Hub)")
+    special = _special(path)
+    if special:
+        raise ModelSourceError(f"model {str(source)!r} is {special}, not a model folder or .gguf file")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(f"model file {str(path)!r} is not a .gguf file; give a folder "
                                    f"with config.json and *.safetensors, or a .gguf file")
+        check_gguf(path)
         return path.parent, path.name
     ggufs = sorted(path.glob("*.gguf"))
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         if len(ggufs) == 1:
+            check_gguf(ggufs[0])
             return path, ggufs[0].name
         pickled = " (pytorch_model.bin is pickle, which gradtune does not load: convert it " \
                   "to safetensors)" if (path / "pytorch_model.bin").exists() else ""
@@ -46,6 +148,9 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
                                f"*.safetensors or one .gguf file{pickled}")
     if not (path / "config.json").exists():
         raise ModelSourceError(f"model folder {str(path)!r} has no config.json")
+    read_config(path)
+    for w in weights:
+        safetensors_shapes(w)
     return path, None
 
 
@@ -68,7 +173,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
         kwargs["use_safetensors"] = True
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError) as e:  # transformers' errors for a bad folder
+    except LOAD_ERRORS as e:  # transformers' errors for a bad folder or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
     return model.train()
@@ -85,7 +190,7 @@ def load_tokenizer(source: str | Path, weights: bool = True) -> Any:
         kwargs["gguf_file"] = gguf
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load tokenizer from {str(source)!r}: {first}") from e
     tok.padding_side = "right"  # labels and masks assume real tokens first

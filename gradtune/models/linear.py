@@ -25,6 +25,10 @@ def closed_form(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     whose X^T X squares the condition number.
     """
     x64, y64 = x.double(), y.double()
+    if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
+        # LAPACK's gelsy rejects NaN/inf as an "illegal argument", which torch reports as an
+        # internal assert; callers validate their data, this keeps the failure a plain one.
+        raise ValueError("closed_form: x and y must be finite")
     design = torch.cat([x64, torch.ones(x64.shape[0], 1, dtype=torch.float64)], dim=1)  # (N, F+1)
     sol = torch.linalg.lstsq(design, y64.unsqueeze(1)).solution.squeeze(1)
     return sol[:-1], sol[-1]

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from gradtune.runtime.errors import GradtuneError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -23,8 +25,12 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``target`` atomically."""
+    """Yield a temporary path to write; on success it replaces ``target`` atomically. A target
+    that exists and is not a regular file (a device such as /dev/null, a pipe, a socket, a
+    folder) is refused: renaming over it would replace the device node or pipe itself."""
     target = Path(target)
+    if target.exists() and not target.is_file():
+        raise GradtuneError(f"{target}: not a regular file; gradtune writes files only")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)

@@ -17,8 +17,8 @@ Hence each rank holds micro_batch_size / N samples at a time, so
 all ranks run the same number of forward/backward passes per step (FSDP2 needs the lockstep).
 
 Checkpoints and resume. DDP: rank 0 writes the unwrapped weights once (``on_main``), every rank
-reads them. FSDP2: ``save_sharded`` (torch.distributed.checkpoint; ``.metadata`` is written last
-and is the commit marker, ``is_complete``). The data position is (epoch, index) in the *global*
+reads them. FSDP2: every rank writes its shards (torch.distributed.checkpoint), see
+gradtune/state/sharded.py. The data position is (epoch, index) in the *global*
 sample order, so it does not depend on the world size: a run resumed with another number of
 processes loads the weights exactly (DCP reshards) and continues with the very same batches;
 its later updates equal the original ones up to float summation order (bit-exact only at the same
@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import gc
 import os
 import socket
-from pathlib import Path
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -121,20 +123,57 @@ def init(dev: torch.device, timeout_s: float) -> torch.device:
     return dev
 
 
+def _drop_dtensor_caches() -> None:
+    """DTensor's caches (sharding propagation in C++ and Python, redistribution plans, mesh
+    topologies) keep DTensorSpecs and meshes, and a mesh holds its process group: after
+    destroy_process_group its gloo threads would live on into the interpreter's teardown and can
+    abort it (std::terminate, SIGABRT). Emptied here; they refill on the next DTensor op."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor in this process (DDP, one process)
+        return
+    clear_fast = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast is not None:
+        clear_fast()
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not name.startswith("torch.distributed.tensor"):
+            continue
+        for obj in list(vars(mod).values()):
+            for fn in (obj, *vars(obj).values()) if isinstance(obj, type) else (obj,):
+                fn = getattr(fn, "__func__", fn)  # a cached staticmethod
+                if isinstance(fn, functools._lru_cache_wrapper):
+                    fn.cache_clear()
+        if callable(getattr(mod, "clear_redistribute_planner_cache", None)):
+            mod.clear_redistribute_planner_cache()
+    api = sys.modules.get("torch.distributed.tensor._api")
+    prop = getattr(getattr(getattr(api, "DTensor", None), "_op_dispatcher", None), "sharding_propagator", None)
+    if callable(getattr(getattr(prop, "propagate_op_sharding", None), "cache_clear", None)):
+        prop.propagate_op_sharding.cache_clear()  # per-instance (and per-thread) cache
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group. Its gloo threads stop once the last reference goes: ours (the
+    mesh, DTensor's caches) are dropped here; a sharded model the caller still holds keeps it
+    until that model is freed."""
+    for key in ("mesh", "vote", "agreed"):
+        _STATE.pop(key, None)
     _STATE["mode"] = "none"
+    if dist.is_available() and dist.is_initialized():
+        _drop_dtensor_caches()
+        gc.collect()  # FSDP modules already dropped but still in reference cycles
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
 def session(dev: torch.device, timeout_s: float) -> Iterator[None]:
-    """Process group for one ``train``; torn down on a clean exit (on error the process exits)."""
+    """Process group for one ``train``, torn down however the body ends (an error too: the group
+    must not outlive the interpreter, see ``shutdown``). gloo's teardown is local, so it does not
+    wait for a peer that died."""
     owner = launched() and not dist.is_initialized()
     init(dev, timeout_s)
-    yield
-    if owner:
-        shutdown()
+    try:
+        yield
+    finally:
+        if owner:
+            shutdown()
 
 
 # --- which parallelism ---------------------------------------------------------------------------
@@ -167,16 +206,21 @@ def _sum_hook(group, bucket):  # no annotations: DDP checks them, and ours are s
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def _shard_fsdp(model: nn.Module) -> nn.Module:
+def _shard_fsdp(model: nn.Module, dev: torch.device) -> nn.Module:
     """FSDP2: one unit per element of every ModuleList (transformer blocks), then the root, so
-    only one block's full weights exist at a time. Gradients are reduce-scattered as sums."""
+    only one block's full weights exist at a time. Gradients are reduce-scattered as sums.
+
+    One explicit mesh for every unit, on the training device: FSDP2's default mesh would take the
+    machine's accelerator (CUDA) even for a CPU run, and one mesh is one reference to drop."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = _STATE["mesh"] = init_device_mesh(dev.type, (world_size(),))
     for mod in list(model.modules()):
         if isinstance(mod, nn.ModuleList):
             for block in mod:
-                fully_shard(block)
-    fully_shard(model)
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for mod in model.modules():
         if is_sharded(mod):  # per unit: the setters do not recurse
             mod.set_gradient_divide_factor(1.0)
@@ -200,7 +244,7 @@ def wrap(model: nn.Module, mode: str, dev: torch.device,
         ddp.register_comm_hook(None, _sum_hook)
         return ddp, param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    model = _shard_fsdp(model)
+    model = _shard_fsdp(model, dev)
     if param_groups is None:
         return model, None
     now = dict(model.named_parameters())
@@ -208,8 +252,17 @@ def wrap(model: nn.Module, mode: str, dev: torch.device,
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """FSDP2-sharded (checkpoint with ``save_sharded``) rather than replicated (write on rank 0)."""
+    """FSDP2-sharded (checkpoints written by every rank) rather than replicated (rank 0 writes)."""
     return hasattr(model, "set_requires_gradient_sync")  # FSDP2 turns the module into an FSDPModule
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to the sharded parameters (local, no communication). FSDP2 leaves the root's full
+    weights registered after a forward without backward (an evaluation); the optimizer, and
+    checkpoints, know the sharded Parameters."""
+    for mod in model.modules():
+        if is_sharded(mod):
+            mod.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -251,11 +304,28 @@ def all_reduce_sums(loss_sum: torch.Tensor, count: torch.Tensor,
         return loss_sum, count, sums
     keys = sorted(sums)
     dev = loss_sum.device
-    # count may be a Python int (tabular rows) or a tensor (token counts).
+    # count may be a Python int (tabular rows) or a tensor (token counts); the last entry is the
+    # stop vote (``vote_stop``), riding along for free.
     packed = torch.stack([loss_sum.detach().double(), torch.as_tensor(count, dtype=torch.float64, device=dev),
-                          *(torch.as_tensor(sums[k]).double().to(dev) for k in keys)])
+                          *(torch.as_tensor(sums[k]).double().to(dev) for k in keys),
+                          torch.tensor(float(_STATE.get("vote", False)), dtype=torch.float64, device=dev)])
     dist.all_reduce(packed)
+    _STATE["agreed"] = bool(packed[-1] > 0)
     return packed[0], packed[1], {k: packed[2 + i] for i, k in enumerate(keys)}
+
+
+def vote_stop(wish: bool) -> None:
+    """This rank's wish to stop at the next step boundary (it got SIGTERM/SIGINT), cast before
+    the step; the step's ``all_reduce_sums`` carries it, so after the step every rank reads the
+    same ``stop_agreed()``. Ranks hit by a signal at different moments (torchrun, Ctrl-C) then
+    checkpoint at the same step, instead of one entering a checkpoint's collectives while another
+    runs the next step's (mismatched collectives hang or mix data)."""
+    _STATE["vote"] = bool(wish)
+
+
+def stop_agreed(wish: bool) -> bool:
+    """After a step: stop now? One process: its own ``wish``; under torchrun: the ranks' vote."""
+    return bool(_STATE.get("agreed", False)) if active() else wish
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -273,65 +343,45 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=opts)
-    return {k: v.contiguous() for k, v in state.items()} if is_main() else {}
+    if not is_main():
+        return {}
+    state = {k: v.contiguous() for k, v in state.items()}
+    # Tied weights come back as separate copies; share them again, as in model.state_dict(), so
+    # that callers store them once (models/weights.dedupe) whatever the parallelism.
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in state and first.setdefault(id(p), name) != name:
+            state[name] = state[first[id(p)]]
+    return state
 
 
 def on_main(fn: Any, *args: Any) -> Any:
     """Run ``fn`` on rank 0 only (a file written once), then make every rank wait for it; if it
-    failed, every rank raises, so no rank reads a checkpoint that was never written."""
+    failed, every rank raises, so no rank reads a checkpoint that was never written. A
+    GradtuneError is raised as itself everywhere (a WriteError still exits 74 on every rank)."""
     if not active():
         return fn(*args)
-    result, error = None, None
+    result, error, mine = None, None, None
     if is_main():
         try:
             result = fn(*args)
         except Exception as e:  # re-raised on every rank below
-            error = f"{type(e).__name__}: {e}"
+            if not isinstance(e, GradtuneError):
+                error = (f"{type(e).__name__}: {e}", None)
+            else:  # the message and exit code travel, not the object (its class may not unpickle)
+                mine, error = e, (str(e), e.exit_code)
     box = [error]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RuntimeError(f"rank 0 failed while writing: {box[0]}")
-    return result
-
-
-def is_complete(path: Path) -> bool:
-    """A sharded checkpoint is committed once DCP's ``.metadata`` exists: it is written last, by
-    the coordinator, after every rank has written its shards."""
-    return (Path(path) / ".metadata").is_file()
-
-
-def save_sharded(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """FSDP checkpoint with torch.distributed.checkpoint: each rank writes its own shards of the
-    weights and optimizer state (keyed by unwrapped names, so any world size can read them back)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(unwrap(model), opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-
-
-def load_sharded(path: Path, model: nn.Module, opt: Optional[torch.optim.Optimizer] = None) -> None:
-    """Load a ``save_sharded`` checkpoint into ``model`` (and ``opt``), resharding to this world
-    size: 1 process (plain tensors), DDP or FSDP2 with any number of ranks.
-
-    Note: DCP's ``.metadata`` is a pickle; load only checkpoints you wrote."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not is_complete(path):
-        raise GradtuneError(f"{path}: incomplete sharded checkpoint (no .metadata: the save was interrupted)")
-    model = unwrap(model)
-    if opt is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        return
-    msd, osd = get_state_dict(model, opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if box[0] is None:
+        return result
+    text, code = box[0]
+    if code is None:
+        raise RuntimeError(f"rank 0 failed while writing: {text}")
+    if is_main():
+        raise mine
+    err = GradtuneError(text)
+    err.exit_code = code
+    raise err
 
 
 # --- errors ---------------------------------------------------------------------------

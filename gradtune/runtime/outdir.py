@@ -34,8 +34,8 @@ from gradtune.runtime.errors import GradtuneError
 MARKER = ".gradtune-run"
 # What a run writes in its out_dir: files replaced atomically, folders replaced whole.
 RUN_FILES = ("model.safetensors", "config.yaml", "summary.json", "metrics.jsonl", "loss.png",
-             "lr_find.png", "tokenizer.json", "labels.json")
-RUN_FOLDERS = ("checkpoints", "tokenizer", "adapter", "merged")
+             "lr_find.png", "report.html", "tokenizer.json", "labels.json")
+RUN_FOLDERS = ("checkpoints", "best", "tb", "tokenizer", "adapter", "merged")
 _REPLACED = ("tokenizer", "adapter", "merged")  # folders a finished run swaps whole for new ones
 _TEMP_PREFIXES = (".tmp-", ".old-")  # interrupted writers' leftovers (atomic.py, this module)
 

@@ -6,6 +6,12 @@ Second signal (impatient user, or the scheduler's grace period running out): the
 is restored and the signal re-delivered, so the process dies at once. If that lands during the
 checkpoint write, the write is abandoned half-way in its temporary folder and the previous
 checkpoint is untouched (see checkpoint.save); the next run sweeps the leftovers.
+
+Once the preemption checkpoint is written the outcome is decided: exit 75, resumable. From then
+on a further signal (the scheduler repeating SIGTERM, a second Ctrl-C while the process winds
+down) is ignored, so it cannot turn that exit into 130 / 143: ``Preempted`` marks the run
+*settled* when it is raised, the run's handler then lets signals pass, and ``command_scope`` (the
+CLI, around a whole command) ignores them up to the process's exit.
 """
 
 from __future__ import annotations
@@ -14,17 +20,33 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from gradtune.runtime.errors import GradtuneError
 
 EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STATE = {"settled": False}  # a preemption checkpoint is written: exit 75 is decided
 
 
 class Preempted(GradtuneError):
     """Raised after the preemption checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
 
     exit_code = EXIT_PREEMPTED
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # The loop raises this only once the checkpoint is on disk: from here, signals are late.
+        settle()
+
+
+def settle() -> None:
+    """The preemption checkpoint is complete: later signals must not change the exit code."""
+    _STATE["settled"] = True
+
+
+def settled() -> bool:
+    return _STATE["settled"]
 
 
 class Flag:
@@ -35,7 +57,13 @@ class Flag:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def settle(self) -> None:
+        """For the loop: call as soon as the preemption checkpoint is in place."""
+        settle()
+
     def _handle(self, signum: int, frame: object) -> None:
+        if settled():  # the checkpoint is written, exit 75 decided: nothing left to stop
+            return
         if self.signal is not None:  # second signal: stop now, whatever is being written
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -47,6 +75,7 @@ class Flag:
 def catch() -> Iterator[Flag]:
     """Install the handlers for the duration of a run (main thread only; elsewhere a no-op)."""
     flag = Flag()
+    _STATE["settled"] = False  # a new run: nothing is decided yet
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -56,3 +85,40 @@ def catch() -> Iterator[Flag]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _outside_run(previous: dict[int, Any]) -> Callable[[int, Any], None]:
+    """A handler for the time outside ``catch``: what was there before, unless settled."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if settled():
+            return
+        before = previous[signum]
+        if callable(before):  # Python's own SIGINT handler raises KeyboardInterrupt
+            before(signum, frame)
+        elif before != signal.SIG_IGN:  # SIG_DFL: the default action, as if we were not here
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    return handle
+
+
+@contextlib.contextmanager
+def command_scope() -> Iterator[None]:
+    """Around a whole CLI command. Signals outside a run act as before (SIGINT raises
+    KeyboardInterrupt, SIGTERM ends the process) until a preemption checkpoint is written; from
+    then on they are ignored, and stay ignored when the scope ends: the process is about to exit
+    with EXIT_PREEMPTED, and a signal during that exit must not replace it with 130 / 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _STATE["settled"] = False
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    handler = _outside_run(previous)
+    for s in SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN if settled() else previous[s])

@@ -22,22 +22,23 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from gradtune.config import Config
 from gradtune.data import fingerprint
 from gradtune.jobs.job import Job
+from gradtune.models.weights import aliases
 from gradtune.runtime.atomic import write_text
-from gradtune.state import checkpoint
+from gradtune.state import checkpoint, sharded
 from gradtune.runtime.errors import GradtuneError
 from gradtune.telemetry.metrics_log import MetricsLog
 
 # Output, bookkeeping and placement: none of them changes a single number of the run on CPU.
 # (Changing ``device`` resumes fine, but bitwise equality is only promised on the same device.)
 RUN_NEUTRAL = {"out_dir", "progress", "log_every", "plot", "checkpoint_every", "keep_checkpoints",
-               "resume", "device", "distributed", "dist_timeout"}
+               "resume", "device", "distributed", "dist_timeout", "log_to"}
 BUDGET = {"epochs", "max_steps"}
 TOTAL_FREE_SCHEDULES = {"constant", "step", "exponential"}  # lr(step) does not use the total
 
@@ -75,7 +76,7 @@ def latest(root: Path) -> Optional[Plan]:
     skipped: list[str] = []
     for _, folder in reversed(checkpoint.listing(root)):
         try:
-            model, state, saved = checkpoint.load(folder)
+            model, state, saved = (sharded.load if sharded.is_sharded(folder) else checkpoint.load)(folder)
             if not (isinstance(state, dict) and isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
                 raise GradtuneError(f"checkpoint {folder}: state.json or config.json has the wrong shape")
         except GradtuneError as e:
@@ -91,7 +92,8 @@ def latest(root: Path) -> Optional[Plan]:
 
 def _check_fits(plan: Plan, model: torch.nn.Module) -> None:
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(plan.model)), sorted(set(plan.model) - set(own))
+    tied = aliases(model)  # stored once by checkpoint.save (sharded ones list every name)
+    missing, unexpected = sorted(set(own) - set(plan.model) - tied), sorted(set(plan.model) - set(own))
     if missing or unexpected:
         raise GradtuneError(f"{plan.folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     for k, v in plan.model.items():
@@ -216,14 +218,15 @@ def discard(out_dir: Path) -> None:
     shutil.rmtree(checkpoint.root(out_dir), ignore_errors=True)
 
 
-def open_log(out_dir: Optional[Path], found: Optional[Plan]) -> MetricsLog:
+def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any] = ()) -> MetricsLog:
     """metrics.jsonl: fresh, or cut back to the rows the checkpoint had seen and appended to
-    (rows written after it, by the interrupted process, are recomputed identically)."""
+    (rows written after it, by the interrupted process, are recomputed identically). ``sinks``
+    (TensorBoard) receive every row written from now on, the resume row included."""
     if out_dir is None:
-        return MetricsLog(None)
+        return MetricsLog(None, sinks=sinks)
     path = out_dir / "metrics.jsonl"
     if found is None:
-        return MetricsLog(path)
+        return MetricsLog(path, sinks=sinks)
     keep = int(found.state.get("metrics_rows", 0))
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:keep] if path.is_file() else []
     try:
@@ -231,7 +234,7 @@ def open_log(out_dir: Optional[Path], found: Optional[Plan]) -> MetricsLog:
     except ValueError as e:
         raise GradtuneError(f"{path}: not the log this checkpoint wrote ({e}); move it away to resume") from None
     write_text(path, "".join(line + "\n" for line in lines))
-    log = MetricsLog(path, append=True)
+    log = MetricsLog(path, append=True, sinks=sinks)
     log.rows = rows
     log.write({"kind": "resume", "step": int(found.state["step"]), "checkpoint": found.folder.name,
                "skipped": found.skipped})

@@ -4,13 +4,16 @@
 
 Every case builds the same seeded job, trains it with the one loop, and rank 0 writes the final
 unwrapped weights to OUT/w<N>_<case>.safetensors; the test compares them with the 1-process run.
+Each rank also writes OUT/threads<R>.json: its thread count once the process group is gone.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from gradtune.jobs.registry import build
 from gradtune.objectives.output import Output
 from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.loop.loop import Loop
+from gradtune.state import checkpoint, resume
 
 from gradtune.loop.fit import fit
 COMMON = ["progress=off", "plot=false", "device=cpu", "seed=3"]
@@ -146,21 +150,30 @@ def loop_for(case: str, steps: int) -> Loop:
 
 
 def fsdp_checkpoints(out: Path, tag: str) -> None:
-    """Sharded save after 5 steps; resume to 10 at this world size; reload the final weights."""
-    first = loop_for("gpt_fsdp", 5)
-    first.run()
-    distributed.save_sharded(out / "ckpt5", first.model, first.opt)
-    save(out, "position5", {}, {"sampler": first.sampler.state(), "step": first.step})
-    second = loop_for("gpt_fsdp", 10)
-    distributed.load_sharded(out / "ckpt5", second.model, second.opt)
-    second.sampler.load_state(first.sampler.state())
-    second.step = first.step
-    second.run()
-    save(out, f"{tag}_resumed", weights(second.job))
-    distributed.save_sharded(out / "ckpt10", second.model, second.opt)
+    """The loop's own FSDP2 checkpoints (every rank writes its shards): a 10-step run writing them
+    every 5 steps; the same out_dir rerun without step 10's folder resumes from step 5 at this
+    world size; step 10's folder, kept as OUT/ckpt10, is read back into a fresh loop."""
+    run = out / "fsdp_run"
+    job, cfg = make("gpt_fsdp", ["checkpoint_every=5"])
+    fit(job, cfg, run)
+    last = checkpoint.root(run) / checkpoint.folder_name(10)
+    distributed.on_main(shutil.copytree, last, out / "ckpt10")
+    distributed.on_main(shutil.rmtree, last)
+    job, cfg = make("gpt_fsdp", ["checkpoint_every=5"])
+    fit(job, cfg, run)
+    save(out, f"{tag}_resumed", weights(job))
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "resume"] == [5], rows
     fresh = loop_for("gpt_fsdp", 10)
-    distributed.load_sharded(out / "ckpt10", fresh.model, fresh.opt)
+    fresh.restore(resume.latest(checkpoint.root(run)))
+    assert fresh.step == 10
     save(out, f"{tag}_reloaded", weights(fresh.job))
+
+
+def thread_count() -> int:
+    """Threads of this process (Linux); -1 where /proc is missing."""
+    task = Path("/proc/self/task")
+    return len(os.listdir(task)) if task.is_dir() else -1
 
 
 def main(out: Path, suite: str) -> None:
@@ -189,7 +202,11 @@ def main(out: Path, suite: str) -> None:
         fit(job, cfg)
         del os.environ["GRADTUNE_TEST_PROBE"]
         save(out, f"{tag}_probe_n", {}, {"n": len(job.train)})
+    rank = distributed.rank()
+    job = None  # the last sharded model goes before the process group does
     distributed.shutdown()
+    gc.collect()
+    (out / f"threads{rank}.json").write_text(json.dumps({"threads": thread_count()}))
 
 
 if __name__ == "__main__":

@@ -86,5 +86,5 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "gradtune", "train", "lr=-1", f"out_dir={out}"],
                        capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip() == "gradtune: error: config key 'lr' must be > 0, got -1"
+    assert p.stderr.strip() == "gradtune: error: config key 'lr' must be > 0 or 'auto', got -1"
     assert not out.exists()

@@ -50,3 +50,11 @@ def test_real_disk_full_exits_74_keeps_a_good_checkpoint_and_resumes_exactly(sma
     assert main(["train", *ARGS, f"out_dir={out}"]) == 0
     ours, ref = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_a_log_that_fills_the_disk_is_one_line_and_exit_74(small_disk, capsys):
+    """metrics.jsonl (one row per step here) is what hits the full disk, not a checkpoint."""
+    code = main(["train", "model=mlp", "hidden=[4]", "batch_size=16", "epochs=1000", "log_every=1",
+                 "progress=off", "plot=false", f"out_dir={small_disk / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 74 and len(err.splitlines()) == 1 and "No space left on device" in err, err

@@ -6,8 +6,11 @@ Process start-up dominates on small CI machines, so each torchrun launch runs ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from safetensors.torch import load_file
 from gradtune.runtime import distributed
 from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.loop.loop import Loop
+from gradtune.state import resume, sharded
 
 from gradtune.loop.fit import fit
 from tests import hooks
@@ -53,8 +57,14 @@ def torchrun(nproc: int, args: list[str], **env: str) -> subprocess.Popen:
 
 
 def _finish(p: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = p.communicate(timeout=timeout)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()  # never leave a launch behind
+        out, _ = p.communicate()
+        raise AssertionError(f"torchrun still running after {timeout}s:\n{out[-4000:]}") from None
     assert p.returncode == 0, out[-4000:]
+    assert "terminate called" not in out, out[-4000:]  # no gloo thread outlived an interpreter
     return out
 
 
@@ -67,8 +77,14 @@ def runs(tmp_path_factory) -> Path:
     (out / "w3").mkdir()
     two = torchrun(2, [str(WORKER), str(out / "w2"), "all"])
     three = torchrun(3, [str(WORKER), str(out / "w3"), "ddp+probe"])
-    _finish(two)
-    _finish(three)
+    try:
+        _finish(two)
+        _finish(three)
+    finally:
+        for p in (two, three):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     return out
 
 
@@ -112,6 +128,8 @@ def test_fsdp2_equals_one_process(runs):
 
 
 def test_fsdp2_sharded_resume_same_world_size_is_bit_exact(runs):
+    """The loop's FSDP2 checkpoints (written every 5 steps), resumed from step 5 at the same world
+    size, end bitwise on the uninterrupted run (which wrote no checkpoint at all)."""
     straight = load_file(str(runs / "w2" / "w2_gpt_fsdp.safetensors"))
     resumed = load_file(str(runs / "w2" / "w2_resumed.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -120,34 +138,73 @@ def test_fsdp2_sharded_resume_same_world_size_is_bit_exact(runs):
 def test_fsdp2_sharded_checkpoint_reloads_into_two_processes(runs):
     saved = load_file(str(runs / "w2" / "w2_resumed.safetensors"))
     reloaded = load_file(str(runs / "w2" / "w2_reloaded.safetensors"))
-    assert distributed.is_complete(runs / "w2" / "ckpt10")
+    folder = runs / "w2" / "ckpt10"
+    assert sharded.is_sharded(folder) and sharded.verify(folder) is None
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
 
 
+def test_every_thread_ends_with_the_process_group(runs):
+    """After shutdown (FSDP2 and DDP runs in that process), each rank is down to its main thread:
+    no gloo thread is left to abort the interpreter at exit."""
+    for world in (2, 3):
+        for r in range(world):
+            got = json.loads((runs / f"w{world}" / f"threads{r}.json").read_text())["threads"]
+            assert got in (1, -1), f"w{world} rank {r}: {got} threads after shutdown"
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_fsdp2_sharded_checkpoint_reloads_into_one_process(runs):
-    """Weights exact; and a 2-process checkpoint resumed in 1 process continues the same run
-    (the data position is global: (epoch, index) does not depend on the world size)."""
+def test_fsdp2_sharded_checkpoint_reloads_into_one_process(runs, tmp_path):
+    """Weights exact; and the 2-process step-5 checkpoint resumed by ``fit`` in 1 process continues
+    the same run (the data position is global: (epoch, index) does not depend on the world size)."""
     w2 = runs / "w2"
     saved = load_file(str(w2 / "w2_resumed.safetensors"))
-    job, cfg = worker.make("gpt_fsdp")
-    distributed.load_sharded(w2 / "ckpt10", job.model)
-    assert all(torch.equal(saved[k], v) for k, v in job.model.state_dict().items())
     loop = worker.loop_for("gpt_fsdp", 10)
-    distributed.load_sharded(w2 / "ckpt5", loop.model, loop.opt)
-    position = json.loads((w2 / "position5.json").read_text())
-    loop.sampler.load_state(position["sampler"])
-    loop.step = position["step"]
-    loop.run()
-    assert worst_rel(loop.job.model.state_dict(), reference("gpt_fsdp")[0]) < 1e-5
+    weights, state, _ = sharded.load(w2 / "ckpt10")
+    assert {k: (tuple(v.shape), v.dtype) for k, v in weights.items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in loop.job.model.state_dict().items()}
+    loop.restore(resume.Plan(w2 / "ckpt10", weights, state))
+    assert loop.step == 10 and all(torch.equal(saved[k], v) for k, v in loop.job.model.state_dict().items())
+    shutil.copytree(w2 / "fsdp_run" / "checkpoints" / "step-00000005", tmp_path / "checkpoints" / "step-00000005")
+    job, cfg = worker.make("gpt_fsdp", ["checkpoint_every=5"])
+    fit(job, cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {**rows[0], "kind": "resume", "step": 5}
+    assert worst_rel(job.model.state_dict(), reference("gpt_fsdp")[0]) < 1e-5
 
 
-def test_incomplete_sharded_checkpoint_is_refused(tmp_path):
+def test_incomplete_or_crafted_sharded_checkpoint_is_refused(runs, tmp_path):
+    """A folder without its manifest (the commit marker) is never resumed; an index carrying a
+    pickled callable, even under a re-signed manifest, is refused without running it."""
     from gradtune.runtime.errors import GradtuneError
 
-    (tmp_path / "__0_0.distcp").write_bytes(b"partial")
-    with pytest.raises(GradtuneError, match="incomplete"):
-        distributed.load_sharded(tmp_path, torch.nn.Linear(2, 2))
+    root = tmp_path / "checkpoints"
+    half = root / "step-00000010"
+    shutil.copytree(runs / "w2" / "ckpt10", half)
+    (half / "manifest.json").unlink()
+    assert "manifest.json missing" in sharded.verify(half)
+    with pytest.raises(GradtuneError, match="no checkpoint verifies"):
+        resume.latest(root)
+    shutil.rmtree(half)
+    shutil.copytree(runs / "w2" / "ckpt10", half)
+    marker = tmp_path / "payload-ran"
+    (half / "shards" / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+    manifest = json.loads((half / "manifest.json").read_text())
+    data = (half / "shards" / ".metadata").read_bytes()
+    manifest["files"]["shards/.metadata"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (half / "manifest.json").write_text(json.dumps(manifest))
+    assert sharded.verify(half) is None  # the manifest checks out: only the index is refused
+    with pytest.raises(GradtuneError, match="not allowed"):
+        sharded.load(half)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -206,7 +263,7 @@ def test_torchrun_restart_after_a_failed_rank_finishes_the_same_run(tmp_path):
     steps = ("max_steps=60", "resume=auto", "dtype=float64")
     code, out, _ = _cli_run(tmp_path, hooks.rank_fault(1, 30, "raise"), *steps, launcher=("--max-restarts", "1"))
     assert code == 0, out[-3000:]
-    assert "gradtune: error on rank 1/2" in out and "injected fault at step 30" in out
+    assert "gradtune: error on rank 1/2" in out and "injected fault at step.begin #31" in out
     assert out.count("done: 60 steps") == 1  # one summary: rank 0's
     # The oracle: the same 60 steps, uninterrupted, in this process (2 processes == 1, float64).
     cfg = load_config(None, ["model=mlp", "standardize_target=true", "progress=off", "device=cpu", *steps])

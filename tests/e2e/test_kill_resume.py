@@ -41,7 +41,10 @@ from tests import hooks
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {  # name -> (settings, micro-batches per step)
     "full": (["batch_size=full", "micro_batch_size=12"], 3),
-    "sgd": (["batch_size=1", "momentum=0.5", "lr=0.02"], 1),
+    # Early stopping (best/ kept, never stopping: patience beyond the budget) and the plateau
+    # schedule carry state across kills: the lr cuts and the best must be the uninterrupted run's.
+    "sgd": (["batch_size=1", "momentum=0.5", "lr=0.02", "schedule=plateau", "plateau_patience=1", "gamma=0.7",
+             "early_stopping.enabled=true", "early_stopping.patience=1000"], 1),
     "minibatch": (["batch_size=8", "micro_batch_size=3", "optimizer=adamw"], 3),
 }
 KILLS_PER_MODE = 8

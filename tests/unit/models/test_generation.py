@@ -125,7 +125,7 @@ def test_training_mode_is_restored() -> None:
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("--num-samples", "0", "--num-samples must be >= 1"),
+    ("--num-samples", "0", "--num-samples must be in [1, 4096]"),
     ("--top-p", "0", "--top-p must be in (0, 1]"),
     ("--top-p", "1.5", "--top-p must be in (0, 1]"),
     ("--top-p", "nan", "--top-p must be in (0, 1]"),
