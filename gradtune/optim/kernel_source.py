@@ -48,6 +48,14 @@ SOURCE = PRELUDE + r"""
     int64_t a = lo > off ? lo - off : 0, e = hi - off < numel[i] ? hi - off : numel[i]; \
     if (a >= e) continue;
 
+/* The parallel region every update kernel runs: each thread takes its share [lo, hi) of all
+   elements (thread_range), walks the tensors and gets the span [a, e) of tensor i it owns; the
+   kernel's body follows and closes the loop and the region with `} }`. */
+#define PARALLEL_SPANS \
+    _Pragma("omp parallel num_threads(threads_for(total, nthreads))") \
+    { int64_t lo, hi, off = 0; thread_range(total, &lo, &hi); \
+      for (int64_t i = 0; i < n; off += numel[i], ++i) { SPAN(i)
+
 /* The element loops take their options as compile-time constants (always_inline + literal
    arguments at the call sites below), so no option is tested per element and the loops vectorise. */
 
@@ -85,12 +93,7 @@ void sgd_##SFX(int64_t n, T **p, T **g, T **buf, const int64_t *numel, const uin
     const T neg_lr = (T)(-lr);                                                                \
     int64_t total = 0;                                                                        \
     for (int64_t i = 0; i < n; ++i) total += numel[i];                                        \
-    _Pragma("omp parallel num_threads(threads_for(total, nthreads))")                         \
-    {                                                                                         \
-        int64_t lo, hi, off = 0;                                                              \
-        thread_range(total, &lo, &hi);                                                        \
-        for (int64_t i = 0; i < n; off += numel[i], ++i) {                                    \
-            SPAN(i)                                                                           \
+    PARALLEL_SPANS /* opens the region and the loop over tensors; closed by the `} }` below */ \
             T *P = p[i], *G = g[i], *B = buf ? buf[i] : 0;                                    \
             const int mode = !buf ? 0 : (first[i] ? 1 : 2) + (nesterov ? 2 : 0);              \
             if (weight_decay != 0) {                                                          \
@@ -145,12 +148,7 @@ void adamw_##SFX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,   
         scratch[2 * i + 1] = pow(1.0 - pow(beta2, s), 0.5);                                   \
         total += numel[i];                                                                    \
     }                                                                                         \
-    _Pragma("omp parallel num_threads(threads_for(total, nthreads))")                         \
-    {                                                                                         \
-        int64_t lo, hi, off = 0;                                                              \
-        thread_range(total, &lo, &hi);                                                        \
-        for (int64_t i = 0; i < n; off += numel[i], ++i) {                                    \
-            SPAN(i)                                                                           \
+    PARALLEL_SPANS /* opens the region and the loop over tensors; closed by the `} }` below */ \
             const T neg_step = (T)scratch[2 * i], bc2_sqrt = (T)scratch[2 * i + 1];           \
             if (weight_decay != 0 && small)                                                   \
                 adamw_span_##SFX(p[i], g[i], m[i], v[i], a, e, decay, coef, b2, c2, neg_step, \

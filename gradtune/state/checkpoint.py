@@ -22,7 +22,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -189,19 +189,10 @@ def save(root: Path, step: int, model: dict[str, torch.Tensor], state: dict[str,
         _write_json(tmp / "state.json", state_json)
         _write_json(tmp / "config.json", {"hash": config_hash, "config": config})
         testhooks.hit("ckpt.files")
-        files = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in FILES}
-        _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "config_hash": config_hash,
-                                            "files": files})
+        write_manifest(tmp, FILES, FORMAT, step, config_hash)
         fsync_dir(tmp)
         testhooks.hit("ckpt.rename")
-        if final.exists():  # the same step saved again (a resumed run's final checkpoint)
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
+        into_place(root, tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         good = newest_step(root)
@@ -211,6 +202,25 @@ def save(root: Path, step: int, model: dict[str, torch.Tensor], state: dict[str,
     testhooks.hit("ckpt.after")
     prune(root, keep)
     return final
+
+
+def write_manifest(tmp: Path, names: Sequence[str], fmt: Any, step: int, config_hash: str) -> None:
+    """manifest.json, written last: the format, the step, and each file's sha256 and size."""
+    files = {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names}
+    _write_json(tmp / "manifest.json", {"format": fmt, "step": step, "config_hash": config_hash, "files": files})
+
+
+def into_place(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete temporary folder ``tmp`` to ``final`` (atomic on POSIX filesystems); the
+    same step saved again (a resumed run's final checkpoint) replaces the old folder."""
+    if final.exists():
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
 
 
 def listing(root: Path) -> list[tuple[int, Path]]:
@@ -233,20 +243,32 @@ def prune(root: Path, keep: int) -> None:
 
 # --- verifying and reading -------------------------------------------------------------------
 
-def verify(folder: Path) -> Optional[str]:
-    """None if ``folder`` is a complete, untampered checkpoint; else why not (one phrase)."""
+def read_manifest(folder: Path, fmt: Any) -> tuple[Any, Optional[str]]:
+    """(the manifest's files entry, None) of a checkpoint folder of format ``fmt``; else (None, why)."""
     mpath = folder / "manifest.json"
     if not mpath.is_file():
-        return "manifest.json missing (half-written?)"
+        return None, "manifest.json missing (half-written?)"
     try:
         manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            return f"unknown format {manifest.get('format')!r}"
+        files, found = manifest["files"], manifest.get("format")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "manifest.json is not a valid manifest"
+        return None, "manifest.json is not a valid manifest"
+    return (files, None) if found == fmt else (None, f"unknown format {found!r}")
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None if ``folder`` is a complete, untampered checkpoint; else why not (one phrase)."""
+    files, why = read_manifest(folder, FORMAT)
+    if why:
+        return why
     if not isinstance(files, dict) or sorted(files) != sorted(FILES):
         return f"manifest lists {sorted(files) if isinstance(files, dict) else files!r}, expected {sorted(FILES)}"
+    return check_files(folder, files)
+
+
+def check_files(folder: Path, files: dict[str, Any]) -> Optional[str]:
+    """None if every file a manifest lists ({name: {"bytes", "sha256"}}) is in ``folder`` with
+    that size and digest; else why not (one phrase). Both checkpoint formats verify with it."""
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():

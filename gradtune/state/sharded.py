@@ -128,17 +128,6 @@ def _write_shards(tmp: Path, final: Path, tensors: dict[str, Any]) -> None:
     raise RuntimeError(f"writing the shards of {final} failed: {type(failure).__name__}: {failure}") from None
 
 
-def _into_place(root: Path, tmp: Path, final: Path) -> None:
-    if final.exists():  # the same step saved again (a resumed run's final checkpoint)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(root)
-
-
 def _commit(root: Path, tmp: Path, final: Path, step: int, optim_tree: Any, state: dict[str, Any],
             config: dict[str, Any], keep: int) -> Path:
     """Rank 0, once every shard is written: the loop state, the manifest last, the rename."""
@@ -151,13 +140,11 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, optim_tree: Any, stat
         checkpoint._write_json(tmp / "config.json", config)
         testhooks.hit("ckpt.files")
         names = [*FILES, *(f"{SHARDS}/{n}" for n in sorted(os.listdir(tmp / SHARDS)))]
-        files = {n: {"sha256": checkpoint._sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in names}
-        checkpoint._write_json(tmp / "manifest.json", {"format": FORMAT, "step": step,
-                                                       "config_hash": config["hash"], "files": files})
+        checkpoint.write_manifest(tmp, names, FORMAT, step, config["hash"])
         fsync_dir(tmp / SHARDS)
         fsync_dir(tmp)
         testhooks.hit("ckpt.rename")
-        _into_place(root, tmp, final)
+        checkpoint.into_place(root, tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(root, final, e.strerror or str(e)) from None
@@ -197,33 +184,15 @@ def _inside(name: Any) -> bool:
 
 def verify(folder: Path) -> Optional[str]:
     """None if ``folder`` is a complete, untampered sharded checkpoint; else why not (one phrase)."""
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-        return "manifest.json missing (half-written?)"
-    try:
-        manifest = json.loads(mpath.read_text())
-        files, fmt = manifest["files"], manifest.get("format")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "manifest.json is not a valid manifest"
-    if fmt != FORMAT:
-        return f"unknown format {fmt!r}"
+    files, why = checkpoint.read_manifest(folder, FORMAT)
+    if why:
+        return why
     if not isinstance(files, dict) or not {*FILES, _INDEX} <= set(files):
         return f"manifest lists {sorted(files) if isinstance(files, dict) else files!r}, expected {[*FILES, _INDEX]}"
-    for name, entry in files.items():
-        if not _inside(name):
-            return f"manifest names a file outside the checkpoint: {name!r}"
-        path = folder / name
-        if not path.is_file():
-            return f"{name} missing"
-        try:
-            size, digest = int(entry["bytes"]), str(entry["sha256"])
-        except (KeyError, TypeError, ValueError):
-            return f"manifest entry for {name} is malformed"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, manifest says {size} (truncated?)"
-        if checkpoint._sha256(path) != digest:
-            return f"{name} checksum mismatch (modified or corrupt)"
-    return None
+    outside = [name for name in files if not _inside(name)]
+    if outside:
+        return f"manifest names a file outside the checkpoint: {outside[0]!r}"
+    return checkpoint.check_files(folder, files)
 
 
 class _IndexUnpickler(pickle.Unpickler):
