@@ -1,6 +1,6 @@
 """Does ``gradtune lr-find`` suggest a rate you can trust? Its suggestion against a grid sweep.
 
-    HF_HUB_OFFLINE=1 python bench/lr_find.py                    # all five tasks, ~10 minutes on 2 cores
+    HF_HUB_OFFLINE=1 python bench/lr_find.py                    # all five tasks: 10-35 min on 2 shared cores
     HF_HUB_OFFLINE=1 python bench/lr_find.py linear mlp         # some of them
     HF_HUB_OFFLINE=1 python bench/lr_find.py --cache /tmp/grid.json   # reuse grid results measured before
 
@@ -118,6 +118,7 @@ def main() -> int:
     print(f"python bench/lr_find.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"rule: {lr_find.RULE}; sweep {lr_find.STEPS_PER_DECADE} steps per decade of lr")
     print(table(rows))
     return 0 if ok else 1
 

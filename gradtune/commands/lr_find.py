@@ -14,13 +14,16 @@ from gradtune.runtime.errors import GradtuneError
 
 HELP = "learning-rate range test: plot loss against lr, suggest one"
 
+# What lr-find writes beside a run's own files: no input may lie there (it would be replaced).
+FILES = (*outdir.RUN_FILES, "lr_find.json")
+
 
 def setup(p: argparse.ArgumentParser) -> None:
     config_args.add(p)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--max-lr", type=float, default=10.0)
     p.add_argument("--steps", type=int, default=None,
-                   help=f"sweep steps (default: {lr_find.STEPS_PER_DECADE} per decade of lr, 300 for 1e-6..10)")
+                   help=f"sweep steps (default: {lr_find.STEPS_PER_DECADE} per decade of lr, 301 for 1e-6..10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,15 +34,15 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError(f"lr-find: --steps must be >= 2 (a curve needs points), got {args.steps}")
     path, _ = config_args.split(args.items)
     inputs = [*run_inputs(cfg), *([path] if path else [])]
-    outdir.check(cfg.out_dir, inputs)  # before the test runs: a refusal should not cost its steps
+    outdir.check(cfg.out_dir, inputs, FILES)  # before the test runs: a refusal should not cost its steps
     r = lr_find.lr_find(cfg, args.min_lr, args.max_lr, args.steps)
-    outdir.claim(cfg.out_dir, inputs)
+    outdir.claim(cfg.out_dir, inputs, FILES)
     out = Path(cfg.out_dir) / "lr_find.png"
     lr_find.plot(r, out, f"lr range test: {cfg.model} on {Path(cfg.data).name}, batch_size={cfg.batch_size}")
     data = lr_find.save(r, Path(cfg.out_dir) / "lr_find.json", args.min_lr, args.max_lr)
     end = f"diverged at lr {r.divergence:.3g}" if r.divergence is not None else "reached --max-lr"
     print(f"lr-find: {len(r.lrs)} of {r.steps} steps from {args.min_lr:g} ({end}); loss lowest at lr "
-          f"{r.lowest:.3g}; suggested lr = {r.suggestion:.3g} (a {lr_find.FRACTION:g}th of it)")
+          f"{r.lowest:.3g}; suggested lr = {r.suggestion:.3g} (that / {lr_find.FRACTION:g})")
     if r.note:
         print(f"lr-find: note: {r.note}")
     print(f"plot: {out}; data: {data}")

@@ -26,11 +26,12 @@ reached at the usual start (small weights, p ~ uniform); further out the loss fl
 separable classes it has no minimum at all: there is no mu > 0, so lr = 1/L (f_k - f* <=
 L |theta_0 - theta*|^2 / (2k)) and ``momentum: auto`` is refused, unless weight decay gives mu.
 
-lambda_max comes from power iteration on v -> X~'(X~ v)/m: one pass over the data per iteration,
-never the (F+1)^2 matrix or an eigendecomposition; mu from power iteration on L I - H (whose
-largest eigenvalue is L - mu). Both are deterministic (seeded start), so a resume resolves the
-same numbers, and they are rounded to 12 significant digits so thread-count noise in the last
-bits cannot change the config's hash.
+lambda_max comes from power iteration on v -> X~'X~ v/m (up to ``GRAM_MAX`` columns on the
+(F+1)^2 matrix formed in one pass over the data, beyond that one pass per iteration; never an
+eigendecomposition); mu from power iteration on L I - H, whose largest eigenvalue is L - mu.
+Both are deterministic (seeded start), so a resume resolves the same numbers; lr and momentum are rounded to 12
+significant digits, so noise in the last bits (another thread count) will hardly ever change
+the config's hash.
 """
 
 from __future__ import annotations
@@ -56,10 +57,20 @@ TOP = 1.9
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
+GRAM_MAX = 4096  # up to this many columns X~'X~/m is formed once ((F+1)^2 floats, 128 MiB at most)
+
+
 def _design_op(x: torch.Tensor) -> Op:
-    """v (F+1,) -> X~'(X~ v)/m in float64, X~ = [x, 1] never built."""
+    """v (F+1,) -> X~'(X~ v)/m in float64, X~ = [x, 1] (m, F+1). With few columns the Gram
+    matrix is formed once (one pass over the data; each iteration then costs (F+1)^2, not
+    m (F+1)); with many, each iteration passes over the data and X~ is never built."""
     x = x.double()
-    m = x.shape[0]
+    m, f = x.shape
+    if f + 1 <= min(m, GRAM_MAX):
+        ones = torch.ones(m, 1, dtype=torch.float64)
+        design = torch.cat([x, ones], dim=1)  # (m, F+1)
+        gram = design.T @ design / m
+        return lambda v: gram @ v
 
     def op(v: torch.Tensor) -> torch.Tensor:
         r = x @ v[:-1] + v[-1]  # (m,) = X~ v
@@ -68,11 +79,14 @@ def _design_op(x: torch.Tensor) -> Op:
     return op
 
 
-def power_iteration(op: Op, n: int, tol: float = 1e-13, max_iter: int = 20000, seed: int = 0) -> float:
+def power_iteration(op: Op, n: int, tol: float = 1e-13, max_iter: int = 20000, seed: int = 0,
+                    ref: Optional[float] = None) -> float:
     """Largest eigenvalue of the symmetric PSD operator ``op`` on R^n, to relative ``tol``.
 
-    Stops when the eigen-residual |A v - rho v| <= tol * rho (rho the Rayleigh quotient): then
-    rho is within tol of an eigenvalue, and from a random start it is the largest. Float64."""
+    Stops when the eigen-residual |A v - rho v| <= tol * (``ref`` or rho), rho the Rayleigh
+    quotient: then rho is within that of an eigenvalue, and from a random start it is the
+    largest. Past ``max_iter`` (two nearly equal top eigenvalues) rho is returned as it is: a
+    lower bound, within the top cluster. Float64, seeded: the same operator, the same number."""
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(n, generator=g, dtype=torch.float64)
     v /= v.norm()
@@ -82,7 +96,7 @@ def power_iteration(op: Op, n: int, tol: float = 1e-13, max_iter: int = 20000, s
         rho = float(v @ w)
         if rho <= 0:
             return 0.0
-        if float((w - rho * v).norm()) <= tol * rho:
+        if float((w - rho * v).norm()) <= tol * (ref or rho):
             return rho
         v = w / w.norm()
     return rho
@@ -106,8 +120,9 @@ def curvature(job: Job, cfg: Config) -> Curvature:
     top = power_iteration(op, n)
     L = scale * top + wd
     if loss in ("mse", "mse_half"):
-        # lambda_max(L I - H) = L - mu; H itself includes the weight decay.
-        shifted = power_iteration(lambda v: L * v - (scale * op(v) + wd * v), n)
+        # lambda_max(L I - H) = L - mu; H itself includes the weight decay. The tolerance is
+        # relative to L: mu is only needed to a small fraction of L (it sets kappa).
+        shifted = power_iteration(lambda v: L * v - (scale * op(v) + wd * v), n, tol=1e-11, ref=L)
         mu = max(L - shifted, 0.0)
         # Below this mu is round-off, not curvature (collinear features: a flat direction).
         mu = mu if mu > 1e-10 * L else 0.0

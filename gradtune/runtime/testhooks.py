@@ -67,7 +67,8 @@ def hit(point: str) -> None:
     count, action = _PLAN[point]
     if _SEEN[point] != count:
         return
-    print(f"gradtune: fault injection: {action} at {point} #{count}", file=sys.stderr, flush=True)
+    if action in ("RAISE", "HANG"):  # a signal speaks for itself; these would look like gradtune's own faults
+        print(f"gradtune: fault injection: {action} at {point} #{count}", file=sys.stderr, flush=True)
     if action == "RAISE":
         raise RuntimeError(f"injected fault at {point} #{count}")
     if action == "HANG":

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from gradtune.config import load_config
@@ -45,11 +46,11 @@ def test_curvature_equals_numpy_eigenvalues(settings, scale):
         assert c.mu is None  # logistic: no smallest curvature without weight decay
 
 
-def test_power_iteration_on_random_matrix():
+@pytest.mark.parametrize("gram_max", [4096, 0])  # the Gram matrix formed once / one pass per iteration
+def test_power_iteration_on_random_matrix(gram_max, monkeypatch):
+    monkeypatch.setattr(curvature, "GRAM_MAX", gram_max)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 30)) @ rng.normal(size=(30, 30))
-    import torch
-
     op = curvature._design_op(torch.tensor(x))
     design = np.hstack([x, np.ones((200, 1))])
     top = np.linalg.eigvalsh(design.T @ design / 200)[-1]
@@ -122,3 +123,28 @@ def test_data_dependent_refusals():
     cfg = load_config(None, ["model=logistic", "data=breast_cancer", "lr=auto", "momentum=auto"])
     with pytest.raises(GradtuneError, match="mu > 0"):
         curvature.resolve(build(cfg), cfg)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_logistic_bound_holds_for_the_true_hessian(loss):
+    """The bound L = lambda_max(X~'X~/m)/2 (softmax) or /4 (sigmoid) against the exact Hessian of
+    the mean loss in all the weights, at the initial weights and far from them."""
+    cfg = load_config(None, ["model=logistic", "data=breast_cancer", f"loss={loss}", "dtype=float64", "lr=auto"])
+    job = build(cfg)
+    bound = curvature.curvature(job, cfg).L
+    x, y = job.train.fields["x"].double(), job.train.fields["y"]
+    w0 = torch.cat([p.detach().reshape(-1) for p in job.model.parameters()]).double()
+    n_out = job.model.linear.out_features
+
+    def mean_loss(flat):
+        w, b = flat[: n_out * x.shape[1]].reshape(n_out, -1), flat[n_out * x.shape[1]:]
+        z = x @ w.T + b
+        if loss == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(z.squeeze(-1), y.double())
+        return torch.nn.functional.cross_entropy(z, y)
+
+    for w in (w0, w0 + torch.randn(w0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)):
+        top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_loss, w))[-1].item()
+        assert top <= bound * (1 + 1e-9)
+    top0 = torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_loss, w0))[-1].item()
+    assert top0 > 0.8 * bound  # nearly reached at the start (predictions near 50/50): not loose
