@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,17 +51,7 @@ KILLS = 10
 OTHER_WORLD_BOUND = 3e-4
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only, whatever the hostname resolves to
-    return env
+from tests.e2e.test_distributed import _env, _port  # noqa: E402  (one launch environment)
 
 
 def launch(out: Path, probe: Path, faults: str = "", nproc: int = 2, settings: list[str] = SETTINGS) -> subprocess.Popen:
