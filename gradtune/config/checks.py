@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradtune.config.defaults import is_pretrained
+from gradtune.config.durations import parse_duration
 from gradtune.config.schema import METHODS, Config
 from gradtune.runtime.errors import GradtuneError
 
@@ -66,6 +67,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "text.length_pool": (lambda v: v >= 1, ">= 1"),
     "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eval_tokens": (lambda v: v is None or v >= 1, ">= 1"),
+    "dpo.beta": (lambda v: v > 0, "> 0"),
+    "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }
 
 
@@ -109,6 +113,21 @@ def check_combinations(cfg: Config) -> None:
     mb, b = cfg.micro_batch_size, cfg.batch_size
     if mb is not None and b != "full" and mb > b:
         raise GradtuneError(f"config: micro_batch_size ({mb}) must not exceed batch_size ({b})")
+    if cfg.max_time is not None:
+        parse_duration(cfg.max_time)
+    check_quantize(cfg)
+
+
+def check_quantize(cfg: Config) -> None:
+    """``quantize``: only a frozen base can be held quantised; the weights that train stay float32."""
+    if cfg.quantize == "none":
+        return
+    body = {m.strip() for m in cfg.method.split("+")} - {"head"}
+    if not is_pretrained(cfg.model):
+        raise GradtuneError(f"config: quantize={cfg.quantize} quantises a pretrained base; model={cfg.model} has none")
+    if body - {"lora"}:
+        raise GradtuneError(f"config: quantize={cfg.quantize} holds the frozen base quantised: use method lora, head "
+                            f"or head+lora (method '{cfg.method}' trains base weights)")
 
 
 def check_method(cfg: Config) -> None:

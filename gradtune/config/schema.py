@@ -59,6 +59,7 @@ class TextSection:
     group_by_length: bool = True  # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false: plain shuffling
     pad_to_multiple_of: int = 8  # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores get aligned shapes)
     length_pool: int = 8  # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less random batches)
+    packing: bool = False  # causal_lm / instruction / preference: concatenate documents into max_length windows, no attention across documents (no padding compute, less random batches)
 
 
 @dataclass
@@ -89,6 +90,15 @@ class FinetuneSection:
 
 
 @dataclass
+class DPOSection:
+    """task: preference (DPO): the policy is the model with its method, the reference the frozen base."""
+
+    beta: float = 0.1  # strength of the pull towards the reference; larger: stays closer to it
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate
+    label_smoothing: float = 0.0  # sigmoid: assumed share of flipped preference labels (conservative DPO)
+
+
+@dataclass
 class EarlyStoppingSection:
     """Stop when a validation metric stops improving, and keep the best weights (loop/early_stopping.py)."""
 
@@ -107,7 +117,7 @@ class Config:
     data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
-    task: Literal["auto", "regression", "classification", "causal_lm", "instruction"] = "auto"  # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction: prompt/response JSONL
+    task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference"] = "auto"  # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction: prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO)
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
     standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
@@ -116,6 +126,7 @@ class Config:
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # MLP non-linearity
     init: str = "random"  # random (seeded) | path to a .safetensors weights file
     method: str = "full"  # fine-tuning: full | freeze | head | lora | bitfit (combine with '+')
+    quantize: Literal["none", "int8", "nf4"] = "none"  # hold the frozen base weights quantised (method lora or head): less memory, dequantised per matmul
     # --- objective ---------------------------------------------------------------------------
     loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"  # auto: mse / cross_entropy; mse_half: the 1/(2m) convention
     label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
@@ -147,14 +158,16 @@ class Config:
     plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
     epochs: int = 100  # passes over the training set
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
+    max_time: Optional[str] = None  # wall-time budget, e.g. 10m, 1h, 90s: the step budget is fixed after a short calibration, schedules run over it
     tol: float = 0.0  # stop when the loss improves by less than this (relative) ...
     patience: int = 5  # ... for this many evaluations in a row
     grad_tol: float = 0.0  # stop when the gradient norm falls under this
     eval_every: Optional[int] = None  # steps between evaluations; None: once per epoch
+    eval_tokens: Optional[int] = None  # language models: intermediate evaluations on a fixed, seeded sample of this many validation tokens; the final one is full; None: always full
     # --- numerics and reproducibility ------------------------------------------------------------
     seed: int = 0  # initial weights, data order and split; same seed, same run
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for matmuls (large models)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16 autocast for matmuls (large models); auto: bf16 where a probe of the model's own step finds it faster here
     compile: bool = False  # torch.compile the model: faster steps after a warm-up
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # --- output -------------------------------------------------------------------------------
@@ -175,6 +188,7 @@ class Config:
     text: TextSection = field(default_factory=TextSection)
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
+    dpo: DPOSection = field(default_factory=DPOSection)  # task: preference
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)  # stop when validation stops improving; keep the best weights
     finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
 
