@@ -1,14 +1,20 @@
-"""Training throughput of our GPT against Hugging Face's GPT2LMHeadModel, same shape, same run.
+"""Training throughput of our GPT against the peers a user would pick, same shape, same run:
+Hugging Face's GPT2LMHeadModel and LitGPT's GPT.
 
-Both sides: 4 layers, 4 heads, width 256, context 256, batch 8, byte vocabulary (256), dropout 0,
-torch.optim.AdamW(lr=3e-4), same seed, the same random byte batches, the same loss code
-(F.cross_entropy on the logits, computed outside the model). Sides alternate within each
-repetition (the order flips every repetition) and we report medians, so drift in machine load
-hits both alike. MFU = tokens/s * training FLOPs per token / the matmul peak measured here.
+Every side: 4 layers, 4 heads, width 256, context 256, batch 8, byte vocabulary (256), dropout 0,
+GPT-2 block (pre-LayerNorm with bias, GELU-tanh MLP 4x, fused qkv, SDPA causal attention, tied
+embeddings), the same optimizer for all (torch.optim.AdamW(lr=3e-4, fused=True) by default, so
+only the model differs), same seed, the same random byte batches, the same
+loss code (F.cross_entropy on float32 logits, computed outside the model). LitGPT has no learned
+position table: it runs with rotary_percentage=0 (no positions at all), the cheapest it can be;
+ours and HF add a (T, C) wpe row per token. Sides alternate within each repetition (the order
+rotates every repetition) and we report medians of per-repetition ratios, so drift in machine load
+hits all alike. MFU = tokens/s * training FLOPs per token / the matmul peak measured here.
 
   python bench/gpt.py            # full: fp32 and bf16 autocast, ~2-4 min of CPU on 2 cores
   python bench/gpt.py --quick    # smoke run, seconds
-  python bench/gpt.py --compile  # adds torch.compile(ours) as a third side (compile time excluded)
+  python bench/gpt.py --compile  # adds torch.compile(ours) as a side (compile time excluded)
+  python bench/gpt.py --threads 1 --clock cpu   # on a shared machine: ratios from CPU seconds
 """
 
 from __future__ import annotations
@@ -59,6 +65,46 @@ def matmul_rate(dtype: torch.dtype, n: int, seconds: float) -> float:
     return statistics.median(rates)
 
 
+def cpu_flags() -> str:
+    """The /proc/cpuinfo flags that decide bf16 speed: AVX512-BF16 / AMX run bf16 matmuls natively."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}; " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
+
+
+def bf16_emulated(sizes: dict[str, int]) -> bool:
+    """No bf16 matmul units: decided by the CPU flags where /proc/cpuinfo has them (a timing probe
+    misreads a loaded machine), else by the probe (bf16 reached a smaller size than fp32)."""
+    flags = cpu_flags()
+    if "avx2=yes" in flags:  # an x86 "flags" line was read (ARM lists "Features" instead)
+        return "avx512_bf16=yes" not in flags and "amx_bf16=yes" not in flags
+    return sizes["bf16"] < sizes["fp32"]
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f (1/5/15 min)" % os.getloadavg()
+
+
+def litgpt_gpt2() -> torch.nn.Module:
+    """LitGPT's GPT in our GPT-2 shape (see the module docstring for the one difference: positions)."""
+    from litgpt.config import Config
+    from litgpt.model import GPT as LitGPT
+
+    cfg = Config(name="gpt2-bench", block_size=T, vocab_size=V, padded_vocab_size=V, n_layer=4, n_head=4,
+                 n_embd=256, n_query_groups=4, rotary_percentage=0.0, parallel_residual=False, bias=True,
+                 lm_head_bias=False, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
+                 gelu_approximate="tanh", intermediate_size=1024)
+    model = LitGPT(cfg)
+    model.apply(model._init_weights)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as ours and HF
+    return model
+
+
 def build_sides(use_compile: bool) -> dict[str, torch.nn.Module]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -69,22 +115,33 @@ def build_sides(use_compile: bool) -> dict[str, torch.nn.Module]:
     hf_cfg._attn_implementation = "sdpa"  # HF's fastest CPU attention (flash kernel)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(hf_cfg)  # lm_head tied to wte, as ours
-    sides = {"ours": ours, "hf": hf}
+    torch.manual_seed(0)
+    sides = {"ours": ours, "hf": hf, "litgpt": litgpt_gpt2()}
     if use_compile:
         torch.manual_seed(0)
         sides["ours+compile"] = torch.compile(GPT(GPTConfig.preset("shakespeare")))
     return sides
 
 
-def make_step(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor], float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    is_hf = not isinstance(getattr(model, "_orig_mod", model), GPT)  # HF returns an output object
+def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    """The same optimizer class and settings for every side, so only the model differs."""
+    if kind == "gradtune":
+        from gradtune.optim.adamw import AdamW
+
+        return AdamW(model.parameters(), lr=3e-4)  # our one-pass C kernel
+    # torch's CPU default is the per-tensor loop (foreach is CUDA-only); fused=True is one kernel.
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, fused=kind == "torch-fused")
+
+
+def make_step(model: torch.nn.Module, autocast: bool, optimizer: str) -> Callable[[torch.Tensor], float]:
+    opt = make_optimizer(model, optimizer)
+    is_hf = type(model).__module__.startswith("transformers")  # HF returns an output object
 
     def step(batch: torch.Tensor) -> float:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
         with ctx:
             out = model(batch[:, :-1])
-            logits = out.logits if is_hf else out  # (B, T, V)
+            logits = out.logits if is_hf else out  # (B, T, V); ours and LitGPT return the tensor
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -94,27 +151,36 @@ def make_step(model: torch.nn.Module, autocast: bool) -> Callable[[torch.Tensor]
     return step
 
 
-def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps: int,
-            data: torch.Tensor, peak_n: int) -> tuple[dict[str, float], dict[str, float], float]:
+def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps: int, data: torch.Tensor,
+            peak_n: int, optimizer: str, clock: str
+            ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]], float]:
     """Alternating repetitions of ``steps`` steps per side, plus a matmul peak probe in each
     repetition (so the peak sees the same machine load as the steps, e.g. other processes).
-    Returns median tokens/s per side, median per-repetition ratio to hf, median peak FLOP/s."""
-    fns = {name: make_step(m, autocast) for name, m in sides.items()}
+    Returns per side the median tokens/s (wall) and tokens per CPU-second, the median
+    per-repetition ratios to hf and to litgpt, and the median peak FLOP/s."""
+    fns = {name: make_step(m, autocast, optimizer) for name, m in sides.items()}
     for fn in fns.values():  # warm-up: allocator, oneDNN primitives, compiled graphs
         fn(data[0])
     dtype = torch.bfloat16 if autocast else torch.float32
     rates: dict[str, list[float]] = {name: [] for name in sides}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in sides}
     peaks = []
     names = list(sides)
     for rep in range(reps):
         peaks.append(matmul_rate(dtype, peak_n, 0.3))
-        for name in names if rep % 2 == 0 else names[::-1]:
-            t = time.perf_counter()
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate who goes first
+            t, c = time.perf_counter(), time.process_time()
             for i in range(steps):
                 fns[name](data[(rep * steps + i) % len(data)])
             rates[name].append(steps * B * T / (time.perf_counter() - t))
-    ratios = {name: statistics.median(a / b for a, b in zip(r, rates["hf"])) for name, r in rates.items()}
-    return {name: statistics.median(r) for name, r in rates.items()}, ratios, statistics.median(peaks)
+            # CPU seconds of this process: robust to other processes taking turns on the cores
+            # (with 1 thread; with more, idle threads spin and count too).
+            cpu_rates[name].append(steps * B * T / (time.process_time() - c))
+    by = rates if clock == "wall" else cpu_rates
+    ratios = {name: (statistics.median(a / b for a, b in zip(r, by["hf"])),
+                     statistics.median(a / b for a, b in zip(r, by["litgpt"]))) for name, r in by.items()}
+    medians = {name: (statistics.median(r), statistics.median(cpu_rates[name])) for name, r in rates.items()}
+    return medians, ratios, statistics.median(peaks)
 
 
 def main() -> None:
@@ -125,6 +191,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=8, help="alternating repetitions (fp32)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per repetition (fp32)")
     ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
+    ap.add_argument("--optimizer", default="torch-fused", choices=["torch-fused", "torch", "gradtune"],
+                    help="AdamW for every side: torch.optim.AdamW(fused=True) (default), torch's per-tensor "
+                         "loop, or gradtune's")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="ratios from wall time (quiet machine) or from this process's CPU time (a shared "
+                         "machine; use with --threads 1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +204,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"CPU: {cpu_flags()}")
+    print(f"at start: {load()}")
     sizes = {"fp32": matmul_size(torch.float32), "bf16": matmul_size(torch.bfloat16)}
     sides = build_sides(args.compile)
     flops = sides["ours"].flops_per_token(T)  # same shape on every side
@@ -142,24 +216,30 @@ def main() -> None:
     for mode in args.modes.split(","):
         autocast = mode == "bf16"
         m_reps, m_steps = reps, steps
-        if autocast and sizes["bf16"] < sizes["fp32"] and not args.quick:
+        if autocast and bf16_emulated(sizes) and not args.quick:
             # bf16 matmuls are emulated on this CPU (no AVX512-BF16 / AMX): 10-50x slower than
             # fp32, so a shorter protocol keeps the run within minutes.
             m_reps, m_steps = 2, 1
             print("note: bf16 matmul is far slower than fp32 here (no AVX512-BF16/AMX: emulated); "
                   "bf16 runs 2 reps x 1 step")
-        rates, ratios, peaks[mode] = measure(sides, autocast, m_reps, m_steps, data, sizes[mode])
+        rates, ratios, peaks[mode] = measure(sides, autocast, m_reps, m_steps, data, sizes[mode],
+                                             args.optimizer, args.clock)
         # Emulated bf16 still runs on the fp32 FMA units: their peak is the honest denominator.
         peak = max(peaks[mode], peaks.get("fp32", 0.0))
-        for name, rate in rates.items():
-            rows.append((mode, name, rate, ratios[name], rate * flops / peak))
+        for name, (rate, cpu_rate) in rates.items():
+            rows.append((mode, name, rate, cpu_rate, ratios[name], rate * flops / peak))
     for mode, peak in peaks.items():
         print(f"matmul peak {mode}: {peak / 1e9:8.1f} GFLOP/s (n={sizes[mode]}, median over the run)")
     print("MFU = tokens/s * train FLOPs/token / max(peak of the mode, fp32 peak)")
-    fp32_ours = next((r[2] for r in rows if r[:2] == ("fp32", "ours")), float("nan"))
-    print(f"\n{'mode':6}{'side':>14}{'tokens/s':>11}{'vs hf':>8}{'vs ours fp32':>14}{'MFU':>8}")
-    for mode, name, rate, ratio, mfu in rows:
-        print(f"{mode:6}{name:>14}{rate:>11.0f}{ratio:>7.2f}x{rate / fp32_ours:>13.2f}x{mfu:>8.1%}")
+    print(f"optimizer for every side: {args.optimizer} AdamW; ratios from {args.clock} time")
+    col = 2 if args.clock == "wall" else 3  # "vs ours fp32" on the same clock as the ratios
+    fp32_ours = next((r[col] for r in rows if r[:2] == ("fp32", "ours")), float("nan"))
+    print(f"at end: {load()}  (other processes share these cores when the load exceeds 0)")
+    print(f"\n{'mode':6}{'side':>14}{'tokens/s':>11}{'tok/CPU-s':>11}{'vs hf':>8}{'vs litgpt':>11}{'vs ours fp32':>14}"
+          f"{'MFU':>8}")
+    for mode, name, rate, cpu_rate, (vs_hf, vs_lit), mfu in rows:
+        print(f"{mode:6}{name:>14}{rate:>11.0f}{cpu_rate:>11.0f}{vs_hf:>7.2f}x{vs_lit:>10.2f}x"
+              f"{(rate, cpu_rate)[col - 2] / fp32_ours:>13.2f}x{mfu:>8.1%}")
 
 
 if __name__ == "__main__":

@@ -9,36 +9,61 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from gradtune.config import Config
-from gradtune.jobs import curvature
+from gradtune.jobs import curvature, precision
 from gradtune.jobs.job import Job
 from gradtune.jobs.registry import build
+from gradtune.loop import budget
 from gradtune.loop.fit import Result, fit, run_inputs
 from gradtune.outputs import save_outputs
 from gradtune.runtime import allocator, distributed, outdir
 from gradtune.runtime.device import resolve_device
+from gradtune.state import checkpoint
 
 
 def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:
     """Build the job from ``cfg`` (validating every input first), train it, write the outputs.
     ``inputs``: files read besides those ``cfg`` names (the config file), which the run must
-    not overwrite either."""
+    not overwrite either. ``max_time`` counts from process start for a fresh process (the CLI),
+    else from here (loop/budget.py)."""
+    started = budget.origin()
     job = build(cfg)  # all bad input is rejected here, before anything is written
     cfg = resolve_auto(job, cfg)
+    if cfg.precision == "auto" and cfg.resume != "never":  # a resumed run keeps its checkpoint's choice
+        cfg = dataclasses.replace(cfg, precision=saved_precision(Path(cfg.out_dir)) or "auto")
+    cfg = precision.resolve(job, cfg)  # precision auto -> fp32 | bf16, told at start
     out_dir = Path(cfg.out_dir)
     # Read-only, on every rank (a refusal on rank 0 alone would leave the others waiting); fit
     # checks again and claims the folder on rank 0 once resume is decided.
     outdir.check(out_dir, [*run_inputs(cfg), *inputs])
     device = resolve_device(cfg.device)
     if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
-        allocator.release_large_blocks()  # variable batch shapes would fragment the heap
+        allocator.arm()  # applied once batch shapes vary: they would fragment the heap
     with distributed.session(device, cfg.dist_timeout):  # a no-op in one process
-        result = fit(job, cfg, out_dir)
+        result = fit(job, cfg, out_dir, started=started)
         save_outputs(job, cfg, result, out_dir)
+    if "time_budget" in job.info and distributed.is_main():  # how max_time was spent, outputs included
+        print(budget.describe(job.info["time_budget"], time.perf_counter() - started), flush=True)
     return result
+
+
+def saved_precision(out_dir: Path) -> Optional[str]:
+    """The precision the newest readable checkpoint in ``out_dir`` ran at (``precision: auto``
+    chose it then; a probe now, on a busier machine or with the cache deleted, might not)."""
+    for _, folder in reversed(checkpoint.listing(checkpoint.root(out_dir))):
+        try:
+            found = json.loads((folder / "config.json").read_text())["config"]["precision"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if found in ("fp32", "bf16"):
+            return found
+    return None
 
 
 def resolve_auto(job: Job, cfg: Config) -> Config:

@@ -59,7 +59,7 @@ class TextSection:
     group_by_length: bool = True  # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false: plain shuffling
     pad_to_multiple_of: int = 8  # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores get aligned shapes)
     length_pool: int = 8  # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less random batches)
-    packing: bool = False  # causal_lm / instruction / preference: concatenate documents into max_length windows, no attention across documents (no padding compute, less random batches)
+    packing: bool = False  # causal_lm / instruction: concatenate documents into max_length windows, no attention across documents (no padding compute, less random batches)
 
 
 @dataclass

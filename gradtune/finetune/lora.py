@@ -7,8 +7,9 @@ the wrapped model computes exactly what the base model computes; only A and B tr
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,11 +47,28 @@ class LoRALinear(nn.Module):
         base.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        w = self.lora_a.weight
+        if (type(self.base) is nn.Linear and x.dtype == w.dtype == self.base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            return self._fused(x)
+        y = self.base(x)
         h = self.lora_a(self.dropout(x).to(self.lora_a.weight.dtype))  # (..., rank)
         return y + (self.lora_b(h) * self.scaling).to(y.dtype)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a plain float32/64 ``nn.Linear`` base outside autocast, as two GEMMs on
+        (N, in) rows: Y = X W^T + b, then Y += scaling * (X A^T) B^T inside the GEMM's
+        accumulate (addmm_, beta 1, alpha scaling) on Y, which is not a view (the 3-D
+        ``F.linear`` returns one, where an in-place add would cost autograd two (N, out) copies
+        in backward). Saves the (N, out) product, scaled product and sum of ``forward`` and
+        their backward passes; equal to ``forward`` up to float rounding."""
+        base, rows = self.base, x.reshape(-1, x.shape[-1])  # (N, in)
+        y = (torch.addmm(base.bias, rows, base.weight.t()) if base.bias is not None
+             else rows.mm(base.weight.t()))  # (N, out)
+        h = self.lora_a(self.dropout(rows))  # (N, rank)
+        return y.addmm_(h, self.lora_b.weight.t(), alpha=self.scaling).view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """(out, in) update ``scaling * B A`` in the base weight's dtype."""
@@ -59,6 +77,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if "weight" not in self.base._parameters:  # a QuantLinear: its W is codes, read-only
+            raise InputError("lora merge: the base layer is quantised; export the merged model instead")
         if not self.merged:
             self.base.weight += self.delta_weight()
             self.merged = True
@@ -112,3 +132,21 @@ def unmerge(model: nn.Module) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every LoRA layer computes its frozen base alone: bit for bit the base
+    model (DPO's reference, without a second copy of the weights). Each layer's ``forward`` is
+    pointed at its base's for the block, so the LoRA path costs nothing there; a merged layer's
+    base holds its update, so merged layers are refused."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapters_disabled: a LoRA layer is merged; unmerge it first")
+    for layer in layers:
+        layer.forward = layer.base.forward  # an instance attribute: nn.Module.__call__ uses it
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -3,7 +3,9 @@
     model, trainable = methods.apply(model, "head+lora", num_outputs=2, lora=LoraSection(rank=8))
 
 ``method`` says what in the pretrained body trains (full | freeze | lora | bitfit, or 'head'
-alone: the body frozen); ``num_outputs`` (set by the task) adds a head on the pooled encoder
+alone: the body frozen); ``quantize`` (int8 | nf4) first replaces the body's linear layers by
+``QuantLinear`` (codes + scales, dequantised per matmul; not the output embedding), so LoRA
+wraps quantised bases and the head is added in float32; ``num_outputs`` (set by the task) adds a head on the pooled encoder
 output, and the head always trains. The sections are passed exactly as the config holds them
 (``cfg.lora``, ``cfg.freeze``, ``cfg.finetune``), already validated by ``gradtune.config``.
 ``trainable`` is the set of parameter names the method declares trainable, for
@@ -19,6 +21,7 @@ from gradtune.finetune.bitfit import bitfit
 from gradtune.finetune.freeze import freeze as freeze_layers, full
 from gradtune.finetune.heads import add_head
 from gradtune.finetune.lora import DEFAULT_TARGETS, apply_lora
+from gradtune.finetune.quantize import KINDS, quantize_model
 from gradtune.runtime.errors import InputError
 
 
@@ -30,7 +33,7 @@ def body_method(method: str) -> str:
 
 def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
           lora: LoraSection | None = None, freeze: FreezeSection | None = None,
-          finetune: FinetuneSection | None = None) -> tuple[nn.Module, frozenset[str]]:
+          finetune: FinetuneSection | None = None, quantize: str = "none") -> tuple[nn.Module, frozenset[str]]:
     """Transform ``model`` per ``method``; add a head when ``num_outputs`` is given.
 
     Returns the (possibly wrapped) model and the names of the parameters that must train.
@@ -41,6 +44,12 @@ def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
     if body == "head" and num_outputs is None:
         raise InputError("method 'head' needs a classification or regression task (it adds a head)")
     lora, freeze, finetune = lora or LoraSection(), freeze or FreezeSection(), finetune or FinetuneSection()
+    if quantize != "none":
+        if quantize not in KINDS or body not in ("head", "lora"):
+            raise InputError(f"quantize={quantize} holds a frozen base quantised: use one of {', '.join(KINDS)} "
+                             f"with method lora, head or head+lora (not '{method}')")
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        quantize_model(model, quantize, skip=[out])  # before LoRA wraps them, before any head
     if body == "full":
         full(model)
     elif body == "freeze":

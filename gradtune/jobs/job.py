@@ -17,7 +17,7 @@ from gradtune.data.dataset import Dataset
 from gradtune.models.weights import load_weights
 from gradtune.objectives.output import Objective
 
-TASKS = ("regression", "classification", "lm")
+TASKS = ("regression", "classification", "lm", "preference")
 
 
 @dataclass

@@ -7,7 +7,10 @@ killer; with it, the run exits at once with the estimate and the memory there is
 The estimate, in bytes, is a *lower bound* of the training peak, so it never refuses a run that
 would have fitted (nothing is counted that might not be there):
 
-    weights      P   * b          P parameters, b bytes each (4: float32, 8: float64)
+    weights      P   * b          P parameters, b bytes each (4: float32, 8: float64); with
+                                  quantize=int8 | nf4 the 2-D non-embedding tensors of the base
+                                  (its linear layers) take 1 + 4/64 | 1/2 + 4/64 bytes each
+                                  (codes + a float32 scale per 64), the rest b
     gradients    P_t * b          P_t trainable parameters: P for training from scratch and full
                                   fine-tuning; 0 for freeze / head / lora / bitfit (small, unknown
                                   before the model is built)
@@ -25,6 +28,9 @@ would have fitted (nothing is counted that might not be there):
                                   log-softmax, 2*V. Fused attention keeps no T x T matrix, so none
                                   is counted. b_act = 2 under bf16 autocast, else b.
 
+A quantised base is loaded in float first and quantised layer by layer: the estimate is then
+the larger of the loading peak (P * b) and the training terms above.
+
 Available memory: for the CPU, MemAvailable of /proc/meminfo (lowered to a cgroup's remaining
 limit when there is one), shared by the processes of one machine under torchrun; for a GPU,
 ``torch.cuda.mem_get_info``. Under torchrun with FSDP possible (distributed=auto or fsdp) the
@@ -35,6 +41,7 @@ platforms) nothing is checked. ``GRADTUNE_MEMORY_CHECK=0`` skips the check.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +73,11 @@ class Estimate:
     activations: float
     what: str  # "a 23.6B-parameter gpt", for the message
     smaller: str = "use a smaller model"  # the advice when the weights' terms alone do not fit
+    load: float = 0.0  # the float model while loading, before quantize shrinks it (0: not quantised)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return max(self.weights + self.gradients + self.optimizer + self.activations, self.load)
 
 
 def _bytes(cfg: Config) -> int:
@@ -157,6 +165,39 @@ def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     return estimate(cfg, p, p, per_token, tokens, f"a {_count(p)}-parameter gpt")
 
 
+# Bytes per weight of a quantised linear layer: the codes plus one float32 scale per block of 64.
+QUANT_BYTES = {"int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
+# Tensors quantize leaves in float: embeddings and output heads, under HF's and GGUF's names (GGUF's
+# untied head is the whole name "output.weight"). A name missed here counts as quantised, which
+# keeps the estimate a lower bound.
+FLOAT_2D = ("embed", "wte", "wpe", "token_embd", "position_embd", "lm_head")
+
+
+def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int]]:
+    """(name, dimensions, elements) of every tensor, from file headers only."""
+    if gguf is None:
+        return [(name, len(shape), math.prod(shape)) for f in sorted(folder.glob("*.safetensors"))
+                for name, (shape, _) in hf.safetensors_shapes(f).items()]
+    import gguf as gguf_lib  # lazy: optional dependency (memory-maps the file; reads headers)
+
+    try:
+        reader = gguf_lib.GGUFReader(str(folder / gguf))
+    except hf.LOAD_ERRORS:  # the builder names a corrupt file
+        return []
+    return [(t.name, len(t.shape), int(t.n_elements)) for t in reader.tensors]
+
+
+def quantized_weights(cfg: Config, folder: Path, gguf: Optional[str]) -> Optional[tuple[int, float]]:
+    """(parameter count, bytes of the weights held quantised per ``cfg.quantize``), or None."""
+    sizes = _tensor_sizes(folder, gguf)
+    if not sizes:
+        return None
+    quant = sum(n for name, dims, n in sizes
+                if dims == 2 and name != "output.weight" and not any(k in name for k in FLOAT_2D))
+    params = sum(n for _, _, n in sizes)
+    return params, quant * QUANT_BYTES[cfg.quantize] + (params - quant) * _bytes(cfg)
+
+
 def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
     """A pretrained folder (safetensors header sizes, config.json) or .gguf file (its size)."""
     try:
@@ -167,6 +208,9 @@ def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
         return None
     if gguf:  # quantised: at least one weight per 4 bytes of file (float32, the densest case)
         params //= 4
+    quant = quantized_weights(cfg, folder, gguf) if cfg.quantize != "none" else None
+    if quant is not None:
+        params = quant[0]
     body = body_method(cfg.method)
     trainable = params if body == "full" else 0
     tokens = 0
@@ -180,6 +224,9 @@ def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
     what = f"the model {cfg.model} (at least {_count(params)} parameters)" if gguf else \
         f"the {_count(params)}-parameter model {cfg.model}"
     est = estimate(cfg, params, trainable, per_token, tokens, what)
+    if quant is not None:
+        est.load, est.weights = est.weights, quant[1] / _sharding(cfg)
+        est.what += f", held {cfg.quantize}"
     est.smaller = "use a smaller model or a method that trains fewer weights (lora, head)"
     return est
 
@@ -201,6 +248,10 @@ def refuse_if_too_big(cfg: Config, est: Optional[Estimate]) -> None:
         return
     fixed = est.weights + est.gradients + est.optimizer
     advice = est.smaller if fixed > free else "use a smaller micro_batch_size or activation checkpointing"
+    if est.load > free:
+        raise GradtuneError(f"memory: loading {est.what} needs at least {est.load / GIB:.1f} GiB (the float "
+                            f"weights, before they are quantised) but {device.type} has {free / GIB:.1f} GiB "
+                            f"available; {est.smaller} ({SWITCH}=0 skips this check)")
     opt = {"adamw": "AdamW moments", "sgd": "momentum"}.get(cfg.optimizer, "optimizer")
     raise GradtuneError(
         f"memory: {est.what} needs at least {est.total / GIB:.1f} GiB to train (weights "

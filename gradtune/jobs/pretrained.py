@@ -18,10 +18,12 @@ from torch import nn
 from gradtune.config import Config
 from gradtune.data.causal_text import load_causal_text
 from gradtune.data.instructions import load_instructions
+from gradtune.data.packing import pack
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap, load_text_task
 from gradtune.finetune import audit, export, methods
 from gradtune.finetune.summary import summary
+from gradtune.jobs import preference
 from gradtune.jobs.job import Job
 from gradtune.models import hf
 from gradtune.objectives.causal_lm import CausalLM
@@ -59,7 +61,7 @@ def load_data(cfg: Config, task: str, path: str, tokenizer: Any, label_map: Opti
     elif task == "instruction":
         data = load_instructions(path, tokenizer, t.max_length)
     else:
-        data = load_causal_text(path, tokenizer, t.max_length, t.text_column)
+        data = load_causal_text(path, tokenizer, t.max_length, t.text_column, documents=t.packing)
     data.pad_multiple = t.pad_to_multiple_of
     return data, labels
 
@@ -84,7 +86,8 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
         body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
     model, trainable = methods.apply(body, cfg.method, num_outputs if task in ENCODER_TASKS else None,
-                                     lora=cfg.lora, freeze=cfg.freeze, finetune=cfg.finetune)
+                                     lora=cfg.lora, freeze=cfg.freeze, finetune=cfg.finetune,
+                                     quantize=cfg.quantize)
     return model, tokenizer, trainable
 
 
@@ -96,6 +99,9 @@ def activation_checkpointing(cfg: Config) -> bool:
 
 
 def _train_val(cfg: Config, task: str, tokenizer: Any) -> tuple[Any, Any, Optional[LabelMap]]:
+    if task == "preference":  # pairs (jobs/preference.py)
+        preference.check(cfg)
+        return (*preference.train_val(cfg, tokenizer), None)
     data, labels = load_data(cfg, task, cfg.data, tokenizer)
     if cfg.finetune.eval_data:  # a separate test file: train on all of data
         val, _ = load_data(cfg, task, cfg.finetune.eval_data, tokenizer, labels)
@@ -103,6 +109,22 @@ def _train_val(cfg: Config, task: str, tokenizer: Any) -> tuple[Any, Any, Option
     train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed, ordered=True)
     val = data.subset(val_idx.tolist()) if len(val_idx) else None
     return data.subset(train_idx.tolist()), val, labels
+
+
+def packed(cfg: Config, task: str, train: Any, val: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """text.packing: (train, val) documents packed into max_length windows (data/packing.py;
+    the val loss keeps its terms, so it compares with unpacked runs), and what to log about it."""
+    if not cfg.text.packing or task not in ("causal_lm", "instruction"):
+        if cfg.text.packing and task in ENCODER_TASKS:
+            raise GradtuneError(f"config: text.packing is for causal_lm and instruction data, not task '{task}'")
+        return train, val, {}
+    n_docs = len(train)
+    train = pack(train, cfg.text.max_length, cfg.seed)
+    val = pack(val, cfg.text.max_length, cfg.seed) if val is not None else None
+    if distributed.is_main():
+        print(f"packing: {n_docs} documents into {len(train)} windows of {cfg.text.max_length} tokens, "
+              f"{train.efficiency:.1%} real tokens", flush=True)
+    return train, val, {"n_documents": n_docs, "packing_efficiency": round(train.efficiency, 4)}
 
 
 def build_pretrained(cfg: Config) -> Job:
@@ -114,17 +136,22 @@ def build_pretrained(cfg: Config) -> Job:
         raise GradtuneError("config: fine-tuning objectives fix the loss (cross-entropy for classes and "
                             "tokens, mse for regression); leave loss=auto and label_smoothing=0")
     train, val, labels = _train_val(cfg, task, hf.load_tokenizer(cfg.model))
+    train, val, packing = packed(cfg, task, train, val)
     model, tokenizer, trainable = transformed(cfg, task, len(labels.names) if labels is not None else 1)
     line = summary(model)
     if distributed.is_main():
         print(f"method {cfg.method}: {line}", flush=True)
     info: dict[str, Any] = {"data": cfg.data, "task": task, "model": cfg.model, "method": cfg.method,
                             "parameters": line, "n_train": len(train), "n_val": len(val) if val is not None else 0}
+    info.update(packing)
     if labels is not None:
         info["classes"] = labels.names
     if getattr(train, "dropped", 0):
         info["dropped_no_response"] = train.dropped
-    job = Job(model, objective_for(task), train, val, job_task(task), info)
+    if task == "preference":  # the reference: LoRA disabled, or precomputed now from the untouched model
+        job = Job(model, preference.objective(cfg, model, train, val), train, val, "preference", info)
+    else:
+        job = Job(model, objective_for(task), train, val, job_task(task), info)
     if cfg.finetune.audit:
         job.after_first_step = _audit_hook(model, trainable)
     job.save_extra = lambda out_dir: save_extra(job.model, cfg, tokenizer, labels, out_dir)

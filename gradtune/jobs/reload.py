@@ -183,6 +183,9 @@ def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
 
 def _pretrained_data(run: Run, path: Optional[str]) -> Dataset:
     cfg = run.cfg
+    if run.data_task == "preference":  # the reference (base or precomputed) is not part of the run
+        raise GradtuneError(f"{run.folder}: a preference (DPO) run has no eval; its rewards are in metrics.jsonl, "
+                            f"and `gradtune generate {run.folder}` samples from it")
     labels = LabelMap(run.classes) if run.classes is not None else None
     if path is not None or cfg.finetune.eval_data:
         data, _ = pretrained.load_data(cfg, run.data_task, path or cfg.finetune.eval_data, run.tokenizer, labels)

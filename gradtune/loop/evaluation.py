@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+import time
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from gradtune.runtime import distributed
 from gradtune.data.dataset import Dataset
 from gradtune.loop.gradient import to_device
 from gradtune.objectives.output import Objective
+from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
 
 
 @torch.no_grad()
@@ -42,10 +44,69 @@ def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, 
     return float(loss_sum) / max(total, 1.0), total, {k: float(v) for k, v in sums.items()}
 
 
+class Subset:
+    """The samples ``idx`` of ``data`` (a Dataset itself): a fixed evaluation sample."""
+
+    def __init__(self, data: Dataset, idx: torch.Tensor) -> None:
+        self.data, self.idx = data, idx
+        lengths = getattr(data, "lengths", None)
+        self.lengths = lengths[idx] if lengths is not None else None  # (k,) tokens per sample
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def get(self, idx: torch.Tensor) -> Any:
+        return self.data.get(self.idx[idx])
+
+
+def tokens_per_sample(data: Dataset) -> torch.Tensor:
+    """(n,) tokens of each sample: its length (sequences), else the window's (text windows)."""
+    lengths = getattr(data, "lengths", None)
+    if lengths is not None:
+        return lengths.to(torch.float64)
+    n_tokens = getattr(data, "n_tokens", None)
+    if n_tokens is None:
+        ids = data.get(torch.zeros(1, dtype=torch.long))["input_ids"]  # (1, T)
+        return torch.full((len(data),), float(ids.shape[-1]), dtype=torch.float64)
+    return torch.full((len(data),), n_tokens / max(len(data), 1), dtype=torch.float64)
+
+
+def token_sample(data: Dataset, tokens: int, seed: int) -> Optional[Subset]:
+    """A fixed, seeded sample of ``data`` of about ``tokens`` tokens (whole samples, at least
+    one), the same at every evaluation so curves stay comparable; None when ``data`` holds no
+    more than that (evaluate it all)."""
+    per = tokens_per_sample(data)
+    if float(per.sum()) <= tokens:
+        return None
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    k = int(torch.searchsorted(torch.cumsum(per[order], 0), float(tokens))) + 1
+    return Subset(data, torch.sort(order[:k]).values)
+
+
+PROBE_CHUNKS = 4  # evaluation chunks timed to price an evaluation (max_time)
+
+
+def seconds_per_sample(model: nn.Module, objective: Objective, data: Dataset, batch: int,
+                       device: torch.device, amp: contextlib.AbstractContextManager) -> float:
+    """What ``evaluate`` costs per sample of ``data``: the median of its first chunks (up to
+    PROBE_CHUNKS) timed one by one, after one untimed chunk (cold caches, lazy set-up). The
+    median: a chunk that waited for the cores says little about the thousands that follow."""
+    if len(data) == 0:
+        return 0.0
+    chunks = torch.arange(min(len(data), PROBE_CHUNKS * batch)).split(batch)
+    evaluate(model, objective, Subset(data, chunks[0]), batch, device, amp)  # warm
+    per = []
+    for idx in chunks:
+        t0 = time.perf_counter()
+        evaluate(model, objective, Subset(data, idx), batch, device, amp)
+        per.append((time.perf_counter() - t0) / len(idx))
+    return float(torch.tensor(per).median())
+
+
 def task_metrics(task: str, info: dict[str, Any], prefix: str, loss: float, count: float,
                  sums: dict[str, float]) -> dict[str, float]:
     """Loss plus the metrics that fit the job's ``task``: RMSE (in the target's own units, from
-    ``info["target_std"]``) and R^2, accuracy, perplexity."""
+    ``info["target_std"]``) and R^2, accuracy, perplexity, DPO rewards."""
     out = {f"{prefix}loss": loss}
     if "sq_err" in sums and count:
         mse = sums["sq_err"] / count
@@ -57,6 +118,8 @@ def task_metrics(task: str, info: dict[str, Any], prefix: str, loss: float, coun
         out[f"{prefix}accuracy"] = sums["correct"] / count
     if task == "lm":
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+    if task == "preference" and count:  # DPO rewards: means over pairs
+        out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in sums})
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 from gradtune.config import Config
 from gradtune.config.defaults import is_pretrained
 from gradtune.data import fingerprint
+from gradtune.jobs import precision
 from gradtune.jobs.job import Job
 from gradtune.loop.callbacks import Callback, from_spec
 from gradtune.loop.early_stopping import EarlyStopping
@@ -62,13 +63,16 @@ def run_callbacks(cfg: Config, given: Optional[list[Callback]]) -> list[Callback
 
 
 def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None,
-        callbacks: Optional[list[Callback]] = None) -> Result:
+        callbacks: Optional[list[Callback]] = None, started: Optional[float] = None) -> Result:
     """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
 
     With ``resume: auto`` a run finding a verified checkpoint in ``out_dir`` continues from it.
     Every check (which checkpoint, does the config match) happens before anything is written.
     ``callbacks``: your code at the loop's events (gradtune.loop.callbacks).
+    ``started``: ``time.perf_counter()`` at which the ``max_time`` clock started (default: now).
     """
+    started = time.perf_counter() if started is None else started
+    cfg = precision.resolve(job, cfg)  # precision auto (train() has resolved it already)
     torch.manual_seed(cfg.seed)
     distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
     inputs = run_inputs(cfg)
@@ -78,7 +82,7 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None,
         if stamp is not None:  # checkpoints record it (Loop.state_dict); resume compares
             job.info.setdefault("data_fingerprint", stamp)
     plan = resume.plan(cfg, out_dir, job)
-    loop = Loop(job, cfg, out_dir, MetricsLog(None), run_callbacks(cfg, callbacks))
+    loop = Loop(job, cfg, out_dir, MetricsLog(None), run_callbacks(cfg, callbacks), started)
     if plan is not None:
         loop.restore(plan)
         if cfg.resume == "force":

@@ -19,6 +19,7 @@ whole step from the last checkpoint.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,10 +30,11 @@ from gradtune.config import Config
 from gradtune.data.dataset import TensorDataset
 from gradtune.data.sampler import Step, make_sampler
 from gradtune.jobs.job import Job
-from gradtune.loop import gradient
+from gradtune.loop import budget, gradient
 from gradtune.loop.callbacks import Callback, Callbacks, Control
 from gradtune.loop.early_stopping import monitor_mode, monitored
-from gradtune.loop.evaluation import evaluate, ratio_snapshot, task_metrics, update_ratios
+from gradtune.loop.evaluation import (evaluate, ratio_snapshot, seconds_per_sample, task_metrics, token_sample,
+                                      update_ratios)
 from gradtune.loop.guard import Guard
 from gradtune.loop.loop_state import LoopState
 from gradtune.loop.noise_scale import NoiseScale
@@ -61,7 +63,7 @@ class Loop(LoopState):
     """State of one run of the loop; ``run`` is the loop itself."""
 
     def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog,
-                 callbacks: Optional[list[Callback]] = None) -> None:
+                 callbacks: Optional[list[Callback]] = None, started: Optional[float] = None) -> None:
         self.job, self.cfg, self.log = job, cfg, log
         self.callbacks = Callbacks(callbacks or [], distributed.is_main())
         self.out_dir = out_dir
@@ -75,7 +77,10 @@ class Loop(LoopState):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, groups or self.params)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
-        self.trim = allocator.trim if allocator.tuned() else None
+        # Host memory policy, applied once batch lengths are seen to vary (runtime/allocator.py).
+        lengths = getattr(job.train, "lengths", None) if allocator.armed() else None
+        self.memory = (allocator.Adaptive(lengths, getattr(job.train, "pad_multiple", 1))
+                       if lengths is not None else None)
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -108,6 +113,15 @@ class Loop(LoopState):
         self.last_gnorm: "Optional[float | torch.Tensor]" = None
         self.progress = Progress("off", self.total)
         self.health: dict[str, float] = {}
+        # max_time: the step budget is fixed after a measured warm-up (loop/budget.py); seconds
+        # by phase, so step times and tokens/s leave evaluation and checkpoint time out.
+        self.spent, self.other_mark = budget.Spent(), 0.0
+        self.budget = budget.TimeBudget.create(cfg.max_time, started, self.total) if cfg.max_time else None
+        # eval_tokens: intermediate evaluations of language models on one fixed, seeded sample
+        # of validation windows; the final evaluation is the full pass.
+        self.eval_set = job.val
+        if cfg.eval_tokens and job.task == "lm" and job.val is not None:
+            self.eval_set = token_sample(job.val, cfg.eval_tokens, cfg.seed) or job.val
 
     # --- measuring ----------------------------------------------------------------------------
     def _schedule(self) -> float:
@@ -117,8 +131,36 @@ class Loop(LoopState):
                    self.decay_steps, c.decay_shape)
         return f * self.plateau.scale if self.plateau is not None else f
 
+    def _set_total(self, total: int) -> None:
+        """The run's step total; max_time sets it at calibration: every schedule runs over it."""
+        self.total = total
+        self.decay_steps = self.cfg.decay_steps or max(1, round(self.cfg.decay_fraction * total))
+        self.progress.retotal(total)
+
+    def _calibrate(self) -> None:
+        """max_time: fix the step budget now, from the warm-up's step times and a timed
+        evaluation probe (loop/budget.py); logged to metrics.jsonl and told in one line."""
+        assert self.budget is not None
+        t0, cfg, val = time.perf_counter(), self.cfg, self.job.val
+        per = seconds_per_sample(self.model, self.job.objective, val, self.eval_batch, self.device, self.amp) if val is not None else 0.0
+        probe_s = time.perf_counter() - t0
+        state_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        chain = self.ckpt_root is not None and bool(cfg.checkpoint_every)
+        ckpt_s = self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else budget.output_seconds(3 * state_bytes, False)
+        final_s = per * len(val or ()) + budget.output_seconds(state_bytes, cfg.plot) + (ckpt_s if chain else 0.0)
+        # The warm-up's own evaluations (same set, logging included) say best what one costs;
+        # else the probe (its chunks run warm) plus the row's logging.
+        eval_s = self.spent.eval_mean() or per * len(self.eval_set or ()) + 2e-3
+        self._set_total(self.budget.fix(self.step, self.total, eval_s, final_s, ckpt_s, self.eval_every,
+                                        self.sampler.steps_per_epoch, cfg.checkpoint_every if chain else 0))
+        self.spent.eval += probe_s
+        self.log.write({"kind": "budget", "step": self.step, **self.budget.state_dict()})
+        if distributed.is_main():
+            print(self.budget.told(), file=sys.stderr, flush=True)
+
     def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
         job, cfg = self.job, self.cfg
+        t0 = time.perf_counter()
         row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4), "lr": lr}
         row.update(task_metrics(job.task, job.info, "", train_loss, self.ep_count, self.ep_sums))
         gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
@@ -128,21 +170,29 @@ class Loop(LoopState):
         if self.noise is not None and self.noise.value is not None:
             row["noise_scale"] = self.noise.value
         now = time.perf_counter()
-        if job.task == "lm":  # throughput since the previous evaluation (evaluation time excluded)
-            tps = self.ep_count / max(now - self.t_mark, 1e-9)
+        if job.task == "lm":  # training throughput since the previous evaluation (evaluations, checkpoints excluded)
+            tps = self.ep_count / max(now - self.t_mark - (self.spent.other() - self.other_mark), 1e-9)
             row["tokens_per_s"] = tps
             if "flops_per_token" in job.info:
-                peak = peak_flops(self.device, self.cfg.precision == "bf16")
-                row["mfu"] = job.info["flops_per_token"] * tps / peak
+                bf16 = self.cfg.precision == "bf16"
+                row["mfu"] = job.info["flops_per_token"] * tps / peak_flops(self.device, bf16)
+                if row["mfu"] > 1.0:  # the cached peak was measured at a busy moment: measure again
+                    row["mfu"] = job.info["flops_per_token"] * tps / peak_flops(self.device, bf16, remeasure=True)
         if job.val is not None:
-            vl, vc, vs = evaluate(self.model, job.objective, job.val, self.eval_batch, self.device, self.amp)
+            data = job.val if self.step >= self.total else self.eval_set  # the final evaluation is full
+            if data is not job.val:
+                row["val_samples"] = len(data)
+            vl, vc, vs = evaluate(self.model, job.objective, data, self.eval_batch, self.device, self.amp)
             row.update(task_metrics(job.task, job.info, "val_", vl, vc, vs))
         self.log.write(row)
         self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
         if self.plateau is not None and self.plateau.step(monitored(row, cfg.early_stopping.monitor)):
             self.progress.note(f"plateau: step {self.step}: lr cut to {cfg.lr * self.plateau.scale:.3g}")
         asked = self.callbacks.evaluate(self.step, row)
-        self.t_mark = time.perf_counter()
+        self.spent.eval += time.perf_counter() - t0
+        self.spent.eval_n += 1
+        self.spent.eval_first = self.spent.eval_first or self.spent.eval
+        self.t_mark, self.other_mark = time.perf_counter(), self.spent.other()
         return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None) or asked
 
     def _reset_epoch_sums(self) -> None:
@@ -209,7 +259,9 @@ class Loop(LoopState):
         self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total,
                                  unit="tokens" if self.job.task == "lm" else "samples", start=self.step)
         self.health = {}
-        self.t_mark = time.perf_counter()
+        self.t_mark, self.other_mark = time.perf_counter(), self.spent.other()
+        if self.budget is not None:
+            self.budget.began()
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
         self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
         self.callbacks.begin(Control(
@@ -257,8 +309,8 @@ class Loop(LoopState):
         watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
         before = ratio_snapshot(self.opt) if watch else None
         self.opt_step()
-        if self.trim is not None:
-            self.trim()  # hand the freed activations back to the system (runtime/allocator.py)
+        if self.memory is not None:
+            self.memory.after_step(s.micro)  # trims once batch lengths vary (runtime/allocator.py)
         if self.step == 0 and job.after_first_step is not None:
             job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
         if before is not None:
@@ -304,16 +356,22 @@ class Loop(LoopState):
         self._begin()
         while self.step < self.total and not self.finished:
             testhooks.hit("step.begin")
+            t0, other0 = time.perf_counter(), self.spent.other()
             applied, reason = self._step(next(self.sampler))
             if reason:
                 stop_reason = self.finished = reason
                 break
             if applied:
                 self._after_step()
+            if self.budget is not None and self.budget.observe(self.step, time.perf_counter() - t0 - (self.spent.other() - other0)):
+                self._calibrate()
+                stop_reason = self.finished or f"budget reached ({self.total} steps)"
         if self.ckpt_root is not None and self.cfg.checkpoint_every and self.saved_step != self.step:
             self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
         self.probe.close()
         self.progress.close(self.step)
+        if self.budget is not None:  # summary.json and the end-of-run line (train.py)
+            self.job.info["time_budget"] = self.budget.summary(self.spent)
         if self.noise is not None and self.noise.value is not None:  # summary.json, report, the CLI's advice
             self.job.info["noise_scale"] = {"samples": self.noise.value, "batch": self.noise.batch,
                                             "advice": self.noise.advice()}

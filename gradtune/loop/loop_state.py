@@ -7,6 +7,7 @@ of the weights and the optimizer (state/sharded.py) and state.json says the opti
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,6 +45,7 @@ class LoopState:
             "noise": self.noise.state_dict() if self.noise is not None else None,
             "data_fingerprint": self.job.info.get("data_fingerprint"),  # resume refuses changed data
             "rng": checkpoint.rng_state(),
+            "budget": self.budget.state_dict() if self.budget is not None else None,  # max_time's fixed step budget
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -69,6 +71,9 @@ class LoopState:
         if self.noise is not None and state.get("noise") is not None:
             self.noise.load_state_dict(state["noise"])
         checkpoint.set_rng_state(state["rng"])
+        if self.budget is not None:  # the step budget is never re-calibrated on resume
+            self.budget.load_state_dict(state.get("budget"))
+            self._set_total(self.budget.plan.steps or self.budget.provisional)
 
     def restore(self, found: resume.Plan) -> None:
         """Load the weights and every state of checkpoint ``found`` (resume, and rollback)."""
@@ -90,6 +95,7 @@ class LoopState:
         """A checkpoint of now under ``root``: by default out_dir/checkpoints (the resume chain,
         keeping ``keep_checkpoints``); early stopping keeps its best under out_dir/best/."""
         chain = root is None
+        t0 = time.perf_counter()
         root = self.ckpt_root if chain else root
         assert root is not None
         cfg = self.cfg
@@ -105,4 +111,6 @@ class LoopState:
         if chain:
             self.saved_step = self.step
             self.callbacks.checkpoint(path)
+        self.spent.ckpt += time.perf_counter() - t0
+        self.spent.ckpt_n += 1
         return path

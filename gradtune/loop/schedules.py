@@ -2,6 +2,11 @@
 
 Pure functions make resume trivial (no scheduler state to save) and plots exact. ``factor`` is
 also exposed so torch.optim.lr_scheduler.LambdaLR can drive any optimizer with the same curve.
+
+``total_steps`` is an argument at every step, never baked into a schedule object: it may be
+bound late. ``max_time`` runs the first steps over the config's own total, then fixes the
+total from measured step times (loop/budget.py); checkpoints keep it, so a resumed run's lr
+is bitwise the uninterrupted run's. step and exponential decay by ``step_size``, not the total.
 """
 
 from __future__ import annotations

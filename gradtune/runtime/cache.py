@@ -3,6 +3,7 @@
     tokens/     tokenised text (data/text.py), keyed by source and tokenizer hashes
     kernels/    the optimizer's compiled C kernels (optim/fused.py), keyed by source/CPU/compiler
     peak.json   measured peak matmul FLOP/s per machine (runtime/peak_flops.py)
+    precision.json  precision: auto's probe, per machine and model shape (jobs/precision.py)
 
 Everything under it can be deleted at any time: it is rebuilt on demand.
 """

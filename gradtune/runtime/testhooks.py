@@ -20,6 +20,10 @@ accumulation window) in a few milliseconds, where a timer would mostly hit the i
 ``DIR/steps.jsonl`` (rank 0), and each rank appends the sample ids of every micro-batch it
 processed, one line each, to ``DIR/rank<R>.txt``: tests prove with them that across kills and
 ranks no sample is seen twice or skipped.
+
+``GRADTUNE_TEST_BUDGET=N``: a ``max_time`` run fixes its step budget at N instead of the
+measured one (read in ``loop/budget.py``), so a test can kill and resume a time-budgeted run and
+compare it bitwise with an uninterrupted one whatever the machine's speed.
 """
 
 from __future__ import annotations

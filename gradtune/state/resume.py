@@ -39,7 +39,7 @@ from gradtune.telemetry.metrics_log import MetricsLog
 # (Changing ``device`` resumes fine, but bitwise equality is only promised on the same device.)
 RUN_NEUTRAL = {"out_dir", "progress", "log_every", "plot", "checkpoint_every", "keep_checkpoints",
                "resume", "device", "distributed", "dist_timeout", "log_to"}
-BUDGET = {"epochs", "max_steps"}
+BUDGET = {"epochs", "max_steps", "max_time"}
 TOTAL_FREE_SCHEDULES = {"constant", "step", "exponential"}  # lr(step) does not use the total
 
 

@@ -75,6 +75,13 @@ class Progress:
               f"{self.unit}_per_s={rate:.4g} eta={_duration(eta)}", file=sys.stderr, flush=True)
         self.loss_sum, self.steps, self.count, self.t_line = 0.0, 0, 0.0, now
 
+    def retotal(self, total: int) -> None:
+        """A new step total (max_time fixes it once the first steps are timed)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def advance(self, step: int) -> None:
         """Called at log points only (not every step): moves the bar to ``step``."""
         if self.bar is not None:

@@ -149,11 +149,14 @@ def test_large_vocab_uses_uint32(tmp_path, monkeypatch):
 
 def test_embedded_shakespeare():
     raw = datasets.text_bytes("shakespeare")
-    assert 900_000 < len(raw) < 1_200_000 and "diabetes" in datasets.EMBEDDED
+    assert 4_500_000 < len(raw) < 5_200_000 and "diabetes" in datasets.EMBEDDED  # all 37 plays
     s = datasets.text("shakespeare")
     assert s.startswith("HAMLET") and "To be, or not to be" in s and "\r" not in s
     assert "gutenberg" not in s.lower()
-    assert (datasets.HERE / "shakespeare.txt.gz").stat().st_size < 600_000
+    assert (datasets.HERE / "shakespeare.txt.gz").stat().st_size < 2_500_000
+    assert s.endswith("[Exit.]\n")  # the last play is whole: nothing cut
+    tail = raw[len(raw) - len(raw) // 20:]  # the 5% validation split: held-out whole plays
+    assert b"TWELFTH NIGHT" in tail and b"HAMLET" not in tail
 
 
 # ------------------------------------------------------------------------------- windows

@@ -1,0 +1,171 @@
+"""``precision: auto``: bf16 autocast where it makes this model's training step faster here.
+
+Decided by timing the model's own step (forward + backward on a real training batch), fp32 and
+bf16 alternated, a few repeats each, median; the answer is cached per machine (CPU capability,
+torch version, device name, threads) and model shape in ``<cache root>/precision.json``, so a
+resumed run (or the next run of the same model) reads the same choice without probing again.
+
+Not probed, fp32:
+    dtype float64           the run asked for exact float64 arithmetic
+    no bf16 on the device   (CPU without AVX-512 BF16 / AMX kernels, GPU without bf16)
+    under TINY_PARAMS       autocast casts every matmul's inputs to bf16 and its output back:
+                            on a small model those casts cost more than the faster matmul saves,
+                            and the probe's own cost would dominate a short run
+    under torchrun          every rank must take the same choice; a per-rank probe could differ
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+from gradtune.config import Config
+from gradtune.jobs.job import Job
+from gradtune.runtime import cache, distributed
+from gradtune.runtime.atomic import write_text
+from gradtune.runtime.device import autocast, resolve_device
+
+TINY_PARAMS = 1_000_000  # below: fp32 without a probe (see the module docstring)
+FASTER = 1.1  # bf16 must be this much faster (fp32 / bf16 step time): it also rounds more
+PROBE_BATCH = 2  # samples per probed step at most: the ratio is measured, not the step (cheap)
+PROBE_TOKENS = 128  # sequences cut to this many positions for the probe (B, T) -> (B, <= 128)
+REPEATS = 3  # timed steps per precision (1 when a step takes over SLOW_STEP_S)
+SLOW_STEP_S = 0.25
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def cache_key(job: Job, device: torch.device, batch: dict[str, torch.Tensor]) -> str:
+    """Machine (capability, torch, device, threads) | model shape | batch shape."""
+    shapes = sorted((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in job.model.named_parameters())
+    shapes.append(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
+    digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+    return (f"{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|{_device_name(device)}|"
+            f"{torch.get_num_threads()}t|{digest}")
+
+
+def probe_batch(job: Job, cfg: Config) -> dict[str, torch.Tensor]:
+    """The first PROBE_BATCH training samples (fewer when the micro-batch is smaller)."""
+    size = cfg.micro_batch_size or (cfg.batch_size if cfg.batch_size != "full" else PROBE_BATCH)
+    return job.train.get(torch.arange(min(len(job.train), size, PROBE_BATCH)))
+
+
+def cut(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token sequences (integer (B, T) tensors: ids, labels, masks) cut to PROBE_TOKENS positions."""
+    ints = (torch.int64, torch.int32, torch.bool)
+    return {k: v[:, :PROBE_TOKENS] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in ints else v
+            for k, v in batch.items()}
+
+
+def _step_seconds(job: Job, batch: dict[str, Any], amp: Any, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    with amp:
+        out = job.objective(job.model, batch)
+    out.loss_sum.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, float]:
+    """(median fp32 step seconds, median bf16 step seconds): one untimed step each, then
+    alternated pairs (the order swapped each repeat, so a slow moment hits both alike). The
+    weights, buffers (batch-norm statistics), gradients and RNG come back as they were."""
+    model = job.model.to(device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.random.get_rng_state()
+    was_training = model.training
+    model.train()
+    modes = {"fp32": autocast("fp32", device), "bf16": autocast("bf16", device)}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    try:
+        first = _step_seconds(job, batch, modes["fp32"], device) + _step_seconds(job, batch, modes["bf16"], device)
+        repeats = REPEATS if first < 2 * SLOW_STEP_S else 1
+        for r in range(repeats):
+            for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+                times[name].append(_step_seconds(job, batch, modes[name], device))
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.random.set_rng_state(rng)
+        model.train(was_training)
+    return statistics.median(times["fp32"]), statistics.median(times["bf16"])
+
+
+def _read() -> dict[str, Any]:
+    try:
+        found = json.loads(cache.path("precision.json").read_text())
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """{"precision": "bf16" | "fp32", "why": ..., "ratio": fp32 / bf16 step time or None}."""
+    n = sum(p.numel() for p in job.model.parameters())
+    if cfg.dtype == "float64":
+        return {"precision": "fp32", "why": "dtype float64", "ratio": None}
+    if not bf16_supported(device):
+        return {"precision": "fp32", "why": f"no bf16 on {device.type}", "ratio": None}
+    if n < TINY_PARAMS:
+        return {"precision": "fp32", "why": f"{n:,} parameters: too small for bf16 to pay", "ratio": None}
+    if distributed.launched():
+        choice = "bf16" if device.type == "cuda" else "fp32"
+        return {"precision": choice, "why": "torchrun: no per-rank probe", "ratio": None}
+    batch = probe_batch(job, cfg)
+    key = cache_key(job, device, batch)
+    known = _read()
+    if isinstance(known.get(key), dict) and known[key].get("precision") in ("fp32", "bf16"):
+        return {**known[key], "why": "cached probe"}
+    t0 = time.perf_counter()
+    try:
+        fp32, bf16 = measure(job, cut(batch), device)
+    except (RuntimeError, IndexError, ValueError):  # an objective that needs whole sequences
+        fp32, bf16 = measure(job, batch, device)
+    ratio = fp32 / max(bf16, 1e-12)
+    found = {"precision": "bf16" if ratio >= FASTER else "fp32", "ratio": round(ratio, 3),
+             "fp32_s": fp32, "bf16_s": bf16, "probe_s": round(time.perf_counter() - t0, 3)}
+    known[key] = found
+    try:
+        write_text(cache.path("precision.json"), json.dumps(known, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a probe next time
+    return {**found, "why": f"probe {found['probe_s']:.2g} s"}
+
+
+def resolve(job: Job, cfg: Config) -> Config:
+    """``cfg`` with ``precision: auto`` replaced by the choice (kept in ``job.info["precision"]``,
+    told in one line at start); any other precision comes back as it is."""
+    if cfg.precision != "auto":
+        return cfg
+    found = decide(job, cfg, resolve_device(cfg.device))
+    job.info["precision"] = found
+    if distributed.is_main():
+        ratio = f", bf16 step {found['ratio']:.2f}x as fast as fp32" if found.get("ratio") else ""
+        print(f"precision auto: {found['precision']} ({found['why']}{ratio})", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, precision=found["precision"])

@@ -1,0 +1,183 @@
+"""Quantised frozen base: int8 / NF4 round trips against their bounds and an independent NF4
+quantiser (the oracle), QuantLinear's forward equal to F.linear on the dequantised weight,
+gradients to LoRA and the input only, and the audit's view of a quantised LoRA / head run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradtune.config import LoraSection
+from gradtune.data.sequences import SequenceDataset
+from gradtune.finetune import audit, export, lora, methods, quantize
+from gradtune.objectives.causal_lm import CausalLM
+from gradtune.runtime.errors import InputError
+
+pytest.importorskip("transformers")
+from tests import tiny_hf  # noqa: E402
+
+# The 16 NormalFloat4 levels as printed in the QLoRA paper's appendix / bitsandbytes source.
+REF_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def reference_nf4(w: torch.Tensor, block: int = 64) -> tuple[list[list[int]], torch.Tensor]:
+    """Element by element: per row, per block of ``block`` inputs, absmax; code = first index
+    of the nearest level to w / absmax (zero padding to whole blocks). Returns (codes, scales)."""
+    out, n_in = w.shape
+    n_blocks = -(-n_in // block)
+    codes, scales = [], torch.zeros(out, n_blocks)
+    for r in range(out):
+        row = w[r].tolist() + [0.0] * (n_blocks * block - n_in)
+        row_codes = []
+        for b in range(n_blocks):
+            chunk = torch.tensor(row[b * block:(b + 1) * block], dtype=torch.float32)
+            m = chunk.abs().max()
+            scales[r, b] = m
+            x = chunk / (m if m > 0 else torch.tensor(1.0))
+            for v in x.tolist():
+                d = [abs(torch.tensor(v, dtype=torch.float32) - torch.tensor(q, dtype=torch.float32)).item()
+                     for q in REF_NF4]
+                row_codes.append(d.index(min(d)))
+        codes.append(row_codes)
+    return codes, scales
+
+
+@pytest.mark.parametrize("shape", [(8, 128), (5, 100), (3, 64)])
+def test_int8_error_at_most_half_a_step_per_block(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * torch.logspace(-3, 1, shape[0])[:, None]  # rows of very different scale
+    codes, scales = quantize.quantize_int8(w)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32
+    assert scales.shape == (shape[0], -(-shape[1] // 64))
+    back = quantize.dequantize("int8", codes, scales, shape[1])
+    err = (back - w).abs()
+    bound = scales.repeat_interleave(64, dim=1)[:, :shape[1]] / 2
+    assert (err <= bound * (1 + 1e-6)).all()
+    # absmax of each block is represented exactly (code +-127)
+    assert torch.allclose(back.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(6, 128), (4, 70)])
+def test_nf4_codes_equal_an_independent_reference(shape):
+    torch.manual_seed(1)
+    w = torch.randn(shape)
+    w[0, :64] = 0.0  # an all-zero block: codes of 0.0, scale 0
+    packed, scales = quantize.quantize_nf4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], scales.shape[1] * 32)
+    ref_codes, ref_scales = reference_nf4(w)
+    assert quantize.unpack_nf4(packed).tolist() == ref_codes
+    assert torch.equal(scales, ref_scales)
+    back = quantize.dequantize("nf4", packed, scales, shape[1])
+    levels = torch.tensor(REF_NF4)
+    expect = torch.stack([levels[torch.tensor(c[:shape[1]])] for c in ref_codes]) * \
+        ref_scales.repeat_interleave(64, dim=1)[:, :shape[1]]
+    assert torch.equal(back, expect)
+    # worst case: half the widest gap between levels (0.16...) times absmax
+    assert ((back - w).abs() <= 0.5 * 0.3038 * scales.repeat_interleave(64, dim=1)[:, :shape[1]] + 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", quantize.KINDS)
+def test_quant_linear_forward_is_f_linear_on_the_dequantised_weight(kind):
+    torch.manual_seed(2)
+    lin = nn.Linear(96, 40)
+    q = quantize.QuantLinear(lin, kind)
+    x = torch.randn(3, 7, 96)
+    assert torch.equal(q(x), F.linear(x, q.dequantize(), lin.bias))
+    assert list(q.parameters()) == [] and q.state_dict() == {}  # nothing trains, nothing stored
+    assert q.weight.shape == lin.weight.shape
+
+
+@pytest.mark.parametrize("kind", quantize.KINDS)
+def test_gradients_reach_lora_and_input_not_the_codes(kind):
+    torch.manual_seed(3)
+    layer = lora.LoRALinear(quantize.QuantLinear(nn.Linear(64, 32), kind), rank=4, alpha=8)
+    nn.init.normal_(layer.lora_b.weight, std=0.1)
+    x = torch.randn(5, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    # oracle: the same computation with a plain float weight equal to the dequantised one
+    w = layer.base.dequantize().clone().requires_grad_(False)
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = layer.lora_a.weight.detach().clone().requires_grad_(), layer.lora_b.weight.detach().clone().requires_grad_()
+    y = F.linear(x2, w, layer.base.bias) + (x2 @ a.T @ b.T) * layer.scaling
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.lora_a.weight.grad, a.grad)
+    torch.testing.assert_close(layer.lora_b.weight.grad, b.grad)
+    assert all(not t.requires_grad and t.grad is None for t in layer.base.buffers())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_a.weight", "lora_b.weight"}
+
+
+SEQS = [[2, 5, 6, 7, 8, 3], [2, 9, 10, 3], [2, 11, 12, 13, 14, 15, 3], [2, 16, 3]]
+DATA = SequenceDataset(SEQS, [list(s) for s in SEQS], 0)
+
+
+@pytest.mark.parametrize("kind", quantize.KINDS)
+def test_audit_sees_only_lora_training_on_a_quantised_llama(kind):
+    model, trainable = methods.apply(tiny_hf.llama(), "lora", lora=LoraSection(rank=4), quantize=kind)
+    assert trainable and all(".lora_a." in n or ".lora_b." in n for n in trainable)
+    quant = quantize.quant_layers(model)
+    assert len(quant) == 14  # 7 linear layers x 2 blocks; lm_head (tied) stays float
+    assert not any(isinstance(m, quantize.QuantLinear) for m in [model.lm_head])
+    snapshot = audit.before(model, trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = CausalLM(shift=True, token_accuracy=True)(model, DATA.get(torch.arange(4)))
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(("codes", "scales"))}
+    (out.loss_sum / out.count).backward()
+    opt.step()
+    audit.check(model, snapshot)  # raises on any trainable/frozen mismatch
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers() if n in before)
+    assert not any(k.endswith(("codes", "scales")) for k in model.state_dict())
+
+
+def test_head_on_an_int8_encoder_trains_the_head_only():
+    model, trainable = methods.apply(tiny_hf.bert(), "head", 2, quantize="int8")
+    assert trainable and all(n.startswith("head.") for n in trainable)
+    assert quantize.quant_layers(model) and not any(
+        isinstance(m, quantize.QuantLinear) for m in model.head.modules())
+
+
+def test_quantize_refused_for_full_and_merge_refused():
+    with pytest.raises(InputError, match="quantize=int8"):
+        methods.apply(tiny_hf.llama(), "full", quantize="int8")
+    model, _ = methods.apply(tiny_hf.llama(), "lora", lora=LoraSection(rank=4), quantize="nf4")
+    with pytest.raises(InputError, match="quantised"):
+        lora.merge(model)
+
+
+def test_merged_state_dict_dequantises_and_folds_the_update():
+    model, _ = methods.apply(tiny_hf.llama(), "lora", lora=LoraSection(rank=4), quantize="int8")
+    for layer in lora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_b.weight, std=0.1)
+    sd = export.merged_state_dict(model)
+    ref = tiny_hf.llama().state_dict()
+    assert set(sd) == set(ref)
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"],
+                               q.base.dequantize() + q.delta_weight(), rtol=0, atol=0)
+    assert sd["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    torch.testing.assert_close(sd["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"],
+                               rtol=0, atol=ref["model.layers.0.mlp.up_proj.weight"].abs().max().item() / 254 + 1e-7)
+
+
+@pytest.mark.parametrize("kind", quantize.KINDS)
+def test_memory_preflight_counts_quantised_weights(kind, tmp_path):
+    from gradtune.config import load_config
+    from gradtune.jobs import memory
+
+    tiny_hf.llama(tmp_path / "llama")
+    cfg = load_config(None, [f"model={tmp_path / 'llama'}", "data=x.jsonl", "task=instruction",
+                             "method=lora", f"quantize={kind}"])
+    est = memory._pretrained_estimate(cfg)
+    model, _ = methods.apply(tiny_hf.llama(), "lora", lora=LoraSection(rank=4), quantize=kind)
+    per_weight = {"int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}[kind]  # codes + a float32 scale per 64
+    quant = sum(m.in_features * m.out_features for m in quantize.quant_layers(model).values())
+    frozen_float = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert est.weights == pytest.approx(quant * per_weight + frozen_float * 4)
+    assert est.load == 4 * (quant + frozen_float) and est.total >= est.load
+    measured, params = quantize.weight_bytes(model)  # block padding (in=32 < 64) makes it larger
+    assert est.weights <= measured + params

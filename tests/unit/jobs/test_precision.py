@@ -1,0 +1,87 @@
+"""precision: auto — skipped for tiny / float64 models, probed on the model's own step
+otherwise (the model left exactly as it was), cached per machine and model shape."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from gradtune.config import load_config
+from gradtune.data.dataset import TensorDataset
+from gradtune.jobs import precision
+from gradtune.jobs.job import Job
+from gradtune.objectives.regression import Regression
+
+
+def job_of(model: nn.Module) -> Job:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(x=torch.randn(16, 64, generator=g), y=torch.randn(16, generator=g))
+    return Job(model, Regression(), data, None, "regression", {})
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 1), nn.Flatten(0))
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_tiny_and_float64_models_take_fp32_without_a_probe(cache_root, monkeypatch):
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed"))
+    cfg = load_config(None, ["precision=auto"])
+    job = job_of(model())
+    assert precision.resolve(job, cfg).precision == "fp32" and "too small" in job.info["precision"]["why"]
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    assert precision.resolve(job, load_config(None, ["precision=auto", "dtype=float64"])).precision == "fp32"
+    assert precision.resolve(job, load_config(None, ["precision=bf16"])).precision == "bf16"  # not auto: as given
+    assert not (cache_root / "precision.json").exists()
+
+
+@pytest.mark.parametrize("fp32,bf16,want", [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32"), (1.0, 1.3, "fp32")])
+def test_the_faster_precision_wins_and_the_answer_is_cached(cache_root, monkeypatch, fp32, bf16, want):
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
+    monkeypatch.setattr(precision, "measure", lambda *a: (fp32, bf16))
+    cfg, job = load_config(None, ["precision=auto"]), job_of(model())
+    assert precision.resolve(job, cfg).precision == want
+    assert job.info["precision"]["ratio"] == pytest.approx(fp32 / bf16, abs=1e-3)
+    saved = json.loads((cache_root / "precision.json").read_text())
+    assert [v["precision"] for v in saved.values()] == [want]
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed again"))
+    again = job_of(model())
+    assert precision.resolve(again, cfg).precision == want and again.info["precision"]["why"] == "cached probe"
+    other = job_of(nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 1), nn.Flatten(0)))  # another shape: probe
+    with pytest.raises(pytest.fail.Exception):
+        precision.resolve(other, cfg)
+
+
+def test_the_probe_leaves_weights_buffers_gradients_and_rng_as_they_were():
+    job = job_of(model())
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    fp32, bf16 = precision.measure(job, precision.probe_batch(job, load_config(None, [])), torch.device("cpu"))
+    assert fp32 > 0 and bf16 > 0
+    after = job.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics included
+    assert all(p.grad is None for p in job.model.parameters())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_a_resumed_run_keeps_its_checkpoints_precision(tmp_path):
+    from gradtune.state import checkpoint
+    from gradtune.train import saved_precision
+
+    assert saved_precision(tmp_path / "new") is None
+    root = checkpoint.root(tmp_path)
+    for step, prec in ((4, "fp32"), (8, "bf16")):
+        folder = root / checkpoint.folder_name(step)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"hash": "x", "config": {"precision": prec}}))
+    assert saved_precision(tmp_path) == "bf16"  # the newest
+    (root / checkpoint.folder_name(12)).mkdir()  # unreadable: skipped
+    assert saved_precision(tmp_path) == "bf16"
