@@ -115,6 +115,10 @@ def check_combinations(cfg: Config) -> None:
         raise GradtuneError(f"config: micro_batch_size ({mb}) must not exceed batch_size ({b})")
     if cfg.max_time is not None:
         parse_duration(cfg.max_time)
+    if cfg.text.packing and not is_pretrained(cfg.model):
+        # Our GPT trains on one continuous token stream: there are no documents to keep apart.
+        raise GradtuneError(f"config: text.packing packs the documents of a pretrained model's causal_lm / "
+                            f"instruction data; model={cfg.model} trains on one continuous stream (nothing to pack)")
     check_quantize(cfg)
 
 

@@ -33,6 +33,9 @@ class Job:
     # Run with the model right after the first optimizer step of a fresh run (fine-tuning audit:
     # the builder fingerprints the weights, untouched until that step, and compares).
     after_first_step: Optional[Callable[[nn.Module], None]] = None
+    # Run with the model when the loop starts, after distributed wrapping (DDP's start-up
+    # broadcast rewrites every weight in place): the audit fingerprints the weights here.
+    at_start: Optional[Callable[[nn.Module], None]] = None
     # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
     save_extra: Optional[Callable[[Path], None]] = None
 

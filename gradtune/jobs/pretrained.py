@@ -154,20 +154,27 @@ def build_pretrained(cfg: Config) -> Job:
         job = Job(model, objective_for(task), train, val, job_task(task), info)
     if cfg.finetune.audit:
         job.after_first_step = _audit_hook(model, trainable)
+        job.at_start = job.after_first_step.rearm  # type: ignore[attr-defined]
     job.save_extra = lambda out_dir: save_extra(job.model, cfg, tokenizer, labels, out_dir)
     return job
 
 
 def _audit_hook(model: nn.Module, trainable: frozenset[str]) -> Any:
-    """Fingerprint now (the weights are untouched until the first step); check after it."""
-    snapshot = audit.before(model, trainable)
+    """Fingerprint now, and again at ``rearm`` when the loop starts (under torchrun DDP's
+    start-up broadcast has by then written every weight in place, same values, new versions);
+    check after the first step."""
+    snapshot = [audit.before(model, trainable)]
 
     def check(m: nn.Module) -> None:
         try:
-            audit.check(m, snapshot)
+            audit.check(m, snapshot[0])
         except audit.AuditError as e:  # one line, like every other bad setting
             raise GradtuneError(str(e)) from None
 
+    def rearm(m: nn.Module) -> None:
+        snapshot[0] = audit.before(m, trainable)
+
+    check.rearm = rearm  # type: ignore[attr-defined]
     return check
 
 

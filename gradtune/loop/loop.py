@@ -71,6 +71,8 @@ class Loop(LoopState):
         mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
         # DDP wraps, FSDP2 shards in place; self.model is what the loop calls, job.model stays unwrapped.
         self.model, groups = distributed.wrap(job.model.to(self.device), mode, self.device, job.param_groups)
+        if job.at_start is not None:
+            job.at_start(job.model)  # after the wrap: DDP's broadcast has rewritten the weights in place
         # compile=true: the forward/backward runs through Inductor; weights are saved from the
         # plain module, so files never carry an `_orig_mod.` prefix.
         self.fwd = torch.compile(self.model) if cfg.compile else self.model

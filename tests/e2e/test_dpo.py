@@ -91,10 +91,9 @@ def test_micro_batches_equal_the_one_shot_update(tiny, tmp_path, capsys, method)
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_processes_equal_one(tiny, tmp_path, capsys, method):
-    """torchrun --nproc_per_node 2: each rank takes 1 of each micro-batch's 2 pairs. (The audit is
-    off: DDP's start-up broadcast rewrites every frozen weight in place, which the audit's
-    version witnesses report as changed, for any fine-tuning task under torchrun.)"""
-    extra = ["micro_batch_size=2", "finetune.audit=false"]
+    """torchrun --nproc_per_node 2: each rank takes 1 of each micro-batch's 2 pairs. The audit is
+    on: it fingerprints the weights after DDP's start-up broadcast (which rewrites them in place)."""
+    extra = ["micro_batch_size=2"]
     train(settings(tiny, method, tmp_path / "one", *extra), capsys)
     _finish(torchrun(2, ["-m", "gradtune", "train", *settings(tiny, method, tmp_path / "two", *extra)]))
     one, two = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("one", "two"))
