@@ -35,13 +35,14 @@ def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:
     started = budget.origin()
     job = build(cfg)  # all bad input is rejected here, before anything is written
     cfg = resolve_auto(job, cfg)
-    if cfg.precision == "auto" and cfg.resume != "never":  # a resumed run keeps its checkpoint's choice
-        cfg = dataclasses.replace(cfg, precision=saved_precision(Path(cfg.out_dir)) or "auto")
-    cfg = precision.resolve(job, cfg)  # precision auto -> fp32 | bf16, told at start
     out_dir = Path(cfg.out_dir)
     # Read-only, on every rank (a refusal on rank 0 alone would leave the others waiting); fit
-    # checks again and claims the folder on rank 0 once resume is decided.
+    # checks again and claims the folder on rank 0 once resume is decided. Before the precision
+    # probe: a refused out_dir is one line, with no probe run or told first.
     outdir.check(out_dir, [*run_inputs(cfg), *inputs])
+    if cfg.precision == "auto" and cfg.resume != "never":  # a resumed run keeps its checkpoint's choice
+        cfg = dataclasses.replace(cfg, precision=saved_precision(out_dir) or "auto")
+    cfg = precision.resolve(job, cfg)  # precision auto -> fp32 | bf16, told at start
     device = resolve_device(cfg.device)
     if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
         allocator.arm()  # applied once batch shapes vary: they would fragment the heap

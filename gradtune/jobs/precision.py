@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Optional
 
@@ -35,8 +35,11 @@ from gradtune.runtime.device import autocast, resolve_device
 
 TINY_PARAMS = 1_000_000  # below: fp32 without a probe (see the module docstring)
 FASTER = 1.1  # bf16 must be this much faster (fp32 / bf16 step time): it also rounds more
-PROBE_BATCH = 2  # samples per probed step at most: the ratio is measured, not the step (cheap)
-PROBE_TOKENS = 128  # sequences cut to this many positions for the probe (B, T) -> (B, <= 128)
+# The probe's step has the run's own shape up to 8 x 256 tokens: a 2 x 128 probe of a small
+# model measures autocast's per-op casts, not its matmuls, and can pick fp32 where the real
+# step runs faster in bf16.
+PROBE_BATCH = 8  # samples per probed step at most
+PROBE_TOKENS = 256  # sequences cut to this many positions for the probe (B, T) -> (B, <= 256)
 REPEATS = 3  # timed steps per precision (1 when a step takes over SLOW_STEP_S)
 SLOW_STEP_S = 0.25
 
@@ -150,12 +153,27 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     ratio = fp32 / max(bf16, 1e-12)
     found = {"precision": "bf16" if ratio >= FASTER else "fp32", "ratio": round(ratio, 3),
              "fp32_s": fp32, "bf16_s": bf16, "probe_s": round(time.perf_counter() - t0, 3)}
+    busy = busy_cpu(device)
+    if busy:  # the ratio of a shared moment holds for this run only: never cache it
+        return {**found, "why": f"probe {found['probe_s']:.2g} s, not cached: {busy}"}
     known[key] = found
     try:
         write_text(cache.path("precision.json"), json.dumps(known, indent=1))
     except OSError:
         pass  # an unwritable cache only costs a probe next time
     return {**found, "why": f"probe {found['probe_s']:.2g} s"}
+
+
+def busy_cpu(device: torch.device) -> str:
+    """Why a CPU probe just now is not the machine's answer ('' when it is): other processes
+    were using the cores (1-minute load at least the core count), so fp32 and bf16 were timed
+    on a share of the machine that may never recur; cached, one bad probe would decide every
+    later run of this model."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0]
+    return f"load {load:.1f} on {cores} cores" if load >= cores else ""
 
 
 def resolve(job: Job, cfg: Config) -> Config:
@@ -167,5 +185,5 @@ def resolve(job: Job, cfg: Config) -> Config:
     job.info["precision"] = found
     if distributed.is_main():
         ratio = f", bf16 step {found['ratio']:.2f}x as fast as fp32" if found.get("ratio") else ""
-        print(f"precision auto: {found['precision']} ({found['why']}{ratio})", file=sys.stderr, flush=True)
+        print(f"precision auto: {found['precision']} ({found['why']}{ratio})", flush=True)  # stdout, like lr: auto
     return dataclasses.replace(cfg, precision=found["precision"])
