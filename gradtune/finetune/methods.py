@@ -33,8 +33,10 @@ def body_method(method: str) -> str:
 
 def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
           lora: LoraSection | None = None, freeze: FreezeSection | None = None,
-          finetune: FinetuneSection | None = None, quantize: str = "none") -> tuple[nn.Module, frozenset[str]]:
-    """Transform ``model`` per ``method``; add a head when ``num_outputs`` is given.
+          finetune: FinetuneSection | None = None, quantize: str = "none",
+          source: str | None = None) -> tuple[nn.Module, frozenset[str]]:
+    """Transform ``model`` per ``method``; add a head when ``num_outputs`` is given. ``source``:
+    the model's source, so that a .gguf base keeps its own quantised blocks under ``quantize``.
 
     Returns the (possibly wrapped) model and the names of the parameters that must train.
     """
@@ -49,7 +51,7 @@ def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
             raise InputError(f"quantize={quantize} holds a frozen base quantised: use one of {', '.join(KINDS)} "
                              f"with method lora, head or head+lora (not '{method}')")
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        quantize_model(model, quantize, skip=[out])  # before LoRA wraps them, before any head
+        quantize_model(model, quantize, skip=[out], source=source)  # before LoRA wraps them, before any head
     if body == "full":
         full(model)
     elif body == "freeze":

@@ -16,6 +16,10 @@ row is zero-padded to a whole number of blocks; padding is never read back):
     nearest of the 16 NormalFloat levels ``NF4`` to w / s, two 4-bit codes per byte (first code
     in the high nibble); w' = NF4[q] * s. 0.5 + 4/64 bytes per weight. No double quantisation.
 
+A .gguf base (``source=``): its layers stored as Q4_0 / Q4_1 / Q8_0 keep the file's own blocks
+(gguf_blocks.py; float16 scales, 32 weights each) rather than being re-quantised from the float32
+weights transformers expanded them to: the quantised base then computes what the float32 base does.
+
 Codes, scales and bias are buffers, not parameters, so the optimizer, the audit and the
 trainable count see nothing there; they are non-persistent, so checkpoints and
 model.safetensors do not store them: the base is re-read and re-quantised (deterministically)
@@ -28,11 +32,13 @@ import ctypes
 import gc
 import platform
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtune.finetune.gguf_blocks import BLOCK_KINDS, QK, Blocks, dequantize_blocks, gguf_file, read_blocks
 from gradtune.runtime.errors import InputError
 
 BLOCK = 64  # weights per scale, along the input dimension
@@ -126,23 +132,29 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 class QuantLinear(nn.Linear):
-    """A frozen linear layer whose weight is held as int8 or nf4 codes plus float32 block scales.
+    """A frozen linear layer whose weight is held as int8 or nf4 codes plus float32 block scales,
+    or as a GGUF tensor's own Q4_0 / Q4_1 / Q8_0 blocks (``blocks=``; ``kind`` is then theirs).
 
     An ``nn.Linear`` subclass so that everything that selects linear layers by type (LoRA
     targets, PEFT target names) still finds it, but with no parameters: ``weight`` is a
     read-only property that dequantises (a float32 temporary, for shape / dtype / export).
     """
 
-    def __init__(self, linear: nn.Linear, kind: str, block: int = BLOCK) -> None:
+    def __init__(self, linear: nn.Linear, kind: str, block: int = BLOCK, blocks: Blocks | None = None) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         if kind not in KINDS:
             raise InputError(f"quantize must be one of {', '.join(KINDS)}, got {kind!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kind, self.block = kind, block
         w = linear.weight
-        codes, scales = (quantize_int8 if kind == "int8" else quantize_nf4)(w.detach().cpu(), block)
+        if blocks is not None:  # a GGUF tensor's own blocks (gguf_blocks.py): kept, not re-rounded
+            kind, block, codes, scales = blocks.kind, QK, blocks.codes, blocks.scales
+        else:
+            codes, scales = (quantize_int8 if kind == "int8" else quantize_nf4)(w.detach().cpu(), block)
+        self.kind, self.block = kind, block
         self.register_buffer("codes", codes.to(w.device), persistent=False)
         self.register_buffer("scales", scales.to(w.device), persistent=False)
+        mins = None if blocks is None or blocks.mins is None else blocks.mins.to(w.device)
+        self.register_buffer("mins", mins, persistent=False)  # q4_1's per-block offsets, else None
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias, persistent=False)
         # nf4's byte -> two levels table (2 KiB), a buffer so that it moves with the module
@@ -153,6 +165,8 @@ class QuantLinear(nn.Linear):
         return self.dequantize()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.kind in BLOCK_KINDS:
+            return dequantize_blocks(self.kind, self.codes, self.scales, self.mins, self.in_features, dtype)
         return dequantize(self.kind, self.codes, self.scales, self.in_features, dtype, self.pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -174,19 +188,27 @@ def _release() -> None:
             pass
 
 
-def quantize_model(model: nn.Module, kind: str, skip: Iterable[nn.Module | None] = ()) -> list[str]:
+def quantize_model(model: nn.Module, kind: str, skip: Iterable[nn.Module | None] = (),
+                   source: str | Path | None = None) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` but those in ``skip`` by a ``QuantLinear``, one
     at a time, so each float weight is freed as soon as its codes exist. In place; returns the
-    names replaced. Raises ``InputError`` if there is none."""
+    names replaced. Raises ``InputError`` if there is none. ``source``: the model's source; when
+    it is a .gguf file, layers stored there as Q4_0 / Q4_1 / Q8_0 keep those blocks (``kind``
+    applies to the rest)."""
     skipped = {id(m) for m in skip if m is not None}
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and id(m) not in skipped]  # noqa: E721 (not QuantLinear)
     if not names:
         raise InputError(f"quantize={kind}: {type(model).__name__} has no linear layer to quantise")
+    path = gguf_file(source)
+    kept = read_blocks(path, names) if path is not None else {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(getattr(parent, child), kind))
+        linear, blocks = getattr(parent, child), kept.pop(name, None)
+        if blocks is not None and tuple(blocks.scales.shape) != (linear.out_features, -(-linear.in_features // QK)):
+            blocks = None  # not the module the file's tensor names (another architecture): re-quantise
+        setattr(parent, child, QuantLinear(linear, kind, blocks=blocks))
     _release()
     return names
 

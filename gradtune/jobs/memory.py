@@ -51,6 +51,7 @@ import torch
 
 from gradtune.config import Config
 from gradtune.data import tokenizer as tokenizers
+from gradtune.finetune.gguf_blocks import TYPES as GGUF_BLOCKS
 from gradtune.finetune.methods import body_method
 from gradtune.jobs.text import gpt
 from gradtune.models import hf
@@ -165,7 +166,8 @@ def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     return estimate(cfg, p, p, per_token, tokens, f"a {_count(p)}-parameter gpt")
 
 
-# Bytes per weight of a quantised linear layer: the codes plus one float32 scale per block of 64.
+# Bytes per weight of a quantised linear layer: the codes plus one float32 scale per block of 64
+# (a GGUF tensor in Q4_0 / Q4_1 / Q8_0 keeps its own blocks instead: its bytes in the file).
 QUANT_BYTES = {"int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
 # Tensors quantize leaves in float: embeddings and output heads, under HF's and GGUF's names (GGUF's
 # untied head is the whole name "output.weight"). A name missed here counts as quantised, which
@@ -173,10 +175,11 @@ QUANT_BYTES = {"int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}
 FLOAT_2D = ("embed", "wte", "wpe", "token_embd", "position_embd", "lm_head")
 
 
-def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int]]:
-    """(name, dimensions, elements) of every tensor, from file headers only."""
+def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int, Optional[int]]]:
+    """(name, dimensions, elements, bytes if quantize keeps its GGUF blocks else None) of every
+    tensor, from file headers only."""
     if gguf is None:
-        return [(name, len(shape), math.prod(shape)) for f in sorted(folder.glob("*.safetensors"))
+        return [(name, len(shape), math.prod(shape), None) for f in sorted(folder.glob("*.safetensors"))
                 for name, (shape, _) in hf.safetensors_shapes(f).items()]
     import gguf as gguf_lib  # lazy: optional dependency (memory-maps the file; reads headers)
 
@@ -184,7 +187,8 @@ def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int
         reader = gguf_lib.GGUFReader(str(folder / gguf))
     except hf.LOAD_ERRORS:  # the builder names a corrupt file
         return []
-    return [(t.name, len(t.shape), int(t.n_elements)) for t in reader.tensors]
+    return [(t.name, len(t.shape), int(t.n_elements), int(t.n_bytes) if t.tensor_type.name in GGUF_BLOCKS else None)
+            for t in reader.tensors]
 
 
 def quantized_weights(cfg: Config, folder: Path, gguf: Optional[str]) -> Optional[tuple[int, float]]:
@@ -192,10 +196,11 @@ def quantized_weights(cfg: Config, folder: Path, gguf: Optional[str]) -> Optiona
     sizes = _tensor_sizes(folder, gguf)
     if not sizes:
         return None
-    quant = sum(n for name, dims, n in sizes
-                if dims == 2 and name != "output.weight" and not any(k in name for k in FLOAT_2D))
-    params = sum(n for _, _, n in sizes)
-    return params, quant * QUANT_BYTES[cfg.quantize] + (params - quant) * _bytes(cfg)
+    quant = [(n, kept) for name, dims, n, kept in sizes
+             if dims == 2 and name != "output.weight" and not any(k in name for k in FLOAT_2D)]
+    params = sum(s[2] for s in sizes)
+    held = sum(n * QUANT_BYTES[cfg.quantize] if kept is None else kept for n, kept in quant)
+    return params, held + (params - sum(n for n, _ in quant)) * _bytes(cfg)
 
 
 def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
@@ -216,9 +221,9 @@ def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
     tokens = 0
     per_token = 0.0
     width, layers = config.get("hidden_size"), config.get("num_hidden_layers")
-    causal = cfg.task == "causal_lm" or (cfg.task == "auto" and cfg.data.endswith(".txt"))
+    causal = cfg.task == "causal_lm" or (cfg.task == "auto" and cfg.data.endswith(".txt")) or cfg.text.packing
     if isinstance(width, int) and isinstance(layers, int) and body != "head" and causal and _micro(cfg):
-        # Causal-LM windows are exactly max_length tokens; other tasks pad to the batch's longest.
+        # Causal-LM and packed windows are exactly max_length tokens; other tasks pad to the batch's longest.
         tokens = _micro(cfg) * cfg.text.max_length
         per_token = layers * (width if cfg.finetune.activation_checkpointing else 8 * width)
     what = f"the model {cfg.model} (at least {_count(params)} parameters)" if gguf else \

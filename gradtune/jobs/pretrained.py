@@ -87,7 +87,7 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
     torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
     model, trainable = methods.apply(body, cfg.method, num_outputs if task in ENCODER_TASKS else None,
                                      lora=cfg.lora, freeze=cfg.freeze, finetune=cfg.finetune,
-                                     quantize=cfg.quantize)
+                                     quantize=cfg.quantize, source=cfg.model)
     return model, tokenizer, trainable
 
 

