@@ -250,7 +250,7 @@ def test_minilm_predict_agrees_with_eval_accuracy(tmp_path, capsys):
     test_rows = sms[300:460]
     test = _write(tmp_path / "test.csv", test_rows, ["label", "text"])
     texts = _write(tmp_path / "texts.csv", test_rows, ["text"])
-    run = _train(tmp_path / "run", [f"model={model}", f"data={train}", "method=head", "max_steps=10",
+    run = _train(tmp_path / "run", [f"model={model}", f"data={train}", "method=head", "max_steps=10", "precision=fp32",
                                     "batch_size=16", "lr=3e-2", "text.max_length=32", "seed=0"])
     got = _predict(capsys, run, test)
     assert len(got) == len(test_rows) and list(got[0]) == ["prediction", "p_ham", "p_spam"]

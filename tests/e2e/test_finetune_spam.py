@@ -29,7 +29,7 @@ SETTINGS = {
     "full": ["lr=1e-4", "max_steps=60"],
     "lora": ["lr=2e-3", "max_steps=60"],
 }
-COMMON = ["batch_size=16", "text.max_length=48", "text.columns=[label,text]", "val_fraction=0.2",
+COMMON = ["batch_size=16", "text.max_length=48", "text.columns=[label,text]", "val_fraction=0.2", "precision=fp32",
           "seed=0", "progress=off", "plot=false"]
 
 

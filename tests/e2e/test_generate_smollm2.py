@@ -28,7 +28,7 @@ def _gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_lora_generate_equals_transformers(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
+    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
                  "batch_size=8", "epochs=1", "eval_every=100", "val_fraction=0", "text.max_length=48",
                  "progress=off", "plot=false", f"out_dir={out}"])  # 16 rows / 8: 2 steps
     assert code == 0, capsys.readouterr().err

@@ -44,7 +44,7 @@ def test_smollm2_lora_run_exports_f32_and_q8_0(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = tmp_path / "run"
-    assert main(["train", f"model={_smollm2()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
+    assert main(["train", f"model={_smollm2()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
                  "batch_size=4", "max_steps=2", "eval_every=100", "val_fraction=0", "text.max_length=48",
                  f"out_dir={run_dir}", *QUIET]) == 0, capsys.readouterr().err  # 8 of the 16 rows
     runs = []  # one load of the run (a GGUF base load is the slow part) for both exports and the reference

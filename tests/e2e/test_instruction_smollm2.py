@@ -23,7 +23,7 @@ def _gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_lora_learns_the_answer_format(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3",
+    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
                  "batch_size=4", "epochs=6", "eval_every=4", "val_fraction=0", "text.max_length=96",
                  "progress=off", "plot=false", f"out_dir={out}"])
     assert code == 0, capsys.readouterr().err
