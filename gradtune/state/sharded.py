@@ -29,6 +29,7 @@ over a second, and most runs never shard.)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -109,6 +110,14 @@ def _open(root: Path, tmp: Path, final: Path) -> None:
         raise _write_error(root, final, e.strerror or str(e)) from None
 
 
+def _disk_full(path: Path) -> bool:
+    """Less than 1 MiB left where ``path`` lives (a write that failed for want of space)."""
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
 def _write_shards(tmp: Path, final: Path, tensors: dict[str, Any]) -> None:
     """Every rank writes its shards; DCP gathers the outcome, so every rank raises alike."""
     from torch.distributed.checkpoint import FileSystemWriter, save as dcp_save
@@ -121,6 +130,10 @@ def _write_shards(tmp: Path, final: Path, tensors: dict[str, Any]) -> None:
         failure = _first_failure(e)
     except OSError as e:
         failure = e
+    if not isinstance(failure, OSError) and _disk_full(tmp):
+        # torch's zip writer reports a short write on a full disk as a RuntimeError ("unexpected
+        # pos"): the cause is the disk, so the run exits 74 (resumable) like any ENOSPC.
+        failure = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(failure, OSError):

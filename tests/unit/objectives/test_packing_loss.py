@@ -61,15 +61,18 @@ def test_packed_loss_and_gradients_equal_unpacked(tmp_path, impl):
     batch = packed.get(torch.arange(len(packed)))
     loss_p, count_p, grads_p = _loss_and_grads(model, batch)
     assert count_p == count_u
-    assert abs(loss_p - loss_u).item() <= 1e-10 * max(1.0, abs(loss_u).item())
+    # transformers' eager attention takes its softmax in float32 even for a float64 model, so
+    # rows of other lengths (a window vs a padded row) round differently there: 1e-6, not 1e-10.
+    tol = 1e-10 if impl == "sdpa" else 1e-6
+    assert abs(loss_p - loss_u).item() <= tol * max(1.0, abs(loss_u).item())
     for gu, gp in zip(grads_u, grads_p):
-        assert (gu - gp).abs().max().item() <= 1e-10 * max(1.0, gu.abs().max().item())
+        assert (gu - gp).abs().max().item() <= tol * max(1.0, gu.abs().max().item())
     # Micro-batches of windows sum to the same gradient (the loop divides once by the count).
     model.zero_grad(set_to_none=True)
     for idx in torch.arange(len(packed)).split(2):
         CausalLM(shift=True)(model, packed.get(idx)).loss_sum.backward()
     for gu, p in zip(grads_u, model.parameters()):
-        assert (gu - p.grad).abs().max().item() <= 1e-10 * max(1.0, gu.abs().max().item())
+        assert (gu - p.grad).abs().max().item() <= tol * max(1.0, gu.abs().max().item())
 
 
 def test_the_oracle_fails_without_the_mask(tmp_path):
