@@ -145,6 +145,7 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     known = _read()
     if isinstance(known.get(key), dict) and known[key].get("precision") in ("fp32", "bf16"):
         return {**known[key], "why": "cached probe"}
+    busy = busy_cpu(device)  # read before the probe: its own threads would count as load
     t0 = time.perf_counter()
     try:
         fp32, bf16 = measure(job, cut(batch), device)
@@ -153,7 +154,6 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     ratio = fp32 / max(bf16, 1e-12)
     found = {"precision": "bf16" if ratio >= FASTER else "fp32", "ratio": round(ratio, 3),
              "fp32_s": fp32, "bf16_s": bf16, "probe_s": round(time.perf_counter() - t0, 3)}
-    busy = busy_cpu(device)
     if busy:  # the ratio of a shared moment holds for this run only: never cache it
         return {**found, "why": f"probe {found['probe_s']:.2g} s, not cached: {busy}"}
     known[key] = found
@@ -165,8 +165,8 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
 
 
 def busy_cpu(device: torch.device) -> str:
-    """Why a CPU probe just now is not the machine's answer ('' when it is): other processes
-    were using the cores (1-minute load at least the core count), so fp32 and bf16 were timed
+    """Why a CPU probe now is not the machine's answer ('' when it is): other processes are
+    using the cores (1-minute load at least the core count), so fp32 and bf16 were timed
     on a share of the machine that may never recur; cached, one bad probe would decide every
     later run of this model."""
     if device.type != "cpu" or not hasattr(os, "getloadavg"):
