@@ -14,6 +14,14 @@ the waits at their true rate.
     fixed     from then on the schedule runs over that count (the lr reaches min_lr when the
               time runs out); the count is saved in every checkpoint, so a resumed run takes the
               same number of steps and is bitwise the uninterrupted one (no re-calibration)
+    re-plan   once, halfway from the calibration to the end: the mean step time since the
+              calibration (thousands of steps, not a warm-up's tens) sets the final count. On a
+              shared machine the pace drifts by several percent over minutes, so a warm-up alone
+              cannot end a 10-minute run within a few percent. The schedule keeps its progress:
+              the steps left are mapped onto the progress left (``schedule_step``), so the lr
+              stays continuous and still reaches min_lr at the last step. The re-plan is saved
+              too; a run resumed after it takes the same steps, one resumed before it re-plans at
+              the same step from its own timings (tests force both counts: FORCE_ENV)
 
 Why fixed and not "stop when the clock says so": a run stopped by the clock is not reproducible
 (the same config on a busier machine gives other weights) and its schedule cannot decay to
@@ -44,6 +52,8 @@ SKIP_STEPS = 3  # first steps left out of the median: allocation, compile, cold 
 WARM_SHARE = 0.1  # calibrate earlier when the warm-up has used this share of the budget
 WINDOW_SHARE = 0.05  # ... and never on less than this share: the mean must span many scheduler time slices
 AIM = 0.985  # plan to end at this share of the budget: later steps may run a little slower
+REPLAN_AT = 0.5  # re-plan when this share of the steps between calibration and the end are done
+REPLAN_MIN = 200  # ... if at least this many steps were timed since the calibration
 STARTUP_WINDOW_S = 60.0  # a process this young at train() is a CLI run: its start-up counts
 WRITE_BPS = 200e6  # bytes/s assumed for checkpoint and weight files before one is timed
 PLOT_S = 2.0  # loss plot and report: matplotlib's import dominates
@@ -134,6 +144,8 @@ class Plan:
     final_s: float = 0.0  # final evaluation + last checkpoint + outputs
     startup_s: float = 0.0  # from the clock's zero to the first step
     forced: bool = False
+    replan_at: int = 0  # the step of the mid-run re-plan; 0: not yet
+    first_steps: int = 0  # the calibration's count, which the schedule keeps running over after a re-plan
 
 
 @dataclass
@@ -148,6 +160,7 @@ class TimeBudget:
     times: list[float] = field(default_factory=list)
     forced: Optional[int] = None
     loop_start: Optional[float] = None
+    since: list[float] = field(default_factory=list)  # step seconds since the calibration (re-plan)
 
     @classmethod
     def create(cls, max_time: str, start: Optional[float], provisional: int) -> "TimeBudget":
@@ -169,6 +182,8 @@ class TimeBudget:
     def observe(self, step: int, seconds: float) -> bool:
         """One step's training seconds (evaluation and checkpoint time excluded); is calibration due?"""
         if self.fixed:
+            if not self.plan.replan_at:
+                self.since.append(seconds)
             return False
         if step > self.skip:
             self.times.append(seconds)
@@ -200,6 +215,43 @@ class TimeBudget:
             dist.broadcast_object_list(box, src=0)
             p.steps = int(box[0])
         return p.steps
+
+    def replan_due(self, step: int) -> bool:
+        """Is the mid-run re-plan due after ``step``? (the same step on every rank)"""
+        p = self.plan
+        if not self.fixed or p.replan_at or p.forced or step >= p.steps:
+            return False
+        return step >= p.at_step + REPLAN_AT * (p.steps - p.at_step) and len(self.since) >= REPLAN_MIN
+
+    def replan(self, step: int, cap: int, eval_s: float, ckpt_s: float, eval_every: int, per_epoch: int,
+               ckpt_every: int) -> int:
+        """Fix the final count from the step times since the calibration (module docstring)."""
+        p = self.plan
+        step_s = statistics.fmean(self.since)
+        left = AIM * p.seconds - (time.perf_counter() - self.origin) - p.final_s
+        steps = plan_steps(step, cap, left, step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every)
+        if dist.is_available() and dist.is_initialized():
+            box = [steps]
+            dist.broadcast_object_list(box, src=0)
+            steps = int(box[0])
+        p.first_steps, p.replan_at, p.steps, p.step_s, p.eval_s = p.steps, step, steps, step_s, eval_s
+        return steps
+
+    def schedule_step(self, step: int, total: int) -> tuple[float, int]:
+        """(step, total) for the lr schedule: after a re-plan, steps replan_at..steps map linearly
+        onto replan_at..first_steps, so the lr is continuous there and reaches min_lr at the end."""
+        p = self.plan
+        if not p.replan_at:
+            return step, total
+        if step <= p.replan_at or p.steps == p.first_steps:
+            return step, p.first_steps
+        t0 = p.replan_at
+        return t0 + (step - t0) * (p.first_steps - t0) / (p.steps - t0), p.first_steps
+
+    def told_replan(self) -> str:
+        p = self.plan
+        return (f"max_time {p.max_time}: re-planned at step {p.replan_at:,}: {p.first_steps:,} -> {p.steps:,} steps "
+                f"({p.step_s:.3g} s/step since the calibration)")
 
     def told(self) -> str:
         """The calibration in one line (stderr, at the moment the budget is fixed)."""
@@ -255,6 +307,8 @@ def describe(info: dict[str, Any], used: float) -> str:
     if not p["steps"]:
         return f"max_time {p['max_time']}: the run ended before calibration; used {_clock(used)}"
     how = "forced by a test hook" if p["forced"] else f"at {p['step_s']:.3g} s/step"
+    if p.get("replan_at"):
+        how += f" (re-planned at step {p['replan_at']:,} from {p['first_steps']:,})"
     resumed = ", step budget from the checkpoint" if info.get("resumed") else ""
     return (f"max_time {p['max_time']}: {p['steps']:,} steps planned {how}{resumed}, used {_clock(used)}: "
             f"train {_clock(spent['train'])}, eval {_clock(spent['eval'])}, checkpoints {_clock(spent['ckpt'])}, "

@@ -129,14 +129,16 @@ class Loop(LoopState):
     def _schedule(self) -> float:
         c = self.cfg
         min_ratio = c.min_lr / c.lr
-        f = factor(self.step, c.schedule, self.total, c.warmup_steps, c.gamma, c.step_size, min_ratio,
-                   self.decay_steps, c.decay_shape)
+        step, total = self.budget.schedule_step(self.step, self.total) if self.budget else (self.step, self.total)
+        f = factor(step, c.schedule, total, c.warmup_steps, c.gamma, c.step_size, min_ratio, self.decay_steps, c.decay_shape)
         return f * self.plateau.scale if self.plateau is not None else f
 
     def _set_total(self, total: int) -> None:
         """The run's step total; max_time sets it at calibration: every schedule runs over it."""
         self.total = total
-        self.decay_steps = self.cfg.decay_steps or max(1, round(self.cfg.decay_fraction * total))
+        plan = self.budget.plan if self.budget is not None else None
+        span = plan.first_steps if plan is not None and plan.replan_at else total  # the schedule's total
+        self.decay_steps = self.cfg.decay_steps or max(1, round(self.cfg.decay_fraction * span))
         self.progress.retotal(total)
 
     def _calibrate(self) -> None:
@@ -156,9 +158,21 @@ class Loop(LoopState):
         self._set_total(self.budget.fix(self.step, self.total, eval_s, final_s, ckpt_s, self.eval_every,
                                         self.sampler.steps_per_epoch, cfg.checkpoint_every if chain else 0))
         self.spent.eval += probe_s
+        self._tell(self.budget.told())
+
+    def _replan(self) -> None:
+        """max_time, halfway: the final step count from the step times since calibration."""
+        assert self.budget is not None
+        chain = self.ckpt_root is not None and bool(self.cfg.checkpoint_every)
+        ckpt_s = self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else 0.0
+        self._set_total(self.budget.replan(self.step, self.budget.provisional, self.spent.eval_mean() or self.budget.plan.eval_s, ckpt_s,
+                                           self.eval_every, self.sampler.steps_per_epoch, self.cfg.checkpoint_every if chain else 0))
+        self._tell(self.budget.told_replan())
+
+    def _tell(self, line: str) -> None:
         self.log.write({"kind": "budget", "step": self.step, **self.budget.state_dict()})
         if distributed.is_main():
-            print(self.budget.told(), file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
     def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
         job, cfg = self.job, self.cfg
@@ -367,6 +381,9 @@ class Loop(LoopState):
                 self._after_step()
             if self.budget is not None and self.budget.observe(self.step, time.perf_counter() - t0 - (self.spent.other() - other0)):
                 self._calibrate()
+                stop_reason = self.finished or f"budget reached ({self.total} steps)"
+            elif self.budget is not None and self.budget.replan_due(self.step):
+                self._replan()
                 stop_reason = self.finished or f"budget reached ({self.total} steps)"
         if self.ckpt_root is not None and self.cfg.checkpoint_every and self.saved_step != self.step:
             self.save_checkpoint()  # the end of the run (budget, convergence or divergence)

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gradtune.models import hf_attention
+from gradtune.models.dropout import swap_dropouts
 from gradtune.runtime.errors import InputError
 
 Kind = Literal["encoder", "causal_lm"]
@@ -176,7 +178,17 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
     except LOAD_ERRORS as e:  # transformers' errors for a bad folder or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
+    fast_dropout(model)
     return model.train()
+
+
+def fast_dropout(model: nn.Module) -> None:
+    """Dropout with the cheap CPU mask (models/dropout.py) in the model's modules and, where the
+    model runs transformers' SDPA, on its attention probabilities (models/hf_attention.py).
+    Numerics without dropout (eval, generation) are transformers' own."""
+    swap_dropouts(model)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa" and model._can_set_attn_implementation():
+        model.set_attn_implementation(hf_attention.register())
 
 
 def load_tokenizer(source: str | Path, weights: bool = True) -> Any:

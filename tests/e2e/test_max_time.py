@@ -67,14 +67,22 @@ def test_a_tiny_run_ends_within_five_percent_of_max_time(three_seconds):
 def test_cosine_runs_over_the_calibrated_budget_to_min_lr(three_seconds):
     _, out = three_seconds
     log = rows(out)
-    plan = next(r for r in log if r["kind"] == "budget")
-    total = plan["steps"]
+    plans = [r for r in log if r["kind"] == "budget"]
+    plan = plans[-1]  # the calibration's, then the mid-run re-plan's
+    assert len(plans) == 2 and plan["replan_at"] > plans[0]["step"] and plan["first_steps"] == plans[0]["steps"]
+    total, first, t0 = plan["steps"], plan["first_steps"], plan["replan_at"]
     last = [r for r in log if r["kind"] == "eval"][-1]
     assert last["step"] == total
-    # The last step's lr is the cosine over the calibrated total (not over a million epochs)...
-    assert last["lr"] == pytest.approx(lr_at(total - 1, LR, "cosine", total, 5, min_lr=MIN_LR), rel=1e-12)
+    # The last step's lr is the cosine over the calibrated total (not over a million epochs), the
+    # steps after the re-plan mapped onto the progress that was left...
+    v = t0 + (total - 1 - t0) * (first - t0) / (total - t0)
+    assert last["lr"] == pytest.approx(lr_at(v, LR, "cosine", first, 5, min_lr=MIN_LR), rel=1e-12)
     # ... one step short of the end of the half period: min_lr within that step's decrement.
-    assert abs(last["lr"] - MIN_LR) <= (LR - MIN_LR) * (math.pi / (total - 5)) ** 2 / 4 + 1e-15
+    assert abs(last["lr"] - MIN_LR) <= (LR - MIN_LR) * (math.pi / (min(total, first) - 5)) ** 2 / 4 + 1e-15
+    # ... and continuous across the re-plan: no jump larger than the steps around it make.
+    lrs = {r["step"]: r["lr"] for r in log if r["kind"] == "eval"}
+    if {t0 - 1, t0, t0 + 1} <= set(lrs):
+        assert abs(lrs[t0 + 1] - lrs[t0]) <= 3 * abs(lrs[t0] - lrs[t0 - 1]) + 1e-12
 
 
 def _cli(args: list[str], faults: str = "", forced: int = 0) -> subprocess.CompletedProcess:

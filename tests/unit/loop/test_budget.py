@@ -85,3 +85,36 @@ def test_every_schedule_runs_over_the_calibrated_total(tmp_path, monkeypatch, sc
     # ... so the lr reaches min_lr as the budget runs out (the step after the last one).
     assert 0.01 * factor(40, schedule, 40, 3, min_ratio=0.1, decay_steps=4) == pytest.approx(0.001, rel=1e-12)
     assert lrs[40] == min(lr for step, lr in lrs.items() if step > 3)  # past the warm-up
+
+
+def test_replan_maps_the_steps_left_onto_the_schedule_progress_left(monkeypatch):
+    """Halfway from calibration to the end the count is fixed again from the step times since
+    the calibration; the schedule's (step, total) after it are affine, continuous at the re-plan
+    and end exactly at the calibration's total (so the lr reaches min_lr on the last step)."""
+    t = budget.TimeBudget.create("100s", 0.0, 10**6)
+    t.plan.steps, t.plan.at_step, t.plan.final_s, t.plan.step_s = 1000, 20, 0.0, 0.05
+    for s in range(21, 510):
+        assert not t.observe(s, 0.04) and not t.replan_due(s)
+    assert t.replan_due(510) and not t.replan_due(509)
+    t.origin = budget.time.perf_counter() - 50.0  # 50 s of the 100 s gone: 48.5 left at the 98.5% aim
+    steps = t.replan(510, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
+    assert steps == pytest.approx(510 + 48.5 / 0.04, abs=2) and t.plan.first_steps == 1000
+    assert not t.replan_due(900)  # once
+    assert t.schedule_step(400, steps) == (400, 1000) and t.schedule_step(510, steps) == (510, 1000)
+    assert t.schedule_step(steps, steps) == (pytest.approx(1000), 1000)
+    a, b = t.schedule_step(511, steps)[0], t.schedule_step(512, steps)[0]
+    assert b - a == pytest.approx((1000 - 510) / (steps - 510))
+    again = budget.TimeBudget.create("100s", 0.0, 10**6)
+    again.load_state_dict(t.state_dict())  # a resumed run keeps both counts
+    assert again.schedule_step(700, steps) == t.schedule_step(700, steps) and not again.replan_due(800)
+
+
+def test_no_replan_when_forced_or_too_few_steps(monkeypatch):
+    monkeypatch.setenv(budget.FORCE_ENV, "400")
+    t = budget.TimeBudget.create("1h", 0.0, 10_000)
+    for s in range(1, 21):
+        t.observe(s, 0.01)
+    t.fix(20, 10_000, 0.0, 0.0, 0.0, 10, 10, 0)
+    for s in range(21, 400):
+        t.observe(s, 0.01)
+        assert not t.replan_due(s)  # forced counts are never re-planned: tests stay deterministic

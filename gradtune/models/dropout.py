@@ -1,0 +1,63 @@
+"""Dropout with a cheap mask on the CPU.
+
+Why: torch's CPU dropout (``bernoulli_``) draws a float per element; on the attention
+probabilities of an encoder (B x H x T x T, e.g. 16 x 12 x 128 x 128 = 3.1M elements a layer)
+that is a third of a fine-tuning step's forward. Here one 64-bit draw of the same generator
+(``random_`` on int64 yields 63 random bits) gives four 15-bit uniform integers, one per element:
+
+    keep  <=>  u >= round(p * LEVELS),   u uniform on [0, LEVELS)
+    q     =  1 - round(p * LEVELS) / LEVELS      the keep probability (|q - (1 - p)| <= 1.6e-5)
+    y     =  x * keep / q                        so E[y] = x exactly, as with torch's dropout
+
+The backward saves the bool mask (1 byte an element; torch's CPU dropout saves a float mask of
+x's dtype). The draws come from torch's default generator, so a run's RNG state (saved in
+checkpoints) fixes every mask: a resumed run draws the same masks. Elsewhere than on the CPU
+(CUDA's dropout is one fused kernel) and for p = 1, torch's own dropout runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of ``shape``, True with probability q; q) for drop probability ``p``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
+    u = words.view(torch.int16)[:n].bitwise_and_(LEVELS - 1)  # (n,) four per word; the top bit cleared
+    drop = round(p * LEVELS)
+    return (u >= drop).view(shape), 1.0 - drop / LEVELS
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` with the cheap mask on the CPU (module docstring)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
+        return F.dropout(x, p, training)
+    mask, q = keep_mask(x.shape, p, x.device)
+    return x * mask * (1.0 / q)  # autograd keeps only the bool mask (the scale is a Python float)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the cheap CPU mask; same ``p``, same state (none), same modes."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout(input, self.p, self.training)
+
+
+def swap_dropouts(model: nn.Module) -> int:
+    """Replace every plain ``nn.Dropout`` in ``model`` by :class:`Dropout` (same p); returns how many."""
+    n = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p))
+                n += 1
+    return n

@@ -1,0 +1,126 @@
+"""The cheap CPU dropout (models/dropout.py) and the attention that uses it for HF models
+(models/hf_attention.py): the keep rate and expectation of torch's dropout, the gradient through
+the same mask, seeded reproducibility, and attention equal to transformers' eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradtune.models.dropout import LEVELS, Dropout, dropout, keep_mask, swap_dropouts
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_and_expectation(p):
+    n = 2_000_003  # odd: the last int64 draw is partly used
+    torch.manual_seed(0)
+    mask, q = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    assert abs(q - (1 - p)) <= 0.5 / LEVELS
+    sigma = (q * (1 - q) / n) ** 0.5
+    assert abs(mask.float().mean().item() - q) < 5 * sigma
+    y = dropout(torch.ones(n, dtype=torch.float64), p)
+    assert abs(y.mean().item() - 1.0) < 5 * sigma / q  # E[y] = x: the kept values are scaled by 1/q
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / q, rel=1e-12)]
+
+
+def test_mask_elements_independent():
+    torch.manual_seed(1)
+    m, _ = keep_mask(torch.Size([1_000_000]), 0.5, torch.device("cpu"))
+    f = m.double()
+    for lag in (1, 2, 3, 4, 5):  # four elements per 64-bit draw: neighbours inside and across draws
+        assert abs(torch.corrcoef(torch.stack([f[:-lag], f[lag:]]))[0, 1].item()) < 0.006
+
+
+def test_gradient_uses_the_forward_mask():
+    torch.manual_seed(2)
+    x = torch.randn(64, 33, requires_grad=True)
+    y = dropout(x, 0.3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    kept = y != 0
+    scale = 1 / (1 - round(0.3 * LEVELS) / LEVELS)
+    assert torch.allclose(y[kept], x[kept] * scale, rtol=1e-6, atol=0)
+    assert torch.equal(x.grad == 0, ~kept)  # the same elements dropped forward and backward
+    assert torch.allclose(x.grad[kept], g[kept] * scale, rtol=1e-6, atol=0)
+
+
+def test_seeded_and_modes():
+    x = torch.randn(16, 128, 48)
+    torch.manual_seed(3)
+    a = dropout(x, 0.1)
+    torch.manual_seed(3)
+    b = dropout(x, 0.1)
+    assert torch.equal(a, b) and not torch.equal(a, dropout(x, 0.1))
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    assert torch.count_nonzero(dropout(x, 1.0)) == 0
+    d = Dropout(0.2)
+    assert isinstance(d, nn.Dropout) and d.p == 0.2
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_swap_keeps_p_and_state():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.25), nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2)))
+    keys = set(m.state_dict())
+    assert swap_dropouts(m) == 2
+    assert [type(x) for x in m.modules()].count(Dropout) == 2
+    assert [x.p for x in m.modules() if isinstance(x, Dropout)] == [0.25, 0.5]
+    assert set(m.state_dict()) == keys
+
+
+def _with_dropout(model: nn.Module, p: float) -> nn.Module:
+    for mod in model.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = p
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_attention_equals_transformers_eager(tmp_path, kind):
+    """Train mode with p below one level (no element dropped, but the dropout path runs) equals
+    transformers' eager attention, padding mask (bert) and causal mask (llama) included."""
+    pytest.importorskip("transformers")
+    from tests import tiny_hf
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from gradtune.models import hf
+
+    getattr(tiny_hf, kind)(tmp_path)
+    ours = hf.load_model(tmp_path, "encoder" if kind == "bert" else "causal_lm")
+    assert ours.config._attn_implementation == "gradtune_sdpa"
+    cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+    ref = cls.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    _with_dropout(ours, 0.1 / LEVELS)  # rounds to zero drops, keeps the dropout branch
+    if kind == "llama":
+        ours.config.attention_dropout = 0.1 / LEVELS
+        for layer in ours.model.layers:
+            layer.self_attn.attention_dropout = 0.1 / LEVELS
+    ids = torch.randint(4, 27, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    out = ours.train()(input_ids=ids, attention_mask=mask)
+    exp = ref(input_ids=ids, attention_mask=mask)
+    a, b = (o.last_hidden_state if kind == "bert" else o.logits for o in (out, exp))
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=2e-5, rtol=1e-5)
+    # eval mode is transformers' SDPA itself
+    ours.eval()
+    c = ours(input_ids=ids, attention_mask=mask)
+    c = c.last_hidden_state if kind == "bert" else c.logits
+    assert torch.allclose(c[real], b[real], atol=2e-5, rtol=1e-5)
+
+
+def test_attention_dropout_seeded(tmp_path):
+    pytest.importorskip("transformers")
+    from tests import tiny_hf
+
+    from gradtune.models import hf
+
+    tiny_hf.bert(tmp_path)
+    model = _with_dropout(hf.load_model(tmp_path, "encoder"), 0.3)
+    ids = torch.randint(4, 27, (2, 9))
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(model(input_ids=ids).last_hidden_state)
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
