@@ -1,5 +1,11 @@
 """Training throughput of our GPT against the peers a user would pick, same shape, same run:
-Hugging Face's GPT2LMHeadModel and LitGPT's GPT.
+Hugging Face's GPT2LMHeadModel (or LlamaForCausalLM) and LitGPT's GPT.
+
+--family gpt2 (the default): the GPT-2 block below. --family llama: the 10-minute recipe's model
+(configs/gpt-shakespeare.yaml: 4 layers, width 192, 4 query heads sharing 2 key/value heads,
+RoPE, RMSNorm, SwiGLU MLP of width 512, no biases, tied embeddings, context 256) against HF's
+LlamaForCausalLM and LitGPT's GPT in the same configuration (LitGPT: LLaMAMLP, RMSNorm,
+n_query_groups=2, full rotary).
 
 Every side: 4 layers, 4 heads, width 256, context 256, batch 8, byte vocabulary (256), dropout 0,
 GPT-2 block (pre-LayerNorm with bias, GELU-tanh MLP 4x, fused qkv, SDPA causal attention, tied
@@ -15,6 +21,7 @@ hits all alike. MFU = tokens/s * training FLOPs per token / the matmul peak meas
   python bench/gpt.py --quick    # smoke run, seconds
   python bench/gpt.py --compile  # adds torch.compile(ours) as a side (compile time excluded)
   python bench/gpt.py --threads 1 --clock cpu   # on a shared machine: ratios from CPU seconds
+  python bench/gpt.py --family llama             # the recipe's Llama-family model and its peers
 """
 
 from __future__ import annotations
@@ -105,9 +112,46 @@ def litgpt_gpt2() -> torch.nn.Module:
     return model
 
 
-def build_sides(use_compile: bool) -> dict[str, torch.nn.Module]:
+LLAMA = GPTConfig(family="llama", n_layer=4, n_head=4, n_kv_head=2, n_embd=192, block_size=T, vocab_size=V)
+
+
+def llama_sides() -> dict[str, torch.nn.Module]:
+    """The recipe's Llama-family shape on every side (module docstring)."""
+    from litgpt.config import Config
+    from litgpt.model import GPT as LitGPT
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = LLAMA
+    torch.manual_seed(0)
+    ours = GPT(c)
+    hf_cfg = LlamaConfig(vocab_size=V, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                         max_position_embeddings=T, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_cfg)
+    lit_cfg = Config(name="llama-bench", block_size=T, vocab_size=V, padded_vocab_size=V, n_layer=c.n_layer,
+                     n_head=c.n_head, n_embd=c.n_embd, n_query_groups=c.n_kv_head, rotary_percentage=1.0,
+                     parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                     intermediate_size=c.intermediate_size, norm_eps=c.norm_eps, rope_base=int(c.rope_theta))
+    torch.manual_seed(0)
+    lit = LitGPT(lit_cfg)
+    lit.apply(lit._init_weights)
+    lit.lm_head.weight = lit.transformer.wte.weight  # tied, as ours and HF
+    return {"ours": ours, "hf": hf, "litgpt": lit}
+
+
+def build_sides(use_compile: bool, family: str = "gpt2") -> dict[str, torch.nn.Module]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if family == "llama":
+        sides = llama_sides()
+        if use_compile:
+            torch.manual_seed(0)
+            sides["ours+compile"] = torch.compile(GPT(LLAMA))
+        return sides
     torch.manual_seed(0)
     ours = GPT(GPTConfig.preset("shakespeare"))  # 4 layers, 4 heads, C=256, T=256, V=256
     hf_cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=256, n_layer=4, n_head=4, resid_pdrop=0.0,
@@ -191,6 +235,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=8, help="alternating repetitions (fp32)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per repetition (fp32)")
     ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
+    ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"],
+                    help="gpt2: the GPT-2 block vs GPT2LMHeadModel; llama: the recipe's model vs LlamaForCausalLM")
     ap.add_argument("--optimizer", default="torch-fused", choices=["torch-fused", "torch", "gradtune"],
                     help="AdamW for every side: torch.optim.AdamW(fused=True) (default), torch's per-tensor "
                          "loop, or gradtune's")
@@ -207,7 +253,8 @@ def main() -> None:
     print(f"CPU: {cpu_flags()}")
     print(f"at start: {load()}")
     sizes = {"fp32": matmul_size(torch.float32), "bf16": matmul_size(torch.bfloat16)}
-    sides = build_sides(args.compile)
+    sides = build_sides(args.compile, args.family)
+    print(f"family: {args.family}")
     flops = sides["ours"].flops_per_token(T)  # same shape on every side
     print(f"model: {sides['ours'].num_params() / 1e6:.2f}M params, {flops / 1e6:.1f} MFLOP/token (train)")
     data = torch.randint(0, V, (16, B, T + 1), generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradtune.models import hf_attention
+from gradtune.models import gguf_cache, hf_attention
 from gradtune.models.dropout import swap_dropouts
 from gradtune.runtime.errors import InputError
 
@@ -168,16 +168,23 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
         raise InputError(f"model kind must be 'encoder' or 'causal_lm', got {kind!r}")
     folder, gguf = resolve(source)
     cls = AutoModel if kind == "encoder" else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-    if gguf:
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
+    converted = gguf_cache.cached(folder / gguf, f"{kind}-model") if gguf else None
+    if converted:  # a .gguf converted by an earlier load (models/gguf_cache.py)
+        folder = converted
+    elif gguf:
         kwargs["gguf_file"] = gguf
-    else:
-        kwargs["use_safetensors"] = True
+        del kwargs["use_safetensors"]
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
     except LOAD_ERRORS as e:  # transformers' errors for a bad folder or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
+    if gguf and not converted:
+        gguf_cache.unmark(model)
+    if gguf and not converted and dtype == torch.float32:
+        nbytes = sum(p.numel() * 4 for p in model.parameters())
+        gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
     return model.train()
 
@@ -198,13 +205,18 @@ def load_tokenizer(source: str | Path, weights: bool = True) -> Any:
 
     folder, gguf = resolve(source) if weights else (Path(source), None)
     kwargs: dict[str, Any] = {"local_files_only": True}
-    if gguf:
+    converted = gguf_cache.cached(folder / gguf, "tokenizer") if gguf else None
+    if converted:
+        folder = converted
+    elif gguf:
         kwargs["gguf_file"] = gguf
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load tokenizer from {str(source)!r}: {first}") from e
+    if gguf and not converted:
+        gguf_cache.store(folder / gguf, "tokenizer", lambda d: tok.save_pretrained(str(d)))
     tok.padding_side = "right"  # labels and masks assume real tokens first
     return tok
 

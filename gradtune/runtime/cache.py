@@ -4,6 +4,7 @@
     kernels/    the optimizer's compiled C kernels (optim/fused.py), keyed by source/CPU/compiler
     peak.json   measured peak matmul FLOP/s per machine (runtime/peak_flops.py)
     precision.json  precision: auto's probe, per machine and model shape (jobs/precision.py)
+    gguf/       .gguf bases converted once to float32 safetensors + tokenizer (models/gguf_cache.py)
 
 Everything under it can be deleted at any time: it is rebuilt on demand.
 """
