@@ -17,7 +17,7 @@ of 8 batches) and padded to a multiple of 8. The Trainer: random batches padded 
 (DataCollatorWithPadding). ``--hf-grouped`` adds a second Trainer run with its own
 ``train_sampling_strategy="group_by_length"`` (transformers 5; megabatches of 50 batches) and prints that ratio too.
 
-    python bench/finetune.py                 # both sets; head, full, lora; 40 / 20 steps, 1 repeat
+    python bench/finetune.py                 # both sets; head, full, lora; 40 steps each, 1 repeat
     python bench/finetune.py --set plays --method lora --repeats 3   # medians of 3 processes per side
     python bench/finetune.py --hf-grouped    # also against the Trainer's group_by_length=True
     python bench/finetune.py --quick         # 10 steps, lora only: a smoke run
@@ -50,7 +50,7 @@ POLICY = os.environ.get("GRADTUNE_BENCH_POLICY", "adaptive")
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
 WARM = 3  # step intervals left out of the median: first-step allocations, lazy kernel loads
 # set -> (max_length, default steps)
-SETS = {"sms": (48, 40), "plays": (128, 20)}
+SETS = {"sms": (48, 40), "plays": (128, 40)}
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/plays.py
 
 

@@ -83,6 +83,7 @@ class FinetuneSection:
 
     pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
     head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
+    head_lr: Optional[float] = None  # the new head's lr when the body trains too (full, freeze, bitfit, lora); None: method head's default lr (1e-2), at least lr: a fresh head needs larger steps than pretrained weights
     audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; hashes the trainable weights once
     activation_checkpointing: bool = False  # recompute each layer's activations in backward: one layer's activation memory instead of all, for one more forward pass per step; for long sequences or big models
     eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradtune.config import Config
+from gradtune.config.defaults import pretrained_lr
 from gradtune.data.causal_text import load_causal_text
 from gradtune.data.instructions import load_instructions
 from gradtune.data.packing import pack
@@ -91,6 +92,21 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
     return model, tokenizer, trainable
 
 
+def head_groups(cfg: Config, model: nn.Module) -> Optional[list[dict[str, Any]]]:
+    """Two optimizer groups when a new head trains beside the body: [body, head at head_lr].
+    Why: the body's lr (full: 5e-5) is sized not to wreck pretrained weights; a randomly
+    initialised head at that lr barely moves in a short run (pooled encoder features are small),
+    and the body then adapts to a near-random head. Default: the lr a head trained alone gets
+    (``pretrained_lr('head')``), never below ``lr``. None: one group (head only, or no head)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or methods.body_method(cfg.method) == "head":
+        return None
+    lr = cfg.finetune.head_lr if cfg.finetune.head_lr is not None else max(float(cfg.lr), pretrained_lr("head"))
+    ids = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": body}, {"params": [p for p in head.parameters() if p.requires_grad], "lr": lr}]
+
+
 def activation_checkpointing(cfg: Config) -> bool:
     """Recompute activations in backward, when asked for (off by default: the README's
     fine-tuning section gives the time and memory it trades). ``head`` never backpropagates
@@ -152,6 +168,7 @@ def build_pretrained(cfg: Config) -> Job:
         job = Job(model, preference.objective(cfg, model, train, val), train, val, "preference", info)
     else:
         job = Job(model, objective_for(task), train, val, job_task(task), info)
+    job.param_groups = head_groups(cfg, model)
     if cfg.finetune.audit:
         job.after_first_step = _audit_hook(model, trainable)
         job.at_start = job.after_first_step.rearm  # type: ignore[attr-defined]

@@ -176,3 +176,26 @@ def test_activation_checkpointing_is_opt_in_and_changes_nothing(assets, tmp_path
         weights[ckpt] = {k: v.clone() for k, v in j.model.state_dict().items()}
     for k, v in weights["true"].items():
         torch.testing.assert_close(v, weights["false"][k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,head_lr,expected", [
+    ("full", None, [5e-5, 1e-2]), ("lora", None, [5e-4, 1e-2]), ("full", 3e-3, [5e-5, 3e-3]),
+    ("head", None, None), ("head+lora", None, [5e-4, 1e-2]),
+])
+def test_a_new_head_beside_a_training_body_gets_its_own_lr(assets, method, head_lr, expected):
+    """The body keeps the method's lr; the fresh head the lr a head trained alone gets (or
+    finetune.head_lr); the optimizer sees exactly the head's parameters in the second group."""
+    from gradtune.config import load_config
+    from gradtune.jobs.pretrained import build_pretrained
+
+    extra = [f"finetune.head_lr={head_lr}"] if head_lr else []
+    cfg = load_config(None, [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}", *QUIET, *extra])
+    job = build_pretrained(cfg)
+    if expected is None:
+        assert job.param_groups is None
+        return
+    body, head = job.param_groups
+    assert [body.get("lr", cfg.lr), head["lr"]] == pytest.approx(expected)
+    assert {id(p) for p in head["params"]} == {id(p) for p in job.model.head.parameters()}
+    trainable = {id(p) for p in job.model.parameters() if p.requires_grad}
+    assert {id(p) for p in body["params"]} | {id(p) for p in head["params"]} == trainable
