@@ -78,7 +78,8 @@ def objective_for(task: str) -> Objective:
 def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.Module, Any, frozenset[str]]:
     """(model after the method's transforms, tokenizer, declared trainable names)."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
+    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype,
+                              converted_copy=cfg.quantize == "none")
     if activation_checkpointing(cfg) and getattr(body, "supports_gradient_checkpointing", False):
         # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
         # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.

@@ -157,8 +157,11 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
 
 
 def load_model(source: str | Path, kind: Kind = "causal_lm",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The pretrained model on the CPU, in train mode (dropout on, as the loop expects)."""
+               dtype: torch.dtype = torch.float32, converted_copy: bool = True) -> nn.Module:
+    """The pretrained model on the CPU, in train mode (dropout on, as the loop expects).
+    ``converted_copy=False``: a .gguf is read by transformers even when a converted copy exists
+    (a quantised base: the copy's weights are memory-mapped, and a mapping kept alive by the
+    tied embedding would hold the float layers quantisation replaces in memory)."""
     from transformers import AutoModel, AutoModelForCausalLM  # lazy: heavy import
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +172,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
     folder, gguf = resolve(source)
     cls = AutoModel if kind == "encoder" else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
-    converted = gguf_cache.cached(folder / gguf, f"{kind}-model") if gguf else None
+    converted = gguf_cache.cached(folder / gguf, f"{kind}-model") if gguf and converted_copy else None
     if converted:  # a .gguf converted by an earlier load (models/gguf_cache.py)
         folder = converted
     elif gguf:
@@ -182,7 +185,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
     if gguf and not converted:
         gguf_cache.unmark(model)
-    if gguf and not converted and dtype == torch.float32:
+    if gguf and not converted and converted_copy and dtype == torch.float32:
         nbytes = sum(p.numel() * 4 for p in model.parameters())
         gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
@@ -229,9 +232,9 @@ def check_vocab(model: nn.Module, tokenizer: Any) -> None:
                                f"has {rows} rows: tokenizer and model do not belong together")
 
 
-def load(source: str | Path, kind: Kind = "causal_lm",
-         dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32,
+         converted_copy: bool = True) -> tuple[nn.Module, Any]:
     """(model, tokenizer), checked to belong together."""
-    model, tokenizer = load_model(source, kind, dtype), load_tokenizer(source)
+    model, tokenizer = load_model(source, kind, dtype, converted_copy), load_tokenizer(source)
     check_vocab(model, tokenizer)
     return model, tokenizer
