@@ -124,3 +124,28 @@ def test_attention_dropout_seeded(tmp_path):
         torch.manual_seed(seed)
         outs.append(model(input_ids=ids).last_hidden_state)
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+def test_gpt_attention_dropout_path_equals_sdpa():
+    """Our GPT with attention dropout on the CPU takes the math path with the cheap mask: with p
+    below one level (nothing dropped) it equals SDPA's output; with p = 0.3 it is seeded."""
+    from gradtune.models.gpt import GPT, GPTConfig
+
+    for family, kv in (("gpt2", None), ("llama", 2)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(family=family, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16,
+                              dropout=0.1 / LEVELS))
+        ids = torch.randint(0, 256, (3, 16))
+        train = model.train()(ids)
+        ref = model.eval()(ids)  # SDPA, no dropout
+        assert torch.allclose(train, ref, atol=1e-5, rtol=1e-5)
+        assert isinstance(model.transformer.drop, Dropout)
+    model.config.dropout = 0.3
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.3
+    model.train()
+    torch.manual_seed(4)
+    a = model(ids)
+    torch.manual_seed(4)
+    assert torch.equal(a, model(ids)) and not torch.allclose(a, ref, atol=1e-3)
