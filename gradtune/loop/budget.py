@@ -160,7 +160,8 @@ class TimeBudget:
     times: list[float] = field(default_factory=list)
     forced: Optional[int] = None
     loop_start: Optional[float] = None
-    since: list[float] = field(default_factory=list)  # step seconds since the calibration (re-plan)
+    since_s: float = 0.0  # training seconds since the calibration (the re-plan's mean)
+    since_n: int = 0  # ... and their steps
 
     @classmethod
     def create(cls, max_time: str, start: Optional[float], provisional: int) -> "TimeBudget":
@@ -183,7 +184,7 @@ class TimeBudget:
         """One step's training seconds (evaluation and checkpoint time excluded); is calibration due?"""
         if self.fixed:
             if not self.plan.replan_at:
-                self.since.append(seconds)
+                self.since_s, self.since_n = self.since_s + seconds, self.since_n + 1
             return False
         if step > self.skip:
             self.times.append(seconds)
@@ -221,13 +222,13 @@ class TimeBudget:
         p = self.plan
         if not self.fixed or p.replan_at or p.forced or step >= p.steps:
             return False
-        return step >= p.at_step + REPLAN_AT * (p.steps - p.at_step) and len(self.since) >= REPLAN_MIN
+        return step >= p.at_step + REPLAN_AT * (p.steps - p.at_step) and self.since_n >= REPLAN_MIN
 
     def replan(self, step: int, cap: int, eval_s: float, ckpt_s: float, eval_every: int, per_epoch: int,
                ckpt_every: int) -> int:
         """Fix the final count from the step times since the calibration (module docstring)."""
         p = self.plan
-        step_s = statistics.fmean(self.since)
+        step_s = self.since_s / self.since_n
         left = AIM * p.seconds - (time.perf_counter() - self.origin) - p.final_s
         steps = plan_steps(step, cap, left, step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every)
         if dist.is_available() and dist.is_initialized():

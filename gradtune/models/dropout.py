@@ -61,3 +61,22 @@ def swap_dropouts(model: nn.Module) -> int:
                 setattr(parent, name, Dropout(child.p))
                 n += 1
     return n
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+              p: float, scale: float | None = None) -> torch.Tensor:
+    """SDPA's math path with the cheap mask on the probabilities (SDPA's own CPU dropout leaves
+    its fused kernels for the math path anyway and draws with ``bernoulli_``).
+    q (B, H, T, D), k/v (B, H, S, D), mask (T, S) or broadcastable: bool (True = attend) or
+    additive float; ``causal``: queries see keys up to their own position (aligned at the end).
+    Returns (B, H, T, D)."""
+    t, s = q.shape[2], k.shape[2]
+    if causal and mask is None and t > 1:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
+    return torch.matmul(dropout(probs, p), v)

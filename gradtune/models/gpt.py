@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradtune.models.dropout import Dropout, dropout as cheap_dropout
+from gradtune.models.dropout import Dropout, attention as dropout_attention
 
 
 @dataclass
@@ -129,20 +129,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     causal: bool, p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs) + mask) with dropout p on the probabilities, @ v: SDPA's math,
-    with the cheap CPU dropout mask. q (B, nh, T, hs), k/v (B, nh, S, hs), mask (T, S) bool."""
-    T, S = q.shape[2], k.shape[2]
-    if causal:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(cheap_dropout(probs, p), v)
-
-
 class KVCache:
     """Keys and values of past tokens per layer, preallocated (B, nkv, block_size, hs).
 
@@ -194,7 +180,7 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         dropout = cfg.dropout if self.training else 0.0
         if dropout > 0.0 and x.device.type == "cpu":  # SDPA's CPU dropout: math path + bernoulli_
-            y = masked_attention(q, k, v, mask, past == 0 and T > 1, dropout)
+            y = dropout_attention(q, k, v, mask, past == 0 and T > 1, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                is_causal=past == 0 and T > 1)  # (B, nh, T, hs)

@@ -183,11 +183,11 @@ def load_model(source: str | Path, kind: Kind = "causal_lm",
     except LOAD_ERRORS as e:  # transformers' errors for a bad folder or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
-    if gguf and not converted:
+    if gguf and not converted:  # transformers read the .gguf itself
         gguf_cache.unmark(model)
-    if gguf and not converted and converted_copy and dtype == torch.float32:
-        nbytes = sum(p.numel() * 4 for p in model.parameters())
-        gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
+        if converted_copy and dtype == torch.float32:
+            nbytes = sum(p.numel() * 4 for p in model.parameters())
+            gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
     return model.train()
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from gradtune.models.dropout import dropout as drop
+from gradtune.models.dropout import attention as dropout_attention
 
 NAME = "gradtune_sdpa"
 
@@ -38,19 +38,8 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D)
-    t, s = query.shape[2], key.shape[2]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, T, S)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    if attention_mask is None and causal and t > 1:
-        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # True = attend; a finite fill keeps all-masked rows finite
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:  # additive float mask
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(drop(probs, dropout), value)  # (B, H, T, D)
+    out = dropout_attention(query, key, value, attention_mask, causal, dropout, scaling)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
 
 
