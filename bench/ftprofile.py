@@ -38,9 +38,22 @@ def model_dir() -> Path:
 
 
 def ours(method: str, data: Path, extra: list[str]):
-    cfg = load_config(None, [f"model={model_dir()}", f"data={data}", "text.columns=[label,text]",
-                             f"method={method}", f"lr={LR[method]}", "batch_size=16", "text.max_length=128",
-                             "weight_decay=0", "clip_grad_norm=1.0", "seed=0", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"model={model_dir()}",
+            f"data={data}",
+            "text.columns=[label,text]",
+            f"method={method}",
+            f"lr={LR[method]}",
+            "batch_size=16",
+            "text.max_length=128",
+            "weight_decay=0",
+            "clip_grad_norm=1.0",
+            "seed=0",
+            *extra,
+        ],
+    )
     job = build(cfg)
     params = [p for p in job.model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, job.param_groups or params)
@@ -71,8 +84,9 @@ def hf(method: str):
     if method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
-                                                 target_modules=LORA_TARGETS))
+        model = get_peft_model(
+            model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+        )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0)
@@ -93,25 +107,34 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--table", type=int, default=20, help="rows of each op table (0: none)")
     ap.add_argument("--ours-only", action="store_true")
-    ap.add_argument("--ours", nargs="*", default=[""], help="our variants, each a space-separated settings "
-                    "string, e.g. --ours 'precision=fp32' 'precision=bf16'")
+    ap.add_argument(
+        "--ours",
+        nargs="*",
+        default=[""],
+        help="our variants, each a space-separated settings string, e.g. --ours 'precision=fp32' 'precision=bf16'",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--shapes", action="store_true", help="op tables grouped by input shapes")
     a = ap.parse_args()
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
-          f"load {os.getloadavg()}")
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
+        f"load {os.getloadavg()}"
+    )
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import plays
     import tempfile
+
+    import plays
 
     folder = Path(tempfile.mkdtemp())
     plays.write(folder)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 20000, (a.batch, 128), generator=g),
-             "attention_mask": torch.ones(a.batch, 128, dtype=torch.long),
-             "labels": torch.randint(0, 6, (a.batch,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (a.batch, 128), generator=g),
+        "attention_mask": torch.ones(a.batch, 128, dtype=torch.long),
+        "labels": torch.randint(0, 6, (a.batch,), generator=g),
+    }
     sides = {f"ours {v}".strip(): ours(a.method, folder / "train.tsv", v.split()) for v in a.ours}
     if not a.ours_only:
         sides["hf"] = hf(a.method)
@@ -126,8 +149,10 @@ def main() -> None:
             times[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
     for k, ts in times.items():
-        print(f"{k}: median {statistics.median(ts):.3f} s/step, CPU {statistics.median(cpu[k]):.3f} s/step "
-              f"({' '.join(f'{t:.2f}' for t in ts)})")
+        print(
+            f"{k}: median {statistics.median(ts):.3f} s/step, CPU {statistics.median(cpu[k]):.3f} s/step "
+            f"({' '.join(f'{t:.2f}' for t in ts)})"
+        )
     if a.table:
         from torch.profiler import ProfilerActivity, profile
 
@@ -136,9 +161,14 @@ def main() -> None:
                 for _ in range(2):
                     f(batch)
             print(f"--- {k} (2 steps)")
-            print(prof.key_averages(group_by_input_shape=a.shapes).table(sort_by="self_cpu_time_total",
-                                                                         row_limit=a.table, max_name_column_width=40,
-                                                                         max_shapes_column_width=90))
+            print(
+                prof.key_averages(group_by_input_shape=a.shapes).table(
+                    sort_by="self_cpu_time_total",
+                    row_limit=a.table,
+                    max_name_column_width=40,
+                    max_shapes_column_width=90,
+                )
+            )
 
 
 if __name__ == "__main__":

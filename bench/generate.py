@@ -47,8 +47,9 @@ from gradtune.models.generate import generate, next_token  # noqa: E402
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def uncached_before(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, max_length: int,
-                    eos: int | None = None) -> torch.Tensor:
+def uncached_before(
+    model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, max_length: int, eos: int | None = None
+) -> torch.Tensor:
     """The loop of finetune_cli.generate_run (cfa999c), one sample, greedy: the whole window
     (1, <= max_length) through the model at every step, logits (1, t, V) for all of it."""
     out = ids
@@ -93,8 +94,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's); 1 steadies figures on a machine busy with other work")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 steadies figures on a machine busy with other work",
+    )
     ap.add_argument("--run", default=None, help="a fine-tuned causal-LM run folder instead of SmolLM2 + LoRA")
     args = ap.parse_args()
     if args.threads:
@@ -105,8 +110,9 @@ def main() -> None:
         model, tokenizer, window = r.model, r.tokenizer, r.cfg.text.max_length
     else:
         model, tokenizer, window = smollm2_lora()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
     sides: dict[str, Callable[[], torch.Tensor]] = {
         "cached (generate)": lambda: generate(model, ids, args.tokens, temperature=0),
@@ -128,20 +134,28 @@ def main() -> None:
     T = ids.shape[1]
     new = {name: out[0, T:].tolist() for name, out in outs.items()}
     same = next((i for i, (a, b) in enumerate(zip(*new.values())) if a != b), min(map(len, new.values())))
-    print(f"greedy, {args.tokens} new tokens after a {T}-token prompt, batch 1, "
-          f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({lora_summary(model)}); "
-          f"old loop's window: text.max_length={window}")
+    print(
+        f"greedy, {args.tokens} new tokens after a {T}-token prompt, batch 1, "
+        f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({lora_summary(model)}); "
+        f"old loop's window: text.max_length={window}"
+    )
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:18s} median {med:7.2f} s  ({args.tokens / med:6.1f} tokens/s)  "
-              f"runs: {', '.join(f'{t:.2f}' for t in ts)}")
+        print(
+            f"  {name:18s} median {med:7.2f} s  ({args.tokens / med:6.1f} tokens/s)  "
+            f"runs: {', '.join(f'{t:.2f}' for t in ts)}"
+        )
     ratio = statistics.median(times["uncached (before)"]) / statistics.median(times["cached (generate)"])
     print(f"  speed-up: {ratio:.2f}x  (target >= 3x)")
-    print(f"  first {same} new tokens agree (they may part once the old loop's window drops the "
-          f"prompt's start, after {max(window - T, 0)} new tokens)")
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | "
-          f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (before, after each repetition); "
-          f"os.getloadavg() now {tuple(round(x, 2) for x in os.getloadavg())}")
+    print(
+        f"  first {same} new tokens agree (they may part once the old loop's window drops the "
+        f"prompt's start, after {max(window - T, 0)} new tokens)"
+    )
+    print(
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | "
+        f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (before, after each repetition); "
+        f"os.getloadavg() now {tuple(round(x, 2) for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

@@ -102,10 +102,24 @@ def litgpt_gpt2() -> torch.nn.Module:
     from litgpt.config import Config
     from litgpt.model import GPT as LitGPT
 
-    cfg = Config(name="gpt2-bench", block_size=T, vocab_size=V, padded_vocab_size=V, n_layer=4, n_head=4,
-                 n_embd=256, n_query_groups=4, rotary_percentage=0.0, parallel_residual=False, bias=True,
-                 lm_head_bias=False, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-                 gelu_approximate="tanh", intermediate_size=1024)
+    cfg = Config(
+        name="gpt2-bench",
+        block_size=T,
+        vocab_size=V,
+        padded_vocab_size=V,
+        n_layer=4,
+        n_head=4,
+        n_embd=256,
+        n_query_groups=4,
+        rotary_percentage=0.0,
+        parallel_residual=False,
+        bias=True,
+        lm_head_bias=False,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        gelu_approximate="tanh",
+        intermediate_size=1024,
+    )
     model = LitGPT(cfg)
     model.apply(model._init_weights)
     model.lm_head.weight = model.transformer.wte.weight  # tied, as ours and HF
@@ -124,18 +138,44 @@ def llama_sides() -> dict[str, torch.nn.Module]:
     c = LLAMA
     torch.manual_seed(0)
     ours = GPT(c)
-    hf_cfg = LlamaConfig(vocab_size=V, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-                         max_position_embeddings=T, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    hf_cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=T,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_cfg)
-    lit_cfg = Config(name="llama-bench", block_size=T, vocab_size=V, padded_vocab_size=V, n_layer=c.n_layer,
-                     n_head=c.n_head, n_embd=c.n_embd, n_query_groups=c.n_kv_head, rotary_percentage=1.0,
-                     parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-                     intermediate_size=c.intermediate_size, norm_eps=c.norm_eps, rope_base=int(c.rope_theta))
+    lit_cfg = Config(
+        name="llama-bench",
+        block_size=T,
+        vocab_size=V,
+        padded_vocab_size=V,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        n_query_groups=c.n_kv_head,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=c.intermediate_size,
+        norm_eps=c.norm_eps,
+        rope_base=int(c.rope_theta),
+    )
     torch.manual_seed(0)
     lit = LitGPT(lit_cfg)
     lit.apply(lit._init_weights)
@@ -154,8 +194,18 @@ def build_sides(use_compile: bool, family: str = "gpt2") -> dict[str, torch.nn.M
         return sides
     torch.manual_seed(0)
     ours = GPT(GPTConfig.preset("shakespeare"))  # 4 layers, 4 heads, C=256, T=256, V=256
-    hf_cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=256, n_layer=4, n_head=4, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf_cfg = GPT2Config(
+        vocab_size=V,
+        n_positions=T,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf_cfg._attn_implementation = "sdpa"  # HF's fastest CPU attention (flash kernel)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(hf_cfg)  # lm_head tied to wte, as ours
@@ -195,9 +245,16 @@ def make_step(model: torch.nn.Module, autocast: bool, optimizer: str) -> Callabl
     return step
 
 
-def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps: int, data: torch.Tensor,
-            peak_n: int, optimizer: str, clock: str
-            ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]], float]:
+def measure(
+    sides: dict[str, torch.nn.Module],
+    autocast: bool,
+    reps: int,
+    steps: int,
+    data: torch.Tensor,
+    peak_n: int,
+    optimizer: str,
+    clock: str,
+) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]], float]:
     """Alternating repetitions of ``steps`` steps per side, plus a matmul peak probe in each
     repetition (so the peak sees the same machine load as the steps, e.g. other processes).
     Returns per side the median tokens/s (wall) and tokens per CPU-second, the median
@@ -212,7 +269,7 @@ def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps:
     names = list(sides)
     for rep in range(reps):
         peaks.append(matmul_rate(dtype, peak_n, 0.3))
-        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate who goes first
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate who goes first
             t, c = time.perf_counter(), time.process_time()
             for i in range(steps):
                 fns[name](data[(rep * steps + i) % len(data)])
@@ -221,8 +278,13 @@ def measure(sides: dict[str, torch.nn.Module], autocast: bool, reps: int, steps:
             # (with 1 thread; with more, idle threads spin and count too).
             cpu_rates[name].append(steps * B * T / (time.process_time() - c))
     by = rates if clock == "wall" else cpu_rates
-    ratios = {name: (statistics.median(a / b for a, b in zip(r, by["hf"])),
-                     statistics.median(a / b for a, b in zip(r, by["litgpt"]))) for name, r in by.items()}
+    ratios = {
+        name: (
+            statistics.median(a / b for a, b in zip(r, by["hf"])),
+            statistics.median(a / b for a, b in zip(r, by["litgpt"])),
+        )
+        for name, r in by.items()
+    }
     medians = {name: (statistics.median(r), statistics.median(cpu_rates[name])) for name, r in rates.items()}
     return medians, ratios, statistics.median(peaks)
 
@@ -235,21 +297,34 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=8, help="alternating repetitions (fp32)")
     ap.add_argument("--steps", type=int, default=1, help="optimizer steps per repetition (fp32)")
     ap.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16")
-    ap.add_argument("--family", default="gpt2", choices=["gpt2", "llama"],
-                    help="gpt2: the GPT-2 block vs GPT2LMHeadModel; llama: the recipe's model vs LlamaForCausalLM")
-    ap.add_argument("--optimizer", default="torch-fused", choices=["torch-fused", "torch", "gradtune"],
-                    help="AdamW for every side: torch.optim.AdamW(fused=True) (default), torch's per-tensor "
-                         "loop, or gradtune's")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="ratios from wall time (quiet machine) or from this process's CPU time (a shared "
-                         "machine; use with --threads 1)")
+    ap.add_argument(
+        "--family",
+        default="gpt2",
+        choices=["gpt2", "llama"],
+        help="gpt2: the GPT-2 block vs GPT2LMHeadModel; llama: the recipe's model vs LlamaForCausalLM",
+    )
+    ap.add_argument(
+        "--optimizer",
+        default="torch-fused",
+        choices=["torch-fused", "torch", "gradtune"],
+        help="AdamW for every side: torch.optim.AdamW(fused=True) (default), torch's per-tensor loop, or gradtune's",
+    )
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="ratios from wall time (quiet machine) or from this process's CPU time (a shared "
+        "machine; use with --threads 1)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reps, steps = (1, 1) if args.quick else (args.reps, args.steps)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"CPU: {cpu_flags()}")
     print(f"at start: {load()}")
     sizes = {"fp32": matmul_size(torch.float32), "bf16": matmul_size(torch.bfloat16)}
@@ -267,10 +342,13 @@ def main() -> None:
             # bf16 matmuls are emulated on this CPU (no AVX512-BF16 / AMX): 10-50x slower than
             # fp32, so a shorter protocol keeps the run within minutes.
             m_reps, m_steps = 2, 1
-            print("note: bf16 matmul is far slower than fp32 here (no AVX512-BF16/AMX: emulated); "
-                  "bf16 runs 2 reps x 1 step")
-        rates, ratios, peaks[mode] = measure(sides, autocast, m_reps, m_steps, data, sizes[mode],
-                                             args.optimizer, args.clock)
+            print(
+                "note: bf16 matmul is far slower than fp32 here (no AVX512-BF16/AMX: emulated); "
+                "bf16 runs 2 reps x 1 step"
+            )
+        rates, ratios, peaks[mode] = measure(
+            sides, autocast, m_reps, m_steps, data, sizes[mode], args.optimizer, args.clock
+        )
         # Emulated bf16 still runs on the fp32 FMA units: their peak is the honest denominator.
         peak = max(peaks[mode], peaks.get("fp32", 0.0))
         for name, (rate, cpu_rate) in rates.items():
@@ -282,11 +360,15 @@ def main() -> None:
     col = 2 if args.clock == "wall" else 3  # "vs ours fp32" on the same clock as the ratios
     fp32_ours = next((r[col] for r in rows if r[:2] == ("fp32", "ours")), float("nan"))
     print(f"at end: {load()}  (other processes share these cores when the load exceeds 0)")
-    print(f"\n{'mode':6}{'side':>14}{'tokens/s':>11}{'tok/CPU-s':>11}{'vs hf':>8}{'vs litgpt':>11}{'vs ours fp32':>14}"
-          f"{'MFU':>8}")
+    print(
+        f"\n{'mode':6}{'side':>14}{'tokens/s':>11}{'tok/CPU-s':>11}{'vs hf':>8}{'vs litgpt':>11}{'vs ours fp32':>14}"
+        f"{'MFU':>8}"
+    )
     for mode, name, rate, cpu_rate, (vs_hf, vs_lit), mfu in rows:
-        print(f"{mode:6}{name:>14}{rate:>11.0f}{cpu_rate:>11.0f}{vs_hf:>7.2f}x{vs_lit:>10.2f}x"
-              f"{(rate, cpu_rate)[col - 2] / fp32_ours:>13.2f}x{mfu:>8.1%}")
+        print(
+            f"{mode:6}{name:>14}{rate:>11.0f}{cpu_rate:>11.0f}{vs_hf:>7.2f}x{vs_lit:>10.2f}x"
+            f"{(rate, cpu_rate)[col - 2] / fp32_ours:>13.2f}x{mfu:>8.1%}"
+        )
 
 
 if __name__ == "__main__":

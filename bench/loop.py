@@ -29,8 +29,8 @@ import torch
 
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.loop.evaluation import evaluate
 from gradtune.loop.callbacks import Callback
+from gradtune.loop.evaluation import evaluate
 from gradtune.loop.fit import fit
 
 
@@ -39,8 +39,9 @@ def plain_tutorial_loop(x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.ReLU(), torch.nn.Linear(5, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y.unsqueeze(1)),
-                                         batch_size=batch_size, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y.unsqueeze(1)), batch_size=batch_size, shuffle=True
+    )
     loss_fn = torch.nn.MSELoss()
     t0 = time.perf_counter()
     for _ in range(epochs):
@@ -61,8 +62,18 @@ class NoOp(Callback):
 
 def ours(batch_size: str, epochs: int, callbacks: list | None = None) -> float:
     # All 442 rows (val_fraction=0), as the tutorial trains: 100 epochs at batch 1 = 44,200 steps.
-    cfg = load_config(None, ["model=mlp", f"batch_size={batch_size}", "lr=0.01", f"epochs={epochs}",
-                             "progress=off", "device=cpu", "val_fraction=0"])
+    cfg = load_config(
+        None,
+        [
+            "model=mlp",
+            f"batch_size={batch_size}",
+            "lr=0.01",
+            f"epochs={epochs}",
+            "progress=off",
+            "device=cpu",
+            "val_fraction=0",
+        ],
+    )
     job = build(cfg)
     with tempfile.TemporaryDirectory() as out:  # metrics.jsonl written as `gradtune train` does
         t0 = time.perf_counter()
@@ -86,9 +97,11 @@ def compare_mlp(batch_size: str, epochs: int, repeats: int, with_callback: bool 
             c.append(ours(batch_size, epochs, [NoOp()]))
     steps = epochs * -(-len(x) // bs)
     ma, mb = statistics.median(a), statistics.median(b)
-    print(f"MLP 10-5-1 batch_size={batch_size:>4} {steps:>6} steps: gradtune {ma:7.3f}s "
-          f"({ma / steps * 1e6:6.1f} us/step)  plain loop {mb:7.3f}s ({mb / steps * 1e6:6.1f} us/step)  "
-          f"ratio {ma / mb:.3f}x")
+    print(
+        f"MLP 10-5-1 batch_size={batch_size:>4} {steps:>6} steps: gradtune {ma:7.3f}s "
+        f"({ma / steps * 1e6:6.1f} us/step)  plain loop {mb:7.3f}s ({mb / steps * 1e6:6.1f} us/step)  "
+        f"ratio {ma / mb:.3f}x"
+    )
     if c:
         mc = statistics.median(c)
         print(f"  + one no-op callback (on_step_end): {mc:7.3f}s  {mc / ma:.3f}x of gradtune without callbacks")
@@ -110,8 +123,15 @@ def steps_to_optimum(cfg_items: list[str], rel: float = 1e-6, limit: int = 20000
 def compare_linear(repeats: int) -> None:
     from sklearn.linear_model import SGDRegressor
 
-    base = ["model=linear", "batch_size=full", "progress=off", "plot=false", "val_fraction=0", "dtype=float64",
-            "device=cpu"]
+    base = [
+        "model=linear",
+        "batch_size=full",
+        "progress=off",
+        "plot=false",
+        "val_fraction=0",
+        "dtype=float64",
+        "device=cpu",
+    ]
     variants = {"GD lr 0.2": ["lr=0.2"], "GD+Nesterov lr 0.1 m 0.9": ["lr=0.1", "momentum=0.9", "nesterov=true"]}
     job = build(load_config(None, base))
     x, y = job.train.fields["x"].numpy(), job.train.fields["y"].numpy()
@@ -154,9 +174,11 @@ def main() -> None:
     args = p.parse_args()
     repeats = 1 if args.quick else args.repeats
     epochs = 10 if args.quick else 100
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}; "
-          f"medians of {repeats}, sides alternated")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}; "
+        f"medians of {repeats}, sides alternated"
+    )
     compare_mlp("1", epochs, repeats, with_callback=True)
     compare_mlp("full", epochs * 20, repeats)
     compare_linear(repeats)

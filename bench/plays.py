@@ -41,8 +41,16 @@ def spoken_words(play: str) -> list[str]:
 
 # Taken in this order when present (the 8-play corpus and the 37-play one both hold them), so the
 # set does not depend on the corpus' play order; the corpus' first plays otherwise.
-PREFERRED = ("hamlet", "macbeth", "king_lear", "othello", "romeo_and_juliet", "julius_caesar",
-             "the_tempest", "a_midsummer_night's_dream")
+PREFERRED = (
+    "hamlet",
+    "macbeth",
+    "king_lear",
+    "othello",
+    "romeo_and_juliet",
+    "julius_caesar",
+    "the_tempest",
+    "a_midsummer_night's_dream",
+)
 
 
 def plays(n_plays: int) -> list[tuple[str, list[str]]]:
@@ -58,8 +66,7 @@ def plays(n_plays: int) -> list[tuple[str, list[str]]]:
     return [(t, found[t]) for t in order[:n_plays]]
 
 
-def passages(n_plays: int = 6, per_play: int = 70, words: int = 200,
-             seed: int = 0) -> list[tuple[str, str]]:
+def passages(n_plays: int = 6, per_play: int = 70, words: int = 200, seed: int = 0) -> list[tuple[str, str]]:
     """(label, passage) rows, ``per_play`` of each play, in a seeded order."""
     rng = random.Random(seed)
     rows: list[tuple[str, str]] = []
@@ -67,13 +74,14 @@ def passages(n_plays: int = 6, per_play: int = 70, words: int = 200,
         starts = list(range(0, len(w) - words + 1, words))  # non-overlapping windows
         if len(starts) < per_play:
             raise SystemExit(f"play {title!r} has {len(starts)} passages of {words} words; asked {per_play}")
-        rows += [(title, " ".join(w[i:i + words])) for i in sorted(rng.sample(starts, per_play))]
+        rows += [(title, " ".join(w[i : i + words])) for i in sorted(rng.sample(starts, per_play))]
     rng.shuffle(rows)
     return rows
 
 
-def write(folder: Path, n_plays: int = 6, per_play: int = 70, words: int = 200, seed: int = 0,
-          test_share: float = 0.2) -> dict[str, int]:
+def write(
+    folder: Path, n_plays: int = 6, per_play: int = 70, words: int = 200, seed: int = 0, test_share: float = 0.2
+) -> dict[str, int]:
     """train.tsv / test.tsv in ``folder``, stratified by play; row counts."""
     rows = passages(n_plays, per_play, words, seed)
     n_test = round(per_play * test_share)

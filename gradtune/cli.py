@@ -31,7 +31,8 @@ def _interrupted_while_starting(signum: int, frame: Any) -> None:
 _STARTING = threading.current_thread() is threading.main_thread()
 _BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
 
-from gradtune.commands import compare, demo, eval as eval_cmd, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.commands import eval as eval_cmd  # noqa: E402
 from gradtune.runtime import distributed  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
 from gradtune.state.preempt import Preempted, command_scope  # noqa: E402

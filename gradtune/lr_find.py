@@ -82,7 +82,7 @@ def smooth(lrs: list[float], losses: list[float]) -> list[float]:
     half = max(1, round(SMOOTH_DECADES * per_decade))
     out = []
     for i in range(len(losses)):
-        window = losses[max(0, i - half): i + half + 1]
+        window = losses[max(0, i - half) : i + half + 1]
         out.append(sum(window) / len(window))
     return out
 
@@ -170,18 +170,33 @@ def plot(result: LRFind, path: Path, title: Optional[str] = None) -> Path:
     head = [v for v in result.smoothed[:end] if math.isfinite(v)] or [0.0, 1.0]
     lo, hi = min(head), max(head)
     span = max(hi - lo, 1e-12 + 1e-3 * abs(hi))
-    return plot_curves(curves, path, title or "lr range test", xlabel="learning rate", ylabel="training loss",
-                       logx=True, logy=False, marks=marks, faint=["loss per step"],
-                       ylim=(lo - 0.15 * span, hi + 0.35 * span))
+    return plot_curves(
+        curves,
+        path,
+        title or "lr range test",
+        xlabel="learning rate",
+        ylabel="training loss",
+        logx=True,
+        logy=False,
+        marks=marks,
+        faint=["loss per step"],
+        ylim=(lo - 0.15 * span, hi + 0.35 * span),
+    )
 
 
 def save(result: LRFind, path: Path, min_lr: float, max_lr: float) -> Path:
     """lr_find.json: the curve and the decision, written atomically (non-finite numbers as null)."""
+
     def num(v):
         return v if v is not None and math.isfinite(v) else None
 
-    out = {**{k: num(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(result).items()},
-           "losses": [num(v) for v in result.losses], "smoothed": [num(v) for v in result.smoothed],
-           "min_lr": min_lr, "max_lr": max_lr, "rule": RULE}
+    out = {
+        **{k: num(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(result).items()},
+        "losses": [num(v) for v in result.losses],
+        "smoothed": [num(v) for v in result.smoothed],
+        "min_lr": min_lr,
+        "max_lr": max_lr,
+        "rule": RULE,
+    }
     write_text(path, json.dumps(out, indent=1))
     return path

@@ -46,12 +46,23 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _save_extra(job, out_dir)  # what reloading needs beside the weights (tokenizer, labels)
-    summary = {"steps": result.steps, "epochs": result.epochs, "stop_reason": result.stop_reason,
-               "train_loss": result.train_loss, "val_loss": result.val_loss, "metrics": result.metrics,
-               "wall_time_s": result.wall_time, "job": job.info}
+    summary = {
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "stop_reason": result.stop_reason,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "metrics": result.metrics,
+        "wall_time_s": result.wall_time,
+        "job": job.info,
+    }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     if cfg.plot and any(r.get("kind") == "eval" for r in result.history):
-        plot_losses(result.history, out_dir / "loss.png", title=f"{cfg.model} on {Path(cfg.data).name}",
-                    optimum=job.info.get("closed_form_loss"))
+        plot_losses(
+            result.history,
+            out_dir / "loss.png",
+            title=f"{cfg.model} on {Path(cfg.data).name}",
+            optimum=job.info.get("closed_form_loss"),
+        )
     if cfg.plot:  # read back from the files just written, as for any finished run
         write_report(out_dir)

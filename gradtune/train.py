@@ -1,10 +1,10 @@
 """``train(cfg)``: build the job the config describes, run the one loop, write the outputs.
 
-    job    = jobs.build(cfg)          every input validated, nothing written yet
-    cfg    = curvature.resolve(...)   lr/momentum "auto" -> numbers (the saved config holds them)
-    outdir.check(out_dir, inputs)     out_dir is gradtune's or new; no input where it writes
-    result = loop.fit(job, cfg, out)  claims out_dir; resume, train, checkpoints, metrics.jsonl
-    outputs.save_outputs(...)         weights, config, summary, plot, reload files
+job    = jobs.build(cfg)          every input validated, nothing written yet
+cfg    = curvature.resolve(...)   lr/momentum "auto" -> numbers (the saved config holds them)
+outdir.check(out_dir, inputs)     out_dir is gradtune's or new; no input where it writes
+result = loop.fit(job, cfg, out)  claims out_dir; resume, train, checkpoints, metrics.jsonl
+outputs.save_outputs(...)         weights, config, summary, plot, reload files
 """
 
 from __future__ import annotations

@@ -10,8 +10,31 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["hello", "world", "free", "win", "prize", "call", "now", "meet", "me", "at", "home",
-         "the", "a", "is", "good", "bad", "ok", "yes", "no", "what", "time", "answer", "question"]
+WORDS = [
+    "hello",
+    "world",
+    "free",
+    "win",
+    "prize",
+    "call",
+    "now",
+    "meet",
+    "me",
+    "at",
+    "home",
+    "the",
+    "a",
+    "is",
+    "good",
+    "bad",
+    "ok",
+    "yes",
+    "no",
+    "what",
+    "time",
+    "answer",
+    "question",
+]
 
 
 def tokenizer(kind: str = "bert"):
@@ -25,12 +48,15 @@ def tokenizer(kind: str = "bert"):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "bert":
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+        )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def bert(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
@@ -38,9 +64,16 @@ def bert(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertModel(config)
     if folder is not None:
         model.save_pretrained(str(folder))
@@ -53,10 +86,19 @@ def llama(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=64, tie_word_embeddings=True,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     model = LlamaForCausalLM(config)
     if folder is not None:
         model.save_pretrained(str(folder))

@@ -16,14 +16,25 @@ from typing import Any, Optional
 
 from gradtune.runtime.atomic import write_text
 from gradtune.runtime.errors import GradtuneError
+from gradtune.telemetry.html import esc, fmt, img, page, table
 from gradtune.telemetry.plots import Line, lines_png
-from gradtune.telemetry.report import Run, esc, fmt, img, number, page, read_run, series, table
+from gradtune.telemetry.report import Run, number, read_run, series
 
 HELP = "overlay finished runs' loss curves on one page (compare.html)"
 
 # matplotlib's tab10, named in hex so the table's swatches are the curves' colours exactly
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf")
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 _HTML = (".html", ".htm")
 
 
@@ -76,8 +87,9 @@ def _overlay(runs: list[Run], names: list[str], x: str, xlabel: str, scale: Opti
         for key, label, dashed in (("loss", name, False), ("val_loss", "", True)):
             xs, ys = series(evals, key, x)
             lines.append(Line(label, [v * k for v in xs], ys, color=colour, dashed=dashed))
-    return lines_png([ln for ln in lines if ln.xs], f"loss vs {xlabel}", xlabel, "loss", style_key=True,
-                     size=(9.6, 4.6))
+    return lines_png(
+        [ln for ln in lines if ln.xs], f"loss vs {xlabel}", xlabel, "loss", style_key=True, size=(9.6, 4.6)
+    )
 
 
 def _curves(runs: list[Run], names: list[str]) -> str:
@@ -86,11 +98,17 @@ def _curves(runs: list[Run], names: list[str]) -> str:
     units = {s[0] for s in seen if s is not None}
     if None not in seen and len(units) == 1:
         unit = units.pop()
-        out.append(img(_overlay(runs, names, "epoch", f"{unit} seen", [s[1] for s in seen if s]), f"loss vs {unit} seen"))
+        out.append(
+            img(_overlay(runs, names, "epoch", f"{unit} seen", [s[1] for s in seen if s]), f"loss vs {unit} seen")
+        )
         note = ""
     else:
         lacking = [n for n, s in zip(names, seen) if s is None]
-        why = f"no n_train / n_train_tokens in the summary of {', '.join(lacking)}" if lacking else "the runs count samples and tokens"
+        why = (
+            f"no n_train / n_train_tokens in the summary of {', '.join(lacking)}"
+            if lacking
+            else "the runs count samples and tokens"
+        )
         note = f'<p class="note">No samples/tokens-seen view: {esc(why)}; steps above stand in for it.</p>'
     out.append(img(_overlay(runs, names, "wall", "wall time (s)"), "loss vs wall time"))
     return f'<div class="charts wide">{"".join(out)}</div>{note}'
@@ -100,15 +118,29 @@ def _table(runs: list[Run], names: list[str]) -> str:
     """One column per run, one row per fact: metrics differ between tasks, so a row per run
     would grow wider than the page with every task added."""
     metrics = [r.summary.get("metrics") if isinstance(r.summary.get("metrics"), dict) else {} for r in runs]
-    keys = list(dict.fromkeys(k for m in metrics for k in m if k not in ("loss", "val_loss")
-                              and not k.startswith("update_ratio_")))
-    facts: list[tuple[str, list[Any]]] = [(label, [r.summary.get(key) for r in runs]) for label, key in (
-        ("steps", "steps"), ("epochs", "epochs"), ("train loss", "train_loss"), ("validation loss", "val_loss"))]
+    keys = list(
+        dict.fromkeys(
+            k for m in metrics for k in m if k not in ("loss", "val_loss") and not k.startswith("update_ratio_")
+        )
+    )
+    facts: list[tuple[str, list[Any]]] = [
+        (label, [r.summary.get(key) for r in runs])
+        for label, key in (
+            ("steps", "steps"),
+            ("epochs", "epochs"),
+            ("train loss", "train_loss"),
+            ("validation loss", "val_loss"),
+        )
+    ]
     facts += [(k.replace("_", " "), [m.get(k) for m in metrics]) for k in keys]
-    facts += [("wall time (s)", [r.summary.get("wall_time_s") for r in runs]),
-              ("stop reason", [r.summary.get("stop_reason") for r in runs])]
-    head = [f'<span class="swatch" style="background:{_COLOURS[i % len(_COLOURS)]}"></span>{esc(n)}'
-            for i, n in enumerate(names)]
+    facts += [
+        ("wall time (s)", [r.summary.get("wall_time_s") for r in runs]),
+        ("stop reason", [r.summary.get("stop_reason") for r in runs]),
+    ]
+    head = [
+        f'<span class="swatch" style="background:{_COLOURS[i % len(_COLOURS)]}"></span>{esc(n)}'
+        for i, n in enumerate(names)
+    ]
     rows = [[esc(label)] + [esc(fmt(v)) if v is not None else "—" for v in values] for label, values in facts]
     return f'<div class="scroll">{table(["", *head], rows, raw=True)}</div>'
 

@@ -10,8 +10,12 @@ from gradtune.runtime.errors import GradtuneError
 
 
 def add(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="an optional YAML config file, then settings that override it")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG.yaml] [key=value ...]",
+        help="an optional YAML config file, then settings that override it",
+    )
 
 
 def split(items: list[str]) -> tuple[Optional[str], list[str]]:

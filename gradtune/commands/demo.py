@@ -71,20 +71,40 @@ class ExactLoss(Callback):
         self.job, self.points = job, []
 
     def on_evaluate(self, step: int, metrics: dict[str, Any]) -> None:
-        loss, _, _ = evaluate(self.job.model, self.job.objective, self.job.train, 4096, torch.device("cpu"),
-                              contextlib.nullcontext())
+        loss, _, _ = evaluate(
+            self.job.model, self.job.objective, self.job.train, 4096, torch.device("cpu"), contextlib.nullcontext()
+        )
         self.points.append((metrics["epoch"], loss))
 
 
 def _row(name: str, variant: str, lr: float, r, train_loss: float, optimum) -> list[str]:
     gap = "" if optimum is None or not math.isfinite(train_loss) else f"{(train_loss - optimum) / optimum:.2e}"
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if math.isfinite(v) and abs(v) < 1e4 else f"{v:.3g}")  # noqa: E731
-    return [name, VARIANT_NAMES[variant], f"{lr:.3g}", f"{r.epochs:g}", fmt(train_loss), fmt(r.val_loss), gap,
-            f"{r.wall_time:.2f}s", r.stop_reason]
+    return [
+        name,
+        VARIANT_NAMES[variant],
+        f"{lr:.3g}",
+        f"{r.epochs:g}",
+        fmt(train_loss),
+        fmt(r.val_loss),
+        gap,
+        f"{r.wall_time:.2f}s",
+        r.stop_reason,
+    ]
 
 
 def _print_table(rows: list[list[str]]) -> None:
-    head = ["experiment", "variant", "lr", "epochs", "train loss*", "val loss", "gap to optimum", "time", "stopped because"]
+    head = [
+        "experiment",
+        "variant",
+        "lr",
+        "epochs",
+        "train loss*",
+        "val loss",
+        "gap to optimum",
+        "time",
+        "stopped because",
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     print(line(head))
@@ -95,8 +115,9 @@ def _print_table(rows: list[list[str]]) -> None:
 
 def _experiment(base: Path, name: str, model: str, variant: str, lr: Any, extra: list[str]):
     """One run: (table row, exact-loss curve (epochs, losses), closed-form optimum or None)."""
-    cfg = load_config(None, COMMON + [f"model={model}", f"batch_size={variant}", f"lr={lr}",
-                                      f"out_dir={base / name}"] + extra)
+    cfg = load_config(
+        None, COMMON + [f"model={model}", f"batch_size={variant}", f"lr={lr}", f"out_dir={base / name}"] + extra
+    )
     job = build(cfg)
     cfg = resolve_auto(job, cfg)  # lr: auto -> the number, as `gradtune train` does
     exact = ExactLoss(job)
@@ -116,22 +137,44 @@ def _gap_curve(curve: tuple[list[float], list[float]], optimum: float) -> tuple[
 
 
 def _plots(base: Path, curves: dict, optima: dict, lrs: dict) -> None:
-    groups = {PLOTS[0]: ("Linear regression: batch vs stochastic vs mini-batch GD",
-                         ["linear-batch", "linear-sgd", "linear-minibatch"]),
-              PLOTS[2]: ("Linear regression, batch GD: learning rate too small / good / auto / too large",
-                         ["lr-too-small", "lr-good", "lr-auto", "lr-auto-nesterov", "lr-too-large"])}
+    groups = {
+        PLOTS[0]: (
+            "Linear regression: batch vs stochastic vs mini-batch GD",
+            ["linear-batch", "linear-sgd", "linear-minibatch"],
+        ),
+        PLOTS[2]: (
+            "Linear regression, batch GD: learning rate too small / good / auto / too large",
+            ["lr-too-small", "lr-good", "lr-auto", "lr-auto-nesterov", "lr-too-large"],
+        ),
+    }
     for file, (title, names) in groups.items():
-        plot_curves({f"{n} (lr {lrs[n]:.3g})": _gap_curve(curves[n], optima[n]) for n in names}, base / file,
-                    title, xlabel="epoch", ylabel="training loss - closed-form optimum", logx=True, logy=True)
+        plot_curves(
+            {f"{n} (lr {lrs[n]:.3g})": _gap_curve(curves[n], optima[n]) for n in names},
+            base / file,
+            title,
+            xlabel="epoch",
+            ylabel="training loss - closed-form optimum",
+            logx=True,
+            logy=True,
+        )
     # The MLP's optimum is not known (non-convex): its exact training loss, with the linear
     # model's optimum as the line to beat.
     names = ["mlp-batch", "mlp-sgd", "mlp-minibatch"]
     curves_mlp = {f"{n} (lr {lrs[n]:.3g})": curves[n] for n in names}
     best_linear = optima["linear-batch"]
-    curves_mlp["linear regression's optimum"] = ([min(min(c[0]) for c in curves_mlp.values()),
-                                                  max(max(c[0]) for c in curves_mlp.values())], [best_linear] * 2)
-    plot_curves(curves_mlp, base / PLOTS[1], "MLP 10-5-1: batch vs stochastic vs mini-batch GD",
-                xlabel="epoch", ylabel="training loss (exact)", logx=True, logy=True)
+    curves_mlp["linear regression's optimum"] = (
+        [min(min(c[0]) for c in curves_mlp.values()), max(max(c[0]) for c in curves_mlp.values())],
+        [best_linear] * 2,
+    )
+    plot_curves(
+        curves_mlp,
+        base / PLOTS[1],
+        "MLP 10-5-1: batch vs stochastic vs mini-batch GD",
+        xlabel="epoch",
+        ylabel="training loss (exact)",
+        logx=True,
+        logy=True,
+    )
 
 
 def run_demo(out_dir: str = "runs/demo") -> list[list[str]]:
@@ -151,13 +194,16 @@ def run_demo(out_dir: str = "runs/demo") -> list[list[str]]:
     print("* exact loss of the final weights on the training set (standardised target: 1 - R^2)")
     _plots(base, curves, optima, lrs)
     paths = draw_paths(base / PLOTS[3])
-    print(f"\nplots: {', '.join(str(base / f) for f in PLOTS[:3])}, {paths}; per-run outputs under {base}/<experiment>/")
+    print(
+        f"\nplots: {', '.join(str(base / f) for f in PLOTS[:3])}, {paths}; per-run outputs under {base}/<experiment>/"
+    )
     print(f"total time {time.perf_counter() - t0:.1f}s")
     return rows
 
 
-def _descend(x: torch.Tensor, y: torch.Tensor, w0: tuple[float, float], lr: float, batch: Any,
-             steps: int) -> tuple[list[float], list[float]]:
+def _descend(
+    x: torch.Tensor, y: torch.Tensor, w0: tuple[float, float], lr: float, batch: Any, steps: int
+) -> tuple[list[float], list[float]]:
     """The weights (w1, w2) visited by gradtune's SGD on a Linear(2, 1) from ``w0``: ``batch``
     rows a step (full / 1 / k, the sampler's seeded order), the MSE of the step's rows. The
     intercept stays at 0, the optimum's (the target is standardised, the features centred)."""
@@ -192,8 +238,9 @@ def _surface(x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, ys: torch.Tenso
 def draw_paths(path: Path) -> Path:
     """paths.png: linear regression on two diabetes features; left, batch / stochastic /
     mini-batch GD, right, batch GD at 1/L and at steps too large (1.9/L zigzags, 2.2/L diverges)."""
-    cfg = load_config(None, ["data=diabetes", f"features=[{','.join(PATH_FEATURES)}]", "val_fraction=0",
-                             "dtype=float64"])
+    cfg = load_config(
+        None, ["data=diabetes", f"features=[{','.join(PATH_FEATURES)}]", "val_fraction=0", "dtype=float64"]
+    )
     job = build(cfg)
     x, y = job.train.fields["x"], job.train.fields["y"]  # (442, 2) standardised, (442,)
     w_opt, _ = closed_form(x, y)
@@ -208,19 +255,34 @@ def draw_paths(path: Path) -> Path:
     best = job.info["closed_form_loss"]
     levels = [best + g for g in torch.logspace(-2.5, 0.7, 12).tolist()]
     opt = (float(w_opt[0]), float(w_opt[1]))
-    variants = {"batch GD (lr 0.1, 40 steps)": _descend(x, y, w0, 0.1, "full", 40),
-                "stochastic GD (lr 0.02, 1 epoch)": _descend(x, y, w0, 0.02, 1, m),
-                "mini-batch GD (32, lr 0.1, 4 epochs)": _descend(x, y, w0, 0.1, 32, 4 * -(-m // 32))}
+    variants = {
+        "batch GD (lr 0.1, 40 steps)": _descend(x, y, w0, 0.1, "full", 40),
+        "stochastic GD (lr 0.02, 1 epoch)": _descend(x, y, w0, 0.02, 1, m),
+        "mini-batch GD (32, lr 0.1, 4 epochs)": _descend(x, y, w0, 0.1, 32, 4 * -(-m // 32)),
+    }
     # Nearer for the step sizes: a 1.9/L step flips the steep component to the other side.
     near = (opt[0] - 0.55, opt[1] + 0.05)
-    steps = {f"1/L = {1 / big:.3g}": _descend(x, y, near, 1 / big, "full", 12),
-             f"1.9/L = {1.9 / big:.3g} (zigzags)": _descend(x, y, near, 1.9 / big, "full", 12),
-             f"2.2/L = {2.2 / big:.3g} (diverges)": _descend(x, y, near, 2.2 / big, "full", 10)}
+    steps = {
+        f"1/L = {1 / big:.3g}": _descend(x, y, near, 1 / big, "full", 12),
+        f"1.9/L = {1.9 / big:.3g} (zigzags)": _descend(x, y, near, 1.9 / big, "full", 12),
+        f"2.2/L = {2.2 / big:.3g} (diverges)": _descend(x, y, near, 2.2 / big, "full", 10),
+    }
     labels = (f"weight of {PATH_FEATURES[0]}", f"weight of {PATH_FEATURES[1]}")
-    panels = [PathPanel("batch vs stochastic vs mini-batch GD", xs.tolist(), ys.tolist(), z.tolist(), levels,
-                        variants, opt, labels),
-              PathPanel(f"batch GD: step size against L = {big:.3g} (largest curvature)", xs.tolist(), ys.tolist(),
-                        z.tolist(), levels, steps, opt, labels)]
+    panels = [
+        PathPanel(
+            "batch vs stochastic vs mini-batch GD", xs.tolist(), ys.tolist(), z.tolist(), levels, variants, opt, labels
+        ),
+        PathPanel(
+            f"batch GD: step size against L = {big:.3g} (largest curvature)",
+            xs.tolist(),
+            ys.tolist(),
+            z.tolist(),
+            levels,
+            steps,
+            opt,
+            labels,
+        ),
+    ]
     return plot_paths(panels, path, "Linear regression on two diabetes features: loss contours and GD paths")
 
 

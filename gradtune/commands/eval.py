@@ -21,8 +21,11 @@ HELP = "evaluate a finished run on a labelled file (default: its validation spli
 
 def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run's out_dir (or a checkpoint folder inside it)")
-    p.add_argument("--data", default=None, help="a labelled file in the training data's format "
-                                                "(default: the run's validation split)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a labelled file in the training data's format (default: the run's validation split)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (memory only)")
 
 
@@ -31,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError(f"eval: --batch-size must be >= 1, got {args.batch_size}")
     r = load_run(args.run)
     data = run_data(r, args.data)
-    loss, count, sums = evaluate(r.model, r.objective, data, args.batch_size, torch.device("cpu"),
-                                 contextlib.nullcontext())
+    loss, count, sums = evaluate(
+        r.model, r.objective, data, args.batch_size, torch.device("cpu"), contextlib.nullcontext()
+    )
     metrics = task_metrics(r.task, r.info, "", loss, count, sums)
     source = args.data or "validation split"
     print(f"eval {source}: n={len(data)} " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))

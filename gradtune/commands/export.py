@@ -33,11 +33,19 @@ def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a fine-tuning run's out_dir (or a GPT run's, for --gguf)")
     p.add_argument("--adapter", metavar="OUT", help="write the LoRA factors as a PEFT adapter folder")
     p.add_argument("--merged", metavar="OUT", help="write the model with updates folded in, as a HF folder")
-    p.add_argument("--gguf", metavar="OUT.gguf", help="write the model (updates folded in) and its tokenizer "
-                   "as one GGUF file for llama.cpp; Llama-family models only")
-    p.add_argument("--type", choices=gguf_export.TYPES, default=None,
-                   help="GGUF weight type: f32 (exact), f16 (default, half the size) or q8_0 (~quarter size, "
-                        "8-bit blocks); norm weights stay f32")
+    p.add_argument(
+        "--gguf",
+        metavar="OUT.gguf",
+        help="write the model (updates folded in) and its tokenizer "
+        "as one GGUF file for llama.cpp; Llama-family models only",
+    )
+    p.add_argument(
+        "--type",
+        choices=gguf_export.TYPES,
+        default=None,
+        help="GGUF weight type: f32 (exact), f16 (default, half the size) or q8_0 (~quarter size, "
+        "8-bit blocks); norm weights stay f32",
+    )
 
 
 def _check_gguf_dest(args: argparse.Namespace, inputs: list) -> Path:
@@ -60,9 +68,11 @@ def _vocab(r: Run) -> gguf_export.Vocab:
     """The run's tokenizer as GGUF metadata: a GGUF base's copied, else converted."""
     if r.kind == "gpt":
         if not isinstance(r.tokenizer, HFTokenizer):
-            raise GradtuneError(f"{r.folder}: trained with gradtune's {r.tokenizer.name} tokenizer, which llama.cpp "
-                                f"cannot express as a vocabulary; GGUF export needs text.tokenizer=<a byte-level "
-                                f"BPE tokenizer.json>")
+            raise GradtuneError(
+                f"{r.folder}: trained with gradtune's {r.tokenizer.name} tokenizer, which llama.cpp "
+                f"cannot express as a vocabulary; GGUF export needs text.tokenizer=<a byte-level "
+                f"BPE tokenizer.json>"
+            )
         eos = {"eos": r.tokenizer.eos_id} if r.tokenizer.eos_id is not None else {}
         return gguf_export.vocab_from_tokenizer_json(r.folder / "tokenizer.json", eos)
     folder, gguf_name = hf.resolve(r.cfg.model)
@@ -73,8 +83,9 @@ def _vocab(r: Run) -> gguf_export.Vocab:
 
 def _write_gguf(r: Run, out: Path, qtype: str) -> None:
     if r.kind == "gpt" and r.cfg.gpt.family != "llama":
-        raise GradtuneError(f"{r.folder}: GGUF export writes Llama-family models; this GPT run has "
-                            f"gpt.family: {r.cfg.gpt.family}")
+        raise GradtuneError(
+            f"{r.folder}: GGUF export writes Llama-family models; this GPT run has gpt.family: {r.cfg.gpt.family}"
+        )
     gguf_export.export_gguf(r.model, _vocab(r), out, qtype, name=run_folder(r.folder).name)
     print(f"gguf: {out} ({qtype}; llama.cpp: llama-cli -m {out})")
 
@@ -97,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
             raise GradtuneError(f"--gguf {args.gguf}: inside the export folder {dest}; write it beside, not in it")
     r = load_run(args.run)
     if dests and r.kind != "pretrained":
-        raise GradtuneError(f"{args.run}: --adapter/--merged write fine-tuned pretrained models; this run trained "
-                            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})")
+        raise GradtuneError(
+            f"{args.run}: --adapter/--merged write fine-tuned pretrained models; this run trained "
+            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})"
+        )
     if gguf_out is not None and r.kind not in ("gpt", "pretrained"):
         raise GradtuneError(f"{args.run}: GGUF export writes language models; this run trained model={r.cfg.model}")
     if gguf_out is not None:  # first: it refuses more runs than the others, before they write

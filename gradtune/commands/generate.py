@@ -33,8 +33,9 @@ def encode_prompt(r: Run, prompt: str) -> list[int]:
         return r.tokenizer.encode(prompt)
     tok = r.tokenizer
     if r.data_task == "instruction" and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(prompt)["input_ids"]
 
@@ -76,8 +77,16 @@ def run(args: argparse.Namespace) -> int:
     if limit is not None:
         ids = ids[-limit:]
     prompt = torch.tensor([ids] * args.num_samples)  # (num_samples, T): one batch, one cache
-    out = generate(r.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, eos_id=eos)
+    out = generate(
+        r.model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=eos,
+    )
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

@@ -22,8 +22,12 @@ def setup(p: argparse.ArgumentParser) -> None:
     config_args.add(p)
     p.add_argument("--min-lr", type=float, default=1e-6)
     p.add_argument("--max-lr", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sweep steps (default: {lr_find.STEPS_PER_DECADE} per decade of lr, 301 for 1e-6..10)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sweep steps (default: {lr_find.STEPS_PER_DECADE} per decade of lr, 301 for 1e-6..10)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     lr_find.plot(r, out, f"lr range test: {cfg.model} on {Path(cfg.data).name}, batch_size={cfg.batch_size}")
     data = lr_find.save(r, Path(cfg.out_dir) / "lr_find.json", args.min_lr, args.max_lr)
     end = f"diverged at lr {r.divergence:.3g}" if r.divergence is not None else "reached --max-lr"
-    print(f"lr-find: {len(r.lrs)} of {r.steps} steps from {args.min_lr:g} ({end}); loss lowest at lr "
-          f"{r.lowest:.3g}; suggested lr = {r.suggestion:.3g} (that / {lr_find.FRACTION:g})")
+    print(
+        f"lr-find: {len(r.lrs)} of {r.steps} steps from {args.min_lr:g} ({end}); loss lowest at lr "
+        f"{r.lowest:.3g}; suggested lr = {r.suggestion:.3g} (that / {lr_find.FRACTION:g})"
+    )
     if r.note:
         print(f"lr-find: note: {r.note}")
     print(f"plot: {out}; data: {data}")

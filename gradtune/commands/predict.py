@@ -36,8 +36,9 @@ HELP = "predict with a finished tabular or text classification/regression run (C
 
 def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run's out_dir (or a checkpoint folder inside it)")
-    p.add_argument("--data", required=True, help="rows in the training data's format; the target / label "
-                                                 "column may be left out")
+    p.add_argument(
+        "--data", required=True, help="rows in the training data's format; the target / label column may be left out"
+    )
     p.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (memory only)")
 
@@ -57,8 +58,10 @@ def _check_out(out: Optional[str], data: str, folder: Path) -> None:
     if target.exists() and not target.is_file():
         # The write is atomic (a new file renamed over the target): it would replace a device
         # node such as /dev/null, or a pipe, with a regular file instead of writing into it.
-        raise GradtuneError(f"predict: --out {out} is not a regular file (a device or a pipe); give a file "
-                            f"name, or leave --out out to write to stdout")
+        raise GradtuneError(
+            f"predict: --out {out} is not a regular file (a device or a pipe); give a file "
+            f"name, or leave --out out to write to stdout"
+        )
 
 
 @torch.no_grad()
@@ -97,8 +100,9 @@ def table(r: Run, logits: torch.Tensor) -> str:
     classes = r.classes or []
     probs = probabilities(logits, r.info.get("loss") == "bce")
     if probs.shape[1] != len(classes):
-        raise GradtuneError(f"{r.folder}: the model has {probs.shape[1]} outputs but the run names "
-                            f"{len(classes)} classes")
+        raise GradtuneError(
+            f"{r.folder}: the model has {probs.shape[1]} outputs but the run names {len(classes)} classes"
+        )
     w.writerow(["prediction", *(f"p_{c}" for c in classes)])
     for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
         w.writerow([classes[k], *map(repr, row)])
@@ -109,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GradtuneError(f"predict: --batch-size must be >= 1, got {args.batch_size}")
     if run_task(args.run) == "lm":
-        raise GradtuneError(f"predict: {args.run} is a language model, it has no rows to predict; "
-                            f"sample text with `gradtune generate {args.run}`")
+        raise GradtuneError(
+            f"predict: {args.run} is a language model, it has no rows to predict; "
+            f"sample text with `gradtune generate {args.run}`"
+        )
     _check_out(args.out, args.data, run_folder(Path(args.run)))
     r = load_run(args.run)
     data = run_inputs(r, args.data)

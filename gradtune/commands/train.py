@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"advice: {r.info['noise_scale']['advice']}")
     best = r.info.get("early_stopping")
     if best and best["restored"]:
-        print(f"weights: the best evaluation's, step {best['best_step']} ({best['monitor']}={best['best']:.6g}); "
-              f"its checkpoint is in {cfg.out_dir}/best/")
+        print(
+            f"weights: the best evaluation's, step {best['best_step']} ({best['monitor']}={best['best']:.6g}); "
+            f"its checkpoint is in {cfg.out_dir}/best/"
+        )
     plots = ", loss.png, report.html" if cfg.plot else ""
     print(f"outputs: {cfg.out_dir}/ (model.safetensors, metrics.jsonl, summary.json{plots})")
     return 0

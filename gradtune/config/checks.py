@@ -50,9 +50,16 @@ RANGES: dict[str, tuple[Any, str]] = {
     "plateau_cooldown": (lambda v: v >= 0, ">= 0"),
     "early_stopping.patience": (lambda v: v >= 1, ">= 1"),
     "early_stopping.min_delta": (lambda v: v >= 0, ">= 0"),
-    "callbacks": (lambda v: all(set(c) <= {"class", "args"} and isinstance(c.get("class"), str)
-                                and ":" in c["class"] and isinstance(c.get("args", {}), dict) for c in v),
-                  "a list of {class: 'package.module:Class', args: {...}}"),
+    "callbacks": (
+        lambda v: all(
+            set(c) <= {"class", "args"}
+            and isinstance(c.get("class"), str)
+            and ":" in c["class"]
+            and isinstance(c.get("args", {}), dict)
+            for c in v
+        ),
+        "a list of {class: 'package.module:Class', args: {...}}",
+    ),
     "lora.rank": (lambda v: v >= 1, ">= 1"),
     "lora.alpha": (lambda v: v > 0, "> 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -82,11 +89,15 @@ def check_auto(cfg: Config) -> None:
     which = "lr: auto" if cfg.lr == "auto" else "momentum: auto"
     if cfg.model not in ("linear", "logistic"):
         what = "a pretrained model" if is_pretrained(cfg.model) else f"model={cfg.model}"
-        raise GradtuneError(f"config: {which} is defined for the convex models (linear with mse, logistic); "
-                            f"{what} has no known curvature: give a number (gradtune lr-find suggests one)")
+        raise GradtuneError(
+            f"config: {which} is defined for the convex models (linear with mse, logistic); "
+            f"{what} has no known curvature: give a number (gradtune lr-find suggests one)"
+        )
     if cfg.optimizer != "sgd":
-        raise GradtuneError(f"config: {which} is the gradient-descent step from the curvature; "
-                            f"optimizer={cfg.optimizer} rescales steps: use optimizer=sgd or a number")
+        raise GradtuneError(
+            f"config: {which} is the gradient-descent step from the curvature; "
+            f"optimizer={cfg.optimizer} rescales steps: use optimizer=sgd or a number"
+        )
     if cfg.momentum == "auto" and cfg.lr != "auto":
         raise GradtuneError("config: momentum: auto is Nesterov's momentum for the step 1/L: set lr: auto with it")
     if cfg.momentum == "auto" and cfg.dampening != 0:
@@ -101,9 +112,16 @@ def check_combinations(cfg: Config) -> None:
     if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):
         raise GradtuneError("config: momentum/nesterov are SGD settings; AdamW uses betas")
     watches = cfg.early_stopping.enabled or cfg.schedule == "plateau"
-    if watches and cfg.early_stopping.monitor.startswith("val_") and cfg.val_fraction == 0 and not cfg.finetune.eval_data:
-        raise GradtuneError(f"config: early_stopping / schedule=plateau watch '{cfg.early_stopping.monitor}', "
-                            f"but val_fraction=0 leaves no validation data")
+    if (
+        watches
+        and cfg.early_stopping.monitor.startswith("val_")
+        and cfg.val_fraction == 0
+        and not cfg.finetune.eval_data
+    ):
+        raise GradtuneError(
+            f"config: early_stopping / schedule=plateau watch '{cfg.early_stopping.monitor}', "
+            f"but val_fraction=0 leaves no validation data"
+        )
     g = cfg.gpt
     if g.n_embd % g.n_head:
         raise GradtuneError(f"config: gpt.n_embd ({g.n_embd}) must be divisible by gpt.n_head ({g.n_head})")
@@ -118,8 +136,10 @@ def check_combinations(cfg: Config) -> None:
         parse_duration(cfg.max_time)
     if cfg.text.packing and not is_pretrained(cfg.model):
         # Our GPT trains on one continuous token stream: there are no documents to keep apart.
-        raise GradtuneError(f"config: text.packing packs the documents of a pretrained model's causal_lm / "
-                            f"instruction data; model={cfg.model} trains on one continuous stream (nothing to pack)")
+        raise GradtuneError(
+            f"config: text.packing packs the documents of a pretrained model's causal_lm / "
+            f"instruction data; model={cfg.model} trains on one continuous stream (nothing to pack)"
+        )
     check_quantize(cfg)
 
 
@@ -131,8 +151,10 @@ def check_quantize(cfg: Config) -> None:
     if not is_pretrained(cfg.model):
         raise GradtuneError(f"config: quantize={cfg.quantize} quantises a pretrained base; model={cfg.model} has none")
     if body - {"lora"}:
-        raise GradtuneError(f"config: quantize={cfg.quantize} holds the frozen base quantised: use method lora, head "
-                            f"or head+lora (method '{cfg.method}' trains base weights)")
+        raise GradtuneError(
+            f"config: quantize={cfg.quantize} holds the frozen base quantised: use method lora, head "
+            f"or head+lora (method '{cfg.method}' trains base weights)"
+        )
 
 
 def check_method(cfg: Config) -> None:
@@ -141,17 +163,22 @@ def check_method(cfg: Config) -> None:
     parts = [m.strip() for m in cfg.method.split("+") if m.strip()]
     unknown = [m for m in parts if m not in METHODS]
     if unknown or not parts:
-        raise GradtuneError(f"config: method '{cfg.method}': choose from {', '.join(METHODS)} "
-                            f"(combine with '+', e.g. head+lora)")
+        raise GradtuneError(
+            f"config: method '{cfg.method}': choose from {', '.join(METHODS)} (combine with '+', e.g. head+lora)"
+        )
     body = [m for m in parts if m != "head"]
     if len(body) > 1:
         # The transforms each decide requires_grad for the whole body: a second would overrule the first.
-        raise GradtuneError(f"config: method '{cfg.method}' combines {' and '.join(body)}; "
-                            f"combine 'head' with at most one of full, freeze, lora, bitfit")
+        raise GradtuneError(
+            f"config: method '{cfg.method}' combines {' and '.join(body)}; "
+            f"combine 'head' with at most one of full, freeze, lora, bitfit"
+        )
     f = cfg.freeze
     if "freeze" not in body and (f.patterns or f.train_last_blocks is not None):
-        raise GradtuneError(f"config: freeze.patterns / freeze.train_last_blocks apply to method 'freeze', "
-                            f"not '{cfg.method}'")
+        raise GradtuneError(
+            f"config: freeze.patterns / freeze.train_last_blocks apply to method 'freeze', not '{cfg.method}'"
+        )
     if cfg.finetune.export in ("adapter", "both") and "lora" not in body:
-        raise GradtuneError(f"config: finetune.export={cfg.finetune.export} writes a LoRA adapter; "
-                            f"method '{cfg.method}' has no LoRA")
+        raise GradtuneError(
+            f"config: finetune.export={cfg.finetune.export} writes a LoRA adapter; method '{cfg.method}' has no LoRA"
+        )

@@ -5,16 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 # A model family's own defaults, applied before the file and the command line. A language model
 # trains on text with AdamW, warm-up + cosine and clipping (nanoGPT's recipe), not on diabetes.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt": {"data": "shakespeare", "val_fraction": 0.05, "optimizer": "adamw", "lr": 1e-3, "betas": [0.9, 0.99],
-            "weight_decay": 0.1, "batch_size": 16, "schedule": "cosine", "warmup_steps": 100, "min_lr": 1e-4,
-            "clip_grad_norm": 1.0, "epochs": 1, "eval_every": 250, "precision": "auto"},
+    "gpt": {
+        "data": "shakespeare",
+        "val_fraction": 0.05,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.1,
+        "batch_size": 16,
+        "schedule": "cosine",
+        "warmup_steps": 100,
+        "min_lr": 1e-4,
+        "clip_grad_norm": 1.0,
+        "epochs": 1,
+        "eval_every": 250,
+        "precision": "auto",
+    },
     # A pretrained model (HF folder / .gguf): AdamW, one epoch, short texts; lr per method below.
-    "pretrained": {"optimizer": "adamw", "batch_size": 16, "epochs": 1, "val_fraction": 0.2,
-                   "text": {"max_length": 64}, "clip_grad_norm": 1.0, "precision": "auto"},
+    "pretrained": {
+        "optimizer": "adamw",
+        "batch_size": 16,
+        "epochs": 1,
+        "val_fraction": 0.2,
+        "text": {"max_length": 64},
+        "clip_grad_norm": 1.0,
+        "precision": "auto",
+    },
 }
 
 # Default lr per fine-tuning method: the fewer weights train, the larger the step they take. A

@@ -21,7 +21,9 @@ def parse_duration(text: str | float | int, key: str = "max_time") -> float:
         except ValueError:
             parts = _PART.findall(s)
             if not parts or "".join(n + u for n, u in parts) != s:
-                raise GradtuneError(f"config: {key}={text!r}: write a duration such as 90s, 10m, 1.5h or 1h30m") from None
+                raise GradtuneError(
+                    f"config: {key}={text!r}: write a duration such as 90s, 10m, 1.5h or 1h30m"
+                ) from None
             seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
     if not seconds > 0:
         raise GradtuneError(f"config: {key}={text!r} must be a positive duration")

@@ -23,8 +23,12 @@ from gradtune.config.schema import Config
 from gradtune.runtime.errors import GradtuneError
 
 # Settings renamed since they were introduced: old key -> new key.
-RENAMED = {"gpt.checkpointing": "gpt.activation_checkpointing",
-           "finetune.checkpointing": "finetune.activation_checkpointing"}
+RENAMED = {
+    "gpt.checkpointing": "gpt.activation_checkpointing",
+    "finetune.checkpointing": "finetune.activation_checkpointing",
+}
+
+
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
@@ -142,8 +146,9 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict[str, Any]] = None) -> Config:
+def load_config(
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None
+) -> Config:
     """Defaults <- the model family's defaults <- ``base`` <- YAML file <- ``key=value`` overrides,
     validated at each layer."""
     cfg = Config()

@@ -25,7 +25,8 @@ class GuardConfig:
 
     enabled: bool = True  # off: a NaN loss stops the run at once instead of being handled
     policy: Literal["skip", "rollback", "stop"] = "skip"  # skip: drop the step; rollback: reload last good checkpoint
-    spike_zscore: float = 0.0  # robust z-score over the window that counts as a spike; 0: off (per-sample SGD losses are heavy-tailed)
+    # robust z-score over the window that counts as a spike; 0: off (per-sample SGD losses are heavy-tailed)
+    spike_zscore: float = 0.0
     spike_window: int = 50  # steps in the running window; larger: steadier baseline, slower to adapt
     lr_factor: float = 0.5  # rollback multiplies lr by this
     max_rollbacks: int = 3  # after this many rollbacks the run stops and suggests a learning rate
@@ -44,7 +45,8 @@ class GPTSection:
     block_size: int = 256  # context length in tokens
     dropout: float = 0.0
     tie_embeddings: bool = True  # lm_head shares the token embedding
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory for one more forward pass per step
+    # recompute each block's activations in backward: less memory for one more forward pass per step
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -55,11 +57,20 @@ class TextSection:
     max_length: int = 128  # fine-tuning: tokens per example after truncation
     text_column: str = "text"
     label_column: str = "label"
-    columns: Optional[list[str]] = None  # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
-    group_by_length: bool = True  # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false: plain shuffling
-    pad_to_multiple_of: int = 8  # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores get aligned shapes)
-    length_pool: int = 8  # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less random batches)
-    packing: bool = False  # causal_lm / instruction: concatenate documents into max_length windows, no attention across documents (no padding compute, less random batches)
+    # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
+    columns: Optional[list[str]] = None
+    # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false:
+    # plain shuffling
+    group_by_length: bool = True
+    # batch lengths rounded up to a multiple: few distinct shapes, so CPU memory does not fragment (and GPU tensor cores
+    # get aligned shapes)
+    pad_to_multiple_of: int = 8
+    # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less
+    # random batches)
+    length_pool: int = 8
+    # causal_lm / instruction: concatenate documents into max_length windows, no attention across documents (no padding
+    # compute, less random batches)
+    packing: bool = False
 
 
 @dataclass
@@ -72,7 +83,8 @@ class LoraSection:
 
 @dataclass
 class FreezeSection:
-    patterns: list[str] = field(default_factory=list)  # method=freeze: parameter-name globs that train; everything else is frozen
+    # method=freeze: parameter-name globs that train; everything else is frozen
+    patterns: list[str] = field(default_factory=list)
     train_last_blocks: Optional[int] = None  # train only the last N blocks (+ head)
     embeddings: bool = True  # freeze the embeddings
 
@@ -81,13 +93,22 @@ class FreezeSection:
 class FinetuneSection:
     """Fine-tuning a pretrained model (model = a HF folder or .gguf file)."""
 
-    pooling: Literal["mean", "cls"] = "mean"  # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
+    # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
+    pooling: Literal["mean", "cls"] = "mean"
     head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
-    head_lr: Optional[float] = None  # the new head's lr when the body trains too (full, freeze, bitfit, lora); None: method head's default lr (1e-2), at least lr: a fresh head needs larger steps than pretrained weights
-    audit: bool = True  # after the first step check every trainable weight moved and every frozen one did not; hashes the trainable weights once
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward: one layer's activation memory instead of all, for one more forward pass per step; for long sequences or big models
-    eval_data: Optional[str] = None  # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
-    export: Literal["none", "adapter", "merged", "both"] = "none"  # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
+    # the new head's lr when the body trains too (full, freeze, bitfit, lora); None: method head's default lr (1e-2), at
+    # least lr: a fresh head needs larger steps than pretrained weights
+    head_lr: Optional[float] = None
+    # after the first step check every trainable weight moved and every frozen one did not; hashes the trainable weights
+    # once
+    audit: bool = True
+    # recompute each layer's activations in backward: one layer's activation memory instead of all, for one more forward
+    # pass per step; for long sequences or big models
+    activation_checkpointing: bool = False
+    # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
+    eval_data: Optional[str] = None
+    # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
+    export: Literal["none", "adapter", "merged", "both"] = "none"
 
 
 @dataclass
@@ -95,7 +116,8 @@ class DPOSection:
     """task: preference (DPO): the policy is the model with its method, the reference the frozen base."""
 
     beta: float = 0.1  # strength of the pull towards the reference; larger: stays closer to it
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate
+    # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0  # sigmoid: assumed share of flipped preference labels (conservative DPO)
 
 
@@ -118,7 +140,9 @@ class Config:
     data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
-    task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference"] = "auto"  # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction: prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO)
+    # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction:
+    # prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO)
+    task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference"] = "auto"
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
     standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
@@ -127,15 +151,21 @@ class Config:
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # MLP non-linearity
     init: str = "random"  # random (seeded) | path to a .safetensors weights file
     method: str = "full"  # fine-tuning: full | freeze | head | lora | bitfit (combine with '+')
-    quantize: Literal["none", "int8", "nf4"] = "none"  # hold the frozen base weights quantised (method lora or head): less memory, dequantised per matmul
+    # hold the frozen base weights quantised (method lora or head): less memory, dequantised per matmul
+    quantize: Literal["none", "int8", "nf4"] = "none"
     # --- objective ---------------------------------------------------------------------------
-    loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"  # auto: mse / cross_entropy; mse_half: the 1/(2m) convention
+    # auto: mse / cross_entropy; mse_half: the 1/(2m) convention
+    loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"
     label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
     huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
     # --- gradient descent ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
-    lr: Union[float, Literal["auto"]] = 0.01  # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and mu), min(2/(mu+L), 1.9/L) or 1/L (linear mse, logistic)
-    momentum: Union[float, Literal["auto"]] = 0.0  # SGD heavy-ball momentum; 0.9 typical; auto (with lr: auto): Nesterov's (sqrt(kappa)-1)/(sqrt(kappa)+1), nesterov on
+    # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and
+    # mu), min(2/(mu+L), 1.9/L) or 1/L (linear mse, logistic)
+    lr: Union[float, Literal["auto"]] = 0.01
+    # SGD heavy-ball momentum; 0.9 typical; auto (with lr: auto): Nesterov's (sqrt(kappa)-1)/(sqrt(kappa)+1), nesterov
+    # on
+    momentum: Union[float, Literal["auto"]] = 0.0
     nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
     dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
     weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
@@ -144,9 +174,13 @@ class Config:
     batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
     micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
     clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off
-    noise_scale: bool = True  # estimate the gradient noise scale (batch-size advice) when batches are split into micro-batches; one more gradient norm per step
+    # estimate the gradient noise scale (batch-size advice) when batches are split into micro-batches; one more gradient
+    # norm per step
+    noise_scale: bool = True
     # --- schedule and stopping -------------------------------------------------------------------
-    schedule: Literal["constant", "step", "exponential", "linear", "cosine", "wsd", "plateau"] = "constant"  # lr(step); decay lets SGD settle; wsd: warm-up, stable, decay; plateau: cut by gamma when the monitored validation metric stalls
+    # lr(step); decay lets SGD settle; wsd: warm-up, stable, decay; plateau: cut by gamma when the monitored validation
+    # metric stalls
+    schedule: Literal["constant", "step", "exponential", "linear", "cosine", "wsd", "plateau"] = "constant"
     warmup_steps: int = 0  # linear lr warm-up steps before the schedule (large models)
     min_lr: float = 0.0  # floor for linear/cosine decay
     gamma: float = 0.1  # step/exponential decay factor
@@ -159,16 +193,20 @@ class Config:
     plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
     epochs: int = 100  # passes over the training set
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
-    max_time: Optional[str] = None  # wall-time budget, e.g. 10m, 1h, 90s: the step budget is fixed after a short calibration, schedules run over it
+    # wall-time budget, e.g. 10m, 1h, 90s: the step budget is fixed after a short calibration, schedules run over it
+    max_time: Optional[str] = None
     tol: float = 0.0  # stop when the loss improves by less than this (relative) ...
     patience: int = 5  # ... for this many evaluations in a row
     grad_tol: float = 0.0  # stop when the gradient norm falls under this
     eval_every: Optional[int] = None  # steps between evaluations; None: once per epoch
-    eval_tokens: Optional[int] = None  # language models: intermediate evaluations on a fixed, seeded sample of this many validation tokens; the final one is full; None: always full
+    # language models: intermediate evaluations on a fixed, seeded sample of this many validation tokens; the final one
+    # is full; None: always full
+    eval_tokens: Optional[int] = None
     # --- numerics and reproducibility ------------------------------------------------------------
     seed: int = 0  # initial weights, data order and split; same seed, same run
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # bf16 autocast for matmuls (large models); auto: bf16 where a probe of the model's own step finds it faster here
+    # bf16 autocast for matmuls (large models); auto: bf16 where a probe of the model's own step finds it faster here
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model: faster steps after a warm-up
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # --- output -------------------------------------------------------------------------------
@@ -176,13 +214,17 @@ class Config:
     log_every: int = 0  # steps between log lines; 0: per evaluation only
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
     plot: bool = True  # loss-curve PNG at the end
-    log_to: list[Literal["tensorboard"]] = field(default_factory=list)  # also write the metrics to out_dir/tb/ (TensorBoard)
+    # also write the metrics to out_dir/tb/ (TensorBoard)
+    log_to: list[Literal["tensorboard"]] = field(default_factory=list)
     callbacks: list[dict] = field(default_factory=list)  # your code in the loop: [{class: pkg.mod:Class, args: {...}}]
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: Literal["auto", "never", "force"] = "auto"  # auto: continue from the newest good checkpoint
-    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # under torchrun: ddp replicates, fsdp shards (fits larger models, more traffic); auto picks
-    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks; lower: a dead or hung rank fails the run sooner, too low: slow steps abort
+    # under torchrun: ddp replicates, fsdp shards (fits larger models, more traffic); auto picks
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # seconds a collective waits for the other ranks; lower: a dead or hung rank fails the run sooner, too low: slow
+    # steps abort
+    dist_timeout: float = 300.0
     # --- sections ------------------------------------------------------------------------------
     guard: GuardConfig = field(default_factory=GuardConfig)
     gpt: GPTSection = field(default_factory=GPTSection)
@@ -190,8 +232,10 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
     dpo: DPOSection = field(default_factory=DPOSection)  # task: preference
-    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)  # stop when validation stops improving; keep the best weights
-    finetune: FinetuneSection = field(default_factory=FinetuneSection)  # pretrained models: head pooling/dropout, audit, eval_data, export
+    # stop when validation stops improving; keep the best weights
+    early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
+    # pretrained models: head pooling/dropout, audit, eval_data, export
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

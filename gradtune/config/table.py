@@ -8,22 +8,39 @@ import inspect
 
 from gradtune.config.schema import Config
 
+
 def field_docs() -> list[tuple[str, str, str]]:
     """(key, default, comment) for every top-level setting; the README table is made from this."""
-    src = inspect.getsource(Config).splitlines()
+    src = [s.strip() for s in inspect.getsource(Config).splitlines()]
     docs = []
     for f in dataclasses.fields(Config):
-        line = next((s for s in src if s.strip().startswith(f"{f.name}:")), "")
-        comment = line.split("#", 1)[1].strip() if "#" in line else ""
+        at = next((i for i, s in enumerate(src) if s.startswith(f"{f.name}:")), None)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        docs.append((f.name, repr(default), comment))
+        docs.append((f.name, repr(default), _comment(src, at)))
     return docs
+
+
+def _comment(src: list[str], at: int | None) -> str:
+    """A field's comment: on its own line, or (when that would pass 120 characters) the block above it."""
+    if at is None:
+        return ""
+    if "#" in src[at]:
+        return src[at].split("#", 1)[1].strip()
+    above = []
+    for line in reversed(src[:at]):
+        if not line.startswith("#") or line.startswith("# ---"):
+            break
+        above.insert(0, line[1:].strip())
+    return " ".join(above)
 
 
 def markdown_table() -> str:
     """The README's settings table, made from the dataclass (the single source)."""
-    sections = {f.name for f in dataclasses.fields(Config)
-                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+    sections = {
+        f.name
+        for f in dataclasses.fields(Config)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+    }
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, default, comment in field_docs():
         if key not in sections:

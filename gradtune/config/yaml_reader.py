@@ -30,8 +30,10 @@ class _Loader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise GradtuneError(f"{self.name}:{line}: duplicate key '{key}' (first at line {seen[key]}); "
-                                    f"YAML would silently keep the last one")
+                raise GradtuneError(
+                    f"{self.name}:{line}: duplicate key '{key}' (first at line {seen[key]}); "
+                    f"YAML would silently keep the last one"
+                )
             if isinstance(key, (str, int, float, bool)):
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
@@ -41,8 +43,9 @@ _Loader.yaml_implicit_resolvers = {
     k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
 
 
@@ -62,8 +65,10 @@ def _check_size(value: Any, source: str) -> None:
         n = 1 + sum(size(c, depth + 1) for c in children)
         memo[id(v)] = n
         if n > MAX_ITEMS:
-            raise GradtuneError(f"{source}: the YAML expands to more than {MAX_ITEMS:,} values "
-                                f"(aliases of aliases?); a config needs far fewer")
+            raise GradtuneError(
+                f"{source}: the YAML expands to more than {MAX_ITEMS:,} values "
+                f"(aliases of aliases?); a config needs far fewer"
+            )
         return n
 
     size(value, 0)
@@ -78,7 +83,9 @@ def parse(text: str, source: str) -> Any:
         where = f":{mark.line + 1}" if mark is not None else ""
         raise GradtuneError(f"{source}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     except RecursionError:
-        raise GradtuneError(f"{source}: nested too deeply to read (more than {MAX_DEPTH} levels is never a config)") from None
+        raise GradtuneError(
+            f"{source}: nested too deeply to read (more than {MAX_DEPTH} levels is never a config)"
+        ) from None
     _check_size(value, source)
     return value
 

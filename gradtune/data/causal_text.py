@@ -15,8 +15,9 @@ from gradtune.data.text import read_utf8
 from gradtune.data.text_tasks import DataError, data_file, read_rows
 
 
-def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
-                     text_column: str = "text", documents: bool = False) -> SequenceDataset:
+def load_causal_text(
+    path: str | Path, tokenizer: Any, max_length: int = 512, text_column: str = "text", documents: bool = False
+) -> SequenceDataset:
     """A .txt file (one document) or .jsonl (one document per line in ``text_column``);
     documents are joined with the eos token so the model learns where one ends.
     ``documents`` (text.packing): each document (with its eos) cut into windows on its own, so
@@ -35,5 +36,5 @@ def load_causal_text(path: str | Path, tokenizer: Any, max_length: int = 512,
     if max((len(s) for s in streams), default=0) < 2:
         raise DataError(f"{path}: no text to train on")
     stride = max_length - 1
-    windows = [s[i: i + max_length] for s in streams for i in range(0, len(s) - 1, stride)]
+    windows = [s[i : i + max_length] for s in streams for i in range(0, len(s) - 1, stride)]
     return SequenceDataset(windows, [list(w) for w in windows], pad_id(tokenizer))

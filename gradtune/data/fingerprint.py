@@ -56,8 +56,13 @@ def fingerprint(data: str) -> Optional[dict[str, Any]]:
         digest = _sampled_sha256(path, st.st_size)
     except OSError:
         return None
-    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
-            "whole": st.st_size <= BLOCKS * BLOCK}
+    return {
+        "file": str(path),
+        "bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": digest,
+        "whole": st.st_size <= BLOCKS * BLOCK,
+    }
 
 
 def changes(saved: Any, now: Optional[dict[str, Any]]) -> list[str]:

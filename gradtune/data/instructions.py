@@ -26,19 +26,16 @@ def _messages(row: dict[str, Any], where: str, keys: tuple[str, str, str]) -> li
     prompt_key, response_key, messages_key = keys
     if messages_key in row:
         msgs = row[messages_key]
-        if not (isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                               for m in msgs)):
+        if not (isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
             raise DataError(f"{where}: {messages_key!r} must be a list of {{role, content}} objects")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: {messages_key!r} has no assistant message to train on")
         return msgs
     for key in (prompt_key, response_key):
         if not isinstance(row.get(key), str):
-            raise DataError(f"{where}: missing {key!r} (need {prompt_key!r} and {response_key!r}, "
-                            f"or {messages_key!r})")
+            raise DataError(f"{where}: missing {key!r} (need {prompt_key!r} and {response_key!r}, or {messages_key!r})")
     system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-    return system + [{"role": "user", "content": row[prompt_key]},
-                     {"role": "assistant", "content": row[response_key]}]
+    return system + [{"role": "user", "content": row[prompt_key]}, {"role": "assistant", "content": row[response_key]}]
 
 
 def _segments(tokenizer: Any, msgs: list[dict[str, str]], where: str) -> list[Segment]:
@@ -50,12 +47,12 @@ def _segments(tokenizer: Any, msgs: list[dict[str, str]], where: str) -> list[Se
             prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
             if not prompt.startswith(done):
                 raise DataError(f"{where}: the chat template does not render turn by turn")
-            segments.append((prompt[len(done):], False))
+            segments.append((prompt[len(done) :], False))
             done = prompt
         upto = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False)
         if not upto.startswith(done):
             raise DataError(f"{where}: the chat template does not render turn by turn")
-        segments.append((upto[len(done):], m["role"] == "assistant"))
+        segments.append((upto[len(done) :], m["role"] == "assistant"))
         done = upto
     return [s for s in segments if s[0]]
 

@@ -136,13 +136,18 @@ class PackedDataset:
         position_ids = torch.zeros((B, T), dtype=torch.long)
         for r, (w, n) in enumerate(zip(rows, lengths)):
             s = int(self.offsets[w])
-            input_ids[r, :n] = self.input_ids[s: s + n]
-            labels[r, :n] = self.labels[s: s + n]
-            document_ids[r, :n] = self.document_ids[s: s + n]
-            position_ids[r, :n] = self.position_ids[s: s + n]
+            input_ids[r, :n] = self.input_ids[s : s + n]
+            labels[r, :n] = self.labels[s : s + n]
+            document_ids[r, :n] = self.document_ids[s : s + n]
+            position_ids[r, :n] = self.position_ids[s : s + n]
             position_ids[r, n:] = torch.arange(T - n)  # padding: a document of its own
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "document_ids": document_ids, "sample_id": idx}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "document_ids": document_ids,
+            "sample_id": idx,
+        }
 
 
 def pack(docs: SequenceDataset, max_length: int, seed: int) -> PackedDataset:

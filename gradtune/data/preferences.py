@@ -34,9 +34,13 @@ Messages = list[dict[str, str]]
 
 
 def _is_messages(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in value))
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
 
 
 def _response(value: Any, key: str, where: str) -> Messages:
@@ -69,8 +73,10 @@ def conversations(row: dict[str, Any], where: str) -> tuple[Messages, Messages]:
     message each."""
     for key in ("chosen", "rejected"):
         if key not in row:
-            raise DataError(f"{where}: missing {key!r} (need 'chosen' and 'rejected', and 'prompt' "
-                            f"unless they are whole conversations)")
+            raise DataError(
+                f"{where}: missing {key!r} (need 'chosen' and 'rejected', and 'prompt' "
+                f"unless they are whole conversations)"
+            )
     prompt = _prompt(row, where)
     chosen, rejected = row["chosen"], row["rejected"]
     if prompt is None:  # whole conversations: the turns they share are the prompt
@@ -102,8 +108,9 @@ class PairDataset:
     ``ref_logps`` (B, 2).
     """
 
-    def __init__(self, chosen: list[tuple[list[int], list[int]]], rejected: list[tuple[list[int], list[int]]],
-                 pad_id: int) -> None:
+    def __init__(
+        self, chosen: list[tuple[list[int], list[int]]], rejected: list[tuple[list[int], list[int]]], pad_id: int
+    ) -> None:
         if len(chosen) != len(rejected):
             raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
         self.chosen, self.rejected, self.pad_id = chosen, rejected, pad_id
@@ -117,16 +124,18 @@ class PairDataset:
     @property
     def lengths(self) -> torch.Tensor:
         """Padded length each pair needs, (N,) long: the longer of its two sequences."""
-        return torch.tensor([max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected)],
-                            dtype=torch.long)
+        return torch.tensor([max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected)], dtype=torch.long)
 
     def get(self, idx: torch.Tensor) -> Batch:
         rows = idx.tolist()
         seqs = [self.chosen[i] for i in rows] + [self.rejected[i] for i in rows]  # 2B: chosen, then rejected
         m = self.pad_multiple
-        batch = {"input_ids": pad([s[0] for s in seqs], self.pad_id, m),
-                 "attention_mask": pad([[1] * len(s[0]) for s in seqs], 0, m),
-                 "labels": pad([s[1] for s in seqs], IGNORE, m), "sample_id": idx}
+        batch = {
+            "input_ids": pad([s[0] for s in seqs], self.pad_id, m),
+            "attention_mask": pad([[1] * len(s[0]) for s in seqs], 0, m),
+            "labels": pad([s[1] for s in seqs], IGNORE, m),
+            "sample_id": idx,
+        }
         if self.ref is not None:
             batch["ref_logps"] = self.ref.index_select(0, idx)
         return batch
@@ -172,8 +181,10 @@ def load_preferences(path: str | Path, tokenizer: Any, max_length: int = 512) ->
         lines = ", ".join(map(str, same[:5])) + (f" and {len(same) - 5} more" if len(same) > 5 else "")
         warn(f"{path}: line {lines}: 'chosen' equals 'rejected'; pair dropped (nothing to prefer)")
     if not chosen:
-        raise DataError(f"{path}: no usable preference pair (each needs both responses within "
-                        f"max_length={max_length} tokens, and different)")
+        raise DataError(
+            f"{path}: no usable preference pair (each needs both responses within "
+            f"max_length={max_length} tokens, and different)"
+        )
     dataset = PairDataset(chosen, rejected, pad_id(tokenizer))
     dataset.dropped = dropped + len(same)
     return dataset

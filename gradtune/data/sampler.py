@@ -25,8 +25,15 @@ from typing import Iterator, Optional, Union
 import torch
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True,
-                lengths: Optional[torch.Tensor] = None, batch: int = 1, pool: int = 0) -> torch.Tensor:
+def epoch_order(
+    n: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    lengths: Optional[torch.Tensor] = None,
+    batch: int = 1,
+    pool: int = 0,
+) -> torch.Tensor:
     """The permutation of sample indices for ``epoch``: (n,) long. With ``lengths`` (n,) and
     ``pool`` > 0, consecutive ``batch``-sized slices are length-grouped batches (module doc);
     the one short batch, if any, stays last."""
@@ -55,16 +62,29 @@ class Step:
 def make_sampler(job, cfg) -> "Sampler":
     """The sampler a config asks for; variable-length sequences grouped by length if enabled."""
     lengths = getattr(job.train, "lengths", None) if cfg.text.group_by_length else None
-    return Sampler(len(job.train), cfg.batch_size, cfg.micro_batch_size, cfg.seed,
-                   lengths=lengths, pool=cfg.text.length_pool if lengths is not None else 0)
+    return Sampler(
+        len(job.train),
+        cfg.batch_size,
+        cfg.micro_batch_size,
+        cfg.seed,
+        lengths=lengths,
+        pool=cfg.text.length_pool if lengths is not None else 0,
+    )
 
 
 class Sampler:
     """Yields the steps of training, epoch after epoch, from a resumable position."""
 
-    def __init__(self, n: int, batch_size: Union[int, str], micro_batch_size: Optional[int] = None,
-                 seed: int = 0, shuffle: Optional[bool] = None,
-                 lengths: Optional[torch.Tensor] = None, pool: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: Union[int, str],
+        micro_batch_size: Optional[int] = None,
+        seed: int = 0,
+        shuffle: Optional[bool] = None,
+        lengths: Optional[torch.Tensor] = None,
+        pool: int = 0,
+    ) -> None:
         if n <= 0:
             raise ValueError("the training set is empty")
         self.n = n

@@ -32,8 +32,7 @@ def pad(seqs: Sequence[Sequence[int]], value: int, multiple: int = 1) -> torch.T
 class SequenceDataset:
     """``input_ids`` per sample; ``labels`` a (N,) tensor, or a list of per-token label lists."""
 
-    def __init__(self, input_ids: list[list[int]], labels: torch.Tensor | list[list[int]],
-                 pad_id: int) -> None:
+    def __init__(self, input_ids: list[list[int]], labels: torch.Tensor | list[list[int]], pad_id: int) -> None:
         if len(input_ids) != len(labels):
             raise ValueError(f"{len(input_ids)} sequences but {len(labels)} labels")
         self.input_ids, self.labels, self.pad_id = input_ids, labels, pad_id
@@ -59,13 +58,15 @@ class SequenceDataset:
             labels = pad([self.labels[i] for i in rows], IGNORE, m)
         else:
             labels = self.labels.index_select(0, idx)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "sample_id": idx}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "sample_id": idx}
 
     def subset(self, indices: Sequence[int]) -> SequenceDataset:
         """The samples at ``indices`` (e.g. a train / eval split), renumbered from 0."""
-        labels = (self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
-                  if not self.token_labels else [self.labels[i] for i in indices])
+        labels = (
+            self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+            if not self.token_labels
+            else [self.labels[i] for i in indices]
+        )
         out = SequenceDataset([self.input_ids[i] for i in indices], labels, self.pad_id)
         out.pad_multiple = self.pad_multiple
         return out

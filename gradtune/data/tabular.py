@@ -106,8 +106,10 @@ def _check_header(path: Path, header: list[str]) -> None:
         warn(f"{path}: column {', '.join(map(str, empty))} of the header has no name")
     twice = sorted({h for h in header if h and header.count(h) > 1})
     if twice:
-        warn(f"{path}: column name {', '.join(map(repr, twice))} appears more than once; "
-             f"the last column of that name is used")
+        warn(
+            f"{path}: column name {', '.join(map(repr, twice))} appears more than once; "
+            f"the last column of that name is used"
+        )
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -147,13 +149,14 @@ def _number(value: Any, path: Path, lineno: int, col: str) -> float:
     except (TypeError, ValueError):
         raise GradtuneError(f"{path}:{lineno}: column '{col}': not a number: {_cell(value)}") from None
     except OverflowError:  # a JSON integer with hundreds of digits
-        raise GradtuneError(f"{path}:{lineno}: column '{col}': {_cell(value)} is too large for a "
-                            f"float64") from None
+        raise GradtuneError(f"{path}:{lineno}: column '{col}': {_cell(value)} is too large for a float64") from None
     if not math.isfinite(v):
         raise GradtuneError(f"{path}:{lineno}: column '{col}': {_cell(value)} is not finite (NaN/inf)")
     if abs(v) > MAX_ABS:
-        raise GradtuneError(f"{path}:{lineno}: column '{col}': {_cell(value)} is too large (|value| > {MAX_ABS:g}: "
-                            f"squares and their sums overflow float64); rescale the column")
+        raise GradtuneError(
+            f"{path}:{lineno}: column '{col}': {_cell(value)} is too large (|value| > {MAX_ABS:g}: "
+            f"squares and their sums overflow float64); rescale the column"
+        )
     return v
 
 
@@ -192,8 +195,7 @@ def read_table(data: str, target: Optional[str], features: Optional[list[str]], 
 def regression_targets(table: Table, target: str) -> torch.Tensor:
     """(N,) float64; rejects non-numeric and non-finite cells with their line."""
     path = Path(table.path)
-    return torch.tensor([_number(v, path, ln, target) for v, ln in zip(table.y_raw, table.lines)],
-                        dtype=torch.float64)
+    return torch.tensor([_number(v, path, ln, target) for v, ln in zip(table.y_raw, table.lines)], dtype=torch.float64)
 
 
 def class_targets(table: Table, target: str, num_classes: Optional[int]) -> tuple[torch.Tensor, list[str]]:
@@ -212,9 +214,11 @@ def class_targets(table: Table, target: str, num_classes: Optional[int]) -> tupl
         top = max(as_int)
         if top > MAX_CLASS_ID:  # the model would need top + 1 outputs
             ln = table.lines[as_int.index(top)]
-            raise GradtuneError(f"{path}:{ln}: column '{target}': label {_cell(cells[as_int.index(top)])} is too "
-                                f"large for a class id (integer labels are ids 0..K-1, at most {MAX_CLASS_ID:,}); "
-                                f"number the classes 0..K-1 or name them")
+            raise GradtuneError(
+                f"{path}:{ln}: column '{target}': label {_cell(cells[as_int.index(top)])} is too "
+                f"large for a class id (integer labels are ids 0..K-1, at most {MAX_CLASS_ID:,}); "
+                f"number the classes 0..K-1 or name them"
+            )
         k = num_classes or (top + 1)
         for i, ln in zip(as_int, table.lines):
             if not 0 <= i < k:
@@ -245,8 +249,10 @@ def known_class_ids(table: Table, target: str, classes: list[str]) -> torch.Tens
         except (ValueError, OverflowError):
             pass
         if key not in index:
-            raise GradtuneError(f"{path}:{ln}: column '{target}': label {key!r} was not seen in training "
-                                f"(classes: {', '.join(classes[:10])})")
+            raise GradtuneError(
+                f"{path}:{ln}: column '{target}': label {key!r} was not seen in training "
+                f"(classes: {', '.join(classes[:10])})"
+            )
         ids.append(index[key])
     return torch.tensor(ids, dtype=torch.long)
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from gradtune import datasets
-from gradtune.runtime import cache, distributed
-from gradtune.runtime.atomic import atomic_path
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
 from gradtune.data.tokenizer import Tokenizer
+from gradtune.runtime import cache, distributed
+from gradtune.runtime.atomic import atomic_path
 from gradtune.runtime.errors import GradtuneError, InputError
 
 FORMAT = 1  # bump when the token file layout or the window rule changes: old files are ignored
@@ -56,11 +56,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
         return np.dtype(np.uint16)
     if vocab_size <= 1 << 32:
         return np.dtype(np.uint32)
-    raise GradtuneError(f"tokenizer vocab_size {vocab_size:,} does not fit a uint32 token file "
-                        f"(at most {1 << 32:,} ids)")
+    raise GradtuneError(
+        f"tokenizer vocab_size {vocab_size:,} does not fit a uint32 token file (at most {1 << 32:,} ids)"
+    )
 
 
 # --- files and messages shared by every data reader (tables, texts, tokenizers) -----------------
+
 
 def path_kind(path: Path) -> Optional[str]:
     """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
@@ -114,8 +116,10 @@ def read_source(data: str) -> tuple[str, bytes]:
     if data in datasets.TEXT:
         return f"embedded:{data}", datasets.text_bytes(data)
     if data in datasets.EMBEDDED:
-        raise GradtuneError(f"data '{data}' is a tabular data set; a language model trains on text "
-                            f"(data=shakespeare or a path to a .txt file)")
+        raise GradtuneError(
+            f"data '{data}' is a tabular data set; a language model trains on text "
+            f"(data=shakespeare or a path to a .txt file)"
+        )
     path = need_file(Path(data).expanduser(), "text file")
     raw = path.read_bytes()
     if not raw:
@@ -128,8 +132,9 @@ def decode_utf8(label: str, raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{label}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r}); "
-                         f"save the file as UTF-8") from None
+        raise InputError(
+            f"{label}:{line}: not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
     return text.removeprefix("\ufeff")  # a byte-order mark is not text
 
 
@@ -165,8 +170,11 @@ def _cached(meta_path: Path, bin_path: Path, tok_path: Path) -> Optional[dict]:
     """The cache entry's metadata if every file is there and consistent, else None (re-tokenise)."""
     try:
         meta = json.loads(meta_path.read_text())
-        ok = (meta.get("format") == FORMAT and tok_path.is_file()
-              and bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize)
+        ok = (
+            meta.get("format") == FORMAT
+            and tok_path.is_file()
+            and bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if ok else None
@@ -181,8 +189,9 @@ def _write_tokens(path: Path, tok: Tokenizer, text: str, dtype: np.dtype, label:
                 ids = _encode(tok, chunk)
                 if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
                     bad = int(ids.max() if ids.max() >= tok.vocab_size else ids.min())
-                    raise GradtuneError(f"{label}: tokenizer {tok.name} produced id {bad}, outside its "
-                                        f"vocab_size {tok.vocab_size}")
+                    raise GradtuneError(
+                        f"{label}: tokenizer {tok.name} produced id {bad}, outside its vocab_size {tok.vocab_size}"
+                    )
                 f.write(ids.astype(dtype.newbyteorder("<")).tobytes())
                 n += int(ids.size)
     return n
@@ -209,10 +218,18 @@ def tokenize(data: str, tokenizer: str = "byte", cache: Optional[Path] = None) -
         dtype = token_dtype(tok.vocab_size)
         tokenizers.save(tok, tok_path)
         n = _write_tokens(bin_path, tok, text, dtype, label)
-        meta = {"format": FORMAT, "source": label, "sha256": hashlib.sha256(raw).hexdigest(),
-                "tokenizer": tok.name, "fingerprint": fingerprint, "vocab_size": tok.vocab_size,
-                "dtype": dtype.name, "n_tokens": n, "text_bytes": len(raw),
-                "tokenize_s": round(time.perf_counter() - t0, 4)}
+        meta = {
+            "format": FORMAT,
+            "source": label,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "tokenizer": tok.name,
+            "fingerprint": fingerprint,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "n_tokens": n,
+            "text_bytes": len(raw),
+            "tokenize_s": round(time.perf_counter() - t0, 4),
+        }
         with atomic_path(meta_path) as tmp:  # written last: its presence marks a complete entry
             tmp.write_text(json.dumps(meta, indent=1))
     elif tok is None:  # char: the vocabulary saved with the tokens (no need to decode the text)
@@ -236,13 +253,15 @@ class TextWindows:
         self.block_size = block_size
         self.n = max((stop - start - 1) // block_size, 0)
         if self.n < 1:
-            raise GradtuneError(f"{stop - start} tokens are fewer than one window of block_size + 1 = "
-                                f"{block_size + 1} tokens")
-        span = tokens[start:start + self.n * block_size + 1]
+            raise GradtuneError(
+                f"{stop - start} tokens are fewer than one window of block_size + 1 = {block_size + 1} tokens"
+            )
+        span = tokens[start : start + self.n * block_size + 1]
         step = span.strides[0]
         # Row i starts at token i*T and spans T+1 tokens: rows share one token at their seams.
         self.windows = np.lib.stride_tricks.as_strided(
-            span, shape=(self.n, block_size + 1), strides=(block_size * step, step), writeable=False)
+            span, shape=(self.n, block_size + 1), strides=(block_size * step, step), writeable=False
+        )
         self.n_tokens = stop - start
 
     def __len__(self) -> int:
@@ -260,14 +279,18 @@ def split(tf: TokenFile, block_size: int, val_fraction: float = 0.1) -> tuple[Te
     n_val = int(n * val_fraction)
     n_train, need = n - n_val, block_size + 1
     if n_train < need:
-        raise GradtuneError(f"{tf.source}: text too short: {n:,} tokens, training split {n_train:,} "
-                            f"(val_fraction={val_fraction:g}), but one window needs block_size + 1 = {need:,}; "
-                            "use a longer text or a smaller gpt.block_size")
+        raise GradtuneError(
+            f"{tf.source}: text too short: {n:,} tokens, training split {n_train:,} "
+            f"(val_fraction={val_fraction:g}), but one window needs block_size + 1 = {need:,}; "
+            "use a longer text or a smaller gpt.block_size"
+        )
     if val_fraction > 0 and n_val < need:
-        raise GradtuneError(f"{tf.source}: text too short for validation: {n:,} tokens, validation split "
-                            f"{n_val:,} (val_fraction={val_fraction:g}), but one window needs block_size + 1 = "
-                            f"{need:,}; use a longer text, a larger val_fraction, val_fraction=0 or a smaller "
-                            "gpt.block_size")
+        raise GradtuneError(
+            f"{tf.source}: text too short for validation: {n:,} tokens, validation split "
+            f"{n_val:,} (val_fraction={val_fraction:g}), but one window needs block_size + 1 = "
+            f"{need:,}; use a longer text, a larger val_fraction, val_fraction=0 or a smaller "
+            "gpt.block_size"
+        )
     train = TextWindows(tf.tokens, block_size, 0, n_train)
     val = TextWindows(tf.tokens, block_size, n_train, n) if n_val else None
     return train, val

@@ -34,8 +34,9 @@ def data_file(path: str | Path) -> Path:
     path = Path(path)
     kind = path_kind(path)
     if kind is not None:
-        raise DataError(f"data file {str(path)!r} " + ("does not exist" if kind == "missing" else
-                                                       f"is {kind}, not a regular file"))
+        raise DataError(
+            f"data file {str(path)!r} " + ("does not exist" if kind == "missing" else f"is {kind}, not a regular file")
+        )
     return path
 
 
@@ -80,8 +81,10 @@ def _match(columns: list[str], optional: str, values: list[str], where: str) -> 
     rest = [c for c in columns if c != optional]
     if len(values) == len(rest):
         return dict(zip(rest, values))
-    raise DataError(f"{where}: expected {len(columns)} cells ({', '.join(columns)}) or {len(rest)} "
-                    f"({', '.join(rest)}), found {len(values)}")
+    raise DataError(
+        f"{where}: expected {len(columns)} cells ({', '.join(columns)}) or {len(rest)} "
+        f"({', '.join(rest)}), found {len(values)}"
+    )
 
 
 @dataclass
@@ -101,8 +104,9 @@ class LabelMap:
         index = {n: i for i, n in enumerate(self.names)}
         for label, loc in zip(labels, where):
             if label not in index:
-                raise DataError(f"{loc}: label {label!r} was not seen in training "
-                                f"(known: {', '.join(self.names[:10])})")
+                raise DataError(
+                    f"{loc}: label {label!r} was not seen in training (known: {', '.join(self.names[:10])})"
+                )
         return torch.tensor([index[s] for s in labels], dtype=torch.long)
 
     def save(self, path: str | Path) -> None:
@@ -154,8 +158,9 @@ def load_text_task(
     return SequenceDataset(ids, y, pad_id(tokenizer)), label_map
 
 
-def _labels(rows: list[Row], path: Path, task: Task, label_column: str,
-            label_map: LabelMap | None) -> tuple[torch.Tensor, LabelMap | None]:
+def _labels(
+    rows: list[Row], path: Path, task: Task, label_column: str, label_map: LabelMap | None
+) -> tuple[torch.Tensor, LabelMap | None]:
     """(N,) class ids (by ``label_map``, built here unless given) or float regression targets."""
     labels = _column(rows, path, label_column)
     where = [f"{path}:{line_no}" for line_no, _ in rows]
@@ -163,11 +168,15 @@ def _labels(rows: list[Row], path: Path, task: Task, label_column: str,
         if label_map is None:  # training data (evaluation data reuses training's map)
             label_map = LabelMap.from_labels(labels)
             if len(label_map.names) < 2:  # a one-output head gets no gradient: the audit would stop it
-                raise DataError(f"{path}: column {label_column!r} holds a single class ({labels[0]!r}); "
-                                f"a classifier needs at least two")
+                raise DataError(
+                    f"{path}: column {label_column!r} holds a single class ({labels[0]!r}); "
+                    f"a classifier needs at least two"
+                )
             if len(set(labels)) == 1:
-                warn(f"{path}: column {label_column!r} holds a single class ({labels[0]!r}): "
-                     f"there is nothing to tell apart")
+                warn(
+                    f"{path}: column {label_column!r} holds a single class ({labels[0]!r}): "
+                    f"there is nothing to tell apart"
+                )
         return label_map.ids(labels, where), label_map
     if task == "regression":
         try:

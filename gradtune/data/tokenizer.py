@@ -109,8 +109,10 @@ class CharTokenizer:
         try:
             return [self.index[c] for c in text]
         except KeyError as e:
-            raise GradtuneError(f"char tokenizer: character {e.args[0]!r} is not in its vocabulary "
-                                f"of {self.vocab_size} characters (it was never in the training text)") from None
+            raise GradtuneError(
+                f"char tokenizer: character {e.args[0]!r} is not in its vocabulary "
+                f"of {self.vocab_size} characters (it was never in the training text)"
+            ) from None
 
     def encode_array(self, text: str) -> np.ndarray:
         """``encode`` as (n,) int64, vectorised: code points (UTF-32) through a lookup table."""
@@ -146,11 +148,13 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError:
-            raise GradtuneError(f"tokenizer {path}: reading a tokenizer.json needs the tokenizers "
-                                "package (pip install tokenizers)") from None
+            raise GradtuneError(
+                f"tokenizer {path}: reading a tokenizer.json needs the tokenizers package (pip install tokenizers)"
+            ) from None
         if not path.is_file():
-            raise GradtuneError(f"tokenizer file not found: {path} (text.tokenizer is byte, char or a path "
-                                "to a tokenizer.json)")
+            raise GradtuneError(
+                f"tokenizer file not found: {path} (text.tokenizer is byte, char or a path to a tokenizer.json)"
+            )
         self.raw = path.read_bytes()
         try:
             self.tok = tokenizers.Tokenizer.from_str(self.raw.decode("utf-8"))
@@ -218,8 +222,9 @@ def load(spec: str, text: Optional[str] = None) -> Tokenizer:
     if not path.is_file():
         # A FIFO is never opened (reading it would wait for a writer); a folder is named as one.
         what = " is a folder" if path.is_dir() else " is not a regular file" if path.exists() else ""
-        raise GradtuneError(f"tokenizer file not found: {spec}{what} (text.tokenizer is byte, char or a path "
-                            "to a tokenizer.json)")
+        raise GradtuneError(
+            f"tokenizer file not found: {spec}{what} (text.tokenizer is byte, char or a path to a tokenizer.json)"
+        )
     return _from_json_file(path)
 
 

@@ -27,9 +27,7 @@ EMBEDDED: dict[str, dict[str, str]] = {
 
 
 # Embedded text corpora (language models): name -> gzip-compressed UTF-8 file in this folder.
-TEXT: dict[str, str] = {
-    "shakespeare": "shakespeare.txt.gz",
-}
+TEXT: dict[str, str] = {"shakespeare": "shakespeare.txt.gz"}
 
 
 def embedded_path(name: str) -> Path:

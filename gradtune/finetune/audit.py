@@ -1,4 +1,4 @@
-""""Did it train?": checked once, after the first optimizer step.
+""" "Did it train?": checked once, after the first optimizer step.
 
     snapshot = audit.before(model, expect_trainable)   # before the first step
     ... forward, backward, optimizer.step() ...
@@ -74,8 +74,9 @@ def before(model: nn.Module, expect_trainable: Iterable[str] | None = None) -> S
         fingerprints={n: _mark(p, p.requires_grad) for n, p in params.items()},
         trainable=frozenset(n for n, p in params.items() if p.requires_grad),
         expected=None if expect_trainable is None else frozenset(expect_trainable),
-        zero_grad_ok=frozenset(f"{n}.lora_a.weight" for n, m in lora_layers(model).items()
-                               if not m.lora_b.weight.any()),
+        zero_grad_ok=frozenset(
+            f"{n}.lora_a.weight" for n, m in lora_layers(model).items() if not m.lora_b.weight.any()
+        ),
     )
 
 
@@ -93,8 +94,11 @@ def problems(model: nn.Module, snapshot: Snapshot) -> dict[str, list[str]]:
                 found.setdefault("frozen but changed", []).append(name)
             continue
         if p.grad is None:
-            found.setdefault("trainable but no gradient (unused in forward, or inputs "
-                             "do not require grad under activation checkpointing)", []).append(name)
+            found.setdefault(
+                "trainable but no gradient (unused in forward, or inputs "
+                "do not require grad under activation checkpointing)",
+                [],
+            ).append(name)
         elif not torch.isfinite(p.grad).all():
             found.setdefault("non-finite gradient", []).append(name)
         elif name in snapshot.zero_grad_ok:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradtune.runtime.errors import InputError
 from gradtune.finetune.freeze import set_trainable
+from gradtune.runtime.errors import InputError
 
 
 def bitfit(model: nn.Module) -> nn.Module:

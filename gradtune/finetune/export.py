@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gradtune.runtime import outdir
-from gradtune.runtime.errors import InputError
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
 from gradtune.finetune.quantize import dequantized_state
+from gradtune.runtime import outdir
+from gradtune.runtime.errors import InputError
 
 
 def hf_base(model: nn.Module) -> nn.Module:
@@ -43,8 +43,9 @@ def _target_modules(base: nn.Module, lora: dict[str, LoRALinear]) -> list[str]:
     (BERT: ["key", "query", "value", "attention.output.dense"], not every "dense").
     """
     inside = tuple(f"{n}." for n in lora)
-    others = [n for n, m in base.named_modules()
-              if isinstance(m, nn.Linear) and n not in lora and not n.startswith(inside)]
+    others = [
+        n for n, m in base.named_modules() if isinstance(m, nn.Linear) and n not in lora and not n.startswith(inside)
+    ]
     targets = set()
     for name in lora:
         parts = name.split(".")
@@ -69,8 +70,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     return Path(out_dir)
 
 
-def _write_adapter(model: nn.Module, base: nn.Module, lora: dict[str, LoRALinear], out: Path,
-                   base_model_name_or_path: str) -> None:
+def _write_adapter(
+    model: nn.Module, base: nn.Module, lora: dict[str, LoRALinear], out: Path, base_model_name_or_path: str
+) -> None:
     first = next(iter(lora.values()))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in lora.items():
@@ -108,13 +110,13 @@ def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
         if owner is None:
             sd[key] = value
             continue
-        rest = key[len(owner) + 1:]
+        rest = key[len(owner) + 1 :]
         if not rest.startswith("base."):
             continue  # lora_a / lora_b
         layer = lora[owner]
         if rest == "base.weight" and not layer.merged:
             value = value + layer.delta_weight().detach()
-        sd[f"{owner}.{rest[len('base.'):]}"] = value
+        sd[f"{owner}.{rest[len('base.') :]}"] = value
     sd.update(dequantized_state(base, lora))  # a quantised base: float32 W (+ B A); not in state_dict
     return sd
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from gradtune.runtime.errors import InputError
 from gradtune.finetune.patterns import matches
+from gradtune.runtime.errors import InputError
 
 
 def set_trainable(model: nn.Module, keep: Callable[[str], bool]) -> nn.Module:
@@ -45,16 +45,16 @@ def find_blocks(model: nn.Module) -> str:
 
 def embedding_names(model: nn.Module) -> set[str]:
     """Parameter names that belong to ``nn.Embedding`` modules (token, position, type)."""
-    return {f"{mn}.{pn}" if mn else pn
-            for mn, m in model.named_modules() if isinstance(m, nn.Embedding)
-            for pn, _ in m.named_parameters(recurse=False)}
+    return {
+        f"{mn}.{pn}" if mn else pn
+        for mn, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        for pn, _ in m.named_parameters(recurse=False)
+    }
 
 
 def freeze(
-    model: nn.Module,
-    patterns: Sequence[str] = (),
-    train_last_blocks: int | None = None,
-    embeddings: bool = True,
+    model: nn.Module, patterns: Sequence[str] = (), train_last_blocks: int | None = None, embeddings: bool = True
 ) -> nn.Module:
     """Freeze everything, then train: names matching ``patterns``; the last ``train_last_blocks``
     blocks and what follows them (final norm, pooler, untied output head). ``embeddings``: keep
@@ -73,7 +73,7 @@ def freeze(
         for name, _ in model.named_parameters():  # definition order: embeddings, blocks, norm, head
             if name.startswith(blocks + "."):
                 after_blocks = True
-                if int(name[len(blocks) + 1:].split(".")[0]) >= first:
+                if int(name[len(blocks) + 1 :].split(".")[0]) >= first:
                     keep.add(name)
             elif after_blocks and last_n_blocks > 0:
                 keep.add(name)

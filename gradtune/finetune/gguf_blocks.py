@@ -36,8 +36,12 @@ TYPES = {"Q4_0": ("q4_0", 18), "Q4_1": ("q4_1", 20), "Q8_0": ("q8_0", 34)}
 BLOCK_KINDS = tuple(kind for kind, _ in TYPES.values())
 # GGUF block tensor -> HF Llama module under model.layers.{i}
 LLAMA_LINEAR = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 
@@ -46,6 +50,7 @@ LLAMA_LINEAR = {
 class Blocks:
     """One linear weight W (out, in) as blocks: ``scales`` / ``mins`` float16 (out, in / 32);
     ``codes`` uint8 (out, in / 2) for the 4-bit kinds, int8 (out, in) for q8_0."""
+
     kind: str
     codes: torch.Tensor
     scales: torch.Tensor
@@ -58,7 +63,7 @@ def split_blocks(kind: str, raw: np.ndarray) -> Blocks:
     b = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, size)  # (rows, n_blocks, bytes)
 
     def half(at: int) -> torch.Tensor:  # the f16 at byte ``at`` of each block -> (rows, n_blocks)
-        return torch.from_numpy(np.ascontiguousarray(b[..., at:at + 2]).view(np.float16)[..., 0].copy())
+        return torch.from_numpy(np.ascontiguousarray(b[..., at : at + 2]).view(np.float16)[..., 0].copy())
 
     start = 4 if kind == "q4_1" else 2
     codes = np.ascontiguousarray(b[..., start:]).reshape(raw.shape[0], -1)
@@ -66,8 +71,14 @@ def split_blocks(kind: str, raw: np.ndarray) -> Blocks:
     return Blocks(kind, torch.from_numpy(codes.copy()), half(0), half(2) if kind == "q4_1" else None)
 
 
-def dequantize_blocks(kind: str, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-                      n_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blocks(
+    kind: str,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: Optional[torch.Tensor],
+    n_in: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """W (out, n_in) in ``dtype``, computed in float32 in ggml's order (d * q, then + m)."""
     out, n_blocks = scales.shape
     if kind == "q8_0":
@@ -107,8 +118,11 @@ def read_blocks(path: str | Path, names: list[str]) -> dict[str, Blocks]:
     if arch != "llama":
         return {}
     heads = {"attn_q": reader.fields["llama.attention.head_count"].contents()}
-    heads["attn_k"] = reader.fields["llama.attention.head_count_kv"].contents() \
-        if "llama.attention.head_count_kv" in reader.fields else heads["attn_q"]
+    heads["attn_k"] = (
+        reader.fields["llama.attention.head_count_kv"].contents()
+        if "llama.attention.head_count_kv" in reader.fields
+        else heads["attn_q"]
+    )
     wanted = set(names)
     out = {}
     for t in reader.tensors:

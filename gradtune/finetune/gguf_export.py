@@ -71,22 +71,27 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # --- the network ---------------------------------------------------------------------------------
 
+
 def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """(config, state dict in our GPT's names) of our llama GPT or a HF Llama causal LM."""
     if isinstance(model, GPT):
         if model.config.family != "llama":
-            raise GradtuneError(f"GGUF export writes Llama-family models; this GPT has family "
-                                f"'{model.config.family}' (gpt.family: llama)")
+            raise GradtuneError(
+                f"GGUF export writes Llama-family models; this GPT has family "
+                f"'{model.config.family}' (gpt.family: llama)"
+            )
         return model.config, {k: v.detach() for k, v in model.state_dict().items()}
     if isinstance(model, EncoderWithHead) or not hasattr(model, "config"):
-        raise GradtuneError("GGUF export writes causal language models; this model is an encoder "
-                            "with a classification/regression head")
+        raise GradtuneError(
+            "GGUF export writes causal language models; this model is an encoder with a classification/regression head"
+        )
     base = hf_base(model)
     hf_config = base.config.to_dict()
     kind = hf_config.get("model_type")
     if kind != "llama" or not hasattr(base, "lm_head"):
-        raise GradtuneError(f"GGUF export writes Llama-family causal LMs; this model is "
-                            f"{type(base).__name__} (model_type '{kind}')")
+        raise GradtuneError(
+            f"GGUF export writes Llama-family causal LMs; this model is {type(base).__name__} (model_type '{kind}')"
+        )
     try:
         cfg = config_from_hf(hf_config)
     except ValueError as e:
@@ -97,11 +102,11 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
 
 def gguf_tensors(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our llama state dict -> llama.cpp tensor names (float32, q/k rows permuted)."""
-    out = {"token_embd.weight": sd["transformer.wte.weight"],
-           "output_norm.weight": sd["transformer.ln_f.weight"]}
-    sizes = {"attn.c_attn.weight": [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
-                                    cfg.n_kv_head * cfg.head_dim],
-             "mlp.c_fc.weight": [cfg.intermediate_size, cfg.intermediate_size]}
+    out = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"]}
+    sizes = {
+        "attn.c_attn.weight": [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim],
+        "mlp.c_fc.weight": [cfg.intermediate_size, cfg.intermediate_size],
+    }
     for i in range(cfg.n_layer):
         for ours, parts in LLAMA_BLOCK.items():
             t = sd[f"transformer.h.{i}.{ours}"]
@@ -156,8 +161,10 @@ def _add_vocab(writer: Any, vocab: Vocab, rows: int) -> None:
 
     n = len(vocab.tokens)
     if n > rows:
-        raise GradtuneError(f"{vocab.source}: the tokenizer has {n} tokens but the model's embedding has "
-                            f"{rows} rows: they do not belong together")
+        raise GradtuneError(
+            f"{vocab.source}: the tokenizer has {n} tokens but the model's embedding has "
+            f"{rows} rows: they do not belong together"
+        )
     pad = [f"[PAD{i}]" for i in range(n, rows)]
     writer.add_token_list(vocab.tokens + pad)
     writer.add_token_types(vocab.token_types + [UNUSED] * len(pad))
@@ -222,6 +229,7 @@ def write_new(target: Path, write: Any) -> None:
 
 # --- the tokenizer -------------------------------------------------------------------------------
 
+
 def vocab_from_gguf(path: str | Path) -> Vocab:
     """Every ``tokenizer.*`` key of an existing GGUF file, as written there."""
     import gguf
@@ -249,22 +257,33 @@ def vocab_from_gguf(path: str | Path) -> Vocab:
 def _pre_tokenizer(pre: Any, where: str) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` name for a tokenizer.json pre-tokenizer it splits the
     same way; anything else is refused (a different split gives different tokens)."""
+
     def byte_level(p: Any) -> bool:
         return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
 
     if byte_level(pre):
         return "gpt-2"  # GPT-2's regex, then bytes
     steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
-    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
-            and byte_level(steps[1])):
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Digits"
+        and steps[0].get("individual_digits")
+        and byte_level(steps[1])
+    ):
         return "smollm"  # each digit alone, then GPT-2's regex (SmolLM, StarCoder)
     kind = pre.get("type") if isinstance(pre, dict) else pre
-    raise GradtuneError(f"{where}: pre-tokenizer {kind!r} has no llama.cpp equivalent gradtune can name "
-                        f"(byte-level BPE with GPT-2's split, optionally digits split first)")
+    raise GradtuneError(
+        f"{where}: pre-tokenizer {kind!r} has no llama.cpp equivalent gradtune can name "
+        f"(byte-level BPE with GPT-2's split, optionally digits split first)"
+    )
 
 
-def vocab_from_tokenizer_json(path: str | Path, specials: Optional[dict[str, int]] = None,
-                              add_bos: bool = False, chat_template: Optional[str] = None) -> Vocab:
+def vocab_from_tokenizer_json(
+    path: str | Path,
+    specials: Optional[dict[str, int]] = None,
+    add_bos: bool = False,
+    chat_template: Optional[str] = None,
+) -> Vocab:
     """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary: tokens (added tokens
     included: special ones as CONTROL, others USER_DEFINED), merges, pre-tokenizer name.
     ``specials``: {"bos"|"eos"|"unk"|"pad": token id}."""
@@ -276,14 +295,22 @@ def vocab_from_tokenizer_json(path: str | Path, specials: Optional[dict[str, int
         model = spec["model"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise GradtuneError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or model.get("continuing_subword_prefix")
+        or model.get("end_of_word_suffix")
+    ):
         what = "SentencePiece-style BPE" if model.get("type") == "BPE" else f"model {model.get('type')!r}"
-        raise GradtuneError(f"{path}: {what} is not a byte-level BPE; GGUF export writes llama.cpp's "
-                            f"'gpt2' vocabulary only (or copies a GGUF base's tokenizer)")
+        raise GradtuneError(
+            f"{path}: {what} is not a byte-level BPE; GGUF export writes llama.cpp's "
+            f"'gpt2' vocabulary only (or copies a GGUF base's tokenizer)"
+        )
     if spec.get("normalizer"):
-        raise GradtuneError(f"{path}: has a normalizer ({spec['normalizer'].get('type')}), which llama.cpp's "
-                            f"'gpt2' vocabulary does not apply")
+        raise GradtuneError(
+            f"{path}: has a normalizer ({spec['normalizer'].get('type')}), which llama.cpp's "
+            f"'gpt2' vocabulary does not apply"
+        )
     pre = _pre_tokenizer(spec.get("pre_tokenizer"), str(path))
     ids: dict[int, tuple[str, int]] = {i: (tok, NORMAL) for tok, i in model["vocab"].items()}
     for added in spec.get("added_tokens") or []:
@@ -295,8 +322,10 @@ def vocab_from_tokenizer_json(path: str | Path, specials: Optional[dict[str, int
         raise GradtuneError(f"{path}: a BPE with no merges; llama.cpp's 'gpt2' vocabulary needs them")
     t = gguf.GGUFValueType
     extra: list[tuple[str, Any, Any, Any]] = [
-        ("tokenizer.ggml.model", "gpt2", t.STRING, None), ("tokenizer.ggml.pre", pre, t.STRING, None),
-        ("tokenizer.ggml.merges", merges, t.ARRAY, t.STRING)]
+        ("tokenizer.ggml.model", "gpt2", t.STRING, None),
+        ("tokenizer.ggml.pre", pre, t.STRING, None),
+        ("tokenizer.ggml.merges", merges, t.ARRAY, t.STRING),
+    ]
     for name, i in (specials or {}).items():
         key = "unknown" if name == "unk" else "padding" if name == "pad" else name
         extra.append((f"tokenizer.ggml.{key}_token_id", int(i), t.UINT32, None))
@@ -336,5 +365,4 @@ def vocab_from_hf_folder(folder: str | Path) -> Vocab:
         content = value.get("content") if isinstance(value, dict) else value
         if content in index:
             specials[name] = index[content]
-    return vocab_from_tokenizer_json(folder / "tokenizer.json", specials, bool(config.get("add_bos_token")),
-                                     template)
+    return vocab_from_tokenizer_json(folder / "tokenizer.json", specials, bool(config.get("add_bos_token")), template)

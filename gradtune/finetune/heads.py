@@ -29,8 +29,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
 class EncoderWithHead(nn.Module):
     """``body`` is the pretrained encoder (kept whole so it saves and exports as HF expects)."""
 
-    def __init__(self, body: nn.Module, num_outputs: int, pooling: Pooling = "mean",
-                 dropout: float = 0.1) -> None:
+    def __init__(self, body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.1) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
@@ -42,8 +41,9 @@ class EncoderWithHead(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)  # BERT's initializer_range
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **_: torch.Tensor) -> torch.Tensor:  # -> logits or predictions (B, K)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: torch.Tensor
+    ) -> torch.Tensor:  # -> logits or predictions (B, K)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -51,8 +51,7 @@ class EncoderWithHead(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-def add_head(body: nn.Module, num_outputs: int, pooling: Pooling = "mean",
-             dropout: float = 0.1) -> EncoderWithHead:
+def add_head(body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.1) -> EncoderWithHead:
     """Wrap ``body`` with a fresh, trainable head; the body's ``requires_grad`` flags are left as
     the fine-tuning method set them (frozen for ``head``, LoRA-only for ``lora``...).
 

@@ -14,14 +14,20 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from gradtune.runtime.errors import InputError
 from gradtune.finetune.patterns import matches
+from gradtune.runtime.errors import InputError
 
 # Attention projections under the names of the common families: Llama/Mistral/Qwen (q_proj...),
 # BERT/MiniLM (query, key, value and the output dense of the attention block).
 DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj",
-    "query", "key", "value", "*.attention.output.dense",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "query",
+    "key",
+    "value",
+    "*.attention.output.dense",
 )
 
 
@@ -50,8 +56,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         w = self.lora_a.weight
-        if (type(self.base) is nn.Linear and x.dtype == w.dtype == self.base.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
+        if (
+            type(self.base) is nn.Linear
+            and x.dtype == w.dtype == self.base.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
             return self._fused(x)
         y = self.base(x)
         h = self.lora_a(self.dropout(x).to(self.lora_a.weight.dtype))  # (..., rank)
@@ -65,8 +74,9 @@ class LoRALinear(nn.Module):
         in backward). Saves the (N, out) product, scaled product and sum of ``forward`` and
         their backward passes; equal to ``forward`` up to float rounding."""
         base, rows = self.base, x.reshape(-1, x.shape[-1])  # (N, in)
-        y = (torch.addmm(base.bias, rows, base.weight.t()) if base.bias is not None
-             else rows.mm(base.weight.t()))  # (N, out)
+        y = (
+            torch.addmm(base.bias, rows, base.weight.t()) if base.bias is not None else rows.mm(base.weight.t())
+        )  # (N, out)
         h = self.lora_a(self.dropout(rows))  # (N, rank)
         return y.addmm_(h, self.lora_b.weight.t(), alpha=self.scaling).view(*x.shape[:-1], y.shape[-1])
 
@@ -94,11 +104,7 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(
-    model: nn.Module,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets: Sequence[str] = DEFAULT_TARGETS
 ) -> nn.Module:
     """Wrap every ``nn.Linear`` whose name matches ``targets``; freeze all but the LoRA factors.
 

@@ -5,8 +5,8 @@
 ``method`` says what in the pretrained body trains (full | freeze | lora | bitfit, or 'head'
 alone: the body frozen); ``quantize`` (int8 | nf4) first replaces the body's linear layers by
 ``QuantLinear`` (codes + scales, dequantised per matmul; not the output embedding), so LoRA
-wraps quantised bases and the head is added in float32; ``num_outputs`` (set by the task) adds a head on the pooled encoder
-output, and the head always trains. The sections are passed exactly as the config holds them
+wraps quantised bases and the head is added in float32; ``num_outputs`` (set by the task) adds a head on the
+pooled encoder output, and the head always trains. The sections are passed exactly as the config holds them
 (``cfg.lora``, ``cfg.freeze``, ``cfg.finetune``), already validated by ``gradtune.config``.
 ``trainable`` is the set of parameter names the method declares trainable, for
 ``audit.before(model, trainable)``.
@@ -18,7 +18,8 @@ from torch import nn
 
 from gradtune.config.schema import METHODS, FinetuneSection, FreezeSection, LoraSection
 from gradtune.finetune.bitfit import bitfit
-from gradtune.finetune.freeze import freeze as freeze_layers, full
+from gradtune.finetune.freeze import freeze as freeze_layers
+from gradtune.finetune.freeze import full
 from gradtune.finetune.heads import add_head
 from gradtune.finetune.lora import DEFAULT_TARGETS, apply_lora
 from gradtune.finetune.quantize import KINDS, quantize_model
@@ -31,10 +32,17 @@ def body_method(method: str) -> str:
     return body[0] if body else "head"
 
 
-def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
-          lora: LoraSection | None = None, freeze: FreezeSection | None = None,
-          finetune: FinetuneSection | None = None, quantize: str = "none",
-          source: str | None = None) -> tuple[nn.Module, frozenset[str]]:
+def apply(
+    model: nn.Module,
+    method: str,
+    num_outputs: int | None = None,
+    *,
+    lora: LoraSection | None = None,
+    freeze: FreezeSection | None = None,
+    finetune: FinetuneSection | None = None,
+    quantize: str = "none",
+    source: str | None = None,
+) -> tuple[nn.Module, frozenset[str]]:
     """Transform ``model`` per ``method``; add a head when ``num_outputs`` is given. ``source``:
     the model's source, so that a .gguf base keeps its own quantised blocks under ``quantize``.
 
@@ -48,8 +56,10 @@ def apply(model: nn.Module, method: str, num_outputs: int | None = None, *,
     lora, freeze, finetune = lora or LoraSection(), freeze or FreezeSection(), finetune or FinetuneSection()
     if quantize != "none":
         if quantize not in KINDS or body not in ("head", "lora"):
-            raise InputError(f"quantize={quantize} holds a frozen base quantised: use one of {', '.join(KINDS)} "
-                             f"with method lora, head or head+lora (not '{method}')")
+            raise InputError(
+                f"quantize={quantize} holds a frozen base quantised: use one of {', '.join(KINDS)} "
+                f"with method lora, head or head+lora (not '{method}')"
+            )
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         quantize_model(model, quantize, skip=[out], source=source)  # before LoRA wraps them, before any head
     if body == "full":

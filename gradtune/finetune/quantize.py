@@ -44,12 +44,27 @@ from gradtune.runtime.errors import InputError
 BLOCK = 64  # weights per scale, along the input dimension
 KINDS = ("int8", "nf4")
 # QLoRA's NormalFloat4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
-NF4 = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4 = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 # Byte -> its two levels (high nibble first): one gather per byte when dequantising. (256, 2)
 _NF4_PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]], dim=-1)
 _ROWS = 256  # rows per chunk in nf4's nearest-level search: its (rows, in, 16) temporary stays small
@@ -79,8 +94,8 @@ def nf4_codes(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1)
     out = torch.empty(flat.shape, dtype=torch.uint8)
     for i in range(0, flat.shape[0], _ROWS):
-        rows = flat[i:i + _ROWS]
-        out[i:i + _ROWS] = (rows[..., None] - NF4).abs().argmin(dim=-1).to(torch.uint8)
+        rows = flat[i : i + _ROWS]
+        out[i : i + _ROWS] = (rows[..., None] - NF4).abs().argmin(dim=-1).to(torch.uint8)
     return out.reshape(x.shape)
 
 
@@ -100,8 +115,14 @@ def unpack_nf4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).long()
 
 
-def dequantize(kind: str, codes: torch.Tensor, scales: torch.Tensor, n_in: int,
-               dtype: torch.dtype = torch.float32, pairs: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    kind: str,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    n_in: int,
+    dtype: torch.dtype = torch.float32,
+    pairs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """W' (out, n_in) in ``dtype``: computed in float32, then cast. ``pairs``: the nf4 byte table
     already on the codes' device (else copied there)."""
     out, n_blocks = scales.shape
@@ -173,8 +194,10 @@ class QuantLinear(nn.Linear):
         return _DequantMatmul.apply(x, self)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, kind={self.kind}, block={self.block}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, kind={self.kind}, block={self.block}"
+        )
 
 
 def _release() -> None:
@@ -188,16 +211,16 @@ def _release() -> None:
             pass
 
 
-def quantize_model(model: nn.Module, kind: str, skip: Iterable[nn.Module | None] = (),
-                   source: str | Path | None = None) -> list[str]:
+def quantize_model(
+    model: nn.Module, kind: str, skip: Iterable[nn.Module | None] = (), source: str | Path | None = None
+) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` but those in ``skip`` by a ``QuantLinear``, one
     at a time, so each float weight is freed as soon as its codes exist. In place; returns the
     names replaced. Raises ``InputError`` if there is none. ``source``: the model's source; when
     it is a .gguf file, layers stored there as Q4_0 / Q4_1 / Q8_0 keep those blocks (``kind``
     applies to the rest)."""
     skipped = {id(m) for m in skip if m is not None}
-    names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and id(m) not in skipped]  # noqa: E721 (not QuantLinear)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and id(m) not in skipped]  # noqa: E721 (not QuantLinear)
     if not names:
         raise InputError(f"quantize={kind}: {type(model).__name__} has no linear layer to quantise")
     path = gguf_file(source)
@@ -231,7 +254,7 @@ def dequantized_state(model: nn.Module, lora: dict[str, nn.Module]) -> dict[str,
     folded in: what a merged export needs, the buffers being absent from ``state_dict``."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in quant_layers(model).items():
-        owner = name[:-len(".base")] if name.endswith(".base") else None
+        owner = name[: -len(".base")] if name.endswith(".base") else None
         wrapper = lora.get(owner) if owner is not None else None
         key = owner if wrapper is not None else name
         w = layer.dequantize()

@@ -79,8 +79,9 @@ def _design_op(x: torch.Tensor) -> Op:
     return op
 
 
-def power_iteration(op: Op, n: int, tol: float = 1e-13, max_iter: int = 20000, seed: int = 0,
-                    ref: Optional[float] = None) -> float:
+def power_iteration(
+    op: Op, n: int, tol: float = 1e-13, max_iter: int = 20000, seed: int = 0, ref: Optional[float] = None
+) -> float:
     """Largest eigenvalue of the symmetric PSD operator ``op`` on R^n, to relative ``tol``.
 
     Stops when the eigen-residual |A v - rho v| <= tol * (``ref`` or rho), rho the Rayleigh
@@ -154,8 +155,10 @@ def resolve(job: Job, cfg: Config) -> tuple[Config, Optional[dict[str, Any]]]:
         return cfg, None
     loss = job.info.get("loss")
     if loss not in ("mse", "mse_half", "cross_entropy", "bce"):
-        raise GradtuneError(f"config: lr: auto needs loss mse, mse_half (linear) or cross_entropy, bce "
-                            f"(logistic); loss '{loss}' has no curvature formula here")
+        raise GradtuneError(
+            f"config: lr: auto needs loss mse, mse_half (linear) or cross_entropy, bce "
+            f"(logistic); loss '{loss}' has no curvature formula here"
+        )
     c = curvature(job, cfg)
     if c.L <= 0:
         raise GradtuneError("config: lr: auto: the training features are all zero: there is no curvature to step by")
@@ -163,12 +166,17 @@ def resolve(job: Job, cfg: Config) -> tuple[Config, Optional[dict[str, Any]]]:
     kappa = c.L / c.mu if c.mu else None
     if cfg.momentum == "auto":
         if kappa is None:
-            raise GradtuneError(f"config: momentum: auto needs the smallest curvature mu > 0, which "
-                                f"model={cfg.model} does not have here (set weight_decay > 0, or a number)")
+            raise GradtuneError(
+                f"config: momentum: auto needs the smallest curvature mu > 0, which "
+                f"model={cfg.model} does not have here (set weight_decay > 0, or a number)"
+            )
         lr, mom = 1 / c.L, (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
         # Nesterov's bound: the gap shrinks by (1 - kappa^-0.5) per step, i.e. q^2 with q below.
-        info.update(rule="1/L", momentum_rule="(sqrt(kappa)-1)/(sqrt(kappa)+1), nesterov",
-                    predicted_steps=_steps(math.sqrt(1 - 1 / math.sqrt(kappa))))
+        info.update(
+            rule="1/L",
+            momentum_rule="(sqrt(kappa)-1)/(sqrt(kappa)+1), nesterov",
+            predicted_steps=_steps(math.sqrt(1 - 1 / math.sqrt(kappa))),
+        )
         new = dataclasses.replace(cfg, lr=_sig(lr), momentum=_sig(mom), nesterov=True)
     else:
         if kappa is not None:
@@ -186,8 +194,13 @@ def describe(info: dict[str, Any]) -> str:
     """The one line a run prints at its start."""
     mu = "unknown" if info["mu"] is None else f"{info['mu']:.4g}"
     kappa = "" if info["kappa"] is None else f", kappa={info['kappa']:.4g}"
-    steps = (f"; predicted {info['predicted_steps']} steps to {info['eps']:g} of the initial loss gap"
-             if info["predicted_steps"] is not None else "; sublinear O(1/k) (no mu)")
+    steps = (
+        f"; predicted {info['predicted_steps']} steps to {info['eps']:g} of the initial loss gap"
+        if info["predicted_steps"] is not None
+        else "; sublinear O(1/k) (no mu)"
+    )
     mom = f", momentum={info['momentum']:.6g} (nesterov)" if "momentum_rule" in info else ""
-    return (f"lr auto: L={info['L']:.6g} ({info['curvature']}), mu={mu}{kappa}; "
-            f"lr={info['rule']}={info['lr']:.6g}{mom}{steps}")
+    return (
+        f"lr auto: L={info['L']:.6g} ({info['curvature']}), mu={mu}{kappa}; "
+        f"lr={info['rule']}={info['lr']:.6g}{mom}{steps}"
+    )

@@ -112,8 +112,14 @@ def estimate(cfg: Config, params: int, trainable: int, per_token: float, tokens:
     shards = _sharding(cfg)
     act_b = 2 if cfg.precision == "bf16" else b
     ranks = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
-    return Estimate(params, params * b / shards, trainable * b / shards, _states(cfg) * trainable * b / shards,
-                    tokens / ranks * per_token * act_b, what)
+    return Estimate(
+        params,
+        params * b / shards,
+        trainable * b / shards,
+        _states(cfg) * trainable * b / shards,
+        tokens / ranks * per_token * act_b,
+        what,
+    )
 
 
 def available(device: torch.device) -> Optional[float]:
@@ -158,7 +164,11 @@ def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     except (GradtuneError, ValueError):  # a bad tokenizer or shape: the builder says which
         return None
     c = model.config
-    block = c.n_embd if c.activation_checkpointing else 8 * c.n_embd + (4 if c.family == "llama" else 2) * c.intermediate_size
+    block = (
+        c.n_embd
+        if c.activation_checkpointing
+        else 8 * c.n_embd + (4 if c.family == "llama" else 2) * c.intermediate_size
+    )
     micro = _micro(cfg)
     tokens = micro * c.block_size if micro else 0
     per_token = c.n_layer * block + 2 * vocab
@@ -179,16 +189,21 @@ def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int
     """(name, dimensions, elements, bytes if quantize keeps its GGUF blocks else None) of every
     tensor, from file headers only."""
     if gguf is None:
-        return [(name, len(shape), math.prod(shape), None) for f in sorted(folder.glob("*.safetensors"))
-                for name, (shape, _) in hf.safetensors_shapes(f).items()]
+        return [
+            (name, len(shape), math.prod(shape), None)
+            for f in sorted(folder.glob("*.safetensors"))
+            for name, (shape, _) in hf.safetensors_shapes(f).items()
+        ]
     import gguf as gguf_lib  # lazy: optional dependency (memory-maps the file; reads headers)
 
     try:
         reader = gguf_lib.GGUFReader(str(folder / gguf))
     except hf.LOAD_ERRORS:  # the builder names a corrupt file
         return []
-    return [(t.name, len(t.shape), int(t.n_elements), int(t.n_bytes) if t.tensor_type.name in GGUF_BLOCKS else None)
-            for t in reader.tensors]
+    return [
+        (t.name, len(t.shape), int(t.n_elements), int(t.n_bytes) if t.tensor_type.name in GGUF_BLOCKS else None)
+        for t in reader.tensors
+    ]
 
 
 def quantized_weights(cfg: Config, folder: Path, gguf: Optional[str]) -> Optional[tuple[int, float]]:
@@ -196,8 +211,11 @@ def quantized_weights(cfg: Config, folder: Path, gguf: Optional[str]) -> Optiona
     sizes = _tensor_sizes(folder, gguf)
     if not sizes:
         return None
-    quant = [(n, kept) for name, dims, n, kept in sizes
-             if dims == 2 and name != "output.weight" and not any(k in name for k in FLOAT_2D)]
+    quant = [
+        (n, kept)
+        for name, dims, n, kept in sizes
+        if dims == 2 and name != "output.weight" and not any(k in name for k in FLOAT_2D)
+    ]
     params = sum(s[2] for s in sizes)
     held = sum(n * QUANT_BYTES[cfg.quantize] if kept is None else kept for n, kept in quant)
     return params, held + (params - sum(n for n, _ in quant)) * _bytes(cfg)
@@ -226,8 +244,11 @@ def _pretrained_estimate(cfg: Config) -> Optional[Estimate]:
         # Causal-LM and packed windows are exactly max_length tokens; other tasks pad to the batch's longest.
         tokens = _micro(cfg) * cfg.text.max_length
         per_token = layers * (width if cfg.finetune.activation_checkpointing else 8 * width)
-    what = f"the model {cfg.model} (at least {_count(params)} parameters)" if gguf else \
-        f"the {_count(params)}-parameter model {cfg.model}"
+    what = (
+        f"the model {cfg.model} (at least {_count(params)} parameters)"
+        if gguf
+        else f"the {_count(params)}-parameter model {cfg.model}"
+    )
     est = estimate(cfg, params, trainable, per_token, tokens, what)
     if quant is not None:
         est.load, est.weights = est.weights, quant[1] / _sharding(cfg)
@@ -254,15 +275,18 @@ def refuse_if_too_big(cfg: Config, est: Optional[Estimate]) -> None:
     fixed = est.weights + est.gradients + est.optimizer
     advice = est.smaller if fixed > free else "use a smaller micro_batch_size or activation checkpointing"
     if est.load > free:
-        raise GradtuneError(f"memory: loading {est.what} needs at least {est.load / GIB:.1f} GiB (the float "
-                            f"weights, before they are quantised) but {device.type} has {free / GIB:.1f} GiB "
-                            f"available; {est.smaller} ({SWITCH}=0 skips this check)")
+        raise GradtuneError(
+            f"memory: loading {est.what} needs at least {est.load / GIB:.1f} GiB (the float "
+            f"weights, before they are quantised) but {device.type} has {free / GIB:.1f} GiB "
+            f"available; {est.smaller} ({SWITCH}=0 skips this check)"
+        )
     opt = {"adamw": "AdamW moments", "sgd": "momentum"}.get(cfg.optimizer, "optimizer")
     raise GradtuneError(
         f"memory: {est.what} needs at least {est.total / GIB:.1f} GiB to train (weights "
         f"{est.weights / GIB:.1f} + gradients {est.gradients / GIB:.1f} + {opt} {est.optimizer / GIB:.1f} + "
         f"activations {est.activations / GIB:.1f}) but {device.type} has {free / GIB:.1f} GiB available; "
-        f"{advice} ({SWITCH}=0 skips this check)")
+        f"{advice} ({SWITCH}=0 skips this check)"
+    )
 
 
 def check(cfg: Config, kind: str) -> None:
@@ -280,5 +304,7 @@ def check_tabular(cfg: Config, n_features: int, n_outputs: int, n_rows: int) -> 
     widths = [n_features, *(cfg.hidden if cfg.model == "mlp" else []), n_outputs]
     params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
     rows = _micro(cfg) or n_rows
-    refuse_if_too_big(cfg, estimate(cfg, params, params, sum(widths) + 2 * n_outputs, rows,
-                                    f"a {_count(params)}-parameter {cfg.model}"))
+    refuse_if_too_big(
+        cfg,
+        estimate(cfg, params, params, sum(widths) + 2 * n_outputs, rows, f"a {_count(params)}-parameter {cfg.model}"),
+    )

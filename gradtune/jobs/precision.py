@@ -23,7 +23,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -64,8 +64,10 @@ def cache_key(job: Job, device: torch.device, batch: dict[str, torch.Tensor]) ->
     shapes = sorted((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in job.model.named_parameters())
     shapes.append(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
     digest = hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
-    return (f"{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|{_device_name(device)}|"
-            f"{torch.get_num_threads()}t|{digest}")
+    return (
+        f"{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|{_device_name(device)}|"
+        f"{torch.get_num_threads()}t|{digest}"
+    )
 
 
 def probe_batch(job: Job, cfg: Config) -> dict[str, torch.Tensor]:
@@ -77,8 +79,10 @@ def probe_batch(job: Job, cfg: Config) -> dict[str, torch.Tensor]:
 def cut(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Token sequences (integer (B, T) tensors: ids, labels, masks) cut to PROBE_TOKENS positions."""
     ints = (torch.int64, torch.int32, torch.bool)
-    return {k: v[:, :PROBE_TOKENS] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in ints else v
-            for k, v in batch.items()}
+    return {
+        k: v[:, :PROBE_TOKENS] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in ints else v
+        for k, v in batch.items()
+    }
 
 
 def _step_seconds(job: Job, batch: dict[str, Any], amp: Any, device: torch.device) -> float:
@@ -107,7 +111,7 @@ def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device) -> t
         first = _step_seconds(job, batch, modes["fp32"], device) + _step_seconds(job, batch, modes["bf16"], device)
         repeats = REPEATS if first < 2 * SLOW_STEP_S else 1
         for r in range(repeats):
-            for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+            for name in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
                 times[name].append(_step_seconds(job, batch, modes[name], device))
     finally:
         for p in model.parameters():
@@ -152,8 +156,13 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     except (RuntimeError, IndexError, ValueError):  # an objective that needs whole sequences
         fp32, bf16 = measure(job, batch, device)
     ratio = fp32 / max(bf16, 1e-12)
-    found = {"precision": "bf16" if ratio >= FASTER else "fp32", "ratio": round(ratio, 3),
-             "fp32_s": fp32, "bf16_s": bf16, "probe_s": round(time.perf_counter() - t0, 3)}
+    found = {
+        "precision": "bf16" if ratio >= FASTER else "fp32",
+        "ratio": round(ratio, 3),
+        "fp32_s": fp32,
+        "bf16_s": bf16,
+        "probe_s": round(time.perf_counter() - t0, 3),
+    }
     if busy:  # the ratio of a shared moment holds for this run only: never cache it
         return {**found, "why": f"probe {found['probe_s']:.2g} s, not cached: {busy}"}
     known[key] = found

@@ -38,8 +38,10 @@ def check(cfg: Config) -> None:
     if cfg.dpo.loss == "ipo" and cfg.dpo.label_smoothing:
         raise GradtuneError("config: dpo.label_smoothing applies to dpo.loss=sigmoid only; set it to 0 for ipo")
     if cfg.text.packing:
-        raise GradtuneError("config: text.packing is not supported for task preference (each pair is scored "
-                            "as two whole sequences); set text.packing=false")
+        raise GradtuneError(
+            "config: text.packing is not supported for task preference (each pair is scored "
+            "as two whole sequences); set text.packing=false"
+        )
 
 
 def load(cfg: Config, path: str, tokenizer: Any) -> PairDataset:
@@ -71,7 +73,7 @@ def precompute(model: nn.Module, data: PairDataset, chunk: int, device: torch.de
         batch = {k: v.to(device) for k, v in data.get(idx).items()}
         with autocast(precision, device):
             logps = sequence_logps(forward(model, batch), batch["labels"])[0].cpu()  # (2b,)
-        out.append(torch.stack([logps[: len(idx)], logps[len(idx):]], dim=1))  # (b, 2)
+        out.append(torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=1))  # (b, 2)
     data.ref = torch.cat(out)
     model.train(was_training)
 

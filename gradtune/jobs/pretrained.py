@@ -49,16 +49,18 @@ def job_task(task: str) -> str:
     return task if task in ENCODER_TASKS else "lm"
 
 
-def load_data(cfg: Config, task: str, path: str, tokenizer: Any, label_map: Optional[LabelMap] = None,
-              labelled: bool = True) -> tuple[Any, Optional[LabelMap]]:
+def load_data(
+    cfg: Config, task: str, path: str, tokenizer: Any, label_map: Optional[LabelMap] = None, labelled: bool = True
+) -> tuple[Any, Optional[LabelMap]]:
     """(SequenceDataset, LabelMap or None) of ``path`` for ``task``; batch lengths rounded up to
     ``text.pad_to_multiple_of``. ``labelled=False`` (classification / regression): texts only,
     to predict."""
     t = cfg.text
     labels = None
     if task in ENCODER_TASKS:
-        data, labels = load_text_task(path, tokenizer, task, t.text_column, t.label_column, t.columns,
-                                      t.max_length, label_map, labelled)
+        data, labels = load_text_task(
+            path, tokenizer, task, t.text_column, t.label_column, t.columns, t.max_length, label_map, labelled
+        )
     elif task == "instruction":
         data = load_instructions(path, tokenizer, t.max_length)
     else:
@@ -78,8 +80,9 @@ def objective_for(task: str) -> Objective:
 def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.Module, Any, frozenset[str]]:
     """(model after the method's transforms, tokenizer, declared trainable names)."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype,
-                              converted_copy=cfg.quantize == "none")
+    body, tokenizer = hf.load(
+        cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype, converted_copy=cfg.quantize == "none"
+    )
     if activation_checkpointing(cfg) and getattr(body, "supports_gradient_checkpointing", False):
         # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
         # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.
@@ -87,9 +90,16 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
             body.config.use_cache = False  # an encoder never generates (silences a warning)
         body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)  # the head's and LoRA's random init are part of the seeded run
-    model, trainable = methods.apply(body, cfg.method, num_outputs if task in ENCODER_TASKS else None,
-                                     lora=cfg.lora, freeze=cfg.freeze, finetune=cfg.finetune,
-                                     quantize=cfg.quantize, source=cfg.model)
+    model, trainable = methods.apply(
+        body,
+        cfg.method,
+        num_outputs if task in ENCODER_TASKS else None,
+        lora=cfg.lora,
+        freeze=cfg.freeze,
+        finetune=cfg.finetune,
+        quantize=cfg.quantize,
+        source=cfg.model,
+    )
     return model, tokenizer, trainable
 
 
@@ -139,8 +149,11 @@ def packed(cfg: Config, task: str, train: Any, val: Any) -> tuple[Any, Any, dict
     train = pack(train, cfg.text.max_length, cfg.seed)
     val = pack(val, cfg.text.max_length, cfg.seed) if val is not None else None
     if distributed.is_main():
-        print(f"packing: {n_docs} documents into {len(train)} windows of {cfg.text.max_length} tokens, "
-              f"{train.efficiency:.1%} real tokens", flush=True)
+        print(
+            f"packing: {n_docs} documents into {len(train)} windows of {cfg.text.max_length} tokens, "
+            f"{train.efficiency:.1%} real tokens",
+            flush=True,
+        )
     return train, val, {"n_documents": n_docs, "packing_efficiency": round(train.efficiency, 4)}
 
 
@@ -150,16 +163,25 @@ def build_pretrained(cfg: Config) -> Job:
     if "head" in cfg.method.split("+") and task not in ENCODER_TASKS:
         raise GradtuneError(f"config: method 'head' adds a classification/regression head; task '{task}' has none")
     if cfg.loss != "auto" or cfg.label_smoothing:
-        raise GradtuneError("config: fine-tuning objectives fix the loss (cross-entropy for classes and "
-                            "tokens, mse for regression); leave loss=auto and label_smoothing=0")
+        raise GradtuneError(
+            "config: fine-tuning objectives fix the loss (cross-entropy for classes and "
+            "tokens, mse for regression); leave loss=auto and label_smoothing=0"
+        )
     train, val, labels = _train_val(cfg, task, hf.load_tokenizer(cfg.model))
     train, val, packing = packed(cfg, task, train, val)
     model, tokenizer, trainable = transformed(cfg, task, len(labels.names) if labels is not None else 1)
     line = summary(model)
     if distributed.is_main():
         print(f"method {cfg.method}: {line}", flush=True)
-    info: dict[str, Any] = {"data": cfg.data, "task": task, "model": cfg.model, "method": cfg.method,
-                            "parameters": line, "n_train": len(train), "n_val": len(val) if val is not None else 0}
+    info: dict[str, Any] = {
+        "data": cfg.data,
+        "task": task,
+        "model": cfg.model,
+        "method": cfg.method,
+        "parameters": line,
+        "n_train": len(train),
+        "n_val": len(val) if val is not None else 0,
+    }
     info.update(packing)
     if labels is not None:
         info["classes"] = labels.names

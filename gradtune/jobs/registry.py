@@ -42,6 +42,8 @@ def build(cfg: Config) -> Job:
     A model that cannot fit in memory is refused first, before data is read or weights made."""
     k = kind(cfg.model)
     if cfg.task == "preference" and k != "pretrained":  # DPO needs a reference LM and a chat/prompt format
-        raise GradtuneError("config: task 'preference' (DPO) needs a pretrained causal LM: model = a HF folder or .gguf file")
+        raise GradtuneError(
+            "config: task 'preference' (DPO) needs a pretrained causal LM: model = a HF folder or .gguf file"
+        )
     memory.check(cfg, k)
     return BUILDERS[k](cfg)

@@ -63,8 +63,10 @@ def run_folder(folder: Path) -> Path:
     for candidate in (folder, folder.parent, folder.parent.parent):
         if (candidate / "config.yaml").is_file() and (candidate / "summary.json").is_file():
             return candidate
-    raise GradtuneError(f"{folder}: not a finished gradtune run (no config.yaml and summary.json here "
-                        f"or above; a run writes them when it ends)")
+    raise GradtuneError(
+        f"{folder}: not a finished gradtune run (no config.yaml and summary.json here "
+        f"or above; a run writes them when it ends)"
+    )
 
 
 def _need(run: Path, *names: str) -> None:
@@ -96,13 +98,26 @@ def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     labels = LabelMap.load(run / "labels.json") if (run / "labels.json").is_file() else None
     model, _, _ = pretrained.transformed(cfg, task, len(labels.names) if labels is not None else 1)
     tokenizer = hf.load_tokenizer(run / "tokenizer", weights=False)
-    return Run(run, cfg, "pretrained", pretrained.job_task(task), model, pretrained.objective_for(task), info,
-               tokenizer=tokenizer, classes=labels.names if labels is not None else None, data_task=task)
+    return Run(
+        run,
+        cfg,
+        "pretrained",
+        pretrained.job_task(task),
+        model,
+        pretrained.objective_for(task),
+        info,
+        tokenizer=tokenizer,
+        classes=labels.names if labels is not None else None,
+        data_task=task,
+    )
 
 
 RELOADERS: dict[str, Callable[[Path, Config, dict[str, Any]], Run]] = {
-    "linear": _reload_tabular, "logistic": _reload_tabular, "mlp": _reload_tabular,
-    "gpt": _reload_gpt, "pretrained": _reload_pretrained,
+    "linear": _reload_tabular,
+    "logistic": _reload_tabular,
+    "mlp": _reload_tabular,
+    "gpt": _reload_gpt,
+    "pretrained": _reload_pretrained,
 }
 
 
@@ -145,6 +160,7 @@ def load_run(folder: Path | str) -> Run:
 
 # --- data in training's format -----------------------------------------------------------------
 
+
 def _features(run: Run, table: tabular.Table) -> torch.Tensor:
     """The table's features as the model saw them in training: standardised with training's
     statistics, in the model's dtype. (N, F)."""
@@ -184,8 +200,10 @@ def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
 def _pretrained_data(run: Run, path: Optional[str]) -> Dataset:
     cfg = run.cfg
     if run.data_task == "preference":  # the reference (base or precomputed) is not part of the run
-        raise GradtuneError(f"{run.folder}: a preference (DPO) run has no eval; its rewards are in metrics.jsonl, "
-                            f"and `gradtune generate {run.folder}` samples from it")
+        raise GradtuneError(
+            f"{run.folder}: a preference (DPO) run has no eval; its rewards are in metrics.jsonl, "
+            f"and `gradtune generate {run.folder}` samples from it"
+        )
     labels = LabelMap(run.classes) if run.classes is not None else None
     if path is not None or cfg.finetune.eval_data:
         data, _ = pretrained.load_data(cfg, run.data_task, path or cfg.finetune.eval_data, run.tokenizer, labels)
@@ -209,6 +227,7 @@ def run_data(run: Run, path: Optional[str]) -> Dataset:
 
 # --- rows to predict: inputs only ----------------------------------------------------------------
 
+
 def _pretrained_inputs(run: Run, path: str) -> Dataset:
     data, _ = pretrained.load_data(run.cfg, run.data_task, path, run.tokenizer, labelled=False)
     return data
@@ -220,8 +239,9 @@ def run_inputs(run: Run, path: str) -> Dataset:
     ignored if it is. Tables give batches of ``x``, texts of ``input_ids`` + ``attention_mask``
     (their ``labels`` are placeholders). Language-model runs have no rows to predict."""
     if run.task == "lm":
-        raise GradtuneError(f"{run.folder}: a language model has no rows to predict; sample text with "
-                            f"`gradtune generate {run.folder}`")
+        raise GradtuneError(
+            f"{run.folder}: a language model has no rows to predict; sample text with `gradtune generate {run.folder}`"
+        )
     if run.kind == "pretrained":
         return _pretrained_inputs(run, path)
     table = tabular.read_table(path, run.info["target"], run.info["features"], labelled=False)

@@ -89,8 +89,9 @@ def _warn_shape(table: tabular.Table) -> None:
         warn(f"{table.path}: only one data row: there is no pattern to learn from one example")
 
 
-def _targets(cfg: Config, table: tabular.Table, task: str, train_idx: torch.Tensor,
-             info: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+def _targets(
+    cfg: Config, table: tabular.Table, task: str, train_idx: torch.Tensor, info: dict[str, Any]
+) -> tuple[torch.Tensor, list[str]]:
     """(y, class names): standardised float targets, or class ids (warning on a single class)."""
     if task == "regression":
         y = tabular.regression_targets(table, table.target)
@@ -101,8 +102,10 @@ def _targets(cfg: Config, table: tabular.Table, task: str, train_idx: torch.Tens
         return y, []
     y, classes = tabular.class_targets(table, table.target, cfg.num_classes)
     if y.unique().numel() == 1:
-        warn(f"{table.path}: column '{table.target}' holds a single class ({classes[int(y[0])]!r}): "
-             f"there is nothing to tell apart")
+        warn(
+            f"{table.path}: column '{table.target}' holds a single class ({classes[int(y[0])]!r}): "
+            f"there is nothing to tell apart"
+        )
     info["classes"] = classes
     return y, classes
 
@@ -114,8 +117,13 @@ def build_tabular(cfg: Config) -> Job:
     task = resolve_task(cfg, table.y_raw)
     train_idx, val_idx = split_indices(len(table.y_raw), cfg.val_fraction, cfg.seed)
     x = table.x
-    info: dict[str, Any] = {"data": table.path, "features": table.feature_names, "target": table.target, "task": task,
-                            "n_train": len(train_idx)}
+    info: dict[str, Any] = {
+        "data": table.path,
+        "features": table.feature_names,
+        "target": table.target,
+        "task": task,
+        "n_train": len(train_idx),
+    }
     if cfg.standardize:
         x, mean, std = standardize(x, train_idx)
         info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()

@@ -49,19 +49,29 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
     if cfg.init != "random":
         load_init(model, cfg.init)
     info: dict[str, Any] = {
-        "data": tf.source, "task": "lm", "loss": "cross_entropy",
-        "tokenizer": tf.tokenizer.name, "tokenizer_file": str(tf.tokenizer_path),
-        "vocab_size": vocab, "eos_id": tf.tokenizer.eos_id, "block_size": cfg.gpt.block_size,
-        "n_tokens": tf.n_tokens, "n_train_tokens": train.n_tokens,
+        "data": tf.source,
+        "task": "lm",
+        "loss": "cross_entropy",
+        "tokenizer": tf.tokenizer.name,
+        "tokenizer_file": str(tf.tokenizer_path),
+        "vocab_size": vocab,
+        "eos_id": tf.tokenizer.eos_id,
+        "block_size": cfg.gpt.block_size,
+        "n_tokens": tf.n_tokens,
+        "n_train_tokens": train.n_tokens,
         "n_val_tokens": val.n_tokens if val is not None else 0,
-        "train_windows": len(train), "val_windows": len(val) if val is not None else 0,
-        "token_cache": str(tf.path), "token_cache_hit": tf.cache_hit, "tokenize_s": round(tf.seconds, 4),
+        "train_windows": len(train),
+        "val_windows": len(val) if val is not None else 0,
+        "token_cache": str(tf.path),
+        "token_cache_hit": tf.cache_hit,
+        "tokenize_s": round(tf.seconds, 4),
     }
     if hasattr(model, "flops_per_token"):  # our GPT; a stand-in model may not count its FLOPs
         info["flops_per_token"] = model.flops_per_token()
         info["n_params"] = model.num_params()
-    job = Job(model, CausalLM(cfg.label_smoothing), train, val, "lm", info,
-              param_groups=decay_groups(model, cfg.weight_decay))
+    job = Job(
+        model, CausalLM(cfg.label_smoothing), train, val, "lm", info, param_groups=decay_groups(model, cfg.weight_decay)
+    )
     job.save_extra = lambda out_dir: save_tokenizer(job, out_dir)
     return job
 

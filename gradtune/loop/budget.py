@@ -94,11 +94,21 @@ def evals_between(lo: int, hi: int, eval_every: int, per_epoch: int) -> int:
     return multiples(lo, end, eval_every) + multiples(lo, end, per_epoch) - multiples(lo, end, both)
 
 
-def plan_steps(done: int, cap: int, seconds_left: float, step_s: float, eval_s: float, ckpt_s: float,
-               eval_every: int, per_epoch: int, ckpt_every: int) -> int:
+def plan_steps(
+    done: int,
+    cap: int,
+    seconds_left: float,
+    step_s: float,
+    eval_s: float,
+    ckpt_s: float,
+    eval_every: int,
+    per_epoch: int,
+    ckpt_every: int,
+) -> int:
     """The largest total T in [done + 1, cap] whose remaining steps, evaluations and checkpoints
     fit in ``seconds_left``: (T - done) * step_s + evals * eval_s + checkpoints * ckpt_s. At
     least one more step (the one that carries the final evaluation); never above ``cap``."""
+
     def cost(t: int) -> float:
         ckpts = multiples(done, t - 1, ckpt_every) if ckpt_every else 0
         return (t - done) * step_s + evals_between(done, t, eval_every, per_epoch) * eval_s + ckpts * ckpt_s
@@ -123,6 +133,7 @@ class Spent:
     def eval_mean(self) -> Optional[float]:
         """Seconds of one evaluation from those made so far, the cold first one left out."""
         return (self.eval - self.eval_first) / (self.eval_n - 1) if self.eval_n >= 2 else None
+
     ckpt: float = 0.0  # checkpoint writes
     ckpt_n: int = 0
 
@@ -168,8 +179,14 @@ class TimeBudget:
         """``provisional``: the config's own step total, the schedule's until calibration."""
         warm = min(WARM_STEPS, max(2, provisional // 5))
         forced = os.environ.get(FORCE_ENV)
-        return cls(Plan(str(max_time), parse_duration(max_time)), time.perf_counter() if start is None else start,
-                   provisional, warm, min(SKIP_STEPS, warm // 4), forced=int(forced) if forced else None)
+        return cls(
+            Plan(str(max_time), parse_duration(max_time)),
+            time.perf_counter() if start is None else start,
+            provisional,
+            warm,
+            min(SKIP_STEPS, warm // 4),
+            forced=int(forced) if forced else None,
+        )
 
     @property
     def fixed(self) -> bool:
@@ -196,15 +213,24 @@ class TimeBudget:
             return False
         return (step >= self.warm and spent >= WINDOW_SHARE * self.plan.seconds) or spent >= WARM_SHARE * left
 
-    def fix(self, step: int, cap: int, eval_s: float, final_s: float, ckpt_s: float, eval_every: int,
-            per_epoch: int, ckpt_every: int) -> int:
+    def fix(
+        self,
+        step: int,
+        cap: int,
+        eval_s: float,
+        final_s: float,
+        ckpt_s: float,
+        eval_every: int,
+        per_epoch: int,
+        ckpt_every: int,
+    ) -> int:
         """Fix the step budget after ``step`` steps: the total the run will take (<= ``cap``)."""
         p = self.plan
         p.at_step, p.eval_s, p.final_s = step, eval_s, final_s
         # The mean (not the median: on a shared machine the waits between time slices are part
         # of a step) of the warm-up's second half: its first steps still fill allocator caches
         # and run slower than the thousands of steps the plan is for.
-        steady = self.times[len(self.times) // 2:]
+        steady = self.times[len(self.times) // 2 :]
         p.step_s = statistics.fmean(steady) if steady else 0.0
         if self.forced is not None:
             p.steps, p.forced = max(step + 1, min(cap, self.forced)), True
@@ -224,8 +250,9 @@ class TimeBudget:
             return False
         return step >= p.at_step + REPLAN_AT * (p.steps - p.at_step) and self.since_n >= REPLAN_MIN
 
-    def replan(self, step: int, cap: int, eval_s: float, ckpt_s: float, eval_every: int, per_epoch: int,
-               ckpt_every: int) -> int:
+    def replan(
+        self, step: int, cap: int, eval_s: float, ckpt_s: float, eval_every: int, per_epoch: int, ckpt_every: int
+    ) -> int:
         """Fix the final count from the step times since the calibration (module docstring)."""
         p = self.plan
         step_s = self.since_s / self.since_n
@@ -251,14 +278,18 @@ class TimeBudget:
 
     def told_replan(self) -> str:
         p = self.plan
-        return (f"max_time {p.max_time}: re-planned at step {p.replan_at:,}: {p.first_steps:,} -> {p.steps:,} steps "
-                f"({p.step_s:.3g} s/step since the calibration)")
+        return (
+            f"max_time {p.max_time}: re-planned at step {p.replan_at:,}: {p.first_steps:,} -> {p.steps:,} steps "
+            f"({p.step_s:.3g} s/step since the calibration)"
+        )
 
     def told(self) -> str:
         """The calibration in one line (stderr, at the moment the budget is fixed)."""
         p = self.plan
-        line = (f"max_time {p.max_time}: {p.steps:,} steps fixed after {p.at_step} "
-                f"({p.step_s:.3g} s/step, {p.eval_s:.3g} s per evaluation, {p.final_s:.3g} s to finish)")
+        line = (
+            f"max_time {p.max_time}: {p.steps:,} steps fixed after {p.at_step} "
+            f"({p.step_s:.3g} s/step, {p.eval_s:.3g} s per evaluation, {p.final_s:.3g} s to finish)"
+        )
         if p.final_s > 0.5 * p.seconds:
             line += "; the final full evaluation and outputs take most of the budget: lower val_fraction"
         return line
@@ -267,10 +298,18 @@ class TimeBudget:
         """The plan and this process's seconds by phase (summary.json, the end-of-run line)."""
         total = time.perf_counter() - self.origin
         startup = (self.loop_start or self.origin) - self.origin
-        phases = {"startup": startup, "eval": spent.eval, "ckpt": spent.ckpt, "total": total,
-                  "train": max(0.0, total - startup - spent.other())}
-        return {"plan": asdict(self.plan), "spent": {k: round(v, 3) for k, v in phases.items()},
-                "resumed": self.plan.steps > 0 and not self.times}
+        phases = {
+            "startup": startup,
+            "eval": spent.eval,
+            "ckpt": spent.ckpt,
+            "total": total,
+            "train": max(0.0, total - startup - spent.other()),
+        }
+        return {
+            "plan": asdict(self.plan),
+            "spent": {k: round(v, 3) for k, v in phases.items()},
+            "resumed": self.plan.steps > 0 and not self.times,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self.plan)
@@ -311,6 +350,8 @@ def describe(info: dict[str, Any], used: float) -> str:
     if p.get("replan_at"):
         how += f" (re-planned at step {p['replan_at']:,} from {p['first_steps']:,})"
     resumed = ", step budget from the checkpoint" if info.get("resumed") else ""
-    return (f"max_time {p['max_time']}: {p['steps']:,} steps planned {how}{resumed}, used {_clock(used)}: "
-            f"train {_clock(spent['train'])}, eval {_clock(spent['eval'])}, checkpoints {_clock(spent['ckpt'])}, "
-            f"start-up {_clock(spent['startup'])}, outputs {_clock(max(0.0, used - spent['total']))}")
+    return (
+        f"max_time {p['max_time']}: {p['steps']:,} steps planned {how}{resumed}, used {_clock(used)}: "
+        f"train {_clock(spent['train'])}, eval {_clock(spent['eval'])}, checkpoints {_clock(spent['ckpt'])}, "
+        f"start-up {_clock(spent['startup'])}, outputs {_clock(max(0.0, used - spent['total']))}"
+    )

@@ -48,8 +48,10 @@ def monitored(row: dict[str, Any], monitor: str) -> float:
     name = ALIASES.get(monitor, monitor)
     if name not in row:
         known = sorted(k for k, v in row.items() if isinstance(v, float))
-        raise GradtuneError(f"early_stopping.monitor '{monitor}' is not measured by this run "
-                            f"(it logs {', '.join(known)}; validation metrics need val_fraction > 0)")
+        raise GradtuneError(
+            f"early_stopping.monitor '{monitor}' is not measured by this run "
+            f"(it logs {', '.join(known)}; validation metrics need val_fraction > 0)"
+        )
     return float(row[name])
 
 
@@ -82,8 +84,10 @@ class EarlyStopping(Callback):
             self._keep()
         if self.wait >= self.patience:
             by = f" by more than {self.min_delta:g}" if self.min_delta else ""
-            return (f"{self.monitor} did not improve{by} for {self.patience} evaluations; "
-                    f"best {self.best:.6g} at step {self.best_step}")
+            return (
+                f"{self.monitor} did not improve{by} for {self.patience} evaluations; "
+                f"best {self.best:.6g} at step {self.best_step}"
+            )
         return None
 
     def _keep(self) -> None:
@@ -105,8 +109,13 @@ class EarlyStopping(Callback):
                 self.control.load_weights(self.folder())
             else:
                 self.control.restore(self.memory)
-        result.info["early_stopping"] = {"monitor": self.monitor, "mode": self.mode, "best": self.best,
-                                         "best_step": self.best_step, "restored": self.restore}
+        result.info["early_stopping"] = {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "best_step": self.best_step,
+            "restored": self.restore,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "wait": self.wait}

@@ -11,16 +11,22 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from gradtune.runtime import distributed
 from gradtune.data.dataset import Dataset
 from gradtune.loop.gradient import to_device
 from gradtune.objectives.output import Objective
 from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
+from gradtune.runtime import distributed
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective: Objective, data: Dataset, batch: int, device: torch.device,
-             amp: contextlib.AbstractContextManager) -> tuple[float, float, dict[str, float]]:
+def evaluate(
+    model: nn.Module,
+    objective: Objective,
+    data: Dataset,
+    batch: int,
+    device: torch.device,
+    amp: contextlib.AbstractContextManager,
+) -> tuple[float, float, dict[str, float]]:
     """(mean loss, count, metric sums) over ``data`` in chunks of ``batch`` samples (each rank
     takes its share of every chunk; the sums are global)."""
     was_training = model.training
@@ -86,8 +92,14 @@ def token_sample(data: Dataset, tokens: int, seed: int) -> Optional[Subset]:
 PROBE_CHUNKS = 4  # evaluation chunks timed to price an evaluation (max_time)
 
 
-def seconds_per_sample(model: nn.Module, objective: Objective, data: Dataset, batch: int,
-                       device: torch.device, amp: contextlib.AbstractContextManager) -> float:
+def seconds_per_sample(
+    model: nn.Module,
+    objective: Objective,
+    data: Dataset,
+    batch: int,
+    device: torch.device,
+    amp: contextlib.AbstractContextManager,
+) -> float:
     """What ``evaluate`` costs per sample of ``data``: the median of its first chunks (up to
     PROBE_CHUNKS) timed one by one, after one untimed chunk (cold caches, lazy set-up). The
     median: a chunk that waited for the cores says little about the thousands that follow."""
@@ -103,8 +115,9 @@ def seconds_per_sample(model: nn.Module, objective: Objective, data: Dataset, ba
     return float(torch.tensor(per).median())
 
 
-def task_metrics(task: str, info: dict[str, Any], prefix: str, loss: float, count: float,
-                 sums: dict[str, float]) -> dict[str, float]:
+def task_metrics(
+    task: str, info: dict[str, Any], prefix: str, loss: float, count: float, sums: dict[str, float]
+) -> dict[str, float]:
     """Loss plus the metrics that fit the job's ``task``: RMSE (in the target's own units, from
     ``info["target_std"]``) and R^2, accuracy, perplexity, DPO rewards."""
     out = {f"{prefix}loss": loss}
@@ -165,5 +178,5 @@ def update_ratios(opt: torch.optim.Optimizer, before: list[list[torch.Tensor]]) 
             scale = _local(p).numel() / max(o.numel(), 1)
             du2 += scale * float(torch.sum((now - o) ** 2))
             w2 += scale * float(torch.sum(o * o))
-        out[f"update_ratio_g{i}"] = (du2 ** 0.5) / max(w2 ** 0.5, 1e-12)
+        out[f"update_ratio_g{i}"] = (du2**0.5) / max(w2**0.5, 1e-12)
     return out

@@ -62,8 +62,13 @@ def run_callbacks(cfg: Config, given: Optional[list[Callback]]) -> list[Callback
     return found
 
 
-def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None,
-        callbacks: Optional[list[Callback]] = None, started: Optional[float] = None) -> Result:
+def fit(
+    job: Job,
+    cfg: Config,
+    out_dir: Optional[Path] = None,
+    callbacks: Optional[list[Callback]] = None,
+    started: Optional[float] = None,
+) -> Result:
     """Train ``job`` with ``cfg``; write metrics.jsonl and checkpoints under ``out_dir`` if given.
 
     With ``resume: auto`` a run finding a verified checkpoint in ``out_dir`` continues from it.
@@ -106,8 +111,17 @@ def fit(job: Job, cfg: Config, out_dir: Optional[Path] = None,
         loop.probe.close()
     last = next((r for r in reversed(log.rows) if r.get("kind") == "eval"), {})
     metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
-    result = Result(loop.step, loop.step / loop.sampler.steps_per_epoch, stop_reason,
-                    last.get("loss", train_loss), last.get("val_loss"), metrics,
-                    time.perf_counter() - t0, log.rows, out_dir, job.info)
+    result = Result(
+        loop.step,
+        loop.step / loop.sampler.steps_per_epoch,
+        stop_reason,
+        last.get("loss", train_loss),
+        last.get("val_loss"),
+        metrics,
+        time.perf_counter() - t0,
+        log.rows,
+        out_dir,
+        job.info,
+    )
     loop.callbacks.end(result)  # early stopping puts the best weights back here
     return result

@@ -18,10 +18,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from gradtune.runtime import distributed, testhooks
 from gradtune.data.dataset import Dataset
 from gradtune.objectives.output import Objective
 from gradtune.optim import fused
+from gradtune.runtime import distributed, testhooks
 
 _NULL = contextlib.nullcontext()
 
@@ -32,9 +32,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def accumulate(model: nn.Module, objective: Objective, data: Dataset, micro: list[torch.Tensor],
-               device: torch.device, amp: contextlib.AbstractContextManager,
-               first: Optional[list[float]] = None) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
+def accumulate(
+    model: nn.Module,
+    objective: Objective,
+    data: Dataset,
+    micro: list[torch.Tensor],
+    device: torch.device,
+    amp: contextlib.AbstractContextManager,
+    first: Optional[list[float]] = None,
+) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
     """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
 
     Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync;

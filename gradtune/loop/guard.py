@@ -64,5 +64,7 @@ class Guard:
         if self.rollbacks < self.cfg.max_rollbacks:
             return None
         suggestion = lr_now * self.cfg.lr_factor
-        return (f"diverged: the loss kept exploding after {self.rollbacks} rollbacks (guard.max_rollbacks) "
-                f"at lr {lr_now:.3g}; try lr={suggestion:.3g} or lower (`gradtune lr-find` suggests one)")
+        return (
+            f"diverged: the loss kept exploding after {self.rollbacks} rollbacks (guard.max_rollbacks) "
+            f"at lr {lr_now:.3g}; try lr={suggestion:.3g} or lower (`gradtune lr-find` suggests one)"
+        )

@@ -33,8 +33,14 @@ from gradtune.jobs.job import Job
 from gradtune.loop import budget, gradient
 from gradtune.loop.callbacks import Callback, Callbacks, Control
 from gradtune.loop.early_stopping import monitor_mode, monitored
-from gradtune.loop.evaluation import (evaluate, ratio_snapshot, seconds_per_sample, task_metrics, token_sample,
-                                      update_ratios)
+from gradtune.loop.evaluation import (
+    evaluate,
+    ratio_snapshot,
+    seconds_per_sample,
+    task_metrics,
+    token_sample,
+    update_ratios,
+)
 from gradtune.loop.guard import Guard
 from gradtune.loop.loop_state import LoopState
 from gradtune.loop.noise_scale import NoiseScale
@@ -62,8 +68,15 @@ def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
 class Loop(LoopState):
     """State of one run of the loop; ``run`` is the loop itself."""
 
-    def __init__(self, job: Job, cfg: Config, out_dir: Optional[Path], log: MetricsLog,
-                 callbacks: Optional[list[Callback]] = None, started: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        cfg: Config,
+        out_dir: Optional[Path],
+        log: MetricsLog,
+        callbacks: Optional[list[Callback]] = None,
+        started: Optional[float] = None,
+    ) -> None:
         self.job, self.cfg, self.log = job, cfg, log
         self.callbacks = Callbacks(callbacks or [], distributed.is_main())
         self.out_dir = out_dir
@@ -81,8 +94,9 @@ class Loop(LoopState):
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         # Host memory policy, applied once batch lengths are seen to vary (runtime/allocator.py).
         lengths = getattr(job.train, "lengths", None) if allocator.armed() else None
-        self.memory = (allocator.Adaptive(lengths, getattr(job.train, "pad_multiple", 1))
-                       if lengths is not None else None)
+        self.memory = (
+            allocator.Adaptive(lengths, getattr(job.train, "pad_multiple", 1)) if lengths is not None else None
+        )
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
@@ -90,16 +104,32 @@ class Loop(LoopState):
         self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
         # The gradient noise scale needs two batch sizes per step: the first micro-batch and the batch.
         split = self.sampler.micro < self.sampler.batch
-        self.noise = (NoiseScale(unit="tokens" if job.task == "lm" else "samples")
-                      if cfg.noise_scale and split and not distributed.active() else None)
-        self.plateau = (Plateau(cfg.lr, monitor_mode(cfg.early_stopping), cfg.gamma, cfg.plateau_patience, cfg.plateau_threshold,
-                                cfg.plateau_cooldown, cfg.min_lr) if cfg.schedule == "plateau" else None)
+        self.noise = (
+            NoiseScale(unit="tokens" if job.task == "lm" else "samples")
+            if cfg.noise_scale and split and not distributed.active()
+            else None
+        )
+        self.plateau = (
+            Plateau(
+                cfg.lr,
+                monitor_mode(cfg.early_stopping),
+                cfg.gamma,
+                cfg.plateau_patience,
+                cfg.plateau_threshold,
+                cfg.plateau_cooldown,
+                cfg.min_lr,
+            )
+            if cfg.schedule == "plateau"
+            else None
+        )
         # Evaluation chunks: large for in-memory tables (cheap rows), the training batch for
         # sequences, whose activations grow with the chunk (peak memory is set here otherwise).
         tabular = isinstance(job.train, TensorDataset)
         self.eval_batch = cfg.micro_batch_size or (
-            (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256)) if tabular
-            else (cfg.batch_size if cfg.batch_size != "full" else 32))
+            (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256))
+            if tabular
+            else (cfg.batch_size if cfg.batch_size != "full" else 32)
+        )
         self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
         self.guard = Guard(cfg.guard)
         self.amp = autocast(cfg.precision, self.device)
@@ -130,7 +160,9 @@ class Loop(LoopState):
         c = self.cfg
         min_ratio = c.min_lr / c.lr
         step, total = self.budget.schedule_step(self.step, self.total) if self.budget else (self.step, self.total)
-        f = factor(step, c.schedule, total, c.warmup_steps, c.gamma, c.step_size, min_ratio, self.decay_steps, c.decay_shape)
+        f = factor(
+            step, c.schedule, total, c.warmup_steps, c.gamma, c.step_size, min_ratio, self.decay_steps, c.decay_shape
+        )
         return f * self.plateau.scale if self.plateau is not None else f
 
     def _set_total(self, total: int) -> None:
@@ -146,17 +178,33 @@ class Loop(LoopState):
         evaluation probe (loop/budget.py); logged to metrics.jsonl and told in one line."""
         assert self.budget is not None
         t0, cfg, val = time.perf_counter(), self.cfg, self.job.val
-        per = seconds_per_sample(self.model, self.job.objective, val, self.eval_batch, self.device, self.amp) if val is not None else 0.0
+        per = (
+            seconds_per_sample(self.model, self.job.objective, val, self.eval_batch, self.device, self.amp)
+            if val is not None
+            else 0.0
+        )
         probe_s = time.perf_counter() - t0
         state_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         chain = self.ckpt_root is not None and bool(cfg.checkpoint_every)
-        ckpt_s = self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else budget.output_seconds(3 * state_bytes, False)
+        ckpt_s = (
+            self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else budget.output_seconds(3 * state_bytes, False)
+        )
         final_s = per * len(val or ()) + budget.output_seconds(state_bytes, cfg.plot) + (ckpt_s if chain else 0.0)
         # The warm-up's own evaluations (same set, logging included) say best what one costs;
         # else the probe (its chunks run warm) plus the row's logging.
         eval_s = self.spent.eval_mean() or per * len(self.eval_set or ()) + 2e-3
-        self._set_total(self.budget.fix(self.step, self.total, eval_s, final_s, ckpt_s, self.eval_every,
-                                        self.sampler.steps_per_epoch, cfg.checkpoint_every if chain else 0))
+        self._set_total(
+            self.budget.fix(
+                self.step,
+                self.total,
+                eval_s,
+                final_s,
+                ckpt_s,
+                self.eval_every,
+                self.sampler.steps_per_epoch,
+                cfg.checkpoint_every if chain else 0,
+            )
+        )
         self.spent.eval += probe_s
         self._tell(self.budget.told())
 
@@ -165,8 +213,17 @@ class Loop(LoopState):
         assert self.budget is not None
         chain = self.ckpt_root is not None and bool(self.cfg.checkpoint_every)
         ckpt_s = self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else 0.0
-        self._set_total(self.budget.replan(self.step, self.budget.provisional, self.spent.eval_mean() or self.budget.plan.eval_s, ckpt_s,
-                                           self.eval_every, self.sampler.steps_per_epoch, self.cfg.checkpoint_every if chain else 0))
+        self._set_total(
+            self.budget.replan(
+                self.step,
+                self.budget.provisional,
+                self.spent.eval_mean() or self.budget.plan.eval_s,
+                ckpt_s,
+                self.eval_every,
+                self.sampler.steps_per_epoch,
+                self.cfg.checkpoint_every if chain else 0,
+            )
+        )
         self._tell(self.budget.told_replan())
 
     def _tell(self, line: str) -> None:
@@ -177,7 +234,12 @@ class Loop(LoopState):
     def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
         job, cfg = self.job, self.cfg
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.sampler.steps_per_epoch, 4), "lr": lr}
+        row: dict[str, Any] = {
+            "kind": "eval",
+            "step": self.step,
+            "epoch": round(self.step / self.sampler.steps_per_epoch, 4),
+            "lr": lr,
+        }
         row.update(task_metrics(job.task, job.info, "", train_loss, self.ep_count, self.ep_sums))
         gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
         if gnorm is not None:
@@ -234,8 +296,15 @@ class Loop(LoopState):
         for p in self.params:
             p.grad = None
         self.skipped += 1
-        row: dict[str, Any] = {"kind": "guard", "step": self.step, "action": action, "reason": why,
-                               "epoch": s.epoch, "index": s.index, "sample_ids": torch.cat(s.micro).tolist()[:64]}
+        row: dict[str, Any] = {
+            "kind": "guard",
+            "step": self.step,
+            "action": action,
+            "reason": why,
+            "epoch": s.epoch,
+            "index": s.index,
+            "sample_ids": torch.cat(s.micro).tolist()[:64],
+        }
         stop = None
         if action == "rollback":
             stop = self._rollback(row)
@@ -265,26 +334,36 @@ class Loop(LoopState):
         self.sampler.load_state(position)
         g.rollbacks, self.lr_scale, self.skipped = rollbacks, scale, skipped
         self.finished = None
-        row.update({"rollback_to": found.folder.name, "resume_step": self.step, "lr_scale": scale,
-                    "rollbacks": rollbacks})
+        row.update(
+            {"rollback_to": found.folder.name, "resume_step": self.step, "lr_scale": scale, "rollbacks": rollbacks}
+        )
         return None
 
     # --- the loop -----------------------------------------------------------------------------
     def _begin(self) -> None:
         cfg = self.cfg
-        self.progress = Progress(cfg.progress if distributed.is_main() else "off", self.total,
-                                 unit="tokens" if self.job.task == "lm" else "samples", start=self.step)
+        self.progress = Progress(
+            cfg.progress if distributed.is_main() else "off",
+            self.total,
+            unit="tokens" if self.job.task == "lm" else "samples",
+            start=self.step,
+        )
         self.health = {}
         self.t_mark, self.other_mark = time.perf_counter(), self.spent.other()
         if self.budget is not None:
             self.budget.began()
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
         self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
-        self.callbacks.begin(Control(
-            self.out_dir, self.total, save_state=lambda root: self.save_checkpoint(root, keep=1),
-            load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
-            snapshot=lambda: model_weights.snapshot(self.model),
-            restore=lambda weights: model_weights.copy_into(self.model, weights)))
+        self.callbacks.begin(
+            Control(
+                self.out_dir,
+                self.total,
+                save_state=lambda root: self.save_checkpoint(root, keep=1),
+                load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
+                snapshot=lambda: model_weights.snapshot(self.model),
+                restore=lambda weights: model_weights.copy_into(self.model, weights),
+            )
+        )
         if cfg.guard.enabled and cfg.guard.policy == "rollback":
             if self.ckpt_root is None:
                 raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
@@ -302,8 +381,9 @@ class Loop(LoopState):
         for p in self.params:
             p.grad = None
         first: Optional[list[float]] = [] if self.noise is not None else None
-        loss_sum, count, sums = gradient.accumulate(self.fwd, job.objective, job.train, s.micro, self.device,
-                                                    self.amp, first)
+        loss_sum, count, sums = gradient.accumulate(
+            self.fwd, job.objective, job.train, s.micro, self.device, self.amp, first
+        )
         # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
         grads = [p.grad for p in self.params if p.grad is not None]
         count_f = float(count)
@@ -362,8 +442,9 @@ class Loop(LoopState):
                 path = self.save_checkpoint()
             self.progress.close(self.step)
             by = self.preempt.signal or "a signal to another rank"
-            raise Preempted(f"preempted by {by} at step {self.step}; checkpoint {path}; "
-                            f"run the same command again to resume")
+            raise Preempted(
+                f"preempted by {by} at step {self.step}; checkpoint {path}; run the same command again to resume"
+            )
 
     def run(self) -> tuple[str, float]:
         """Train until the budget is spent or a stop rule fires: (why it stopped, last train loss)."""
@@ -379,7 +460,9 @@ class Loop(LoopState):
                 break
             if applied:
                 self._after_step()
-            if self.budget is not None and self.budget.observe(self.step, time.perf_counter() - t0 - (self.spent.other() - other0)):
+            if self.budget is not None and self.budget.observe(
+                self.step, time.perf_counter() - t0 - (self.spent.other() - other0)
+            ):
                 self._calibrate()
                 stop_reason = self.finished or f"budget reached ({self.total} steps)"
             elif self.budget is not None and self.budget.replan_due(self.step):
@@ -392,6 +475,9 @@ class Loop(LoopState):
         if self.budget is not None:  # summary.json and the end-of-run line (train.py)
             self.job.info["time_budget"] = self.budget.summary(self.spent)
         if self.noise is not None and self.noise.value is not None:  # summary.json, report, the CLI's advice
-            self.job.info["noise_scale"] = {"samples": self.noise.value, "batch": self.noise.batch,
-                                            "advice": self.noise.advice()}
+            self.job.info["noise_scale"] = {
+                "samples": self.noise.value,
+                "batch": self.noise.batch,
+                "advice": self.noise.advice(),
+            }
         return stop_reason, self.train_loss

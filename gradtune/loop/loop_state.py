@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from gradtune.models.weights import dedupe
-from gradtune.runtime import distributed
+from gradtune.runtime import distributed, rank_zero
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint, model_weights, resume, sharded
 
@@ -31,7 +31,9 @@ class LoopState:
         """
         s = self.sampler
         return {
-            "step": self.step, "skipped": self.skipped, "finished": self.finished,
+            "step": self.step,
+            "skipped": self.skipped,
+            "finished": self.finished,
             "schedule": {"step": self.step, "lr_scale": self.lr_scale, "lr": self.opt.param_groups[0]["lr"]},
             "data": {**s.state(), "micro_index": 0, "n": s.n, "seed": s.seed, "order_sha256": s.order_digest()},
             "optimizer": self.opt.state_dict(),
@@ -106,8 +108,9 @@ class LoopState:
         else:
             # Unwrapped names (no `module.`), tied weights once, written by rank 0 only.
             model_state = dedupe(distributed.full_state_dict(self.model)) if distributed.is_main() else {}
-            path = distributed.on_main(checkpoint.save, root, self.step, model_state, self.state_dict(),
-                                       cfg.to_dict(), cfg.hash(), keep)
+            path = rank_zero.on_main(
+                checkpoint.save, root, self.step, model_state, self.state_dict(), cfg.to_dict(), cfg.hash(), keep
+            )
         if chain:
             self.saved_step = self.step
             self.callbacks.checkpoint(path)

@@ -56,9 +56,15 @@ class NoiseScale:
         steps = (1 + bn / (2 * b)) / (1 + bn / b)  # doubling the batch: steps and samples factors
         samples = (1 + 2 * b / bn) / (1 + b / bn)
         if b < bn / 4:
-            verdict = f"a batch of {b:g} {self.unit} is well below it: doubling it would take x{steps:.2f} the steps for x{samples:.2f} the samples"
+            verdict = (
+                f"a batch of {b:g} {self.unit} is well below it: "
+                f"doubling it would take x{steps:.2f} the steps for x{samples:.2f} the samples"
+            )
         elif b > 4 * bn:
-            verdict = f"a batch of {b:g} {self.unit} is well above it: a batch near {bn:,.0f} would need about as many steps and far fewer samples"
+            verdict = (
+                f"a batch of {b:g} {self.unit} is well above it: "
+                f"a batch near {bn:,.0f} would need about as many steps and far fewer samples"
+            )
         else:
             verdict = f"a batch of {b:g} {self.unit} is near it: a good trade of steps against samples"
         return f"noise scale ~ {bn:,.0f} {self.unit}: {verdict}"

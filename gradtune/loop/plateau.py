@@ -17,8 +17,17 @@ from typing import Any
 
 
 class Plateau:
-    def __init__(self, base_lr: float, mode: str = "min", factor: float = 0.1, patience: int = 10,
-                 threshold: float = 1e-4, cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        base_lr: float,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
         self.base_lr, self.mode, self.factor, self.patience = base_lr, mode, factor, patience
         self.threshold, self.cooldown, self.min_lr, self.eps = threshold, cooldown, min_lr, eps
         self.best = math.inf if mode == "min" else -math.inf

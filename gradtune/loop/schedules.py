@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 
-def wsd(step: int, total_steps: int, warmup_steps: int, decay_steps: int, min_ratio: float = 0.0,
-        shape: str = "cosine") -> float:
+def wsd(
+    step: int, total_steps: int, warmup_steps: int, decay_steps: int, min_ratio: float = 0.0, shape: str = "cosine"
+) -> float:
     """Warm-up, stable, decay (MiniCPM; ``transformers.get_wsd_schedule`` step for step):
 
         warm-up  min_ratio -> 1 linearly over ``warmup_steps`` (step / warmup_steps)
@@ -43,8 +44,17 @@ def wsd(step: int, total_steps: int, warmup_steps: int, decay_steps: int, min_ra
     return max(0.0, min_ratio + (1.0 - min_ratio) * f)
 
 
-def factor(step: int, schedule: str, total_steps: int, warmup_steps: int = 0, gamma: float = 0.1,
-           step_size: int = 1000, min_ratio: float = 0.0, decay_steps: int = 0, shape: str = "cosine") -> float:
+def factor(
+    step: int,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    gamma: float = 0.1,
+    step_size: int = 1000,
+    min_ratio: float = 0.0,
+    decay_steps: int = 0,
+    shape: str = "cosine",
+) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based).
 
     warmup: linear from 1/(warmup+1) to 1 over ``warmup_steps``; then
@@ -73,7 +83,15 @@ def factor(step: int, schedule: str, total_steps: int, warmup_steps: int = 0, ga
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def lr_at(step: int, base_lr: float, schedule: str, total_steps: int, warmup_steps: int = 0,
-          gamma: float = 0.1, step_size: int = 1000, min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    schedule: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    gamma: float = 0.1,
+    step_size: int = 1000,
+    min_lr: float = 0.0,
+) -> float:
     min_ratio = min_lr / base_lr if base_lr > 0 else 0.0
     return base_lr * factor(step, schedule, total_steps, warmup_steps, gamma, step_size, min_ratio)

@@ -63,8 +63,15 @@ def swap_dropouts(model: nn.Module) -> int:
     return n
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-              p: float, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    p: float,
+    scale: float | None = None,
+) -> torch.Tensor:
     """SDPA's math path with the cheap mask on the probabilities (SDPA's own CPU dropout leaves
     its fused kernels for the math path anyway and draws with ``bernoulli_``).
     q (B, H, T, D), k/v (B, H, S, D), mask (T, S) or broadcastable: bool (True = attend) or

@@ -45,8 +45,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def next_token(logits: torch.Tensor, temperature: float | None, top_k: int | None,
-               top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Pick one token per row from last-position logits (B, V) -> (B, 1)."""
     if not temperature:
         return logits.argmax(dim=-1, keepdim=True)
@@ -69,12 +74,14 @@ def context_length(model: nn.Module) -> Optional[int]:
 
 def _gpt_forward(model: GPT) -> Forward:
     """Our GPT: a KVCache preallocated to block_size, filled by GPT.forward in place."""
+
     def forward(ids: torch.Tensor, cache: Optional[KVCache], cached: bool) -> tuple[torch.Tensor, Any]:
         if cached and cache is None:
             dtype = next(model.parameters()).dtype
             cache = KVCache(model.config, ids.shape[0], dtype, ids.device)
         logits = model(ids, cache=cache if cached else None)  # (B, t, V)
         return logits[:, -1, :], cache
+
     return forward
 
 
@@ -98,13 +105,22 @@ def _hf_forward(model: nn.Module) -> Forward:
             return out.logits[:, -1, :], None
         new_cache = out.get("cache")  # ModelOutput keys hold the fields that are set
         return out.logits[:, -1, :], new_cache if new_cache is not None else out.get("past_key_values")
+
     return forward
 
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-             temperature: float | None = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, eos_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float | None = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
 
     eos_id: a row that emitted it keeps emitting it (padding); generation stops once all rows

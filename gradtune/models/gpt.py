@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradtune.models.dropout import Dropout, attention as dropout_attention
+from gradtune.models.dropout import Dropout
+from gradtune.models.dropout import attention as dropout_attention
 
 
 @dataclass
@@ -82,12 +83,21 @@ class GPTConfig:
             "gpt2-xl": dict(vocab_size=50257, block_size=1024, n_layer=48, n_head=25, n_embd=1600),
             # A few hundred thousand parameters: for tests and smoke runs.
             "tiny-gpt2": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
-            "tiny-llama": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                               block_size=64, intermediate_size=192),
+            "tiny-llama": dict(
+                family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, intermediate_size=192
+            ),
             # SmolLM2-135M's shape (Llama family): the real model the tests load from GGUF.
-            "smollm2-135m": dict(family="llama", vocab_size=49152, block_size=8192, n_layer=30,
-                                 n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
-                                 rope_theta=100000.0),
+            "smollm2-135m": dict(
+                family="llama",
+                vocab_size=49152,
+                block_size=8192,
+                n_layer=30,
+                n_head=9,
+                n_kv_head=3,
+                n_embd=576,
+                intermediate_size=1536,
+                rope_theta=100000.0,
+            ),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
@@ -144,8 +154,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hs) at positions pos..pos+T; return all keys/values so far."""
         end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -159,8 +169,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, self.q_size + 2 * self.kv_size, bias=cfg.bias)
         self.c_proj = nn.Linear(self.q_size, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = self.c_attn(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -182,8 +193,9 @@ class CausalSelfAttention(nn.Module):
         if dropout > 0.0 and x.device.type == "cpu":  # SDPA's CPU dropout: math path + bernoulli_
             y = dropout_attention(q, k, v, mask, past == 0 and T > 1, dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=past == 0 and T > 1)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0 and T > 1
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)
 
@@ -225,8 +237,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = Dropout(cfg.dropout)  # the cheap CPU mask (models/dropout.py)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x), rope, cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
@@ -235,12 +248,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            drop=Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=make_norm(cfg),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                drop=Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=make_norm(cfg),
+            )
+        )
         if cfg.family == "gpt2":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         else:  # rotary tables are derived, not learned: non-persistent, absent from state_dict
@@ -292,7 +307,7 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=input_ids.device)
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over B
         else:
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+            rope = (self.rope_cos[start : start + T].to(x.dtype), self.rope_sin[start : start + T].to(x.dtype))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.config.activation_checkpointing and self.training and cache is None:

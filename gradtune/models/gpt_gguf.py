@@ -19,13 +19,20 @@ from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.hf import LOAD_ERRORS, ModelSourceError, check_gguf
 
 GPT2_BLOCK = {  # ours (transformer.h.i.) -> GGUF (blk.i.), one tensor each
-    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
 }
 LLAMA_BLOCK = {  # ours -> GGUF parts, concatenated along rows (fused q|k|v and gate|up)
-    "ln_1.weight": ["attn_norm"], "ln_2.weight": ["ffn_norm"],
-    "attn.c_attn.weight": ["attn_q", "attn_k", "attn_v"], "attn.c_proj.weight": ["attn_output"],
-    "mlp.c_fc.weight": ["ffn_gate", "ffn_up"], "mlp.c_proj.weight": ["ffn_down"],
+    "ln_1.weight": ["attn_norm"],
+    "ln_2.weight": ["ffn_norm"],
+    "attn.c_attn.weight": ["attn_q", "attn_k", "attn_v"],
+    "attn.c_proj.weight": ["attn_output"],
+    "mlp.c_fc.weight": ["ffn_gate", "ffn_up"],
+    "mlp.c_proj.weight": ["ffn_down"],
 }
 
 
@@ -72,18 +79,29 @@ def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> GPTConfig:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}")
         return value
 
-    common = dict(vocab_size=vocab_size, block_size=get("context_length"), n_layer=get("block_count"),
-                  n_head=get("attention.head_count"), n_embd=get("embedding_length"),
-                  intermediate_size=get("feed_forward_length"), tie_embeddings=tied)
+    common = dict(
+        vocab_size=vocab_size,
+        block_size=get("context_length"),
+        n_layer=get("block_count"),
+        n_head=get("attention.head_count"),
+        n_embd=get("embedding_length"),
+        intermediate_size=get("feed_forward_length"),
+        tie_embeddings=tied,
+    )
     if arch == "gpt2":
         return GPTConfig(family="gpt2", norm_eps=get("attention.layer_norm_epsilon"), **common)
     if arch == "llama":
         if "rope_freqs.weight" in tensors or meta.get("llama.rope.scaling.type", "none") != "none":
             raise ValueError("GGUF llama with rope scaling (e.g. Llama 3.1) is not supported")
         head_dim = meta.get("llama.attention.key_length") or common["n_embd"] // common["n_head"]
-        return GPTConfig(family="llama", n_kv_head=get("attention.head_count_kv", common["n_head"]),
-                         head_dim=head_dim, norm_eps=get("attention.layer_norm_rms_epsilon"),
-                         rope_theta=float(get("rope.freq_base", 10000.0)), **common)
+        return GPTConfig(
+            family="llama",
+            n_kv_head=get("attention.head_count_kv", common["n_head"]),
+            head_dim=head_dim,
+            norm_eps=get("attention.layer_norm_rms_epsilon"),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            **common,
+        )
     raise ValueError(f"GGUF architecture {arch!r} is not supported; gradtune loads 'gpt2' and 'llama'")
 
 

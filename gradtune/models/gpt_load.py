@@ -53,7 +53,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     if not (p.is_dir() and (p / "config.json").is_file()):
         raise PretrainedPathError(
             f"{str(path)!r} is not a local folder with config.json nor a local .gguf file; "
-            "gradtune never downloads: pass a path on disk")
+            "gradtune never downloads: pass a path on disk"
+        )
     tensors = read_safetensors(p)
     cfg = config_from_hf(json.loads((p / "config.json").read_text()))
     return GPT.from_state_dict(cfg, state_dict_from_hf(tensors, cfg)).to(dtype)
@@ -68,8 +69,10 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         shards = ["model.safetensors"]
     else:
         found = sorted(f.name for f in folder.iterdir())
-        raise PretrainedPathError(f"no model.safetensors(.index.json) in {folder} (found {found}); "
-                                  "pickled .bin checkpoints are not loaded: convert them to safetensors")
+        raise PretrainedPathError(
+            f"no model.safetensors(.index.json) in {folder} (found {found}); "
+            "pickled .bin checkpoints are not loaded: convert them to safetensors"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update(load_file(folder / shard))
@@ -83,13 +86,20 @@ def config_from_hf(c: dict) -> GPTConfig:
         if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation {c['activation_function']!r}")
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
-            raise ValueError("GPT-2 attention variants scale_attn_by_inverse_layer_idx / "
-                             "reorder_and_upcast_attn are not supported")
-        return GPTConfig(family="gpt2", vocab_size=c["vocab_size"], block_size=c["n_positions"],
-                         n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                         intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
-                         norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                         tie_embeddings=c.get("tie_word_embeddings", True))
+            raise ValueError(
+                "GPT-2 attention variants scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported"
+            )
+        return GPTConfig(
+            family="gpt2",
+            vocab_size=c["vocab_size"],
+            block_size=c["n_positions"],
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_embd=c["n_embd"],
+            intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
+            norm_eps=c.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=c.get("tie_word_embeddings", True),
+        )
     if kind == "llama":
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -98,33 +108,62 @@ def config_from_hf(c: dict) -> GPTConfig:
             raise ValueError("llama with attention_bias / mlp_bias is not supported")
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported llama activation {c['hidden_act']!r}")
-        return GPTConfig(family="llama", vocab_size=c["vocab_size"],
-                         block_size=c["max_position_embeddings"], n_layer=c["num_hidden_layers"],
-                         n_head=c["num_attention_heads"],
-                         n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
-                         n_embd=c["hidden_size"], head_dim=c.get("head_dim"),
-                         intermediate_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-                         tie_embeddings=c.get("tie_word_embeddings", False))
+        return GPTConfig(
+            family="llama",
+            vocab_size=c["vocab_size"],
+            block_size=c["max_position_embeddings"],
+            n_layer=c["num_hidden_layers"],
+            n_head=c["num_attention_heads"],
+            n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+            n_embd=c["hidden_size"],
+            head_dim=c.get("head_dim"),
+            intermediate_size=c["intermediate_size"],
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            tie_embeddings=c.get("tie_word_embeddings", False),
+        )
     raise ValueError(f"model_type {kind!r} is not supported; gradtune's GPT loads 'gpt2' and 'llama'")
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json transformers needs to rebuild the same network."""
     if cfg.family == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-                "n_head": cfg.n_head, "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
-                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
-            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.dropout}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.intermediate_size,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+        }
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": cfg.dropout,
+    }
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:

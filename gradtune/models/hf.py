@@ -63,15 +63,18 @@ def check_gguf(path: Path) -> None:
     if len(head) < 4 or head[:4] != b"GGUF":
         raise ModelSourceError(f"model file {str(path)!r} is not a GGUF file (it does not start with 'GGUF')")
     if len(head) < GGUF_HEADER.size:
-        raise ModelSourceError(f"model file {str(path)!r} is truncated: {size} bytes, shorter than the "
-                               f"{GGUF_HEADER.size}-byte GGUF header")
+        raise ModelSourceError(
+            f"model file {str(path)!r} is truncated: {size} bytes, shorter than the {GGUF_HEADER.size}-byte GGUF header"
+        )
     _, version, n_tensors, n_kv = GGUF_HEADER.unpack(head)
     if version not in (2, 3):
         raise ModelSourceError(f"model file {str(path)!r}: GGUF version {version} is not supported (2 or 3)")
     # Each metadata entry takes at least 12 bytes and each tensor description at least 24.
     if n_tensors == 0 or GGUF_HEADER.size + 12 * n_kv + 24 * n_tensors > size:
-        raise ModelSourceError(f"model file {str(path)!r} is truncated or corrupt: its header announces "
-                               f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes")
+        raise ModelSourceError(
+            f"model file {str(path)!r} is truncated or corrupt: its header announces "
+            f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes"
+        )
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
@@ -87,14 +90,14 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-        tensors = {k: (v["shape"], v["dtype"], v["data_offsets"][1]) for k, v in header.items()
-                   if k != "__metadata__"}
+        tensors = {k: (v["shape"], v["dtype"], v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
         end = max((t[2] for t in tensors.values()), default=0)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise ModelSourceError(f"weights file {str(path)!r} is not a safetensors file (bad header)") from None
     if 8 + n + end > size:
-        raise ModelSourceError(f"weights file {str(path)!r} is truncated: {size} bytes, the header announces "
-                               f"{8 + n + end}")
+        raise ModelSourceError(
+            f"weights file {str(path)!r} is truncated: {size} bytes, the header announces {8 + n + end}"
+        )
     return {k: (shape, dtype) for k, (shape, dtype, _) in tensors.items()}
 
 
@@ -118,8 +121,9 @@ def parameter_count(source: str | Path) -> int:
     folder, gguf = resolve(source)
     if gguf:
         return (folder / gguf).stat().st_size
-    return sum(math.prod(shape) for f in sorted(folder.glob("*.safetensors"))
-               for shape, _ in safetensors_shapes(f).values())
+    return sum(
+        math.prod(shape) for f in sorted(folder.glob("*.safetensors")) for shape, _ in safetensors_shapes(f).values()
+    )
 
 
 def resolve(source: str | Path) -> tuple[Path, str | None]:
@@ -127,15 +131,18 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
     else ModelSourceError."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise ModelSourceError(f"model {str(source)!r} is not a local folder or .gguf file "
-                               f"(gradtune does not download from the Hub)")
+        raise ModelSourceError(
+            f"model {str(source)!r} is not a local folder or .gguf file (gradtune does not download from the Hub)"
+        )
     special = _special(path)
     if special:
         raise ModelSourceError(f"model {str(source)!r} is {special}, not a model folder or .gguf file")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelSourceError(f"model file {str(path)!r} is not a .gguf file; give a folder "
-                                   f"with config.json and *.safetensors, or a .gguf file")
+            raise ModelSourceError(
+                f"model file {str(path)!r} is not a .gguf file; give a folder "
+                f"with config.json and *.safetensors, or a .gguf file"
+            )
         check_gguf(path)
         return path.parent, path.name
     ggufs = sorted(path.glob("*.gguf"))
@@ -144,10 +151,14 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
         if len(ggufs) == 1:
             check_gguf(ggufs[0])
             return path, ggufs[0].name
-        pickled = " (pytorch_model.bin is pickle, which gradtune does not load: convert it " \
-                  "to safetensors)" if (path / "pytorch_model.bin").exists() else ""
-        raise ModelSourceError(f"model folder {str(path)!r} has no weights: expected "
-                               f"*.safetensors or one .gguf file{pickled}")
+        pickled = (
+            " (pytorch_model.bin is pickle, which gradtune does not load: convert it to safetensors)"
+            if (path / "pytorch_model.bin").exists()
+            else ""
+        )
+        raise ModelSourceError(
+            f"model folder {str(path)!r} has no weights: expected *.safetensors or one .gguf file{pickled}"
+        )
     if not (path / "config.json").exists():
         raise ModelSourceError(f"model folder {str(path)!r} has no config.json")
     read_config(path)
@@ -156,8 +167,9 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_model(source: str | Path, kind: Kind = "causal_lm",
-               dtype: torch.dtype = torch.float32, converted_copy: bool = True) -> nn.Module:
+def load_model(
+    source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32, converted_copy: bool = True
+) -> nn.Module:
     """The pretrained model on the CPU, in train mode (dropout on, as the loop expects).
     ``converted_copy=False``: a .gguf is read by transformers even when a converted copy exists
     (a quantised base: the copy's weights are memory-mapped, and a mapping kept alive by the
@@ -228,12 +240,15 @@ def check_vocab(model: nn.Module, tokenizer: Any) -> None:
     """A tokenizer with more ids than the embedding has rows would index out of range."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ModelSourceError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
-                               f"has {rows} rows: tokenizer and model do not belong together")
+        raise ModelSourceError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"has {rows} rows: tokenizer and model do not belong together"
+        )
 
 
-def load(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32,
-         converted_copy: bool = True) -> tuple[nn.Module, Any]:
+def load(
+    source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32, converted_copy: bool = True
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer), checked to belong together."""
     model, tokenizer = load_model(source, kind, dtype, converted_copy), load_tokenizer(source)
     check_vocab(model, tokenizer)

@@ -25,17 +25,30 @@ from gradtune.models.dropout import attention as dropout_attention
 NAME = "gradtune_sdpa"
 
 
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-              is_causal: Optional[bool] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; returns ((B, T, H, D), None)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward  # lazy: heavy
 
-    plain = (dropout == 0.0 or query.device.type != "cpu" or kwargs.get("position_bias") is not None
-             or kwargs.get("softcap") is not None)
+    plain = (
+        dropout == 0.0
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)

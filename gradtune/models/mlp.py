@@ -11,8 +11,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": 
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int = 10, hidden: Sequence[int] = (5,), out_features: int = 1,
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, in_features: int = 10, hidden: Sequence[int] = (5,), out_features: int = 1, activation: str = "relu"
+    ) -> None:
         super().__init__()
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []

@@ -65,7 +65,9 @@ def load_weights(model: nn.Module, path: Path | str) -> None:
     missing = sorted(set(own) - set(state) - aliases(model))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise GradtuneError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise GradtuneError(
+            f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise GradtuneError(f"{path}: '{k}' has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")

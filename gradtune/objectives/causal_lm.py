@@ -32,8 +32,9 @@ class CausalLM:
         logits = forward(model, batch)  # (B, T, V)
         if self.shift:
             logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
-        loss_sum = losses.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE,
-                                        label_smoothing=self.label_smoothing)
+        loss_sum = losses.cross_entropy(
+            logits, labels, reduction="sum", ignore_index=IGNORE, label_smoothing=self.label_smoothing
+        )
         trained = labels != IGNORE
         metrics = {}
         if self.token_accuracy:

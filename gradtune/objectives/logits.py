@@ -34,8 +34,13 @@ def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
     if "x" in batch:
         return logits_of(model(batch["x"]))
     if "document_ids" in batch:
-        return logits_of(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               attention_mask=packed_mask(model, batch["document_ids"])))
+        return logits_of(
+            model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=packed_mask(model, batch["document_ids"]),
+            )
+        )
     if "attention_mask" in batch:
         return logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
     return logits_of(model(batch["input_ids"]))

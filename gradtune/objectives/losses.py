@@ -39,8 +39,13 @@ def huber(pred: torch.Tensor, target: torch.Tensor, delta: float = 1.0, reductio
     return _reduce(per, reduction)
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-                  ignore_index: int = -100, label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """-log softmax(logits)[target]. logits (N, C) or (B, T, C) with target (N,) or (B, T).
 
     ``mean`` divides by the count of non-ignored targets (token losses), not by N.
@@ -48,8 +53,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
     if logits.dim() > 2:
         logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     # F.cross_entropy fuses log-softmax and gather (numerically stable, one pass over C).
-    per = F.cross_entropy(logits.float() if logits.dtype == torch.bfloat16 else logits, target,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    per = F.cross_entropy(
+        logits.float() if logits.dtype == torch.bfloat16 else logits,
+        target,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
     if reduction == "mean":
         return per.sum() / (target != ignore_index).sum().clamp(min=1)
     return _reduce(per, reduction)

@@ -45,14 +45,23 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     at t score the label at t+1."""
     logits, labels = float32(logits[:, :-1]), labels[:, 1:]  # (S, T-1, V), (S, T-1)
     # cross_entropy fuses log-softmax and gather; it is 0 at ignored positions.
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(labels.shape)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
     return -nll.sum(-1), (labels != IGNORE).sum(-1)
 
 
-def pair_losses(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-                n_c: torch.Tensor, n_r: torch.Tensor, beta: float, loss: str = "sigmoid",
-                label_smoothing: float = 0.0) -> torch.Tensor:
+def pair_losses(
+    pi_c: torch.Tensor,
+    pi_r: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+    n_c: torch.Tensor,
+    n_r: torch.Tensor,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair loss (B,) from per-sequence log-probabilities (B,) and response token counts (B,)."""
     if loss == "ipo":
         delta = (pi_c - ref_c) / n_c.clamp(min=1) - (pi_r - ref_r) / n_r.clamp(min=1)
@@ -68,8 +77,13 @@ class Preference:
     """DPO / IPO on a batch of pairs. ``reference(model)``: a context under which ``model``
     computes the reference; None: the batch carries ``ref_logps`` (B, 2)."""
 
-    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0,
-                 reference: Optional[Reference] = None) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reference: Optional[Reference] = None,
+    ) -> None:
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
         self.reference = reference
 
@@ -91,10 +105,15 @@ class Preference:
         logps, n = sequence_logps(forward(model, batch), labels)  # (2B,), (2B,)
         ref = ref.to(logps.dtype)
         pi_c, pi_r, ref_c, ref_r = logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:]
-        per_pair = pair_losses(pi_c, pi_r, ref_c, ref_r, n[:pairs], n[pairs:], self.beta, self.loss,
-                               self.label_smoothing)
+        per_pair = pair_losses(
+            pi_c, pi_r, ref_c, ref_r, n[:pairs], n[pairs:], self.beta, self.loss, self.label_smoothing
+        )
         with torch.no_grad():
             r_c, r_r = self.beta * (pi_c - ref_c), self.beta * (pi_r - ref_r)
-            metrics = {"rewards_chosen": r_c.sum(), "rewards_rejected": r_r.sum(),
-                       "reward_margin": (r_c - r_r).sum(), "reward_accuracy": (r_c > r_r).sum()}
+            metrics = {
+                "rewards_chosen": r_c.sum(),
+                "rewards_rejected": r_r.sum(),
+                "reward_margin": (r_c - r_r).sum(),
+                "reward_accuracy": (r_c > r_r).sum(),
+            }
         return Output(per_pair.sum(), pairs, metrics)

@@ -29,12 +29,21 @@ def _step_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def adamw_reference(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                    exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float, beta1: float,
-                    beta2: float, eps: float, weight_decay: float) -> None:
+def adamw_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """The readable update, one tensor at a time, in the operation order torch uses."""
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs,
-                                                        steps):
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step_t += 1
         step = step_t.item()
         if weight_decay != 0:
@@ -56,9 +65,16 @@ class AdamW(torch.optim.Optimizer):
     False always runs ``adamw_reference``.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, fused: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        fused: bool | None = None,
+    ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -70,8 +86,7 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (need 0 <= beta < 1)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps,
-                        weight_decay=weight_decay, fused=fused)
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay, fused=fused)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -101,8 +116,9 @@ class AdamW(torch.optim.Optimizer):
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             steps = [s["step"] for s in states]
             beta1, beta2 = group["betas"]
-            hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"])
+            hyper = dict(
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+            )
             lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
             if lib is not None and fast.steps_supported(steps):
                 fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)

@@ -16,5 +16,11 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     """``params``: tensors or parameter groups (``optim.groups.decay_groups``)."""
     if cfg.optimizer == "adamw":
         return AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=cfg.dampening,
-               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        dampening=cfg.dampening,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )

@@ -23,10 +23,13 @@ def direct_step(opt: torch.optim.Optimizer) -> Callable[[], Any]:
     wrapped = opt.step
 
     def step() -> Any:
-        if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-                or _torch_optimizer._global_optimizer_pre_hooks
-                or _torch_optimizer._global_optimizer_post_hooks
-                or torch.autograd._profiler_enabled()):
+        if (
+            opt._optimizer_step_pre_hooks
+            or opt._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks
+            or torch.autograd._profiler_enabled()
+        ):
             return wrapped()
         return raw(opt)
 

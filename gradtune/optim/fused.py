@@ -37,8 +37,7 @@ from gradtune.runtime import cache
 
 # -ffp-contract=off: no FMA unless written (see kernel_source.py); -fno-math-errno lets sqrt
 # vectorise; -march=native is safe because the CPU model and flags are part of the cache key.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-          "-fPIC", "-shared", "-std=c11"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _lib: ctypes.CDLL | None = None
@@ -73,8 +72,9 @@ def _build(cc: str, target: Path, source: str = SOURCE) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / f"{target.stem}.c", Path(tmp) / target.name
         src.write_text(source)
-        proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out), "-lm"],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [cc, *CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, target)
@@ -103,9 +103,12 @@ def load() -> ctypes.CDLL | None:
     try:
         _lib = _bind(ctypes.CDLL(str(compiled(SOURCE, "optim"))))
     except Exception as err:  # any failure means: use the reference path, say so once
-        warnings.warn(f"gradtune.optim: fused kernels unavailable, using the reference "
-                      f"per-tensor update (slower, same results). Reason: {err}", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"gradtune.optim: fused kernels unavailable, using the reference "
+            f"per-tensor update (slower, same results). Reason: {err}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         _lib = None
     return _lib
 
@@ -119,10 +122,24 @@ def reset() -> None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, dbl, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     for sfx in _DTYPES.values():
-        getattr(lib, f"sgd_{sfx}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr,
-                                               dbl, dbl, dbl, dbl, i32, i32]
-        getattr(lib, f"adamw_{sfx}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr,
-                                                 dbl, dbl, dbl, dbl, dbl, i32]
+        getattr(lib, f"sgd_{sfx}").argtypes = [i64, ptr, ptr, ptr, ptr, ptr, dbl, dbl, dbl, dbl, i32, i32]
+        getattr(lib, f"adamw_{sfx}").argtypes = [
+            i64,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i32,
+            ptr,
+            dbl,
+            dbl,
+            dbl,
+            dbl,
+            dbl,
+            i32,
+        ]
         getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
         getattr(lib, f"sumsq_{sfx}").restype = dbl
     return lib
@@ -137,14 +154,14 @@ def supported(tensors: list[torch.Tensor]) -> bool:
     plain = (torch.Tensor, torch.nn.Parameter)  # not DTensor (FSDP2 shards): its data_ptr is no array
     return dtype in _DTYPES and all(
         type(t) in plain and t.is_cpu and t.dtype is dtype and t.layout is strided and t.is_contiguous()
-        for t in tensors)
+        for t in tensors
+    )
 
 
 def steps_supported(steps: list[torch.Tensor]) -> bool:
     """AdamW step counters the kernel can increment: CPU float32/float64 scalars, one dtype."""
     dtype = steps[0].dtype
-    return dtype in _DTYPES and all(
-        s.is_cpu and s.dtype is dtype and s.numel() == 1 for s in steps)
+    return dtype in _DTYPES and all(s.is_cpu and s.dtype is dtype and s.numel() == 1 for s in steps)
 
 
 def choose(fused: bool | None, tensors: list[torch.Tensor]) -> ctypes.CDLL | None:
@@ -163,9 +180,12 @@ def choose(fused: bool | None, tensors: list[torch.Tensor]) -> ctypes.CDLL | Non
         return lib
     if fused and not _warned_unsupported:
         _warned_unsupported = True
-        warnings.warn("gradtune.optim: fused=True but some tensors are not dense contiguous "
-                      "CPU float32/float64 of one dtype; using the reference update for them.",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "gradtune.optim: fused=True but some tensors are not dense contiguous "
+            "CPU float32/float64 of one dtype; using the reference update for them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return None
 
 
@@ -187,9 +207,19 @@ def _ptrs(tensors: list[torch.Tensor]) -> _Array:
     return _Array([t.data_ptr() for t in tensors])
 
 
-def sgd_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor],
-         bufs: list[torch.Tensor] | None, first: list[bool] | None, *, lr: float,
-         momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
+def sgd_(
+    lib: ctypes.CDLL,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor] | None,
+    first: list[bool] | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
     """In place: params (and bufs) updated by one SGD step; first[i]: bufs[i] is uninitialised."""
     arrays = [_ptrs(params), _ptrs(grads)]
     numel = _Array([p.numel() for p in params])
@@ -198,14 +228,36 @@ def sgd_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor]
         arrays += [_ptrs(bufs), _Array([int(f) for f in first], ctypes.c_uint8)]
         buf_ptr, first_ptr = arrays[2].data_ptr(), arrays[3].data_ptr()
     fn = getattr(lib, f"sgd_{_DTYPES[params[0].dtype]}")
-    fn(len(params), arrays[0].data_ptr(), arrays[1].data_ptr(), buf_ptr, numel.data_ptr(),
-       first_ptr, lr, momentum, dampening, weight_decay, int(nesterov), torch.get_num_threads())
+    fn(
+        len(params),
+        arrays[0].data_ptr(),
+        arrays[1].data_ptr(),
+        buf_ptr,
+        numel.data_ptr(),
+        first_ptr,
+        lr,
+        momentum,
+        dampening,
+        weight_decay,
+        int(nesterov),
+        torch.get_num_threads(),
+    )
 
 
-def adamw_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor],
-           exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-           steps: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-           weight_decay: float) -> None:
+def adamw_(
+    lib: ctypes.CDLL,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here."""
     if not steps_supported(steps):
         raise ValueError("steps must be CPU float32/float64 scalars of one dtype")
@@ -213,9 +265,23 @@ def adamw_(lib: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tenso
     numel = _Array([t.numel() for t in params])
     scratch = _Array([0] * (2 * len(params)), ctypes.c_double)  # per-tensor -step_size, bc2_sqrt
     fn = getattr(lib, f"adamw_{_DTYPES[params[0].dtype]}")
-    fn(len(params), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel.data_ptr(),
-       s.data_ptr(), int(steps[0].dtype == torch.float64), scratch.data_ptr(),
-       lr, beta1, beta2, eps, weight_decay, torch.get_num_threads())
+    fn(
+        len(params),
+        p.data_ptr(),
+        g.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        numel.data_ptr(),
+        s.data_ptr(),
+        int(steps[0].dtype == torch.float64),
+        scratch.data_ptr(),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        torch.get_num_threads(),
+    )
 
 
 def sumsq(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> float:

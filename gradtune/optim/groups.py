@@ -12,8 +12,9 @@ from typing import Any, Optional
 from torch import nn
 
 
-def decay_groups(model: nn.Module, weight_decay: float,
-                 decay_embeddings: bool = True) -> Optional[list[dict[str, Any]]]:
+def decay_groups(
+    model: nn.Module, weight_decay: float, decay_embeddings: bool = True
+) -> Optional[list[dict[str, Any]]]:
     """[{2-D trainable params, weight_decay}, {the rest, 0.0}]; None when weight_decay is 0
     (one group of every trainable parameter). ``decay_embeddings=False`` also exempts
     ``nn.Embedding`` tables (some recipes do; nanoGPT decays them)."""

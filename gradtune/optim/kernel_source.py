@@ -42,7 +42,9 @@ static int threads_for(int64_t total, int nthreads) {
 
 """
 
-SOURCE = PRELUDE + r"""
+SOURCE = (
+    PRELUDE
+    + r"""
 /* The span [a, e) of tensor i that this thread owns, given the tensor's offset `off`. */
 #define SPAN(i) \
     int64_t a = lo > off ? lo - off : 0, e = hi - off < numel[i] ? hi - off : numel[i]; \
@@ -209,3 +211,4 @@ DEFINE_KERNELS(double, f64, fma, sqrt)
 DEFINE_SUMSQ(float, f32)
 DEFINE_SUMSQ(double, f64)
 """
+)

@@ -18,7 +18,9 @@ def run_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
         return closure()
 
 
-def with_grads(param_groups: list[dict[str, Any]], rule: str) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+def with_grads(
+    param_groups: list[dict[str, Any]], rule: str
+) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
     """(group, params with a gradient, their gradients) for each group that has any. A parameter
     without a gradient this step is skipped entirely: its state (buffers, step count) stays."""
     for group in param_groups:

@@ -22,9 +22,17 @@ from gradtune.optim import fused as fast
 from gradtune.optim.params import run_closure, with_grads
 
 
-def sgd_reference(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None] | None,
-                  *, lr: float, momentum: float, dampening: float, weight_decay: float,
-                  nesterov: bool) -> None:
+def sgd_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    bufs: list[Tensor | None] | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
     """The readable update, one tensor at a time; fills ``bufs[i]`` where it was None."""
     for i, (param, grad) in enumerate(zip(params, grads)):
         direction = grad
@@ -48,9 +56,17 @@ class SGD(torch.optim.Optimizer):
     False always runs ``sgd_reference``.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3, momentum: float = 0,
-                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
-                 fused: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        fused: bool | None = None,
+    ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -61,8 +77,9 @@ class SGD(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, fused=fused)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, fused=fused
+        )
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -77,10 +94,14 @@ class SGD(torch.optim.Optimizer):
         loss = run_closure(closure)
         for group, params, grads in with_grads(self.param_groups, "SGD"):
             momentum = group["momentum"]
-            bufs = ([self.state[p].get("momentum_buffer") for p in params]
-                    if momentum != 0 else None)
-            hyper = dict(lr=float(group["lr"]), momentum=momentum, dampening=group["dampening"],
-                         weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+            bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
+            hyper = dict(
+                lr=float(group["lr"]),
+                momentum=momentum,
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+            )
             existing = [b for b in bufs if b is not None] if bufs is not None else []
             lib = fast.choose(group["fused"], params + grads + existing)
             if lib is not None:

@@ -45,6 +45,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
 # Imported before any process group exists, on purpose: torch.distributed.nn's functions take
 # ``group=group.WORLD`` as a default argument, evaluated on import. DDP's constructor imports it
 # (through torch._dynamo); imported after init_process_group, those defaults would hold the default
@@ -118,8 +119,9 @@ def init(dev: torch.device, timeout_s: float) -> torch.device:
     # peer's old address) would send the new one to a closed port. One key space per attempt.
     store, r, n = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"gradtune/attempt{attempt}/", store),
-                            rank=r, world_size=n, timeout=timeout)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"gradtune/attempt{attempt}/", store), rank=r, world_size=n, timeout=timeout
+    )
     return dev
 
 
@@ -190,8 +192,10 @@ def choose(mode: str, model: nn.Module, optimizer: str, dev: torch.device) -> st
     if not active():
         return "none"
     if mode == "none":
-        raise GradtuneError(f"config: distributed=none but torchrun started {world_size()} processes; "
-                            "use ddp, fsdp or auto (or launch one process)")
+        raise GradtuneError(
+            f"config: distributed=none but torchrun started {world_size()} processes; "
+            "use ddp, fsdp or auto (or launch one process)"
+        )
     if mode != "auto":
         return mode
     states = 2 if optimizer == "adamw" else 1
@@ -228,8 +232,9 @@ def _shard_fsdp(model: nn.Module, dev: torch.device) -> nn.Module:
     return model
 
 
-def wrap(model: nn.Module, mode: str, dev: torch.device,
-         param_groups: Optional[list[dict[str, Any]]] = None) -> tuple[nn.Module, Optional[list[dict[str, Any]]]]:
+def wrap(
+    model: nn.Module, mode: str, dev: torch.device, param_groups: Optional[list[dict[str, Any]]] = None
+) -> tuple[nn.Module, Optional[list[dict[str, Any]]]]:
     """Wrap for ``mode`` (from ``choose``); returns (model to call, param groups for the optimizer).
 
     FSDP2 shards in place and replaces each Parameter with a DTensor one, so optimizer groups built
@@ -296,8 +301,9 @@ def grad_sync(model: nn.Module, last: bool) -> Iterator[None]:
                 dist.all_reduce(p.grad)
 
 
-def all_reduce_sums(loss_sum: torch.Tensor, count: torch.Tensor,
-                    sums: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def all_reduce_sums(
+    loss_sum: torch.Tensor, count: torch.Tensor, sums: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Global (loss sum, count, metric sums) in one float64 all-reduce; every rank gets the same
     numbers, so guard, stopping and logging decisions agree everywhere."""
     if not active():
@@ -306,9 +312,14 @@ def all_reduce_sums(loss_sum: torch.Tensor, count: torch.Tensor,
     dev = loss_sum.device
     # count may be a Python int (tabular rows) or a tensor (token counts); the last entry is the
     # stop vote (``vote_stop``), riding along for free.
-    packed = torch.stack([loss_sum.detach().double(), torch.as_tensor(count, dtype=torch.float64, device=dev),
-                          *(torch.as_tensor(sums[k]).double().to(dev) for k in keys),
-                          torch.tensor(float(_STATE.get("vote", False)), dtype=torch.float64, device=dev)])
+    packed = torch.stack(
+        [
+            loss_sum.detach().double(),
+            torch.as_tensor(count, dtype=torch.float64, device=dev),
+            *(torch.as_tensor(sums[k]).double().to(dev) for k in keys),
+            torch.tensor(float(_STATE.get("vote", False)), dtype=torch.float64, device=dev),
+        ]
+    )
     dist.all_reduce(packed)
     _STATE["agreed"] = bool(packed[-1] > 0)
     return packed[0], packed[1], {k: packed[2 + i] for i, k in enumerate(keys)}
@@ -355,35 +366,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def on_main(fn: Any, *args: Any) -> Any:
-    """Run ``fn`` on rank 0 only (a file written once), then make every rank wait for it; if it
-    failed, every rank raises, so no rank reads a checkpoint that was never written. A
-    GradtuneError is raised as itself everywhere (a WriteError still exits 74 on every rank)."""
-    if not active():
-        return fn(*args)
-    result, error, mine = None, None, None
-    if is_main():
-        try:
-            result = fn(*args)
-        except Exception as e:  # re-raised on every rank below
-            if not isinstance(e, GradtuneError):
-                error = (f"{type(e).__name__}: {e}", None)
-            else:  # the message and exit code travel, not the object (its class may not unpickle)
-                mine, error = e, (str(e), e.exit_code)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is None:
-        return result
-    text, code = box[0]
-    if code is None:
-        raise RuntimeError(f"rank 0 failed while writing: {text}")
-    if is_main():
-        raise mine
-    err = GradtuneError(text)
-    err.exit_code = code
-    raise err
-
-
 # --- errors ---------------------------------------------------------------------------
 def describe(exc: BaseException) -> str:
     """An error message that names the rank it came from, and explains a failed collective."""
@@ -393,8 +375,11 @@ def describe(exc: BaseException) -> str:
         return text
     lowered = text.lower()
     if isinstance(exc, dist.DistBackendError) or any(
-            s in lowered for s in ("connection closed by peer", "connection reset", "timed out", "broken pipe")):
+        s in lowered for s in ("connection closed by peer", "connection reset", "timed out", "broken pipe")
+    ):
         timeout = _STATE.get("timeout_s")
-        text = (f"a peer process died or stopped responding during a collective "
-                f"(dist_timeout={timeout}s); torchrun names the rank that failed first. ({text})")
+        text = (
+            f"a peer process died or stopped responding during a collective "
+            f"(dist_timeout={timeout}s); torchrun names the rank that failed first. ({text})"
+        )
     return f"{who}: {text}"

@@ -33,8 +33,17 @@ from gradtune.runtime.errors import GradtuneError
 
 MARKER = ".gradtune-run"
 # What a run writes in its out_dir: files replaced atomically, folders replaced whole.
-RUN_FILES = ("model.safetensors", "config.yaml", "summary.json", "metrics.jsonl", "loss.png",
-             "lr_find.png", "report.html", "tokenizer.json", "labels.json")
+RUN_FILES = (
+    "model.safetensors",
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "loss.png",
+    "lr_find.png",
+    "report.html",
+    "tokenizer.json",
+    "labels.json",
+)
 RUN_FOLDERS = ("checkpoints", "best", "tb", "tokenizer", "adapter", "merged")
 _REPLACED = ("tokenizer", "adapter", "merged")  # folders a finished run swaps whole for new ones
 _TEMP_PREFIXES = (".tmp-", ".old-")  # interrupted writers' leftovers (atomic.py, this module)
@@ -110,12 +119,13 @@ def _ownership(folder: Path, files: Sequence[str], folders: Sequence[str]) -> st
         return "empty"
     own = set(files) | set(folders) | {MARKER}
     subruns = [folder / n for n in folders if (folder / n).is_dir()]
-    if set(names) <= own and (looks_like_run(folder) or any(
-            is_run_folder(p) or looks_like_run(p) for p in subruns)):
+    if set(names) <= own and (looks_like_run(folder) or any(is_run_folder(p) or looks_like_run(p) for p in subruns)):
         return "legacy"
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-    raise GradtuneError(f"out_dir {folder}: not a gradtune run folder (no {MARKER}) and not empty "
-                        f"({shown}); refusing to write into it: choose a new or empty out_dir")
+    raise GradtuneError(
+        f"out_dir {folder}: not a gradtune run folder (no {MARKER}) and not empty "
+        f"({shown}); refusing to write into it: choose a new or empty out_dir"
+    )
 
 
 def _check_layout(folder: Path, files: Sequence[str], folders: Sequence[str]) -> None:
@@ -140,12 +150,15 @@ def _check_inputs(folder: Path, inputs: Inputs, files: Sequence[str], folders: S
             continue
         path = _resolved(item)
         if path == folder or any(_inside(path, w) for w in written):
-            raise GradtuneError(f"input {item} lies in out_dir {folder} at a path gradtune writes "
-                                f"and would be overwritten; move it or choose another out_dir")
+            raise GradtuneError(
+                f"input {item} lies in out_dir {folder} at a path gradtune writes "
+                f"and would be overwritten; move it or choose another out_dir"
+            )
 
 
-def check(out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN_FILES,
-          folders: Sequence[str] = RUN_FOLDERS) -> str:
+def check(
+    out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN_FILES, folders: Sequence[str] = RUN_FOLDERS
+) -> str:
     """Refuse (GradtuneError) an ``out_dir`` gradtune must not write into; writes nothing.
     Returns its state: 'absent', 'empty', 'owned' or 'legacy'."""
     folder = _resolved(out_dir)
@@ -156,8 +169,9 @@ def check(out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN
     return state
 
 
-def claim(out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN_FILES,
-          folders: Sequence[str] = RUN_FOLDERS) -> Path:
+def claim(
+    out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN_FILES, folders: Sequence[str] = RUN_FOLDERS
+) -> Path:
     """``check``, then create ``out_dir`` and mark it as gradtune's. Idempotent: a marked folder
     is left as it is. Returns the folder."""
     check(out_dir, inputs, files, folders)
@@ -165,8 +179,11 @@ def claim(out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN
     if not is_run_folder(folder):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            write_text(folder / MARKER, "This folder is a gradtune run: gradtune replaces the files it "
-                                        "wrote here. Keep other files elsewhere.\n")
+            write_text(
+                folder / MARKER,
+                "This folder is a gradtune run: gradtune replaces the files it "
+                "wrote here. Keep other files elsewhere.\n",
+            )
         except OSError as e:
             raise GradtuneError(f"out_dir {folder}: cannot create it ({e.strerror or e})") from None
     return folder
@@ -206,7 +223,9 @@ def staged(dest: "str | Path", inputs: Inputs = ()) -> Iterator[Path]:
             os.rename(tmp, folder)  # replaces an empty folder; refuses one filled meanwhile
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise GradtuneError(f"export folder {dest}: filled by someone else meanwhile; nothing written") from None
+                raise GradtuneError(
+                    f"export folder {dest}: filled by someone else meanwhile; nothing written"
+                ) from None
             raise
         fsync_dir(folder.parent)
     finally:

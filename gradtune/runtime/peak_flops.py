@@ -20,8 +20,13 @@ from gradtune.runtime.atomic import write_text
 
 # Dense (no sparsity) peak FLOP/s by device-name fragment: (fp32/tf32, bf16).
 GPU_PEAKS = {
-    "H200": (494e12, 989e12), "H100": (494e12, 989e12), "A100": (156e12, 312e12),
-    "L40S": (183e12, 362e12), "A10": (62.5e12, 125e12), "RTX 4090": (82.6e12, 165e12), "V100": (15.7e12, 125e12),
+    "H200": (494e12, 989e12),
+    "H100": (494e12, 989e12),
+    "A100": (156e12, 312e12),
+    "L40S": (183e12, 362e12),
+    "A10": (62.5e12, 125e12),
+    "RTX 4090": (82.6e12, 165e12),
+    "V100": (15.7e12, 125e12),
 }
 
 
@@ -55,7 +60,8 @@ def peak_flops(device: torch.device, bf16: bool = False, remeasure: bool = False
             if frag in name:
                 return b16 if bf16 else fp32
         return float("nan")
-    key = f"{platform.node()}|{platform.processor() or platform.machine()}|{torch.get_num_threads()}t|{'bf16' if bf16 else 'fp32'}"
+    cpu = platform.processor() or platform.machine()
+    key = f"{platform.node()}|{cpu}|{torch.get_num_threads()}t|{'bf16' if bf16 else 'fp32'}"
     path = _cache_file()
     cache = {}
     if path.is_file():

@@ -44,6 +44,7 @@ class WriteError(GradtuneError):
 
 # --- a tree of tensors and Python values <-> (JSON tree, flat tensor dict) ---------------------
 
+
 def split_tensors(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON-able copy of ``tree``; tensors move to ``tensors`` under a dotted key and leave a
     ``{"__tensor__": key}`` marker. Tuples and dicts with non-string keys (optimizer state is
@@ -97,6 +98,7 @@ def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- random states ---------------------------------------------------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and (when present) CUDA generator states."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -125,6 +127,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- writing ---------------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -168,8 +171,15 @@ def sweep(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save(root: Path, step: int, model: dict[str, torch.Tensor], state: dict[str, Any],
-         config: dict[str, Any], config_hash: str, keep: int) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    config: dict[str, Any],
+    config_hash: str,
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep``.
 
     On a write error the temporary folder is removed, the previous checkpoints are untouched,
@@ -242,6 +252,7 @@ def prune(root: Path, keep: int) -> None:
 
 
 # --- verifying and reading -------------------------------------------------------------------
+
 
 def read_manifest(folder: Path, fmt: Any) -> tuple[Any, Optional[str]]:
     """(the manifest's files entry, None) of a checkpoint folder of format ``fmt``; else (None, why)."""

@@ -31,14 +31,25 @@ from gradtune.data import fingerprint
 from gradtune.jobs.job import Job
 from gradtune.models.weights import aliases
 from gradtune.runtime.atomic import write_text
-from gradtune.state import checkpoint, sharded
 from gradtune.runtime.errors import GradtuneError
+from gradtune.state import checkpoint, sharded
 from gradtune.telemetry.metrics_log import MetricsLog
 
 # Output, bookkeeping and placement: none of them changes a single number of the run on CPU.
 # (Changing ``device`` resumes fine, but bitwise equality is only promised on the same device.)
-RUN_NEUTRAL = {"out_dir", "progress", "log_every", "plot", "checkpoint_every", "keep_checkpoints",
-               "resume", "device", "distributed", "dist_timeout", "log_to"}
+RUN_NEUTRAL = {
+    "out_dir",
+    "progress",
+    "log_every",
+    "plot",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "resume",
+    "device",
+    "distributed",
+    "dist_timeout",
+    "log_to",
+}
 BUDGET = {"epochs", "max_steps", "max_time"}
 TOTAL_FREE_SCHEDULES = {"constant", "step", "exponential"}  # lr(step) does not use the total
 
@@ -85,8 +96,10 @@ def latest(root: Path) -> Optional[Plan]:
         state["config"] = saved["config"]
         return Plan(folder, model, state, skipped)
     if skipped:
-        raise GradtuneError(f"{root}: no checkpoint verifies (newest: {skipped[0]}); "
-                            f"move the folder away or set resume=never to start over")
+        raise GradtuneError(
+            f"{root}: no checkpoint verifies (newest: {skipped[0]}); "
+            f"move the folder away or set resume=never to start over"
+        )
     return None
 
 
@@ -98,11 +111,13 @@ def _check_fits(plan: Plan, model: torch.nn.Module) -> None:
         raise GradtuneError(f"{plan.folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     for k, v in plan.model.items():
         if v.shape != own[k].shape or v.dtype != own[k].dtype:
-            raise GradtuneError(f"{plan.folder}: '{k}' is {tuple(v.shape)} {v.dtype}, "
-                                f"the model has {tuple(own[k].shape)} {own[k].dtype}")
+            raise GradtuneError(
+                f"{plan.folder}: '{k}' is {tuple(v.shape)} {v.dtype}, "
+                f"the model has {tuple(own[k].shape)} {own[k].dtype}"
+            )
 
 
-_BIG = 2 ** 53  # past this a JSON number is no longer an exact integer
+_BIG = 2**53  # past this a JSON number is no longer an exact integer
 
 
 def _get(state: dict[str, Any], name: str) -> Any:
@@ -125,8 +140,14 @@ def _int(state: dict[str, Any], name: str, lo: int = 0, hi: int = _BIG) -> int:
     return v
 
 
-def _number(state: dict[str, Any], name: str, least: Optional[float] = None, above: bool = False,
-            inf: bool = False, nan: bool = False) -> float:
+def _number(
+    state: dict[str, Any],
+    name: str,
+    least: Optional[float] = None,
+    above: bool = False,
+    inf: bool = False,
+    nan: bool = False,
+) -> float:
     """A JSON number (not a bool): finite unless ``inf`` / ``nan`` allow those; ``>= least``
     (``> least`` if ``above``) when given."""
     v = _get(state, name)
@@ -166,7 +187,9 @@ def check_state(state: dict[str, Any], n_train: int) -> None:
     if _get(state, "finished") is not None and not isinstance(state["finished"], str):
         raise _bad("finished", "null or a reason", state["finished"])
     window = _get(state, "guard.window")
-    if not isinstance(window, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in window):
+    if not isinstance(window, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in window
+    ):
         raise _bad("guard.window", "a list of finite numbers", window)
     _int(state, "guard.rollbacks")
     _number(state, "stopper.best", -math.inf, above=True, inf=True)  # +inf until the first evaluation
@@ -198,13 +221,17 @@ def plan(cfg: Config, out_dir: Optional[Path], job: Job) -> Optional[Plan]:
         print(f"gradtune: warning: skipped {why}", file=sys.stderr)
     diffs = config_diff(found.state["config"], cfg.to_dict())
     if diffs and cfg.resume != "force":
-        raise GradtuneError(f"{found.folder}: config changed since this checkpoint ({'; '.join(diffs)}); "
-                            f"use another out_dir, or resume=force to continue anyway")
+        raise GradtuneError(
+            f"{found.folder}: config changed since this checkpoint ({'; '.join(diffs)}); "
+            f"use another out_dir, or resume=force to continue anyway"
+        )
     if cfg.resume != "force":
         changed = fingerprint.changes(found.state.get("data_fingerprint"), job.info.get("data_fingerprint"))
         if changed:
-            raise GradtuneError(f"{found.folder}: the training data {cfg.data} changed since this checkpoint "
-                                f"({'; '.join(changed)}); use another out_dir, or resume=force to continue anyway")
+            raise GradtuneError(
+                f"{found.folder}: the training data {cfg.data} changed since this checkpoint "
+                f"({'; '.join(changed)}); use another out_dir, or resume=force to continue anyway"
+            )
     _check_fits(found, job.model)
     try:
         check_state(found.state, len(job.train))
@@ -236,6 +263,7 @@ def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any
     write_text(path, "".join(line + "\n" for line in lines))
     log = MetricsLog(path, append=True, sinks=sinks)
     log.rows = rows
-    log.write({"kind": "resume", "step": int(found.state["step"]), "checkpoint": found.folder.name,
-               "skipped": found.skipped})
+    log.write(
+        {"kind": "resume", "step": int(found.state["step"]), "checkpoint": found.folder.name, "skipped": found.skipped}
+    )
     return log

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from gradtune.runtime import distributed, testhooks
+from gradtune.runtime import distributed, rank_zero, testhooks
 from gradtune.runtime.atomic import fsync_dir
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint
@@ -68,8 +68,10 @@ def _names(module: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
 def _by_name(module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     flat = [n for group in _names(module, opt) for n in group]
     sd = opt.state_dict()
-    return {"state": {flat[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [flat[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    return {
+        "state": {flat[i]: v for i, v in sd["state"].items()},
+        "param_groups": [{**g, "params": [flat[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
 
 
 def _by_index(folder: Path, tree: Any, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -82,8 +84,10 @@ def _by_index(folder: Path, tree: Any, module: nn.Module, opt: torch.optim.Optim
         raise GradtuneError(f"checkpoint {folder}: optimizer.json does not fit this optimizer ({e!r})") from None
     if saved != groups:
         raise GradtuneError(f"checkpoint {folder}: its optimizer parameter groups differ from this run's")
-    return {"state": state, "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                                             for g in tree["param_groups"]]}
+    return {
+        "state": state,
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in tree["param_groups"]],
+    }
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -120,7 +124,8 @@ def _disk_full(path: Path) -> bool:
 
 def _write_shards(tmp: Path, final: Path, tensors: dict[str, Any]) -> None:
     """Every rank writes its shards; DCP gathers the outcome, so every rank raises alike."""
-    from torch.distributed.checkpoint import FileSystemWriter, save as dcp_save
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -141,8 +146,16 @@ def _write_shards(tmp: Path, final: Path, tensors: dict[str, Any]) -> None:
     raise RuntimeError(f"writing the shards of {final} failed: {type(failure).__name__}: {failure}") from None
 
 
-def _commit(root: Path, tmp: Path, final: Path, step: int, optim_tree: Any, state: dict[str, Any],
-            config: dict[str, Any], keep: int) -> Path:
+def _commit(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    optim_tree: Any,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep: int,
+) -> Path:
     """Rank 0, once every shard is written: the loop state, the manifest last, the rename."""
     try:
         tensors: dict[str, torch.Tensor] = {}
@@ -166,8 +179,16 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, optim_tree: Any, stat
     return final
 
 
-def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-         config: dict[str, Any], config_hash: str, keep: int) -> Path:
+def save(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    config_hash: str,
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and keep the newest ``keep``; every rank
     calls it. ``state``: the loop's state, its optimizer entry ``IN_SHARDS``. Raises WriteError
     (every rank) when the disk refuses; the previous checkpoints are untouched."""
@@ -175,15 +196,16 @@ def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, st
 
     final = root / checkpoint.folder_name(step)
     tmp = root / f".tmp-{final.name}"
-    distributed.on_main(_open, root, tmp, final)
+    rank_zero.on_main(_open, root, tmp, final)
     module = distributed.unwrap(model)
     distributed.reshard(module)
     optim_tensors: dict[str, torch.Tensor] = {}
     optim_tree = checkpoint.split_tensors(_by_name(module, opt), "optim", optim_tensors)
     _write_shards(tmp, final, {"model": get_model_state_dict(module), **optim_tensors})
     testhooks.hit("ckpt.model")
-    return distributed.on_main(_commit, root, tmp, final, step, optim_tree, state,
-                               {"hash": config_hash, "config": config}, keep)
+    return rank_zero.on_main(
+        _commit, root, tmp, final, step, optim_tree, state, {"hash": config_hash, "config": config}, keep
+    )
 
 
 # --- verifying and reading ----------------------------------------------------------------------
@@ -191,7 +213,7 @@ def _inside(name: Any) -> bool:
     """A manifest name that stays in the folder: one of FILES or a plain file name in shards/."""
     if name in FILES:
         return True
-    rest = name[len(SHARDS) + 1:] if isinstance(name, str) and name.startswith(f"{SHARDS}/") else ""
+    rest = name[len(SHARDS) + 1 :] if isinstance(name, str) and name.startswith(f"{SHARDS}/") else ""
     return rest not in ("", ".", "..") and "/" not in rest and "\\" not in rest
 
 
@@ -213,8 +235,13 @@ class _IndexUnpickler(pickle.Unpickler):
     is built (a planted callable is refused, not called)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        ok = (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                                ("pathlib", "PurePosixPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+        ok = (module, name) in {
+            ("torch", "Size"),
+            ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        }
         if module == "torch":
             ok = ok or isinstance(getattr(torch, name, None), torch.dtype)
         if module == "torch.distributed.checkpoint.metadata":
@@ -237,11 +264,15 @@ def _index(folder: Path) -> Any:
         listed = set(json.loads((folder / "manifest.json").read_text())["files"])
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise GradtuneError(f"checkpoint {folder}: {_INDEX} is not a readable index ({e})") from None
-    if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and isinstance(md.storage_data, dict)):
+    if not (
+        isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and isinstance(md.storage_data, dict)
+    ):
         raise GradtuneError(f"checkpoint {folder}: {_INDEX} is not a torch.distributed.checkpoint index")
     other = sorted(k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata))
     if other:
-        raise GradtuneError(f"checkpoint {folder}: {_INDEX} holds non-tensor entries {other[:3]} (not written by gradtune)")
+        raise GradtuneError(
+            f"checkpoint {folder}: {_INDEX} holds non-tensor entries {other[:3]} (not written by gradtune)"
+        )
     for info in md.storage_data.values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or f"{SHARDS}/{rel}" not in listed or not _inside(f"{SHARDS}/{rel}"):
@@ -259,8 +290,11 @@ def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[st
         raise GradtuneError(f"checkpoint {folder}: {why}")
     md = _index(folder)
     try:
-        weights = {k[len("model."):]: torch.empty(tuple(v.size), dtype=v.properties.dtype, device="meta")
-                   for k, v in md.state_dict_metadata.items() if k.startswith("model.")}
+        weights = {
+            k[len("model.") :]: torch.empty(tuple(v.size), dtype=v.properties.dtype, device="meta")
+            for k, v in md.state_dict_metadata.items()
+            if k.startswith("model.")
+        }
     except (TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise GradtuneError(f"checkpoint {folder}: {_INDEX} describes an impossible tensor ({e})") from None
     tensors = checkpoint._read_tensors(folder / "state.safetensors")
@@ -308,7 +342,8 @@ def restore(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Read ``folder``'s weights and optimizer state into ``model`` and ``opt``, at this world size
     and parallelism (FSDP2, DDP or one process). Collective under torchrun. The loop state is
     ``load``'s; call this after it verified the folder."""
-    from torch.distributed.checkpoint import FileSystemReader, load as dcp_load
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -340,8 +375,9 @@ def restore(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.load_state_dict(_by_index(folder, checkpoint.join_tensors(tree, optim), module, opt))
 
 
-def load_full(model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-              optim_state: dict[str, Any]) -> None:
+def load_full(
+    model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim_state: dict[str, Any]
+) -> None:
     """A one-file checkpoint (one process or DDP wrote it) into an FSDP2-sharded model: every rank
     reads the whole tensors and keeps its own shard of each (no communication)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -349,8 +385,9 @@ def load_full(model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, t
 
     distributed.reshard(model)
     # strict=False: tied weights are stored once (checkpoint.py); resume.plan checked the names.
-    set_model_state_dict(distributed.unwrap(model), weights,
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_model_state_dict(
+        distributed.unwrap(model), weights, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
     params = [p for g in opt.param_groups for p in g["params"]]
 
     def shard(i: int, v: Any) -> Any:

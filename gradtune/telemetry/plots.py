@@ -27,8 +27,7 @@ def _log_scale(ax: Any, values: Sequence[float]) -> None:
         ax.set_yscale("log")
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "",
-                optimum: Optional[float] = None) -> Path:
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "", optimum: Optional[float] = None) -> Path:
     """Train/val loss per evaluation from metrics rows (those with ``kind == 'eval'``)."""
     plt = _pyplot()
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -54,10 +53,18 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "",
     return path
 
 
-def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str,
-                xlabel: str = "epoch", ylabel: str = "train loss", logx: bool = False,
-                logy: Optional[bool] = None, marks: Sequence[tuple[float, str]] = (),
-                faint: Sequence[str] = (), ylim: Optional[tuple[float, float]] = None) -> Path:
+def plot_curves(
+    curves: dict[str, tuple[list[float], list[float]]],
+    path: Path,
+    title: str,
+    xlabel: str = "epoch",
+    ylabel: str = "train loss",
+    logx: bool = False,
+    logy: Optional[bool] = None,
+    marks: Sequence[tuple[float, str]] = (),
+    faint: Sequence[str] = (),
+    ylim: Optional[tuple[float, float]] = None,
+) -> Path:
     """Several named (x, y) curves on one axis: the demo's comparisons and lr-find. ``logy``
     None: log scale when the values span more than 50x. ``marks``: (x, label) vertical lines (the
     lr-find suggestion, the divergence point), each labelled with its value in the legend.
@@ -123,10 +130,18 @@ def _wants_log(lines: Sequence[Line], logy: Optional[bool]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 50
 
 
-def lines_png(lines: Sequence[Line], title: str, xlabel: str, ylabel: str, logy: Optional[bool] = None,
-              logx: bool = False, hline: Optional[tuple[float, str]] = None,
-              vline: Optional[tuple[float, str]] = None, style_key: bool = False,
-              size: tuple[float, float] = (6.4, 3.4)) -> bytes:
+def lines_png(
+    lines: Sequence[Line],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: Optional[bool] = None,
+    logx: bool = False,
+    hline: Optional[tuple[float, str]] = None,
+    vline: Optional[tuple[float, str]] = None,
+    style_key: bool = False,
+    size: tuple[float, float] = (6.4, 3.4),
+) -> bytes:
     """A chart of ``lines`` as PNG bytes, for embedding in a page. ``logy`` None: log scale when
     the values are positive and span more than 50x (a loss falling by decades reads as a line).
     ``hline``/``vline``: (position, legend label), a reference level or step. ``style_key`` adds
@@ -140,9 +155,17 @@ def lines_png(lines: Sequence[Line], title: str, xlabel: str, ylabel: str, logy:
         xs, ys = list(ln.xs)[::k], _clean(ln.ys, log)[::k]
         # Markers on sparse curves: a lone finite evaluation (next to an inf) draws no line at all.
         sparse = not ln.faint and len(ys) <= 25
-        ax.plot(xs, ys, label=ln.label or "_nolegend_", color=ln.color,
-                ls="--" if ln.dashed else "-", lw=0.7 if ln.faint else 1.6, alpha=0.45 if ln.faint else 1.0,
-                marker="o" if sparse else None, ms=3)
+        ax.plot(
+            xs,
+            ys,
+            label=ln.label or "_nolegend_",
+            color=ln.color,
+            ls="--" if ln.dashed else "-",
+            lw=0.7 if ln.faint else 1.6,
+            alpha=0.45 if ln.faint else 1.0,
+            marker="o" if sparse else None,
+            ms=3,
+        )
     if hline is not None and math.isfinite(hline[0]) and (hline[0] > 0 or not log):
         ax.axhline(hline[0], color="k", ls=":", lw=1, label=hline[1])
     if vline is not None:

@@ -71,8 +71,12 @@ class Progress:
         rate = self.count / max(now - self.t_line, 1e-9)
         per_step = (now - self.t0) / max(step - self.start, 1)
         eta = per_step * (self.total - step)
-        print(f"[{self.desc}] step {step}/{self.total} loss={self.loss_sum / self.steps:.6g} lr={lr:.3g} "
-              f"{self.unit}_per_s={rate:.4g} eta={_duration(eta)}", file=sys.stderr, flush=True)
+        print(
+            f"[{self.desc}] step {step}/{self.total} loss={self.loss_sum / self.steps:.6g} lr={lr:.3g} "
+            f"{self.unit}_per_s={rate:.4g} eta={_duration(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
         self.loss_sum, self.steps, self.count, self.t_line = 0.0, 0, 0.0, now
 
     def retotal(self, total: int) -> None:
@@ -91,8 +95,9 @@ class Progress:
     def report(self, step: int, values: dict[str, Any]) -> None:
         self.advance(step)
         if self.bar is not None:
-            self.bar.set_postfix({k: _fmt(v) for k, v in values.items() if k in ("loss", "val_loss", "lr")},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {k: _fmt(v) for k, v in values.items() if k in ("loss", "val_loss", "lr")}, refresh=False
+            )
         elif self.mode == "lines":
             body = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
             print(f"[{self.desc}] step {step}/{self.total} {body}", file=sys.stderr, flush=True)

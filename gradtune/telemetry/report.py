@@ -4,27 +4,25 @@ Built from the run folder's files alone (metrics.jsonl, summary.json, config.yam
 made again for any finished run, old or new. The page is self-contained: charts are PNGs in
 base64 data URIs, the CSS is inline and there is no script, so it opens offline, as a CI
 artifact or a mail attachment, and looks the same everywhere. ``gradtune compare`` builds its
-page from the same pieces (``read_run``, ``page``, ``img``, ``table``).
+page from the same pieces (``read_run`` here, ``page``, ``img``, ``table`` in ``html.py``).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import yaml
 
 from gradtune.runtime.atomic import write_text
 from gradtune.runtime.errors import GradtuneError
+from gradtune.telemetry.html import charts, esc, flatten, fmt, img, kv_table, page, table
 from gradtune.telemetry.plots import Line, lines_png
 
 # Eval-row keys with a chart of their own (or none): everything else is a task metric.
-_NOT_METRICS = ("time", "wall", "kind", "step", "epoch", "lr", "loss", "val_loss", "grad_norm",
-                "tokens_per_s", "mfu")
+_NOT_METRICS = ("time", "wall", "kind", "step", "epoch", "lr", "loss", "val_loss", "grad_norm", "tokens_per_s", "mfu")
 _ADVICE = ("lr_find", "noise_scale")  # summary job keys with advice for the next run
 _MAX_TABLE_ROWS = 200  # a run skipping thousands of steps: the first ones tell the story
 
@@ -115,84 +113,6 @@ def series(rows: Iterable[dict[str, Any]], key: str, x: str = "step") -> tuple[l
     return xs, ys
 
 
-# --- HTML pieces -------------------------------------------------------------------------------
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def fmt(v: Any) -> str:
-    """A value for a table cell: numbers to 6 significant digits, long lists shortened."""
-    if isinstance(v, bool) or v is None:
-        return "null" if v is None else str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, (list, tuple)):
-        shown = ", ".join(fmt(x) for x in v[:8])
-        return f"[{shown}{f', … ({len(v)} items)' if len(v) > 8 else ''}]"
-    text = str(v)
-    return text if len(text) <= 300 else text[:300] + "…"
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested settings as dotted keys (``guard.policy``), in file order."""
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out += flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
-def img(png: bytes, alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def table(head: Sequence[str], rows: Iterable[Sequence[Any]], raw: bool = False) -> str:
-    """A table; ``raw``: the header and cells are HTML already (escaped by the caller)."""
-    cell = (lambda v: str(v)) if raw else (lambda v: esc(fmt(v)))
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{''.join(f'<th>{cell(h) if raw else esc(h)}</th>' for h in head)}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def kv_table(d: dict[str, Any]) -> str:
-    return table(("key", "value"), flatten(d))
-
-
-def charts(*images: str) -> str:
-    return f'<div class="charts">{"".join(images)}</div>'
-
-
-_CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
-header p{margin:4px 0 0;color:#b8c0d0;font-size:13px;word-break:break-all}
-nav{padding:8px 28px;background:#e6e9ef;font-size:13px}nav a{margin-right:14px;color:#2b5cb8}
-main{max-width:1320px;margin:0 auto;padding:8px 28px 40px}
-section{background:#fff;border-radius:8px;padding:14px 20px;margin:16px 0;box-shadow:0 1px 3px #0002}
-h2{font-size:17px;margin:0 0 10px}h3{font-size:15px;margin:10px 0 4px}
-.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:10px}
-.charts img{width:100%;border:1px solid #e3e6ec;border-radius:4px}
-.charts.wide{grid-template-columns:1fr}.charts.wide img{max-width:960px}
-.stop{font-size:18px;font-weight:600;margin:0 0 10px}.cards{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0}
-.card{background:#f0f3f8;border-radius:6px;padding:8px 14px;min-width:110px}
-.card b{display:block;font-size:18px}.card span{font-size:12px;color:#5a6478}
-table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border-bottom:1px solid #e3e6ec;padding:4px 10px;text-align:left;vertical-align:top}
-th{background:#f0f3f8}.note{color:#5a6478;font-size:13px}summary{cursor:pointer;font-weight:600;margin:6px 0}
-.scroll{overflow-x:auto}.swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:middle}
-"""
-
-
-def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -> str:
-    """The whole page: ``sections`` are (id, heading, body HTML)."""
-    nav = "".join(f'<a href="#{esc(i)}">{esc(h)}</a>' for i, h, _ in sections)
-    body = "".join(f'<section id="{esc(i)}"><h2>{esc(h)}</h2>{b}</section>' for i, h, b in sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>'
-            f'<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header><nav>{nav}</nav>'
-            f'<main>{body}</main></body></html>\n')
-
-
 # --- the report's sections ---------------------------------------------------------------------
 def _card(value: Any, label: str) -> str:
     return f'<div class="card"><b>{esc(fmt(value))}</b><span>{esc(label)}</span></div>'
@@ -201,24 +121,32 @@ def _card(value: Any, label: str) -> str:
 def _stop(run: Run) -> tuple[str, str, str]:
     s, job = run.summary, run.job
     wall = number(s.get("wall_time_s"))
-    cards = [_card(s.get("steps"), "steps"), _card(s.get("epochs"), "epochs"),
-             _card(f"{wall:.3g} s" if wall is not None else None, "wall time"),
-             _card(s.get("train_loss"), "train loss"), _card(s.get("val_loss"), "validation loss")]
+    cards = [
+        _card(s.get("steps"), "steps"),
+        _card(s.get("epochs"), "epochs"),
+        _card(f"{wall:.3g} s" if wall is not None else None, "wall time"),
+        _card(s.get("train_loss"), "train loss"),
+        _card(s.get("val_loss"), "validation loss"),
+    ]
     metrics = s.get("metrics") if isinstance(s.get("metrics"), dict) else {}
-    cards += [_card(v, k.replace("_", " ")) for k, v in metrics.items()
-              if k not in _NOT_METRICS and not k.startswith("update_ratio_")][:6]
+    cards += [
+        _card(v, k.replace("_", " "))
+        for k, v in metrics.items()
+        if k not in _NOT_METRICS and not k.startswith("update_ratio_")
+    ][:6]
     optimum = number(job.get("closed_form_loss"))
     if optimum is not None:
         cards.append(_card(optimum, "closed-form optimum"))
         if number(s.get("train_loss")) is not None:
             cards.append(_card(number(s.get("train_loss")) - optimum, "gap to the optimum"))
-    body = f'<p class="stop">Stopped: {esc(s.get("stop_reason") or "unknown")}</p><div class="cards">{"".join(cards)}</div>'
+    stop = esc(s.get("stop_reason") or "unknown")
+    body = f'<p class="stop">Stopped: {stop}</p><div class="cards">{"".join(cards)}</div>'
     early = job.get("early_stopping")
     if isinstance(early, dict):
-        body += f'<p>Early stopping: best step <b>{esc(fmt(early.get("best_step")))}</b></p>{kv_table(early)}'
+        body += f"<p>Early stopping: best step <b>{esc(fmt(early.get('best_step')))}</b></p>{kv_table(early)}"
     resumes = run.of("resume")
     if resumes:
-        body += f'<p>Resumed {len(resumes)}× (from step {", ".join(esc(r.get("step")) for r in resumes)}).</p>'
+        body += f"<p>Resumed {len(resumes)}× (from step {', '.join(esc(r.get('step')) for r in resumes)}).</p>"
     if metrics:
         body += f"<details><summary>final metrics ({len(metrics)})</summary>{kv_table(metrics)}</details>"
     return "stop", "Outcome", body
@@ -228,15 +156,29 @@ def _loss(run: Run) -> tuple[str, str, str]:
     evals, steps, job = run.of("eval"), run.of("step"), run.job
     if not evals and not steps:
         return "loss", "Loss", '<p class="note">No losses were logged (the run stopped before its first step).</p>'
-    lines = [Line("train loss (each logged step)", *series(steps, "loss"), color="tab:blue", faint=True)] if steps else []
-    lines += [Line("train loss", *series(evals, "loss"), color="tab:blue"),
-              Line("validation loss", *series(evals, "val_loss"), color="tab:orange")]
+    lines = (
+        [Line("train loss (each logged step)", *series(steps, "loss"), color="tab:blue", faint=True)] if steps else []
+    )
+    lines += [
+        Line("train loss", *series(evals, "loss"), color="tab:blue"),
+        Line("validation loss", *series(evals, "val_loss"), color="tab:orange"),
+    ]
     optimum = number(job.get("closed_form_loss"))
     early = job.get("early_stopping")
     best = number(early.get("best_step")) if isinstance(early, dict) else None
-    out = [img(lines_png([ln for ln in lines if ln.xs], "loss", "optimizer step", "loss",
-                         hline=(optimum, "closed-form optimum") if optimum is not None else None,
-                         vline=(best, "best step (early stopping)") if best is not None else None), "loss curves")]
+    out = [
+        img(
+            lines_png(
+                [ln for ln in lines if ln.xs],
+                "loss",
+                "optimizer step",
+                "loss",
+                hline=(optimum, "closed-form optimum") if optimum is not None else None,
+                vline=(best, "best step (early stopping)") if best is not None else None,
+            ),
+            "loss curves",
+        )
+    ]
     note = ""
     if optimum is not None:
         gap = [Line("train loss − optimum", *series(evals, "loss"), color="tab:blue")]
@@ -244,12 +186,18 @@ def _loss(run: Run) -> tuple[str, str, str]:
         if steps:
             xs, ys = series(steps, "loss")
             gap.insert(0, Line("each logged step", xs, [y - optimum for y in ys], color="tab:blue", faint=True))
-        out.append(img(lines_png(gap, "gap to the closed-form optimum", "optimizer step", "loss − optimum (log)",
-                                 logy=True), "gap to the closed-form optimum"))
-        note = ('<p class="note">Linear regression has an exact optimum (least squares): with full batches the '
-                "gap falls as a straight line on this log scale (linear convergence); mini-batches level off "
-                "at a noise floor set by lr and batch size. Points at or below 0 (optimum reached to float "
-                "precision) are not drawn.</p>")
+        out.append(
+            img(
+                lines_png(gap, "gap to the closed-form optimum", "optimizer step", "loss − optimum (log)", logy=True),
+                "gap to the closed-form optimum",
+            )
+        )
+        note = (
+            '<p class="note">Linear regression has an exact optimum (least squares): with full batches the '
+            "gap falls as a straight line on this log scale (linear convergence); mini-batches level off "
+            "at a noise floor set by lr and batch size. Points at or below 0 (optimum reached to float "
+            "precision) are not drawn.</p>"
+        )
     return "loss", "Loss", charts(*out) + note
 
 
@@ -260,8 +208,11 @@ def _lr(run: Run) -> Optional[tuple[str, str, str]]:
         return None
     if min(ys) == max(ys):  # a flat line says less than the number
         return "lr", "Learning rate", f"<p>Constant: <b>{esc(fmt(ys[0]))}</b> at every step.</p>"
-    return "lr", "Learning rate", charts(img(lines_png([Line("lr", xs, ys)], "learning rate", "optimizer step", "lr"),
-                                            "learning rate"))
+    return (
+        "lr",
+        "Learning rate",
+        charts(img(lines_png([Line("lr", xs, ys)], "learning rate", "optimizer step", "lr"), "learning rate")),
+    )
 
 
 def _gradients(run: Run) -> Optional[tuple[str, str, str]]:
@@ -270,19 +221,40 @@ def _gradients(run: Run) -> Optional[tuple[str, str, str]]:
     xs, ys = series(evals, "grad_norm")
     if xs:
         clip = number(run.config.get("clip_grad_norm"))
-        out.append(img(lines_png([Line("gradient norm", xs, ys)], "gradient norm (before clipping)",
-                                 "optimizer step", "‖g‖", hline=(clip, "clip_grad_norm") if clip else None),
-                       "gradient norm"))
+        out.append(
+            img(
+                lines_png(
+                    [Line("gradient norm", xs, ys)],
+                    "gradient norm (before clipping)",
+                    "optimizer step",
+                    "‖g‖",
+                    hline=(clip, "clip_grad_norm") if clip else None,
+                ),
+                "gradient norm",
+            )
+        )
     groups = sorted({k for r in evals for k in r if k.startswith("update_ratio_g")}, key=lambda k: (len(k), k))
     lines = [Line(f"group {k[14:]}", *series(evals, k)) for k in groups]
     if lines:
-        out.append(img(lines_png(lines, "update-to-weight ratio per parameter group", "optimizer step",
-                                 "‖Δw‖ / ‖w‖", logy=True), "update-to-weight ratio"))
+        out.append(
+            img(
+                lines_png(
+                    lines, "update-to-weight ratio per parameter group", "optimizer step", "‖Δw‖ / ‖w‖", logy=True
+                ),
+                "update-to-weight ratio",
+            )
+        )
     if not out:
         return None
-    note = ('<p class="note">Update-to-weight ratio: how far one step moves a group\'s weights, relative to '
+    note = (
+        (
+            '<p class="note">Update-to-weight ratio: how far one step moves a group\'s weights, relative to '
             "their size. Around 1e-3 is the usual rule of thumb; far above, the lr is too large for that "
-            "group; far below, the group barely learns.</p>") if lines else ""
+            "group; far below, the group barely learns.</p>"
+        )
+        if lines
+        else ""
+    )
     return "gradients", "Gradients and updates", charts(*out) + note
 
 
@@ -298,13 +270,19 @@ def _throughput(run: Run) -> Optional[tuple[str, str, str]]:
 
 def _metrics(run: Run) -> Optional[tuple[str, str, str]]:
     evals = run.of("eval")
-    keys = [k for k in dict.fromkeys(k for r in evals for k in r)
-            if k not in _NOT_METRICS and not k.startswith("update_ratio_")]
+    keys = [
+        k
+        for k in dict.fromkeys(k for r in evals for k in r)
+        if k not in _NOT_METRICS and not k.startswith("update_ratio_")
+    ]
     bases = list(dict.fromkeys(k[4:] if k.startswith("val_") else k for k in keys))
     out = []
     for base in bases:
-        lines = [Line(f"{who} {base}", *series(evals, key), color=color) for who, key, color in
-                 (("train", base, "tab:blue"), ("validation", f"val_{base}", "tab:orange")) if key in keys]
+        lines = [
+            Line(f"{who} {base}", *series(evals, key), color=color)
+            for who, key, color in (("train", base, "tab:blue"), ("validation", f"val_{base}", "tab:orange"))
+            if key in keys
+        ]
         out.append(img(lines_png(lines, base, "optimizer step", base, logy=False), base))
     return ("metrics", "Task metrics", charts(*out)) if out else None
 
@@ -319,14 +297,22 @@ def _guard(run: Run) -> tuple[str, str, str]:
     done_keys = ("rollback_to", "resume_step", "lr_scale", "rollbacks")
     cells: list[list[Any]] = []
     for r in rows:  # the same decision repeated at one step (skips do not advance it): one line
-        cell = [r.get("step"), r.get("epoch"), r.get("action"), r.get("reason"),
-                ", ".join(f"{k}={fmt(r[k])}" for k in done_keys if k in r)]
+        cell = [
+            r.get("step"),
+            r.get("epoch"),
+            r.get("action"),
+            r.get("reason"),
+            ", ".join(f"{k}={fmt(r[k])}" for k in done_keys if k in r),
+        ]
         if cells and cells[-1][:-1] == cell:
             cells[-1][-1] += 1
         else:
             cells.append(cell + [1])
-    more = f'<p class="note">… and {len(cells) - _MAX_TABLE_ROWS} more (metrics.jsonl has them all).</p>' \
-        if len(cells) > _MAX_TABLE_ROWS else ""
+    more = (
+        f'<p class="note">… and {len(cells) - _MAX_TABLE_ROWS} more (metrics.jsonl has them all).</p>'
+        if len(cells) > _MAX_TABLE_ROWS
+        else ""
+    )
     head = ("step", "epoch", "action", "reason", "then", "times")
     return "guard", f"Guard decisions ({len(rows)})", table(head, cells[:_MAX_TABLE_ROWS]) + more
 
@@ -335,8 +321,10 @@ def _advice(run: Run) -> Optional[tuple[str, str, str]]:
     found = [(k, run.job[k]) for k in _ADVICE if run.job.get(k) is not None]
     if not found:
         return None
-    body = "".join(f"<h3>{esc(k.replace('_', ' '))}</h3>" + (kv_table(v) if isinstance(v, dict) else f"<p>{esc(fmt(v))}</p>")
-                   for k, v in found)
+    body = "".join(
+        f"<h3>{esc(k.replace('_', ' '))}</h3>" + (kv_table(v) if isinstance(v, dict) else f"<p>{esc(fmt(v))}</p>")
+        for k, v in found
+    )
     return "advice", "Advice", body
 
 
@@ -345,8 +333,10 @@ def _config(run: Run) -> tuple[str, str, str]:
         return "config", "Configuration", '<p class="note">config.yaml is missing or unreadable.</p>'
     settings = flatten(run.config)
     facts = {k: v for k, v in run.job.items() if k not in _ADVICE and k != "early_stopping"}
-    body = (f"<details><summary>resolved config ({len(settings)} settings)</summary>"
-            f"{table(('setting', 'value'), settings)}</details>")
+    body = (
+        f"<details><summary>resolved config ({len(settings)} settings)</summary>"
+        f"{table(('setting', 'value'), settings)}</details>"
+    )
     if facts:
         body += f"<details><summary>job facts ({len(facts)})</summary>{kv_table(facts)}</details>"
     return "config", "Configuration", body

@@ -21,18 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtune.runtime import distributed
-from gradtune.objectives import losses
 from gradtune.config import Config, load_config
 from gradtune.data.dataset import TensorDataset
 from gradtune.jobs.job import Job
 from gradtune.jobs.registry import build
-from gradtune.objectives.output import Output
-from gradtune.telemetry.metrics_log import MetricsLog
-from gradtune.loop.loop import Loop
-from gradtune.state import checkpoint, resume
-
 from gradtune.loop.fit import fit
+from gradtune.loop.loop import Loop
+from gradtune.objectives import losses
+from gradtune.objectives.output import Output
+from gradtune.runtime import distributed, rank_zero
+from gradtune.state import checkpoint, resume
+from gradtune.telemetry.metrics_log import MetricsLog
+
 COMMON = ["progress=off", "plot=false", "device=cpu", "seed=3"]
 
 
@@ -102,8 +102,10 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "gpt_sgd": ("gpt", ["batch_size=1"]),
     "gpt_mini": ("gpt", ["batch_size=8"]),
     "gpt_mini_acc": ("gpt", ["batch_size=8", "micro_batch_size=2", "clip_grad_norm=0.5"]),
-    "gpt_fsdp": ("gpt", ["batch_size=8", "micro_batch_size=4", "clip_grad_norm=0.5", "max_steps=10",
-                         "distributed=fsdp"]),
+    "gpt_fsdp": (
+        "gpt",
+        ["batch_size=8", "micro_batch_size=4", "clip_grad_norm=0.5", "max_steps=10", "distributed=fsdp"],
+    ),
 }
 
 
@@ -157,8 +159,8 @@ def fsdp_checkpoints(out: Path, tag: str) -> None:
     job, cfg = make("gpt_fsdp", ["checkpoint_every=5"])
     fit(job, cfg, run)
     last = checkpoint.root(run) / checkpoint.folder_name(10)
-    distributed.on_main(shutil.copytree, last, out / "ckpt10")
-    distributed.on_main(shutil.rmtree, last)
+    rank_zero.on_main(shutil.copytree, last, out / "ckpt10")
+    rank_zero.on_main(shutil.rmtree, last)
     job, cfg = make("gpt_fsdp", ["checkpoint_every=5"])
     fit(job, cfg, run)
     save(out, f"{tag}_resumed", weights(job))
@@ -194,7 +196,7 @@ def main(out: Path, suite: str) -> None:
         save(out, f"{tag}_gpt_fsdp", weights(job))
         fsdp_checkpoints(out, tag)
         once = out / "once.txt"  # the rank-0 guard: written once, visible to all after the call
-        distributed.on_main(lambda: once.write_text(str(distributed.rank())))
+        rank_zero.on_main(lambda: once.write_text(str(distributed.rank())))
         assert once.read_text() == "0"
     if "probe" in parts:
         os.environ["GRADTUNE_TEST_PROBE"] = str(out)

@@ -36,16 +36,18 @@ CASES = {
     "missing file": (lambda t: ["data=/nonexistent/x.csv"], ["not found", "/nonexistent/x.csv"]),
     "missing target column": (lambda t: [data(t, GOOD), "target=yy"], ["'yy' not found", "did you mean 'y'"]),
     "missing feature column": (lambda t: [data(t, GOOD), "target=y", "features=[a,c]"], ["'c' not found"]),
-    "non-numeric cell": (lambda t: [data(t, 'a,b,y\n1,2,3\n4,x5,6\n')], ["d.csv:3", "column 'b'", "x5"]),
-    "nan cell": (lambda t: [data(t, 'a,b,y\n1,2,3\n4,nan,6\n')], ["d.csv:3", "column 'b'", "NaN"]),
-    "inf target": (lambda t: [data(t, 'a,b,y\n1,2,inf\n4,5,6\n')], ["d.csv:2", "column 'y'", "not finite"]),
-    "empty file": (lambda t: [data(t, '')], ["no data rows"]),
-    "header only": (lambda t: [data(t, 'a,b,y\n')], ["no data rows"]),
-    "ragged row": (lambda t: [data(t, 'a,b,y\n1,2,3\n4,5\n')], ["d.csv:3", "expected 3 cells"]),
-    "label out of range": (lambda t: [data(t, 'a,y\n1,0\n2,1\n3,5\n'), "task=classification", "num_classes=2"],
-                           ["d.csv:4", "label 5 out of range"]),
-    "negative label": (lambda t: [data(t, 'a,y\n1,0\n2,-1\n'), "task=classification"], ["d.csv:3", "out of range"]),
-    "bad jsonl": (lambda t: [data(t, '{\"a\": 1, \"y\": 2}\n{oops\n', 'd.jsonl')], ["d.jsonl:2", "invalid JSON"]),
+    "non-numeric cell": (lambda t: [data(t, "a,b,y\n1,2,3\n4,x5,6\n")], ["d.csv:3", "column 'b'", "x5"]),
+    "nan cell": (lambda t: [data(t, "a,b,y\n1,2,3\n4,nan,6\n")], ["d.csv:3", "column 'b'", "NaN"]),
+    "inf target": (lambda t: [data(t, "a,b,y\n1,2,inf\n4,5,6\n")], ["d.csv:2", "column 'y'", "not finite"]),
+    "empty file": (lambda t: [data(t, "")], ["no data rows"]),
+    "header only": (lambda t: [data(t, "a,b,y\n")], ["no data rows"]),
+    "ragged row": (lambda t: [data(t, "a,b,y\n1,2,3\n4,5\n")], ["d.csv:3", "expected 3 cells"]),
+    "label out of range": (
+        lambda t: [data(t, "a,y\n1,0\n2,1\n3,5\n"), "task=classification", "num_classes=2"],
+        ["d.csv:4", "label 5 out of range"],
+    ),
+    "negative label": (lambda t: [data(t, "a,y\n1,0\n2,-1\n"), "task=classification"], ["d.csv:3", "out of range"]),
+    "bad jsonl": (lambda t: [data(t, '{"a": 1, "y": 2}\n{oops\n', "d.jsonl")], ["d.jsonl:2", "invalid JSON"]),
     "unknown setting": (lambda t: ["learning_rate=0.1"], ["unknown config key 'learning_rate'"]),
     "unknown setting suggestion": (lambda t: ["batchsize=4"], ["did you mean 'batch_size'"]),
     "ill-typed setting": (lambda t: ["lr=fast"], ["'lr'", "expected float"]),
@@ -57,7 +59,10 @@ CASES = {
     "micro larger than batch": (lambda t: ["batch_size=4", "micro_batch_size=8"], ["micro_batch_size"]),
     "loss does not fit task": (lambda t: ["loss=cross_entropy", "task=regression"], ["does not fit"]),
     "init file missing": (lambda t: ["init=/nope/w.safetensors"], ["weights file not found"]),
-    "init file not safetensors": (lambda t: ["init=" + csv(t, "garbage", "w.safetensors")], ["w.safetensors", "safetensors"]),
+    "init file not safetensors": (
+        lambda t: ["init=" + csv(t, "garbage", "w.safetensors")],
+        ["w.safetensors", "safetensors"],
+    ),
     "nested unknown key": (lambda t: ["guard.polcy=skip"], ["unknown config key 'guard.polcy'", "guard.policy"]),
 }
 
@@ -83,8 +88,9 @@ def test_config_file_errors(tmp_path, capsys):
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "gradtune", "train", "lr=-1", f"out_dir={out}"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "gradtune", "train", "lr=-1", f"out_dir={out}"], capture_output=True, text=True
+    )
     assert p.returncode == 2
     assert p.stderr.strip() == "gradtune: error: config key 'lr' must be > 0 or 'auto', got -1"
     assert not out.exists()

@@ -12,15 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from gradtune.state import checkpoint
 from gradtune.cli import main
+from gradtune.state import checkpoint
 
 ROWS = "".join(f"{i % 7},{(i * 3) % 5},{i % 4 + 0.5}\n" for i in range(30))
 
 
 def base_args(tmp: Path) -> list[str]:
-    return [f"data={tmp / 'd.csv'}", "model=mlp", "hidden=[4]", "batch_size=8", "max_steps=6",
-            "checkpoint_every=3", "keep_checkpoints=1", "progress=off", "plot=false"]
+    return [
+        f"data={tmp / 'd.csv'}",
+        "model=mlp",
+        "hidden=[4]",
+        "batch_size=8",
+        "max_steps=6",
+        "checkpoint_every=3",
+        "keep_checkpoints=1",
+        "progress=off",
+        "plot=false",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +42,10 @@ def base(tmp_path_factory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def resign(folder: Path, name: str) -> None:
@@ -81,30 +92,62 @@ CHECKPOINT_CASES = {
     "optimizer changed": (None, ["optimizer=adamw"], ["optimizer: 'sgd' -> 'adamw'"]),
     "guard policy changed": (None, ["guard.policy=stop"], ["guard.policy: 'skip' -> 'stop'"]),
     "schedule changed": (None, ["schedule=cosine"], ["schedule: 'constant' -> 'cosine'"]),
-    "data file changed": (lambda r, t: (t / "e.csv").write_text("a,b,y\n" + ROWS), ["data={t}/e.csv"],
-                          ["data: ", "e.csv"]),
+    "data file changed": (
+        lambda r, t: (t / "e.csv").write_text("a,b,y\n" + ROWS),
+        ["data={t}/e.csv"],
+        ["data: ", "e.csv"],
+    ),
     "forced onto another width": (None, ["hidden=[7]", "resume=force"], ["step-00000006", "the model has (7,"]),
-    "forced onto more rows": (lambda r, t: (t / "e.csv").write_text("a,b,y\n" + ROWS + ROWS),
-                              ["data={t}/e.csv", "resume=force"], ["made with 24 training samples", "now has 48"]),
-    "flipped weights byte": (lambda r, t: flip(r / CK / "model.safetensors"), [],
-                             ["no checkpoint verifies", "model.safetensors checksum mismatch"]),
-    "truncated state": (lambda r, t: (r / CK / "state.safetensors").write_bytes(
-        (r / CK / "state.safetensors").read_bytes()[:-7]), [], ["state.safetensors has", "truncated"]),
+    "forced onto more rows": (
+        lambda r, t: (t / "e.csv").write_text("a,b,y\n" + ROWS + ROWS),
+        ["data={t}/e.csv", "resume=force"],
+        ["made with 24 training samples", "now has 48"],
+    ),
+    "flipped weights byte": (
+        lambda r, t: flip(r / CK / "model.safetensors"),
+        [],
+        ["no checkpoint verifies", "model.safetensors checksum mismatch"],
+    ),
+    "truncated state": (
+        lambda r, t: (r / CK / "state.safetensors").write_bytes((r / CK / "state.safetensors").read_bytes()[:-7]),
+        [],
+        ["state.safetensors has", "truncated"],
+    ),
     "missing state.json": (lambda r, t: (r / CK / "state.json").unlink(), [], ["state.json missing"]),
     "pickle planted": (lambda r, t: plant_pickle(r / CK, False), [], ["model.safetensors has", "manifest says"]),
-    "pickle planted, manifest forged": (lambda r, t: plant_pickle(r / CK, True), [],
-                                        ["model.safetensors: not a readable safetensors file"]),
-    "manifest missing": (lambda r, t: (r / CK / "manifest.json").unlink(), [], ["manifest.json missing (half-written?)"]),
-    "manifest garbage": (lambda r, t: (r / CK / "manifest.json").write_text("{not json"), [],
-                         ["manifest.json is not a valid manifest"]),
-    "manifest lists an extra file": (lambda r, t: edit_json(r / CK, "manifest.json", lambda m: {
-        **m, "files": {**m["files"], "extra.bin": {"sha256": "0", "bytes": 1}}}), [], ["manifest lists"]),
-    "state without data position": (lambda r, t: edit_json(r / CK, "state.json", lambda s: {
-        k: v for k, v in s.items() if k != "data"}), [], ["state.json has no data position"]),
-    "config.json forged to a list": (lambda r, t: edit_json(r / CK, "config.json", lambda c: [c]), [],
-                                     ["wrong shape"]),
-    "optimizer state forged": (lambda r, t: edit_json(r / CK, "state.json", lambda s: {
-        **s, "optimizer": {"state": {}, "param_groups": []}}), [], ["state does not restore"]),
+    "pickle planted, manifest forged": (
+        lambda r, t: plant_pickle(r / CK, True),
+        [],
+        ["model.safetensors: not a readable safetensors file"],
+    ),
+    "manifest missing": (
+        lambda r, t: (r / CK / "manifest.json").unlink(),
+        [],
+        ["manifest.json missing (half-written?)"],
+    ),
+    "manifest garbage": (
+        lambda r, t: (r / CK / "manifest.json").write_text("{not json"),
+        [],
+        ["manifest.json is not a valid manifest"],
+    ),
+    "manifest lists an extra file": (
+        lambda r, t: edit_json(
+            r / CK, "manifest.json", lambda m: {**m, "files": {**m["files"], "extra.bin": {"sha256": "0", "bytes": 1}}}
+        ),
+        [],
+        ["manifest lists"],
+    ),
+    "state without data position": (
+        lambda r, t: edit_json(r / CK, "state.json", lambda s: {k: v for k, v in s.items() if k != "data"}),
+        [],
+        ["state.json has no data position"],
+    ),
+    "config.json forged to a list": (lambda r, t: edit_json(r / CK, "config.json", lambda c: [c]), [], ["wrong shape"]),
+    "optimizer state forged": (
+        lambda r, t: edit_json(r / CK, "state.json", lambda s: {**s, "optimizer": {"state": {}, "param_groups": []}}),
+        [],
+        ["state does not restore"],
+    ),
 }
 
 
@@ -150,23 +193,37 @@ FRESH_CASES = {
     "guard unknown policy": (lambda t: ["guard.policy=retry"], ["'guard.policy'", "'rollback'"]),
     "guard tiny window": (lambda t: ["guard.spike_window=2"], ["'guard.spike_window' must be >= 5"]),
     "guard negative rollbacks": (lambda t: ["guard.max_rollbacks=-1"], ["'guard.max_rollbacks' must be >= 0"]),
-    "parquet null cell": (lambda t: [parquet(t, {"a": [1.0, None, 3.0], "y": [1.0, 2.0, 3.0]})],
-                          ["d.parquet:2", "column 'a'", "None"]),
-    "parquet text cell": (lambda t: [parquet(t, {"a": ["1", "x", "3"], "y": [1.0, 2.0, 3.0]})],
-                          ["d.parquet:2", "column 'a'", "'x'"]),
-    "parquet missing target": (lambda t: [parquet(t, {"a": [1.0, 2.0], "y": [1.0, 2.0]}), "target=yy"],
-                               ["target column 'yy' not found"]),
+    "parquet null cell": (
+        lambda t: [parquet(t, {"a": [1.0, None, 3.0], "y": [1.0, 2.0, 3.0]})],
+        ["d.parquet:2", "column 'a'", "None"],
+    ),
+    "parquet text cell": (
+        lambda t: [parquet(t, {"a": ["1", "x", "3"], "y": [1.0, 2.0, 3.0]})],
+        ["d.parquet:2", "column 'a'", "'x'"],
+    ),
+    "parquet missing target": (
+        lambda t: [parquet(t, {"a": [1.0, 2.0], "y": [1.0, 2.0]}), "target=yy"],
+        ["target column 'yy' not found"],
+    ),
     "parquet corrupt": (lambda t: [text(t, "PAR1 garbage", "d.parquet")], ["d.parquet", "not a readable Parquet file"]),
-    "jsonl not an object": (lambda t: [text(t, '{"a": 1, "y": 2}\n[1, 2]\n', "d.jsonl")],
-                            ["d.jsonl:2", "expected a JSON object"]),
-    "jsonl missing column": (lambda t: [text(t, '{"a": 1, "y": 2}\n{"y": 3}\n', "d.jsonl")],
-                             ["d.jsonl:2", "column 'a' missing"]),
-    "jsonl boolean cell": (lambda t: [text(t, '{"a": 1, "y": 2}\n{"a": true, "y": 3}\n', "d.jsonl")],
-                           ["d.jsonl:2", "column 'a'", "True"]),
+    "jsonl not an object": (
+        lambda t: [text(t, '{"a": 1, "y": 2}\n[1, 2]\n', "d.jsonl")],
+        ["d.jsonl:2", "expected a JSON object"],
+    ),
+    "jsonl missing column": (
+        lambda t: [text(t, '{"a": 1, "y": 2}\n{"y": 3}\n', "d.jsonl")],
+        ["d.jsonl:2", "column 'a' missing"],
+    ),
+    "jsonl boolean cell": (
+        lambda t: [text(t, '{"a": 1, "y": 2}\n{"a": true, "y": 3}\n', "d.jsonl")],
+        ["d.jsonl:2", "column 'a'", "True"],
+    ),
     "tsv bad cell": (lambda t: [text(t, "a\ty\n1\t2\n3q\t4\n", "d.tsv")], ["d.tsv:3", "column 'a'", "'3q'"]),
     "unsupported format": (lambda t: [text(t, "a,y\n1,2\n", "d.xlsx")], ["unsupported data format '.xlsx'"]),
-    "text target for regression": (lambda t: [text(t, "a,y\n1,2\n2,cat\n", "d.csv"), "task=regression"],
-                                   ["d.csv:3", "column 'y'", "'cat'"]),
+    "text target for regression": (
+        lambda t: [text(t, "a,y\n1,2\n2,cat\n", "d.csv"), "task=regression"],
+        ["d.csv:3", "column 'y'", "'cat'"],
+    ),
     "data is a folder": (lambda t: [f"data={t}"], ["data file not found"]),
 }
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import signal
 import socket
@@ -42,6 +41,7 @@ TINY_GPT = ["model=gpt", "gpt.n_layer=1", "gpt.n_embd=16", "gpt.n_head=2", "gpt.
 
 
 # --- fixtures: finished runs and tiny pretrained models, shared by the module -------------------------
+
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
@@ -79,6 +79,7 @@ def runs(tmp_path_factory, hf_models) -> dict[str, Path]:
 
 # --- the checks every case shares --------------------------------------------------------------------
 
+
 def snapshot(*roots: Path) -> dict[str, str]:
     """Every entry under ``roots``: a sha256 for files, the kind for anything else (never opened:
     a FIFO would block)."""
@@ -93,6 +94,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def alarm(seconds: int = 60) -> Iterator[None]:
     """Fail a case that hangs (an open() of a FIFO blocks until the alarm interrupts it)."""
+
     def hung(signum, frame):
         raise TimeoutError(f"gradtune did not answer within {seconds} s")
 
@@ -179,14 +181,17 @@ def train(*args: str) -> list[str]:
 # --- config: YAML hazards, non-finite numbers, shapes -------------------------------------------------
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh")
+)
 DEEP = "model: linear\nx: " + "[" * 60 + "]" * 60 + "\n"
 
 CONFIG = {
-    "yaml duplicate key": Case(lambda c: train(c.file("c.yaml", "lr: 0.1\nepochs: 3\nlr: 0.2\n")),
-                               ("c.yaml:3", "duplicate key 'lr'", "line 1")),
-    "yaml duplicate nested key": Case(lambda c: train(c.file("c.yaml", "gpt:\n  n_layer: 2\n  n_layer: 3\n")),
-                                      ("c.yaml:3", "duplicate key 'n_layer'")),
+    "yaml duplicate key": Case(
+        lambda c: train(c.file("c.yaml", "lr: 0.1\nepochs: 3\nlr: 0.2\n")), ("c.yaml:3", "duplicate key 'lr'", "line 1")
+    ),
+    "yaml duplicate nested key": Case(
+        lambda c: train(c.file("c.yaml", "gpt:\n  n_layer: 2\n  n_layer: 3\n")), ("c.yaml:3", "duplicate key 'n_layer'")
+    ),
     "yaml alias bomb": Case(lambda c: train(c.file("c.yaml", BOMB)), ("c.yaml", "expands to more than")),
     "yaml deep nesting": Case(lambda c: train(c.file("c.yaml", DEEP)), ("c.yaml", "nested")),
     "yaml top level is a list": Case(lambda c: train(c.file("c.yaml", "- lr: 0.1\n")), ("expected a mapping",)),
@@ -209,11 +214,14 @@ CONFIG = {
     "gpt.n_embd=0": Case(lambda c: train("model=gpt", "gpt.n_embd=0"), ("'gpt.n_embd' must be >= 1",)),
     "gpt.block_size=1": Case(lambda c: train("model=gpt", "gpt.block_size=1"), ("'gpt.block_size' must be >= 2",)),
     "gpt.dropout=1": Case(lambda c: train("model=gpt", "gpt.dropout=1"), ("'gpt.dropout'",)),
-    "n_embd not divisible by n_head": Case(lambda c: train("model=gpt", "gpt.n_embd=30", "gpt.n_head=4"),
-                                           ("gpt.n_embd (30) must be divisible by gpt.n_head (4)",)),
+    "n_embd not divisible by n_head": Case(
+        lambda c: train("model=gpt", "gpt.n_embd=30", "gpt.n_head=4"),
+        ("gpt.n_embd (30) must be divisible by gpt.n_head (4)",),
+    ),
     "n_head not a multiple of n_kv_head": Case(
         lambda c: train("model=gpt", "gpt.family=llama", "gpt.n_head=4", "gpt.n_kv_head=3"),
-        ("gpt.n_head (4) must be a multiple of gpt.n_kv_head (3)",)),
+        ("gpt.n_head (4) must be a multiple of gpt.n_kv_head (3)",),
+    ),
     "n_kv_head on gpt2": Case(lambda c: train("model=gpt", "gpt.n_kv_head=2"), ("needs gpt.family=llama",)),
     "text.max_length=1": Case(lambda c: train("text.max_length=1"), ("'text.max_length' must be >= 2",)),
     "lora.rank=0": Case(lambda c: train("lora.rank=0"), ("'lora.rank' must be >= 1",)),
@@ -247,34 +255,46 @@ def data(c: Ctx, text: str | bytes, name: str = "d.csv") -> str:
 
 
 VALUES = {
-    "feature near float64 max": Case(lambda c: train(data(c, f"a,y\n1,2\n{BIG},3\n4,5\n")),
-                                     ("d.csv:3", "column 'a'", "too large")),
-    "negative target near float64 max": Case(lambda c: train(data(c, f"a,y\n1,2\n3,-{BIG}\n4,5\n")),
-                                             ("d.csv:3", "column 'y'", "too large")),
+    "feature near float64 max": Case(
+        lambda c: train(data(c, f"a,y\n1,2\n{BIG},3\n4,5\n")), ("d.csv:3", "column 'a'", "too large")
+    ),
+    "negative target near float64 max": Case(
+        lambda c: train(data(c, f"a,y\n1,2\n3,-{BIG}\n4,5\n")), ("d.csv:3", "column 'y'", "too large")
+    ),
     "feature 1e200 without standardisation": Case(
-        lambda c: train(data(c, "a,y\n1,2\n1e200,3\n4,5\n"), "standardize=false"), ("d.csv:3", "'1e200'", "too large")),
+        lambda c: train(data(c, "a,y\n1,2\n1e200,3\n4,5\n"), "standardize=false"), ("d.csv:3", "'1e200'", "too large")
+    ),
     "mlp on 1e300": Case(lambda c: train("model=mlp", data(c, "a,y\n1,2\n1e300,3\n4,5\n")), ("d.csv:3", "too large")),
-    "logistic on 1e308": Case(lambda c: train("model=logistic", data(c, "a,y\n1,0\n1e308,1\n4,0\n")),
-                              ("d.csv:3", "too large")),
+    "logistic on 1e308": Case(
+        lambda c: train("model=logistic", data(c, "a,y\n1,0\n1e308,1\n4,0\n")), ("d.csv:3", "too large")
+    ),
     "tsv 1e160": Case(lambda c: train(data(c, "a\ty\n1\t2\n1e160\t3\n", "d.tsv")), ("d.tsv:3", "too large")),
-    "jsonl 1e400 is inf": Case(lambda c: train(data(c, '{"a": 1, "y": 2}\n{"a": 1e400, "y": 3}\n', "d.jsonl")),
-                               ("d.jsonl:2", "not finite")),
+    "jsonl 1e400 is inf": Case(
+        lambda c: train(data(c, '{"a": 1, "y": 2}\n{"a": 1e400, "y": 3}\n', "d.jsonl")), ("d.jsonl:2", "not finite")
+    ),
     "jsonl 400-digit integer": Case(
         lambda c: train(data(c, '{"a": 1, "y": 2}\n{"a": ' + "9" * 400 + ', "y": 3}\n', "d.jsonl")),
-        ("d.jsonl:2", "column 'a'", "too large")),
+        ("d.jsonl:2", "column 'a'", "too large"),
+    ),
     "Infinity spelled out": Case(lambda c: train(data(c, "a,y\n1,2\nInfinity,3\n")), ("d.csv:3", "not finite")),
     "float32 overflow without standardisation": Case(
         lambda c: train(data(c, "a,y\n1e100,2\n3,4\n5,6\n"), "standardize=false"),
-        ("column 'a'", "float32", "standardize=true")),
+        ("column 'a'", "float32", "standardize=true"),
+    ),
     "float32 target overflow": Case(
         lambda c: train(data(c, "a,y\n1,1e60\n3,4\n5,6\n"), "standardize_target=false"),
-        ("column 'y'", "float32", "standardize_target=true")),
-    "class id 1e300": Case(lambda c: train("task=classification", data(c, "a,y\n1,0\n2,1e300\n3,1\n")),
-                           ("d.csv:3", "too large for a class id")),
-    "class id five million": Case(lambda c: train("model=logistic", data(c, "a,y\n1,0\n2,5000000\n3,1\n")),
-                                  ("d.csv:3", "'5000000'", "class id")),
-    "parquet 1e300": Case(lambda c: train(parquet(c, {"a": [1.0, 1e300, 3.0], "y": [1.0, 2.0, 3.0]})),
-                          ("d.parquet:2", "too large")),
+        ("column 'y'", "float32", "standardize_target=true"),
+    ),
+    "class id 1e300": Case(
+        lambda c: train("task=classification", data(c, "a,y\n1,0\n2,1e300\n3,1\n")),
+        ("d.csv:3", "too large for a class id"),
+    ),
+    "class id five million": Case(
+        lambda c: train("model=logistic", data(c, "a,y\n1,0\n2,5000000\n3,1\n")), ("d.csv:3", "'5000000'", "class id")
+    ),
+    "parquet 1e300": Case(
+        lambda c: train(parquet(c, {"a": [1.0, 1e300, 3.0], "y": [1.0, 2.0, 3.0]})), ("d.parquet:2", "too large")
+    ),
     "lr-find on 1e308": Case(lambda c: ["lr-find", data(c, f"a,y\n1,2\n{BIG},3\n")], ("d.csv:3", "too large")),
 }
 
@@ -322,16 +342,20 @@ DATA = {
     "csv cell not UTF-8": Case(lambda c: train(data(c, LATIN1)), ("d.csv:3", "not UTF-8", "xe9")),
     "csv header not UTF-8": Case(lambda c: train(data(c, b"caf\xe9,y\n1,2\n")), ("d.csv:1", "not UTF-8")),
     "tsv in cp1252": Case(lambda c: train(data(c, b"a\ty\n1\t2\n\x93q\x94\t3\n", "d.tsv")), ("d.tsv:3", "not UTF-8")),
-    "jsonl not UTF-8": Case(lambda c: train(data(c, b'{"a": 1, "y": 2}\n{"a": "\xff", "y": 3}\n', "d.jsonl")),
-                            ("d.jsonl:2", "not UTF-8")),
+    "jsonl not UTF-8": Case(
+        lambda c: train(data(c, b'{"a": 1, "y": 2}\n{"a": "\xff", "y": 3}\n', "d.jsonl")), ("d.jsonl:2", "not UTF-8")
+    ),
     "csv in UTF-16": Case(lambda c: train(data(c, "a,y\n1,2\n3,4\n".encode("utf-16"))), ("d.csv:1", "not UTF-8")),
-    "gpt text not UTF-8": Case(lambda c: train(*TINY_GPT, data(c, TEXT.encode() + b"\n\xff\xfe tail", "t.txt")),
-                               ("t.txt:2", "not UTF-8")),
+    "gpt text not UTF-8": Case(
+        lambda c: train(*TINY_GPT, data(c, TEXT.encode() + b"\n\xff\xfe tail", "t.txt")), ("t.txt:2", "not UTF-8")
+    ),
     "lr-find data not UTF-8": Case(lambda c: ["lr-find", data(c, LATIN1)], ("d.csv:3", "not UTF-8")),
-    "cell over the csv field limit": Case(lambda c: train(data(c, "a,y\n" + "x" * 200_000 + ",1\n2,3\n")),
-                                          ("d.csv:2", "not a number", "...")),
-    "number over the csv field limit": Case(lambda c: train(data(c, "a,y\n1," + "9" * 200_000 + "\n2,3\n")),
-                                            ("d.csv:2", "column 'y'", "not finite")),
+    "cell over the csv field limit": Case(
+        lambda c: train(data(c, "a,y\n" + "x" * 200_000 + ",1\n2,3\n")), ("d.csv:2", "not a number", "...")
+    ),
+    "number over the csv field limit": Case(
+        lambda c: train(data(c, "a,y\n1," + "9" * 200_000 + "\n2,3\n")), ("d.csv:2", "column 'y'", "not finite")
+    ),
     "unclosed quote": Case(lambda c: train(data(c, 'a,y\n1,2\n"3,4\n5,6\n')), ("d.csv:4", "expected 2 cells, found 1")),
     "NUL byte in a cell": Case(lambda c: train(data(c, b"a,y\n1,2\n3\x00,4\n")), ("d.csv:3", "not a number")),
     "data is a folder named like a csv": Case(lambda c: train("data=" + c.folder("x.csv")), ("x.csv is a folder",)),
@@ -341,27 +365,51 @@ DATA = {
     "data is a FIFO": Case(lambda c: train("data=" + c.fifo()), ("pipe.csv is a named pipe (FIFO)",)),
     "gpt text is a folder": Case(lambda c: train(*TINY_GPT, "data=" + c.folder("corpus")), ("corpus is a folder",)),
     "gpt text is a FIFO": Case(lambda c: train(*TINY_GPT, "data=" + c.fifo("t.txt")), ("t.txt is a named pipe",)),
-    "tokenizer is a folder": Case(lambda c: train(*TINY_GPT, "text.tokenizer=" + c.folder("tok")),
-                                  ("tokenizer file not found", "is a folder")),
-    "tokenizer is a FIFO": Case(lambda c: train(*TINY_GPT, "text.tokenizer=" + c.fifo("tok.json")),
-                                ("tokenizer file not found", "not a regular file")),
+    "tokenizer is a folder": Case(
+        lambda c: train(*TINY_GPT, "text.tokenizer=" + c.folder("tok")), ("tokenizer file not found", "is a folder")
+    ),
+    "tokenizer is a FIFO": Case(
+        lambda c: train(*TINY_GPT, "text.tokenizer=" + c.fifo("tok.json")),
+        ("tokenizer file not found", "not a regular file"),
+    ),
     "init weights are a FIFO": Case(lambda c: train("init=" + c.fifo("w.safetensors")), ("weights file not found",)),
     # Legal but most likely a mistake: one warning line, the run goes on (exit 0).
-    "warn: target among the features": Case(lambda c: train(data(c, ROWS), "target=y", "features=[a,y]"),
-                                            ("the target 'y' is also a feature",), code=0, warning=True),
-    "warn: duplicate column names": Case(lambda c: train(data(c, ROWS.replace("a,b,y", "a,a,y", 1))),
-                                         ("'a' appears more than once",), code=0, warning=True),
+    "warn: target among the features": Case(
+        lambda c: train(data(c, ROWS), "target=y", "features=[a,y]"),
+        ("the target 'y' is also a feature",),
+        code=0,
+        warning=True,
+    ),
+    "warn: duplicate column names": Case(
+        lambda c: train(data(c, ROWS.replace("a,b,y", "a,a,y", 1))),
+        ("'a' appears more than once",),
+        code=0,
+        warning=True,
+    ),
     "warn: duplicate tsv column names": Case(
         lambda c: train(data(c, ROWS.replace(",", "\t").replace("a\tb\ty", "y\tb\ty", 1), "d.tsv"), "target=b"),
-        ("'y' appears more than once",), code=0, warning=True),
-    "warn: empty column name": Case(lambda c: train(data(c, ROWS.replace("a,b,y", "a,,y", 1))),
-                                    ("column 2 of the header has no name",), code=0, warning=True),
-    "warn: a single class": Case(lambda c: train(data(c, "a,y\n1,cat\n2,cat\n3,cat\n4,cat\n")),
-                                 ("single class ('cat')",), code=0, warning=True),
-    "warn: a single integer class": Case(lambda c: train("model=logistic", data(c, "a,y\n1,0\n2,0\n3,0\n4,0\n")),
-                                         ("single class ('0')",), code=0, warning=True),
-    "warn: a single row": Case(lambda c: train(data(c, "a,y\n1,2\n"), "val_fraction=0"),
-                               ("only one data row",), code=0, warning=True),
+        ("'y' appears more than once",),
+        code=0,
+        warning=True,
+    ),
+    "warn: empty column name": Case(
+        lambda c: train(data(c, ROWS.replace("a,b,y", "a,,y", 1))),
+        ("column 2 of the header has no name",),
+        code=0,
+        warning=True,
+    ),
+    "warn: a single class": Case(
+        lambda c: train(data(c, "a,y\n1,cat\n2,cat\n3,cat\n4,cat\n")), ("single class ('cat')",), code=0, warning=True
+    ),
+    "warn: a single integer class": Case(
+        lambda c: train("model=logistic", data(c, "a,y\n1,0\n2,0\n3,0\n4,0\n")),
+        ("single class ('0')",),
+        code=0,
+        warning=True,
+    ),
+    "warn: a single row": Case(
+        lambda c: train(data(c, "a,y\n1,2\n"), "val_fraction=0"), ("only one data row",), code=0, warning=True
+    ),
 }
 
 
@@ -375,33 +423,51 @@ def ft(c: Ctx, model: str, *args: str) -> list[str]:
 
 
 DATA_PRETRAINED = {
-    "classification csv not UTF-8": Case(lambda c: ft(c, "bert", "method=head", data(c, b"text,label\nhi,a\ncaf\xe9,b\n")),
-                                         ("d.csv:3", "not UTF-8")),
-    "causal text not UTF-8": Case(lambda c: ft(c, "llama", data(c, b"hello world \xe9 now", "t.txt")),
-                                  ("t.txt:1", "not UTF-8")),
-    "causal jsonl not UTF-8": Case(lambda c: ft(c, "llama", "task=causal_lm", data(c, b'{"text": "\xe9"}\n', "t.jsonl")),
-                                   ("t.jsonl:1", "not UTF-8")),
+    "classification csv not UTF-8": Case(
+        lambda c: ft(c, "bert", "method=head", data(c, b"text,label\nhi,a\ncaf\xe9,b\n")), ("d.csv:3", "not UTF-8")
+    ),
+    "causal text not UTF-8": Case(
+        lambda c: ft(c, "llama", data(c, b"hello world \xe9 now", "t.txt")), ("t.txt:1", "not UTF-8")
+    ),
+    "causal jsonl not UTF-8": Case(
+        lambda c: ft(c, "llama", "task=causal_lm", data(c, b'{"text": "\xe9"}\n', "t.jsonl")),
+        ("t.jsonl:1", "not UTF-8"),
+    ),
     "instruction jsonl not UTF-8": Case(
         lambda c: ft(c, "llama", "task=instruction", data(c, b'{"prompt": "hi", "response": "\xe9"}\n', "i.jsonl")),
-        ("i.jsonl:1", "not UTF-8")),
+        ("i.jsonl:1", "not UTF-8"),
+    ),
     "eval_data not UTF-8": Case(
-        lambda c: ft(c, "bert", "method=head", data(c, CLASSES), "finetune.eval_data=" + c.file("e.csv", b"text,label\n\xe9,a\n")),
-        ("e.csv:2", "not UTF-8")),
-    "classification data is a folder": Case(lambda c: ft(c, "bert", "method=head", "data=" + c.folder("texts.csv")),
-                                            ("texts.csv' is a folder",)),
+        lambda c: ft(
+            c, "bert", "method=head", data(c, CLASSES), "finetune.eval_data=" + c.file("e.csv", b"text,label\n\xe9,a\n")
+        ),
+        ("e.csv:2", "not UTF-8"),
+    ),
+    "classification data is a folder": Case(
+        lambda c: ft(c, "bert", "method=head", "data=" + c.folder("texts.csv")), ("texts.csv' is a folder",)
+    ),
     "causal text is a FIFO": Case(lambda c: ft(c, "llama", "data=" + c.fifo("t.txt")), ("t.txt' is a named pipe",)),
-    "instruction data is a FIFO": Case(lambda c: ft(c, "llama", "task=instruction", "data=" + c.fifo("i.jsonl")),
-                                       ("i.jsonl' is a named pipe",)),
+    "instruction data is a FIFO": Case(
+        lambda c: ft(c, "llama", "task=instruction", "data=" + c.fifo("i.jsonl")), ("i.jsonl' is a named pipe",)
+    ),
     "unclosed quote in a text column": Case(
-        lambda c: ft(c, "bert", "method=head", data(c, 'text,label\nhi,a\n"oops,b\nyes,a\n')), ("d.csv",)),
-    "a single text class": Case(lambda c: ft(c, "bert", "method=head", data(c, "text,label\nhi,a\nwin,a\nok,a\n")),
-                                ("single class ('a')", "at least two")),
+        lambda c: ft(c, "bert", "method=head", data(c, 'text,label\nhi,a\n"oops,b\nyes,a\n')), ("d.csv",)
+    ),
+    "a single text class": Case(
+        lambda c: ft(c, "bert", "method=head", data(c, "text,label\nhi,a\nwin,a\nok,a\n")),
+        ("single class ('a')", "at least two"),
+    ),
     "warn: one of two integer classes": Case(
         lambda c: ft(c, "bert", "method=head", data(c, "text,label\nhi,1\nwin,1\nok,1\nno,1\n")),
-        ("single class ('1')",), code=0, warning=True),
+        ("single class ('1')",),
+        code=0,
+        warning=True,
+    ),
     "a text over the csv field limit trains": Case(
         lambda c: ft(c, "bert", "method=head", data(c, "text,label\n" + "hello " * 40_000 + ",a\nwin,b\nok,a\nno,b\n")),
-        (), code=0),
+        (),
+        code=0,
+    ),
 }
 
 
@@ -422,23 +488,33 @@ def test_data_pretrained(name, case, ctx, capsys, hf_models):
 
 
 DATA_RUNS = {
-    "eval csv not UTF-8": Case(lambda c: ["eval", str(c.runs["linear"]), "--data", c.file("d.csv", LATIN1)],
-                               ("d.csv:3", "not UTF-8")),
-    "predict csv not UTF-8": Case(lambda c: ["predict", str(c.runs["linear"]), "--data", c.file("d.csv", LATIN1)],
-                                  ("d.csv:3", "not UTF-8")),
-    "eval gpt text not UTF-8": Case(lambda c: ["eval", str(c.runs["gpt"]), "--data", c.file("t.txt", b"ab\xffcd" * 40)],
-                                    ("t.txt:1", "not UTF-8")),
+    "eval csv not UTF-8": Case(
+        lambda c: ["eval", str(c.runs["linear"]), "--data", c.file("d.csv", LATIN1)], ("d.csv:3", "not UTF-8")
+    ),
+    "predict csv not UTF-8": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", c.file("d.csv", LATIN1)], ("d.csv:3", "not UTF-8")
+    ),
+    "eval gpt text not UTF-8": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--data", c.file("t.txt", b"ab\xffcd" * 40)], ("t.txt:1", "not UTF-8")
+    ),
     "eval text classifier not UTF-8": Case(
-        lambda c: ["eval", str(c.runs["bert"]), "--data", c.file("e.csv", b"text,label\nhi \xe9,a\n")], ("e.csv:2", "not UTF-8")),
+        lambda c: ["eval", str(c.runs["bert"]), "--data", c.file("e.csv", b"text,label\nhi \xe9,a\n")],
+        ("e.csv:2", "not UTF-8"),
+    ),
     "predict text classifier not UTF-8": Case(
-        lambda c: ["predict", str(c.runs["bert"]), "--data", c.file("e.csv", b"text\nhi \xe9\n")], ("e.csv:2", "not UTF-8")),
+        lambda c: ["predict", str(c.runs["bert"]), "--data", c.file("e.csv", b"text\nhi \xe9\n")],
+        ("e.csv:2", "not UTF-8"),
+    ),
     "eval data is a FIFO": Case(lambda c: ["eval", str(c.runs["linear"]), "--data", c.fifo()], ("is a named pipe",)),
-    "predict data is a folder": Case(lambda c: ["predict", str(c.runs["linear"]), "--data", c.folder("rows.csv")],
-                                     ("rows.csv is a folder",)),
-    "eval gpt text is a folder": Case(lambda c: ["eval", str(c.runs["gpt"]), "--data", c.folder("t.txt")],
-                                      ("t.txt is a folder",)),
+    "predict data is a folder": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", c.folder("rows.csv")], ("rows.csv is a folder",)
+    ),
+    "eval gpt text is a folder": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--data", c.folder("t.txt")], ("t.txt is a folder",)
+    ),
     "predict text classifier data is a FIFO": Case(
-        lambda c: ["predict", str(c.runs["bert"]), "--data", c.fifo("e.csv")], ("e.csv' is a named pipe",)),
+        lambda c: ["predict", str(c.runs["bert"]), "--data", c.fifo("e.csv")], ("e.csv' is a named pipe",)
+    ),
 }
 
 
@@ -449,6 +525,7 @@ def test_data_on_finished_runs(name, case, ctx, capsys, runs):
 
 
 # --- models: GGUF and HF folders that are not what they claim, models that cannot fit -----------------
+
 
 def gguf_header(magic: bytes = b"GGUF", version: int = 3, tensors: int = 1, kv: int = 1, tail: bytes = b"") -> bytes:
     return struct.pack("<4sIQQ", magic, version, tensors, kv) + tail
@@ -466,7 +543,7 @@ def hf_copy(c: Ctx, model: str, change: Callable[[Path], None]) -> str:
 
 def truncate(p: Path, keep: float = 0.5) -> None:
     raw = p.read_bytes()
-    p.write_bytes(raw[:int(len(raw) * keep)])
+    p.write_bytes(raw[: int(len(raw) * keep)])
 
 
 def smollm2() -> Path:
@@ -484,45 +561,72 @@ def gguf_cut(c: Ctx, size: int) -> str:
 TXT = "data={txt}"
 MODELS = {
     "gguf empty": Case(lambda c: train("model=" + c.file("m.gguf", b""), TXT), ("m.gguf", "not a GGUF file")),
-    "gguf shorter than its header": Case(lambda c: train("model=" + c.file("m.gguf", b"GGUF\x03\x00"), TXT),
-                                         ("truncated", "6 bytes", "24-byte GGUF header")),
-    "gguf one byte short of its header": Case(lambda c: train("model=" + c.file("m.gguf", gguf_header()[:23]), TXT),
-                                              ("truncated", "23 bytes")),
-    "gguf wrong magic": Case(lambda c: train("model=" + c.file("m.gguf", gguf_header(b"GGML") + bytes(64)), TXT),
-                             ("not a GGUF file",)),
-    "gguf unknown version": Case(lambda c: train("model=" + c.file("m.gguf", gguf_header(version=99) + bytes(64)), TXT),
-                                 ("GGUF version 99",)),
-    "gguf without tensors": Case(lambda c: train("model=" + c.file("m.gguf", gguf_header(tensors=0, kv=0)), TXT),
-                                 ("announces 0 tensors",)),
+    "gguf shorter than its header": Case(
+        lambda c: train("model=" + c.file("m.gguf", b"GGUF\x03\x00"), TXT),
+        ("truncated", "6 bytes", "24-byte GGUF header"),
+    ),
+    "gguf one byte short of its header": Case(
+        lambda c: train("model=" + c.file("m.gguf", gguf_header()[:23]), TXT), ("truncated", "23 bytes")
+    ),
+    "gguf wrong magic": Case(
+        lambda c: train("model=" + c.file("m.gguf", gguf_header(b"GGML") + bytes(64)), TXT), ("not a GGUF file",)
+    ),
+    "gguf unknown version": Case(
+        lambda c: train("model=" + c.file("m.gguf", gguf_header(version=99) + bytes(64)), TXT), ("GGUF version 99",)
+    ),
+    "gguf without tensors": Case(
+        lambda c: train("model=" + c.file("m.gguf", gguf_header(tensors=0, kv=0)), TXT), ("announces 0 tensors",)
+    ),
     "gguf announcing more than it holds": Case(
         lambda c: train("model=" + c.file("m.gguf", gguf_header(tensors=10**6, kv=10**6) + bytes(100)), TXT),
-        ("truncated or corrupt", "1000000 tensors")),
-    "gguf in a folder, truncated": Case(lambda c: train("model=" + str(Path(c.file("dir/m.gguf", b"GGUF\x02")).parent), TXT),
-                                        ("m.gguf", "truncated")),
+        ("truncated or corrupt", "1000000 tensors"),
+    ),
+    "gguf in a folder, truncated": Case(
+        lambda c: train("model=" + str(Path(c.file("dir/m.gguf", b"GGUF\x02")).parent), TXT), ("m.gguf", "truncated")
+    ),
     "real gguf cut inside its metadata": Case(lambda c: train(gguf_cut(c, 1000), TXT), ("cut.gguf", "truncated")),
-    "real gguf cut inside its tensors": Case(lambda c: train(gguf_cut(c, 2_000_000), TXT), ("cut.gguf",),
-                                             marks=(pytest.mark.slow,)),
-    "config.json not JSON": Case(lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("{oops")), TXT),
-                                 ("config.json: not valid JSON (line 1",)),
-    "config.json a list": Case(lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("[1, 2]")), TXT),
-                               ("config.json: expected a JSON object, found list",)),
+    "real gguf cut inside its tensors": Case(
+        lambda c: train(gguf_cut(c, 2_000_000), TXT), ("cut.gguf",), marks=(pytest.mark.slow,)
+    ),
+    "config.json not JSON": Case(
+        lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("{oops")), TXT),
+        ("config.json: not valid JSON (line 1",),
+    ),
+    "config.json a list": Case(
+        lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("[1, 2]")), TXT),
+        ("config.json: expected a JSON object, found list",),
+    ),
     "config.json not UTF-8": Case(
         lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_bytes(b'{"a": "\xe9"}')), TXT),
-        ("config.json: not UTF-8",)),
+        ("config.json: not UTF-8",),
+    ),
     "weights not safetensors": Case(
-        lambda c: train(hf_copy(c, "llama", lambda f: (f / "model.safetensors").write_bytes(b"PK\x03\x04 zip" * 9)), TXT),
-        ("model.safetensors", "not a safetensors file")),
-    "weights truncated": Case(lambda c: train(hf_copy(c, "llama", lambda f: truncate(f / "model.safetensors")), TXT),
-                              ("model.safetensors", "is truncated")),
+        lambda c: train(
+            hf_copy(c, "llama", lambda f: (f / "model.safetensors").write_bytes(b"PK\x03\x04 zip" * 9)), TXT
+        ),
+        ("model.safetensors", "not a safetensors file"),
+    ),
+    "weights truncated": Case(
+        lambda c: train(hf_copy(c, "llama", lambda f: truncate(f / "model.safetensors")), TXT),
+        ("model.safetensors", "is truncated"),
+    ),
     "weights header is a list": Case(
-        lambda c: train(hf_copy(c, "llama", lambda f: (f / "model.safetensors").write_bytes(b"\x03" + bytes(7) + b"[1]")), TXT),
-        ("model.safetensors", "bad header")),
+        lambda c: train(
+            hf_copy(c, "llama", lambda f: (f / "model.safetensors").write_bytes(b"\x03" + bytes(7) + b"[1]")), TXT
+        ),
+        ("model.safetensors", "bad header"),
+    ),
     "weights shorter than a header": Case(
         lambda c: train(hf_copy(c, "bert", lambda f: (f / "model.safetensors").write_bytes(b"\x01")), TXT),
-        ("not a safetensors file",)),
-    "pickle weights only": Case(lambda c: train(hf_copy(c, "bert", lambda f: (
-        (f / "model.safetensors").rename(f / "pytorch_model.bin"))), TXT), ("pickle",)),
-    "model is a FIFO": Case(lambda c: train("model=" + c.fifo("m.gguf"), TXT), ("is a named pipe (FIFO), not a model",)),
+        ("not a safetensors file",),
+    ),
+    "pickle weights only": Case(
+        lambda c: train(hf_copy(c, "bert", lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin")), TXT),
+        ("pickle",),
+    ),
+    "model is a FIFO": Case(
+        lambda c: train("model=" + c.fifo("m.gguf"), TXT), ("is a named pipe (FIFO), not a model",)
+    ),
     "model is a device": Case(lambda c: train("model=/dev/null", TXT), ("'/dev/null' is a device",)),
     "model folder is empty": Case(lambda c: train("model=" + c.folder("empty"), TXT), ("has no weights",)),
 }
@@ -550,12 +654,18 @@ HUGE_GPT = ["model=gpt", "gpt.n_layer=48", "gpt.n_embd=6400"]
 MEMORY = {
     "a 24B-parameter gpt": Case(lambda c: train(*HUGE_GPT), ("memory: a 23.6B-parameter gpt", "GiB available")),
     "the same under lr-find": Case(lambda c: ["lr-find", *HUGE_GPT], ("memory:", "use a smaller model")),
-    "a batch whose activations cannot fit": Case(lambda c: train("model=gpt", "batch_size=4096", "gpt.block_size=1024"),
-                                                 ("memory:", "micro_batch_size")),
-    "a 40B llama with SGD": Case(lambda c: train("model=gpt", "gpt.family=llama", "gpt.n_layer=200", "gpt.n_embd=4096",
-                                                 "optimizer=sgd", "lr=0.1"), ("memory: a 40.5B-parameter gpt",)),
-    "an MLP of 10 billion weights": Case(lambda c: train("model=mlp", "hidden=[100000,100000]"),
-                                         ("memory: a 10.0B-parameter mlp",)),
+    "a batch whose activations cannot fit": Case(
+        lambda c: train("model=gpt", "batch_size=4096", "gpt.block_size=1024"), ("memory:", "micro_batch_size")
+    ),
+    "a 40B llama with SGD": Case(
+        lambda c: train(
+            "model=gpt", "gpt.family=llama", "gpt.n_layer=200", "gpt.n_embd=4096", "optimizer=sgd", "lr=0.1"
+        ),
+        ("memory: a 40.5B-parameter gpt",),
+    ),
+    "an MLP of 10 billion weights": Case(
+        lambda c: train("model=mlp", "hidden=[100000,100000]"), ("memory: a 10.0B-parameter mlp",)
+    ),
 }
 
 
@@ -591,33 +701,50 @@ def test_memory_estimate_lets_the_real_recipes_through():
 # --- commands: options argparse accepts but the command cannot use -----------------------------------
 
 COMMANDS = {
-    "eval --batch-size 0": Case(lambda c: ["eval", str(c.runs["linear"]), "--batch-size", "0"],
-                                ("--batch-size must be >= 1, got 0",)),
-    "eval --batch-size -3 on a text classifier": Case(lambda c: ["eval", str(c.runs["bert"]), "--batch-size", "-3"],
-                                                      ("--batch-size must be >= 1",)),
-    "predict --batch-size 0": Case(lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--batch-size", "0"],
-                                   ("--batch-size must be >= 1, got 0",)),
-    "predict --out is a FIFO": Case(lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--out", c.fifo("p.csv")],
-                                    ("not a regular file",)),
-    "generate --num-samples 0": Case(lambda c: ["generate", str(c.runs["gpt"]), "--num-samples", "0"],
-                                     ("--num-samples must be in [1, 4096], got 0",)),
-    "generate --num-samples 10**11": Case(lambda c: ["generate", str(c.runs["gpt"]), "--num-samples", "100000000000"],
-                                          ("--num-samples must be in [1, 4096]",)),
-    "generate --max-new-tokens 10**12": Case(lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "10" * 6],
-                                             ("--max-new-tokens must be <= 1,000,000",)),
+    "eval --batch-size 0": Case(
+        lambda c: ["eval", str(c.runs["linear"]), "--batch-size", "0"], ("--batch-size must be >= 1, got 0",)
+    ),
+    "eval --batch-size -3 on a text classifier": Case(
+        lambda c: ["eval", str(c.runs["bert"]), "--batch-size", "-3"], ("--batch-size must be >= 1",)
+    ),
+    "predict --batch-size 0": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--batch-size", "0"],
+        ("--batch-size must be >= 1, got 0",),
+    ),
+    "predict --out is a FIFO": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--out", c.fifo("p.csv")],
+        ("not a regular file",),
+    ),
+    "generate --num-samples 0": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--num-samples", "0"], ("--num-samples must be in [1, 4096], got 0",)
+    ),
+    "generate --num-samples 10**11": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--num-samples", "100000000000"],
+        ("--num-samples must be in [1, 4096]",),
+    ),
+    "generate --max-new-tokens 10**12": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "10" * 6],
+        ("--max-new-tokens must be <= 1,000,000",),
+    ),
     "lr-find --steps 1": Case(lambda c: ["lr-find", "--steps", "1"], ("--steps must be >= 2",)),
-    "generate --top-p 0": Case(lambda c: ["generate", str(c.runs["gpt"]), "--top-p", "0"], ("--top-p must be in (0, 1]",)),
+    "generate --top-p 0": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--top-p", "0"], ("--top-p must be in (0, 1]",)
+    ),
     "generate --top-p nan": Case(lambda c: ["generate", str(c.runs["gpt"]), "--top-p", "nan"], ("--top-p",)),
     "generate --top-p 1.5": Case(lambda c: ["generate", str(c.runs["gpt"]), "--top-p", "1.5"], ("--top-p",)),
-    "generate --temperature nan": Case(lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "nan"],
-                                       ("--temperature must be a finite number",)),
-    "generate --temperature inf": Case(lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "inf"],
-                                       ("--temperature",)),
-    "generate --temperature -1": Case(lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "-1"],
-                                      ("--temperature",)),
+    "generate --temperature nan": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "nan"], ("--temperature must be a finite number",)
+    ),
+    "generate --temperature inf": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "inf"], ("--temperature",)
+    ),
+    "generate --temperature -1": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--temperature", "-1"], ("--temperature",)
+    ),
     "generate --top-k 0": Case(lambda c: ["generate", str(c.runs["gpt"]), "--top-k", "0"], ("--top-k must be >= 1",)),
-    "generate --max-new-tokens 0": Case(lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "0"],
-                                        ("--max-new-tokens must be >= 1",)),
+    "generate --max-new-tokens 0": Case(
+        lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "0"], ("--max-new-tokens must be >= 1",)
+    ),
     "generate on a regression run": Case(lambda c: ["generate", str(c.runs["linear"])], ("no language-model head",)),
     "eval a FIFO as the run": Case(lambda c: ["eval", c.fifo("run")], ("not a finished gradtune run",)),
     "lr-find --min-lr nan": Case(lambda c: ["lr-find", "--min-lr", "nan"], ("--min-lr",)),
@@ -660,7 +787,9 @@ sys.meta_path.insert(0, Hook())
 """
 
 
-def run(argv: list[str], tmp: Path, env: dict[str, str] | None = None, site: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str], tmp: Path, env: dict[str, str] | None = None, site: str | None = None
+) -> subprocess.CompletedProcess:
     """A real process, at most 60 s; ``site``: a sitecustomize.py run before anything else."""
     full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     if site is not None:
@@ -696,7 +825,8 @@ def test_ctrl_c_while_reading_the_data_exits_130(tmp_path):
     (tmp_path / "d.csv").write_text(ROWS)
     before = snapshot(tmp_path / "d.csv")
     script = tmp_path / "go.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, signal, sys
         from gradtune.data import tabular
         read = tabular.read_table
@@ -706,9 +836,20 @@ def test_ctrl_c_while_reading_the_data_exits_130(tmp_path):
         tabular.read_table = interrupted
         from gradtune.cli import main
         sys.exit(main(sys.argv[1:]))
-    """))
-    p = run([sys.executable, str(script), "train", "model=mlp", f"data={tmp_path / 'd.csv'}", f"out_dir={tmp_path / 'out'}",
-             *QUIET], tmp_path)
+    """)
+    )
+    p = run(
+        [
+            sys.executable,
+            str(script),
+            "train",
+            "model=mlp",
+            f"data={tmp_path / 'd.csv'}",
+            f"out_dir={tmp_path / 'out'}",
+            *QUIET,
+        ],
+        tmp_path,
+    )
     one_line(p, 130, "gradtune: interrupted")
     assert not (tmp_path / "out").exists() and snapshot(tmp_path / "d.csv") == before
 
@@ -745,9 +886,22 @@ def test_signals_after_the_preemption_checkpoint_keep_exit_75(when, tmp_path):
     written (as Preempted is raised, or while the process exits) must not make it 130 / 143."""
     (tmp_path / "d.csv").write_text(ROWS)
     (tmp_path / "late.py").write_text(LATE)
-    p = run([sys.executable, str(tmp_path / "late.py"), when, "train", "model=mlp", "hidden=[2]",
-             f"data={tmp_path / 'd.csv'}", "max_steps=5", *QUIET, f"out_dir={tmp_path / 'out'}"], tmp_path,
-            env={"GRADTUNE_TEST_FAULTS": "step@2=TERM"})
+    p = run(
+        [
+            sys.executable,
+            str(tmp_path / "late.py"),
+            when,
+            "train",
+            "model=mlp",
+            "hidden=[2]",
+            f"data={tmp_path / 'd.csv'}",
+            "max_steps=5",
+            *QUIET,
+            f"out_dir={tmp_path / 'out'}",
+        ],
+        tmp_path,
+        env={"GRADTUNE_TEST_FAULTS": "step@2=TERM"},
+    )
     lines = [line for line in p.stderr.splitlines() if line.strip() and "fault injection" not in line]
     assert "Traceback" not in p.stderr and p.returncode == 75, (p.returncode, p.stderr)
     assert len(lines) == 1 and lines[0].startswith("gradtune: preempted: preempted by SIGTERM at step 2"), p.stderr

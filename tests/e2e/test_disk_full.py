@@ -6,7 +6,6 @@ run's weights."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,18 @@ from safetensors.torch import load_file
 from gradtune.cli import main
 from gradtune.state import checkpoint
 
-ARGS = ["model=mlp", "hidden=[4]", "standardize_target=true", "batch_size=16", "max_steps=400",
-        "checkpoint_every=1", "keep_checkpoints=100000", "progress=off", "plot=false", "eval_every=50"]
+ARGS = [
+    "model=mlp",
+    "hidden=[4]",
+    "standardize_target=true",
+    "batch_size=16",
+    "max_steps=400",
+    "checkpoint_every=1",
+    "keep_checkpoints=100000",
+    "progress=off",
+    "plot=false",
+    "eval_every=50",
+]
 
 
 @pytest.fixture
@@ -24,8 +33,9 @@ def small_disk(tmp_path):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True, capture_output=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root in a mount namespace): {e}")
     try:
@@ -54,7 +64,18 @@ def test_real_disk_full_exits_74_keeps_a_good_checkpoint_and_resumes_exactly(sma
 
 def test_a_log_that_fills_the_disk_is_one_line_and_exit_74(small_disk, capsys):
     """metrics.jsonl (one row per step here) is what hits the full disk, not a checkpoint."""
-    code = main(["train", "model=mlp", "hidden=[4]", "batch_size=16", "epochs=1000", "log_every=1",
-                 "progress=off", "plot=false", f"out_dir={small_disk / 'run'}"])
+    code = main(
+        [
+            "train",
+            "model=mlp",
+            "hidden=[4]",
+            "batch_size=16",
+            "epochs=1000",
+            "log_every=1",
+            "progress=off",
+            "plot=false",
+            f"out_dir={small_disk / 'run'}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 74 and len(err.splitlines()) == 1 and "No space left on device" in err, err

@@ -21,13 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradtune.runtime import distributed
-from gradtune.telemetry.metrics_log import MetricsLog
-from gradtune.loop.loop import Loop
-from gradtune.state import resume, sharded
-
 from gradtune.loop.fit import fit
+from gradtune.runtime import distributed
+from gradtune.state import resume, sharded
 from tests import hooks
+
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
 
@@ -50,10 +48,19 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(nproc: int, args: list[str], **env: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_port()), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_port()),
+        *args,
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(p: subprocess.Popen, timeout: float = 300) -> str:
@@ -162,7 +169,8 @@ def test_fsdp2_sharded_checkpoint_reloads_into_one_process(runs, tmp_path):
     loop = worker.loop_for("gpt_fsdp", 10)
     weights, state, _ = sharded.load(w2 / "ckpt10")
     assert {k: (tuple(v.shape), v.dtype) for k, v in weights.items()} == {
-        k: (tuple(v.shape), v.dtype) for k, v in loop.job.model.state_dict().items()}
+        k: (tuple(v.shape), v.dtype) for k, v in loop.job.model.state_dict().items()
+    }
     loop.restore(resume.Plan(w2 / "ckpt10", weights, state))
     assert loop.step == 10 and all(torch.equal(saved[k], v) for k, v in loop.job.model.state_dict().items())
     shutil.copytree(w2 / "fsdp_run" / "checkpoints" / "step-00000005", tmp_path / "checkpoints" / "step-00000005")
@@ -229,9 +237,24 @@ def test_one_process_is_a_no_op():
 
 def _cli_run(tmp_path: Path, fault: str, *settings: str, launcher: tuple[str, ...] = ()) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    p = torchrun(2, [*launcher, "-m", "gradtune", "train", "model=mlp", "standardize_target=true", "max_steps=100000",
-                     "progress=lines",
-                     f"out_dir={tmp_path}", "plot=false", "device=cpu", *settings], GRADTUNE_TEST_FAULTS=fault)
+    p = torchrun(
+        2,
+        [
+            *launcher,
+            "-m",
+            "gradtune",
+            "train",
+            "model=mlp",
+            "standardize_target=true",
+            "max_steps=100000",
+            "progress=lines",
+            f"out_dir={tmp_path}",
+            "plot=false",
+            "device=cpu",
+            *settings,
+        ],
+        GRADTUNE_TEST_FAULTS=fault,
+    )
     out, _ = p.communicate(timeout=240)
     return p.returncode, out, time.monotonic() - t0
 

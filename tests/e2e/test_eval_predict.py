@@ -33,8 +33,17 @@ TABULAR = {  # name -> train settings (a few hundred full-batch steps: ~1 s each
     "bce": ["model=logistic", "data=breast_cancer", "loss=bce", "batch_size=full", "lr=0.5", "epochs=100"],
     "mlp": ["model=mlp", "data=breast_cancer", "hidden=[8]", "batch_size=full", "lr=0.5", "epochs=100"],
 }
-GPT = ["model=gpt", "data=shakespeare", "gpt.n_layer=1", "gpt.n_embd=32", "gpt.n_head=2", "gpt.block_size=32",
-       "max_steps=20", "batch_size=8", "eval_every=20"]
+GPT = [
+    "model=gpt",
+    "data=shakespeare",
+    "gpt.n_layer=1",
+    "gpt.n_embd=32",
+    "gpt.n_head=2",
+    "gpt.block_size=32",
+    "max_steps=20",
+    "batch_size=8",
+    "eval_every=20",
+]
 
 
 def _train(out: Path, settings: list[str]) -> Path:
@@ -54,6 +63,7 @@ def gpt_run(tmp_path_factory) -> Path:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def _rows(name: str) -> list[dict[str, str]]:
     with embedded_path(name).open(newline="") as f:
@@ -75,8 +85,9 @@ def _info(run: Path) -> dict:
 def _x(info: dict, rows: list[dict[str, str]]) -> torch.Tensor:
     """Features standardised with training's statistics, float64: (N, F)."""
     x = torch.tensor([[float(r[c]) for c in info["features"]] for r in rows], dtype=torch.float64)
-    return (x - torch.tensor(info["feature_mean"], dtype=torch.float64)) / torch.tensor(info["feature_std"],
-                                                                                           dtype=torch.float64)
+    return (x - torch.tensor(info["feature_mean"], dtype=torch.float64)) / torch.tensor(
+        info["feature_std"], dtype=torch.float64
+    )
 
 
 def _logits(run: Path, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +134,7 @@ def _fails(capsys, argv: list[str], *words: str) -> str:
 
 # --- predict ---------------------------------------------------------------------------------------
 
+
 def test_linear_predict_is_xw_plus_b_in_target_units(runs, tmp_path, capsys):
     run, info, rows = runs["linear"], _info(runs["linear"]), _rows("diabetes")[:40]
     expected = (_logits(run, _x(info, rows))[:, 0] * info["target_std"] + info["target_mean"]).tolist()
@@ -162,6 +174,7 @@ def test_class_probabilities_are_softmax_of_the_saved_weights(runs, name, tmp_pa
 
 # --- eval ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["linear", "logistic", "mlp"])
 def test_eval_on_a_file_matches_metrics_by_hand(runs, name, tmp_path, capsys):
     run, info = runs[name], _info(runs[name])
@@ -171,12 +184,16 @@ def test_eval_on_a_file_matches_metrics_by_hand(runs, name, tmp_path, capsys):
     if name == "linear":
         y = torch.tensor([float(r[info["target"]]) for r in rows], dtype=torch.float64)
         z = (y - info["target_mean"]) / info["target_std"]
-        want = {"loss": ((logits[:, 0] - z) ** 2).mean().item(),
-                "rmse": ((logits[:, 0] * info["target_std"] + info["target_mean"] - y) ** 2).mean().sqrt().item()}
+        want = {
+            "loss": ((logits[:, 0] - z) ** 2).mean().item(),
+            "rmse": ((logits[:, 0] * info["target_std"] + info["target_mean"] - y) ** 2).mean().sqrt().item(),
+        }
     else:
         y = torch.tensor([info["classes"].index(r[info["target"]]) for r in rows])
-        want = {"loss": torch.nn.functional.cross_entropy(logits, y).item(),
-                "accuracy": (logits.argmax(1) == y).double().mean().item()}
+        want = {
+            "loss": torch.nn.functional.cross_entropy(logits, y).item(),
+            "accuracy": (logits.argmax(1) == y).double().mean().item(),
+        }
     got = _eval(capsys, run, "--data", str(data))
     assert got["n"] == len(rows)
     for k, v in want.items():
@@ -201,6 +218,7 @@ def test_eval_reproduces_trainings_last_val_loss(runs, gpt_run, capsys):
 
 # --- bad input: exit 2, one line, nothing written --------------------------------------------------
 
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(runs, gpt_run, tmp_path, capsys):
     lin, logi = runs["linear"], runs["logistic"]
     info = _info(logi)
@@ -215,8 +233,11 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(runs, gpt_run, tmp_pa
     missing = _write(tmp_path / "missing.csv", _rows("diabetes")[:5], [c for c in lin_info["features"] if c != "bmi"])
     out = tmp_path / "out" / "p.csv"
     _fails(capsys, ["predict", str(lin), "--data", str(missing), "--out", str(out)], str(missing), "'bmi'")
-    labelled = _write(tmp_path / "labelled.csv", _rows("diabetes")[:5],
-                      [c for c in [*lin_info["features"], lin_info["target"]] if c != "bmi"])
+    labelled = _write(
+        tmp_path / "labelled.csv",
+        _rows("diabetes")[:5],
+        [c for c in [*lin_info["features"], lin_info["target"]] if c != "bmi"],
+    )
     _fails(capsys, ["eval", str(lin), "--data", str(labelled)], str(labelled), "'bmi'")
     assert not out.parent.exists()
 
@@ -229,10 +250,12 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(runs, gpt_run, tmp_pa
     text = tmp_path / "any.csv"
     _fails(capsys, ["predict", str(gpt_run), "--data", str(text), "--out", str(out)], "gradtune generate")
     assert not out.parent.exists() and sorted(p.name for p in lin.iterdir()) == sorted(
-        [".gradtune-run", "config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"])
+        [".gradtune-run", "config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"]
+    )
 
 
 # --- a fine-tuned text classifier (slow: loads MiniLM) ---------------------------------------------
+
 
 def _asset(module: str, rel: str) -> Path:
     spec = importlib.util.find_spec(module)
@@ -250,8 +273,20 @@ def test_minilm_predict_agrees_with_eval_accuracy(tmp_path, capsys):
     test_rows = sms[300:460]
     test = _write(tmp_path / "test.csv", test_rows, ["label", "text"])
     texts = _write(tmp_path / "texts.csv", test_rows, ["text"])
-    run = _train(tmp_path / "run", [f"model={model}", f"data={train}", "method=head", "max_steps=10", "precision=fp32",
-                                    "batch_size=16", "lr=3e-2", "text.max_length=32", "seed=0"])
+    run = _train(
+        tmp_path / "run",
+        [
+            f"model={model}",
+            f"data={train}",
+            "method=head",
+            "max_steps=10",
+            "precision=fp32",
+            "batch_size=16",
+            "lr=3e-2",
+            "text.max_length=32",
+            "seed=0",
+        ],
+    )
     got = _predict(capsys, run, test)
     assert len(got) == len(test_rows) and list(got[0]) == ["prediction", "p_ham", "p_spam"]
     assert _predict(capsys, run, texts) == got  # the label column is ignored

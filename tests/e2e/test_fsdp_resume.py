@@ -38,10 +38,26 @@ ROOT = Path(__file__).resolve().parents[2]
 TAG = "GRADTUNE_TEST_LAUNCH"  # marks every process of one launch
 STEPS = 90  # more than 10 launches can reach: a kill always comes before the end
 EVERY = 3  # checkpoint_every: any 4 consecutive steps of a launch pass a committed checkpoint
-SETTINGS = ["model=gpt", "gpt.n_layer=2", "gpt.n_embd=32", "gpt.n_head=2", "gpt.block_size=32",
-            "batch_size=8", "micro_batch_size=4", f"max_steps={STEPS}", "eval_every=15", "val_fraction=0.002",
-            f"checkpoint_every={EVERY}", "keep_checkpoints=2", "distributed=fsdp", "device=cpu",
-            "plot=false", "progress=off", "dist_timeout=30", "resume=auto"]
+SETTINGS = [
+    "model=gpt",
+    "gpt.n_layer=2",
+    "gpt.n_embd=32",
+    "gpt.n_head=2",
+    "gpt.block_size=32",
+    "batch_size=8",
+    "micro_batch_size=4",
+    f"max_steps={STEPS}",
+    "eval_every=15",
+    "val_fraction=0.002",
+    f"checkpoint_every={EVERY}",
+    "keep_checkpoints=2",
+    "distributed=fsdp",
+    "device=cpu",
+    "plot=false",
+    "progress=off",
+    "dist_timeout=30",
+    "resume=auto",
+]
 MICRO = 2  # micro-batches per step, on every rank
 SMALL = [*SETTINGS, "max_steps=12"]  # later settings win
 POINTS = ["step", "micro", "ckpt.model", "ckpt.files", "ckpt.rename", "ckpt.after", "external"]
@@ -54,15 +70,37 @@ OTHER_WORLD_BOUND = 3e-4
 from tests.e2e.test_distributed import _env, _port  # noqa: E402  (one launch environment)
 
 
-def launch(out: Path, probe: Path, faults: str = "", nproc: int = 2, settings: list[str] = SETTINGS) -> subprocess.Popen:
+def launch(
+    out: Path, probe: Path, faults: str = "", nproc: int = 2, settings: list[str] = SETTINGS
+) -> subprocess.Popen:
     """``gradtune train`` under torchrun (``nproc`` 2) or alone (1), in a session of its own."""
-    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_port())] if nproc > 1 else [sys.executable]
+    head = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_port()),
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
     probe.mkdir(exist_ok=True)  # each rank appends there; rank 0 alone would create it
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     env = _env(**{hooks.FAULTS: faults, hooks.PROBE: str(probe), TAG: tag})
-    p = subprocess.Popen([*head, "-m", "gradtune", "train", *settings, f"out_dir={out}"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [*head, "-m", "gradtune", "train", *settings, f"out_dir={out}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     p.tag = tag  # type: ignore[attr-defined]
     return p
 
@@ -149,8 +187,10 @@ def fault_plan(rng: random.Random, point: str, rank: int) -> str:
 
 
 def all_verify(out: Path) -> bool:
-    return all((sharded.verify(p) if sharded.is_sharded(p) else checkpoint.verify(p)) is None
-               for _, p in checkpoint.listing(checkpoint.root(out)))
+    return all(
+        (sharded.verify(p) if sharded.is_sharded(p) else checkpoint.verify(p)) is None
+        for _, p in checkpoint.listing(checkpoint.root(out))
+    )
 
 
 def eval_rows(out: Path) -> list[tuple]:
@@ -165,8 +205,11 @@ def worst_rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
 def one_rank_term(out: Path, probe: Path) -> dict:
     """SIGTERM on rank 1 only: both ranks agree to stop after the same step, checkpoint it, exit 75."""
     text = finish(launch(out, probe, f"step@{EVERY + 2}=TERM/rank1"))
-    stops = sorted(re.search(r" at step (\d+);", line).group(1) for line in text.splitlines()
-                   if line.startswith("gradtune: preempted on rank"))
+    stops = sorted(
+        re.search(r" at step (\d+);", line).group(1)
+        for line in text.splitlines()
+        if line.startswith("gradtune: preempted on rank")
+    )
     return {"stops": stops, "newest": checkpoint.newest_step(checkpoint.root(out)), "text": text[-2000:]}
 
 
@@ -191,12 +234,16 @@ def test_fsdp_sigkill_at_random_moments_resumes_bitwise(tmp_path):
         if len(log) == KILLS // 2:  # a mid-run checkpoint, for the 1-process resume below
             newest = checkpoint.newest_step(checkpoint.root(out))
             for other in (one, three):
-                shutil.copytree(checkpoint.root(out) / checkpoint.folder_name(newest),
-                                checkpoint.root(other) / checkpoint.folder_name(newest))
+                shutil.copytree(
+                    checkpoint.root(out) / checkpoint.folder_name(newest),
+                    checkpoint.root(other) / checkpoint.folder_name(newest),
+                )
     text = finish(launch(out, tmp_path / "chain.probe"))
     assert f"done: {STEPS} steps" in text, text[-3000:]
-    print(f"\nFSDP kill trials ({time.monotonic() - t0:.0f}s): " + "; ".join(f"{e[0]} {e[1]} -> rc {e[2]}, newest {e[4]}"
-                                                                        for e in log))
+    print(
+        f"\nFSDP kill trials ({time.monotonic() - t0:.0f}s): "
+        + "; ".join(f"{e[0]} {e[1]} -> rc {e[2]}, newest {e[4]}" for e in log)
+    )
     leftovers = [q.name for q in checkpoint.root(out).iterdir() if not sharded.is_sharded(q)]
     assert leftovers == [], f"not swept (or not sharded): {leftovers}"
     got, want = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
@@ -236,8 +283,15 @@ def test_guard_rollback_under_fsdp(tmp_path):
     """guard.policy=rollback under FSDP2: a loss spike reloads the newest sharded checkpoint
     (resume.latest + Loop.restore) on every rank, with a lower lr, until max_rollbacks."""
     out = tmp_path / "run"
-    spiky = [*SMALL, "lr=30", "max_steps=40", "checkpoint_every=5", "guard.policy=rollback",
-             "guard.spike_zscore=3", "guard.spike_window=5"]
+    spiky = [
+        *SMALL,
+        "lr=30",
+        "max_steps=40",
+        "checkpoint_every=5",
+        "guard.policy=rollback",
+        "guard.spike_zscore=3",
+        "guard.spike_window=5",
+    ]
     text = finish(launch(out, tmp_path / "probe", settings=spiky))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     back = [r for r in rows if r["kind"] == "guard" and "rollback_to" in r]
@@ -255,8 +309,9 @@ def test_disk_full_under_fsdp_exits_74_on_every_rank_and_resumes_bitwise(tmp_pat
     disk = tmp_path / "disk"
     disk.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True, capture_output=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root in a mount namespace): {e}")
     try:
@@ -268,8 +323,9 @@ def test_disk_full_under_fsdp_exits_74_on_every_rank_and_resumes_bitwise(tmp_pat
         text = finish(p)
         full = [line for line in text.splitlines() if line.startswith("gradtune: ")]
         assert p.returncode != 0 and "exitcode  : 74" in text, text[-3000:]
-        assert len(full) == 2 and all("cannot write checkpoint" in line and "No space left on device" in line
-                                      for line in full), full
+        assert len(full) == 2 and all(
+            "cannot write checkpoint" in line and "No space left on device" in line for line in full
+        ), full
         ckpts = checkpoint.listing(checkpoint.root(out))
         assert ckpts and sharded.verify(ckpts[-1][1]) is None  # the newest one is whole
         assert not [q for q in checkpoint.root(out).iterdir() if q.name.startswith(".tmp-")]

@@ -28,9 +28,25 @@ def _gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_lora_generate_equals_transformers(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
-                 "batch_size=8", "epochs=1", "eval_every=100", "val_fraction=0", "text.max_length=48",
-                 "progress=off", "plot=false", f"out_dir={out}"])  # 16 rows / 8: 2 steps
+    code = main(
+        [
+            "train",
+            f"model={_gguf()}",
+            f"data={DATA}",
+            "task=instruction",
+            "method=lora",
+            "lr=3e-3",
+            "precision=fp32",
+            "batch_size=8",
+            "epochs=1",
+            "eval_every=100",
+            "val_fraction=0",
+            "text.max_length=48",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+        ]
+    )  # 16 rows / 8: 2 steps
     assert code == 0, capsys.readouterr().err
     # Keep the run the command loads (a GGUF load is ~10-30 s): the reference below decodes
     # with exactly the weights the command used.
@@ -50,10 +66,10 @@ def test_smollm2_lora_generate_equals_transformers(tmp_path, capsys, monkeypatch
     assert any(m.lora_b.weight.abs().sum() > 0 for m in run.model.modules() if isinstance(m, LoRALinear))
     ids = torch.tensor([generate_cmd.encode_prompt(run, PROMPT)])  # (1, T): the chat template
     eos = run.tokenizer.eos_token_id
-    expected = run.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=eos)  # (1, T + n), n <= 20
+    expected = run.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=eos
+    )  # (1, T + n), n <= 20
     got = generate(run.model, ids, 20, temperature=0, eos_id=eos)
     assert got.tolist() == expected.tolist()
     assert printed == run.tokenizer.decode(expected[0].tolist(), skip_special_tokens=True).strip()
     assert expected.shape[1] > ids.shape[1]  # it did generate something
-

@@ -28,8 +28,17 @@ SAMPLE = "What is the capital of Italy? ANSWER: Rome. 2024 <|im_start|>user\nhi<
 # base's Q4_1 weights re-quantised to 8 bits: 0.6% relative RMS error per matrix); asserted at
 # ~2x. f32: measured max 5.7e-5.
 Q8_MAX, Q8_MEAN = 2.0, 0.3
-TINY_GPT = ["model=gpt", "gpt.n_layer=2", "gpt.n_embd=32", "gpt.n_head=4", "gpt.block_size=16",
-            "batch_size=4", "max_steps=2", "val_fraction=0", *QUIET]
+TINY_GPT = [
+    "model=gpt",
+    "gpt.n_layer=2",
+    "gpt.n_embd=32",
+    "gpt.n_head=4",
+    "gpt.block_size=16",
+    "batch_size=4",
+    "max_steps=2",
+    "val_fraction=0",
+    *QUIET,
+]
 
 
 def _smollm2() -> Path:
@@ -44,11 +53,31 @@ def test_smollm2_lora_run_exports_f32_and_q8_0(tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = tmp_path / "run"
-    assert main(["train", f"model={_smollm2()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
-                 "batch_size=4", "max_steps=2", "eval_every=100", "val_fraction=0", "text.max_length=48",
-                 f"out_dir={run_dir}", *QUIET]) == 0, capsys.readouterr().err  # 8 of the 16 rows
+    assert (
+        main(
+            [
+                "train",
+                f"model={_smollm2()}",
+                f"data={DATA}",
+                "task=instruction",
+                "method=lora",
+                "lr=3e-3",
+                "precision=fp32",
+                "batch_size=4",
+                "max_steps=2",
+                "eval_every=100",
+                "val_fraction=0",
+                "text.max_length=48",
+                f"out_dir={run_dir}",
+                *QUIET,
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err  # 8 of the 16 rows
     runs = []  # one load of the run (a GGUF base load is the slow part) for both exports and the reference
-    monkeypatch.setattr(export_cmd, "load_run", lambda folder: runs[0] if runs else runs.append(load_run(folder)) or runs[0])
+    monkeypatch.setattr(
+        export_cmd, "load_run", lambda folder: runs[0] if runs else runs.append(load_run(folder)) or runs[0]
+    )
     out = tmp_path / "gguf"
     for qtype in ("f32", "q8_0"):
         assert main(["export", str(run_dir), "--gguf", str(out / f"{qtype}.gguf"), "--type", qtype]) == 0
@@ -83,8 +112,19 @@ def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
 
     tok = _bpe_tokenizer(tmp_path)
     run_dir = tmp_path / "run"
-    assert main(["train", f"data={tmp_path / 'text.txt'}", f"text.tokenizer={tok}", "gpt.family=llama",
-                 f"out_dir={run_dir}", *TINY_GPT]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                f"data={tmp_path / 'text.txt'}",
+                f"text.tokenizer={tok}",
+                "gpt.family=llama",
+                f"out_dir={run_dir}",
+                *TINY_GPT,
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     out = tmp_path / "m.gguf"
     assert main(["export", str(run_dir), "--gguf", str(out), "--type", "f32"]) == 0
     run = load_run(run_dir)
@@ -104,13 +144,20 @@ def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, c
     capsys.readouterr()  # training's own lines
     before = sorted(p.name for p in tmp_path.iterdir())
     refused(capsys, ["export", str(tmp_path / "gpt2"), "--gguf", str(tmp_path / "a.gguf")], "gpt.family: gpt2")
-    refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "a.gguf")], "byte tokenizer",
-            "llama.cpp cannot express")
+    refused(
+        capsys,
+        ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "a.gguf")],
+        "byte tokenizer",
+        "llama.cpp cannot express",
+    )
     refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "byte" / "a.gguf")], "inside the input")
     refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "a.bin")], "ending in .gguf")
     refused(capsys, ["export", str(tmp_path / "byte"), "--type", "f16"], "--gguf")
-    refused(capsys, ["export", str(tmp_path / "byte"), "--merged", str(tmp_path / "m"), "--gguf",
-                     str(tmp_path / "m" / "a.gguf")], "inside the export folder")
+    refused(
+        capsys,
+        ["export", str(tmp_path / "byte"), "--merged", str(tmp_path / "m"), "--gguf", str(tmp_path / "m" / "a.gguf")],
+        "inside the export folder",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     (tmp_path / "old.gguf").write_text("keep")
     refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "old.gguf")], "exists")

@@ -23,15 +23,44 @@ def _gguf() -> Path:
 @pytest.mark.slow
 def test_smollm2_lora_learns_the_answer_format(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", f"model={_gguf()}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32",
-                 "batch_size=4", "epochs=6", "eval_every=4", "val_fraction=0", "text.max_length=96",
-                 "progress=off", "plot=false", f"out_dir={out}"])
+    code = main(
+        [
+            "train",
+            f"model={_gguf()}",
+            f"data={DATA}",
+            "task=instruction",
+            "method=lora",
+            "lr=3e-3",
+            "precision=fp32",
+            "batch_size=4",
+            "epochs=6",
+            "eval_every=4",
+            "val_fraction=0",
+            "text.max_length=96",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("kind") == "eval"]
     assert losses[-1] < 0.5 * losses[0], losses  # loss on the response tokens only
     capsys.readouterr()
-    assert main(["generate", str(out), "--prompt", "What is the capital of Italy?", "--temperature", "0",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(out),
+                "--prompt",
+                "What is the capital of Italy?",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     answer = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.search(r"ANSWER: \w+", answer), answer

@@ -32,8 +32,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradtune.state import checkpoint
 from gradtune.config import load_config
+from gradtune.state import checkpoint
 from gradtune.state.preempt import EXIT_PREEMPTED
 from gradtune.train import train
 from tests import hooks
@@ -43,8 +43,19 @@ MODES = {  # name -> (settings, micro-batches per step)
     "full": (["batch_size=full", "micro_batch_size=12"], 3),
     # Early stopping (best/ kept, never stopping: patience beyond the budget) and the plateau
     # schedule carry state across kills: the lr cuts and the best must be the uninterrupted run's.
-    "sgd": (["batch_size=1", "momentum=0.5", "lr=0.02", "schedule=plateau", "plateau_patience=1", "gamma=0.7",
-             "early_stopping.enabled=true", "early_stopping.patience=1000"], 1),
+    "sgd": (
+        [
+            "batch_size=1",
+            "momentum=0.5",
+            "lr=0.02",
+            "schedule=plateau",
+            "plateau_patience=1",
+            "gamma=0.7",
+            "early_stopping.enabled=true",
+            "early_stopping.patience=1000",
+        ],
+        1,
+    ),
     "minibatch": (["batch_size=8", "micro_batch_size=3", "optimizer=adamw"], 3),
 }
 KILLS_PER_MODE = 8
@@ -53,9 +64,21 @@ POINTS = ["micro", "step", "ckpt.model", "ckpt.files", "ckpt.rename", "ckpt.afte
 
 
 def settings(data: Path, out: Path, mode: str) -> list[str]:
-    return [f"data={data}", "model=mlp", "hidden=[5]", "lr=0.05", f"max_steps={STEPS}", "epochs=1000", "eval_every=5",
-            "checkpoint_every=4", "keep_checkpoints=2", "progress=off", "plot=false", f"out_dir={out}",
-            *MODES[mode][0]]
+    return [
+        f"data={data}",
+        "model=mlp",
+        "hidden=[5]",
+        "lr=0.05",
+        f"max_steps={STEPS}",
+        "epochs=1000",
+        "eval_every=5",
+        "checkpoint_every=4",
+        "keep_checkpoints=2",
+        "progress=off",
+        "plot=false",
+        f"out_dir={out}",
+        *MODES[mode][0],
+    ]
 
 
 def make_data(tmp: Path) -> Path:
@@ -63,14 +86,22 @@ def make_data(tmp: Path) -> Path:
     x = torch.randn(40, 3, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(40, generator=g)
     path = tmp / "d.csv"
-    path.write_text("a,b,c,y\n" + "".join(",".join(f"{v:.6f}" for v in [*r, t]) + "\n" for r, t in zip(x.tolist(), y.tolist())))
+    path.write_text(
+        "a,b,c,y\n" + "".join(",".join(f"{v:.6f}" for v in [*r, t]) + "\n" for r, t in zip(x.tolist(), y.tolist()))
+    )
     return path
 
 
 def spawn(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "gradtune", "train", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradtune", "train", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _child(args: list[str], env: dict[str, str], err_path: str) -> None:
@@ -79,8 +110,8 @@ def _child(args: list[str], env: dict[str, str], err_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ.update(env)
-    from gradtune.runtime import testhooks
     from gradtune.cli import main
+    from gradtune.runtime import testhooks
 
     testhooks.configure(env.get(hooks.FAULTS, ""))
     code = main(["train", *args])
@@ -97,7 +128,9 @@ class Forked:
     def __init__(self, args: list[str], env: dict[str, str], err_path: Path) -> None:
         if Forked._ctx is None:
             Forked._ctx = multiprocessing.get_context("forkserver")
-            Forked._ctx.set_forkserver_preload(["torch", "safetensors.torch", "gradtune.train", "gradtune.cli", __name__])
+            Forked._ctx.set_forkserver_preload(
+                ["torch", "safetensors.torch", "gradtune.train", "gradtune.cli", __name__]
+            )
         self.err_path = err_path
         self.proc = Forked._ctx.Process(target=_child, args=(args, env, str(err_path)))
         self.proc.start()
@@ -137,7 +170,9 @@ def run_chain(mode: str, data: Path, out: Path, probe: Path, seed: int, log: lis
     if mode == "minibatch":  # preemption: SIGTERM twice (dies in the write), then once (exit 75)
         p = spawn(args, {**env, hooks.FAULTS: "step@6=TERM,ckpt.model@2=TERM"})
         p.communicate()
-        log.append(("double-term", p.returncode, checkpoint.newest_step(out / "checkpoints"), all_checkpoints_verify(out)))
+        log.append(
+            ("double-term", p.returncode, checkpoint.newest_step(out / "checkpoints"), all_checkpoints_verify(out))
+        )
         p = spawn(args, {**env, hooks.FAULTS: "step@7=TERM"})
         _, err = p.communicate()
         log.append(("term", p.returncode, err.strip(), checkpoint.newest_step(out / "checkpoints")))
@@ -187,7 +222,6 @@ probe_steps = hooks.probe_steps
 def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the fork server must import this module
     data = make_data(tmp_path)
-    refs = {}
     for mode in MODES:  # the oracle: uninterrupted, in this process
         monkeypatch.setenv(hooks.PROBE, str(tmp_path / f"ref-{mode}.probe"))
         # Without checkpoints: writing them must not change a bit of the run (and it is faster).
@@ -195,8 +229,12 @@ def test_sigkill_at_random_moments_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.delenv(hooks.PROBE)
     logs = {mode: [] for mode in MODES}
     t0 = time.time()
-    threads = [threading.Thread(target=run_chain, args=(mode, data, tmp_path / mode, tmp_path / f"{mode}.probe",
-                                                        i, logs[mode])) for i, mode in enumerate(MODES)]
+    threads = [
+        threading.Thread(
+            target=run_chain, args=(mode, data, tmp_path / mode, tmp_path / f"{mode}.probe", i, logs[mode])
+        )
+        for i, mode in enumerate(MODES)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -38,9 +38,23 @@ def rows(out: Path) -> list[dict]:
 def three_seconds(tmp_path_factory):
     """A tiny MLP with max_time=BUDGET_S and far more epochs than fit: (wall seconds of train(), out)."""
     out = tmp_path_factory.mktemp("max_time") / "run"
-    cfg = load_config(None, ["model=mlp", "data=diabetes", "hidden=[5]", "epochs=1000000", "schedule=cosine",
-                             "warmup_steps=5", f"lr={LR}", f"min_lr={MIN_LR}", "progress=off", "plot=false",
-                             f"out_dir={out}", f"max_time={BUDGET_S:g}s"])
+    cfg = load_config(
+        None,
+        [
+            "model=mlp",
+            "data=diabetes",
+            "hidden=[5]",
+            "epochs=1000000",
+            "schedule=cosine",
+            "warmup_steps=5",
+            f"lr={LR}",
+            f"min_lr={MIN_LR}",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+            f"max_time={BUDGET_S:g}s",
+        ],
+    )
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: seconds of a fresh process's start-up)
 
     keep = budget.STARTUP_WINDOW_S
@@ -60,7 +74,9 @@ def test_a_tiny_run_ends_within_five_percent_of_max_time(three_seconds):
     # the later steps run slower or faster than the measured ones. 5% on a quiet machine.
     load = os.getloadavg()[0]
     tol = 0.05 if load < (os.cpu_count() or 1) else 0.25
-    assert (1 - 2 * tol) * BUDGET_S <= wall <= (1 + tol) * BUDGET_S, f"train() took {wall:.2f}s for max_time={BUDGET_S:g}s (load {load:.1f})"
+    assert (1 - 2 * tol) * BUDGET_S <= wall <= (1 + tol) * BUDGET_S, (
+        f"train() took {wall:.2f}s for max_time={BUDGET_S:g}s (load {load:.1f})"
+    )
     spent = json.loads((out / "summary.json").read_text())["job"]["time_budget"]
     assert spent["plan"]["steps"] > 100 and spent["spent"]["train"] > 0
 
@@ -89,10 +105,21 @@ def test_cosine_runs_over_the_calibrated_budget_to_min_lr(three_seconds):
 
 
 def _cli(args: list[str], faults: str = "", forced: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", hooks.FAULTS: faults,
-           budget.FORCE_ENV: str(forced)}
-    return subprocess.run([sys.executable, "-m", "gradtune", "train", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        hooks.FAULTS: faults,
+        budget.FORCE_ENV: str(forced),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gradtune", "train", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -100,9 +127,24 @@ def test_kill_resume_keeps_the_step_budget_and_is_bitwise_the_uninterrupted_run(
     """Both runs calibrate at the same step (the forced count stands in for the clock's, which
     differs from run to run). The resumed process is told another count: had it calibrated again
     it would train 97 steps, not 60."""
-    base = ["model=mlp", "data=diabetes", "hidden=[5]", "epochs=1000", "schedule=cosine", "warmup_steps=5",
-            "optimizer=adamw", "batch_size=16", "lr=0.01", "min_lr=0.001", "max_time=10m", "eval_every=7",
-            "checkpoint_every=10", "keep_checkpoints=2", "progress=off", "plot=false"]
+    base = [
+        "model=mlp",
+        "data=diabetes",
+        "hidden=[5]",
+        "epochs=1000",
+        "schedule=cosine",
+        "warmup_steps=5",
+        "optimizer=adamw",
+        "batch_size=16",
+        "lr=0.01",
+        "min_lr=0.001",
+        "max_time=10m",
+        "eval_every=7",
+        "checkpoint_every=10",
+        "keep_checkpoints=2",
+        "progress=off",
+        "plot=false",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     done = _cli([*base, f"out_dir={a}"], forced=60)
     assert done.returncode == 0, done.stderr
@@ -116,7 +158,9 @@ def test_kill_resume_keeps_the_step_budget_and_is_bitwise_the_uninterrupted_run(
     ea = [r for r in rows(a) if r["kind"] == "eval"]
     eb = [r for r in rows(b) if r["kind"] == "eval"]
     assert ea[-1]["step"] == eb[-1]["step"] == 60
-    assert [(r["step"], r["loss"], r["val_loss"], r["lr"]) for r in ea] == [(r["step"], r["loss"], r["val_loss"], r["lr"]) for r in eb]
+    assert [(r["step"], r["loss"], r["val_loss"], r["lr"]) for r in ea] == [
+        (r["step"], r["loss"], r["val_loss"], r["lr"]) for r in eb
+    ]
 
 
 @pytest.mark.parametrize("bad", ["10x", "-5m", "0", "m10"])

@@ -61,15 +61,30 @@ def ft(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("ft")
     tiny_hf.bert(d / "base")
-    rows = ["label,text"] + [f"{'spam' if i % 2 else 'ham'},{'free win prize' if i % 2 else 'meet me home'}"
-                             for i in range(16)]
+    rows = ["label,text"] + [
+        f"{'spam' if i % 2 else 'ham'},{'free win prize' if i % 2 else 'meet me home'}" for i in range(16)
+    ]
     (d / "cls.csv").write_text("\n".join(rows) + "\n")
-    assert main(["train", f"model={d / 'base'}", f"data={d / 'cls.csv'}", "method=lora", "max_steps=2",
-                 "batch_size=8", f"out_dir={d / 'run'}", *QUIET]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={d / 'base'}",
+                f"data={d / 'cls.csv'}",
+                "method=lora",
+                "max_steps=2",
+                "batch_size=8",
+                f"out_dir={d / 'run'}",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     return d
 
 
 # --- the data-loss cases reproduced on the old code ----------------------------------------------
+
 
 def test_export_merged_onto_its_own_run_is_refused(ft, capsys):
     before = snapshot(ft / "run", ft / "base")
@@ -91,16 +106,28 @@ def test_export_into_a_new_folder_inside_the_base_model_is_refused(ft, capsys):
 
 def test_training_into_the_pretrained_folder_is_refused(ft, capsys):
     before = snapshot(ft / "base", ft / "cls.csv")
-    refused(capsys, ["train", f"model={ft / 'base'}", f"data={ft / 'cls.csv'}", "method=lora", "max_steps=1",
-                     f"out_dir={ft / 'base'}", *QUIET], str(ft / "base"))
+    refused(
+        capsys,
+        [
+            "train",
+            f"model={ft / 'base'}",
+            f"data={ft / 'cls.csv'}",
+            "method=lora",
+            "max_steps=1",
+            f"out_dir={ft / 'base'}",
+            *QUIET,
+        ],
+        str(ft / "base"),
+    )
     assert snapshot(ft / "base", ft / "cls.csv") == before
     assert not (ft / "base" / outdir.MARKER).exists()
 
 
 def test_training_over_the_config_file_it_read_is_refused(tmp_path, capsys, monkeypatch):
     """``gradtune train config.yaml out_dir=.`` in a project folder: foreign, and the config is an input."""
-    (tmp_path / "config.yaml").write_text("# my carefully commented config\nmodel: linear  # why linear\n"
-                                          "max_steps: 2\nprogress: 'off'\nplot: false\n")
+    (tmp_path / "config.yaml").write_text(
+        "# my carefully commented config\nmodel: linear  # why linear\nmax_steps: 2\nprogress: 'off'\nplot: false\n"
+    )
     (tmp_path / "d.csv").write_text("a,b,y\n" + ROWS)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
@@ -137,8 +164,12 @@ def test_init_weights_at_out_model_safetensors_are_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", *tab(tmp_path), f"out_dir={out}"]) == 0
     before = snapshot(out)
-    refused(capsys, ["train", *tab(tmp_path), f"init={out / 'model.safetensors'}", f"out_dir={out}"],
-            "model.safetensors", "lies in out_dir")
+    refused(
+        capsys,
+        ["train", *tab(tmp_path), f"init={out / 'model.safetensors'}", f"out_dir={out}"],
+        "model.safetensors",
+        "lies in out_dir",
+    )
     assert snapshot(out) == before
 
 
@@ -147,12 +178,16 @@ def test_checkpoints_a_file_keeps_the_previous_metrics(tmp_path, capsys):
     assert main(["train", *tab(tmp_path), f"out_dir={out}"]) == 0
     (out / "checkpoints").write_text("not a folder")
     before = snapshot(out)
-    refused(capsys, ["train", *tab(tmp_path), "checkpoint_every=2", f"out_dir={out}"],
-            "checkpoints exists but is not a folder")
+    refused(
+        capsys,
+        ["train", *tab(tmp_path), "checkpoint_every=2", f"out_dir={out}"],
+        "checkpoints exists but is not a folder",
+    )
     assert snapshot(out) == before and (out / "metrics.jsonl").stat().st_size > 0
 
 
 # --- out_dir shapes refused before training -----------------------------------------------------
+
 
 def test_out_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
@@ -242,6 +277,7 @@ def test_library_fit_gets_the_same_protection(tmp_path):
 
 # --- atomic outputs ---------------------------------------------------------------------------
 
+
 def test_a_run_failing_before_its_first_row_keeps_the_old_metrics(tmp_path):
     out = tmp_path / "out"
     assert main(["train", *tab(tmp_path), f"out_dir={out}"]) == 0
@@ -265,14 +301,26 @@ def test_export_writes_a_whole_folder_and_refuses_a_run_or_full_folder(ft, tmp_p
     assert snapshot(tmp_path / "a") == before
     other = outdir.claim(tmp_path / "other-run")  # a run folder holding nothing but its marker
     refused(capsys, ["export", str(ft / "run"), "--merged", str(other)], "a gradtune run folder")
-    refused(capsys, ["export", str(ft / "run"), "--adapter", str(tmp_path / "x"), "--merged", str(tmp_path / "x")],
-            "the same folder")
+    refused(
+        capsys,
+        ["export", str(ft / "run"), "--adapter", str(tmp_path / "x"), "--merged", str(tmp_path / "x")],
+        "the same folder",
+    )
 
 
 def test_in_run_export_replaces_its_own_folders(ft, tmp_path):
     run = tmp_path / "run"
-    args = ["train", f"model={ft / 'base'}", f"data={ft / 'cls.csv'}", "method=lora", "max_steps=1",
-            "batch_size=8", "finetune.export=both", f"out_dir={run}", *QUIET]
+    args = [
+        "train",
+        f"model={ft / 'base'}",
+        f"data={ft / 'cls.csv'}",
+        "method=lora",
+        "max_steps=1",
+        "batch_size=8",
+        "finetune.export=both",
+        f"out_dir={run}",
+        *QUIET,
+    ]
     assert main(args) == 0
     first = snapshot(run / "merged")
     assert main(args[:-3] + ["seed=1", f"out_dir={run}", *QUIET]) == 0

@@ -33,24 +33,56 @@ def assets(tmp_path_factory) -> Path:
     tiny_hf.bert(d / "bert")
     rng = random.Random(0)
     words = tiny_hf.WORDS
-    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 10))),
-             "response": " ".join(rng.choice(words[:6]) for _ in range(rng.randint(1, 12)))} for _ in range(40)]
+    rows = [
+        {
+            "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 10))),
+            "response": " ".join(rng.choice(words[:6]) for _ in range(rng.randint(1, 12))),
+        }
+        for _ in range(40)
+    ]
     (d / "ins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "cls.csv").write_text("label,text\n" + "".join(f"{i % 2},hello world {i}\n" for i in range(10)))
     return d
 
 
 def _args(assets: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model={assets / 'llama'}", f"data={assets / 'ins.jsonl'}", "task=instruction", "method=full",
-            "text.packing=true", "text.max_length=32", "batch_size=3", "lr=3e-3", "max_steps=16", "epochs=100",
-            "eval_every=4", "val_fraction=0.2", "progress=off", "plot=false", f"out_dir={out}", *extra]
+    return [
+        f"model={assets / 'llama'}",
+        f"data={assets / 'ins.jsonl'}",
+        "task=instruction",
+        "method=full",
+        "text.packing=true",
+        "text.max_length=32",
+        "batch_size=3",
+        "lr=3e-3",
+        "max_steps=16",
+        "epochs=100",
+        "eval_every=4",
+        "val_fraction=0.2",
+        "progress=off",
+        "plot=false",
+        f"out_dir={out}",
+        *extra,
+    ]
 
 
 def _run(args: list[str], faults: str = "", command: str = "train") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", hooks.FAULTS: faults}
-    return subprocess.run([sys.executable, "-m", "gradtune", command, *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        hooks.FAULTS: faults,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gradtune", command, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _evals(out: Path) -> list[tuple]:
@@ -95,12 +127,32 @@ def test_packed_causal_lm_on_documents(assets, tmp_path, capsys):
 
     rng = random.Random(1)
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": " ".join(rng.choice(tiny_hf.WORDS) for _ in range(rng.randint(3, 40)))})
-                            + "\n" for _ in range(30)))
+    docs.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(tiny_hf.WORDS) for _ in range(rng.randint(3, 40)))}) + "\n"
+            for _ in range(30)
+        )
+    )
     out = tmp_path / "lm"
-    assert main(["train", f"model={assets / 'llama'}", f"data={docs}", "task=causal_lm", "text.packing=true",
-                 "text.max_length=24", "batch_size=4", "max_steps=3", "val_fraction=0.2", "progress=off",
-                 "plot=false", f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={assets / 'llama'}",
+                f"data={docs}",
+                "task=causal_lm",
+                "text.packing=true",
+                "text.max_length=24",
+                "batch_size=4",
+                "max_steps=3",
+                "val_fraction=0.2",
+                "progress=off",
+                "plot=false",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     assert "packing: " in capsys.readouterr().out
     job = json.loads((out / "summary.json").read_text())["job"]
     assert job["n_documents"] >= 24 and job["n_train"] < job["n_documents"]
@@ -108,8 +160,16 @@ def test_packed_causal_lm_on_documents(assets, tmp_path, capsys):
 
 def test_packing_an_encoder_task_is_one_line(assets, tmp_path):
     out = tmp_path / "cls"
-    p = _run([f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", "text.packing=true",
-              "progress=off", f"out_dir={out}", "max_steps=1"])
+    p = _run(
+        [
+            f"model={assets / 'bert'}",
+            f"data={assets / 'cls.csv'}",
+            "text.packing=true",
+            "progress=off",
+            f"out_dir={out}",
+            "max_steps=1",
+        ]
+    )
     assert p.returncode == 2
     assert "text.packing is for causal_lm and instruction data" in p.stderr
     assert not out.exists()
@@ -142,4 +202,7 @@ def test_real_smollm2_packed_loss_equals_unpacked():
         u = objective(model, docs.get(torch.arange(len(docs))))
         p = objective(model, packed.get(torch.arange(len(packed))))
     assert int(p.count) == int(u.count) > 0
-    assert abs(float(p.loss_sum) - float(u.loss_sum)) <= 1e-4 * float(u.loss_sum), (float(p.loss_sum), float(u.loss_sum))
+    assert abs(float(p.loss_sum) - float(u.loss_sum)) <= 1e-4 * float(u.loss_sum), (
+        float(p.loss_sum),
+        float(u.loss_sum),
+    )

@@ -24,8 +24,18 @@ from gradtune.telemetry.report import write_report
 
 QUIET = ["progress=off"]
 LINEAR = ["model=linear", "epochs=30", *QUIET]
-MLP = ["model=mlp", "data=breast_cancer", "hidden=[32]", "optimizer=adamw", "lr=0.003", "batch_size=16",
-       "epochs=25", "early_stopping.enabled=true", "early_stopping.patience=3", *QUIET]
+MLP = [
+    "model=mlp",
+    "data=breast_cancer",
+    "hidden=[32]",
+    "optimizer=adamw",
+    "lr=0.003",
+    "batch_size=16",
+    "epochs=25",
+    "early_stopping.enabled=true",
+    "early_stopping.patience=3",
+    *QUIET,
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -105,15 +115,31 @@ def test_report_is_rebuilt_from_the_folder_alone(runs, tmp_path):
 def test_guard_decisions_advice_and_non_finite_values_are_shown(tmp_path):
     """A hand-made run folder: guard rows, a resume, "inf" logged as a string, and lr-find /
     noise-scale advice in the summary, rendered generically."""
-    rows = [{"time": 0.1, "kind": "eval", "step": 10, "epoch": 1.0, "lr": 0.1, "loss": 2.0, "val_loss": 2.5},
-            {"time": 0.2, "kind": "guard", "step": 11, "action": "rollback", "reason": "loss spike 40x",
-             "rollback_to": "step-00000010", "lr_scale": 0.5},
-            {"time": 0.0, "kind": "resume", "step": 10, "checkpoint": "step-00000010", "skipped": 0},
-            {"time": 0.3, "kind": "eval", "step": 20, "epoch": 2.0, "lr": 0.05, "loss": "inf", "val_loss": "nan"}]
+    rows = [
+        {"time": 0.1, "kind": "eval", "step": 10, "epoch": 1.0, "lr": 0.1, "loss": 2.0, "val_loss": 2.5},
+        {
+            "time": 0.2,
+            "kind": "guard",
+            "step": 11,
+            "action": "rollback",
+            "reason": "loss spike 40x",
+            "rollback_to": "step-00000010",
+            "lr_scale": 0.5,
+        },
+        {"time": 0.0, "kind": "resume", "step": 10, "checkpoint": "step-00000010", "skipped": 0},
+        {"time": 0.3, "kind": "eval", "step": 20, "epoch": 2.0, "lr": 0.05, "loss": "inf", "val_loss": "nan"},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sho')
-    summary = {"steps": 20, "epochs": 2.0, "stop_reason": "diverged: loss spike", "train_loss": None,
-               "job": {"lr_find": {"suggestion": 0.0123, "stopped_early": True},
-                       "noise_scale": {"b_simple": 417.0, "advice": "batch_size ~ 400"}}}
+    summary = {
+        "steps": 20,
+        "epochs": 2.0,
+        "stop_reason": "diverged: loss spike",
+        "train_loss": None,
+        "job": {
+            "lr_find": {"suggestion": 0.0123, "stopped_early": True},
+            "noise_scale": {"b_simple": 417.0, "advice": "batch_size ~ 400"},
+        },
+    }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     page = check_self_contained(write_report(tmp_path))
     text = (tmp_path / "report.html").read_text()
@@ -140,18 +166,23 @@ def test_compare_default_out_is_the_working_directory(runs, tmp_path, monkeypatc
     check_self_contained(tmp_path / "compare.html")
 
 
-@pytest.mark.parametrize("case", ["not-a-run", "missing", "out-inside-run", "out-is-a-run", "out-not-html", "out-folder"])
+@pytest.mark.parametrize(
+    "case", ["not-a-run", "missing", "out-inside-run", "out-is-a-run", "out-not-html", "out-folder"]
+)
 def test_bad_compare_inputs_exit_2(case, runs, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     page = ["--out", tmp_path / "c.html"]
-    args = {"not-a-run": [runs["linear"], empty, *page], "missing": [runs["linear"], tmp_path / "nope", *page],
-            "out-inside-run": [runs["linear"], runs["mlp"], "--out", runs["mlp"] / "compare.html"],
-            "out-is-a-run": [runs["linear"], "--out", runs["linear"]],
-            "out-not-html": [runs["linear"], runs["mlp"], "--out", notes],
-            "out-folder": [runs["linear"], "--out", empty]}[case]
+    args = {
+        "not-a-run": [runs["linear"], empty, *page],
+        "missing": [runs["linear"], tmp_path / "nope", *page],
+        "out-inside-run": [runs["linear"], runs["mlp"], "--out", runs["mlp"] / "compare.html"],
+        "out-is-a-run": [runs["linear"], "--out", runs["linear"]],
+        "out-not-html": [runs["linear"], runs["mlp"], "--out", notes],
+        "out-folder": [runs["linear"], "--out", empty],
+    }[case]
     before = sorted(p.name for p in runs["mlp"].iterdir())
     assert gradtune(monkeypatch, "compare", *args) == 2
     err = capsys.readouterr().err
@@ -172,7 +203,9 @@ def browser() -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=300, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True, timeout=900, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True, timeout=900, env=env
+        )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"chromium is not installed and `apt-get install chromium` failed: {e}")
     return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
@@ -180,14 +213,28 @@ def browser() -> str:
 
 def chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: runs side by side never share one
-        return subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                               f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 # Added to a copy of the page only (the page itself has no script; the copy renders the same):
 # after load, each image says whether the browser decoded it.
-_PROBE = ('<script>addEventListener("load",()=>{for(const i of document.images)'
-          'i.dataset.ok=i.complete&&i.naturalWidth>0})</script>')
+_PROBE = (
+    '<script>addEventListener("load",()=>{for(const i of document.images)'
+    "i.dataset.ok=i.complete&&i.naturalWidth>0})</script>"
+)
 
 
 def check_in_browser(browser: str, page: Path, shot: Path, sections: set[str]) -> None:
@@ -195,8 +242,15 @@ def check_in_browser(browser: str, page: Path, shot: Path, sections: set[str]) -
     errors?) and a 1200x2000 screenshot, which must not be blank."""
     probe = shot.with_suffix(".probe.html")
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
-    done = chromium(browser, "--enable-logging=stderr", "--v=0", "--dump-dom", f"--screenshot={shot}",
-                    "--window-size=1200,2000", probe.as_uri())
+    done = chromium(
+        browser,
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        probe.as_uri(),
+    )
     dom = Page(done.stdout)
     assert done.returncode == 0 and dom.images and shot.is_file(), done.stderr[-2000:]
     assert done.stdout.count('data-ok="true"') == len(dom.images), "an image did not decode"

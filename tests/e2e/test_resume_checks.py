@@ -24,9 +24,20 @@ CK = "checkpoints/step-00000006"
 
 
 def args(tmp: Path, *extra: str) -> list[str]:
-    return ["train", f"data={tmp / 'd.csv'}", "model=mlp", "hidden=[4]", "batch_size=8", "max_steps=6",
-            "checkpoint_every=3", "keep_checkpoints=1", "progress=off", "plot=false", f"out_dir={tmp / 'run'}",
-            *extra]
+    return [
+        "train",
+        f"data={tmp / 'd.csv'}",
+        "model=mlp",
+        "hidden=[4]",
+        "batch_size=8",
+        "max_steps=6",
+        "checkpoint_every=3",
+        "keep_checkpoints=1",
+        "progress=off",
+        "plot=false",
+        f"out_dir={tmp / 'run'}",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -38,8 +49,10 @@ def run(tmp_path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def refused(capsys, argv: list[str], *needles: str) -> str:
@@ -54,6 +67,7 @@ def refused(capsys, argv: list[str], *needles: str) -> str:
 
 # --- the data fingerprint ---------------------------------------------------------------------
 
+
 def test_checkpoint_records_the_data_fingerprint(run):
     state = json.loads((run / "run" / CK / "state.json").read_text())
     fp = state["data_fingerprint"]
@@ -64,8 +78,15 @@ def test_data_edited_in_place_is_refused_then_forced(run, capsys):
     data = run / "d.csv"
     data.write_text("a,b,y\n" + ROWS.replace("0,0,0.5", "0,0,9.5", 1))  # same rows, one value changed
     before = snapshot(run / "run")
-    refused(capsys, args(run, "max_steps=9"), "step-00000006", f"training data {data}",
-            "changed since this checkpoint", "content differs", "resume=force")
+    refused(
+        capsys,
+        args(run, "max_steps=9"),
+        "step-00000006",
+        f"training data {data}",
+        "changed since this checkpoint",
+        "content differs",
+        "resume=force",
+    )
     assert snapshot(run / "run") == before
     assert main(args(run, "max_steps=9", "resume=force")) == 0
     assert json.loads((run / "run" / "summary.json").read_text())["steps"] == 9
@@ -80,8 +101,21 @@ def test_unchanged_data_resumes_and_a_touch_of_a_small_file_is_no_change(run):
 
 def test_embedded_data_is_fingerprinted_by_its_packaged_file(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "data=diabetes", "model=linear", "max_steps=2", "checkpoint_every=2",
-                 "progress=off", "plot=false", f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "data=diabetes",
+                "model=linear",
+                "max_steps=2",
+                "checkpoint_every=2",
+                "progress=off",
+                "plot=false",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     state = json.loads((out / "checkpoints/step-00000002/state.json").read_text())
     assert Path(state["data_fingerprint"]["file"]).name == "diabetes.csv"
 
@@ -105,6 +139,7 @@ def test_large_files_are_sampled_and_their_mtime_compared(tmp_path):
 
 # --- crafted state.json, manifest re-signed --------------------------------------------------------
 
+
 def resign(folder: Path) -> None:
     """Re-hash state.json into the manifest with checkpoint's own helper, as an attacker would."""
     m = json.loads((folder / "manifest.json").read_text())
@@ -125,6 +160,7 @@ def put(path: str, value):
         else:
             node[last] = value
         return s
+
     return change
 
 
@@ -134,7 +170,7 @@ STATE_CASES = {
     "data index past the data (was ZeroDivisionError)": (put("data.index", 24), "'data.index'"),
     "negative step": (put("step", -1), "'step'"),
     "step not an integer": (put("step", 2.5), "'step'"),
-    "huge step": (put("step", 10 ** 30), "'step'"),
+    "huge step": (put("step", 10**30), "'step'"),
     "schedule step disagrees": (put("schedule.step", 5), "'schedule.step'"),
     "zero lr scale": (put("schedule.lr_scale", 0), "'schedule.lr_scale'"),
     "nan lr scale": (put("schedule.lr_scale", math.nan), "'schedule.lr_scale'"),

@@ -13,16 +13,21 @@ ROOT = Path(__file__).resolve().parents[2] / "gradtune"
 
 # Lowest first. A module may import its own package and any layer with a smaller number.
 LAYERS = {
-    "runtime": 0, "datasets": 0,
+    "runtime": 0,
+    "datasets": 0,
     "config": 1,
-    "data": 2, "models": 2, "optim": 2, "telemetry": 2,
+    "data": 2,
+    "models": 2,
+    "optim": 2,
+    "telemetry": 2,
     "objectives": 3,
     "finetune": 4,
     "jobs": 5,
     "state": 6,
     "loop": 7,
     "outputs": 8,
-    "train": 9, "lr_find": 9,
+    "train": 9,
+    "lr_find": 9,
     "commands": 10,
     "cli": 11,
     "__main__": 12,
@@ -118,6 +123,9 @@ def test_a_planted_upward_import_is_caught(tmp_path):
 def test_files_and_functions_stay_small(module, path):
     lines = path.read_text().splitlines()
     assert len(lines) <= MAX_FILE_LINES, f"{path}: {len(lines)} lines (> {MAX_FILE_LINES}): split it by concept"
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse("\n".join(lines)))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for n in ast.walk(ast.parse("\n".join(lines)))
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"

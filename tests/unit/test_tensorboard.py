@@ -23,10 +23,23 @@ def _steps(log: MetricsLog, first: int, last: int, scale: float) -> None:
     for s in range(first, last + 1):
         log.write({"kind": "step", "step": s, "loss": scale * 3.0 / s, "lr": 1e-3 * s / 13})
         if s % 5 == 0:
-            log.write({"kind": "eval", "step": s, "epoch": round(s / 13, 4), "lr": 1e-3 * s / 13,
-                       "loss": scale * 2.9 / s, "ppl": math.exp(2.9 / s), "grad_norm": 0.7 + s,
-                       "update_ratio_g0": 1.25e-3, "update_ratio_g1": 3e-4, "tokens_per_s": 12345.5,
-                       "mfu": 0.0123, "val_loss": scale * 3.1 / s, "val_ppl": math.exp(3.1 / s)})
+            log.write(
+                {
+                    "kind": "eval",
+                    "step": s,
+                    "epoch": round(s / 13, 4),
+                    "lr": 1e-3 * s / 13,
+                    "loss": scale * 2.9 / s,
+                    "ppl": math.exp(2.9 / s),
+                    "grad_norm": 0.7 + s,
+                    "update_ratio_g0": 1.25e-3,
+                    "update_ratio_g1": 3e-4,
+                    "tokens_per_s": 12345.5,
+                    "mfu": 0.0123,
+                    "val_loss": scale * 3.1 / s,
+                    "val_ppl": math.exp(3.1 / s),
+                }
+            )
 
 
 def _run(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -35,8 +48,17 @@ def _run(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     first = MetricsLog(folder / "metrics.jsonl", sinks=[TensorBoardSink(folder / "tb")])
     _steps(first, 1, 6, 1.0)
     # The 7th step's loss is NaN: skipped (no step row), the counter stays at 6, then retried.
-    first.write({"kind": "guard", "step": 6, "action": "skip", "reason": "non-finite loss (nan)",
-                 "epoch": 0, "index": 6, "sample_ids": [12, 13]})
+    first.write(
+        {
+            "kind": "guard",
+            "step": 6,
+            "action": "skip",
+            "reason": "non-finite loss (nan)",
+            "epoch": 0,
+            "index": 6,
+            "sample_ids": [12, 13],
+        }
+    )
     _steps(first, 7, 13, 1.0)
     first.close()
     kept = [r for r in first.rows if r["step"] <= CHECKPOINT]
@@ -68,8 +90,19 @@ def test_every_numeric_field_is_a_scalar_at_its_step(tmp_path: Path) -> None:
     _, shown = _run(tmp_path)
     ea = _accumulator(tmp_path / "tb")
     expected = _expected(shown)
-    assert {"step/loss", "step/lr", "eval/loss", "eval/val_loss", "eval/val_ppl", "eval/grad_norm",
-            "eval/update_ratio_g0", "eval/tokens_per_s", "eval/mfu", "guard/index", "resume/time"} <= set(expected)
+    assert {
+        "step/loss",
+        "step/lr",
+        "eval/loss",
+        "eval/val_loss",
+        "eval/val_ppl",
+        "eval/grad_norm",
+        "eval/update_ratio_g0",
+        "eval/tokens_per_s",
+        "eval/mfu",
+        "guard/index",
+        "resume/time",
+    } <= set(expected)
     assert sorted(ea.Tags()["scalars"]) == sorted(expected)
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in ea.Scalars(tag)]
@@ -118,8 +151,19 @@ def test_an_eval_row_is_on_disk_before_close(tmp_path: Path) -> None:
 def test_strings_lists_and_none_are_not_scalars_non_finite_are(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     with_sink = MetricsLog(None, sinks=[TensorBoardSink(tmp_path / "tb")])
-    with_sink.write({"kind": "eval", "step": 3, "loss": 1.0, "note": "x", "ids": [1, 2], "grad_norm": None,
-                     "improved": True, "mfu": math.inf, "val_loss": math.nan})
+    with_sink.write(
+        {
+            "kind": "eval",
+            "step": 3,
+            "loss": 1.0,
+            "note": "x",
+            "ids": [1, 2],
+            "grad_norm": None,
+            "improved": True,
+            "mfu": math.inf,
+            "val_loss": math.nan,
+        }
+    )
     with_sink.close()
     ea = _accumulator(tmp_path / "tb")
     assert sorted(ea.Tags()["scalars"]) == ["eval/improved", "eval/loss", "eval/mfu", "eval/time", "eval/val_loss"]

@@ -20,14 +20,17 @@ def test_types_coerce_sensibly():
     assert cfg.batch_size == 16 and cfg.hidden == [5] and cfg.micro_batch_size is None
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("lrr=0.1", "did you mean 'lr'"),
-    ("momentum=1.5", "'momentum' must be in [0, 1)"),
-    ("nesterov=true", "nesterov=true needs momentum > 0"),
-    ("schedule=cosin", "'schedule'"),
-    ("betas=[0.9]", "'betas' must be"),
-    ("standardize=maybe", "expected bool"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("lrr=0.1", "did you mean 'lr'"),
+        ("momentum=1.5", "'momentum' must be in [0, 1)"),
+        ("nesterov=true", "nesterov=true needs momentum > 0"),
+        ("schedule=cosin", "'schedule'"),
+        ("betas=[0.9]", "'betas' must be"),
+        ("standardize=maybe", "expected bool"),
+    ],
+)
 def test_rejections_name_the_key(override, needle):
     with pytest.raises(GradtuneError) as e:
         load_config(None, [override])
@@ -52,7 +55,7 @@ def test_readme_settings_table_is_current():
 
     readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     start = readme.index("<!-- settings-table")
-    table = readme[readme.index("\n", start) + 1: readme.index("<!-- /settings-table -->")].strip()
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /settings-table -->")].strip()
     assert table == markdown_table()
 
 
@@ -80,7 +83,10 @@ def test_method_is_validated_once_in_the_config():
 
     from gradtune.runtime.errors import GradtuneError
 
-    for bad, why in [("method=prefix", "choose from"), ("method=lora+full", "combines lora and full"),
-                     ("finetune.export=adapter", "has no LoRA")]:
+    for bad, why in [
+        ("method=prefix", "choose from"),
+        ("method=lora+full", "combines lora and full"),
+        ("finetune.export=adapter", "has no LoRA"),
+    ]:
         with pytest.raises(GradtuneError, match=why):
             load_config(None, [bad])

@@ -131,7 +131,7 @@ def test_causal_text_documents_are_windowed_on_their_own(tmp_path):
     want = []
     for s in streams:
         for i in range(0, len(s) - 1, 9):
-            w = s[i: i + 10]
+            w = s[i : i + 10]
             want += [(tuple(w[:j]), w[j]) for j in range(1, len(w))]
     assert targets == sorted(want)
     assert sum(len(s) - 1 for s in streams) == len(want)

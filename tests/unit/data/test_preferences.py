@@ -17,8 +17,10 @@ from gradtune.data.sequences import IGNORE  # noqa: E402
 from gradtune.data.text_tasks import DataError  # noqa: E402
 from tests import tiny_hf  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}<s> assistant {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
 
 
 def write(tmp_path, rows, name="p.jsonl"):
@@ -33,8 +35,16 @@ def words(tok, ids):
 
 def test_strings_score_only_the_response_and_batch_as_2b_rows(tmp_path):
     tok = tiny_hf.tokenizer("llama")
-    data = load_preferences(write(tmp_path, [{"prompt": "what time", "chosen": "now", "rejected": "no bad"},
-                                             {"prompt": "hello", "chosen": "yes good ok", "rejected": "no"}]), tok)
+    data = load_preferences(
+        write(
+            tmp_path,
+            [
+                {"prompt": "what time", "chosen": "now", "rejected": "no bad"},
+                {"prompt": "hello", "chosen": "yes good ok", "rejected": "no"},
+            ],
+        ),
+        tok,
+    )
     assert len(data) == 2
     ids, labels = data.chosen[0]
     assert words(tok, ids) == ["<s>", "what", "time", "now", "</s>"]
@@ -53,11 +63,18 @@ def test_message_shapes_match_and_earlier_assistant_turns_are_not_scored(tmp_pat
     tok.chat_template = TEMPLATE
     user = {"role": "user", "content": "what time"}
     turns = [user, {"role": "assistant", "content": "the time"}, {"role": "user", "content": "answer"}]
-    rows = [{"prompt": turns, "chosen": [{"role": "assistant", "content": "now"}],
-             "rejected": [{"role": "assistant", "content": "no"}]},
-            {"chosen": turns + [{"role": "assistant", "content": "now"}],
-             "rejected": turns + [{"role": "assistant", "content": "no"}]},
-            {"prompt": turns, "chosen": "now", "rejected": "no"}]
+    rows = [
+        {
+            "prompt": turns,
+            "chosen": [{"role": "assistant", "content": "now"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+        {
+            "chosen": turns + [{"role": "assistant", "content": "now"}],
+            "rejected": turns + [{"role": "assistant", "content": "no"}],
+        },
+        {"prompt": turns, "chosen": "now", "rejected": "no"},
+    ]
     data = load_preferences(write(tmp_path, rows), tok)
     assert data.chosen[0] == data.chosen[1] == data.chosen[2] and data.rejected[0] == data.rejected[2]
     ids, labels = data.chosen[0]
@@ -67,26 +84,36 @@ def test_message_shapes_match_and_earlier_assistant_turns_are_not_scored(tmp_pat
 
 def test_truncation_and_identical_responses_drop_pairs(tmp_path, capsys):
     tok = tiny_hf.tokenizer("llama")
-    rows = [{"prompt": "a b", "chosen": "yes", "rejected": "no"},
-            {"prompt": "hello world the answer is", "chosen": "yes", "rejected": "no"},  # response beyond 4
-            {"prompt": "ok", "chosen": "good", "rejected": "good"}]
+    rows = [
+        {"prompt": "a b", "chosen": "yes", "rejected": "no"},
+        {"prompt": "hello world the answer is", "chosen": "yes", "rejected": "no"},  # response beyond 4
+        {"prompt": "ok", "chosen": "good", "rejected": "good"},
+    ]
     data = load_preferences(write(tmp_path, rows), tok, max_length=4)
     assert len(data) == 1 and data.dropped == 2
     assert all(len(s[0]) <= 4 for s in data.chosen + data.rejected)
     assert "p.jsonl: line 3: 'chosen' equals 'rejected'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"prompt": "hello", "chosen": "yes"}, "p.jsonl:2: missing 'rejected'"),
-    ({"prompt": "hello", "chosen": "  ", "rejected": "no"}, "p.jsonl:2: 'chosen' is empty"),
-    ({"prompt": "hello", "chosen": "yes", "rejected": ""}, "p.jsonl:2: 'rejected' is empty"),
-    ('{"prompt": "hello", "chosen": ', "p.jsonl:2: not valid JSON"),
-    ({"chosen": "yes", "rejected": "no"}, "p.jsonl:2: missing 'prompt'"),
-    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-      "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}, "share every turn"),
-    ({"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "no"}, "one assistant message"),
-    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "p.jsonl:2: 'prompt' must be"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "hello", "chosen": "yes"}, "p.jsonl:2: missing 'rejected'"),
+        ({"prompt": "hello", "chosen": "  ", "rejected": "no"}, "p.jsonl:2: 'chosen' is empty"),
+        ({"prompt": "hello", "chosen": "yes", "rejected": ""}, "p.jsonl:2: 'rejected' is empty"),
+        ('{"prompt": "hello", "chosen": ', "p.jsonl:2: not valid JSON"),
+        ({"chosen": "yes", "rejected": "no"}, "p.jsonl:2: missing 'prompt'"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+            },
+            "share every turn",
+        ),
+        ({"prompt": "hi", "chosen": [{"role": "user", "content": "a"}], "rejected": "no"}, "one assistant message"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "p.jsonl:2: 'prompt' must be"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, row, message):
     good = {"prompt": "hello", "chosen": "yes", "rejected": "no"}
     with pytest.raises(DataError, match=message):

@@ -18,14 +18,14 @@ from gradtune import datasets
 from gradtune.cli import main
 from gradtune.config import load_config
 from gradtune.data import text, tokenizer
-from gradtune.runtime import cache as cache_root
-from gradtune.runtime.errors import GradtuneError
+from gradtune.data.sampler import Sampler
 from gradtune.jobs.registry import BUILDERS
 from gradtune.jobs.text import build_text, save_tokenizer, text_job
-from gradtune.objectives.causal_lm import CausalLM
-from gradtune.loop.gradient import accumulate
 from gradtune.loop.fit import fit
-from gradtune.data.sampler import Sampler
+from gradtune.loop.gradient import accumulate
+from gradtune.objectives.causal_lm import CausalLM
+from gradtune.runtime import cache as cache_root
+from gradtune.runtime.errors import GradtuneError
 
 CPU = torch.device("cpu")
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcødé ✓\n"
@@ -51,9 +51,14 @@ def hf_tokenizer_file(tmp_path, corpus=SAMPLE * 5):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([corpus], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [corpus],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.enable_truncation(max_length=8)  # as a classifier's tokenizer.json may carry: must be ignored
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -155,7 +160,7 @@ def test_embedded_shakespeare():
     assert "gutenberg" not in s.lower()
     assert (datasets.HERE / "shakespeare.txt.gz").stat().st_size < 2_500_000
     assert s.endswith("[Exit.]\n")  # the last play is whole: nothing cut
-    tail = raw[len(raw) - len(raw) // 20:]  # the 5% validation split: held-out whole plays
+    tail = raw[len(raw) - len(raw) // 20 :]  # the 5% validation split: held-out whole plays
     assert b"TWELFTH NIGHT" in tail and b"HAMLET" not in tail
 
 
@@ -169,11 +174,11 @@ def test_windows_shift_by_one_and_cover_every_label_once(tmp_path):
     b = train.get(torch.arange(len(train)))
     assert b["input_ids"].shape == b["labels"].shape == (len(train), T) and b["labels"].dtype == torch.long
     toks = torch.from_numpy(tf.tokens.astype(np.int64))
-    assert torch.equal(b["input_ids"].reshape(-1), toks[:len(train) * T])  # inputs do not overlap
-    assert torch.equal(b["labels"].reshape(-1), toks[1:len(train) * T + 1])  # each token a label once
+    assert torch.equal(b["input_ids"].reshape(-1), toks[: len(train) * T])  # inputs do not overlap
+    assert torch.equal(b["labels"].reshape(-1), toks[1 : len(train) * T + 1])  # each token a label once
     assert int(b["labels"].shape[0] * T) < n_train  # no validation token is a training label
     v = val.get(torch.tensor([0]))
-    assert torch.equal(v["input_ids"][0], toks[n_train:n_train + T])
+    assert torch.equal(v["input_ids"][0], toks[n_train : n_train + T])
     assert torch.equal(train.get(torch.tensor([3, 1]))["sample_id"], torch.tensor([3, 1]))
 
 
@@ -245,9 +250,23 @@ def test_causal_lm_accumulation_equals_one_shot_with_uneven_ignored_tokens():
 # ------------------------------------------------------------------------------- the LM job
 def tiny_cfg(tmp_path, *extra):
     src = write(tmp_path, SAMPLE * 20, "corpus.txt")
-    return load_config(None, ["model=gpt", f"data={src}", "gpt.block_size=16", "val_fraction=0.1",
-                              "batch_size=8", "max_steps=4", "optimizer=adamw", "lr=0.01", "progress=off",
-                              "plot=false", f"out_dir={tmp_path / 'run'}", *extra])
+    return load_config(
+        None,
+        [
+            "model=gpt",
+            f"data={src}",
+            "gpt.block_size=16",
+            "val_fraction=0.1",
+            "batch_size=8",
+            "max_steps=4",
+            "optimizer=adamw",
+            "lr=0.01",
+            "progress=off",
+            "plot=false",
+            f"out_dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
 
 
 def test_text_job_trains_a_stand_in_model(tmp_path):
@@ -330,10 +349,12 @@ def test_bad_tokenizer_inputs(tmp_path, monkeypatch):
 def test_cli_rejects_bad_text_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(BUILDERS, "gpt", lambda cfg: text_job(cfg, lambda v, g: TinyLM(v)))
     out = tmp_path / "out"
-    for args, needle in [(["data=" + write(tmp_path, "", "e.txt")], "empty text file"),
-                         (["data=" + write(tmp_path, "short", "s.txt"), "gpt.block_size=8"], "block_size + 1 = 9"),
-                         (["text.tokenizer=nope.json", "data=shakespeare"], "tokenizer file not found"),
-                         (["data=shakespeare", "loss=mse"], "does not fit a language model")]:
+    for args, needle in [
+        (["data=" + write(tmp_path, "", "e.txt")], "empty text file"),
+        (["data=" + write(tmp_path, "short", "s.txt"), "gpt.block_size=8"], "block_size + 1 = 9"),
+        (["text.tokenizer=nope.json", "data=shakespeare"], "tokenizer file not found"),
+        (["data=shakespeare", "loss=mse"], "does not fit a language model"),
+    ]:
         code = main(["train", "model=gpt", *args, f"out_dir={out}", "progress=off"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and needle in err, err

@@ -104,15 +104,21 @@ def test_instructions_without_template_mask_prompt_and_train_eos(tmp_path, ltok)
     assert batch["labels"].shape == batch["input_ids"].shape
 
 
-CHAT = ("{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }} </s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant {% endif %}")
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }} </s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant {% endif %}"
+)
 
 
 def test_instructions_messages_with_chat_template(tmp_path):
     tok = tiny_hf.tokenizer("llama")
     tok.chat_template = CHAT
-    msgs = [{"role": "user", "content": "what time"}, {"role": "assistant", "content": "good"},
-            {"role": "user", "content": "yes"}, {"role": "assistant", "content": "no ok"}]
+    msgs = [
+        {"role": "user", "content": "what time"},
+        {"role": "assistant", "content": "good"},
+        {"role": "user", "content": "yes"},
+        {"role": "assistant", "content": "no ok"},
+    ]
     f = write(tmp_path / "i.jsonl", json.dumps({"messages": msgs}) + "\n")
     data = load_instructions(f, tok)
     ids, labels = data.input_ids[0], data.labels[0]
@@ -131,8 +137,9 @@ def test_instruction_line_without_response_names_file_and_line(tmp_path, ltok):
 
 
 def test_instruction_truncated_before_answer_is_dropped(tmp_path, ltok):
-    f = write(tmp_path / "i.jsonl", '{"prompt": "what time is it", "response": "good"}\n'
-                                    '{"prompt": "a", "response": "b"}\n')
+    f = write(
+        tmp_path / "i.jsonl", '{"prompt": "what time is it", "response": "good"}\n{"prompt": "a", "response": "b"}\n'
+    )
     data = load_instructions(f, ltok, max_length=4)
     assert len(data) == 1 and data.dropped == 1
 
@@ -162,8 +169,9 @@ def test_objectives_sum_and_count_against_transformers_loss():
     batch = SequenceDataset(seqs, labels, 0).get(torch.tensor([0, 1]))
     out = CausalLM(shift=True, token_accuracy=True)(model, batch)
     assert out.count.item() == 5
-    oracle = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   labels=batch["labels"]).loss  # transformers' mean over the same tokens
+    oracle = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss  # transformers' mean over the same tokens
     torch.testing.assert_close(out.loss_sum / out.count, oracle)
 
 
@@ -172,8 +180,11 @@ def test_classification_and_regression_objectives():
     from gradtune.objectives.regression import Regression
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    batch = {"input_ids": torch.zeros(3, 1, dtype=torch.long), "attention_mask": torch.ones(3, 1),
-             "labels": torch.tensor([0, 1, 1])}
+    batch = {
+        "input_ids": torch.zeros(3, 1, dtype=torch.long),
+        "attention_mask": torch.ones(3, 1),
+        "labels": torch.tensor([0, 1, 1]),
+    }
     out = Classification()(lambda **_: logits, batch)
     torch.testing.assert_close(out.loss_sum, torch.nn.functional.cross_entropy(logits, batch["labels"]) * 3)
     assert int(out.count) == 3 and out.metrics["correct"].item() == 2

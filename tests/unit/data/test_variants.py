@@ -7,12 +7,12 @@ import torch
 
 from gradtune.config import load_config
 from gradtune.data.dataset import TensorDataset
+from gradtune.data.sampler import Sampler
 from gradtune.jobs.registry import build
+from gradtune.loop.gradient import accumulate
+from gradtune.models.mlp import MLP
 from gradtune.objectives.classification import Classification
 from gradtune.objectives.regression import Regression
-from gradtune.models.mlp import MLP
-from gradtune.loop.gradient import accumulate
-from gradtune.data.sampler import Sampler
 
 CPU = torch.device("cpu")
 
@@ -103,8 +103,9 @@ def test_length_grouping_cuts_padding_keeps_every_sample_once_and_resumes():
         ids = torch.cat([torch.cat(st.micro) for st in steps])
         assert sorted(ids.tolist()) == list(range(203))  # each sample exactly once
         assert [len(st.micro[0]) for st in steps][-1] == 11 and steps[-1].epoch_end  # short one last
-        pad[name] = sum(int(lengths[st.micro[0]].max()) * len(st.micro[0]) - int(lengths[st.micro[0]].sum())
-                        for st in steps)
+        pad[name] = sum(
+            int(lengths[st.micro[0]].max()) * len(st.micro[0]) - int(lengths[st.micro[0]].sum()) for st in steps
+        )
     assert pad["grouped"] < 0.5 * pad["plain"]
     # The order is a pure function of (seed, epoch, lengths): a resumed sampler continues exactly.
     r = Sampler(203, 16, seed=5, lengths=lengths, pool=4)
@@ -118,8 +119,8 @@ def test_length_grouping_cuts_padding_keeps_every_sample_once_and_resumes():
 def test_text_jobs_group_by_length_unless_switched_off():
     from types import SimpleNamespace
 
-    from gradtune.data.sequences import SequenceDataset
     from gradtune.data.sampler import make_sampler
+    from gradtune.data.sequences import SequenceDataset
 
     data = SequenceDataset([[1] * n for n in (3, 9, 4, 12)], torch.tensor([0, 1, 0, 1]), 0)
     assert torch.equal(data.lengths, torch.tensor([3, 9, 4, 12]))

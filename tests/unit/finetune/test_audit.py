@@ -39,9 +39,12 @@ def one_step(model, expect=None, opt_params=None, between=None):
 
 @pytest.mark.parametrize("method", ["lora", "full", "bitfit_free", "freeze"])
 def test_healthy_runs_pass(method):
-    name, freezing = {"lora": ("lora", None), "full": ("full", None),
-                      "bitfit_free": ("freeze", FreezeSection(patterns=["*norm*"])),
-                      "freeze": ("freeze", FreezeSection(train_last_blocks=1))}[method]
+    name, freezing = {
+        "lora": ("lora", None),
+        "full": ("full", None),
+        "bitfit_free": ("freeze", FreezeSection(patterns=["*norm*"])),
+        "freeze": ("freeze", FreezeSection(train_last_blocks=1)),
+    }[method]
     model, trainable = methods.apply(tiny_hf.llama(), name, freeze=freezing)
     one_step(model, trainable)  # no error; the lora_a exemption (B = 0) is exercised by "lora"
 
@@ -49,8 +52,11 @@ def test_healthy_runs_pass(method):
 def test_frozen_by_mistake_is_named():
     model, trainable = lora_llama()
     model.model.layers[0].self_attn.q_proj.lora_b.weight.requires_grad_(False)  # the planted bug
-    with pytest.raises(AuditError, match=r"expected trainable but frozen: "
-                                         r"model\.layers\.0\.self_attn\.q_proj\.lora_b\.weight"):
+    with pytest.raises(
+        AuditError,
+        match=r"expected trainable but frozen: "
+        r"model\.layers\.0\.self_attn\.q_proj\.lora_b\.weight",
+    ):
         one_step(model, trainable)
 
 
@@ -72,9 +78,11 @@ def test_left_out_of_the_optimizer_is_named():
 
 def test_frozen_but_changed_is_named():
     model, _ = lora_llama()
+
     def corrupt():
         with torch.no_grad():
             model.model.norm.weight.add_(1.0)
+
     with pytest.raises(AuditError, match=r"frozen but changed: model\.norm\.weight"):
         one_step(model, between=corrupt)
 
@@ -138,8 +146,19 @@ def fit(model, objective, data, steps, trainable, batch_size=2, lr=1e-2):
     from gradtune.jobs.pretrained import _audit_hook
     from gradtune.loop.fit import fit as loop_fit
 
-    cfg = load_config(None, ["optimizer=adamw", f"lr={lr}", f"batch_size={batch_size}", f"max_steps={steps}",
-                             "epochs=1000", "val_fraction=0", "progress=off", "plot=false"])
+    cfg = load_config(
+        None,
+        [
+            "optimizer=adamw",
+            f"lr={lr}",
+            f"batch_size={batch_size}",
+            f"max_steps={steps}",
+            "epochs=1000",
+            "val_fraction=0",
+            "progress=off",
+            "plot=false",
+        ],
+    )
     job = Job(model, objective, data, None, "lm", after_first_step=_audit_hook(model, trainable))
     return loop_fit(job, cfg)
 

@@ -9,10 +9,10 @@ import torch
 
 from gradtune.config import LoraSection
 from gradtune.data.sequences import SequenceDataset
-from gradtune.runtime.errors import InputError
 from gradtune.finetune import export, lora, methods
 from gradtune.objectives.causal_lm import CausalLM
 from gradtune.objectives.classification import Classification
+from gradtune.runtime.errors import InputError
 
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -55,8 +55,9 @@ def test_peft_adapter_and_merged_folder_match_ours(tmp_path, kind, build):
     export.save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
-    theirs = peft.PeftModel.from_pretrained(cls.from_pretrained(str(tmp_path / "base")),
-                                            str(tmp_path / "adapter")).eval()
+    theirs = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter")
+    ).eval()
     torch.testing.assert_close(out(theirs), ours, atol=1e-4, rtol=0)
 
     export.save_merged(model, tmp_path / "merged")
@@ -102,12 +103,13 @@ def test_minilm_adapter_and_merged_match_ours(tmp_path, monkeypatch):
         torch.nn.init.normal_(layer.lora_b.weight, std=0.02)
     model.eval()
     enc = tok(["free prize call now", "see you at home"], padding=True, return_tensors="pt")
+
     def hidden(m):
         return m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+
     ours = hidden(model)
     export.save_adapter(model, tmp_path / "adapter", str(_minilm()))
-    theirs = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(str(_minilm())),
-                                            str(tmp_path / "adapter")).eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(str(_minilm())), str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(hidden(theirs), ours, atol=1e-4, rtol=0)
     export.save_merged(model, tmp_path / "merged", tok)
     merged = AutoModel.from_pretrained(str(tmp_path / "merged")).eval()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gradtune.config import FinetuneSection, load_config
-from gradtune.runtime.errors import GradtuneError, InputError
 from gradtune.finetune import freeze, methods
 from gradtune.finetune.bitfit import bitfit
 from gradtune.finetune.summary import count, summary
+from gradtune.runtime.errors import GradtuneError, InputError
 
 pytest.importorskip("transformers")
 from tests import tiny_hf  # noqa: E402
@@ -25,8 +25,9 @@ def gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=3, n_head=2, n_positions=16))
 
 
-@pytest.mark.parametrize("build,blocks", [(tiny_hf.bert, "encoder.layer"), (tiny_hf.llama, "model.layers"),
-                                          (gpt2, "transformer.h")])
+@pytest.mark.parametrize(
+    "build,blocks", [(tiny_hf.bert, "encoder.layer"), (tiny_hf.llama, "model.layers"), (gpt2, "transformer.h")]
+)
 def test_find_blocks(build, blocks):
     assert freeze.find_blocks(build()) == blocks
 
@@ -49,15 +50,18 @@ def test_patterns_and_embeddings():
     model = freeze.freeze(tiny_hf.bert(), patterns=["*.attention.self.query.*"], embeddings=False)
     names = trainable(model)
     assert {n for n in names if "embeddings" not in n} == {
-        f"encoder.layer.{i}.attention.self.query.{w}" for i in (0, 1) for w in ("weight", "bias")}
+        f"encoder.layer.{i}.attention.self.query.{w}" for i in (0, 1) for w in ("weight", "bias")
+    }
     assert "embeddings.word_embeddings.weight" in names
     assert "embeddings.LayerNorm.weight" not in names  # a norm, not an nn.Embedding
 
 
 def test_regex_pattern():
     model = freeze.freeze(tiny_hf.llama(), patterns=[r"re:model\.layers\.0\..*norm.*"])
-    assert trainable(model) == {"model.layers.0.input_layernorm.weight",
-                                "model.layers.0.post_attention_layernorm.weight"}
+    assert trainable(model) == {
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    }
 
 
 def test_freeze_nothing_to_train_and_bad_n_are_errors():

@@ -18,8 +18,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 from tests import tiny_hf  # noqa: E402
 
-TEXT = ("the quick brown fox jumps over the lazy dog. what time is it? answer the question now, "
-        "hello world 12345 free prize call me at home. ") * 4
+TEXT = (
+    "the quick brown fox jumps over the lazy dog. what time is it? answer the question now, "
+    "hello world 12345 free prize call me at home. "
+) * 4
 IDS = torch.tensor([[2, 17, 40, 33, 5, 60, 61, 1, 9, 30, 44, 45]])  # (1, 12)
 
 
@@ -32,11 +34,14 @@ def bpe_folder(folder, vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TEXT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
-                                   pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<pad>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     fast.save_pretrained(str(folder))
     return fast
@@ -52,8 +57,19 @@ def test_permute_inverts_the_loaders_unpermute():
 def test_our_llama_gpt_round_trips_f32(tmp_path, tied):
     tok = bpe_folder(tmp_path / "tok")
     torch.manual_seed(0)
-    cfg = GPTConfig(family="llama", vocab_size=len(tok) + 4, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
-                    n_embd=32, intermediate_size=64, norm_eps=1e-5, rope_theta=500.0, tie_embeddings=tied)
+    cfg = GPTConfig(
+        family="llama",
+        vocab_size=len(tok) + 4,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=32,
+        intermediate_size=64,
+        norm_eps=1e-5,
+        rope_theta=500.0,
+        tie_embeddings=tied,
+    )
     model = GPT(cfg).eval()
     for p in model.parameters():  # norms away from 1: a swapped norm would show
         torch.nn.init.normal_(p, 0.0, 0.2)
@@ -80,7 +96,9 @@ def test_hf_llama_round_trips_through_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = _hf_llama(tmp_path)
-    gguf_export.export_gguf(model, gguf_export.vocab_from_hf_folder(tmp_path / "hf"), tmp_path / "out" / "m.gguf", "f32")
+    gguf_export.export_gguf(
+        model, gguf_export.vocab_from_hf_folder(tmp_path / "hf"), tmp_path / "out" / "m.gguf", "f32"
+    )
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file="m.gguf").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(IDS).logits, model(IDS).logits, atol=1e-4, rtol=0)

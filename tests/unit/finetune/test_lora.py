@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradtune.runtime.errors import InputError
 from gradtune.finetune import lora
+from gradtune.runtime.errors import InputError
 
 pytest.importorskip("transformers")
 from tests import tiny_hf  # noqa: E402
@@ -106,8 +106,10 @@ def test_minilm_lora_step0_and_merge(monkeypatch):
     model, tok = hf.load(_minilm(), "encoder")
     model.eval()
     enc = tok(["free prize call now", "see you at home"], padding=True, return_tensors="pt")
+
     def hidden(m):
         return m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+
     ref = hidden(model)
     lora.apply_lora(model, rank=8, alpha=16)
     assert torch.equal(hidden(model), ref)

@@ -19,10 +19,24 @@ pytest.importorskip("transformers")
 from tests import tiny_hf  # noqa: E402
 
 # The 16 NormalFloat4 levels as printed in the QLoRA paper's appendix / bitsandbytes source.
-REF_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+REF_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 
 
 def reference_nf4(w: torch.Tensor, block: int = 64) -> tuple[list[list[int]], torch.Tensor]:
@@ -35,13 +49,15 @@ def reference_nf4(w: torch.Tensor, block: int = 64) -> tuple[list[list[int]], to
         row = w[r].tolist() + [0.0] * (n_blocks * block - n_in)
         row_codes = []
         for b in range(n_blocks):
-            chunk = torch.tensor(row[b * block:(b + 1) * block], dtype=torch.float32)
+            chunk = torch.tensor(row[b * block : (b + 1) * block], dtype=torch.float32)
             m = chunk.abs().max()
             scales[r, b] = m
             x = chunk / (m if m > 0 else torch.tensor(1.0))
             for v in x.tolist():
-                d = [abs(torch.tensor(v, dtype=torch.float32) - torch.tensor(q, dtype=torch.float32)).item()
-                     for q in REF_NF4]
+                d = [
+                    abs(torch.tensor(v, dtype=torch.float32) - torch.tensor(q, dtype=torch.float32)).item()
+                    for q in REF_NF4
+                ]
                 row_codes.append(d.index(min(d)))
         codes.append(row_codes)
     return codes, scales
@@ -56,7 +72,7 @@ def test_int8_error_at_most_half_a_step_per_block(shape):
     assert scales.shape == (shape[0], -(-shape[1] // 64))
     back = quantize.dequantize("int8", codes, scales, shape[1])
     err = (back - w).abs()
-    bound = scales.repeat_interleave(64, dim=1)[:, :shape[1]] / 2
+    bound = scales.repeat_interleave(64, dim=1)[:, : shape[1]] / 2
     assert (err <= bound * (1 + 1e-6)).all()
     # absmax of each block is represented exactly (code +-127)
     assert torch.allclose(back.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6, atol=0)
@@ -74,11 +90,13 @@ def test_nf4_codes_equal_an_independent_reference(shape):
     assert torch.equal(scales, ref_scales)
     back = quantize.dequantize("nf4", packed, scales, shape[1])
     levels = torch.tensor(REF_NF4)
-    expect = torch.stack([levels[torch.tensor(c[:shape[1]])] for c in ref_codes]) * \
-        ref_scales.repeat_interleave(64, dim=1)[:, :shape[1]]
+    expect = (
+        torch.stack([levels[torch.tensor(c[: shape[1]])] for c in ref_codes])
+        * ref_scales.repeat_interleave(64, dim=1)[:, : shape[1]]
+    )
     assert torch.equal(back, expect)
     # worst case: half the widest gap between levels (0.16...) times absmax
-    assert ((back - w).abs() <= 0.5 * 0.3038 * scales.repeat_interleave(64, dim=1)[:, :shape[1]] + 1e-6).all()
+    assert ((back - w).abs() <= 0.5 * 0.3038 * scales.repeat_interleave(64, dim=1)[:, : shape[1]] + 1e-6).all()
 
 
 @pytest.mark.parametrize("kind", quantize.KINDS)
@@ -137,8 +155,7 @@ def test_audit_sees_only_lora_training_on_a_quantised_llama(kind):
 def test_head_on_an_int8_encoder_trains_the_head_only():
     model, trainable = methods.apply(tiny_hf.bert(), "head", 2, quantize="int8")
     assert trainable and all(n.startswith("head.") for n in trainable)
-    assert quantize.quant_layers(model) and not any(
-        isinstance(m, quantize.QuantLinear) for m in model.head.modules())
+    assert quantize.quant_layers(model) and not any(isinstance(m, quantize.QuantLinear) for m in model.head.modules())
 
 
 def test_quantize_refused_for_full_and_merge_refused():
@@ -157,11 +174,16 @@ def test_merged_state_dict_dequantises_and_folds_the_update():
     ref = tiny_hf.llama().state_dict()
     assert set(sd) == set(ref)
     q = model.model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"],
-                               q.base.dequantize() + q.delta_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sd["model.layers.0.self_attn.q_proj.weight"], q.base.dequantize() + q.delta_weight(), rtol=0, atol=0
+    )
     assert sd["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
-    torch.testing.assert_close(sd["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"],
-                               rtol=0, atol=ref["model.layers.0.mlp.up_proj.weight"].abs().max().item() / 254 + 1e-7)
+    torch.testing.assert_close(
+        sd["model.layers.0.mlp.up_proj.weight"],
+        ref["model.layers.0.mlp.up_proj.weight"],
+        rtol=0,
+        atol=ref["model.layers.0.mlp.up_proj.weight"].abs().max().item() / 254 + 1e-7,
+    )
 
 
 @pytest.mark.parametrize("kind", quantize.KINDS)
@@ -170,8 +192,9 @@ def test_memory_preflight_counts_quantised_weights(kind, tmp_path):
     from gradtune.jobs import memory
 
     tiny_hf.llama(tmp_path / "llama")
-    cfg = load_config(None, [f"model={tmp_path / 'llama'}", "data=x.jsonl", "task=instruction",
-                             "method=lora", f"quantize={kind}"])
+    cfg = load_config(
+        None, [f"model={tmp_path / 'llama'}", "data=x.jsonl", "task=instruction", "method=lora", f"quantize={kind}"]
+    )
     est = memory._pretrained_estimate(cfg)
     model, _ = methods.apply(tiny_hf.llama(), "lora", lora=LoraSection(rank=4), quantize=kind)
     per_weight = {"int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64}[kind]  # codes + a float32 scale per 64
@@ -184,6 +207,7 @@ def test_memory_preflight_counts_quantised_weights(kind, tmp_path):
 
 
 # ---- a GGUF base's own blocks (gguf_blocks.py), against gguf.quants.dequantize (the oracle) ----
+
 
 def _random_blocks(kind: str, rows: int, n_blocks: int, seed: int = 0):
     """uint8 (rows, n_blocks * block bytes) in ggml's layout: f16 scale (and f16 min for Q4_1),
@@ -246,7 +270,8 @@ def test_smollm2_kept_blocks_equal_transformers_float32_weights():
     for name, b in kept.items():
         w = model.get_submodule(name).weight
         assert b.kind == "q4_1" and torch.equal(
-            gguf_blocks.dequantize_blocks(b.kind, b.codes, b.scales, b.mins, w.shape[1]), w), name
+            gguf_blocks.dequantize_blocks(b.kind, b.codes, b.scales, b.mins, w.shape[1]), w
+        ), name
     del kept
     q_proj = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     quantize.quantize_model(model, "nf4", skip=[model.lm_head], source=path)

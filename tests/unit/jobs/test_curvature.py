@@ -16,8 +16,15 @@ from gradtune.jobs.registry import build
 from gradtune.runtime.errors import GradtuneError
 from gradtune.train import train
 
-EXACT = ["dtype=float64", "batch_size=full", "val_fraction=0", "eval_every=1", "epochs=100000", "progress=off",
-         "plot=false"]
+EXACT = [
+    "dtype=float64",
+    "batch_size=full",
+    "val_fraction=0",
+    "eval_every=1",
+    "epochs=100000",
+    "progress=off",
+    "plot=false",
+]
 
 
 def _hessian_eigs(job, scale: float, wd: float = 0.0) -> np.ndarray:
@@ -27,13 +34,16 @@ def _hessian_eigs(job, scale: float, wd: float = 0.0) -> np.ndarray:
     return np.linalg.eigvalsh(scale * design.T @ design / len(x) + wd * np.eye(design.shape[1]))
 
 
-@pytest.mark.parametrize("settings,scale", [
-    (["model=linear"], 2.0),                                  # mse: H = 2 X'X/m
-    (["model=linear", "loss=mse_half"], 1.0),                 # mse_half: H = X'X/m
-    (["model=linear", "weight_decay=0.05"], 2.0),             # + weight decay on every parameter
-    (["model=logistic", "data=breast_cancer"], 0.5),          # softmax bound: X'X/(2m)
-    (["model=logistic", "data=breast_cancer", "loss=bce"], 0.25),  # sigmoid bound: X'X/(4m)
-])
+@pytest.mark.parametrize(
+    "settings,scale",
+    [
+        (["model=linear"], 2.0),  # mse: H = 2 X'X/m
+        (["model=linear", "loss=mse_half"], 1.0),  # mse_half: H = X'X/m
+        (["model=linear", "weight_decay=0.05"], 2.0),  # + weight decay on every parameter
+        (["model=logistic", "data=breast_cancer"], 0.5),  # softmax bound: X'X/(2m)
+        (["model=logistic", "data=breast_cancer", "loss=bce"], 0.25),  # sigmoid bound: X'X/(4m)
+    ],
+)
 def test_curvature_equals_numpy_eigenvalues(settings, scale):
     cfg = load_config(None, settings + ["lr=auto", "dtype=float64"])
     job = build(cfg)
@@ -103,14 +113,17 @@ def test_resume_resolves_the_same_config(tmp_path):
     assert saved["momentum"] == again.info["lr_auto"]["momentum"] and saved["nesterov"] is True
 
 
-@pytest.mark.parametrize("settings,message", [
-    (["model=mlp", "lr=auto"], "model=mlp has no known curvature"),
-    (["model=gpt", "lr=auto"], "model=gpt has no known curvature"),
-    (["model=linear", "lr=auto", "optimizer=adamw"], "optimizer=adamw"),
-    (["model=linear", "momentum=auto"], "set lr: auto with it"),
-    (["model=linear", "lr=-1"], "> 0 or 'auto'"),
-    (["model=linear", "lr=fast"], "expected float or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (["model=mlp", "lr=auto"], "model=mlp has no known curvature"),
+        (["model=gpt", "lr=auto"], "model=gpt has no known curvature"),
+        (["model=linear", "lr=auto", "optimizer=adamw"], "optimizer=adamw"),
+        (["model=linear", "momentum=auto"], "set lr: auto with it"),
+        (["model=linear", "lr=-1"], "> 0 or 'auto'"),
+        (["model=linear", "lr=fast"], "expected float or 'auto'"),
+    ],
+)
 def test_auto_refused_where_it_is_not_defined(settings, message):
     with pytest.raises(GradtuneError, match=message):
         load_config(None, settings)
@@ -137,7 +150,7 @@ def test_logistic_bound_holds_for_the_true_hessian(loss):
     n_out = job.model.linear.out_features
 
     def mean_loss(flat):
-        w, b = flat[: n_out * x.shape[1]].reshape(n_out, -1), flat[n_out * x.shape[1]:]
+        w, b = flat[: n_out * x.shape[1]].reshape(n_out, -1), flat[n_out * x.shape[1] :]
         z = x @ w.T + b
         if loss == "bce":
             return torch.nn.functional.binary_cross_entropy_with_logits(z.squeeze(-1), y.double())

@@ -35,8 +35,12 @@ def assets(tmp_path_factory) -> Path:
         words = ["free", "win", "prize", "call", "now"] if i % 2 else ["meet", "me", "at", "home", "ok"]
         rows.append(f"{'spam' if i % 2 else 'ham'},{' '.join(rng.sample(words, 3))}")
     (d / "cls.csv").write_text("\n".join(rows) + "\n")
-    pairs = [("what time", "the answer is now"), ("hello world", "yes good"),
-             ("the question", "no bad"), ("call me", "ok at home")]
+    pairs = [
+        ("what time", "the answer is now"),
+        ("hello world", "yes good"),
+        ("the question", "no bad"),
+        ("call me", "ok at home"),
+    ]
     (d / "ins.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs * 2))
     return d
 
@@ -46,18 +50,38 @@ def _evals(run: Path) -> list[dict]:
     return [r for r in rows if r.get("kind") == "eval"]
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("head", []), ("lora", []), ("full", []), ("freeze", ["freeze.train_last_blocks=1"]), ("bitfit", []),
-    ("head+lora", []),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("head", []),
+        ("lora", []),
+        ("full", []),
+        ("freeze", ["freeze.train_last_blocks=1"]),
+        ("bitfit", []),
+        ("head+lora", []),
+    ],
+)
 def test_train_each_method_on_tiny_bert(assets, tmp_path, capsys, method, extra):
     run = tmp_path / "run"
-    rc = main(["train", f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}",
-               f"out_dir={run}", "epochs=2", "batch_size=8", *QUIET, *extra])
+    rc = main(
+        [
+            "train",
+            f"model={assets / 'bert'}",
+            f"data={assets / 'cls.csv'}",
+            f"method={method}",
+            f"out_dir={run}",
+            "epochs=2",
+            "batch_size=8",
+            *QUIET,
+            *extra,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert f"method {method}: trainable " in out and " parameters (" in out
-    trainable, total = [int(s.replace(",", "")) for s in out.split("trainable ")[1].split(" parameters")[0].split(" / ")]
+    trainable, total = [
+        int(s.replace(",", "")) for s in out.split("trainable ")[1].split(" parameters")[0].split(" / ")
+    ]
     assert 0 < trainable <= total
     assert (trainable > 0.9 * total) == (method == "full")  # full: all but BERT's unused pooler
     last = _evals(run)[-1]
@@ -68,14 +92,26 @@ def test_train_each_method_on_tiny_bert(assets, tmp_path, capsys, method, extra)
 
 def test_instruction_tuning_loss_falls_and_generates(assets, tmp_path, capsys):
     run = tmp_path / "ins"
-    rc = main(["train", f"model={assets / 'llama'}", f"data={assets / 'ins.jsonl'}", "task=instruction",
-               "method=full", f"out_dir={run}", "epochs=15", "batch_size=4", "lr=3e-3", "val_fraction=0", *QUIET])
+    rc = main(
+        [
+            "train",
+            f"model={assets / 'llama'}",
+            f"data={assets / 'ins.jsonl'}",
+            "task=instruction",
+            "method=full",
+            f"out_dir={run}",
+            "epochs=15",
+            "batch_size=4",
+            "lr=3e-3",
+            "val_fraction=0",
+            *QUIET,
+        ]
+    )
     assert rc == 0
     losses = [r["loss"] for r in _evals(run)]
     assert losses[-1] < 0.8 * losses[0], losses
     capsys.readouterr()
-    assert main(["generate", str(run), "--prompt", "what time", "--temperature", "0",
-                 "--max-new-tokens", "6"]) == 0
+    assert main(["generate", str(run), "--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.startswith("what time")
 
 
@@ -86,9 +122,25 @@ def test_exported_adapter_loads_in_peft_with_our_logits(assets, tmp_path):
     from gradtune.jobs.reload import load_run
 
     run = tmp_path / "lora"
-    assert main(["train", f"model={assets / 'llama'}", f"data={assets / 'ins.jsonl'}", "task=instruction",
-                 "method=lora", "lora.rank=4", f"out_dir={run}", "epochs=3", "batch_size=4", "lr=1e-2",
-                 "val_fraction=0", *QUIET]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={assets / 'llama'}",
+                f"data={assets / 'ins.jsonl'}",
+                "task=instruction",
+                "method=lora",
+                "lora.rank=4",
+                f"out_dir={run}",
+                "epochs=3",
+                "batch_size=4",
+                "lr=1e-2",
+                "val_fraction=0",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     assert main(["export", str(run), "--adapter", str(tmp_path / "adapter")]) == 0
     loaded = load_run(run)
     ours, tokenizer = loaded.model, loaded.tokenizer
@@ -104,8 +156,20 @@ def test_exported_adapter_loads_in_peft_with_our_logits(assets, tmp_path):
 
 def test_eval_reports_accuracy_and_rejects_unseen_labels(assets, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", "method=head",
-                 f"out_dir={run}", "epochs=1", *QUIET]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={assets / 'bert'}",
+                f"data={assets / 'cls.csv'}",
+                "method=head",
+                f"out_dir={run}",
+                "epochs=1",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
     good.write_text("label,text\nspam,free win\nham,meet me\n")
     bad.write_text("label,text\nspam,free win\nmaybe,meet me\n")
@@ -144,8 +208,24 @@ def test_regression_reports_rmse(assets, tmp_path, capsys):
     data = tmp_path / "reg.csv"
     data.write_text("score,text\n" + "".join(f"{i % 3},{' '.join(['good'] * (i % 3 + 1))}\n" for i in range(30)))
     run = tmp_path / "run"
-    assert main(["train", f"model={assets / 'bert'}", f"data={data}", "task=regression", "method=full",
-                 "text.label_column=score", "lr=1e-3", "epochs=2", "batch_size=8", f"out_dir={run}", *QUIET]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={assets / 'bert'}",
+                f"data={data}",
+                "task=regression",
+                "method=full",
+                "text.label_column=score",
+                "lr=1e-3",
+                "epochs=2",
+                "batch_size=8",
+                f"out_dir={run}",
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     assert "val_rmse" in _evals(run)[-1]
     assert main(["eval", str(run), "--data", str(data)]) == 0
     assert "rmse=" in capsys.readouterr().out
@@ -159,8 +239,18 @@ def test_activation_checkpointing_is_opt_in_and_changes_nothing(assets, tmp_path
     from gradtune.loop.fit import fit
 
     def job(method: str, ckpt: str):
-        cfg = load_config(None, [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}",
-                                 f"finetune.checkpointing={ckpt}", "max_steps=3", "batch_size=8", *QUIET])
+        cfg = load_config(
+            None,
+            [
+                f"model={assets / 'bert'}",
+                f"data={assets / 'cls.csv'}",
+                f"method={method}",
+                f"finetune.checkpointing={ckpt}",
+                "max_steps=3",
+                "batch_size=8",
+                *QUIET,
+            ],
+        )
         return build(cfg), cfg
 
     def enabled(j) -> bool:
@@ -178,10 +268,16 @@ def test_activation_checkpointing_is_opt_in_and_changes_nothing(assets, tmp_path
         torch.testing.assert_close(v, weights["false"][k], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,head_lr,expected", [
-    ("full", None, [5e-5, 1e-2]), ("lora", None, [5e-4, 1e-2]), ("full", 3e-3, [5e-5, 3e-3]),
-    ("head", None, None), ("head+lora", None, [5e-4, 1e-2]),
-])
+@pytest.mark.parametrize(
+    "method,head_lr,expected",
+    [
+        ("full", None, [5e-5, 1e-2]),
+        ("lora", None, [5e-4, 1e-2]),
+        ("full", 3e-3, [5e-5, 3e-3]),
+        ("head", None, None),
+        ("head+lora", None, [5e-4, 1e-2]),
+    ],
+)
 def test_a_new_head_beside_a_training_body_gets_its_own_lr(assets, method, head_lr, expected):
     """The body keeps the method's lr; the fresh head the lr a head trained alone gets (or
     finetune.head_lr); the optimizer sees exactly the head's parameters in the second group."""
@@ -189,7 +285,9 @@ def test_a_new_head_beside_a_training_body_gets_its_own_lr(assets, method, head_
     from gradtune.jobs.pretrained import build_pretrained
 
     extra = [f"finetune.head_lr={head_lr}"] if head_lr else []
-    cfg = load_config(None, [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}", *QUIET, *extra])
+    cfg = load_config(
+        None, [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"method={method}", *QUIET, *extra]
+    )
     job = build_pretrained(cfg)
     if expected is None:
         assert job.param_groups is None

@@ -4,8 +4,18 @@ import json
 
 from gradtune.cli import main
 
-TINY = ["model=gpt", "gpt.n_layer=1", "gpt.n_head=2", "gpt.n_embd=32", "gpt.block_size=32", "max_steps=6",
-        "eval_every=3", "batch_size=4", "progress=off", "plot=false"]
+TINY = [
+    "model=gpt",
+    "gpt.n_layer=1",
+    "gpt.n_head=2",
+    "gpt.n_embd=32",
+    "gpt.block_size=32",
+    "max_steps=6",
+    "eval_every=3",
+    "batch_size=4",
+    "progress=off",
+    "plot=false",
+]
 
 
 def test_train_then_generate(tmp_path, capsys, monkeypatch):

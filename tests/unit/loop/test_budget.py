@@ -26,9 +26,16 @@ def brute_plan(done, cap, left, step_s, eval_s, ckpt_s, every, per_epoch, ckpt_e
     return best
 
 
-@pytest.mark.parametrize("args", [(20, 500, 3.0, 0.01, 0.05, 0.0, 25, 40, 0), (20, 500, 3.0, 0.01, 0.05, 0.2, 25, 40, 30),
-                                  (5, 50, 100.0, 0.01, 0.05, 0.2, 3, 7, 4), (5, 50, 0.0, 0.01, 0.0, 0.0, 3, 7, 0),
-                                  (0, 300, 1.234, 0.004, 0.03, 0.0, 10, 13, 0)])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (20, 500, 3.0, 0.01, 0.05, 0.0, 25, 40, 0),
+        (20, 500, 3.0, 0.01, 0.05, 0.2, 25, 40, 30),
+        (5, 50, 100.0, 0.01, 0.05, 0.2, 3, 7, 4),
+        (5, 50, 0.0, 0.01, 0.0, 0.0, 3, 7, 0),
+        (0, 300, 1.234, 0.004, 0.03, 0.0, 10, 13, 0),
+    ],
+)
 def test_plan_steps_is_the_largest_total_that_fits(args):
     assert budget.plan_steps(*args) == brute_plan(*args)
 
@@ -55,8 +62,11 @@ def test_warm_up_is_shorter_for_tiny_runs_and_the_forced_count_is_capped(monkeyp
 
 
 def test_describe_names_every_phase():
-    info = {"plan": {"max_time": "10m", "steps": 2431, "step_s": 0.21, "forced": False},
-            "spent": {"train": 520.0, "eval": 58.0, "ckpt": 0.0, "startup": 14.0, "total": 592.0}, "resumed": False}
+    info = {
+        "plan": {"max_time": "10m", "steps": 2431, "step_s": 0.21, "forced": False},
+        "spent": {"train": 520.0, "eval": 58.0, "ckpt": 0.0, "startup": 14.0, "total": 592.0},
+        "resumed": False,
+    }
     line = budget.describe(info, 595.0)
     assert line.startswith("max_time 10m: 2,431 steps planned at 0.21 s/step, used 9m55s")
     assert "train 8m40s" in line and "eval 58.0s" in line and "start-up 14.0s" in line and "outputs 3.0s" in line
@@ -72,8 +82,20 @@ def test_every_schedule_runs_over_the_calibrated_total(tmp_path, monkeypatch, sc
 
     monkeypatch.setenv(budget.FORCE_ENV, "40")
     out = tmp_path / "run"
-    args = ["model=linear", "data=diabetes", "epochs=2000", f"schedule={schedule}", "warmup_steps=3", "lr=0.01",
-            "min_lr=0.001", "max_time=1h", "eval_every=1", "progress=off", "plot=false", f"out_dir={out}"]
+    args = [
+        "model=linear",
+        "data=diabetes",
+        "epochs=2000",
+        f"schedule={schedule}",
+        "warmup_steps=3",
+        "lr=0.01",
+        "min_lr=0.001",
+        "max_time=1h",
+        "eval_every=1",
+        "progress=off",
+        "plot=false",
+        f"out_dir={out}",
+    ]
     assert main(["train", *args]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if r["kind"] == "eval"}

@@ -24,7 +24,7 @@ def test_the_sample_is_seeded_fixed_and_about_eval_tokens():
     per = data.n_tokens / len(data)
     assert 800 <= len(a) * per <= 800 + per  # whole windows, the last one crossing eval_tokens
     assert len(set(a.idx.tolist())) == len(a) and bool((a.idx[1:] > a.idx[:-1]).all())
-    assert token_sample(data, 10 ** 6, 0) is None  # no smaller than the set: evaluate it all
+    assert token_sample(data, 10**6, 0) is None  # no smaller than the set: evaluate it all
 
 
 def test_a_subset_evaluates_as_its_windows_would():
@@ -33,16 +33,30 @@ def test_a_subset_evaluates_as_its_windows_would():
     s = token_sample(data, 300, 0)
     got = evaluate(model, CausalLM(), s, 4, torch.device("cpu"), contextlib.nullcontext())
     with torch.no_grad():
-        sums = [CausalLM()(model, data.get(s.idx[i:i + 4])) for i in range(0, len(s), 4)]
+        sums = [CausalLM()(model, data.get(s.idx[i : i + 4])) for i in range(0, len(s), 4)]
     want = sum(float(o.loss_sum) for o in sums) / sum(float(o.count) for o in sums)
-    assert abs(got[0] - want) < 1e-6 and isinstance(Subset(data, s.idx).get(torch.tensor([0]))["input_ids"], torch.Tensor)
+    assert abs(got[0] - want) < 1e-6 and isinstance(
+        Subset(data, s.idx).get(torch.tensor([0]))["input_ids"], torch.Tensor
+    )
 
 
 def test_intermediate_evaluations_use_the_sample_and_the_last_is_full(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    args = ["model=gpt", "gpt.n_layer=1", "gpt.n_head=2", "gpt.n_embd=32", "gpt.block_size=32", "max_steps=6",
-            "eval_every=2", "batch_size=4", "progress=off", "plot=false", "val_fraction=0.01", "eval_tokens=330"]
+    args = [
+        "model=gpt",
+        "gpt.n_layer=1",
+        "gpt.n_head=2",
+        "gpt.n_embd=32",
+        "gpt.block_size=32",
+        "max_steps=6",
+        "eval_every=2",
+        "batch_size=4",
+        "progress=off",
+        "plot=false",
+        "val_fraction=0.01",
+        "eval_tokens=330",
+    ]
     assert main(["train", *args, f"out_dir={out}"]) == 0
     evals = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradtune.state import checkpoint
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.objectives.output import Output
 from gradtune.loop.fit import fit
+from gradtune.objectives.output import Output
+from gradtune.state import checkpoint
 
 
 class Inject:
@@ -40,9 +40,24 @@ class Inject:
 
 
 def setup(out: Path, extra: list[str], bad_id: int, factor, times: int = 1):
-    cfg = load_config(None, ["model=mlp", "hidden=[6]", "standardize_target=true", "lr=0.05", "momentum=0.5",
-                             "batch_size=1", "max_steps=60", "eval_every=20", "progress=off", "plot=false",
-                             f"out_dir={out}", "keep_checkpoints=20", *extra])
+    cfg = load_config(
+        None,
+        [
+            "model=mlp",
+            "hidden=[6]",
+            "standardize_target=true",
+            "lr=0.05",
+            "momentum=0.5",
+            "batch_size=1",
+            "max_steps=60",
+            "eval_every=20",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+            "keep_checkpoints=20",
+            *extra,
+        ],
+    )
     job = build(cfg)
     hook = Inject(job.objective, bad_id, factor, times)
     job.objective = hook

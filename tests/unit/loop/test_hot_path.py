@@ -26,7 +26,7 @@ def test_grad_norm_matches_torch(dtype):
 
 def test_grad_norm_falls_back_for_mixed_dtypes():
     n = gradient.norm([torch.ones(4), torch.ones(4, dtype=torch.float64)])
-    assert isinstance(n, torch.Tensor) and float(n) == pytest.approx(8 ** 0.5)
+    assert isinstance(n, torch.Tensor) and float(n) == pytest.approx(8**0.5)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])

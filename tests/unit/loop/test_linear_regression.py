@@ -7,12 +7,11 @@ import torch
 
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.models.linear import closed_form
 from gradtune.loop.evaluation import evaluate
 from gradtune.loop.fit import fit
+from gradtune.models.linear import closed_form
 
-BASE = ["model=linear", "data=diabetes", "standardize_target=true", "dtype=float64", "val_fraction=0",
-        "progress=off"]
+BASE = ["model=linear", "data=diabetes", "standardize_target=true", "dtype=float64", "val_fraction=0", "progress=off"]
 
 
 def exact_train_loss(job) -> float:

@@ -19,8 +19,14 @@ def test_wsd_equals_transformers(shape, warmup, decay, total, min_ratio):
     from transformers import get_wsd_schedule
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = get_wsd_schedule(opt, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=total,
-                             decay_type=shape, min_lr_ratio=min_ratio)
+    sched = get_wsd_schedule(
+        opt,
+        num_warmup_steps=warmup,
+        num_decay_steps=decay,
+        num_training_steps=total,
+        decay_type=shape,
+        min_lr_ratio=min_ratio,
+    )
     for step in range(total + 5):
         ours = factor(step, "wsd", total, warmup, min_ratio=min_ratio, decay_steps=decay, shape=shape)
         assert math.isclose(ours, opt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-15), step
@@ -37,8 +43,9 @@ def test_plateau_equals_reduce_lr_on_plateau(mode, patience, cooldown, min_lr):
         m = m * (0.97 if rng.random() < 0.3 else 1.0) + rng.uniform(-1e-5, 1e-5)
         metrics.append(m if mode == "min" else 1.0 / m)  # max: a rising, positive metric (accuracy-like)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    torch_sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=0.5, patience=patience,
-                                                             cooldown=cooldown, min_lr=min_lr)
+    torch_sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=mode, factor=0.5, patience=patience, cooldown=cooldown, min_lr=min_lr
+    )
     ours = Plateau(0.1, mode, factor=0.5, patience=patience, cooldown=cooldown, min_lr=min_lr)
     reductions = 0
     for v in metrics:

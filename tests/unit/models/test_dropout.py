@@ -80,10 +80,10 @@ def test_attention_equals_transformers_eager(tmp_path, kind):
     """Train mode with p below one level (no element dropped, but the dropout path runs) equals
     transformers' eager attention, padding mask (bert) and causal mask (llama) included."""
     pytest.importorskip("transformers")
-    from tests import tiny_hf
     from transformers import AutoModel, AutoModelForCausalLM
 
     from gradtune.models import hf
+    from tests import tiny_hf
 
     getattr(tiny_hf, kind)(tmp_path)
     ours = hf.load_model(tmp_path, "encoder" if kind == "bert" else "causal_lm")
@@ -112,9 +112,8 @@ def test_attention_equals_transformers_eager(tmp_path, kind):
 
 def test_attention_dropout_seeded(tmp_path):
     pytest.importorskip("transformers")
-    from tests import tiny_hf
-
     from gradtune.models import hf
+    from tests import tiny_hf
 
     tiny_hf.bert(tmp_path)
     model = _with_dropout(hf.load_model(tmp_path, "encoder"), 0.3)
@@ -133,8 +132,9 @@ def test_gpt_attention_dropout_path_equals_sdpa():
 
     for family, kv in (("gpt2", None), ("llama", 2)):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(family=family, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16,
-                              dropout=0.1 / LEVELS))
+        model = GPT(
+            GPTConfig(family=family, n_layer=2, n_head=4, n_kv_head=kv, n_embd=32, block_size=16, dropout=0.1 / LEVELS)
+        )
         ids = torch.randint(0, 256, (3, 16))
         train = model.train()(ids)
         ref = model.eval()(ids)  # SDPA, no dropout

@@ -25,9 +25,15 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
         cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
         hf = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=64)
+        cfg = transformers.LlamaConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         hf = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger weights: a peaked distribution, so argmax is not a near-tie
         for p in hf.parameters():
@@ -35,8 +41,14 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
     hf.eval().save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path)
     prompt = torch.randint(0, 300, (2, 7))
-    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     for use_cache in (True, False):
         got = generate(ours, prompt, max_new_tokens=20, temperature=0, use_cache=use_cache)
         assert torch.equal(got, expected), use_cache

@@ -52,8 +52,14 @@ def _gpt() -> GPT:
 
 
 def _hf_greedy(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
@@ -101,8 +107,8 @@ def test_eos_per_row(family: str) -> None:
     got = generate(model, prompt, 24, temperature=0, eos_id=eos)[:, 5:]
     assert got.shape == (2, max(stops) + 1) and max(stops) + 1 < 24  # stopped early, with the last row
     for row, stop in enumerate(stops):
-        assert torch.equal(got[row, :stop + 1], free[row, :stop + 1]), row
-        assert (got[row, stop + 1:] == eos).all(), row
+        assert torch.equal(got[row, : stop + 1], free[row, : stop + 1]), row
+        assert (got[row, stop + 1 :] == eos).all(), row
 
 
 @pytest.mark.parametrize("family", ["hf", "gpt"])
@@ -124,17 +130,20 @@ def test_training_mode_is_restored() -> None:
     assert model.training
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--num-samples", "0", "--num-samples must be in [1, 4096]"),
-    ("--top-p", "0", "--top-p must be in (0, 1]"),
-    ("--top-p", "1.5", "--top-p must be in (0, 1]"),
-    ("--top-p", "nan", "--top-p must be in (0, 1]"),
-    ("--temperature", "nan", "--temperature must be a finite number >= 0"),
-    ("--temperature", "inf", "--temperature must be a finite number >= 0"),
-    ("--temperature", "-1", "--temperature must be a finite number >= 0"),
-    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
-    ("--top-k", "0", "--top-k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--num-samples", "0", "--num-samples must be in [1, 4096]"),
+        ("--top-p", "0", "--top-p must be in (0, 1]"),
+        ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+        ("--top-p", "nan", "--top-p must be in (0, 1]"),
+        ("--temperature", "nan", "--temperature must be a finite number >= 0"),
+        ("--temperature", "inf", "--temperature must be a finite number >= 0"),
+        ("--temperature", "-1", "--temperature must be a finite number >= 0"),
+        ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
+        ("--top-k", "0", "--top-k must be >= 1"),
+    ],
+)
 def test_command_rejects_bad_options(tmp_path: Path, capsys, option: str, value: str, message: str) -> None:
     assert main(["generate", str(tmp_path), f"{option}={value}"]) == 2
     err = capsys.readouterr().err
@@ -148,17 +157,41 @@ def test_command_on_lora_run_and_checkpoint(tmp_path: Path, capsys) -> None:
     pairs = [("what time", "the answer is now"), ("hello world", "yes good")]
     (tmp_path / "ins.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
     run = tmp_path / "run"
-    assert main(["train", f"model={tmp_path / 'llama'}", f"data={tmp_path / 'ins.jsonl'}", "task=instruction",
-                 "method=lora", "lr=3e-2", "epochs=4", "batch_size=1", "val_fraction=0", "checkpoint_every=2",
-                 "keep_checkpoints=4", "progress=off", "plot=false", f"out_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"model={tmp_path / 'llama'}",
+                f"data={tmp_path / 'ins.jsonl'}",
+                "task=instruction",
+                "method=lora",
+                "lr=3e-2",
+                "epochs=4",
+                "batch_size=1",
+                "val_fraction=0",
+                "checkpoint_every=2",
+                "keep_checkpoints=4",
+                "progress=off",
+                "plot=false",
+                f"out_dir={run}",
+            ]
+        )
+        == 0
+    )
     checkpoint = sorted((run / "checkpoints").iterdir())[0]  # step 2: weights of its own
     for folder in (run, checkpoint):
         r = load_run(folder)
         ids = r.tokenizer("what time")["input_ids"]
-        expected = r.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=6, do_sample=False, pad_token_id=0,
-                                    eos_token_id=r.tokenizer.eos_token_id)[0].tolist()
+        expected = r.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=r.tokenizer.eos_token_id,
+        )[0].tolist()
         capsys.readouterr()
-        assert main(["generate", str(folder), "--prompt", "what time", "--temperature", "0",
-                     "--max-new-tokens", "6"]) == 0
+        assert (
+            main(["generate", str(folder), "--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+        )
         assert capsys.readouterr().out.strip() == r.tokenizer.decode(expected, skip_special_tokens=True)

@@ -69,7 +69,9 @@ def test_second_load_of_smollm2_reads_the_converted_copy(own_cache):
     with torch.no_grad():
         assert torch.equal(first.eval()(ids).logits, second.eval()(ids).logits)
     chat = [{"role": "user", "content": "What is the capital of Italy?"}]
-    assert tok1.apply_chat_template(chat, add_generation_prompt=True) == tok2.apply_chat_template(chat, add_generation_prompt=True)
+    assert tok1.apply_chat_template(chat, add_generation_prompt=True) == tok2.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
     assert (tok1.eos_token_id, tok1.pad_token_id, len(tok1)) == (tok2.eos_token_id, tok2.pad_token_id, len(tok2))
     assert not hasattr(first.config, "quantization_config") and first.hf_quantizer is None  # save_pretrained works
     assert gguf.stat().st_mtime_ns == stat.st_mtime_ns

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradtune.optim.groups import decay_groups
 from gradtune.models.gpt import GPT, GPTConfig, KVCache
+from gradtune.optim.groups import decay_groups
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,7 +107,7 @@ def test_kv_cache_equals_full_forward(family: str) -> None:
     full = model(x)
     cache = KVCache(model.config, 2, torch.float32, torch.device("cpu"))
     parts = [model(x[:, :5], cache=cache), model(x[:, 5:9], cache=cache)]  # prefill, then a chunk
-    parts += [model(x[:, i:i + 1], cache=cache) for i in range(9, 14)]  # one token at a time
+    parts += [model(x[:, i : i + 1], cache=cache) for i in range(9, 14)]  # one token at a time
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
     assert cache.pos == 14
 

@@ -34,8 +34,9 @@ def scramble(model: torch.nn.Module, std: float = 0.3) -> None:
 
 
 def hf_gpt2(tmp_path: Path, **kw) -> torch.nn.Module:
-    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **kw)
+    cfg = transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **kw
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     scramble(model)
     model.save_pretrained(tmp_path)
@@ -43,10 +44,19 @@ def hf_gpt2(tmp_path: Path, **kw) -> torch.nn.Module:
 
 
 def hf_llama(tmp_path: Path, tie: bool = False, **kw) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5,
-                                   tie_word_embeddings=tie, **kw)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        **kw,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     scramble(model)
     model.save_pretrained(tmp_path)
@@ -79,9 +89,16 @@ def test_llama_folder(tmp_path: Path, tie: bool) -> None:
 
 
 def test_sharded_folder(tmp_path: Path) -> None:
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     scramble(hf)
     hf.save_pretrained(tmp_path, max_shard_size="50KB")
@@ -120,6 +137,7 @@ def test_unsupported_variant_fails_loudly(tmp_path: Path) -> None:
 
 # --- GGUF -----------------------------------------------------------------------------------
 
+
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp convert_hf_to_gguf.py LlamaModel.permute: HF rotate-half rows -> interleaved."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -141,8 +159,14 @@ def write_gguf(path: Path, hf: torch.nn.Module, family: str) -> None:
         w.add_layer_norm_eps(c.layer_norm_epsilon)
         t["token_embd.weight"] = sd["transformer.wte.weight"]
         t["position_embd.weight"] = sd["transformer.wpe.weight"]
-        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                 "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        names = {
+            "ln_1": "attn_norm",
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        }
         for i in range(c.n_layer):
             for hf_name, g in names.items():
                 weight = sd[f"transformer.h.{i}.{hf_name}.weight"]
@@ -160,10 +184,17 @@ def write_gguf(path: Path, hf: torch.nn.Module, family: str) -> None:
         w.add_rope_freq_base(c.rope_parameters["rope_theta"])
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
         t["token_embd.weight"] = sd["model.embed_tokens.weight"]
-        names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+        names = {
+            "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "ffn_norm",
+            "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v",
+            "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+        }
         for i in range(c.num_hidden_layers):
             for hf_name, g in names.items():
                 weight = sd[f"model.layers.{i}.{hf_name}.weight"]
@@ -211,7 +242,8 @@ def test_smollm2_gguf_matches_transformers() -> None:
     assert (cfg.family, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) == ("llama", 30, 9, 3, 576)
     assert cfg.rope_theta == 100000.0 and cfg.tie_embeddings
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314, 216, 30, 28, 1073, 6, 28, 7, 30, 2, 1]])  # 16 tokens
     with torch.no_grad():
         a, b = ours(x), theirs(x).logits

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradtune.runtime.errors import InputError
 from gradtune.models import hf
+from gradtune.runtime.errors import InputError
 
 pytest.importorskip("transformers")
 from tests import tiny_hf  # noqa: E402

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradtune.objectives import losses
 from gradtune.loop.schedules import factor, lr_at
+from gradtune.objectives import losses
 
 
 def test_mse_and_half_convention():
@@ -41,17 +41,24 @@ def test_bce_with_logits_is_stable_and_matches_torch():
     assert torch.allclose(ours, F.binary_cross_entropy_with_logits(z, y.double()))
 
 
-@pytest.mark.parametrize("name,torch_sched", [
-    ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100, eta_min=0.01)),
-    ("exponential", lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.97)),
-    ("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=10, gamma=0.5)),
-    ("linear", lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, total_iters=100)),
-])
+@pytest.mark.parametrize(
+    "name,torch_sched",
+    [
+        ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=100, eta_min=0.01)),
+        ("exponential", lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.97)),
+        ("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=10, gamma=0.5)),
+        ("linear", lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, total_iters=100)),
+    ],
+)
 def test_schedules_match_torch(name, torch_sched):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = torch_sched(opt)
-    kw = {"cosine": dict(min_lr=0.01), "exponential": dict(gamma=0.97, step_size=1),
-          "step": dict(gamma=0.5, step_size=10), "linear": dict(min_lr=0.01)}[name]
+    kw = {
+        "cosine": dict(min_lr=0.01),
+        "exponential": dict(gamma=0.97, step_size=1),
+        "step": dict(gamma=0.5, step_size=10),
+        "linear": dict(min_lr=0.01),
+    }[name]
     for step in range(100):
         assert math.isclose(opt.param_groups[0]["lr"], lr_at(step, 0.1, name, 100, **kw), rel_tol=1e-9, abs_tol=1e-12)
         opt.step()

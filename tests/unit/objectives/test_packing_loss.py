@@ -33,8 +33,13 @@ def _instructions(tmp_path) -> SequenceDataset:
     """Prompt/response pairs of mixed lengths through the real loader (prompt labels IGNORE)."""
     rng = random.Random(0)
     words = tiny_hf.WORDS
-    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
-             "response": " ".join(rng.choice(words) for _ in range(rng.randint(1, 14)))} for _ in range(14)]
+    rows = [
+        {
+            "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+            "response": " ".join(rng.choice(words) for _ in range(rng.randint(1, 14))),
+        }
+        for _ in range(14)
+    ]
     path = tmp_path / "ins.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = load_instructions(path, tiny_hf.tokenizer("llama"), max_length=WINDOW)

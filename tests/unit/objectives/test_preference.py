@@ -29,10 +29,16 @@ from gradtune.models import hf  # noqa: E402
 from gradtune.objectives.preference import Preference  # noqa: E402
 from tests import tiny_hf  # noqa: E402
 
-PAIRS = [("what is the answer", "yes good", "no bad"), ("hello world", "hello", "bad bad no"),
-         ("call me now", "ok call me at home", "no"), ("free prize", "no", "yes win prize now"),
-         ("the question", "the answer is good", "what"), ("meet me", "ok", "no no no"),
-         ("what time", "now", "the time is bad"), ("is it good", "yes it is good", "no it is bad")]
+PAIRS = [
+    ("what is the answer", "yes good", "no bad"),
+    ("hello world", "hello", "bad bad no"),
+    ("call me now", "ok call me at home", "no"),
+    ("free prize", "no", "yes win prize now"),
+    ("the question", "the answer is good", "what"),
+    ("meet me", "ok", "no no no"),
+    ("what time", "now", "the time is bad"),
+    ("is it good", "yes it is good", "no it is bad"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,9 @@ def setup(tmp_path_factory):
     """(LoRA policy with non-zero B, fresh base model, 8 pairs): float64."""
     d = tmp_path_factory.mktemp("dpo")
     tiny_hf.llama(d / "llama")
-    (d / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
-                                       for p, c, r in PAIRS))
+    (d / "p.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS)
+    )
     base = hf.load(str(d / "llama"), "causal_lm", torch.float64)[0]
     policy = hf.load(str(d / "llama"), "causal_lm", torch.float64)[0]
     torch.manual_seed(1)
@@ -130,6 +137,7 @@ def test_precomputed_reference_equals_the_live_one(setup):
 
 # --- TRL's loss code on the same log-probabilities ------------------------------------------------------
 
+
 class _Fake(torch.nn.Module):
     """Stands for a model under TRL's fused LM head: returns the per-token log-probs it holds."""
 
@@ -156,17 +164,24 @@ def trl_loss(policy_tok, ref_tok, batch, loss_type, beta, ls) -> torch.Tensor:
 
     t = object.__new__(DPOTrainer)
     t.model, t.ref_model = _Fake(policy_tok), _Fake(ref_tok)
-    t.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x,
-                                    gather_for_metrics=lambda x: x, unwrap_model=lambda m: m,
-                                    autocast=contextlib.nullcontext)
+    t.accelerator = SimpleNamespace(
+        device=torch.device("cpu"),
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        unwrap_model=lambda m: m,
+        autocast=contextlib.nullcontext,
+    )
     t.args = SimpleNamespace(gradient_checkpointing_kwargs=None)
     t.aux_loss_enabled, t.precompute_ref_logps, t.ld_alpha, t.use_weighting = False, False, None, False
     t.f_divergence_type, t.loss_types, t.loss_weights = "reverse_kl", [loss_type], [1.0]
     t.beta, t.label_smoothing = beta, ls
     t._metrics = defaultdict(lambda: defaultdict(list))
     t._total_train_tokens, t._tp_size = 0, 1
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": (batch["labels"] != IGNORE).long()}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": (batch["labels"] != IGNORE).long(),
+    }
     return DPOTrainer._compute_loss(t, t.model, inputs, return_outputs=False)
 
 
@@ -186,7 +201,17 @@ def test_equals_trl(setup, loss, beta, ls):
         # trl 1.16's "sigmoid" ignores label_smoothing; its conservative-DPO form lives on in the
         # "aot" loss, which sorts log-ratios across the batch: per pair (B=1) it is exactly cDPO.
         B = len(data)
-        theirs = torch.stack([trl_loss(pol[[i, B + i]], ref[[i, B + i]],
-                                       {k: v[[i, B + i]] for k, v in batch.items() if k != "sample_id"},
-                                       "aot", beta, ls) for i in range(B)]).mean()
+        theirs = torch.stack(
+            [
+                trl_loss(
+                    pol[[i, B + i]],
+                    ref[[i, B + i]],
+                    {k: v[[i, B + i]] for k, v in batch.items() if k != "sample_id"},
+                    "aot",
+                    beta,
+                    ls,
+                )
+                for i in range(B)
+            ]
+        ).mean()
     assert float(ours.loss_sum.detach() / ours.count) == pytest.approx(float(theirs), abs=1e-10, rel=1e-10)

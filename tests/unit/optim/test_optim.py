@@ -41,8 +41,9 @@ def set_grads(params: list[torch.Tensor], step: int, gen: torch.Generator) -> No
         p.grad = None if (step + i) % 7 == 0 else g
 
 
-def run_pair(make_ours: Callable, make_torch: Callable, dtype: torch.dtype,
-             save_at: int | None = None, steps: int = STEPS) -> None:
+def run_pair(
+    make_ours: Callable, make_torch: Callable, dtype: torch.dtype, save_at: int | None = None, steps: int = STEPS
+) -> None:
     """Step ours and torch on identical params/grads; optionally reload ours from a state_dict."""
     ours_p, ref_p = make_params(dtype), make_params(dtype)
     ours, ref = make_ours(ours_p), make_torch(ref_p)
@@ -89,8 +90,11 @@ DTYPES = [torch.float64, torch.float32]
 def test_sgd_matches_torch(case: str, dtype: torch.dtype, fused: bool) -> None:
     kw = SGD_CASES[case]
     kw2 = {"lr": kw["lr"] * 0.5, "weight_decay": 0.02}
-    run_pair(lambda p: SGD(groups(p, kw2), **kw, fused=fused),
-             lambda p: torch.optim.SGD(groups(p, kw2), **kw, foreach=False), dtype)
+    run_pair(
+        lambda p: SGD(groups(p, kw2), **kw, fused=fused),
+        lambda p: torch.optim.SGD(groups(p, kw2), **kw, foreach=False),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -99,8 +103,11 @@ def test_sgd_matches_torch(case: str, dtype: torch.dtype, fused: bool) -> None:
 def test_adamw_matches_torch(case: str, dtype: torch.dtype, fused: bool) -> None:
     kw = ADAMW_CASES[case]
     kw2 = {"lr": 2e-3, "weight_decay": 0.3}
-    run_pair(lambda p: AdamW(groups(p, kw2), **kw, fused=fused),
-             lambda p: torch.optim.AdamW(groups(p, kw2), **kw, foreach=False), dtype)
+    run_pair(
+        lambda p: AdamW(groups(p, kw2), **kw, fused=fused),
+        lambda p: torch.optim.AdamW(groups(p, kw2), **kw, foreach=False),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -117,8 +124,10 @@ def test_state_dict_resume_matches_torch(name: str, dtype: torch.dtype, fused: b
 
 
 def test_state_dict_structure_matches_torch() -> None:
-    for ours_cls, ref_cls, kw in [(SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-                                  (AdamW, torch.optim.AdamW, dict(lr=1e-3))]:
+    for ours_cls, ref_cls, kw in [
+        (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+        (AdamW, torch.optim.AdamW, dict(lr=1e-3)),
+    ]:
         pa, pb = make_params(torch.float32), make_params(torch.float32)
         a, b = ours_cls(pa, **kw), ref_cls(pb, **kw)
         for p, q in zip(pa, pb):
@@ -146,8 +155,10 @@ def test_lr_schedulers_match_torch(sched: str, fused: bool) -> None:
             return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30, eta_min=1e-4)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * 0.97**s)
 
-    for ours_cls, ref_cls, kw in [(SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
-                                  (AdamW, torch.optim.AdamW, dict(lr=1e-2))]:
+    for ours_cls, ref_cls, kw in [
+        (SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+        (AdamW, torch.optim.AdamW, dict(lr=1e-2)),
+    ]:
         pa, pb = make_params(torch.float64), make_params(torch.float64)
         a, b = ours_cls(pa, **kw, fused=fused), ref_cls(pb, **kw)
         sa, sb = with_sched(a), with_sched(b)

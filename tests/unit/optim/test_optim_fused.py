@@ -58,9 +58,16 @@ def trajectories(make_opt, dtype: torch.dtype, steps: int = 200) -> list[list[to
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
-                                dict(momentum=0.5, dampening=0.5, weight_decay=1e-3), dict()],
-                         ids=["momentum", "nesterov_wd", "dampening", "plain"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+        dict(momentum=0.5, dampening=0.5, weight_decay=1e-3),
+        dict(),
+    ],
+    ids=["momentum", "nesterov_wd", "dampening", "plain"],
+)
 def test_sgd_fast_equals_reference(kw: dict, dtype: torch.dtype) -> None:
     ref, fused = trajectories(lambda p, f: SGD(p, lr=0.01, **kw, fused=f), dtype)
     for a, b in zip(fused, ref):
@@ -68,8 +75,7 @@ def test_sgd_fast_equals_reference(kw: dict, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kw", [dict(), dict(betas=(0.5, 0.9), weight_decay=0.0)],
-                         ids=["default", "beta1_half"])
+@pytest.mark.parametrize("kw", [dict(), dict(betas=(0.5, 0.9), weight_decay=0.0)], ids=["default", "beta1_half"])
 def test_adamw_fast_equals_reference(kw: dict, dtype: torch.dtype) -> None:
     ref, fused = trajectories(lambda p, f: AdamW(p, lr=1e-2, **kw, fused=f), dtype)
     for a, b in zip(fused, ref):
@@ -83,8 +89,7 @@ def test_fast_equals_reference_multithreaded(threads: int) -> None:
     ref, fused = trajectories(lambda p, f: AdamW(p, lr=1e-2, fused=f), torch.float64, steps=10)
     for a, b in zip(fused, ref):
         assert rel_err(a, b) <= 1e-12
-    ref, fused = trajectories(lambda p, f: SGD(p, lr=1e-2, momentum=0.9, fused=f), torch.float32,
-                              steps=10)
+    ref, fused = trajectories(lambda p, f: SGD(p, lr=1e-2, momentum=0.9, fused=f), torch.float32, steps=10)
     for a, b in zip(fused, ref):
         assert rel_err(a, b) <= 1e-6
 
@@ -116,20 +121,19 @@ def _run_both(make_opt) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("failure", ["no_compiler", "compiler_fails"])
-def test_fallback_when_kernel_cannot_be_built(failure: str, fresh_loader,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fallback_when_kernel_cannot_be_built(failure: str, fresh_loader, monkeypatch: pytest.MonkeyPatch) -> None:
     if failure == "no_compiler":
         monkeypatch.setattr(fast, "_compiler", lambda: None)
     else:
         monkeypatch.setenv("GRADTUNE_CC", "false")  # /bin/false: exits 1, builds nothing
     with pytest.warns(RuntimeWarning, match="fused kernels unavailable"):
-        ours, ref = _run_both([lambda p: AdamW(p, lr=0.1),
-                               lambda p: torch.optim.AdamW(p, lr=0.1, foreach=False)])
+        ours, ref = _run_both([lambda p: AdamW(p, lr=0.1), lambda p: torch.optim.AdamW(p, lr=0.1, foreach=False)])
     assert rel_err(ours, ref) <= 1e-12
     with warnings.catch_warnings():  # one-time: later optimizers and steps stay quiet
         warnings.simplefilter("error")
-        ours, ref = _run_both([lambda p: SGD(p, lr=0.1, momentum=0.9, fused=True),
-                               lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)])
+        ours, ref = _run_both(
+            [lambda p: SGD(p, lr=0.1, momentum=0.9, fused=True), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)]
+        )
     assert rel_err(ours, ref) <= 1e-12
 
 
@@ -147,9 +151,12 @@ def test_build_is_cached(fresh_loader, monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_unsupported_tensors_fall_back_with_warning(fresh_loader) -> None:
     """A non-contiguous leaf and a bf16 param take the reference path, still exact."""
+
     def params() -> list[torch.Tensor]:
-        return [torch.arange(12.0).reshape(3, 4).t().requires_grad_(),  # non-contiguous
-                torch.ones(5, dtype=torch.bfloat16, requires_grad=True)]
+        return [
+            torch.arange(12.0).reshape(3, 4).t().requires_grad_(),  # non-contiguous
+            torch.ones(5, dtype=torch.bfloat16, requires_grad=True),
+        ]
 
     pa, pb = params(), params()
     a = SGD(pa, lr=0.1, momentum=0.9, fused=True)

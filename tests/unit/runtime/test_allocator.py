@@ -13,7 +13,9 @@ from gradtune.runtime import allocator
 def calls(monkeypatch):
     seen = {"release": 0, "trim": 0}
     monkeypatch.setattr(allocator, "_libc", None)
-    monkeypatch.setattr(allocator, "release_large_blocks", lambda: seen.__setitem__("release", seen["release"] + 1) or True)
+    monkeypatch.setattr(
+        allocator, "release_large_blocks", lambda: seen.__setitem__("release", seen["release"] + 1) or True
+    )
     monkeypatch.setattr(allocator, "trim", lambda: seen.__setitem__("trim", seen["trim"] + 1))
     return seen
 

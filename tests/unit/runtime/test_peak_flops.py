@@ -13,7 +13,7 @@ def test_measure_is_the_best_of_its_probes(monkeypatch):
     clock = iter([0.0, 1.0, 1.0, 1.0, 1.5, 1.5, 2.0, 4.0, 4.0])
     monkeypatch.setattr(pf, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     got = pf.measure_cpu(torch.float32, n=8, seconds=1e-9, probes=3)
-    assert got == 2 * 8 ** 3 / 0.5
+    assert got == 2 * 8**3 / 0.5
 
 
 def test_cached_then_remeasured_keeping_the_larger(tmp_path, monkeypatch):

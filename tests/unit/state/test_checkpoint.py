@@ -9,18 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradtune.state import checkpoint
 from gradtune.cli import main
 from gradtune.config import load_config
-from gradtune.runtime.errors import GradtuneError
 from gradtune.jobs.registry import build
 from gradtune.loop.fit import fit
+from gradtune.runtime.errors import GradtuneError
+from gradtune.state import checkpoint
 
 
 def tree():
-    return {"step": 7, "opt": {"state": {0: {"momentum_buffer": torch.randn(3, 2), "step": torch.tensor(4.0)}},
-                               "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "foreach": None}]},
-            "window": [1.5, float("inf")], "rng": (3, (1, 2, 3), None)}
+    return {
+        "step": 7,
+        "opt": {
+            "state": {0: {"momentum_buffer": torch.randn(3, 2), "step": torch.tensor(4.0)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "foreach": None}],
+        },
+        "window": [1.5, float("inf")],
+        "rng": (3, (1, 2, 3), None),
+    }
 
 
 def save(root: Path, step: int, keep: int = 2) -> Path:
@@ -94,8 +100,21 @@ def test_tampered_folder_is_detected_never_executed(how, tmp_path):
 
 
 def cfg_for(out: Path, *extra: str):
-    return load_config(None, ["model=mlp", "hidden=[4]", "standardize_target=true", "batch_size=16", "max_steps=30",
-                              "checkpoint_every=10", "progress=off", "plot=false", f"out_dir={out}", *extra])
+    return load_config(
+        None,
+        [
+            "model=mlp",
+            "hidden=[4]",
+            "standardize_target=true",
+            "batch_size=16",
+            "max_steps=30",
+            "checkpoint_every=10",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+            *extra,
+        ],
+    )
 
 
 def test_disk_full_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, capsys):
@@ -116,8 +135,20 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, m
         real(path, tensors)
 
     monkeypatch.setattr(checkpoint, "_write_tensors", full_disk)
-    code = main(["train", "model=mlp", "hidden=[4]", "standardize_target=true", "batch_size=16", "max_steps=30",
-                 "checkpoint_every=10", "progress=off", "plot=false", f"out_dir={out}"])
+    code = main(
+        [
+            "train",
+            "model=mlp",
+            "hidden=[4]",
+            "standardize_target=true",
+            "batch_size=16",
+            "max_steps=30",
+            "checkpoint_every=10",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 74 and len(err.splitlines()) == 1
     assert "cannot write checkpoint" in err and "step-00000020" in err and "No space left on device" in err

@@ -7,18 +7,31 @@ import signal
 import pytest
 import torch
 
-from gradtune.state import checkpoint
-from gradtune.runtime import testhooks as faults
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.state.preempt import EXIT_PREEMPTED, Preempted
 from gradtune.loop.fit import fit
+from gradtune.runtime import testhooks as faults
+from gradtune.state import checkpoint
+from gradtune.state.preempt import EXIT_PREEMPTED, Preempted
 
 
 def cfg_for(out, *extra):
-    return load_config(None, ["model=mlp", "hidden=[4]", "standardize_target=true", "batch_size=16",
-                              "micro_batch_size=5", "max_steps=25", "checkpoint_every=10", "progress=off",
-                              "plot=false", f"out_dir={out}", *extra])
+    return load_config(
+        None,
+        [
+            "model=mlp",
+            "hidden=[4]",
+            "standardize_target=true",
+            "batch_size=16",
+            "micro_batch_size=5",
+            "max_steps=25",
+            "checkpoint_every=10",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

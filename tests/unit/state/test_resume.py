@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from gradtune.state import checkpoint
-from gradtune.runtime import testhooks as faults
-from tests import hooks
 from gradtune.config import load_config
-from gradtune.runtime.errors import GradtuneError
+from gradtune.data.sampler import Sampler
 from gradtune.jobs.registry import build
 from gradtune.loop.fit import fit
-from gradtune.data.sampler import Sampler
+from gradtune.runtime import testhooks as faults
+from gradtune.runtime.errors import GradtuneError
+from gradtune.state import checkpoint
+from tests import hooks
 
 MODES = {
     "full": ["batch_size=full", "micro_batch_size=100", "max_steps=12"],  # 4 micro-batches a step
@@ -32,9 +32,23 @@ class Interrupt(BaseException):
 
 def job_and_cfg(out: Path, mode: str, extra: list[str] = ()):
     momentum = [] if "optimizer=adamw" in MODES[mode] else ["momentum=0.5"]
-    cfg = load_config(None, ["model=mlp", "hidden=[6]", "standardize_target=true", "lr=0.05", *momentum,
-                             "checkpoint_every=5", "progress=off", "plot=false", f"out_dir={out}", "seed=3",
-                             *MODES[mode], *extra])
+    cfg = load_config(
+        None,
+        [
+            "model=mlp",
+            "hidden=[6]",
+            "standardize_target=true",
+            "lr=0.05",
+            *momentum,
+            "checkpoint_every=5",
+            "progress=off",
+            "plot=false",
+            f"out_dir={out}",
+            "seed=3",
+            *MODES[mode],
+            *extra,
+        ],
+    )
     job = build(cfg)
     # Input dropout draws from torch's generator every step: the run depends on the RNG state.
     job.model = nn.Sequential(nn.Dropout(0.1), job.model)
@@ -169,8 +183,11 @@ def test_extending_a_constant_schedule_run_resumes_it(tmp_path):
     job, cfg = job_and_cfg(out, "minibatch", ["max_steps=35"])
     r = fit(job, cfg, out)
     assert r.steps == 35
-    assert [x for x in json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]")
-            if x["kind"] == "resume"][0]["step"] == 30
+    assert [
+        x
+        for x in json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]")
+        if x["kind"] == "resume"
+    ][0]["step"] == 30
 
 
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_used(tmp_path, capsys):
