@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional, Sequence
 
 import yaml
 
 from gradtune.config import Config
 from gradtune.jobs.job import Job
-from gradtune.loop.fit import Result, run_inputs
+from gradtune.loop.fit import Result
+from gradtune.loop.run_setup import run_inputs
 from gradtune.models.weights import save_state
 from gradtune.runtime import distributed, outdir
 from gradtune.runtime.atomic import write_text
@@ -38,11 +40,14 @@ def _save_extra(job: Job, out_dir: Path) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
+def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path, claimed: Optional[Sequence[str]] = None) -> None:
+    """``claimed``: the run's inputs when fit() has claimed ``out_dir`` for this run already
+    (train()); else the folder is claimed now (refused if it is not gradtune's)."""
     state = distributed.full_state_dict(job.model)  # collective under FSDP; {} except on rank 0
     if not distributed.is_main():
         return
-    outdir.claim(out_dir, run_inputs(cfg))  # already gradtune's when fit ran with this out_dir; refuses otherwise
+    if claimed is None:
+        outdir.claim(out_dir, run_inputs(cfg))
     save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _save_extra(job, out_dir)  # what reloading needs beside the weights (tokenizer, labels)

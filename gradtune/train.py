@@ -1,30 +1,39 @@
 """``train(cfg)``: build the job the config describes, run the one loop, write the outputs.
 
-job    = jobs.build(cfg)          every input validated, nothing written yet
-cfg    = curvature.resolve(...)   lr/momentum "auto" -> numbers (the saved config holds them)
-outdir.check(out_dir, inputs)     out_dir is gradtune's or new; no input where it writes
-result = loop.fit(job, cfg, out)  claims out_dir; resume, train, checkpoints, metrics.jsonl
-outputs.save_outputs(...)         weights, config, summary, plot, reload files
+job    = jobs.build(cfg)             every input validated, nothing written yet
+cfg    = curvature.resolve(...)      lr/momentum "auto" -> numbers (the saved config holds them)
+setup  = run_setup.prepare(...)      out_dir, callbacks, monitor, precision, device, process
+                                     group, resume: resolved and checked once, nothing written
+result = loop.fit(job, setup=setup)  claims out_dir; run.json; resume, train, checkpoints, metrics.jsonl
+outputs.save_outputs(...)            weights, config, summary, plot, reload files
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 from gradtune.config import Config
-from gradtune.jobs import curvature, precision
+from gradtune.jobs import curvature
 from gradtune.jobs.job import Job
 from gradtune.jobs.registry import build
 from gradtune.loop import budget
-from gradtune.loop.fit import Result, fit, run_inputs
+from gradtune.loop.fit import Result, fit
+from gradtune.loop.run_setup import RunSetup, prepare, saved_precision
 from gradtune.outputs import save_outputs
-from gradtune.runtime import allocator, distributed, outdir
-from gradtune.runtime.device import resolve_device
-from gradtune.state import checkpoint
+from gradtune.runtime import distributed
+
+__all__ = ["resolve_auto", "saved_precision", "setup_run", "train"]
+
+
+def setup_run(cfg: Config, inputs: Iterable[str] = ()) -> tuple[Job, RunSetup]:
+    """The job and the resolved run of ``cfg``, every check passed, nothing written
+    (``gradtune train --dry-run`` stops here)."""
+    started = budget.origin()
+    job = build(cfg)  # all bad input is rejected here, before anything is written
+    cfg = resolve_auto(job, cfg)
+    return job, prepare(job, cfg, Path(cfg.out_dir), inputs, started=started)
 
 
 def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:
@@ -32,39 +41,18 @@ def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:
     ``inputs``: files read besides those ``cfg`` names (the config file), which the run must
     not overwrite either. ``max_time`` counts from process start for a fresh process (the CLI),
     else from here (loop/budget.py)."""
-    started = budget.origin()
-    job = build(cfg)  # all bad input is rejected here, before anything is written
-    cfg = resolve_auto(job, cfg)
-    out_dir = Path(cfg.out_dir)
-    # Read-only, on every rank (a refusal on rank 0 alone would leave the others waiting); fit
-    # checks again and claims the folder on rank 0 once resume is decided. Before the precision
-    # probe: a refused out_dir is one line, with no probe run or told first.
-    outdir.check(out_dir, [*run_inputs(cfg), *inputs])
-    if cfg.precision == "auto" and cfg.resume != "never":  # a resumed run keeps its checkpoint's choice
-        cfg = dataclasses.replace(cfg, precision=saved_precision(out_dir) or "auto")
-    cfg = precision.resolve(job, cfg)  # precision auto -> fp32 | bf16, told at start
-    device = resolve_device(cfg.device)
-    if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
-        allocator.arm()  # applied once batch shapes vary: they would fragment the heap
-    with distributed.session(device, cfg.dist_timeout):  # a no-op in one process
-        result = fit(job, cfg, out_dir, started=started)
-        save_outputs(job, cfg, result, out_dir)
-    if "time_budget" in job.info and distributed.is_main():  # how max_time was spent, outputs included
-        print(budget.describe(job.info["time_budget"], time.perf_counter() - started), flush=True)
+    job, setup = setup_run(cfg, inputs)
+    try:
+        result = fit(job, setup.cfg, setup.out_dir, setup=setup)
+        save_outputs(job, setup.cfg, result, setup.out_dir, setup.inputs)
+    finally:
+        setup.close()
+    if "time_budget" in job.info:  # one total for the run, outputs included (train command's end line)
+        used = time.perf_counter() - setup.started
+        job.info["time_budget"]["used_s"] = round(used, 3)
+        if distributed.is_main():
+            print(budget.describe(job.info["time_budget"], used), flush=True)
     return result
-
-
-def saved_precision(out_dir: Path) -> Optional[str]:
-    """The precision the newest readable checkpoint in ``out_dir`` ran at (``precision: auto``
-    chose it then; a probe now, on a busier machine or with the cache deleted, might not)."""
-    for _, folder in reversed(checkpoint.listing(checkpoint.root(out_dir))):
-        try:
-            found = json.loads((folder / "config.json").read_text())["config"]["precision"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if found in ("fp32", "bf16"):
-            return found
-    return None
 
 
 def resolve_auto(job: Job, cfg: Config) -> Config:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gradtune import lr_find
 from gradtune.commands import config_args
-from gradtune.loop.fit import run_inputs
+from gradtune.loop.run_setup import run_inputs
 from gradtune.runtime import outdir
 from gradtune.runtime.errors import GradtuneError
 

@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # one summary per job, from rank 0
         return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))
-    print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {r.wall_time:.2f}s; stopped: {r.stop_reason}")
+    used = r.info.get("time_budget", {}).get("used_s")  # max_time: the one total, start-up and outputs included
+    took = f"{used:.2f}s in all" if used is not None else f"{r.wall_time:.2f}s"
+    print(f"done: {r.steps} steps ({r.epochs:.3g} epochs) in {took}; stopped: {r.stop_reason}")
     print(f"final: {metrics}")
     if r.info.get("noise_scale"):
         print(f"advice: {r.info['noise_scale']['advice']}")

@@ -13,11 +13,35 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from gradtune.config import Config
 from gradtune.data.dataset import Dataset
 from gradtune.models.weights import load_weights
 from gradtune.objectives.output import Objective
+from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
 
 TASKS = ("regression", "classification", "lm", "preference")
+# The metrics an evaluation row carries besides the loss, by task (train and val_ prefixed;
+# r2 on validation only). Each needs its sums from the objective (sq_err, correct, rewards).
+METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("rmse", "r2"),
+    "classification": ("accuracy",),
+    "lm": ("ppl",),
+    "preference": PREFERENCE_METRICS,
+}
+
+
+def metrics_for(task: str) -> tuple[str, ...]:
+    return METRICS.get(task, ())
+
+
+def eval_chunk(cfg: Config, cheap_rows: bool) -> int:
+    """Samples per evaluation chunk: large for in-memory tables (cheap rows), the training
+    batch for sequences, whose activations grow with the chunk (peak memory is set here)."""
+    if cfg.micro_batch_size:
+        return cfg.micro_batch_size
+    if cheap_rows:
+        return 1024 if cfg.batch_size == "full" else max(int(cfg.batch_size), 256)
+    return int(cfg.batch_size) if cfg.batch_size != "full" else 32
 
 
 @dataclass
@@ -38,6 +62,22 @@ class Job:
     at_start: Optional[Callable[[nn.Module], None]] = None
     # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
     save_extra: Optional[Callable[[Path], None]] = None
+    # What a step's count counts: "samples" or "tokens" (language models); "" -> from task.
+    unit: str = ""
+    # Metric names of an evaluation row besides the loss (METRICS); () -> from task.
+    metrics: tuple[str, ...] = ()
+    # Samples per evaluation chunk (``eval_chunk``); 0 -> the sequence rule, set by the loop.
+    eval_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        self.unit = self.unit or ("tokens" if self.task == "lm" else "samples")
+        self.metrics = self.metrics or metrics_for(self.task)
+
+    def logged(self) -> list[str]:
+        """The metric names this job's evaluation rows hold (early_stopping.monitor, plateau)."""
+        train = ["loss", *(m for m in self.metrics if m != "r2")]
+        val = ["val_loss", *(f"val_{m}" for m in self.metrics)] if self.val is not None else []
+        return [*train, *val, "grad_norm"]
 
 
 def load_init(model: nn.Module, path: str) -> None:

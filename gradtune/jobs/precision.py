@@ -23,7 +23,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -185,12 +185,13 @@ def busy_cpu(device: torch.device) -> str:
     return f"load {load:.1f} on {cores} cores" if load >= cores else ""
 
 
-def resolve(job: Job, cfg: Config) -> Config:
+def resolve(job: Job, cfg: Config, device: Optional[torch.device] = None) -> Config:
     """``cfg`` with ``precision: auto`` replaced by the choice (kept in ``job.info["precision"]``,
-    told in one line at start); any other precision comes back as it is."""
+    told in one line at start); any other precision comes back as it is. ``device``: the run's,
+    when already resolved."""
     if cfg.precision != "auto":
         return cfg
-    found = decide(job, cfg, resolve_device(cfg.device))
+    found = decide(job, cfg, device if device is not None else resolve_device(cfg.device))
     job.info["precision"] = found
     if distributed.is_main():
         ratio = f", bf16 step {found['ratio']:.2f}x as fast as fp32" if found.get("ratio") else ""

@@ -25,7 +25,7 @@ from gradtune.data.text_tasks import LabelMap, load_text_task
 from gradtune.finetune import audit, export, methods
 from gradtune.finetune.summary import summary
 from gradtune.jobs import preference
-from gradtune.jobs.job import Job
+from gradtune.jobs.job import Job, eval_chunk
 from gradtune.models import hf
 from gradtune.objectives.causal_lm import CausalLM
 from gradtune.objectives.classification import Classification
@@ -192,6 +192,7 @@ def build_pretrained(cfg: Config) -> Job:
     else:
         job = Job(model, objective_for(task), train, val, job_task(task), info)
     job.param_groups = head_groups(cfg, model)
+    job.eval_chunk = eval_chunk(cfg, cheap_rows=False)
     if cfg.finetune.audit:
         job.after_first_step = _audit_hook(model, trainable)
         job.at_start = job.after_first_step.rearm  # type: ignore[attr-defined]

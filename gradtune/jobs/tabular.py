@@ -16,7 +16,7 @@ from gradtune.data.dataset import TensorDataset
 from gradtune.data.split import split_indices
 from gradtune.data.text import warn
 from gradtune.jobs import memory
-from gradtune.jobs.job import Job, load_init
+from gradtune.jobs.job import Job, eval_chunk, load_init
 from gradtune.models.linear import Linear, closed_form_loss
 from gradtune.models.mlp import MLP
 from gradtune.objectives import classification, regression
@@ -148,4 +148,4 @@ def build_tabular(cfg: Config) -> Job:
         info["val_var"] = y[val_idx].double().var(unbiased=False).item() if len(val_idx) else None
         if cfg.model == "linear" and info["loss"] in ("mse", "mse_half"):
             info["closed_form_loss"] = closed_form_loss(x[train_idx], y[train_idx], half=info["loss"] == "mse_half")
-    return Job(model, objective, train, val, task, info)
+    return Job(model, objective, train, val, task, info, eval_chunk=eval_chunk(cfg, cheap_rows=True))

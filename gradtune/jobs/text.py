@@ -17,7 +17,7 @@ from torch import nn
 
 from gradtune.config import Config, GPTSection
 from gradtune.data import text
-from gradtune.jobs.job import Job, load_init
+from gradtune.jobs.job import Job, eval_chunk, load_init
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.objectives.causal_lm import CausalLM
 from gradtune.optim.groups import decay_groups
@@ -70,7 +70,14 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
         info["flops_per_token"] = model.flops_per_token()
         info["n_params"] = model.num_params()
     job = Job(
-        model, CausalLM(cfg.label_smoothing), train, val, "lm", info, param_groups=decay_groups(model, cfg.weight_decay)
+        model,
+        CausalLM(cfg.label_smoothing),
+        train,
+        val,
+        "lm",
+        info,
+        param_groups=decay_groups(model, cfg.weight_decay),
+        eval_chunk=eval_chunk(cfg, cheap_rows=False),
     )
     job.save_extra = lambda out_dir: save_tokenizer(job, out_dir)
     return job

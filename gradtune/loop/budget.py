@@ -48,7 +48,7 @@ from gradtune.config.durations import parse_duration
 from gradtune.runtime.errors import GradtuneError
 
 WARM_STEPS = 20  # steps measured before the budget is fixed (fewer for tiny runs)
-SKIP_STEPS = 3  # first steps left out of the median: allocation, compile, cold caches
+SKIP_STEPS = 3  # first steps left out of the mean: allocation, compile, cold caches
 WARM_SHARE = 0.1  # calibrate earlier when the warm-up has used this share of the budget
 WINDOW_SHARE = 0.05  # ... and never on less than this share: the mean must span many scheduler time slices
 AIM = 0.985  # plan to end at this share of the budget: later steps may run a little slower
@@ -141,6 +141,16 @@ class Spent:
         """Time that is not training: tokens/s and step times leave it out."""
         return self.eval + self.ckpt
 
+    @staticmethod
+    def clock() -> float:
+        return time.perf_counter()
+
+    def evaluated(self, t0: float) -> None:
+        """One evaluation begun at ``clock()`` value ``t0`` is done."""
+        self.eval += time.perf_counter() - t0
+        self.eval_n += 1
+        self.eval_first = self.eval_first or self.eval
+
 
 @dataclass
 class Plan:
@@ -157,6 +167,7 @@ class Plan:
     forced: bool = False
     replan_at: int = 0  # the step of the mid-run re-plan; 0: not yet
     first_steps: int = 0  # the calibration's count, which the schedule keeps running over after a re-plan
+    final_samples: int = 0  # the final evaluation's validation samples when sampled to fit; 0: all
 
 
 @dataclass
@@ -342,7 +353,9 @@ def _clock(seconds: float) -> str:
 
 
 def describe(info: dict[str, Any], used: float) -> str:
-    """The end-of-run line: how the budget was planned and spent (``info``: job.info's entry)."""
+    """The end-of-run line: how the budget was planned and spent (``info``: job.info's entry);
+    ``used``: the run's one total, start-up and outputs included (the train command's done line
+    says the same figure)."""
     p, spent = info["plan"], info["spent"]
     if not p["steps"]:
         return f"max_time {p['max_time']}: the run ended before calibration; used {_clock(used)}"
@@ -350,8 +363,9 @@ def describe(info: dict[str, Any], used: float) -> str:
     if p.get("replan_at"):
         how += f" (re-planned at step {p['replan_at']:,} from {p['first_steps']:,})"
     resumed = ", step budget from the checkpoint" if info.get("resumed") else ""
+    sampled = f" (final on {p['final_samples']:,} samples)" if p.get("final_samples") else ""
     return (
         f"max_time {p['max_time']}: {p['steps']:,} steps planned {how}{resumed}, used {_clock(used)}: "
-        f"train {_clock(spent['train'])}, eval {_clock(spent['eval'])}, checkpoints {_clock(spent['ckpt'])}, "
+        f"train {_clock(spent['train'])}, eval {_clock(spent['eval'])}{sampled}, checkpoints {_clock(spent['ckpt'])}, "
         f"start-up {_clock(spent['startup'])}, outputs {_clock(max(0.0, used - spent['total']))}"
     )

@@ -15,7 +15,10 @@ applied optimizer step (``step`` counts applied steps, ``loss`` is that step's m
 ``on_step_end`` and ``on_evaluate`` may return a reason to stop. A callback with state that must
 survive a resume implements ``state_dict`` / ``load_state_dict`` (plain JSON-able values and
 tensors); it is saved in every checkpoint. Under torchrun callbacks run on rank 0 only, unless
-the class sets ``all_ranks = True``.
+the class sets ``all_ranks = True``. A callback that raises ends the run with one line naming
+it and the event (``CallbackError``, exit 1; the traceback with GRADTUNE_DEBUG=1); the last
+checkpoint stays as it was. gradtune's own features are components on the same events
+(loop/components.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from gradtune.runtime.errors import GradtuneError
+
+
+class CallbackError(GradtuneError):
+    """A user callback raised: the run ends with one line naming it and the event, exit 1."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -65,55 +74,6 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def _overrides(cb: Callback, name: str) -> bool:
-    return getattr(type(cb), name) is not getattr(Callback, name)
-
-
-class Callbacks:
-    """The run's callbacks, dispatched in order. Per-step dispatch only visits callbacks that
-    override ``on_step_end``, so a run without them pays nothing per step."""
-
-    def __init__(self, callbacks: list[Callback], main: bool = True) -> None:
-        self.all = [cb for cb in callbacks if main or cb.all_ranks]
-        self.per_step = [cb for cb in self.all if _overrides(cb, "on_step_end")]
-
-    def begin(self, control: Control) -> None:
-        for cb in self.all:
-            cb.on_train_begin(control)
-
-    def step_end(self, step: int, loss: float, lr: float) -> Optional[str]:
-        for cb in self.per_step:
-            why = cb.on_step_end(step, loss, lr)
-            if why:
-                return why
-        return None
-
-    def evaluate(self, step: int, metrics: dict[str, Any]) -> Optional[str]:
-        stop = None
-        for cb in self.all:  # every callback sees the evaluation, even after one asked to stop
-            why = cb.on_evaluate(step, metrics)
-            stop = stop or why
-        return stop
-
-    def checkpoint(self, path: Path) -> None:
-        for cb in self.all:
-            cb.on_checkpoint(path)
-
-    def end(self, result: Any) -> None:
-        for cb in self.all:
-            cb.on_train_end(result)
-
-    def state_dict(self) -> list[Optional[dict[str, Any]]]:
-        return [cb.state_dict() for cb in self.all]
-
-    def load_state_dict(self, states: list[Optional[dict[str, Any]]]) -> None:
-        if len(states) != len(self.all):
-            raise GradtuneError(f"checkpoint: saved with {len(states)} callbacks, the run now has {len(self.all)}")
-        for cb, state in zip(self.all, states):
-            if state is not None:
-                cb.load_state_dict(state)
 
 
 def from_spec(spec: dict[str, Any]) -> Callback:

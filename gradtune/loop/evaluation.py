@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradtune.data.dataset import Dataset
+from gradtune.jobs.job import metrics_for
 from gradtune.loop.gradient import to_device
 from gradtune.objectives.output import Objective
 from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
@@ -89,6 +90,13 @@ def token_sample(data: Dataset, tokens: int, seed: int) -> Optional[Subset]:
     return Subset(data, torch.sort(order[:k]).values)
 
 
+def sample(data: Dataset, k: int, seed: int) -> Subset:
+    """A fixed, seeded sample of ``k`` samples of ``data`` (in their order): the final
+    evaluation when a full pass would not fit ``max_time`` (loop/time_budget.py)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return Subset(data, torch.sort(order[:k]).values)
+
+
 PROBE_CHUNKS = 4  # evaluation chunks timed to price an evaluation (max_time)
 
 
@@ -116,10 +124,17 @@ def seconds_per_sample(
 
 
 def task_metrics(
-    task: str, info: dict[str, Any], prefix: str, loss: float, count: float, sums: dict[str, float]
+    metrics: "str | tuple[str, ...]",
+    info: dict[str, Any],
+    prefix: str,
+    loss: float,
+    count: float,
+    sums: dict[str, float],
 ) -> dict[str, float]:
-    """Loss plus the metrics that fit the job's ``task``: RMSE (in the target's own units, from
-    ``info["target_std"]``) and R^2, accuracy, perplexity, DPO rewards."""
+    """Loss plus the job's ``metrics`` (``Job.metrics``, or a task name: ``jobs.job.METRICS``):
+    RMSE (in the target's own units, from ``info["target_std"]``) and R^2, accuracy, perplexity,
+    DPO rewards."""
+    metrics = metrics_for(metrics) if isinstance(metrics, str) else metrics
     out = {f"{prefix}loss": loss}
     if "sq_err" in sums and count:
         mse = sums["sq_err"] / count
@@ -129,10 +144,10 @@ def task_metrics(
             out[f"{prefix}r2"] = 1.0 - mse / var
     if "correct" in sums and count:
         out[f"{prefix}accuracy"] = sums["correct"] / count
-    if task == "lm":
+    if "ppl" in metrics:
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
-    if task == "preference" and count:  # DPO rewards: means over pairs
-        out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in sums})
+    if count:  # DPO rewards: means over pairs
+        out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in metrics and k in sums})
     return out
 
 

@@ -7,52 +7,45 @@
         guard      <- finite loss and gradient? no spike? else skip / rollback / stop
                       (decided before anything is touched)
         param      <- optimizer.step() at lr(step)
-        measure    <- at evaluation points only: loss, metrics, grad norm, log, plot
+        measure    <- at evaluation points only: loss, metrics, grad norm, log
         checkpoint <- every checkpoint_every steps, at the end, and on SIGTERM/SIGINT
-        stop?      <- converged (tol, patience, grad_tol) or budget reached
+        stop?      <- converged (tol, patience, grad_tol), a component or callback asked, or
+                      the step budget is spent
 
-Resume restores ``Loop.load_state_dict`` from a checkpoint (``Loop.restore``); checkpoints are
-written only between steps, so a kill inside an accumulation window simply recomputes that
-whole step from the last checkpoint.
+Everything else is a component on the loop's events (loop/components.py, the list in
+loop/assemble.py): the time budget, noise scale, plateau schedule, progress, throughput,
+update ratios, TensorBoard, allocator policy, audit, test probe; early stopping and your
+callbacks use the same events. Resume restores ``Loop.load_state_dict`` from a checkpoint
+(``Loop.restore``); checkpoints are written only between steps, so a kill inside an accumulation
+window simply recomputes that whole step from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from gradtune.config import Config
-from gradtune.data.dataset import TensorDataset
 from gradtune.data.sampler import Step, make_sampler
-from gradtune.jobs.job import Job
-from gradtune.loop import budget, gradient
-from gradtune.loop.callbacks import Callback, Callbacks, Control
-from gradtune.loop.early_stopping import monitor_mode, monitored
-from gradtune.loop.evaluation import (
-    evaluate,
-    ratio_snapshot,
-    seconds_per_sample,
-    task_metrics,
-    token_sample,
-    update_ratios,
-)
+from gradtune.jobs.job import Job, eval_chunk
+from gradtune.loop import gradient
+from gradtune.loop.assemble import components
+from gradtune.loop.budget import Spent
+from gradtune.loop.callbacks import Callback, Control
+from gradtune.loop.components import Events
+from gradtune.loop.evaluation import evaluate, task_metrics, token_sample
 from gradtune.loop.guard import Guard
 from gradtune.loop.loop_state import LoopState
-from gradtune.loop.noise_scale import NoiseScale
-from gradtune.loop.plateau import Plateau
 from gradtune.loop.schedules import factor
 from gradtune.loop.stopping import Convergence
 from gradtune.optim.build import make_optimizer
 from gradtune.optim.direct import direct_step
-from gradtune.runtime import allocator, distributed, testhooks
+from gradtune.runtime import distributed, testhooks
 from gradtune.runtime.device import autocast, resolve_device
 from gradtune.runtime.errors import GradtuneError
-from gradtune.runtime.peak_flops import peak_flops
 from gradtune.state import checkpoint, model_weights, resume
 from gradtune.state.preempt import Flag, Preempted
 from gradtune.telemetry.metrics_log import MetricsLog
@@ -66,7 +59,8 @@ def _set_lr(opt: torch.optim.Optimizer, f: float) -> float:
 
 
 class Loop(LoopState):
-    """State of one run of the loop; ``run`` is the loop itself."""
+    """State of one run of the loop; ``run`` is the loop itself. The loop is also the
+    ``LoopView`` its components see (loop/components.py documents what they may touch)."""
 
     def __init__(
         self,
@@ -76,217 +70,137 @@ class Loop(LoopState):
         log: MetricsLog,
         callbacks: Optional[list[Callback]] = None,
         started: Optional[float] = None,
+        device: Optional[torch.device] = None,
     ) -> None:
-        self.job, self.cfg, self.log = job, cfg, log
-        self.callbacks = Callbacks(callbacks or [], distributed.is_main())
-        self.out_dir = out_dir
-        self.device = distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
+        self.job, self.cfg, self.log, self.out_dir = job, cfg, log, out_dir
+        self.device = distributed.init(device or resolve_device(cfg.device), cfg.dist_timeout)
         mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
         # DDP wraps, FSDP2 shards in place; self.model is what the loop calls, job.model stays unwrapped.
         self.model, groups = distributed.wrap(job.model.to(self.device), mode, self.device, job.param_groups)
-        if job.at_start is not None:
-            job.at_start(job.model)  # after the wrap: DDP's broadcast has rewritten the weights in place
         # compile=true: the forward/backward runs through Inductor; weights are saved from the
         # plain module, so files never carry an `_orig_mod.` prefix.
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = make_optimizer(cfg, groups or self.params)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
-        # Host memory policy, applied once batch lengths are seen to vary (runtime/allocator.py).
-        lengths = getattr(job.train, "lengths", None) if allocator.armed() else None
-        self.memory = (
-            allocator.Adaptive(lengths, getattr(job.train, "pad_multiple", 1)) if lengths is not None else None
-        )
         self.sampler = make_sampler(job, cfg)
-        per_epoch = self.sampler.steps_per_epoch
+        per_epoch = self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
         self.eval_every = cfg.eval_every or per_epoch
+        self.warmup = cfg.warmup_steps  # max_time may cap it (loop/time_budget.py)
         self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
-        # The gradient noise scale needs two batch sizes per step: the first micro-batch and the batch.
-        split = self.sampler.micro < self.sampler.batch
-        self.noise = (
-            NoiseScale(unit="tokens" if job.task == "lm" else "samples")
-            if cfg.noise_scale and split and not distributed.active()
-            else None
-        )
-        self.plateau = (
-            Plateau(
-                cfg.lr,
-                monitor_mode(cfg.early_stopping),
-                cfg.gamma,
-                cfg.plateau_patience,
-                cfg.plateau_threshold,
-                cfg.plateau_cooldown,
-                cfg.min_lr,
-            )
-            if cfg.schedule == "plateau"
-            else None
-        )
-        # Evaluation chunks: large for in-memory tables (cheap rows), the training batch for
-        # sequences, whose activations grow with the chunk (peak memory is set here otherwise).
-        tabular = isinstance(job.train, TensorDataset)
-        self.eval_batch = cfg.micro_batch_size or (
-            (1024 if cfg.batch_size == "full" else max(cfg.batch_size, 256))
-            if tabular
-            else (cfg.batch_size if cfg.batch_size != "full" else 32)
-        )
+        self.eval_batch = job.eval_chunk or eval_chunk(cfg, cheap_rows=False)
         self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
         self.guard = Guard(cfg.guard)
         self.amp = autocast(cfg.precision, self.device)
-        self.step = 0
-        self.skipped = 0
+        self.step = self.skipped = 0
         self.lr_scale = 1.0  # lowered by each guard rollback
         self.finished: Optional[str] = None  # why a checkpointed run already stopped (converged...)
         self.ckpt_root = checkpoint.root(out_dir) if out_dir is not None else None
+        self.chained = self.ckpt_root is not None and bool(cfg.checkpoint_every)
         self.saved_step: Optional[int] = None
         self.preempt: Optional[Flag] = None  # set by fit() while its signal handlers are installed
-        self.probe = testhooks.Probe()
-        self._reset_epoch_sums()
+        self.phases = Spent()  # seconds evaluating and checkpointing: step times leave them out
+        self._reset_period_sums()
         self.last_gnorm: "Optional[float | torch.Tensor]" = None
-        self.progress = Progress("off", self.total)
-        self.health: dict[str, float] = {}
-        # max_time: the step budget is fixed after a measured warm-up (loop/budget.py); seconds
-        # by phase, so step times and tokens/s leave evaluation and checkpoint time out.
-        self.spent, self.other_mark = budget.Spent(), 0.0
-        self.budget = budget.TimeBudget.create(cfg.max_time, started, self.total) if cfg.max_time else None
+        self.batch: Optional[Step] = None  # the step being taken, and its samples or tokens
+        self.count = 0.0
+        self.train_loss = math.nan
+        self.progress = Progress("off", self.total)  # the ProgressDisplay component's, once begun
         # eval_tokens: intermediate evaluations of language models on one fixed, seeded sample
-        # of validation windows; the final evaluation is the full pass.
-        self.eval_set = job.val
-        if cfg.eval_tokens and job.task == "lm" and job.val is not None:
+        # of validation windows; the final evaluation is the full pass (or max_time's sample).
+        self.eval_set = self.final_set = job.val
+        if cfg.eval_tokens and job.unit == "tokens" and job.val is not None:
             self.eval_set = token_sample(job.val, cfg.eval_tokens, cfg.seed) or job.val
+        split = self.sampler.micro < self.sampler.batch
+        found = components(job, cfg, out_dir, self.total, split, started)
+        for c in found:
+            c.attach(self)
+        self.events = Events([*found, *(callbacks or [])], distributed.is_main())
 
-    # --- measuring ----------------------------------------------------------------------------
-    def _schedule(self) -> float:
-        c = self.cfg
-        min_ratio = c.min_lr / c.lr
-        step, total = self.budget.schedule_step(self.step, self.total) if self.budget else (self.step, self.total)
-        f = factor(
-            step, c.schedule, total, c.warmup_steps, c.gamma, c.step_size, min_ratio, self.decay_steps, c.decay_shape
-        )
-        return f * self.plateau.scale if self.plateau is not None else f
-
-    def _set_total(self, total: int) -> None:
-        """The run's step total; max_time sets it at calibration: every schedule runs over it."""
+    # --- the view's setters --------------------------------------------------------------------
+    def set_total(self, total: int, span: Optional[int] = None) -> None:
+        """The run's step total (max_time fixes it at calibration); ``span``: the total the
+        schedule's decay runs over when it differs (after a re-plan)."""
         self.total = total
-        plan = self.budget.plan if self.budget is not None else None
-        span = plan.first_steps if plan is not None and plan.replan_at else total  # the schedule's total
-        self.decay_steps = self.cfg.decay_steps or max(1, round(self.cfg.decay_fraction * span))
+        self.decay_steps = self.cfg.decay_steps or max(1, round(self.cfg.decay_fraction * (span or total)))
         self.progress.retotal(total)
 
-    def _calibrate(self) -> None:
-        """max_time: fix the step budget now, from the warm-up's step times and a timed
-        evaluation probe (loop/budget.py); logged to metrics.jsonl and told in one line."""
-        assert self.budget is not None
-        t0, cfg, val = time.perf_counter(), self.cfg, self.job.val
-        per = (
-            seconds_per_sample(self.model, self.job.objective, val, self.eval_batch, self.device, self.amp)
-            if val is not None
-            else 0.0
-        )
-        probe_s = time.perf_counter() - t0
-        state_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-        chain = self.ckpt_root is not None and bool(cfg.checkpoint_every)
-        ckpt_s = (
-            self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else budget.output_seconds(3 * state_bytes, False)
-        )
-        final_s = per * len(val or ()) + budget.output_seconds(state_bytes, cfg.plot) + (ckpt_s if chain else 0.0)
-        # The warm-up's own evaluations (same set, logging included) say best what one costs;
-        # else the probe (its chunks run warm) plus the row's logging.
-        eval_s = self.spent.eval_mean() or per * len(self.eval_set or ()) + 2e-3
-        self._set_total(
-            self.budget.fix(
-                self.step,
-                self.total,
-                eval_s,
-                final_s,
-                ckpt_s,
-                self.eval_every,
-                self.sampler.steps_per_epoch,
-                cfg.checkpoint_every if chain else 0,
-            )
-        )
-        self.spent.eval += probe_s
-        self._tell(self.budget.told())
+    def note(self, line: str) -> None:
+        self.progress.note(line)
 
-    def _replan(self) -> None:
-        """max_time, halfway: the final step count from the step times since calibration."""
-        assert self.budget is not None
-        chain = self.ckpt_root is not None and bool(self.cfg.checkpoint_every)
-        ckpt_s = self.spent.ckpt / self.spent.ckpt_n if self.spent.ckpt_n else 0.0
-        self._set_total(
-            self.budget.replan(
-                self.step,
-                self.budget.provisional,
-                self.spent.eval_mean() or self.budget.plan.eval_s,
-                ckpt_s,
-                self.eval_every,
-                self.sampler.steps_per_epoch,
-                self.cfg.checkpoint_every if chain else 0,
-            )
+    def components(self) -> list[str]:
+        """The run's components and callbacks, one line each (--dry-run, run.json)."""
+        return self.events.describe()
+
+    # --- measuring ----------------------------------------------------------------------------
+    def _lr(self) -> float:
+        """Set and return this step's lr: the schedule at (step, total) as the components map it,
+        times their factors (plateau cuts), times the guard's rollback scale."""
+        c = self.cfg
+        step, total = self.step, self.total
+        for comp in self.events.on["schedule"]:
+            step, total = comp.schedule(step, total)
+        f = factor(
+            step, c.schedule, total, self.warmup, c.gamma, c.step_size, c.min_lr / c.lr, self.decay_steps, c.decay_shape
         )
-        self._tell(self.budget.told_replan())
+        for comp in self.events.on["lr_factor"]:
+            f = f * comp.lr_factor()
+        return _set_lr(self.opt, f * self.lr_scale)
 
-    def _tell(self, line: str) -> None:
-        self.log.write({"kind": "budget", "step": self.step, **self.budget.state_dict()})
-        if distributed.is_main():
-            print(line, file=sys.stderr, flush=True)
-
-    def _evaluate(self, train_loss: float, lr: float) -> Optional[str]:
-        job, cfg = self.job, self.cfg
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {
-            "kind": "eval",
-            "step": self.step,
-            "epoch": round(self.step / self.sampler.steps_per_epoch, 4),
-            "lr": lr,
-        }
-        row.update(task_metrics(job.task, job.info, "", train_loss, self.ep_count, self.ep_sums))
+    def _evaluate(self, lr: float) -> Optional[str]:
+        """One evaluation row: training sums since the last one, what components measure, the
+        validation pass (full at the end); logged, then heard by components and callbacks."""
+        job, t0 = self.job, self.phases.clock()
+        self.train_loss = self.run_loss / max(self.run_count, 1.0)
+        period = {k: float(v) for k, v in self.run_metrics.items()}  # one host sync per evaluation
+        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4)}
+        row["lr"] = lr
+        row.update(task_metrics(job.metrics, job.info, "", self.train_loss, self.run_count, period))
         gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
         if gnorm is not None:
             row["grad_norm"] = gnorm
-        row.update(self.health)
-        if self.noise is not None and self.noise.value is not None:
-            row["noise_scale"] = self.noise.value
-        now = time.perf_counter()
-        if job.task == "lm":  # training throughput since the previous evaluation (evaluations, checkpoints excluded)
-            tps = self.ep_count / max(now - self.t_mark - (self.spent.other() - self.other_mark), 1e-9)
-            row["tokens_per_s"] = tps
-            if "flops_per_token" in job.info:
-                bf16 = self.cfg.precision == "bf16"
-                row["mfu"] = job.info["flops_per_token"] * tps / peak_flops(self.device, bf16)
-                if row["mfu"] > 1.0:  # the cached peak was measured at a busy moment: measure again
-                    row["mfu"] = job.info["flops_per_token"] * tps / peak_flops(self.device, bf16, remeasure=True)
+        self.events.emit("on_measure", row)
         if job.val is not None:
-            data = job.val if self.step >= self.total else self.eval_set  # the final evaluation is full
+            data = self.final_set if self.step >= self.total else self.eval_set
             if data is not job.val:
                 row["val_samples"] = len(data)
             vl, vc, vs = evaluate(self.model, job.objective, data, self.eval_batch, self.device, self.amp)
-            row.update(task_metrics(job.task, job.info, "val_", vl, vc, vs))
+            row.update(task_metrics(job.metrics, job.info, "val_", vl, vc, vs))
         self.log.write(row)
-        self.progress.report(self.step, {k: v for k, v in row.items() if k not in ("kind", "step")})
-        if self.plateau is not None and self.plateau.step(monitored(row, cfg.early_stopping.monitor)):
-            self.progress.note(f"plateau: step {self.step}: lr cut to {cfg.lr * self.plateau.scale:.3g}")
-        asked = self.callbacks.evaluate(self.step, row)
-        self.spent.eval += time.perf_counter() - t0
-        self.spent.eval_n += 1
-        self.spent.eval_first = self.spent.eval_first or self.spent.eval
-        self.t_mark, self.other_mark = time.perf_counter(), self.spent.other()
-        return self.stopper.update(train_loss, gnorm if cfg.batch_size == "full" else None) or asked
+        asked = self.events.ask("on_evaluate", self.step, row)
+        self.phases.evaluated(t0)
+        self._reset_period_sums()
+        return self.stopper.update(self.train_loss, gnorm if self.cfg.batch_size == "full" else None) or asked
 
-    def _reset_epoch_sums(self) -> None:
-        # Running sums since the last evaluation. Loss and count are host floats (float64): the
-        # guard reads each step's loss anyway. Metric sums stay device tensors (checkpointed as
-        # they are), read once per evaluation: no per-step sync for them.
+    def _reset_period_sums(self) -> None:
+        # Running sums since the last evaluation (an evaluation period, not an epoch). Loss and
+        # count are host floats (float64): the guard reads each step's loss anyway. Metric sums
+        # stay device tensors (checkpointed as they are), read once per evaluation: no per-step
+        # sync for them.
         self.run_loss, self.run_count = 0.0, 0.0
         self.run_metrics: dict[str, torch.Tensor] = {}
-        self.ep_count = 0.0
-        self.ep_sums: dict[str, float] = {}
 
-    def _close_epoch_sums(self) -> float:
-        """One host sync per evaluation: the metric sums since the last one; the mean loss."""
-        self.ep_count = self.run_count
-        self.ep_sums = {k: float(v) for k, v in self.run_metrics.items()}
-        return self.run_loss / max(self.ep_count, 1.0)
+    @property
+    def period_count(self) -> float:
+        """Samples or tokens trained on since the last evaluation."""
+        return self.run_count
+
+    def _add_sums(self, loss_sum: float, sums: dict[str, torch.Tensor]) -> None:
+        self.run_loss += loss_sum
+        self.run_count += self.count
+        for k, v in sums.items():
+            self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
+
+    def _update(self, closes: bool) -> None:
+        """The optimizer step, with the components that look just before and after it (all of
+        them on a step that closes an evaluation period, else those that act every step)."""
+        near = self.events.on["on_update"] if closes else self.events.every_step_update
+        for c in near:
+            c.on_update(True)
+        self.opt_step()
+        for c in near:
+            c.on_update(False)
 
     # --- the guard's decisions ----------------------------------------------------------------
     def _on_guard(self, action: str, why: str, s: Step) -> Optional[str]:
@@ -313,7 +227,7 @@ class Loop(LoopState):
         elif self.skipped > max(10, self.total // 10):
             stop = f"diverged: {why} ({self.skipped} steps skipped)"
         self.log.write(row)
-        self.progress.note(f"guard: step {self.step}: {why} -> {action}")
+        self.note(f"guard: step {self.step}: {why} -> {action}")
         return stop
 
     def _rollback(self, row: dict[str, Any]) -> Optional[str]:
@@ -342,28 +256,17 @@ class Loop(LoopState):
     # --- the loop -----------------------------------------------------------------------------
     def _begin(self) -> None:
         cfg = self.cfg
-        self.progress = Progress(
-            cfg.progress if distributed.is_main() else "off",
-            self.total,
-            unit="tokens" if self.job.task == "lm" else "samples",
-            start=self.step,
-        )
-        self.health = {}
-        self.t_mark, self.other_mark = time.perf_counter(), self.spent.other()
-        if self.budget is not None:
-            self.budget.began()
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
         self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
-        self.callbacks.begin(
-            Control(
-                self.out_dir,
-                self.total,
-                save_state=lambda root: self.save_checkpoint(root, keep=1),
-                load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
-                snapshot=lambda: model_weights.snapshot(self.model),
-                restore=lambda weights: model_weights.copy_into(self.model, weights),
-            )
+        control = Control(
+            self.out_dir,
+            self.total,
+            save_state=lambda root: self.save_checkpoint(root, keep=1),
+            load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
+            snapshot=lambda: model_weights.snapshot(self.model),
+            restore=lambda weights: model_weights.copy_into(self.model, weights),
         )
+        self.events.emit("on_train_begin", control)
         if cfg.guard.enabled and cfg.guard.policy == "rollback":
             if self.ckpt_root is None:
                 raise GradtuneError("guard.policy=rollback needs an out_dir to keep checkpoints in")
@@ -372,68 +275,46 @@ class Loop(LoopState):
         self.model.train()
 
     def _step(self, s: Step) -> tuple[bool, Optional[str]]:
-        """One optimizer step on ``s``: (was the update applied, why to stop or None). A step that
-        closes an evaluation period sets ``train_loss``."""
-        cfg, job = self.cfg, self.job
+        """One optimizer step on ``s``: (was the update applied, why to stop or None)."""
         # A signal seen by any rank before this step stops every rank after it (runtime/distributed.py).
         distributed.vote_stop(self.preempt is not None and self.preempt.requested)
-        lr = _set_lr(self.opt, self._schedule() * self.lr_scale)
+        lr = self._lr()
         for p in self.params:
             p.grad = None
-        first: Optional[list[float]] = [] if self.noise is not None else None
+        first: Optional[list[float]] = [] if self.events.wants_first else None
         loss_sum, count, sums = gradient.accumulate(
-            self.fwd, job.objective, job.train, s.micro, self.device, self.amp, first
+            self.fwd, self.job.objective, self.job.train, s.micro, self.device, self.amp, first
         )
         # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
         grads = [p.grad for p in self.params if p.grad is not None]
-        count_f = float(count)
-        if grads and count_f != 1.0:
-            torch._foreach_mul_(grads, 1.0 / count_f)
+        self.batch, self.count = s, float(count)
+        if grads and self.count != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.count)
         loss_sum_f = float(loss_sum)  # one scalar read per step: the guard needs it now
-        loss = loss_sum_f / count_f
+        loss = loss_sum_f / self.count
         gnorm = gradient.norm(grads) if self.need_norm else None
         action, why = self.guard.check(loss, float(gnorm) if self.check_grad else None)
         if action != "ok":
             return False, self._on_guard(action, why, s)
-        if first:  # [|grad of the first micro-batch's sum|², its count]; the batch's mean grad now
-            big = float(gnorm) if gnorm is not None else float(gradient.norm(grads))
-            self.noise.update(first[1], count_f, first[0] / first[1] ** 2, big * big)
+        self.events.emit("on_gradients", grads, gnorm, self.count, first)
         if self.need_norm:
             self.last_gnorm = gnorm
-            if cfg.clip_grad_norm is not None:
-                gradient.clip_(grads, gnorm, cfg.clip_grad_norm)
-        watch = (self.step + 1) % self.eval_every == 0  # measure this update at the evaluation
-        before = ratio_snapshot(self.opt) if watch else None
-        self.opt_step()
-        if self.memory is not None:
-            self.memory.after_step(s.micro)  # trims once batch lengths vary (runtime/allocator.py)
-        if self.step == 0 and job.after_first_step is not None:
-            job.after_first_step(job.model)  # fine-tuning audit: exactly the right weights moved
-        if before is not None:
-            self.health = update_ratios(self.opt, before)
+            if self.cfg.clip_grad_norm is not None:
+                gradient.clip_(grads, gnorm, self.cfg.clip_grad_norm)
+        self._update((self.step + 1) % self.eval_every == 0)
         testhooks.hit("step")
-        self.run_loss += loss_sum_f
-        self.run_count += count_f
-        for k, v in sums.items():
-            self.run_metrics[k] = v if k not in self.run_metrics else self.run_metrics[k] + v
+        self._add_sums(loss_sum_f, sums)
         self.step += 1
-        self.progress.tick(self.step, loss, lr, count_f)
-        asked = self.callbacks.step_end(self.step, loss, lr) if self.callbacks.per_step else None
-        if self.probe.file is not None:
-            self.probe.record(self.step, torch.cat(s.micro).tolist())
-        if cfg.log_every and self.step % cfg.log_every == 0:
+        asked = self.events.step_end(self.step, loss, lr)
+        if self.cfg.log_every and self.step % self.cfg.log_every == 0:
             self.log.write({"kind": "step", "step": self.step, "loss": loss, "lr": lr})
         if self.step % self.eval_every == 0 or s.epoch_end or self.step == self.total:
-            self.train_loss = self._close_epoch_sums()
-            reason = self._evaluate(self.train_loss, lr)
-            self._reset_epoch_sums()
-            return True, reason or asked
+            return True, self._evaluate(lr) or asked
         return True, asked
 
     def _after_step(self) -> None:
         """Checkpoint when due; on a preemption request, checkpoint and raise ``Preempted``."""
-        cfg = self.cfg
-        if self.ckpt_root is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+        if self.chained and self.step % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if self.preempt is not None and distributed.stop_agreed(self.preempt.requested):
             assert self.ckpt_root is not None
@@ -446,38 +327,23 @@ class Loop(LoopState):
                 f"preempted by {by} at step {self.step}; checkpoint {path}; run the same command again to resume"
             )
 
+    def _end(self) -> None:
+        if self.chained and self.saved_step != self.step:
+            self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
+        self.events.emit("on_run_end")
+
     def run(self) -> tuple[str, float]:
-        """Train until the budget is spent or a stop rule fires: (why it stopped, last train loss)."""
-        stop_reason = self.finished or f"budget reached ({self.total} steps)"
-        self.train_loss = math.nan
+        """Train until the step budget is spent or a stop rule fires: (why it stopped, last train loss)."""
         self._begin()
         while self.step < self.total and not self.finished:
             testhooks.hit("step.begin")
-            t0, other0 = time.perf_counter(), self.spent.other()
+            self.events.emit("on_step_begin")
             applied, reason = self._step(next(self.sampler))
             if reason:
-                stop_reason = self.finished = reason
+                self.finished = reason
                 break
             if applied:
                 self._after_step()
-            if self.budget is not None and self.budget.observe(
-                self.step, time.perf_counter() - t0 - (self.spent.other() - other0)
-            ):
-                self._calibrate()
-                stop_reason = self.finished or f"budget reached ({self.total} steps)"
-            elif self.budget is not None and self.budget.replan_due(self.step):
-                self._replan()
-                stop_reason = self.finished or f"budget reached ({self.total} steps)"
-        if self.ckpt_root is not None and self.cfg.checkpoint_every and self.saved_step != self.step:
-            self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
-        self.probe.close()
-        self.progress.close(self.step)
-        if self.budget is not None:  # summary.json and the end-of-run line (train.py)
-            self.job.info["time_budget"] = self.budget.summary(self.spent)
-        if self.noise is not None and self.noise.value is not None:  # summary.json, report, the CLI's advice
-            self.job.info["noise_scale"] = {
-                "samples": self.noise.value,
-                "batch": self.noise.batch,
-                "advice": self.noise.advice(),
-            }
-        return stop_reason, self.train_loss
+            self.events.emit("on_step_done")
+        self._end()
+        return self.finished or f"budget reached ({self.total} steps)", self.train_loss

@@ -42,12 +42,11 @@ class LoopState:
             "sums": {"loss": self.run_loss, "count": self.run_count, "metrics": dict(self.run_metrics)},
             "last_gnorm": self.last_gnorm,  # a float, or a 0-d tensor (CUDA/DTensor gradients)
             "metrics_rows": len(self.log.rows),
-            "callbacks": self.callbacks.state_dict(),
-            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            "noise": self.noise.state_dict() if self.noise is not None else None,
             "data_fingerprint": self.job.info.get("data_fingerprint"),  # resume refuses changed data
             "rng": checkpoint.rng_state(),
-            "budget": self.budget.state_dict() if self.budget is not None else None,  # max_time's fixed step budget
+            # Each component's state under its key (plateau, noise, budget: max_time's fixed step
+            # budget); the callbacks' (early stopping, yours) as one list under "callbacks".
+            **self.events.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -66,16 +65,8 @@ class LoopState:
         self.run_metrics = {k: v.to(self.device) for k, v in sums["metrics"].items()}
         gn = state["last_gnorm"]
         self.last_gnorm = gn.to(self.device) if isinstance(gn, torch.Tensor) else gn
-        if state.get("callbacks") is not None:
-            self.callbacks.load_state_dict(state["callbacks"])
-        if self.plateau is not None and state.get("plateau") is not None:
-            self.plateau.load_state_dict(state["plateau"])
-        if self.noise is not None and state.get("noise") is not None:
-            self.noise.load_state_dict(state["noise"])
         checkpoint.set_rng_state(state["rng"])
-        if self.budget is not None:  # the step budget is never re-calibrated on resume
-            self.budget.load_state_dict(state.get("budget"))
-            self._set_total(self.budget.plan.steps or self.budget.provisional)
+        self.events.load_state_dict(state)  # components (the step budget: never re-calibrated) and callbacks
 
     def restore(self, found: resume.Plan) -> None:
         """Load the weights and every state of checkpoint ``found`` (resume, and rollback)."""
@@ -113,7 +104,7 @@ class LoopState:
             )
         if chain:
             self.saved_step = self.step
-            self.callbacks.checkpoint(path)
-        self.spent.ckpt += time.perf_counter() - t0
-        self.spent.ckpt_n += 1
+            self.events.emit("on_checkpoint", path)
+        self.phases.ckpt += time.perf_counter() - t0
+        self.phases.ckpt_n += 1
         return path

@@ -20,6 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import torch
+
+from gradtune.loop import gradient
+from gradtune.loop.components import Component
+
 
 class NoiseScale:
     def __init__(self, beta: float = 0.95, unit: str = "samples") -> None:
@@ -75,3 +80,36 @@ class NoiseScale:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.g2, self.trace = float(state["g2"]), float(state["trace"])
         self.weight, self.batch = float(state["weight"]), float(state["batch"])
+
+
+class NoiseScaleMeter(Component):
+    """``noise_scale: true`` on the loop's events: the two gradient norms of each step (first
+    micro-batch, whole batch) update the estimate; each evaluation row gets ``noise_scale``; the
+    end of the run puts the advice in summary.json. Needs micro-batches, one process."""
+
+    key = "noise"
+    wants_first = True
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.noise = NoiseScale(unit=unit)
+
+    def on_gradients(self, grads: list[torch.Tensor], gnorm: Any, count: float, first: Optional[list]) -> None:
+        if first:  # [|grad of the first micro-batch's sum|², its count]; the batch's mean grad now
+            big = float(gnorm) if gnorm is not None else float(gradient.norm(grads))
+            self.noise.update(first[1], count, first[0] / first[1] ** 2, big * big)
+
+    def on_measure(self, row: dict[str, Any]) -> None:
+        if self.noise.value is not None:
+            row["noise_scale"] = self.noise.value
+
+    def on_run_end(self) -> None:
+        n = self.noise
+        if n.value is not None:  # summary.json, report, the CLI's advice
+            self.view.job.info["noise_scale"] = {"samples": n.value, "batch": n.batch, "advice": n.advice()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.noise.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.noise.load_state_dict(state)

@@ -13,7 +13,11 @@ checkpoints, so a resumed run reduces at the very same evaluations.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
+
+from gradtune.config import Config
+from gradtune.loop.components import Component
+from gradtune.loop.early_stopping import monitor_mode, monitored
 
 
 class Plateau:
@@ -65,3 +69,41 @@ class Plateau:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad = float(state["best"]), int(state["bad"])
         self.cooldown_left, self.scale = int(state["cooldown_left"]), float(state["scale"])
+
+
+class PlateauSchedule(Component):
+    """``schedule: plateau`` on the loop's events: at each evaluation the monitored metric
+    (``early_stopping.monitor``) steps the rule; the lr is the scheduled one times ``scale``."""
+
+    key = "plateau"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.monitor = cfg.early_stopping.monitor
+        self.plateau = Plateau(
+            cfg.lr,
+            monitor_mode(cfg.early_stopping),
+            cfg.gamma,
+            cfg.plateau_patience,
+            cfg.plateau_threshold,
+            cfg.plateau_cooldown,
+            cfg.min_lr,
+        )
+
+    def describe(self) -> str:
+        p = self.plateau
+        return f"PlateauSchedule(monitor={self.monitor}, factor={p.factor:g}, patience={p.patience})"
+
+    def lr_factor(self) -> float:
+        return self.plateau.scale
+
+    def on_evaluate(self, step: int, metrics: dict[str, Any]) -> Optional[str]:
+        if self.plateau.step(monitored(metrics, self.monitor)):
+            self.view.note(f"plateau: step {step}: lr cut to {self.plateau.base_lr * self.plateau.scale:.3g}")
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plateau.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plateau.load_state_dict(state)

@@ -43,6 +43,7 @@ RUN_FILES = (
     "report.html",
     "tokenizer.json",
     "labels.json",
+    "run.json",
 )
 RUN_FOLDERS = ("checkpoints", "best", "tb", "tokenizer", "adapter", "merged")
 _REPLACED = ("tokenizer", "adapter", "merged")  # folders a finished run swaps whole for new ones

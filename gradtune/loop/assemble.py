@@ -1,0 +1,50 @@
+"""Which components a run has, in the order they hear each event. The list is a function of
+the config and the job alone, so ``--dry-run`` prints it and run.json records it before the
+first step. Order matters where two components touch one thing: the progress display reports an
+evaluation before the plateau schedule notes its cut; the row gets update ratios, the noise
+scale and throughput in that order; the user's callbacks (and early stopping) come last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from gradtune.config import Config
+from gradtune.jobs.job import Job
+from gradtune.loop.components import Component
+from gradtune.loop.instruments import ProgressDisplay, TensorBoard, Throughput, UpdateRatios
+from gradtune.loop.noise_scale import NoiseScaleMeter
+from gradtune.loop.plateau import PlateauSchedule
+from gradtune.loop.run_hooks import AllocatorPolicy, Audit, TestProbe
+from gradtune.loop.time_budget import TimeBudget
+from gradtune.runtime import allocator, distributed, testhooks
+
+
+def components(
+    job: Job, cfg: Config, out_dir: Optional[Path], total: int, split: bool, started: Optional[float] = None
+) -> list[Component]:
+    """The run's components. ``total``: the config's step total; ``split``: micro-batches are
+    smaller than the batch (the noise scale needs two batch sizes per step)."""
+    main = distributed.is_main()
+    found: list[Component] = []
+    if main and cfg.progress != "off":
+        found.append(ProgressDisplay(cfg.progress))
+    if cfg.max_time:
+        found.append(TimeBudget(cfg, started, total))
+    found.append(UpdateRatios())
+    if cfg.noise_scale and split and not distributed.active():
+        found.append(NoiseScaleMeter(job.unit))
+    if job.unit == "tokens":
+        found.append(Throughput())
+    if cfg.schedule == "plateau":
+        found.append(PlateauSchedule(cfg))
+    lengths = getattr(job.train, "lengths", None)
+    if lengths is not None and allocator.armed():
+        found.append(AllocatorPolicy(lengths, getattr(job.train, "pad_multiple", 1)))
+    if job.at_start is not None or job.after_first_step is not None:
+        found.append(Audit())
+    if main and testhooks.probe_dir() is not None:
+        found.append(TestProbe())
+    if main and out_dir is not None and "tensorboard" in cfg.log_to:
+        found.append(TensorBoard(out_dir))
+    return found
