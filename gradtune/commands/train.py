@@ -5,19 +5,44 @@ from __future__ import annotations
 import argparse
 
 from gradtune.commands import config_args
+from gradtune.loop.assemble import planned
+from gradtune.loop.run_setup import describe
 from gradtune.runtime import distributed
-from gradtune.train import train
+from gradtune.train import setup_run, train
 
 HELP = "train a model from a config and key=value settings"
 
 
 def setup(p: argparse.ArgumentParser) -> None:
     config_args.add(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and check everything (data, model, out_dir, callbacks, precision, resume), "
+        "print the run's device, precision and components, write nothing",
+    )
+
+
+def dry_run(cfg, inputs: list[str]) -> int:
+    job, s = setup_run(cfg, inputs)
+    try:
+        facts = describe(s, planned(job, s.cfg, s.out_dir, s.callbacks))
+    finally:
+        s.close()
+    if distributed.is_main():
+        resume = f"resume from {facts['resume']}" if facts["resume"] else "fresh"
+        print(f"dry run: nothing written; {job.task} job, {len(job.train):,} training samples")
+        print(f"  device {facts['device']}, precision {facts['precision']}, world size {facts['world_size']}")
+        print(f"  out_dir {facts['out_dir']} ({resume})")
+        print("  components: " + ", ".join(facts["components"]))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_args.config(args)
     path, _ = config_args.split(args.items)
+    if args.dry_run:
+        return dry_run(cfg, [path] if path else [])
     r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
     if not distributed.is_main():  # one summary per job, from rank 0
         return 0

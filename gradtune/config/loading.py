@@ -169,4 +169,26 @@ def load_config(
         _apply(cfg, _nest(key, value), "", "command line")
     check_combinations(cfg)
     check_method(cfg)
+    _warn_disabled(cfg, [file_values, *(_nest(k, v) for k, v in pairs)])
     return cfg
+
+
+def _warn_disabled(cfg: Config, given: list[dict[str, Any]]) -> None:
+    """Settings given (file or command line) for a section left disabled (``enabled: false``)
+    would do nothing: one warning line, not silence. The section is not switched on for them:
+    a leftover key must not change what a run trains. The plateau schedule reads
+    ``early_stopping.monitor`` / ``mode`` whether early stopping is on or not."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(section) or getattr(section, "enabled", True) is not False:
+            continue
+        keys = sorted({k for g in given if isinstance(g.get(f.name), dict) for k in g[f.name] if k != "enabled"})
+        if f.name == "early_stopping" and cfg.schedule == "plateau":
+            keys = [k for k in keys if k not in ("monitor", "mode")]
+        if keys:
+            named = ", ".join(f"{f.name}.{k}" for k in keys)
+            print(
+                f"gradtune: warning: {named} given but {f.name}.enabled is false: ignored "
+                f"(add {f.name}.enabled=true to use it)",
+                file=sys.stderr,
+            )

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from gradtune.config import Config
+from gradtune.data.sampler import make_sampler
 from gradtune.jobs.job import Job
-from gradtune.loop.components import Component
+from gradtune.loop.callbacks import Callback
+from gradtune.loop.components import Component, Events
 from gradtune.loop.instruments import ProgressDisplay, TensorBoard, Throughput, UpdateRatios
 from gradtune.loop.noise_scale import NoiseScaleMeter
 from gradtune.loop.plateau import PlateauSchedule
@@ -48,3 +50,15 @@ def components(
     if main and out_dir is not None and "tensorboard" in cfg.log_to:
         found.append(TensorBoard(out_dir))
     return found
+
+
+def step_total(cfg: Config, per_epoch: int) -> int:
+    """The config's own step total: epochs, capped by max_steps (max_time may lower it later)."""
+    return cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+
+
+def planned(job: Job, cfg: Config, out_dir: Optional[Path], callbacks: list[Callback]) -> list[str]:
+    """The component list a run of ``job`` would have, without building the loop (--dry-run)."""
+    sampler = make_sampler(job, cfg)
+    found = components(job, cfg, out_dir, step_total(cfg, sampler.steps_per_epoch), sampler.micro < sampler.batch)
+    return Events([*found, *callbacks], distributed.is_main()).describe()

@@ -32,7 +32,7 @@ from gradtune.config import Config
 from gradtune.data.sampler import Step, make_sampler
 from gradtune.jobs.job import Job, eval_chunk
 from gradtune.loop import gradient
-from gradtune.loop.assemble import components
+from gradtune.loop.assemble import components, step_total
 from gradtune.loop.budget import Spent
 from gradtune.loop.callbacks import Callback, Control
 from gradtune.loop.components import Events
@@ -85,7 +85,7 @@ class Loop(LoopState):
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+        self.total = step_total(cfg, per_epoch)
         self.eval_every = cfg.eval_every or per_epoch
         self.warmup = cfg.warmup_steps  # max_time may cap it (loop/time_budget.py)
         self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
@@ -327,13 +327,15 @@ class Loop(LoopState):
                 f"preempted by {by} at step {self.step}; checkpoint {path}; run the same command again to resume"
             )
 
-    def _end(self) -> None:
+    def _end(self) -> str:
+        """Close the run: its last checkpoint, the components' summaries; why it stopped."""
         if self.chained and self.saved_step != self.step:
-            self.save_checkpoint()  # the end of the run (budget, convergence or divergence)
+            self.save_checkpoint()  # the end of the run (step total, convergence or divergence)
         self.events.emit("on_run_end")
+        return self.finished or f"budget reached ({self.total} steps)"
 
     def run(self) -> tuple[str, float]:
-        """Train until the step budget is spent or a stop rule fires: (why it stopped, last train loss)."""
+        """Train until the step total is reached or a stop rule fires: (why it stopped, last train loss)."""
         self._begin()
         while self.step < self.total and not self.finished:
             testhooks.hit("step.begin")
@@ -345,5 +347,4 @@ class Loop(LoopState):
             if applied:
                 self._after_step()
             self.events.emit("on_step_done")
-        self._end()
-        return self.finished or f"budget reached ({self.total} steps)", self.train_loss
+        return self._end(), self.train_loss

@@ -53,14 +53,19 @@ class TestProbe(Component):
 
     def __init__(self) -> None:
         super().__init__()
+        self.probe: Optional[testhooks.Probe] = None
+
+    def on_train_begin(self, control: Control) -> None:
         self.probe = testhooks.Probe()
 
     def on_step_end(self, step: int, loss: float, lr: float) -> Optional[str]:
-        self.probe.record(step, torch.cat(self.view.batch.micro).tolist())
+        if self.probe is not None:
+            self.probe.record(step, torch.cat(self.view.batch.micro).tolist())
         return None
 
     def on_run_end(self) -> None:
-        self.probe.close()
+        self.on_close()
 
     def on_close(self) -> None:
-        self.probe.close()
+        if self.probe is not None:
+            self.probe.close()

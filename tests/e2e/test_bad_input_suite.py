@@ -226,6 +226,23 @@ CONFIG = {
     "text.max_length=1": Case(lambda c: train("text.max_length=1"), ("'text.max_length' must be >= 2",)),
     "lora.rank=0": Case(lambda c: train("lora.rank=0"), ("'lora.rank' must be >= 1",)),
     "val_fraction=1": Case(lambda c: train("val_fraction=1"), ("'val_fraction'",)),
+    "early_stopping.monitor not logged": Case(
+        lambda c: train("early_stopping.enabled=true", "early_stopping.monitor=nonexistent"),
+        ("early_stopping.monitor 'nonexistent' is not measured", "val_loss"),
+    ),
+    "early_stopping.monitor val_accuracy on a regression": Case(
+        lambda c: train("model=mlp", "early_stopping.enabled=true", "early_stopping.monitor=val_accuracy"),
+        ("early_stopping.monitor 'val_accuracy'", "val_rmse"),
+    ),
+    "plateau schedule on a metric not logged": Case(
+        lambda c: train("schedule=plateau", "early_stopping.monitor=val_ppl"), ("early_stopping.monitor 'val_ppl'",)
+    ),
+    "callback class does not import": Case(
+        lambda c: train("callbacks=[{class: 'no_such_module_xyz:Cb'}]"), ("callbacks: cannot import", "no_such_module")
+    ),
+    "warn: early_stopping.patience without enabled": Case(
+        lambda c: train("early_stopping.patience=5"), ("early_stopping.patience", "enabled is false"), 0, True
+    ),
 }
 
 
