@@ -81,7 +81,7 @@ def _fit(job: Job, setup: RunSetup) -> Result:
     # Only now is anything written, on rank 0: the folder claimed, old checkpoints, one log.
     main = distributed.is_main()
     if out_dir is not None and main:
-        outdir.claim(out_dir, setup.inputs)
+        outdir.claim(out_dir, setup.inputs, checked=True)  # RunSetup checked it, on every rank
         if plan is None and cfg.resume == "never":
             resume.discard(out_dir)
         write_text(out_dir / "run.json", json.dumps(describe(setup, loop.components()), indent=2) + "\n")

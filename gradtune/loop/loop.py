@@ -73,7 +73,8 @@ class Loop(LoopState):
         device: Optional[torch.device] = None,
     ) -> None:
         self.job, self.cfg, self.log, self.out_dir = job, cfg, log, out_dir
-        self.device = distributed.init(device or resolve_device(cfg.device), cfg.dist_timeout)
+        # ``device``: the RunSetup's (process group joined); a Loop built alone joins it here.
+        self.device = device if device is not None else distributed.init(resolve_device(cfg.device), cfg.dist_timeout)
         mode = distributed.choose(cfg.distributed, job.model, cfg.optimizer, self.device)
         # DDP wraps, FSDP2 shards in place; self.model is what the loop calls, job.model stays unwrapped.
         self.model, groups = distributed.wrap(job.model.to(self.device), mode, self.device, job.param_groups)

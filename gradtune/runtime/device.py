@@ -9,11 +9,22 @@ import torch
 from torch import nn
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; otherwise the named device."""
+_RESOLVED: dict[str, torch.device] = {}  # name -> device: the answer cannot change within a process
+
+
+def _resolve(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU; otherwise the named device. Resolved
+    once per process and name: the memory preflight, the run setup and the loop ask the same."""
+    found = _RESOLVED.get(name)
+    if found is None:
+        found = _RESOLVED[name] = _resolve(name)
+    return found
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

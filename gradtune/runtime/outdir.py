@@ -171,11 +171,17 @@ def check(
 
 
 def claim(
-    out_dir: "str | Path", inputs: Inputs = (), files: Sequence[str] = RUN_FILES, folders: Sequence[str] = RUN_FOLDERS
+    out_dir: "str | Path",
+    inputs: Inputs = (),
+    files: Sequence[str] = RUN_FILES,
+    folders: Sequence[str] = RUN_FOLDERS,
+    checked: bool = False,
 ) -> Path:
-    """``check``, then create ``out_dir`` and mark it as gradtune's. Idempotent: a marked folder
-    is left as it is. Returns the folder."""
-    check(out_dir, inputs, files, folders)
+    """``check`` (unless ``checked``: a run's setup did it before anything else), then create
+    ``out_dir`` and mark it as gradtune's. Idempotent: a marked folder is left as it is.
+    Returns the folder."""
+    if not checked:
+        check(out_dir, inputs, files, folders)
     folder = Path(out_dir)
     if not is_run_folder(folder):
         try:
