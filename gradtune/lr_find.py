@@ -5,28 +5,24 @@ diverges. From the run's own initial weights, with its own optimizer, batches an
 goes from ``min_lr`` to ``max_lr`` geometrically, one step per rate; the sweep stops once the
 running loss exceeds 4x its best (or turns non-finite): that is the divergence point.
 
-The rule, picked by measurement (bench/lr_find.py: the suggestion against the best rate of an
-8-point grid, each point trained for a fixed budget, on linear regression, an MLP, logistic
-regression, a small GPT and a MiniLM head):
+The rule, picked by measurement (``bench/lr_find.py``: the suggestion against the best rate of
+a grid, each point trained for a fixed budget, on linear regression, an MLP, logistic
+regression, a small GPT and a MiniLM head; the figures are in the README, "How lr-find and
+lr: auto choose"):
 
-* density: ``STEPS_PER_DECADE`` steps per decade of lr (300 for the default 1e-6..10). Fewer and
-  each rate gets too few steps for its effect to show (88 steps on the 10-5-1 MLP: flat noise up
-  to lr 1, then divergence); more and the sweep trains so long at each rate that the loss turns
-  up earlier, which the fraction below is calibrated against. The loss curve needs a fixed
+* density: ``STEPS_PER_DECADE`` steps per decade of lr. Fewer and each rate gets too few steps
+  for its effect to show; more and the sweep trains so long at each rate that the loss turns up
+  earlier, which the fraction below is calibrated against. The loss curve needs a fixed
   density, not a number of epochs: a few epochs of a small table are fewer steps than this
   anyway, and an epoch of a large corpus would cost more than many training runs.
-* smoothing: a centred mean over +-0.1 decade of lr (9 steps at the default density): it has no
-  lag, unlike an exponential average, so the minimum lies where the loss really bottoms out.
+* smoothing: a centred mean over +-0.1 decade of lr: it has no lag, unlike an exponential
+  average, so the minimum lies where the loss really bottoms out.
 * suggestion: the lr at the smoothed minimum - where the loss stops improving, the edge of
-  stability - divided by ``FRACTION`` (5). Measured ratios of that minimum to the grid's best
-  rate, seeds 0-4: linear 3.6-4.2 (the minimum sits past 2/L, the best fixed rate under it),
-  MLP 1.7-5.3, logistic 4.9-11.5 (cross-entropy flattens as the weights grow: no sharp
-  divergence), GPT with AdamW 5.5-17.8, MiniLM head with AdamW 2.0-5.2; a fifth of it was within
-  3x of seed 0's grid best in 24 of 25 sweeps. Also measured and rejected: the steepest descent
-  of the smoothed curve (2.5-11x too low on linear; anywhere on the noisy MLP curve: the loss
-  falls fastest early, long before the best rate), the minimum of an exponential average (its
-  lag moves the minimum with the sweep's density), smoothing windows of 0.05-0.3 decade (0.1 was
-  the most accurate) and fractions 4 and 6.
+  stability - divided by ``FRACTION``: the minimum sits a few times above the best fixed rate on
+  every model measured. Also measured and rejected: the steepest descent of the smoothed curve
+  (the loss falls fastest early, long before the best rate), the minimum of an exponential
+  average (its lag moves the minimum with the sweep's density), other smoothing windows and
+  fractions.
 """
 
 from __future__ import annotations

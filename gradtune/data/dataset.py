@@ -5,7 +5,7 @@ A *batch* is a ``dict[str, torch.Tensor]`` whose tensors share their first dimen
   causal LM    input_ids (B, T) long, labels (B, T) long with -100 = ignored, sample_id (B,)
   text classif input_ids (B, T), attention_mask (B, T), labels (B,), sample_id (B,)
 ``sample_id`` is the row's index in the dataset; it lets tests prove no sample is seen twice
-or skipped across resume and ranks. The sampler (gradtune.variants) decides *which* indices
+or skipped across resume and ranks. The sampler (data/sampler.py) decides *which* indices
 form a step; the dataset only gathers them, so batch GD / SGD / mini-batch GD are one setting.
 """
 

@@ -45,7 +45,7 @@ class SequenceDataset:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """Tokens per sample, (N,) long: for grouping batches by length (gradtune.variants)."""
+        """Tokens per sample, (N,) long: for grouping batches by length (data/sampler.py)."""
         return torch.tensor([len(s) for s in self.input_ids], dtype=torch.long)
 
     def get(self, idx: torch.Tensor) -> Batch:

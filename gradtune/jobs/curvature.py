@@ -10,8 +10,8 @@ SGD's weight decay adds lambda * |theta|^2 / 2 (a tabular model decays every par
 bias too), so H + lambda I. The Hessian is constant: with curvatures in [mu, L], gradient descent
 at lr converges iff lr < 2/L, and lr = 2/(mu + L) minimises the worst contraction of the error,
 q = (kappa - 1)/(kappa + 1) per step (kappa = L/mu). We take min(2/(mu + L), 1.9/L) (``TOP``:
-why, measured); each direction's loss gap shrinks by (1 - lr lambda)^2 per step, so with q the
-slowest |1 - lr lambda| reaching eps of the initial gap takes ln(1/eps) / (2 ln(1/q)) steps,
+why below, the measurement in the README); each direction's loss gap shrinks by
+(1 - lr lambda)^2 per step, so with q the slowest |1 - lr lambda| reaching eps of the initial gap takes ln(1/eps) / (2 ln(1/q)) steps,
 ~ kappa/4 ln(1/eps) at 2/(mu + L).
 Nesterov's momentum (kappa^0.5 - 1)/(kappa^0.5 + 1) at lr 1/L contracts by ~ 1 - kappa^-0.5 per
 step: ~ kappa^0.5 ln(1/eps) steps (Nesterov 2004, 2.2.1).
@@ -51,8 +51,7 @@ EPS = 1e-6  # the predicted steps reduce the loss gap to this fraction of its in
 # (kappa-1)/(kappa+1) per step, as slowly as the flattest one's, yet it holds up to kappa times
 # more of the loss gap (the gap weighs each direction by its curvature). At 1.9/L it shrinks by
 # 0.9 per step (ten decades of gap in ~110 steps) for at most 5% slower progress along the
-# flattest direction. On diabetes (kappa ~ 470) 2/(mu+L) took 1570 steps to 1e-6 of the optimum,
-# 1.9/L 1045, the best fixed rate 998 (lr L = 1.99, a hair from the cliff at 2).
+# flattest direction (README, "How lr-find and lr: auto choose": steps to the optimum on diabetes).
 TOP = 1.9
 Op = Callable[[torch.Tensor], torch.Tensor]
 

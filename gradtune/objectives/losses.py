@@ -1,6 +1,6 @@
 """Losses, written out so the formula is visible. Each takes ``reduction``: "mean" | "sum" | "none".
 
-The loop uses ``reduction="sum"`` and divides by the batch's total count once (see objective.py),
+The loop uses ``reduction="sum"`` and divides by the batch's total count once (see output.py),
 which keeps micro-batched and multi-process gradients equal to the one-shot gradient.
 """
 

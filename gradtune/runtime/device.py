@@ -8,7 +8,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-
 _RESOLVED: dict[str, torch.device] = {}  # name -> device: the answer cannot change within a process
 
 

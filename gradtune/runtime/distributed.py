@@ -5,7 +5,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; this module reads them, and the loop s
 
 Why a run means the same thing at any world size:
   * ``batch_size`` (and ``micro_batch_size``) are *global*. Every rank computes the same step
-    indices (variants.Sampler is a pure function of seed, epoch, index) and takes its
+    indices (data/sampler.Sampler is a pure function of seed, epoch, index) and takes its
     contiguous share of each micro-batch (``shard``), so no sample is duplicated or dropped.
   * Objectives return loss *sums* and counts. Gradients of sums are summed across ranks (not
     averaged), the counts are summed too, and the loop divides once by the global count: the
