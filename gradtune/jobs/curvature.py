@@ -11,8 +11,8 @@ bias too), so H + lambda I. The Hessian is constant: with curvatures in [mu, L],
 at lr converges iff lr < 2/L, and lr = 2/(mu + L) minimises the worst contraction of the error,
 q = (kappa - 1)/(kappa + 1) per step (kappa = L/mu). We take min(2/(mu + L), 1.9/L) (``TOP``:
 why below, the measurement in the README); each direction's loss gap shrinks by
-(1 - lr lambda)^2 per step, so with q the slowest |1 - lr lambda| reaching eps of the initial gap takes ln(1/eps) / (2 ln(1/q)) steps,
-~ kappa/4 ln(1/eps) at 2/(mu + L).
+(1 - lr lambda)^2 per step, so with q the slowest |1 - lr lambda| reaching eps of the
+initial gap takes ln(1/eps) / (2 ln(1/q)) steps, ~ kappa/4 ln(1/eps) at 2/(mu + L).
 Nesterov's momentum (kappa^0.5 - 1)/(kappa^0.5 + 1) at lr 1/L contracts by ~ 1 - kappa^-0.5 per
 step: ~ kappa^0.5 ln(1/eps) steps (Nesterov 2004, 2.2.1).
 
