@@ -73,7 +73,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def encode_array(self, text: str) -> np.ndarray:
-        """``encode`` as (n,) int64 without a Python int per token (one array copy, not a Python object per token)."""
+        """``encode`` as (n,) int64 through one array copy, without a Python int per token."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
