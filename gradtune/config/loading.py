@@ -169,20 +169,26 @@ def load_config(
         _apply(cfg, _nest(key, value), "", "command line")
     check_combinations(cfg)
     check_method(cfg)
-    _warn_disabled(cfg, [file_values, *(_nest(k, v) for k, v in pairs)])
+    _warn_disabled(cfg, file_values, [_nest(k, v) for k, v in pairs])
     return cfg
 
 
-def _warn_disabled(cfg: Config, given: list[dict[str, Any]]) -> None:
-    """Settings given (file or command line) for a section left disabled (``enabled: false``)
-    would do nothing: one warning line, not silence. The section is not switched on for them:
-    a leftover key must not change what a run trains. The plateau schedule reads
-    ``early_stopping.monitor`` / ``mode`` whether early stopping is on or not."""
+def _warn_disabled(cfg: Config, file_values: dict[str, Any], overrides: list[dict[str, Any]]) -> None:
+    """Settings given for a section left disabled (``enabled: false``) would do nothing: one
+    warning line, not silence. The section is not switched on for them: a leftover key must not
+    change what a run trains. Counted: every key given on the command line, and a file's keys
+    whose value differs from the default (a saved config.yaml lists every key at its value).
+    The plateau schedule reads ``early_stopping.monitor`` / ``mode`` whether or not early
+    stopping is on."""
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if not dataclasses.is_dataclass(section) or getattr(section, "enabled", True) is not False:
             continue
-        keys = sorted({k for g in given if isinstance(g.get(f.name), dict) for k in g[f.name] if k != "enabled"})
+        default = type(section)()
+        keys = {k for g in overrides if isinstance(g.get(f.name), dict) for k in g[f.name]}
+        in_file = file_values.get(f.name) if isinstance(file_values.get(f.name), dict) else {}
+        keys |= {k for k, v in in_file.items() if getattr(default, k, v) != getattr(section, k, v)}
+        keys = sorted(keys - {"enabled"})
         if f.name == "early_stopping" and cfg.schedule == "plateau":
             keys = [k for k in keys if k not in ("monitor", "mode")]
         if keys:
