@@ -110,7 +110,8 @@ class TimeBudget(Component):
         cap = max(round(WARMUP_SHARE * span), p.at_step)
         if self.cfg.warmup_steps > cap:
             v.warmup = cap
-            said += f"; warmup_steps {self.cfg.warmup_steps} capped to {cap} ({WARMUP_SHARE:.0%} of the budget)"
+            why = "the steps already taken" if cap == p.at_step else f"{WARMUP_SHARE:.0%} of the step budget"
+            said += f"; warmup_steps {self.cfg.warmup_steps} capped to {cap} ({why})"
         if p.final_samples and v.job.val is not None:
             v.final_set = sample(v.job.val, p.final_samples, self.cfg.seed)
             said += f"; final evaluation on {p.final_samples:,} of {len(v.job.val):,} validation samples"
