@@ -27,11 +27,10 @@ A component's state goes into every checkpoint under its ``key`` (``state_dict``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import traceback
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -133,21 +132,15 @@ def _overrides(obj: Any, name: str) -> bool:
     return mine is not None and mine is not getattr(base, name, None)
 
 
-@contextlib.contextmanager
-def _naming(obj: Any, event: str) -> Iterator[None]:
-    """A user callback that raises: one line naming it and the event (the CLI exits 1); the
-    traceback on stderr only with GRADTUNE_DEBUG=1. gradtune's own errors pass as they are."""
-    if isinstance(obj, Component):
-        yield
-        return
-    try:
-        yield
-    except (GradtuneError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        if os.environ.get("GRADTUNE_DEBUG") == "1":
-            traceback.print_exc(file=sys.stderr)
-        raise CallbackError(f"callback {type(obj).__name__}.{event} raised {type(e).__name__}: {e}") from None
+def _reraise(obj: Any, event: str, e: Exception) -> None:
+    """Raise again what ``obj.event`` raised: a user callback's error becomes one line naming it
+    and the event (``CallbackError``, exit 1; the traceback on stderr with GRADTUNE_DEBUG=1);
+    gradtune's own errors and components' bugs pass as they are."""
+    if isinstance(obj, Component) or isinstance(e, GradtuneError):
+        raise e
+    if os.environ.get("GRADTUNE_DEBUG") == "1":
+        traceback.print_exception(e, file=sys.stderr)
+    raise CallbackError(f"callback {type(obj).__name__}.{event} raised {type(e).__name__}: {e}") from None
 
 
 class Events:
@@ -171,26 +164,30 @@ class Events:
 
     def emit(self, event: str, *args: Any) -> None:
         for c in self.on[event]:
-            with _naming(c, event):
+            try:
                 getattr(c, event)(*args)
+            except Exception as e:
+                _reraise(c, event, e)
 
     def ask(self, event: str, *args: Any) -> Optional[str]:
         """An event whose listeners may return a reason to stop: every listener hears it; the
         first reason wins."""
         stop = None
         for c in self.on[event]:
-            with _naming(c, event):
+            try:
                 why = getattr(c, event)(*args)
+            except Exception as e:
+                _reraise(c, event, e)
             stop = stop or why
         return stop
 
     def step_end(self, step: int, loss: float, lr: float) -> Optional[str]:
-        for c in self.on["on_step_end"]:  # the per-step path: no context manager unless a callback
-            if isinstance(c, Component):
+        """The per-step event (a ``try`` costs nothing until something raises)."""
+        for c in self.on["on_step_end"]:
+            try:
                 why = c.on_step_end(step, loss, lr)
-            else:
-                with _naming(c, "on_step_end"):
-                    why = c.on_step_end(step, loss, lr)
+            except Exception as e:
+                _reraise(c, "on_step_end", e)
             if why:
                 return why
         return None
