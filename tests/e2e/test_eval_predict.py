@@ -250,7 +250,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(runs, gpt_run, tmp_pa
     text = tmp_path / "any.csv"
     _fails(capsys, ["predict", str(gpt_run), "--data", str(text), "--out", str(out)], "gradtune generate")
     assert not out.parent.exists() and sorted(p.name for p in lin.iterdir()) == sorted(
-        [".gradtune-run", "config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"]
+        [".gradtune-run", "config.yaml", "metrics.jsonl", "model.safetensors", "run.json", "summary.json"]
     )
 
 
