@@ -84,7 +84,7 @@ def _fit(job: Job, setup: RunSetup) -> Result:
         outdir.claim(out_dir, setup.inputs, checked=True)  # RunSetup checked it, on every rank
         if plan is None and cfg.resume == "never":
             resume.discard(out_dir)
-        write_text(out_dir / "run.json", json.dumps(describe(setup, loop.components()), indent=2) + "\n")
+        write_text(out_dir / "run.json", json.dumps(describe(setup, loop.component_names()), indent=2) + "\n")
     sinks = [c.log_sink() for c in loop.events.all if hasattr(c, "log_sink")] if main else []
     loop.log = log = resume.open_log(out_dir, plan, sinks) if main else MetricsLog(None)
     t0 = time.perf_counter()

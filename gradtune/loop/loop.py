@@ -130,7 +130,7 @@ class Loop(LoopState):
     def note(self, line: str) -> None:
         self.progress.note(line)
 
-    def components(self) -> list[str]:
+    def component_names(self) -> list[str]:
         """The run's components and callbacks, one line each (--dry-run, run.json)."""
         return self.events.describe()
 
