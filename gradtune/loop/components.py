@@ -6,13 +6,15 @@ read and steer a little more of the loop through a ``LoopView``.
 Events, in the order a step meets them (``Events`` dispatches each to the components that
 override it, so an event nobody listens to costs one empty loop):
 
+    attach(view)                 once, when the loop is built
     on_train_begin(control)      once, before the first step (Callback)
     on_step_begin()              before the step's batch is sampled
     on_gradients(grads, norm, count, first)   the batch's mean gradient, guard passed, before
                                  clipping; ``first``: [|grad of the first micro-batch's sum|², its
                                  count] when ``wants_first`` (else None)
-    on_update(before)            just before (True) / after (False) the optimizer step, on
-                                 steps that close an evaluation period (``before``) or every step
+    on_update(before)            just before (True) / after (False) the optimizer step: on
+                                 steps that close an evaluation period, or on every step for
+                                 a component with ``update_every_step``
     on_step_end(step, loss, lr)  the step applied (Callback); a string stops the run
     on_measure(row)              an evaluation's training-side fields, before validation
     on_evaluate(step, row)       the evaluation row as logged (Callback); a string stops

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -145,7 +144,7 @@ def prepare(
     return RunSetup(cfg, device, out_dir, found_inputs, plan, found_callbacks, started, owns)
 
 
-def describe(setup: RunSetup, components: list[str]) -> dict:
+def describe(setup: RunSetup, components: list[str]) -> dict[str, Any]:
     """run.json (beside config.yaml) and ``--dry-run``: what was resolved and which components
     the run has."""
     plan = setup.resume
@@ -158,8 +157,3 @@ def describe(setup: RunSetup, components: list[str]) -> dict:
         "resume": plan.folder.name if plan is not None else None,
         "components": components,
     }
-
-
-def warn(line: str) -> None:
-    if distributed.is_main():
-        print(f"gradtune: warning: {line}", file=sys.stderr, flush=True)
