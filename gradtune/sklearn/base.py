@@ -61,7 +61,7 @@ class GDBase(BaseEstimator):
         warm = self.warm_start and hasattr(self, "model_") and self.model_out_ == self._n_outputs(y)
         yt, n_classes = self._targets(y, first=not warm)
         seed = seed_of(self.random_state)
-        self._optimizer_state = None
+        self._optimizer_state, self._seed, self._calls = None, seed, 1  # partial_fit goes on from here
         self._fit_arrays(X, yt, n_classes, seed, epochs=self.max_iter, fresh=not warm, partial=False)
         return self
 
