@@ -155,13 +155,13 @@ class GDBase(BaseEstimator):
         self.best_loss_ = min(self.loss_curve_) if self.loss_curve_ else float("nan")
         self._publish()
         if fitted.stop_reason.startswith("diverged"):
-            warnings.warn(f"{type(self).__name__}: {fitted.stop_reason}; lower lr", ConvergenceWarning, stacklevel=3)
+            warnings.warn(f"{type(self).__name__}: {fitted.stop_reason}; lower lr", ConvergenceWarning, stacklevel=4)
         elif not partial and self.tol and fitted.stop_reason.startswith("budget"):
             warnings.warn(
                 f"{type(self).__name__}: max_iter={self.max_iter} epochs reached before the loss converged "
                 f"(tol={self.tol:g}); raise max_iter",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     # --- the model's outputs --------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""gradtune.sklearn against scikit-learn's own estimators, same data, same settings.
+
+Diabetes (442 rows, 10 features), features and target standardised; batch 32, 100 epochs,
+constant lr 0.01, no momentum, no stopping rule (every side runs all 100 epochs):
+
+    mlp       gradtune MLPRegressor((5,), solver="sgd")     vs sklearn MLPRegressor((5,), solver="sgd")
+    linear    gradtune GDRegressor(batch_size=32)           vs sklearn SGDRegressor (per-sample SGD, Cython)
+    logistic  gradtune GDClassifier(batch_size=32), y > median  vs sklearn SGDClassifier(loss="log_loss")
+
+Method: sides alternate (ours, peer, ours, peer ...) ``--repeats`` times after one untimed warm-up
+each; medians and the ratio of medians. ``--profile`` adds where our time goes per optimizer step
+(cProfile of one MLP fit, cumulative time per step of the loop's parts) and the fixed cost of one
+``fit`` call (max_iter=1). The machine is shared: read ratios, and the load average printed.
+Run: ``python bench/sklearn_fit.py [--repeats 7] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import time
+import warnings
+
+import numpy as np
+import sklearn
+import torch
+from sklearn.datasets import load_diabetes
+from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.neural_network import MLPRegressor as SkMLPRegressor
+from sklearn.preprocessing import StandardScaler
+
+from gradtune.sklearn import GDClassifier, GDRegressor, MLPRegressor
+
+EPOCHS, BATCH, LR = 100, 32, 0.01
+
+
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_diabetes(return_X_y=True)
+    x = StandardScaler().fit_transform(x)
+    labels = (y > np.median(y)).astype(int)
+    return x, (y - y.mean()) / y.std(), labels
+
+
+def pairs() -> dict[str, tuple]:
+    common = dict(lr=LR, momentum=0.0, batch_size=BATCH, max_iter=EPOCHS, tol=None, random_state=0)
+    return {
+        "mlp": (
+            MLPRegressor(hidden_layer_sizes=(5,), solver="sgd", alpha=0.0, **common),
+            SkMLPRegressor(
+                hidden_layer_sizes=(5,),
+                solver="sgd",
+                learning_rate_init=LR,
+                momentum=0.0,
+                alpha=0.0,
+                batch_size=BATCH,
+                max_iter=EPOCHS,
+                tol=0.0,
+                n_iter_no_change=EPOCHS + 1,
+                random_state=0,
+            ),
+            "y",
+        ),
+        "linear": (
+            GDRegressor(**common),
+            SGDRegressor(learning_rate="constant", eta0=LR, alpha=0.0, max_iter=EPOCHS, tol=None, random_state=0),
+            "y",
+        ),
+        "logistic": (
+            GDClassifier(alpha=0.0, **common),
+            SGDClassifier(
+                loss="log_loss", learning_rate="constant", eta0=LR, alpha=0.0, max_iter=EPOCHS, tol=None, random_state=0
+            ),
+            "labels",
+        ),
+    }
+
+
+def timed(est, x, y) -> float:
+    t0 = time.perf_counter()
+    est.fit(x, y)
+    return time.perf_counter() - t0
+
+
+def compare(repeats: int) -> None:
+    x, y, labels = data()
+    targets = {"y": y, "labels": labels}
+    print(f"{'model':<9} {'gradtune (ms)':>14} {'scikit-learn (ms)':>18} {'ratio':>7}   epochs ours/theirs")
+    for name, (ours, peer, target) in pairs().items():
+        t = targets[target]
+        timed(ours, x, t), timed(peer, x, t)  # warm-up: imports, kernels, allocator
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(timed(ours, x, t))
+            b.append(timed(peer, x, t))
+        ma, mb = statistics.median(a), statistics.median(b)
+        print(f"{name:<9} {ma * 1e3:>14.1f} {mb * 1e3:>18.1f} {ma / mb:>6.2f}x   {ours.n_iter_}/{peer.n_iter_}")
+
+
+PARTS = [
+    ("Loop._step (one optimizer step, all of it)", "loop.py", "_step"),
+    ("  gradient.accumulate (get batch, forward, loss, backward)", "gradient.py", "accumulate"),
+    ("    objective (forward + loss)", "regression.py", "__call__"),
+    ("    backward", "__init__.py", "backward"),
+    ("  Sampler.__next__ (indices of the step)", "sampler.py", "__next__"),
+    ("  optimizer step (direct_step)", "direct.py", "step"),
+    ("  Guard.check", "guard.py", "check"),
+    ("  _schedule + _set_lr", "loop.py", "_schedule"),
+    ("  ratio_snapshot (at evaluation steps)", "evaluation.py", "ratio_snapshot"),
+    ("  update_ratios (at evaluation steps)", "evaluation.py", "update_ratios"),
+    ("  _evaluate (once an epoch)", "loop.py", "_evaluate"),
+    ("  Progress.tick", "progress.py", "tick"),
+    ("  distributed.vote_stop", "distributed.py", "vote_stop"),
+]
+
+
+def profile() -> None:
+    x, y, _ = data()
+    est = pairs()["mlp"][0]
+    est.fit(x, y)
+    prof = cProfile.Profile()
+    prof.enable()
+    t0 = time.perf_counter()
+    est.fit(x, y)
+    wall = time.perf_counter() - t0
+    prof.disable()
+    steps = est._run["steps"]
+    stats = pstats.Stats(prof).stats
+    print(f"\nprofile: MLP fit, {steps} steps, {wall * 1e3:.0f} ms under cProfile ({wall / steps * 1e6:.0f} us/step)")
+    for label, file, func in PARTS:
+        cum = sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn == func)
+        if cum:
+            print(f"  {label:<62} {cum / steps * 1e6:8.1f} us/step")
+    one = GDRegressor(lr=LR, momentum=0.0, batch_size=BATCH, max_iter=1, tol=None, random_state=0)
+    fixed = statistics.median(timed(one, x, y) for _ in range(7))
+    print(f"  fixed cost of one fit call (max_iter=1, {-(-len(y) // BATCH)} steps): {fixed * 1e3:.1f} ms")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    warnings.simplefilter("ignore")  # ConvergenceWarning: every side runs its 100 epochs on purpose
+    print(
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), threads "
+        f"{torch.get_num_threads()}, scikit-learn {sklearn.__version__}, cores {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(f"diabetes standardised, batch {BATCH}, {EPOCHS} epochs, lr {LR}, no momentum, no stopping rule\n")
+    compare(args.repeats)
+    if args.profile:
+        profile()
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
