@@ -253,3 +253,39 @@ def test_fit_writes_nothing_unless_out_dir_is_given(tmp_path, monkeypatch, diabe
     back = GDRegressor.load(tmp_path / "run")
     np.testing.assert_array_equal(back.predict(x), est.predict(x))
     assert math.isclose(back.best_loss_, est.best_loss_)
+
+
+def test_huber_with_lr_auto_is_robust_to_outliers(diabetes):
+    x, y = diabetes
+    dirty = y.copy()
+    dirty[::20] += 2000.0  # 5% wild targets
+    clean = closed_form_mse(x, y)
+    huber = GDRegressor(loss="huber", epsilon=50.0, max_iter=3000, tol=1e-9).fit(x, dirty)
+    squared = GDRegressor(max_iter=3000, tol=1e-9).fit(x, dirty)
+    assert huber.lr_ > 0 and huber.momentum_ == 0.0  # 1/L of the quadratic zone, no known mu
+    err_huber = np.mean((huber.predict(x) - y) ** 2)
+    err_squared = np.mean((squared.predict(x) - y) ** 2)
+    assert err_huber < 1.2 * clean < err_squared, (err_huber, clean, err_squared)
+
+
+def test_partial_fit_keeps_adam_state_across_calls(diabetes):
+    x, y = diabetes
+    est = MLPClassifier((8,), batch_size=50, random_state=0)
+    for start in range(0, 400, 100):
+        est.partial_fit(x[start : start + 100], y[start : start + 100] > 140, classes=[False, True])
+    steps = [s["step"] for s in est._optimizer_state["state"].values()]
+    assert all(int(s) == 8 for s in steps), steps  # 4 calls x 2 batches: the moments were never reset
+
+
+def test_dataframe_feature_names_go_to_the_run_folder(tmp_path, capsys, diabetes):
+    pd = pytest.importorskip("pandas")
+    x, y = diabetes
+    names = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
+    frame = pd.DataFrame(x, columns=names)
+    est = GDRegressor().fit(frame, y)
+    assert list(est.feature_names_in_) == names
+    est.save(tmp_path / "run")
+    _write_csv(tmp_path / "new.csv", names, x[:5])
+    assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "new.csv")]) == 0
+    shown = [float(v) for v in capsys.readouterr().out.split()[1:]]
+    np.testing.assert_allclose(shown, est.predict(frame[:5]), rtol=1e-6)
