@@ -21,7 +21,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gradtune.config import Config
-from gradtune.jobs.tabular import make_model
 from gradtune.optim.groups import decay_groups
 from gradtune.runtime.errors import GradtuneError
 from gradtune.sklearn import engine, persist
@@ -113,7 +112,7 @@ class GDBase(BaseEstimator):
             cfg = self._config(seed, epochs, partial)
             x = torch.tensor(X, dtype=torch.float64)
             if fresh:
-                self.model_ = make_model(cfg, x.shape[1], 1 if n_classes <= 2 else n_classes)
+                self.model_ = engine.make_model(cfg, x.shape[1], 1 if n_classes <= 2 else n_classes)
                 self.model_out_ = 1 if n_classes <= 2 else n_classes
                 self._init_weights(y)
             val_rows = _val_rows(len(y), self.validation_fraction, seed) if cfg.early_stopping.enabled else None

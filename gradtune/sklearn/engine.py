@@ -31,6 +31,8 @@ from gradtune.jobs.job import Job
 from gradtune.jobs.tabular import objective_for
 from gradtune.loop.callbacks import Callback, Control
 from gradtune.loop.fit import Result, fit
+from gradtune.models.linear import Linear
+from gradtune.models.mlp import MLP
 from gradtune.runtime.errors import GradtuneError
 
 IN_MEMORY = "<in-memory arrays>"  # cfg.data of an estimator's run: there is no file behind it
@@ -86,6 +88,18 @@ class OrderedRows(TensorDataset):
         batch = super().get(rows)
         batch["sample_id"] = rows
         return batch
+
+
+def make_model(cfg: Config, n_features: int, n_outputs: int) -> nn.Module:
+    """``jobs.tabular.make_model``'s model (same seed, same weights on the CPU), float64, seeded
+    through the CPU generator only: ``torch.manual_seed`` also seeds every lazily initialised
+    accelerator backend and records a stack trace for each, most of a small fit's fixed cost."""
+    torch.default_generator.manual_seed(cfg.seed)
+    if cfg.model in ("linear", "logistic"):
+        model: nn.Module = Linear(n_features, n_outputs)
+    else:
+        model = MLP(n_features, cfg.hidden, n_outputs, cfg.activation)
+    return model.to(torch.float64)
 
 
 def make_job(
