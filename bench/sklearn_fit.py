@@ -122,7 +122,7 @@ def compare(repeats: int) -> None:
         print(f"{name:<9} {ma * 1e3:>14.1f} {mb * 1e3:>18.1f} {ma / mb:>6.2f}x   {ours.n_iter_}/{peer.n_iter_}")
         if name == "mlp":  # the floor of a torch loop, timed beside the same two
             floor = statistics.median(timed(PlainTorch(), x, t) for _ in range(repeats))
-            print(f"  plain torch loop (the floor of a torch step): {floor * 1e3:.1f} ms; ours / floor {ma / floor:.2f}x")
+            print(f"  plain torch loop (a torch step's floor): {floor * 1e3:.1f} ms; ours / floor {ma / floor:.2f}x")
 
 
 PARTS = [

@@ -12,7 +12,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from gradtune.sklearn import GDClassifier, GDRegressor, MLPClassifier, MLPRegressor  # noqa: E402
 
-
 # Checks fit with few epochs on purpose; the warning that max_iter was reached is expected there.
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
