@@ -101,6 +101,28 @@ class PlainTorch:
         return self
 
 
+class AnalyticLinear:
+    """Linear least squares by mini-batch SGD with the gradient written out (no autograd):
+    the floor of a torch step for the linear model, what a loop fast path could approach."""
+
+    n_iter_ = EPOCHS
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "AnalyticLinear":
+        torch.manual_seed(0)
+        xt, yt = torch.tensor(x), torch.tensor(y)
+        w, b = torch.zeros(xt.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        for _ in range(EPOCHS):
+            for idx in torch.randperm(len(yt)).split(BATCH):
+                xb = xt[idx]
+                r = torch.addmv(b - yt[idx], xb, w)  # (B,) residuals
+                w.addmv_(xb.T, r, alpha=-2 * LR / len(idx))  # gradient of the mean squared error
+                b -= 2 * LR * r.mean()
+        torch.set_num_threads(threads)
+        return self
+
+
 def timed(est, x, y) -> float:
     t0 = time.perf_counter()
     est.fit(x, y)
@@ -120,9 +142,11 @@ def compare(repeats: int) -> None:
             b.append(timed(peer, x, t))
         ma, mb = statistics.median(a), statistics.median(b)
         print(f"{name:<9} {ma * 1e3:>14.1f} {mb * 1e3:>18.1f} {ma / mb:>6.2f}x   {ours.n_iter_}/{peer.n_iter_}")
-        if name == "mlp":  # the floor of a torch loop, timed beside the same two
-            floor = statistics.median(timed(PlainTorch(), x, t) for _ in range(repeats))
-            print(f"  plain torch loop (a torch step's floor): {floor * 1e3:.1f} ms; ours / floor {ma / floor:.2f}x")
+        floors = {"mlp": PlainTorch, "linear": AnalyticLinear}
+        if name in floors:  # the floor of a torch loop, timed beside the same two
+            floor = statistics.median(timed(floors[name](), x, t) for _ in range(repeats))
+            what = "floor: plain torch loop" if name == "mlp" else "floor: torch, gradient written out"
+            print(f"  {what}: {floor * 1e3:.1f} ms; ours/floor {ma / floor:.2f}x, floor/peer {floor / mb:.2f}x")
 
 
 PARTS = [
