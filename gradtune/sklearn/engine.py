@@ -35,7 +35,7 @@ from gradtune.models.linear import Linear
 from gradtune.models.mlp import MLP
 from gradtune.runtime.errors import GradtuneError
 
-IN_MEMORY = "<in-memory arrays>"  # cfg.data of an estimator's run: there is no file behind it
+IN_MEMORY = "in-memory arrays (gradtune.sklearn): give --data"  # cfg.data of an estimator run: no file behind it
 
 
 def run_config(**settings: Any) -> Config:
