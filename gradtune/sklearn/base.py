@@ -118,12 +118,12 @@ class GDBase(BaseEstimator):
             val_rows = _val_rows(len(y), self.validation_fraction, seed) if cfg.early_stopping.enabled else None
             job = engine.make_job(cfg, self.model_, x, y, self._task, n_classes, val_rows, shuffle=bool(self.shuffle))
             job.param_groups = decay_groups(self.model_, cfg.weight_decay)  # the intercepts are not penalised
-            momentum = self.momentum if self._uses_momentum() else 0.0
-            if partial and hasattr(self, "momentum_"):
-                momentum = self.momentum_
+            momentum, nesterov = (self.momentum if self._uses_momentum() else 0.0), self.nesterov
+            if partial and hasattr(self, "momentum_"):  # as the first call resolved them ("auto")
+                momentum, nesterov = self.momentum_, self.nesterov_
             cfg = engine.resolve_lr(job, cfg, momentum)
             if cfg.momentum and self._uses_momentum():
-                cfg = _nesterov(cfg, self.nesterov)
+                cfg = _nesterov(cfg, nesterov)
                 # With momentum the loss is not monotone: a run of about 1/(1 - momentum) epochs
                 # above the best is its ripple, not convergence (diabetes, Nesterov 0.91: 5 epochs).
                 cfg = dataclasses.replace(cfg, patience=max(cfg.patience, math.ceil(1 / (1 - cfg.momentum))))
@@ -140,7 +140,7 @@ class GDBase(BaseEstimator):
 
     def _record(self, fitted: engine.Fitted, cfg: Config, info: dict[str, Any], partial: bool) -> None:
         self.model_.eval()
-        self.lr_, self.momentum_ = float(cfg.lr), float(cfg.momentum)
+        self.lr_, self.momentum_, self.nesterov_ = float(cfg.lr), float(cfg.momentum), bool(cfg.nesterov)
         self.stop_reason_ = fitted.stop_reason
         self._optimizer_state = fitted.optimizer_state
         self._run = {"config": cfg, "info": info, "steps": fitted.steps, "history": fitted.result.history}

@@ -62,6 +62,7 @@ def _facts(est: Any) -> dict[str, Any]:
         "stop_reason": est.stop_reason_,
         "lr": est.lr_,
         "momentum": est.momentum_,
+        "nesterov": est.nesterov_,
         "model_out": est.model_out_,
     }
 
@@ -124,7 +125,7 @@ def load(cls: type, out_dir: Path) -> Any:
     est.n_iter_, est.stop_reason_ = facts["n_iter"], facts["stop_reason"]
     est.loss_curve_, est.validation_loss_curve_ = facts["loss_curve"], facts["validation_loss_curve"]
     est.best_loss_ = min(est.loss_curve_) if est.loss_curve_ else float("nan")
-    est.lr_, est.momentum_ = facts["lr"], facts["momentum"]
+    est.lr_, est.momentum_, est.nesterov_ = facts["lr"], facts["momentum"], facts["nesterov"]
     est._optimizer_state = None
     est._run = {"config": run.cfg, "info": run.info, "steps": 0, "history": []}
     est._publish()

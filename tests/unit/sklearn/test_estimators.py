@@ -289,3 +289,13 @@ def test_dataframe_feature_names_go_to_the_run_folder(tmp_path, capsys, diabetes
     assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "new.csv")]) == 0
     shown = [float(v) for v in capsys.readouterr().out.split()[1:]]
     np.testing.assert_allclose(shown, est.predict(frame[:5]), rtol=1e-6)
+
+
+def test_partial_fit_with_lr_auto_keeps_the_first_calls_rate_and_nesterov(diabetes):
+    x, y = diabetes
+    est = GDRegressor()  # batch GD per call, lr and momentum "auto"
+    for start in range(0, 440, 110):
+        est.partial_fit(x[start : start + 110], y[start : start + 110])
+    assert est.momentum_ > 0 and est.nesterov_
+    assert est._optimizer_state["param_groups"][0]["nesterov"] is True
+    assert est._optimizer_state["param_groups"][0]["lr"] == est.lr_
