@@ -9,9 +9,11 @@ constant lr 0.01, no momentum, no stopping rule (every side runs all 100 epochs)
 
 Method: sides alternate (ours, peer, ours, peer ...) ``--repeats`` times after one untimed warm-up
 each; medians and the ratio of medians. ``--profile`` adds where our time goes per optimizer step
-(cProfile of one MLP fit, cumulative time per step of the loop's parts) and the fixed cost of one
-``fit`` call (max_iter=1). The machine is shared: read ratios, and the load average printed.
-Run: ``python bench/sklearn_fit.py [--repeats 7] [--profile]``.
+(cProfile of one MLP fit, cumulative time per step of the loop's parts; the profiler inflates
+small calls) and the fixed cost of one ``fit`` call (max_iter=1); ``--breakdown`` times the parts
+of one step alone at the step's shapes, against the whole ``Loop._step``. The machine is shared:
+read ratios, and the load average printed.
+Run: ``python bench/sklearn_fit.py [--repeats 7] [--profile] [--breakdown]``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPRegressor as SkMLPRegressor
 from sklearn.preprocessing import StandardScaler
 
-from gradtune.sklearn import GDClassifier, GDRegressor, MLPRegressor
+from gradtune.loop.loop import Loop
+from gradtune.sklearn import GDClassifier, GDRegressor, MLPRegressor, engine
+from gradtune.telemetry.metrics_log import MetricsLog
 
 EPOCHS, BATCH, LR = 100, 32, 0.01
 
@@ -188,10 +192,70 @@ def profile() -> None:
     print(f"  fixed cost of one fit call (max_iter=1, {-(-len(y) // BATCH)} steps): {fixed * 1e3:.1f} ms")
 
 
+def _per_call(fn, reps: int = 3000) -> float:
+    """Median over 5 rounds of the time of one call of ``fn``, in microseconds."""
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        rounds.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(rounds)
+
+
+def breakdown() -> None:
+    """The parts of one MLP step timed alone at the step's shapes (no profiler to distort them),
+    against the whole ``Loop._step``: the residual is the loop's own bookkeeping."""
+    x, y, _ = data()
+    est = pairs()["mlp"][0]
+    est.fit(x, y)
+    cfg = est._run["config"]
+    job = engine.make_job(cfg, est.model_, torch.tensor(x), torch.tensor(y), "regression", 0)
+    loop = Loop(job, cfg, None, MetricsLog(None))
+    loop._begin()
+    torch.set_num_threads(1)
+    step = next(loop.sampler)
+    idx = step.micro[0]
+    batch = job.train.get(idx)
+
+    def fwd_bwd():
+        out = job.objective(loop.model, batch)
+        out.loss_sum.backward()
+
+    def fwd():
+        with torch.no_grad():
+            job.objective(loop.model, batch)
+
+    parts = {
+        "Sampler.__next__": lambda: next(loop.sampler),
+        "dataset.get (index_select per field)": lambda: job.train.get(idx),
+        "objective forward + loss (no grad)": fwd,
+        "objective forward + loss + backward": fwd_bwd,
+        "zero grads (p.grad = None)": lambda: [setattr(p, "grad", None) for p in loop.params],
+        "optimizer step": loop.opt_step,
+        "guard.check": lambda: loop.guard.check(0.5, None),
+        "_schedule + _set_lr": lambda: loop._schedule(),
+        "Progress.tick (progress off)": lambda: loop.progress.tick(1, 0.5, 0.01, 32),
+        "float(loss_sum) (host read)": lambda: float(batch["y"].sum()),
+    }
+    fwd_bwd()
+    times = {k: _per_call(f) for k, f in parts.items()}
+    loop.total = 10**9  # never the last step: no final evaluation inside the timing
+    whole = _per_call(lambda: loop._step(next(loop.sampler)), reps=1400)
+    print("\nbreakdown: one MLP step's parts timed alone (us per call, median of 5 rounds)")
+    for k, v in times.items():
+        print(f"  {k:<44} {v:8.1f}")
+    core = times["objective forward + loss + backward"] + times["optimizer step"]
+    print(f"  {'Loop._step, whole (eval once per 14 steps)':<44} {whole:8.1f}")
+    print(f"  {'  of which forward+backward+update':<44} {core:8.1f}  ({core / whole:.0%})")
+    print(f"  {'  the rest: sampling, gathering, bookkeeping':<44} {whole - core:8.1f}  ({1 - core / whole:.0%})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--breakdown", action="store_true", help="time the parts of one step alone")
     args = p.parse_args()
     warnings.simplefilter("ignore")  # ConvergenceWarning: every side runs its 100 epochs on purpose
     print(
@@ -203,6 +267,8 @@ def main() -> None:
     compare(args.repeats)
     if args.profile:
         profile()
+    if args.breakdown:
+        breakdown()
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
