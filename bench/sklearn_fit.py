@@ -34,6 +34,8 @@ from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.neural_network import MLPRegressor as SkMLPRegressor
 from sklearn.preprocessing import StandardScaler
 
+from gradtune.loop import gradient
+from gradtune.loop.evaluation import ratio_snapshot, update_ratios
 from gradtune.loop.loop import Loop
 from gradtune.sklearn import GDClassifier, GDRegressor, MLPRegressor, engine
 from gradtune.telemetry.metrics_log import MetricsLog
@@ -237,6 +239,13 @@ def breakdown() -> None:
         "_schedule + _set_lr": lambda: loop._schedule(),
         "Progress.tick (progress off)": lambda: loop.progress.tick(1, 0.5, 0.01, 32),
         "float(loss_sum) (host read)": lambda: float(batch["y"].sum()),
+        "gradient.accumulate (get + forward + loss + backward)": lambda: gradient.accumulate(
+            loop.fwd, job.objective, job.train, [idx], loop.device, loop.amp
+        ),
+        "update ratios (ratio_snapshot + update_ratios), per eval": lambda: update_ratios(
+            loop.opt, ratio_snapshot(loop.opt)
+        ),
+        "Loop._evaluate, per eval": lambda: loop._evaluate(0.5, 0.01),
     }
     fwd_bwd()
     times = {k: _per_call(f) for k, f in parts.items()}
@@ -244,11 +253,11 @@ def breakdown() -> None:
     whole = _per_call(lambda: loop._step(next(loop.sampler)), reps=1400)
     print("\nbreakdown: one MLP step's parts timed alone (us per call, median of 5 rounds)")
     for k, v in times.items():
-        print(f"  {k:<44} {v:8.1f}")
+        print(f"  {k:<58} {v:8.1f}")
     core = times["objective forward + loss + backward"] + times["optimizer step"]
-    print(f"  {'Loop._step, whole (eval once per 14 steps)':<44} {whole:8.1f}")
-    print(f"  {'  of which forward+backward+update':<44} {core:8.1f}  ({core / whole:.0%})")
-    print(f"  {'  the rest: sampling, gathering, bookkeeping':<44} {whole - core:8.1f}  ({1 - core / whole:.0%})")
+    print(f"  {'Loop._step, whole (an evaluation every 14 steps)':<58} {whole:8.1f}")
+    print(f"  {'  of which forward + loss + backward + update':<58} {core:8.1f}  ({core / whole:.0%})")
+    print(f"  {'  the rest: sampling, gathering, bookkeeping':<58} {whole - core:8.1f}  ({1 - core / whole:.0%})")
 
 
 def main() -> None:
