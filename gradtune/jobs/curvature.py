@@ -26,9 +26,12 @@ reached at the usual start (small weights, p ~ uniform); further out the loss fl
 separable classes it has no minimum at all: there is no mu > 0, so lr = 1/L (f_k - f* <=
 L |theta_0 - theta*|^2 / (2k)) and ``momentum: auto`` is refused, unless weight decay gives mu.
 
-lambda_max comes from power iteration on v -> X~'X~ v/m (up to ``GRAM_MAX`` columns on the
-(F+1)^2 matrix formed in one pass over the data, beyond that one pass per iteration; never an
-eigendecomposition); mu from power iteration on L I - H, whose largest eigenvalue is L - mu.
+Up to ``EXACT_MAX`` columns both come exactly from the eigenvalues of the (F+1)^2 Gram matrix
+(eigvalsh: microseconds, where power iteration for mu can take thousands of iterations on
+ill-conditioned features). Beyond, lambda_max comes from power iteration on v -> X~'X~ v/m (up to
+``GRAM_MAX`` columns on the (F+1)^2 matrix formed in one pass over the data, beyond that one pass
+per iteration; never an eigendecomposition); mu from power iteration on L I - H, whose largest
+eigenvalue is L - mu.
 Both are deterministic (seeded start), so a resume resolves the same numbers; lr and momentum are rounded to 12
 significant digits, so noise in the last bits (another thread count) will hardly ever change
 the config's hash.
@@ -57,6 +60,14 @@ Op = Callable[[torch.Tensor], torch.Tensor]
 
 
 GRAM_MAX = 4096  # up to this many columns X~'X~/m is formed once ((F+1)^2 floats, 128 MiB at most)
+EXACT_MAX = 64  # up to this many columns the Gram matrix's eigenvalues are computed exactly
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X~'X~/m in float64, X~ = [x, 1]: (F+1, F+1)."""
+    x = x.double()
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    return design.T @ design / x.shape[0]
 
 
 def _design_op(x: torch.Tensor) -> Op:
@@ -115,11 +126,16 @@ def curvature(job: Job, cfg: Config) -> Curvature:
     x = job.train.fields["x"]  # type: ignore[attr-defined]
     loss, wd = job.info["loss"], cfg.weight_decay
     scale = {"mse": 2.0, "mse_half": 1.0, "cross_entropy": 0.5, "bce": 0.25}[loss]
-    op = _design_op(x)
     n = x.shape[1] + 1
-    top = power_iteration(op, n)
+    exact = torch.linalg.eigvalsh(_gram(x)) if n <= EXACT_MAX else None  # ascending
+    op = _design_op(x) if exact is None else (lambda v: v)  # the operator is only iterated without exact
+    top = float(exact[-1]) if exact is not None else power_iteration(op, n)
     L = scale * top + wd
-    if loss in ("mse", "mse_half"):
+    if loss in ("mse", "mse_half") and exact is not None:
+        mu = scale * float(exact[0]) + wd
+        mu = mu if mu > 1e-10 * L else 0.0  # below this, round-off (collinear features), not curvature
+        how = f"{scale:g} X'X/m"
+    elif loss in ("mse", "mse_half"):
         # lambda_max(L I - H) = L - mu; H itself includes the weight decay. The tolerance is
         # relative to L: mu is only needed to a small fraction of L (it sets kappa).
         shifted = power_iteration(lambda v: L * v - (scale * op(v) + wd * v), n, tol=1e-11, ref=L)

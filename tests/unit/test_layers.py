@@ -29,6 +29,7 @@ LAYERS = {
     "train": 9,
     "lr_find": 9,
     "commands": 10,
+    "sklearn": 10,
     "cli": 11,
     "__main__": 12,
 }
