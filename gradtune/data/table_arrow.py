@@ -1,0 +1,188 @@
+"""Reading a large CSV / TSV or a Parquet file by columns with pyarrow (the ``data`` extra).
+
+``pyarrow.csv.read_csv`` parses in parallel into typed columns; each column becomes one numpy
+array with no Python object per cell. This reader only *accepts* a file it can vouch for: every
+needed column numeric and finite, within ``cells.MAX_ABS``, no missing cell unless
+``missing`` allows it, categories that are plain strings, a header with unique, unpadded names.
+Anything else (a text cell in a numeric column, NaN, a ragged or unreadable record, a bad
+byte...) returns None and ``tabular.read_table`` reads the file row by row, so the user gets
+the same message, naming the line, whichever reader ran. Small files go to the row reader too:
+parsing them costs nothing either way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from gradtune.data.cells import MAX_ABS, MISSING, is_number
+from gradtune.datasets import EMBEDDED
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+except ImportError:  # the row reader does everything, slower
+    pa = None
+
+# What ``read`` gives tabular.Table: (target, feature names, columns, categorical names, target cells)
+Columns = tuple[str, list[str], dict[str, np.ndarray], list[str], Any]
+
+# CSV files smaller than this are read row by row (milliseconds either way).
+MIN_BYTES = 1 << 20
+
+
+def _header(path: Path, delimiter: str) -> Optional[list[str]]:
+    """The CSV's header cells, or None when the first line is not a plain header."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    if len(rows) != 1:
+        return None
+    header = rows[0]
+    if any(not h or h != h.strip() for h in header) or len(set(header)) != len(header):
+        return None  # the row reader warns about these / strips them
+    return header
+
+
+def _arrow_table(path: Path, needed: list[str], cats: list[str], missing: str) -> Any:
+    if path.suffix.lower() == ".parquet":
+        return pq.read_table(path, columns=needed)
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    header = _header(path, delimiter)
+    if header is None or any(c not in header for c in needed):
+        return None
+    nulls = list(MISSING) if missing != "error" else []
+    convert = pacsv.ConvertOptions(
+        include_columns=needed,
+        null_values=nulls,
+        strings_can_be_null=bool(nulls),
+        column_types={c: pa.string() for c in cats},
+    )
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False)
+    return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+
+
+def _numeric(col: Any, missing: str) -> Optional[np.ndarray]:
+    """(N,) float64 of a numeric column (NaN where missing), or None if it is not clean."""
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        return None
+    if col.null_count and missing == "error":
+        return None
+    arr = col.to_numpy() if col.null_count == 0 else pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
+    arr = np.asarray(arr, dtype=np.float64)
+    present = arr[~np.isnan(arr)] if col.null_count else arr
+    if not np.isfinite(present).all() or (len(present) and np.abs(present).max() > MAX_ABS):
+        return None
+    return arr
+
+
+def _category(col: Any, auto: bool) -> Optional[np.ndarray]:
+    """(N,) object array of strings (None where missing), or None if a value needs the row
+    reader (padded with blanks, or a number in a column auto-detected as categories)."""
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        return None
+    coded = pc.dictionary_encode(col).combine_chunks()
+    values = coded.dictionary.to_pylist()
+    if any(v != v.strip() or v.strip() in MISSING for v in values):
+        return None
+    if auto and (not values or any(is_number(v) for v in values)):
+        return None
+    lookup = np.array([*values, None], dtype=object)
+    idx = coded.indices.fill_null(len(values)).to_numpy()
+    return lookup[idx]
+
+
+def read(
+    path: Path,
+    data: str,
+    target: Optional[str],
+    features: Optional[list[str]],
+    labelled: bool,
+    missing: str,
+    categorical: Any,
+) -> Optional[Columns]:
+    """``tabular.read_table``'s columns, or None: the row reader takes the file."""
+    suffix = path.suffix.lower()
+    if pa is None or suffix not in (".csv", ".tsv", ".tab", ".parquet"):
+        return None
+    if suffix != ".parquet" and path.stat().st_size < MIN_BYTES:
+        return None
+    try:
+        cols = pq.read_schema(path).names if suffix == ".parquet" else _header(path, "\t" if suffix != ".csv" else ",")
+    except Exception:  # an unreadable Parquet footer: the row reader says so
+        return None
+    if not cols:
+        return None
+    t = target or (EMBEDDED[data]["target"] if data in EMBEDDED else cols[-1])
+    names = features or [c for c in cols if c != t]
+    if not names or any(c not in cols for c in names) or (labelled and t not in cols):
+        return None  # the row reader names what is missing
+    listed = [] if categorical in ("none", "auto") else [c for c in names if c in categorical]
+    needed = list(dict.fromkeys(names + [t] if labelled else names))
+    try:
+        table = _arrow_table(path, needed, listed, missing)
+    except Exception:  # pyarrow's parse errors: ragged records, bad bytes, unclosed quotes
+        return None
+    if table is None or table.num_rows == 0:
+        return None
+    return _assemble(path, table, names, t, labelled, missing, categorical, listed)
+
+
+def _assemble(
+    path: Path,
+    table: Any,
+    names: list[str],
+    target: str,
+    labelled: bool,
+    missing: str,
+    categorical: Any,
+    listed: list[str],
+) -> Optional[Columns]:
+    columns: dict[str, np.ndarray] = {}
+    cats: list[str] = []
+    for name in names:
+        col = table.column(name)
+        arr = None if name in listed else _numeric(col, missing)
+        if arr is None and (name in listed or categorical == "auto"):
+            arr = _category(col, auto=name not in listed)
+            if arr is not None and arr.size and missing == "error" and col.null_count:
+                return None
+            cats.append(name)
+        if arr is None:
+            return None
+        columns[name] = arr
+    if missing != "error" and _all_missing_row(columns):
+        return None  # the row reader skips a record of blank cells; pyarrow keeps it
+    y_raw: Any = []
+    if labelled:
+        col = table.column(target)
+        if col.null_count:
+            return None
+        y_raw = _numeric(col, "error") if not pa.types.is_string(col.type) else _labels(col)
+        if y_raw is None:
+            return None
+    return target, names, columns, cats, y_raw
+
+
+def _labels(col: Any) -> Optional[np.ndarray]:
+    """String labels, as the row reader would keep them (it strips them when it uses them)."""
+    arr = col.to_numpy(zero_copy_only=False)
+    return arr.astype(object)
+
+
+def _all_missing_row(columns: dict[str, np.ndarray]) -> bool:
+    empty = None
+    for col in columns.values():
+        m = np.array([v is None for v in col]) if col.dtype == object else np.isnan(col)
+        empty = m if empty is None else empty & m
+    return bool(empty is not None and empty.any())
