@@ -72,15 +72,38 @@ def _arrow_table(path: Path, needed: list[str], cats: list[str], missing: str) -
     return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
 
 
+def _to_numpy(col: Any) -> np.ndarray:
+    """A numeric column without nulls as one array, read from the chunks' buffers (pyarrow's
+    ``to_numpy`` imports pandas: a second or more for nothing); one chunk: a view, no copy."""
+    kind = "f" if pa.types.is_floating(col.type) else "i" if pa.types.is_signed_integer(col.type) else "u"
+    dtype = np.dtype(f"{kind}{col.type.bit_width // 8}")
+    chunks = [
+        np.frombuffer(c.buffers()[1], dtype=dtype, count=len(c), offset=c.offset * dtype.itemsize)
+        for c in getattr(col, "chunks", [col])
+    ]
+    if not chunks:
+        return np.empty(0, dtype=dtype)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _strings(col: Any) -> tuple[list[str], np.ndarray]:
+    """(distinct values, (N,) index of each cell's value; len(values) where null)."""
+    coded = pc.dictionary_encode(col).combine_chunks()
+    values = coded.dictionary.to_pylist()
+    return values, _to_numpy(coded.indices.fill_null(len(values)))
+
+
 def _numeric(col: Any, missing: str) -> Optional[np.ndarray]:
     """(N,) float64 of a numeric column (NaN where missing), or None if it is not clean."""
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         return None
     if col.null_count and missing == "error":
         return None
-    arr = col.to_numpy() if col.null_count == 0 else pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
-    arr = np.asarray(arr, dtype=np.float64)
-    present = arr[~np.isnan(arr)] if col.null_count else arr
+    nulls = col.null_count
+    if nulls:
+        col = pc.fill_null(col.cast(pa.float64()), float("nan"))
+    arr = _to_numpy(col).astype(np.float64, copy=False)
+    present = arr[~np.isnan(arr)] if nulls else arr
     if not np.isfinite(present).all() or (len(present) and np.abs(present).max() > MAX_ABS):
         return None
     return arr
@@ -91,15 +114,12 @@ def _category(col: Any, auto: bool) -> Optional[np.ndarray]:
     reader (padded with blanks, or a number in a column auto-detected as categories)."""
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
         return None
-    coded = pc.dictionary_encode(col).combine_chunks()
-    values = coded.dictionary.to_pylist()
+    values, idx = _strings(col)
     if any(v != v.strip() or v.strip() in MISSING for v in values):
         return None
     if auto and (not values or any(is_number(v) for v in values)):
         return None
-    lookup = np.array([*values, None], dtype=object)
-    idx = coded.indices.fill_null(len(values)).to_numpy()
-    return lookup[idx]
+    return np.array([*values, None], dtype=object)[idx]
 
 
 def read(
@@ -124,7 +144,7 @@ def read(
     if not cols:
         return None
     t = target or (EMBEDDED[data]["target"] if data in EMBEDDED else cols[-1])
-    names = features or [c for c in cols if c != t]
+    names = list(dict.fromkeys(features or [c for c in cols if c != t]))
     if not names or any(c not in cols for c in names) or (labelled and t not in cols):
         return None  # the row reader names what is missing
     listed = [] if categorical in ("none", "auto") else [c for c in names if c in categorical]
@@ -176,8 +196,8 @@ def _assemble(
 
 def _labels(col: Any) -> Optional[np.ndarray]:
     """String labels, as the row reader would keep them (it strips them when it uses them)."""
-    arr = col.to_numpy(zero_copy_only=False)
-    return arr.astype(object)
+    values, idx = _strings(col)
+    return np.array([*values, None], dtype=object)[idx]
 
 
 def _all_missing_row(columns: dict[str, np.ndarray]) -> bool:

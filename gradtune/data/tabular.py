@@ -156,7 +156,7 @@ def _needed(
     target = target or (EMBEDDED[data]["target"] if data in EMBEDDED else cols[-1])
     if labelled and target not in cols:
         raise GradtuneError(f"{path}: target column '{target}' not found{_suggest(target, cols)}")
-    names = features or [c for c in cols if c != target]
+    names = list(dict.fromkeys(features or [c for c in cols if c != target]))  # a repeated name: one input
     for name in names:
         if name not in cols:
             raise GradtuneError(f"{path}: feature column '{name}' not found{_suggest(name, cols)}")
