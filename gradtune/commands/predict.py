@@ -31,6 +31,7 @@ from torch import nn
 from gradtune.data import table_rows
 from gradtune.data.dataset import Dataset
 from gradtune.data.text_tasks import read_rows
+from gradtune.datasets import EMBEDDED, embedded_path
 from gradtune.jobs.reload import Run, load_run, run_folder, run_inputs, run_task, target_units
 from gradtune.objectives.logits import forward
 from gradtune.runtime.atomic import write_text
@@ -98,7 +99,7 @@ def input_columns(r: Run, path: str, names: list[str], n: int) -> Carried:
     if r.kind == "pretrained":
         rows = read_rows(path, r.cfg.text.columns, r.cfg.text.label_column)
     else:
-        rows = table_rows.read_rows(Path(path))[1]
+        rows = table_rows.read_rows(embedded_path(path) if path in EMBEDDED else Path(path))[1]
     present = set().union(*(row.keys() for _, row in rows)) if rows else set()
     for name in names:
         if name not in present:

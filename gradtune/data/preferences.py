@@ -90,6 +90,8 @@ def standard(row: dict[str, Any], fmt: str, fields: chat_formats.Fields, where: 
     for name in ("prompt", "chosen", "rejected", "system"):
         if fields(name) in row:
             out[name] = _turns(row[fields(name)], name, fields, where)
+        elif name in ("chosen", "rejected") and fields(name) != name:
+            raise DataError(f"{where}: missing {fields(name)!r} (the {name!r} field by text.fields)")
     return out
 
 
