@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +34,7 @@ except ImportError:  # the row reader does everything, slower
 # What ``read`` gives tabular.Table: (target, feature names, columns, categorical names, target cells)
 Columns = tuple[str, list[str], dict[str, np.ndarray], list[str], Any]
 
+BLOCK = 4 << 20  # bytes of CSV parsed per streamed block
 # CSV files smaller than this are read row by row (milliseconds either way).
 MIN_BYTES = 1 << 20
 
@@ -54,22 +56,80 @@ def _header(path: Path, delimiter: str) -> Optional[list[str]]:
     return header
 
 
-def _arrow_table(path: Path, needed: list[str], cats: list[str], missing: str) -> Any:
+@dataclass
+class Numbers:
+    """A numeric column already out of Arrow: (N,) float64, NaN where a cell was null."""
+
+    values: np.ndarray
+    nulls: int
+
+
+def _numbers(col: Any) -> Numbers:
+    """An Arrow numeric array (or chunked column) as Numbers, copied out of Arrow's buffers."""
+    nulls = col.null_count
+    if not pa.types.is_float64(col.type):
+        col = col.cast(pa.float64())
+    if nulls:
+        col = pc.fill_null(col, float("nan"))
+    return Numbers(np.array(_to_numpy(col), dtype=np.float64, copy=True), nulls)
+
+
+def _convert(col: Any, cats: list[str], name: str) -> Any:
+    """Numbers for a numeric column, Arrow strings (or anything else) as they are."""
+    if name not in cats and (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        return _numbers(col)
+    if name in cats and not pa.types.is_string(col.type):
+        return col.cast(pa.string())
+    return col
+
+
+def _parquet(path: Path, needed: list[str], cats: list[str]) -> dict[str, Any]:
+    """Parquet column by column: one Arrow column in memory at a time besides the results."""
+    f = pq.ParquetFile(path)
+    return {name: _convert(f.read(columns=[name]).column(0), cats, name) for name in needed}
+
+
+def _columns(path: Path, needed: list[str], cats: list[str], missing: str) -> Optional[dict[str, Any]]:
+    """The needed columns: Numbers for numeric ones, Arrow arrays for text. A CSV is streamed
+    block by block (``open_csv``), each block's numbers copied out before the next is parsed:
+    Arrow holds one block, not the file. Its types are fixed from the first block: text stays
+    text, any number is float64 (a text cell further down is a conversion error, and the row
+    reader takes the file)."""
     if path.suffix.lower() == ".parquet":
-        return pq.read_table(path, columns=needed)
+        return _parquet(path, needed, cats)
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     header = _header(path, delimiter)
     if header is None or any(c not in header for c in needed):
         return None
     nulls = list(MISSING) if missing != "error" else []
+    options = {
+        "read_options": pacsv.ReadOptions(block_size=BLOCK),
+        "parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
+    }
     convert = pacsv.ConvertOptions(
         include_columns=needed,
         null_values=nulls,
         strings_can_be_null=bool(nulls),
         column_types={c: pa.string() for c in cats},
     )
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False)
-    return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+    with pacsv.open_csv(path, convert_options=convert, **options) as first:
+        schema = first.schema
+    text = {f.name for f in schema if f.name in cats or pa.types.is_string(f.type)}
+    convert.column_types = {f.name: pa.string() if f.name in text else pa.float64() for f in schema}
+    parts: dict[str, list[Any]] = {name: [] for name in schema.names}
+    with pacsv.open_csv(path, convert_options=convert, **options) as reader:
+        for batch in reader:
+            for name, col in zip(batch.schema.names, batch.columns):
+                parts[name].append(col if name in text else _numbers(col))
+    out: dict[str, Any] = {}
+    for name in schema.names:
+        chunks = parts.pop(name)
+        if name in text:
+            out[name] = pa.chunked_array(chunks, type=pa.string())
+        else:
+            values = np.concatenate([c.values for c in chunks]) if chunks else np.empty(0)
+            out[name] = Numbers(values, sum(c.nulls for c in chunks))
+    return out
 
 
 def _to_numpy(col: Any) -> np.ndarray:
@@ -95,15 +155,10 @@ def _strings(col: Any) -> tuple[list[str], np.ndarray]:
 
 def _numeric(col: Any, missing: str) -> Optional[np.ndarray]:
     """(N,) float64 of a numeric column (NaN where missing), or None if it is not clean."""
-    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+    if not isinstance(col, Numbers) or (col.nulls and missing == "error"):
         return None
-    if col.null_count and missing == "error":
-        return None
-    nulls = col.null_count
-    if nulls:
-        col = pc.fill_null(col.cast(pa.float64()), float("nan"))
-    arr = _to_numpy(col).astype(np.float64, copy=False)
-    present = arr[~np.isnan(arr)] if nulls else arr
+    arr = col.values
+    present = arr[~np.isnan(arr)] if col.nulls else arr
     if not np.isfinite(present).all() or (len(present) and np.abs(present).max() > MAX_ABS):
         return None
     return arr
@@ -112,7 +167,7 @@ def _numeric(col: Any, missing: str) -> Optional[np.ndarray]:
 def _category(col: Any, auto: bool) -> Optional[np.ndarray]:
     """(N,) object array of strings (None where missing), or None if a value needs the row
     reader (padded with blanks, or a number in a column auto-detected as categories)."""
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+    if isinstance(col, Numbers) or not pa.types.is_string(col.type):
         return None
     values, idx = _strings(col)
     if any(v != v.strip() or v.strip() in MISSING for v in values):
@@ -150,17 +205,21 @@ def read(
     listed = [] if categorical in ("none", "auto") else [c for c in names if c in categorical]
     needed = list(dict.fromkeys(names + [t] if labelled else names))
     try:
-        table = _arrow_table(path, needed, listed, missing)
+        arrow = _columns(path, needed, listed, missing)
     except Exception:  # pyarrow's parse errors: ragged records, bad bytes, unclosed quotes
         return None
-    if table is None or table.num_rows == 0:
+    if arrow is None or not len(_column_values(arrow[needed[0]])):
         return None
-    return _assemble(path, table, names, t, labelled, missing, categorical, listed)
+    return _assemble(path, arrow, names, t, labelled, missing, categorical, listed)
+
+
+def _column_values(col: Any) -> Any:
+    return col.values if isinstance(col, Numbers) else col
 
 
 def _assemble(
     path: Path,
-    table: Any,
+    arrow: dict[str, Any],
     names: list[str],
     target: str,
     labelled: bool,
@@ -171,7 +230,7 @@ def _assemble(
     columns: dict[str, np.ndarray] = {}
     cats: list[str] = []
     for name in names:
-        col = table.column(name)
+        col = arrow.pop(name) if name != target else arrow[name]
         arr = None if name in listed else _numeric(col, missing)
         if arr is None and (name in listed or categorical == "auto"):
             arr = _category(col, auto=name not in listed)
@@ -185,10 +244,8 @@ def _assemble(
         return None  # the row reader skips a record of blank cells; pyarrow keeps it
     y_raw: Any = []
     if labelled:
-        col = table.column(target)
-        if col.null_count:
-            return None
-        y_raw = _numeric(col, "error") if not pa.types.is_string(col.type) else _labels(col)
+        col = arrow.pop(target)
+        y_raw = _numeric(col, "error") if isinstance(col, Numbers) else _labels(col)
         if y_raw is None:
             return None
     return target, names, columns, cats, y_raw
@@ -196,6 +253,8 @@ def _assemble(
 
 def _labels(col: Any) -> Optional[np.ndarray]:
     """String labels, as the row reader would keep them (it strips them when it uses them)."""
+    if not pa.types.is_string(col.type) or col.null_count:
+        return None
     values, idx = _strings(col)
     return np.array([*values, None], dtype=object)[idx]
 
