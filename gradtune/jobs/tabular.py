@@ -19,7 +19,7 @@ from gradtune.data.split import split_indices
 from gradtune.data.text import warn
 from gradtune.jobs import memory
 from gradtune.jobs.job import Job, load_init
-from gradtune.models.linear import Linear, closed_form_loss
+from gradtune.models.linear import Linear
 from gradtune.models.mlp import MLP
 from gradtune.objectives import classification, regression
 from gradtune.objectives.classification import Classification
@@ -161,17 +161,22 @@ CHUNK = 65_536  # rows per chunk
 
 
 def optimum_loss(x: torch.Tensor, y: torch.Tensor, half: bool) -> float:
-    """Training MSE at the least-squares optimum (the reference the loss curve is drawn to).
-    Small tables: ``closed_form_loss`` (a QR-based solve, the exact one); large ones: the normal
-    equations in float64, chunk by chunk, solved with a rank-revealing least squares (one-hot
-    columns plus the bias are collinear), then the residual summed chunk by chunk."""
+    """Training MSE at the least-squares optimum (the reference the loss curve is drawn to),
+    with a rank-revealing solve (gelsd): one-hot columns plus the bias are collinear, and
+    ``closed_form_loss``'s default solver returns a far-off point on such a design. Small
+    tables solve the design itself; large ones (over ``LARGE`` cells) the normal equations,
+    accumulated in float64 over row chunks ((F+1, F+1) memory instead of float64 copies of the
+    table), then sum the residual chunk by chunk."""
     if x.numel() <= LARGE:
-        return closed_form_loss(x, y, half=half)
+        design = torch.nn.functional.pad(x.double(), (0, 1), value=1.0)  # (N, F+1), bias column
+        sol = torch.linalg.lstsq(design, y.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        mse = float(((design @ sol - y.double()) ** 2).mean())
+        return mse / 2 if half else mse
     f = x.shape[1]
     gram = torch.zeros(f + 1, f + 1, dtype=torch.float64)
     rhs = torch.zeros(f + 1, dtype=torch.float64)
     for i in range(0, len(x), CHUNK):
-        d = torch.nn.functional.pad(x[i : i + CHUNK].double(), (0, 1), value=1.0)  # (rows, F+1), bias column
+        d = torch.nn.functional.pad(x[i : i + CHUNK].double(), (0, 1), value=1.0)
         gram += d.T @ d
         rhs += d.T @ y[i : i + CHUNK].double()
     sol = torch.linalg.lstsq(gram, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)

@@ -191,3 +191,21 @@ def test_columnar_and_row_readers_train_the_same_run(tmp_path, monkeypatch, caps
         assert cli.main(["train", f"data={path}", "max_steps=20", "progress=off", "plot=false", f"out_dir={out}"]) == 0
         losses.append(load_file(str(out / "model.safetensors")))
     assert all(torch.allclose(losses[0][k], losses[1][k], rtol=1e-5, atol=1e-7) for k in losses[0])
+
+
+def test_least_squares_optimum_small_and_large_against_numpy(monkeypatch):
+    from gradtune.jobs import tabular as tabular_job
+
+    rng = np.random.default_rng(0)
+    hot = np.eye(3)[rng.integers(0, 3, 5000)]  # one-hot: collinear with the bias column
+    x = np.concatenate([rng.normal(size=(5000, 6)), hot], axis=1)
+    y = x[:, :6] @ rng.normal(size=6) + hot @ np.array([1.0, -2.0, 0.5]) + 0.3 * rng.normal(size=5000)
+    design = np.concatenate([x, np.ones((5000, 1))], axis=1)
+    sol = np.linalg.lstsq(design, y, rcond=None)[0]  # numpy's SVD solve: the oracle
+    exact = float(np.mean((design @ sol - y) ** 2))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    assert tabular_job.optimum_loss(xt, yt, half=False) == pytest.approx(exact, rel=1e-9)
+    monkeypatch.setattr(tabular_job, "LARGE", 0)  # the chunked normal equations
+    monkeypatch.setattr(tabular_job, "CHUNK", 777)
+    assert tabular_job.optimum_loss(xt, yt, half=False) == pytest.approx(exact, rel=1e-9)
+    assert tabular_job.optimum_loss(xt.float(), yt.float(), half=True) == pytest.approx(exact / 2, rel=1e-5)
