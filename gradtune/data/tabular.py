@@ -32,7 +32,7 @@ from gradtune.runtime.errors import GradtuneError
 MAX_CLASS_ID = 1_000_000
 
 
-MISSING_HINT = " (a missing value: set missing=mean or missing=drop to train on such rows)"
+MISSING_HINT = " (a missing value: train with missing=mean or missing=drop; predict fills them for mean runs only)"
 MissingPolicy = Literal["error", "drop", "mean"]
 
 
@@ -188,6 +188,16 @@ def _drop_missing(table: Table, labelled: bool) -> Table:
     return table
 
 
+def _check_listed(path: Any, names: list[str], categorical: Any) -> None:
+    """A column listed in ``categorical`` must be one of the features."""
+    if isinstance(categorical, list):
+        for name in categorical:
+            if name not in names:
+                raise GradtuneError(
+                    f"{path}: categorical column '{name}' is not a feature column{_suggest(name, names)}"
+                )
+
+
 def read_table(
     data: str,
     target: Optional[str],
@@ -211,11 +221,13 @@ def read_table(
     fast = table_arrow.read(path, data, target, features, labelled, missing, categorical)
     if fast is not None:
         table = Table(str(path), *fast)
+        _check_listed(path, table.feature_names, categorical)
         return _drop_missing(table, labelled) if missing == "drop" else table
     cols, rows = read_rows(path)
     if not rows:
         raise GradtuneError(f"{path}: no data rows")
     target, names = _needed(path, cols, data, target, features, labelled)
+    _check_listed(path, names, categorical)
     needed = names + [target] if labelled else names
     for lineno, row in rows:
         for col in needed:

@@ -964,6 +964,9 @@ FORMATS = {
     "categorical cell missing": Case(
         lambda c: train(data(c, TEXT_COLUMN), "categorical=auto"), ("d.csv:3", "column 'c': missing value")
     ),
+    "categorical column not a feature": Case(
+        lambda c: train(data(c, TEXT_COLUMN), "categorical=[cc]"), ("d.csv", "categorical column 'cc'", "'c'")
+    ),
     "missing=drop leaves no row": Case(
         lambda c: train(data(c, "a,y\n,1\nNA,2\n"), "missing=drop"), ("d.csv", "every row has a missing value")
     ),
