@@ -1,7 +1,7 @@
 """Reading a large CSV / TSV or a Parquet file by columns with pyarrow (the ``data`` extra).
 
-``pyarrow.csv.read_csv`` parses in parallel into typed columns; each column becomes one numpy
-array with no Python object per cell. This reader only *accepts* a file it can vouch for: every
+``pyarrow.csv.open_csv`` streams a CSV block by block into typed columns (Parquet: column by
+column); each column becomes one numpy array with no Python object per cell. This reader only *accepts* a file it can vouch for: every
 needed column numeric and finite, within ``cells.MAX_ABS``, no missing cell unless
 ``missing`` allows it, categories that are plain strings, a header with unique, unpadded names.
 Anything else (a text cell in a numeric column, NaN, a ragged or unreadable record, a bad
@@ -47,6 +47,8 @@ def _header(path: Path, delimiter: str) -> Optional[list[str]]:
         text = first.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if text.startswith("\ufeff"):
+        return None  # a byte-order mark: the row reader's business
     rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     if len(rows) != 1:
         return None
