@@ -1,13 +1,13 @@
 """Reading a large CSV / TSV or a Parquet file by columns with pyarrow (the ``data`` extra).
 
 ``pyarrow.csv.open_csv`` streams a CSV block by block into typed columns (Parquet: column by
-column); each column becomes one numpy array with no Python object per cell. This reader only *accepts* a file it can vouch for: every
-needed column numeric and finite, within ``cells.MAX_ABS``, no missing cell unless
-``missing`` allows it, categories that are plain strings, a header with unique, unpadded names.
-Anything else (a text cell in a numeric column, NaN, a ragged or unreadable record, a bad
-byte...) returns None and ``tabular.read_table`` reads the file row by row, so the user gets
-the same message, naming the line, whichever reader ran. Small files go to the row reader too:
-parsing them costs nothing either way.
+column); each column becomes one numpy array with no Python object per cell. This reader only
+*accepts* a file it can vouch for: every needed column numeric and finite, within
+``cells.MAX_ABS``, no missing cell unless ``missing`` allows it, categories that are plain
+strings, a header with unique, unpadded names. Anything else (a text cell in a numeric column,
+NaN, a ragged or unreadable record, a bad byte...) returns None and ``tabular.read_table``
+reads the file row by row, so the user gets the same message, naming the line, whichever
+reader ran. Small files go to the row reader too: parsing them costs nothing either way.
 """
 
 from __future__ import annotations
