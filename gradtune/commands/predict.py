@@ -9,6 +9,9 @@ input row, in file order:
     classification   prediction,p_<class>,...         the class name, then P(class) per class
                                                       (softmax; sigmoid for a one-logit bce run)
 
+``--id-column COL`` and ``--keep-columns C1,C2`` copy input columns (as written in FILE) in
+front of the predictions, so rows can be matched by id rather than by order.
+
 Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, and never over
 the input file or a file of the run.
 """
@@ -25,11 +28,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from gradtune.data import table_rows
 from gradtune.data.dataset import Dataset
+from gradtune.data.text_tasks import read_rows
+from gradtune.datasets import EMBEDDED, embedded_path
 from gradtune.jobs.reload import Run, load_run, run_folder, run_inputs, run_task, target_units
 from gradtune.objectives.logits import forward
 from gradtune.runtime.atomic import write_text
 from gradtune.runtime.errors import GradtuneError
+
+Carried = tuple[list[str], list[list[str]]]  # (column names, cells of each row)
 
 HELP = "predict with a finished tabular or text classification/regression run (CSV out)"
 
@@ -41,6 +49,18 @@ def setup(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (memory only)")
+    p.add_argument(
+        "--id-column",
+        default=None,
+        metavar="COL",
+        help="copy this input column first in each output row (default: none)",
+    )
+    p.add_argument(
+        "--keep-columns",
+        default=None,
+        metavar="C1,C2",
+        help="copy these input columns into the output, after the id (default: none)",
+    )
 
 
 def _check_out(out: Optional[str], data: str, folder: Path) -> None:
@@ -62,6 +82,32 @@ def _check_out(out: Optional[str], data: str, folder: Path) -> None:
             f"predict: --out {out} is not a regular file (a device or a pipe); give a file "
             f"name, or leave --out out to write to stdout"
         )
+
+
+def _carried_names(args: argparse.Namespace) -> list[str]:
+    """--id-column then --keep-columns, each once."""
+    keep = [c.strip() for c in (args.keep_columns or "").split(",") if c.strip()]
+    if args.keep_columns is not None and not keep:
+        raise GradtuneError("predict: --keep-columns is empty; give column names separated by commas")
+    return list(dict.fromkeys(([args.id_column] if args.id_column else []) + keep))
+
+
+def input_columns(r: Run, path: str, names: list[str], n: int) -> Carried:
+    """(names, one list of cells per input row) of the input columns to copy into the output,
+    read with the row reader the run's data uses (rows in the same order, blank ones skipped
+    alike); a column not in the file is one line naming it."""
+    if r.kind == "pretrained":
+        rows = read_rows(path, r.cfg.text.columns, r.cfg.text.label_column)
+    else:
+        rows = table_rows.read_rows(embedded_path(path) if path in EMBEDDED else Path(path))[1]
+    present = set().union(*(row.keys() for _, row in rows)) if rows else set()
+    for name in names:
+        if name not in present:
+            known = ", ".join(map(str, rows[0][1])) if rows else ""
+            raise GradtuneError(f"predict: {path}: no column {name!r} to carry into the output (columns: {known})")
+    if len(rows) != n:
+        raise GradtuneError(f"predict: {path}: {len(rows)} rows but {n} inputs; cannot match them to carry columns")
+    return names, [["" if row.get(c) is None else str(row.get(c)) for c in names] for _, row in rows]
 
 
 @torch.no_grad()
@@ -89,13 +135,14 @@ def probabilities(logits: torch.Tensor, bce: bool) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def table(r: Run, logits: torch.Tensor) -> str:
-    """The predictions CSV (header + one line per row)."""
+def table(r: Run, logits: torch.Tensor, carried: Optional[Carried] = None) -> str:
+    """The predictions CSV (header + one line per row), after the carried input columns."""
+    names, values = carried or ([], [[] for _ in range(len(logits))])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if r.task == "regression":
-        w.writerow(["prediction"])
-        w.writerows([repr(v)] for v in target_units(r, logits[:, 0]).tolist())
+        w.writerow([*names, "prediction"])
+        w.writerows([*c, repr(v)] for c, v in zip(values, target_units(r, logits[:, 0]).tolist()))
         return buf.getvalue()
     classes = r.classes or []
     probs = probabilities(logits, r.info.get("loss") == "bce")
@@ -103,9 +150,9 @@ def table(r: Run, logits: torch.Tensor) -> str:
         raise GradtuneError(
             f"{r.folder}: the model has {probs.shape[1]} outputs but the run names {len(classes)} classes"
         )
-    w.writerow(["prediction", *(f"p_{c}" for c in classes)])
-    for k, row in zip(probs.argmax(1).tolist(), probs.tolist()):
-        w.writerow([classes[k], *map(repr, row)])
+    w.writerow([*names, "prediction", *(f"p_{c}" for c in classes)])
+    for c, k, row in zip(values, probs.argmax(1).tolist(), probs.tolist()):
+        w.writerow([*c, classes[k], *map(repr, row)])
     return buf.getvalue()
 
 
@@ -118,9 +165,11 @@ def run(args: argparse.Namespace) -> int:
             f"sample text with `gradtune generate {args.run}`"
         )
     _check_out(args.out, args.data, run_folder(Path(args.run)))
+    names = _carried_names(args)
     r = load_run(args.run)
     data = run_inputs(r, args.data)
-    text = table(r, outputs(r.model, data, args.batch_size))
+    carried = input_columns(r, args.data, names, len(data)) if names else None
+    text = table(r, outputs(r.model, data, args.batch_size), carried)
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -10,6 +10,12 @@ from gradtune.config.durations import parse_duration
 from gradtune.config.schema import METHODS, Config
 from gradtune.runtime.errors import GradtuneError
 
+# text.fields: the standard names a file's keys can be mapped to (data/chat_formats.py reads them).
+FIELD_NAMES = (
+    "prompt", "response", "system", "instruction", "input", "output", "conversations", "messages",
+    "chosen", "rejected", "role", "content", "from", "value",
+)  # fmt: skip
+
 # Checks beyond the type: (predicate, what it must be). Unlisted numeric fields are free.
 RANGES: dict[str, tuple[Any, str]] = {
     "lr": (lambda v: v == "auto" or v > 0, "> 0 or 'auto'"),
@@ -71,6 +77,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "gpt.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "guard.spike_zscore": (lambda v: v >= 0, ">= 0"),
     "text.max_length": (lambda v: v >= 2, ">= 2"),
+    "text.fields": (
+        lambda v: all(k in FIELD_NAMES and isinstance(x, str) and x for k, x in v.items()),
+        f"a mapping of field -> your key, fields: {', '.join(FIELD_NAMES)}",
+    ),
     "text.length_pool": (lambda v: v >= 1, ">= 1"),
     "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -68,6 +68,13 @@ class TextSection:
     # group_by_length: sort within pools of this many batches, then shuffle the batches (larger: less padding, less
     # random batches)
     length_pool: int = 8
+    # instruction / preference rows: auto detects the shape (one line says which); prompt_response: prompt and response
+    # (preference: prompt, chosen, rejected); alpaca: instruction, input, output; sharegpt: conversations of
+    # {from, value}; messages: a list of {role, content}
+    format: Literal["auto", "prompt_response", "alpaca", "sharegpt", "messages"] = "auto"
+    # your file's key for each standard field, e.g. {prompt: question, response: answer}; fields: prompt, response,
+    # system, instruction, input, output, conversations, messages, chosen, rejected, role, content, from, value
+    fields: dict = field(default_factory=dict)
     # causal_lm / instruction: concatenate documents into max_length windows, no attention across documents (no padding
     # compute, less random batches)
     packing: bool = False
@@ -144,6 +151,11 @@ class Config:
     # prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO)
     task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference"] = "auto"
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
+    # tables: a missing cell (empty, NA, NaN, null) is an error, drops its row, or takes the training rows' mean
+    missing: Literal["error", "drop", "mean"] = "error"
+    # tables: text-valued feature columns one-hot encoded (saved with the run for predict); auto: every column whose
+    # values are all non-numeric; none: a text cell is an error
+    categorical: Union[Literal["none", "auto"], list[str]] = "none"
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
     standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
     val_fraction: float = 0.2  # held out for validation; 0: no validation

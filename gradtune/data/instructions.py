@@ -1,4 +1,5 @@
-"""Instruction fine-tuning data from JSONL: ``prompt``/``response`` pairs or ``messages`` lists.
+"""Instruction fine-tuning data: rows of any ``chat_formats`` shape (prompt/response, Alpaca,
+ShareGPT, messages) from JSONL, CSV, Parquet or ``datasets`` folders.
 
 Each sample is rendered with the tokenizer's chat template when it has one (so the model sees
 the format it was instruction-tuned with), else as prompt tokens followed by response tokens.
@@ -16,26 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gradtune.data import chat_formats
 from gradtune.data.sequences import IGNORE, SequenceDataset, pad_id
-from gradtune.data.text_tasks import DataError, read_rows
+from gradtune.data.text_tasks import DataError
 
 Segment = tuple[str, bool]  # (text, trained?)
-
-
-def _messages(row: dict[str, Any], where: str, keys: tuple[str, str, str]) -> list[dict[str, str]]:
-    prompt_key, response_key, messages_key = keys
-    if messages_key in row:
-        msgs = row[messages_key]
-        if not (isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
-            raise DataError(f"{where}: {messages_key!r} must be a list of {{role, content}} objects")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: {messages_key!r} has no assistant message to train on")
-        return msgs
-    for key in (prompt_key, response_key):
-        if not isinstance(row.get(key), str):
-            raise DataError(f"{where}: missing {key!r} (need {prompt_key!r} and {response_key!r}, or {messages_key!r})")
-    system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-    return system + [{"role": "user", "content": row[prompt_key]}, {"role": "assistant", "content": row[response_key]}]
 
 
 def _segments(tokenizer: Any, msgs: list[dict[str, str]], where: str) -> list[Segment]:
@@ -80,23 +66,22 @@ def encode(tokenizer: Any, msgs: list[dict[str, str]], where: str) -> tuple[list
 
 
 def load_instructions(
-    path: str | Path,
-    tokenizer: Any,
-    max_length: int = 512,
-    prompt_key: str = "prompt",
-    response_key: str = "response",
-    messages_key: str = "messages",
+    path: str | Path, tokenizer: Any, max_length: int = 512, fmt: str = "auto", fields: dict[str, str] | None = None
 ) -> SequenceDataset:
-    """The JSONL file as (input_ids, token labels) samples, truncated to ``max_length``.
+    """The rows (any ``chat_formats`` shape: prompt/response, Alpaca, ShareGPT, messages; keys
+    mapped by ``fields``) as (input_ids, token labels) samples, truncated to ``max_length``.
 
     A sample whose answer starts beyond ``max_length`` has nothing to train and is dropped
     (``dataset.dropped`` counts them); if all are, that is an error.
     """
-    path = Path(path)
+    keys = chat_formats.Fields(fields)
+    auto, first = fmt == "auto", True
     input_ids, labels, dropped = [], [], 0
-    for line_no, row in read_rows(path):
-        where = f"{path}:{line_no}"
-        ids, lab = encode(tokenizer, _messages(row, where, (prompt_key, response_key, messages_key)), where)
+    for where, row in chat_formats.rows(path):
+        if first:  # auto: the first row's shape, said once; a later row of another shape is read as its own
+            fmt, first = chat_formats.resolve(path, fmt, keys, (where, row)), False
+        shape = (chat_formats.guess(row, keys) or fmt) if auto else fmt
+        ids, lab = encode(tokenizer, chat_formats.to_messages(row, shape, keys, where), where)
         ids, lab = ids[:max_length], lab[:max_length]
         # labels[0] is never a target after the shift, so a sample needs a trained label at t >= 1
         if all(t == IGNORE for t in lab[1:]):

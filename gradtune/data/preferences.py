@@ -1,5 +1,6 @@
-"""Preference pairs (DPO) from JSONL: a prompt, a preferred (``chosen``) and a dispreferred
-(``rejected``) response.
+"""Preference pairs (DPO) from JSONL, Parquet or ``datasets`` folders (keys mapped by
+``text.fields``, turns as {role, content} or ShareGPT's {from, value}): a prompt, a preferred
+(``chosen``) and a dispreferred (``rejected``) response.
 
 Three row shapes, each giving one prompt and two one-message responses:
 
@@ -24,11 +25,12 @@ from typing import Any, Optional
 
 import torch
 
+from gradtune.data import chat_formats
 from gradtune.data.dataset import Batch
 from gradtune.data.instructions import encode
 from gradtune.data.sequences import IGNORE, pad, pad_id
 from gradtune.data.text import warn
-from gradtune.data.text_tasks import DataError, read_rows
+from gradtune.data.text_tasks import DataError
 
 Messages = list[dict[str, str]]
 
@@ -66,6 +68,31 @@ def _prompt(row: dict[str, Any], where: str) -> Optional[Messages]:
     if not _is_messages(prompt):
         raise DataError(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
     return prompt
+
+
+def _turns(value: Any, key: str, fields: chat_formats.Fields, where: str) -> Any:
+    """A list of turns in the file's own keys ({from, value} or {role, content}, through
+    ``text.fields``) as {role, content}; anything else as it is (checked later)."""
+    if isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+        sharegpt = fields("from") in value[0] and fields("role") not in value[0]
+        return chat_formats.chat(value, key, fields, where, sharegpt)
+    return value
+
+
+def standard(row: dict[str, Any], fmt: str, fields: chat_formats.Fields, where: str) -> dict[str, Any]:
+    """The row with the standard keys (prompt, chosen, rejected, system) from ``text.fields``."""
+    if fmt == "alpaca":
+        raise DataError(
+            f"{where}: text.format 'alpaca' has no preference shape; preference rows are prompt / chosen / "
+            f"rejected (map your keys with text.fields)"
+        )
+    out = {}
+    for name in ("prompt", "chosen", "rejected", "system"):
+        if fields(name) in row:
+            out[name] = _turns(row[fields(name)], name, fields, where)
+        elif name in ("chosen", "rejected") and fields(name) != name:
+            raise DataError(f"{where}: missing {fields(name)!r} (the {name!r} field by text.fields)")
+    return out
 
 
 def conversations(row: dict[str, Any], where: str) -> tuple[Messages, Messages]:
@@ -154,7 +181,9 @@ def _side(tokenizer: Any, msgs: Messages, where: str, max_length: int) -> tuple[
     return ids[:max_length], response_only(labels)[:max_length]
 
 
-def load_preferences(path: str | Path, tokenizer: Any, max_length: int = 512) -> PairDataset:
+def load_preferences(
+    path: str | Path, tokenizer: Any, max_length: int = 512, fmt: str = "auto", fields: dict[str, str] | None = None
+) -> PairDataset:
     """The JSONL file as pairs, each sequence truncated to ``max_length`` tokens.
 
     A pair either of whose responses starts beyond ``max_length`` has nothing to compare and is
@@ -162,13 +191,12 @@ def load_preferences(path: str | Path, tokenizer: Any, max_length: int = 512) ->
     ``dataset.dropped`` counts both, a warning names the identical ones; if every pair is
     dropped, that is an error.
     """
-    path = Path(path)
+    keys = chat_formats.Fields(fields)
     chosen, rejected, dropped, same = [], [], 0, []
-    for line_no, row in read_rows(path):
-        where = f"{path}:{line_no}"
-        c_msgs, r_msgs = conversations(row, where)
+    for where, row in chat_formats.rows(path):
+        c_msgs, r_msgs = conversations(standard(row, fmt, keys, where), where)
         if c_msgs[-1]["content"] == r_msgs[-1]["content"]:
-            same.append(line_no)
+            same.append(where.rsplit(":", 1)[1])
             continue
         c, r = _side(tokenizer, c_msgs, where, max_length), _side(tokenizer, r_msgs, where, max_length)
         # labels[0] is never a target after the shift: each side needs a scored label at t >= 1

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from gradtune.data.sequences import IGNORE, SequenceDataset, pad_id
-from gradtune.data.tabular import csv_records
+from gradtune.data.table_rows import csv_records
 from gradtune.data.text import path_kind, read_utf8, warn
 from gradtune.runtime.errors import InputError
 

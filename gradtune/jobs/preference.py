@@ -45,7 +45,7 @@ def check(cfg: Config) -> None:
 
 
 def load(cfg: Config, path: str, tokenizer: Any) -> PairDataset:
-    data = load_preferences(path, tokenizer, cfg.text.max_length)
+    data = load_preferences(path, tokenizer, cfg.text.max_length, cfg.text.format, cfg.text.fields)
     data.pad_multiple = cfg.text.pad_to_multiple_of
     return data
 

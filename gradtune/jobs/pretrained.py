@@ -62,7 +62,7 @@ def load_data(
             path, tokenizer, task, t.text_column, t.label_column, t.columns, t.max_length, label_map, labelled
         )
     elif task == "instruction":
-        data = load_instructions(path, tokenizer, t.max_length)
+        data = load_instructions(path, tokenizer, t.max_length, t.format, t.fields)
     else:
         data = load_causal_text(path, tokenizer, t.max_length, t.text_column, documents=t.packing)
     data.pad_multiple = t.pad_to_multiple_of

@@ -79,7 +79,7 @@ def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     classes = info.get("classes")
     task = info["task"]
     objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []))
-    model = tabular_job.make_model(cfg, len(info["features"]), n_out)
+    model = tabular_job.make_model(cfg, len(info.get("inputs") or info["features"]), n_out)
     return Run(run, cfg, kind(cfg.model), task, model, objective, info, classes=classes, data_task=task)
 
 
@@ -162,17 +162,14 @@ def load_run(folder: Path | str) -> Run:
 
 
 def _features(run: Run, table: tabular.Table) -> torch.Tensor:
-    """The table's features as the model saw them in training: standardised with training's
-    statistics, in the model's dtype. (N, F)."""
-    x, info = table.x, run.info
-    if "feature_mean" in info:
-        x = (x - torch.tensor(info["feature_mean"], dtype=x.dtype)) / torch.tensor(info["feature_std"], dtype=x.dtype)
-    return x.to(next(run.model.parameters()).dtype)
+    """The table's features as the model saw them in training: training's encoding and
+    standardisation, in the model's dtype. (N, F)."""
+    return tabular_job.features(run.info, table, next(run.model.parameters()).dtype)
 
 
 def _tabular_data(run: Run, path: Optional[str]) -> Dataset:
     cfg, info = run.cfg, run.info
-    table = tabular.read_table(path or cfg.data, info["target"], info["features"])
+    table = tabular_job.read_for_run(path or cfg.data, info, labelled=True)
     x = _features(run, table)
     if run.task == "regression":
         y = tabular.regression_targets(table, table.target)
@@ -244,7 +241,7 @@ def run_inputs(run: Run, path: str) -> Dataset:
         )
     if run.kind == "pretrained":
         return _pretrained_inputs(run, path)
-    table = tabular.read_table(path, run.info["target"], run.info["features"], labelled=False)
+    table = tabular_job.read_for_run(path, run.info, labelled=False)
     return TensorDataset(x=_features(run, table))
 
 

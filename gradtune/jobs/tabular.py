@@ -1,11 +1,12 @@
 """Tables -> linear / logistic regression or an MLP: features standardised with training
 statistics, a regression target standardised too (so lr stops depending on units), class
-labels mapped to ids. Everything reloading needs to apply the same transforms to new rows
-(feature names, means, standard deviations, classes) goes to ``Job.info``."""
+labels mapped to ids, categorical columns one-hot encoded and missing cells filled as
+``missing`` says (data/encoding.py). Everything reloading needs to apply the same transforms to
+new rows (feature names, encoding, means, standard deviations, classes) goes to ``Job.info``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -13,26 +14,18 @@ from torch import nn
 from gradtune.config import Config
 from gradtune.data import tabular
 from gradtune.data.dataset import TensorDataset
+from gradtune.data.encoding import Encoding
 from gradtune.data.split import split_indices
 from gradtune.data.text import warn
 from gradtune.jobs import memory
 from gradtune.jobs.job import Job, eval_chunk, load_init
-from gradtune.models.linear import Linear, closed_form_loss
+from gradtune.models.linear import Linear
 from gradtune.models.mlp import MLP
 from gradtune.objectives import classification, regression
 from gradtune.objectives.classification import Classification
 from gradtune.objectives.output import Objective
 from gradtune.objectives.regression import Regression
 from gradtune.runtime.errors import GradtuneError
-
-
-def standardize(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x - mean) / std with the statistics of ``rows``: (N, F), (F,), (F,). A constant column
-    stays as it is (std 1)."""
-    mean = x[rows].mean(0)
-    std = x[rows].std(0, unbiased=False)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return (x - mean) / std, mean, std
 
 
 def resolve_task(cfg: Config, y_raw: list[Any]) -> str:
@@ -110,13 +103,108 @@ def _targets(
     return y, classes
 
 
+def read(cfg: Config) -> tabular.Table:
+    return tabular.read_table(cfg.data, cfg.target, cfg.features, missing=cfg.missing, categorical=cfg.categorical)
+
+
+def read_for_run(path: str, info: dict[str, Any], labelled: bool) -> tabular.Table:
+    """New rows for a finished run: its feature columns, its categorical columns as categories,
+    missing cells as the run treated them, except that rows to predict (``labelled=False``) are
+    never dropped: one output per input row."""
+    enc = Encoding.from_info(info)
+    missing = enc.missing if labelled or enc.missing != "drop" else "error"
+    cats = list(enc.categories) or "none"
+    return tabular.read_table(path, info["target"], info["features"], labelled, missing=missing, categorical=cats)
+
+
+def standardized(
+    table: tabular.Table,
+    enc: Encoding,
+    dtype: torch.dtype,
+    order: Optional[torch.Tensor],
+    n_fit: Optional[int],
+    stats: Optional[tuple[list[float], list[float]]],
+) -> tuple[torch.Tensor, list[float], list[float]]:
+    """(x (N, F') in ``dtype``, mean, std): the encoded inputs one column at a time (the table's
+    raw columns are released as they are used: peak memory is x plus one column), rows in
+    ``order`` (None: file order). Standardised with ``stats`` (a run's saved mean and std), or
+    with the mean and std of the first ``n_fit`` rows of ``order`` (training's); neither: as is.
+    The arithmetic is float64 whatever ``dtype``."""
+    rows = order.numpy() if order is not None else None
+    x = torch.empty(table.n_rows, len(enc.names), dtype=dtype)
+    means, stds = [], []
+    for j, (name, col) in enumerate(enc.inputs(table, release=True)):
+        col = col[rows] if rows is not None else col.copy()  # a copy: scaled in place below
+        if stats is not None:
+            m, s = stats[0][j], stats[1][j]
+        elif n_fit is not None:
+            m, s = float(col[:n_fit].mean()), float(col[:n_fit].std())
+            s = s if s > 0 else 1.0  # a constant column stays as it is
+        else:
+            m, s = 0.0, 1.0
+        means.append(m)
+        stds.append(s)
+        if (m, s) != (0.0, 1.0):
+            col -= m
+            col /= s
+        x[:, j] = torch.from_numpy(col)
+    return x, means, stds
+
+
+def features(info: dict[str, Any], table: tabular.Table, dtype: torch.dtype) -> torch.Tensor:
+    """A finished run's inputs for ``table`` (N, F'): its encoding and its standardisation."""
+    stats = (info["feature_mean"], info["feature_std"]) if "feature_mean" in info else None
+    return standardized(table, Encoding.from_info(info), dtype, None, None, stats)[0]
+
+
+# Above this many cells the least-squares optimum comes from the normal equations, accumulated
+# in float64 over row chunks: (F+1, F+1) memory instead of float64 copies of the whole table.
+LARGE = 4_000_000
+CHUNK = 65_536  # rows per chunk
+
+
+def optimum_loss(x: torch.Tensor, y: torch.Tensor, half: bool) -> float:
+    """Training MSE at the least-squares optimum (the reference the loss curve is drawn to),
+    with a rank-revealing solve (gelsd): one-hot columns plus the bias are collinear, and
+    ``closed_form_loss``'s default solver returns a far-off point on such a design. Small
+    tables solve the design itself; large ones (over ``LARGE`` cells) the normal equations,
+    accumulated in float64 over row chunks in one pass ((F+1, F+1) memory instead of float64
+    copies of the table)."""
+    if x.numel() <= LARGE:
+        design = torch.nn.functional.pad(x.double(), (0, 1), value=1.0)  # (N, F+1), bias column
+        sol = torch.linalg.lstsq(design, y.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        mse = float(((design @ sol - y.double()) ** 2).mean())
+        return mse / 2 if half else mse
+    f, n = x.shape[1], len(x)
+    xtx = torch.zeros(f, f, dtype=torch.float64)
+    xty = torch.zeros(f, dtype=torch.float64)
+    xsum = torch.zeros(f, dtype=torch.float64)
+    ysum = yty = 0.0
+    for i in range(0, n, CHUNK):  # one float64 copy of a chunk at a time
+        xc, yc = x[i : i + CHUNK].double(), y[i : i + CHUNK].double()
+        xtx += xc.T @ xc
+        xty += xc.T @ yc
+        xsum += xc.sum(0)
+        ysum += float(yc.sum())
+        yty += float(yc @ yc)
+    gram = torch.zeros(f + 1, f + 1, dtype=torch.float64)  # [X 1]^T [X 1]
+    gram[:f, :f], gram[:f, f], gram[f, :f], gram[f, f] = xtx, xsum, xsum, n
+    rhs = torch.cat([xty, torch.tensor([ysum], dtype=torch.float64)])  # [X 1]^T y
+    sol = torch.linalg.lstsq(gram, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    # |y - Dw|^2 = y.y - 2 w.(D^T y) + w^T (D^T D) w: no second pass over the table; in float64
+    # the cancellation costs ~1e-16 of y.y (standardised targets: y.y = N), far below any loss
+    sse = max(yty - 2 * float(sol @ rhs) + float(sol @ gram @ sol), 0.0)
+    mse = sse / n
+    return mse / 2 if half else mse
+
+
 def build_tabular(cfg: Config) -> Job:
     """BUILDERS["linear" | "logistic" | "mlp"]."""
-    table = tabular.read_table(cfg.data, cfg.target, cfg.features)
+    table = read(cfg)
     _warn_shape(table)
     task = resolve_task(cfg, table.y_raw)
-    train_idx, val_idx = split_indices(len(table.y_raw), cfg.val_fraction, cfg.seed)
-    x = table.x
+    train_idx, val_idx = split_indices(table.n_rows, cfg.val_fraction, cfg.seed)
+    enc = Encoding.fit(table, train_idx.numpy(), cfg.missing)
     info: dict[str, Any] = {
         "data": table.path,
         "features": table.feature_names,
@@ -124,28 +212,33 @@ def build_tabular(cfg: Config) -> Job:
         "task": task,
         "n_train": len(train_idx),
     }
-    if cfg.standardize:
-        x, mean, std = standardize(x, train_idx)
-        info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()
+    if enc.categories or enc.fill or cfg.missing != "error":
+        info["encoding"], info["inputs"] = enc.to_dict(), enc.names
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     y, classes = _targets(cfg, table, task, train_idx, info)
     objective, info["loss"], n_out = objective_for(cfg, task, len(classes))
+    # Rows in (training, validation) order, so both sets are views of one tensor: no copy.
+    order = torch.cat([train_idx, val_idx])
+    n = len(train_idx)
+    x, mean, std = standardized(table, enc, dtype, order, n if cfg.standardize else None, None)
+    if cfg.standardize:
+        info["feature_mean"], info["feature_std"] = mean, std
     # Values under the read limit can still overflow float32 when they are not standardised.
     overflow = f"has values beyond {cfg.dtype}'s range; set standardize=true or dtype=float64"
-    x = x.to(dtype)
-    check_finite(x, table.feature_names, table.path, overflow)
+    check_finite(x, enc.names, table.path, overflow)
+    y = y[order]
     if task == "regression":
         y = y.to(dtype)
         check_finite(y, [table.target], table.path, overflow.replace("standardize=", "standardize_target="))
-    memory.check_tabular(cfg, x.shape[1], n_out, len(train_idx))
+    memory.check_tabular(cfg, x.shape[1], n_out, n)
     model = make_model(cfg, x.shape[1], n_out)
     if cfg.init != "random":
         load_init(model, cfg.init)
-    train = TensorDataset(x=x[train_idx], y=y[train_idx])
-    val = TensorDataset(x=x[val_idx], y=y[val_idx]) if len(val_idx) else None
+    train = TensorDataset(x=x[:n], y=y[:n])
+    val = TensorDataset(x=x[n:], y=y[n:]) if len(val_idx) else None
     if task == "regression":
         # Variance of the validation target: the denominator of R^2.
-        info["val_var"] = y[val_idx].double().var(unbiased=False).item() if len(val_idx) else None
+        info["val_var"] = y[n:].double().var(unbiased=False).item() if len(val_idx) else None
         if cfg.model == "linear" and info["loss"] in ("mse", "mse_half"):
-            info["closed_form_loss"] = closed_form_loss(x[train_idx], y[train_idx], half=info["loss"] == "mse_half")
+            info["closed_form_loss"] = optimum_loss(x[:n], y[:n], half=info["loss"] == "mse_half")
     return Job(model, objective, train, val, task, info, eval_chunk=eval_chunk(cfg, cheap_rows=True))

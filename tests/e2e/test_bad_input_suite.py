@@ -934,3 +934,74 @@ def test_fifo_data_in_a_real_process_does_not_hang(what, tmp_path):
     one_line(p, 2, "gradtune: error: ")
     assert "named pipe (FIFO)" in p.stderr and stat.S_ISFIFO(pipe.lstat().st_mode)
     assert not (tmp_path / "out").exists()
+
+
+# --- formats: instruction / chat shapes and field mappings, table encodings, predict's carried columns ----
+
+ALPACA_ROWS = '{"instruction": "hi", "output": "yes"}\n{"instruction": "hi again"}\n'
+TEXT_COLUMN = "a,c,y\n1,x,2\n2,,3\n3,y,4\n4,x,5\n"
+
+
+def categorical_run(c: Ctx) -> str:
+    """A finished run trained with a one-hot column (inside the watched input folder)."""
+    run = c.inp / "cat-run"
+    argv = ["train", data(c, TEXT_COLUMN.replace("2,,3", "2,y,3"), "t.csv"), "categorical=auto", "max_steps=1"]
+    assert main([*argv, *QUIET, f"out_dir={run}"]) == 0
+    return str(run)
+
+
+FORMATS = {
+    "unknown text.format": Case(lambda c: train("text.format=csv"), ("text.format", "'alpaca'")),
+    "unknown text.fields name": Case(lambda c: train("text.fields={question: q}"), ("text.fields", "prompt")),
+    "unknown missing policy": Case(lambda c: train("missing=fill"), ("missing", "'mean'")),
+    "alpaca row 2 misses its output": Case(
+        lambda c: ft(c, "llama", "task=instruction", "text.format=alpaca", data(c, ALPACA_ROWS, "i.jsonl")),
+        ("i.jsonl:2", "missing 'output'", "alpaca format"),
+    ),
+    "instruction keys fit no format": Case(
+        lambda c: ft(c, "llama", "task=instruction", data(c, '{"question": "a", "answer": "b"}\n', "i.jsonl")),
+        ("i.jsonl:1", "cannot tell the format", "text.fields"),
+    ),
+    "sharegpt unknown role": Case(
+        lambda c: ft(
+            c, "llama", "task=instruction", data(c, '{"conversations": [{"from": "robot", "value": "x"}]}\n', "i.jsonl")
+        ),
+        ("i.jsonl:1", "unknown role 'robot'"),
+    ),
+    "preference mapped key missing": Case(
+        lambda c: ft(
+            c,
+            "llama",
+            "task=preference",
+            "text.fields={chosen: good, rejected: bad}",
+            data(c, '{"prompt": "a", "good": "b", "bad": "c"}\n{"prompt": "a", "bad": "c"}\n', "p.jsonl"),
+        ),
+        ("p.jsonl:2", "missing 'good'"),
+    ),
+    "categorical cell missing": Case(
+        lambda c: train(data(c, TEXT_COLUMN), "categorical=auto"), ("d.csv:3", "column 'c': missing value")
+    ),
+    "categorical column not a feature": Case(
+        lambda c: train(data(c, TEXT_COLUMN), "categorical=[cc]"), ("d.csv", "categorical column 'cc'", "'c'")
+    ),
+    "missing=drop leaves no row": Case(
+        lambda c: train(data(c, "a,y\n,1\nNA,2\n"), "missing=drop"), ("d.csv", "every row has a missing value")
+    ),
+    "predict an unseen category": Case(
+        lambda c: ["predict", categorical_run(c), "--data", c.file("n.csv", "a,c\n1,z\n")],
+        ("n.csv:2", "column 'c': category 'z' was not seen in training"),
+    ),
+    "predict --id-column not in the file": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--id-column", "idx"], ("no column 'idx'",)
+    ),
+    "predict --keep-columns empty": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--keep-columns", ","],
+        ("--keep-columns is empty",),
+    ),
+}
+
+
+@pytest.mark.parametrize("name,case", cases(FORMATS))
+def test_formats(name, case, ctx, capsys, runs, hf_models):
+    ctx.runs, ctx.hf = runs, hf_models
+    check(ctx, capsys, case.argv(ctx), case.code, case.needles, case.warning)
