@@ -62,9 +62,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     base = hf_base(model)
     lora = lora_layers(base)
     if not lora:
-        raise InputError("save_adapter: the model has no LoRA layers (method is not 'lora')")
+        raise InputError(
+            "a PEFT adapter holds LoRA factors and this model has none (it was not trained with "
+            "method=lora); export --merged writes its weights as a transformers folder"
+        )
     if any(m.merged for m in lora.values()):
-        raise InputError("save_adapter: unmerge the LoRA layers first (they are merged into W)")
+        raise InputError("the LoRA layers are merged into W; unmerge them before writing an adapter")
     with outdir.staged(out_dir) as tmp:
         _write_adapter(model, base, lora, tmp, base_model_name_or_path)
     return Path(out_dir)
