@@ -761,12 +761,15 @@ def test_commands(name, case, ctx, capsys, runs):
 
 
 def test_predict_out_writes_through_a_symlink(ctx, capsys, runs):
-    """--out is replaced atomically; a symlink stays a link and its target gets the rows."""
+    """--out is replaced atomically; a symlink stays a link and its target gets the rows. The
+    target is the user's file: refused without --overwrite."""
     target = Path(ctx.file("real.csv", "old\n"))
     link = ctx.inp / "link.csv"
     link.symlink_to(target)
     capsys.readouterr()
-    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link)]) == 0
+    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and target.read_text() == "old\n"
+    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link), "--overwrite"]) == 0
     assert link.is_symlink() and target.read_text().startswith("prediction\n")
     assert "Traceback" not in capsys.readouterr().err
 
