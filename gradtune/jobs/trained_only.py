@@ -41,7 +41,7 @@ def select(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors to store, extra safetensors metadata) for a finished run's ``state``: the trained
     tensors and the base's fingerprint when part of a pretrained model trained, else all."""
-    if not is_pretrained(cfg.model) or not state:
+    if not is_pretrained(cfg.model) or cfg.method == "full" or not state:  # a full fine-tune stands alone
         return state, {}
     names = trained_names(model) & set(state)
     buffers = {n for n, _ in model.named_buffers()} & set(state)
