@@ -336,3 +336,39 @@ def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
         if not moments and 75 not in seen.values() and "in the loop" not in seen:
             moments.append("in the loop")
     assert 130 in seen.values() and 75 in seen.values(), seen
+
+
+SWALLOWED = """
+import os, signal, sys
+from gradtune.data import tabular
+read = tabular.read_table
+def loader(*a, **k):  # a third-party loader that swallows KeyboardInterrupt (transformers did)
+    try:
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.5)
+    except BaseException:
+        pass
+    return read(*a, **k)
+import time
+tabular.read_table = loader
+from gradtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_during_start_up_ends_the_run_even_if_a_loader_swallows_it(tmp_path, sig, code, word):
+    (tmp_path / "d.csv").write_text("a,b,y\n" + "".join(f"{i % 7},{i % 5},{i % 4}\n" for i in range(12)))
+    (tmp_path / "go.py").write_text(SWALLOWED.replace("{sig}", sig))
+    p = subprocess.run(
+        [sys.executable, str(tmp_path / "go.py"), "train", "model=mlp", f"data={tmp_path / 'd.csv'}", *QUIET]
+        + [f"out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == code, p.stderr
+    one_line(p.stderr, f"gradtune: {word}")
+    assert not (tmp_path / "out").exists()  # the lock's folder, made for the run, is gone again
