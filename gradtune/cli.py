@@ -2,8 +2,8 @@
 
 Every bad input ends as one line on stderr and exit code 2, never a traceback. A checkpoint
 that cannot be written exits 74 (EX_IOERR); a run stopped by SIGTERM/SIGINT after writing its
-checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume); Ctrl-C anywhere else,
-start-up included, exits 130 with one line.
+checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume); SIGINT / SIGTERM
+anywhere else, start-up included, exits 130 / 143 with one line.
 """
 
 from __future__ import annotations

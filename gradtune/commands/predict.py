@@ -9,8 +9,8 @@ input row, in file order:
     classification   prediction,p_<class>,...         the class name, then P(class) per class
                                                       (softmax; sigmoid for a one-logit bce run)
 
-Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, and never over
-the input file or a file of the run.
+Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, never over the
+input file or a file of the run, nor over a file gradtune did not write unless ``--overwrite``.
 """
 
 from __future__ import annotations
