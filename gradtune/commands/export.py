@@ -87,7 +87,7 @@ def _write_gguf(r: Run, out: Path, qtype: str) -> None:
             f"{r.folder}: GGUF export writes Llama-family models; this GPT run has gpt.family: {r.cfg.gpt.family}"
         )
     with outfile.writing(out) as tmp:  # staged: an existing export is replaced in one rename
-        gguf_export.export_gguf(r.model, _vocab(r), tmp, qtype, name=run_folder(r.folder).name)
+        gguf_export.export_gguf(r.model, _vocab(r), tmp, qtype, name=run_folder(r.folder).resolve().name)
     print(f"gguf: {out} ({qtype}; llama.cpp: llama-cli -m {out})")
 
 
