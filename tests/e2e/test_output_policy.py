@@ -372,3 +372,17 @@ def test_a_signal_during_start_up_ends_the_run_even_if_a_loader_swallows_it(tmp_
     assert p.returncode == code, p.stderr
     one_line(p.stderr, f"gradtune: {word}")
     assert not (tmp_path / "out").exists()  # the lock's folder, made for the run, is gone again
+
+
+def test_best_folder_reloads_like_a_run_with_the_best_weights(tmp_path, capsys):
+    out = tmp_path / "es"
+    args = ["model=mlp", "data=breast_cancer", "hidden=[8]", "epochs=30", "eval_every=5", *QUIET]
+    es = ["early_stopping.enabled=true", "early_stopping.patience=2", "early_stopping.restore_best=true"]
+    assert main(["train", *args, *es, f"out_dir={out}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    final = capsys.readouterr().out
+    assert main(["eval", str(out / "best")]) == 0  # the folder itself, not only best/step-N
+    assert capsys.readouterr().out == final  # restore_best: the run's weights are the best ones
+    assert main(["predict", str(out / "best"), "--data", "breast_cancer"]) == 0
+    assert capsys.readouterr().out.startswith("prediction,")
