@@ -26,6 +26,7 @@ from torch import nn
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
 from gradtune.finetune.quantize import dequantized_state
+from gradtune.models import loader_bars
 from gradtune.runtime import outdir
 from gradtune.runtime.errors import InputError
 
@@ -127,7 +128,7 @@ def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Write the merged model as a transformers folder (+ tokenizer, + head if any)."""
     base = hf_base(model)
-    with outdir.staged(out_dir) as out:
+    with outdir.staged(out_dir) as out, loader_bars.terminal_only():  # no "Writing model shards" in a log
         base.save_pretrained(str(out), state_dict=merged_state_dict(base))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))

@@ -23,7 +23,9 @@ def quantized(model: nn.Module) -> str:
         return ""
     kinds = Counter(m.kind for m in layers.values())
     parts = [f"{n} keep the GGUF's {k} blocks" if k in BLOCK_KINDS else f"{n} {k}" for k, n in sorted(kinds.items())]
-    return f"; {len(layers)} linear layers quantised ({', '.join(parts)}), {weight_bytes(model)[0] / 1e6:.1f} MB"
+    size = weight_bytes(model)[0]
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+    return f"; {len(layers)} linear layers quantised ({', '.join(parts)}), {shown}"
 
 
 def summary(model: nn.Module) -> str:
