@@ -335,6 +335,7 @@ def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
             assert step >= 1 and checkpoint.verify(checkpoint.root(out) / checkpoint.folder_name(step)) is None
         if not moments and 75 not in seen.values() and "in the loop" not in seen:
             moments.append("in the loop")
+    print(f"SIGINT moments (s) -> exit codes: {seen}")
     assert 130 in seen.values() and 75 in seen.values(), seen
 
 
