@@ -47,8 +47,12 @@ def select(
     buffers = {n for n, _ in model.named_buffers()} & set(state)
     if not names or len(names) + len(buffers) >= len(state):  # everything trained: nothing to share
         return state, {}
+    try:
+        base = base_fingerprint.take(cfg.model)
+    except (OSError, GradtuneError):  # the base went away during training: keep the whole model
+        return state, {}
     kept = {k: v for k, v in state.items() if k in names}
-    return kept, {KIND: "trained", BASE: json.dumps(base_fingerprint.take(cfg.model))}
+    return kept, {KIND: "trained", BASE: json.dumps(base)}
 
 
 def metadata(path: Path) -> dict[str, str]:
