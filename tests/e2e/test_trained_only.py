@@ -113,7 +113,7 @@ def test_smollm2_lora_run_stores_under_10_mb_and_reloads_from_the_base(tmp_path,
     os.link(_gguf(), base) if os.stat(_gguf()).st_dev == os.stat(tmp_path).st_dev else shutil.copy(_gguf(), base)
     run = tmp_path / "run"
     argv = ["train", f"model={base}", f"data={DATA}", "task=instruction", "method=lora", "lr=3e-3", "precision=fp32"]
-    rest = ["batch_size=8", "max_steps=1", "val_fraction=0.25", "text.max_length=32", "checkpoint_every=1"]
+    rest = ["batch_size=8", "max_steps=1", "val_fraction=0.25", "text.max_length=48", "checkpoint_every=1"]
     assert main([*argv, *rest, *QUIET, f"out_dir={run}"]) == 0, capsys.readouterr().err
     kept = [p for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts and p.name != "metrics.jsonl"]
     assert sum(p.stat().st_size for p in kept) <= 10e6, [(p.name, p.stat().st_size) for p in kept]
