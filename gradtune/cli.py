@@ -22,15 +22,18 @@ from typing import Any, Iterator, Optional
 def _interrupted_while_starting(signum: int, frame: Any) -> None:
     # Importing torch and the commands takes seconds. A KeyboardInterrupt raised inside an import
     # has no try block around it (main is not running yet) and prints a traceback; nothing has
-    # been read or written yet, so leave at once, with the line main prints for Ctrl-C.
-    print("gradtune: interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+    # been read or written yet, so leave at once, with the line main prints (130 / 143).
+    term = signum == signal.SIGTERM
+    print(f"gradtune: {'terminated' if term else 'interrupted'}", file=sys.stderr, flush=True)
+    os._exit(143 if term else 130)
 
 
 # Installed before the heavy imports below, put back after them (an importing test runner keeps
 # its own Ctrl-C). signal.signal works in the main thread only.
 _STARTING = threading.current_thread() is threading.main_thread()
-_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
+_BEFORE = (
+    {s: signal.signal(s, _interrupted_while_starting) for s in (signal.SIGINT, signal.SIGTERM)} if _STARTING else {}
+)
 
 from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
@@ -38,8 +41,8 @@ from gradtune.runtime import distributed, lock  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
 from gradtune.state.preempt import Preempted, command_scope, settled  # noqa: E402
 
-if _STARTING:
-    signal.signal(signal.SIGINT, _BEFORE)
+for _signum, _handler in _BEFORE.items():
+    signal.signal(_signum, _handler)
 
 # name -> module with HELP, setup(parser), run(args) -> exit code
 COMMANDS: dict[str, ModuleType] = {

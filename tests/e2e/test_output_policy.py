@@ -387,3 +387,34 @@ def test_best_folder_reloads_like_a_run_with_the_best_weights(tmp_path, capsys):
     assert capsys.readouterr().out == final  # restore_best: the run's weights are the best ones
     assert main(["predict", str(out / "best"), "--data", "breast_cancer"]) == 0
     assert capsys.readouterr().out.startswith("prediction,")
+
+
+TERM_ON_TORCH = """
+import os, signal, sys
+
+class Hook:  # SIGTERM the moment torch starts importing: deep inside gradtune's start-up
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, Hook())
+"""
+
+
+def test_sigterm_while_importing_exits_143_with_one_line(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(TERM_ON_TORCH)
+    full = {**env(), "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    p = subprocess.run(
+        [sys.executable, "-m", "gradtune", "train", f"out_dir={tmp_path / 'out'}"],
+        cwd=tmp_path,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 143, p.stderr
+    one_line(p.stderr, "gradtune: terminated")
+    assert not (tmp_path / "out").exists()
