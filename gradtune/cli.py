@@ -2,43 +2,47 @@
 
 Every bad input ends as one line on stderr and exit code 2, never a traceback. A checkpoint
 that cannot be written exits 74 (EX_IOERR); a run stopped by SIGTERM/SIGINT after writing its
-checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume); Ctrl-C anywhere else,
-start-up included, exits 130 with one line.
+checkpoint exits 75 (EX_TEMPFAIL: run the same command again to resume); SIGINT / SIGTERM
+anywhere else, start-up included, exits 130 / 143 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 def _interrupted_while_starting(signum: int, frame: Any) -> None:
     # Importing torch and the commands takes seconds. A KeyboardInterrupt raised inside an import
     # has no try block around it (main is not running yet) and prints a traceback; nothing has
-    # been read or written yet, so leave at once, with the line main prints for Ctrl-C.
-    print("gradtune: interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+    # been read or written yet, so leave at once, with the line main prints (130 / 143).
+    term = signum == signal.SIGTERM
+    print(f"gradtune: {'terminated' if term else 'interrupted'}", file=sys.stderr, flush=True)
+    os._exit(143 if term else 130)
 
 
 # Installed before the heavy imports below, put back after them (an importing test runner keeps
 # its own Ctrl-C). signal.signal works in the main thread only.
 _STARTING = threading.current_thread() is threading.main_thread()
-_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
+_BEFORE = (
+    {s: signal.signal(s, _interrupted_while_starting) for s in (signal.SIGINT, signal.SIGTERM)} if _STARTING else {}
+)
 
 from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
-from gradtune.runtime import distributed  # noqa: E402
+from gradtune.runtime import distributed, lock  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
-from gradtune.state.preempt import Preempted, command_scope  # noqa: E402
+from gradtune.state.preempt import Preempted, command_scope, settled  # noqa: E402
 
-if _STARTING:
-    signal.signal(signal.SIGINT, _BEFORE)
+for _signum, _handler in _BEFORE.items():
+    signal.signal(_signum, _handler)
 
 # name -> module with HELP, setup(parser), run(args) -> exit code
 COMMANDS: dict[str, ModuleType] = {
@@ -67,10 +71,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_SAID = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+
+
+def _stop_now(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM outside the loop (start-up, writing the outputs): end the command now with
+    one line, 130 / 143. Not by raising KeyboardInterrupt: third-party loaders run during start-up
+    (transformers' AutoTokenizer, imports inside it) and one of them swallows it, so a Ctrl-C
+    seconds after launch went unnoticed and the run trained to the end with exit 0. Nothing is
+    left half-written: every output is written beside its target and renamed into place (what
+    is left of an interrupted write is swept by the next run); the run folder's lock is removed
+    here, the kernel drops the lock itself. Inside the loop the run's own handler is installed
+    instead (a preemption checkpoint, exit 75), and once that checkpoint is written signals are
+    ignored (``settled``): exit 75 is decided."""
+    if settled():
+        return
+    word, code = _SAID[signal.Signals(signum)]
+    print(f"gradtune: {word}", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        lock.release_all()
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def _signals_end_the_command() -> Iterator[None]:
+    """Install ``_stop_now`` for SIGINT and SIGTERM (main thread only), put the previous back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _stop_now) for s in _SAID}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         # command_scope: once a preemption checkpoint is written, later signals cannot change 75.
-        with command_scope():
+        with command_scope(), _signals_end_the_command():
             args = parser().parse_args(argv)
             return args.func(args)
     except GradtuneError as e:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import yaml
 
 from gradtune.config import Config
+from gradtune.jobs import trained_only
 from gradtune.jobs.job import Job
 from gradtune.loop.fit import Result
 from gradtune.loop.run_setup import run_inputs
@@ -48,7 +49,8 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path, claimed: 
         return
     if claimed is None:
         outdir.claim(out_dir, run_inputs(cfg))
-    save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash()})
+    state, base = trained_only.select(job.model, cfg, state)  # LoRA/head/BitFit: the trained tensors + base
+    save_state(state, out_dir / "model.safetensors", metadata={"config_hash": cfg.hash(), **base})
     write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _save_extra(job, out_dir)  # what reloading needs beside the weights (tokenizer, labels)
     summary = {

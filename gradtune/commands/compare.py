@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from gradtune.runtime.atomic import write_text
+from gradtune.runtime import outfile
 from gradtune.runtime.errors import GradtuneError
 from gradtune.telemetry.html import esc, fmt, img, page, table
 from gradtune.telemetry.plots import Line, lines_png
@@ -41,6 +41,7 @@ _HTML = (".html", ".htm")
 def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="finished runs' out_dirs (metrics.jsonl and summary.json)")
     p.add_argument("--out", default="compare.html", help="the page to write (default: ./compare.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file gradtune did not write")
 
 
 def run_names(folders: list[Path]) -> list[str]:
@@ -53,9 +54,9 @@ def run_names(folders: list[Path]) -> list[str]:
     return [f"{'/'.join(p[-1:])} #{i + 1}" for i, p in enumerate(parts)]  # one folder given twice
 
 
-def _check_out(out: Path, runs: list[Run]) -> Path:
+def _check_out(out: Path, runs: list[Run], overwrite: bool = False) -> Path:
     """Refuse a page that would land inside a run (its folder holds what the run wrote, nothing
-    else) or replace a file that is not a web page."""
+    else), replace a file that is not a web page, or a file of the user's (runtime/outfile.py)."""
     target = Path(os.path.abspath(out.expanduser())).resolve()
     for r in runs:
         folder = r.folder.resolve()
@@ -65,7 +66,7 @@ def _check_out(out: Path, runs: list[Run]) -> Path:
         raise GradtuneError(f"compare: --out {out} is a folder; give a file name ending in .html")
     if target.exists() and target.suffix.lower() not in _HTML:
         raise GradtuneError(f"compare: --out {out} exists and is not an HTML file; choose another name")
-    return target
+    return outfile.check(out, overwrite, "compare: --out")
 
 
 def _seen(run: Run) -> Optional[tuple[str, float]]:
@@ -152,8 +153,8 @@ def render_compare(runs: list[Run], names: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     runs = [read_run(folder) for folder in args.runs]
-    out = _check_out(Path(args.out), runs)
+    out = _check_out(Path(args.out), runs, args.overwrite)
     names = run_names([r.folder for r in runs])
-    write_text(out, render_compare(runs, names))
+    outfile.write(out, render_compare(runs, names))
     print(f"compare: {len(runs)} runs -> {out}")
     return 0

@@ -6,8 +6,9 @@
 
 Each destination folder must be new or empty and overlap neither the run nor its base model:
 all are checked before any is written (an export over the run's model.safetensors or the
-pretrained folder it came from would destroy the input). A GGUF file must be new, end in .gguf
-and lie outside the run and the base model's folder. GGUF export takes Llama-family runs (a
+pretrained folder it came from would destroy the input). A GGUF file must end in .gguf
+and lie outside the run and the base model's folder; an existing one is replaced only if gradtune
+wrote it (or with --overwrite). GGUF export takes Llama-family runs (a
 fine-tuned HF Llama such as SmolLM2, or our GPT with gpt.family llama) whose tokenizer llama.cpp
 can express: a GGUF base's tokenizer is copied from it, else a byte-level BPE tokenizer.json is
 converted; gradtune's byte and char tokenizers are refused.
@@ -23,7 +24,7 @@ from gradtune.data.tokenizer import HFTokenizer
 from gradtune.finetune import export, gguf_export
 from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
-from gradtune.runtime import outdir
+from gradtune.runtime import outdir, outfile
 from gradtune.runtime.errors import GradtuneError
 
 HELP = "write a run as a PEFT adapter, a merged HF folder and/or a GGUF file (llama.cpp)"
@@ -39,6 +40,7 @@ def setup(p: argparse.ArgumentParser) -> None:
         help="write the model (updates folded in) and its tokenizer "
         "as one GGUF file for llama.cpp; Llama-family models only",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file gradtune did not write")
     p.add_argument(
         "--type",
         choices=gguf_export.TYPES,
@@ -53,9 +55,7 @@ def _check_gguf_dest(args: argparse.Namespace, inputs: list) -> Path:
     out = Path(args.gguf)
     if out.suffix != ".gguf":
         raise GradtuneError(f"--gguf {args.gguf}: give a file name ending in .gguf")
-    if out.exists() or out.is_symlink():
-        raise GradtuneError(f"--gguf {args.gguf}: exists; export never overwrites a file, choose a new path")
-    target = out.resolve()
+    target = outfile.check(out, args.overwrite, "export: --gguf")  # a file of the user's: refused
     for item in inputs:
         folder = Path(item).resolve()
         folder = folder.parent if folder.is_file() else folder
@@ -86,7 +86,8 @@ def _write_gguf(r: Run, out: Path, qtype: str) -> None:
         raise GradtuneError(
             f"{r.folder}: GGUF export writes Llama-family models; this GPT run has gpt.family: {r.cfg.gpt.family}"
         )
-    gguf_export.export_gguf(r.model, _vocab(r), out, qtype, name=run_folder(r.folder).name)
+    with outfile.writing(out) as tmp:  # staged: an existing export is replaced in one rename
+        gguf_export.export_gguf(r.model, _vocab(r), tmp, qtype, name=run_folder(r.folder).resolve().name)
     print(f"gguf: {out} ({qtype}; llama.cpp: llama-cli -m {out})")
 
 
@@ -111,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError(
             f"{args.run}: --adapter/--merged write fine-tuned pretrained models; this run trained "
             f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})"
+        )
+    if args.adapter and "lora" not in r.cfg.method.split("+"):
+        raise GradtuneError(
+            f"{args.run}: --adapter writes LoRA factors (a PEFT adapter) and this run trained "
+            f"method={r.cfg.method}; --merged writes its weights as a transformers folder"
         )
     if gguf_out is not None and r.kind not in ("gpt", "pretrained"):
         raise GradtuneError(f"{args.run}: GGUF export writes language models; this run trained model={r.cfg.model}")

@@ -12,8 +12,8 @@ input row, in file order:
 ``--id-column COL`` and ``--keep-columns C1,C2`` copy input columns (as written in FILE) in
 front of the predictions, so rows can be matched by id rather than by order.
 
-Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, and never over
-the input file or a file of the run.
+Without ``--out`` the CSV goes to stdout; with it, the file is written atomically, never over the
+input file or a file of the run, nor over a file gradtune did not write unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gradtune.data.text_tasks import read_rows
 from gradtune.datasets import EMBEDDED, embedded_path
 from gradtune.jobs.reload import Run, load_run, run_folder, run_inputs, run_task, target_units
 from gradtune.objectives.logits import forward
-from gradtune.runtime.atomic import write_text
+from gradtune.runtime import outfile
 from gradtune.runtime.errors import GradtuneError
 
 Carried = tuple[list[str], list[list[str]]]  # (column names, cells of each row)
@@ -48,6 +48,7 @@ def setup(p: argparse.ArgumentParser) -> None:
         "--data", required=True, help="rows in the training data's format; the target / label column may be left out"
     )
     p.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file gradtune did not write")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (memory only)")
     p.add_argument(
         "--id-column",
@@ -73,15 +74,6 @@ def _check_out(out: Optional[str], data: str, folder: Path) -> None:
     run = folder.resolve()
     if target == run or run in target.parents:
         raise GradtuneError(f"predict: --out {out} is inside the run folder {folder}; write the predictions elsewhere")
-    if target.is_dir():
-        raise GradtuneError(f"predict: --out {out} is a directory; give a file name")
-    if target.exists() and not target.is_file():
-        # The write is atomic (a new file renamed over the target): it would replace a device
-        # node such as /dev/null, or a pipe, with a regular file instead of writing into it.
-        raise GradtuneError(
-            f"predict: --out {out} is not a regular file (a device or a pipe); give a file "
-            f"name, or leave --out out to write to stdout"
-        )
 
 
 def _carried_names(args: argparse.Namespace) -> list[str]:
@@ -166,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         )
     _check_out(args.out, args.data, run_folder(Path(args.run)))
     names = _carried_names(args)
+    if args.out is not None:  # a folder, a device, a file of the user's (without --overwrite): refused
+        outfile.check(args.out, args.overwrite, "predict: --out")
     r = load_run(args.run)
     data = run_inputs(r, args.data)
     carried = input_columns(r, args.data, names, len(data)) if names else None
@@ -173,6 +167,6 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
         return 0
-    write_text(Path(args.out).resolve(), text)  # through a symlink, not over it
+    outfile.write(args.out, text)  # staged rename, through a symlink, not over it
     print(f"predict: {len(data)} rows -> {args.out}")
     return 0

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable
 
 from gradtune.commands import config_args
+from gradtune.config import Config
 from gradtune.loop.assemble import planned
 from gradtune.loop.run_setup import describe
-from gradtune.runtime import distributed
+from gradtune.runtime import distributed, lock, outdir, runfolder
+from gradtune.state import checkpoint, resume
 from gradtune.train import setup_run, train
 
 HELP = "train a model from a config and key=value settings"
@@ -30,20 +37,61 @@ def dry_run(cfg, inputs: list[str]) -> int:
     finally:
         s.close()
     if distributed.is_main():
-        resume = f"resume from {facts['resume']}" if facts["resume"] else "fresh"
+        start = f"resume from {facts['resume']}" if facts["resume"] else "fresh"
         print(f"dry run: nothing written; {job.task} job, {len(job.train):,} training samples")
         print(f"  device {facts['device']}, precision {facts['precision']}, world size {facts['world_size']}")
-        print(f"  out_dir {facts['out_dir']} ({resume})")
+        print(f"  out_dir {facts['out_dir']} ({start})")
         print("  components: " + ", ".join(facts["components"]))
     return 0
+
+
+def resumable(cfg: Config) -> Callable[[Path], bool]:
+    """Would ``cfg`` resume the run in a folder: its newest checkpoint's config differs from
+    ``cfg`` only in settings that do not change the run (state/resume.py's rule)?"""
+
+    def check(folder: Path) -> bool:
+        if cfg.resume == "never":
+            return False
+        current = dataclasses.replace(cfg, out_dir=str(folder)).to_dict()
+        for _, ckpt in reversed(checkpoint.listing(checkpoint.root(folder))):
+            try:
+                saved = json.loads((ckpt / "config.json").read_text())["config"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            return not resume.config_diff(saved, current)
+        return False
+
+    return check
+
+
+def run_folder(cfg: Config) -> tuple[Config, bool]:
+    """``cfg`` with the default out_dir replaced by the run's own folder (runtime/runfolder.py),
+    and whether that folder was made here."""
+    out_dir, created = runfolder.choose(
+        cfg.out_dir, cfg.model, resumable(cfg), distributed.launched(), distributed.is_main()
+    )
+    if out_dir != cfg.out_dir and distributed.is_main():
+        print(f"out_dir: {out_dir} ({'new' if created else 'resuming its checkpoint'}; runs/latest links the newest)")
+    return dataclasses.replace(cfg, out_dir=out_dir), created
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_args.config(args)
     path, _ = config_args.split(args.items)
-    if args.dry_run:
+    if args.dry_run:  # before the run folder is chosen: a dry run writes nothing
         return dry_run(cfg, [path] if path else [])
-    r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
+    default = runfolder.is_default(cfg.out_dir)
+    cfg, created = run_folder(cfg)
+    outdir.check(cfg.out_dir)  # a foreign folder is refused before the lock file is written into it
+    # One run per out_dir: a second process is refused here with the holder's pid and host.
+    with lock.holding(cfg.out_dir, distributed.is_main(), created):
+        try:
+            r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
+        finally:
+            if default and distributed.is_main() and outdir.is_run_folder(cfg.out_dir):
+                said = runfolder.point_latest(cfg.out_dir)  # finished or preempted: the newest run
+                if said:
+                    print(f"gradtune: note: {said}", file=sys.stderr)
     if not distributed.is_main():  # one summary per job, from rank 0
         return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))

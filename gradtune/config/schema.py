@@ -222,7 +222,8 @@ class Config:
     compile: bool = False  # torch.compile the model: faster steps after a warm-up
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # --- output -------------------------------------------------------------------------------
-    out_dir: str = "runs/latest"  # weights, metrics.jsonl, plots, checkpoints
+    # weights, metrics.jsonl, plots, checkpoints; runs/latest: a new runs/<model>-<time>, linked as runs/latest
+    out_dir: str = "runs/latest"
     log_every: int = 0  # steps between log lines; 0: per evaluation only
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
     plot: bool = True  # loss-curve PNG at the end

@@ -26,6 +26,7 @@ from torch import nn
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.finetune.lora import LoRALinear, lora_layers
 from gradtune.finetune.quantize import dequantized_state
+from gradtune.models import loader_bars
 from gradtune.runtime import outdir
 from gradtune.runtime.errors import InputError
 
@@ -62,9 +63,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     base = hf_base(model)
     lora = lora_layers(base)
     if not lora:
-        raise InputError("save_adapter: the model has no LoRA layers (method is not 'lora')")
+        raise InputError(
+            "a PEFT adapter holds LoRA factors and this model has none (it was not trained with "
+            "method=lora); export --merged writes its weights as a transformers folder"
+        )
     if any(m.merged for m in lora.values()):
-        raise InputError("save_adapter: unmerge the LoRA layers first (they are merged into W)")
+        raise InputError("the LoRA layers are merged into W; unmerge them before writing an adapter")
     with outdir.staged(out_dir) as tmp:
         _write_adapter(model, base, lora, tmp, base_model_name_or_path)
     return Path(out_dir)
@@ -124,7 +128,7 @@ def merged_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
     """Write the merged model as a transformers folder (+ tokenizer, + head if any)."""
     base = hf_base(model)
-    with outdir.staged(out_dir) as out:
+    with outdir.staged(out_dir) as out, loader_bars.terminal_only():  # no "Writing model shards" in a log
         base.save_pretrained(str(out), state_dict=merged_state_dict(base))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))

@@ -33,7 +33,7 @@ from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap
-from gradtune.jobs import pretrained
+from gradtune.jobs import pretrained, trained_only
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
 from gradtune.jobs.text import gpt
@@ -144,16 +144,29 @@ def run_task(folder: Path | str) -> str:
     return info["task"]
 
 
+def _checkpoint_in(folder: Path) -> Path:
+    """A folder of checkpoints (``best/``, ``checkpoints/``) stands for its newest one: early
+    stopping's ``best/`` reloads like the run, with the best weights."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    found = sorted(p.parent for p in folder.glob("step-*/model.safetensors"))
+    return found[-1] if found else folder
+
+
 def load_run(folder: Path | str) -> Run:
     """The finished run at ``folder`` (or the run of the checkpoint folder ``folder``), with the
     weights of ``folder`` loaded, in eval mode."""
-    folder = Path(folder)
+    folder = _checkpoint_in(Path(folder))
     run, cfg, info = _facts(folder)
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise GradtuneError(f"{folder}: no model.safetensors")
+    trained_only.check_base(weights, run)  # a trained-only file: its base is there, the same bytes
     loaded = RELOADERS[kind(cfg.model)](run, cfg, info)
-    load_weights(loaded.model, weights)
+    if trained_only.base_of(weights) is not None:
+        trained_only.load_trained(loaded.model, weights)
+    else:
+        load_weights(loaded.model, weights)
     loaded.model.eval()
     return loaded
 

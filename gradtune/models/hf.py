@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from gradtune.models import gguf_cache, hf_attention
+from gradtune.models import gguf_cache, hf_attention, loader_bars
 from gradtune.models.dropout import swap_dropouts
 from gradtune.runtime.errors import InputError
 
@@ -191,7 +191,8 @@ def load_model(
         kwargs["gguf_file"] = gguf
         del kwargs["use_safetensors"]
     try:
-        model = cls.from_pretrained(str(folder), **kwargs)
+        with loader_bars.terminal_only():  # transformers' GGUF conversion bar: not in a log file
+            model = cls.from_pretrained(str(folder), **kwargs)
     except LOAD_ERRORS as e:  # transformers' errors for a bad folder or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
@@ -226,7 +227,8 @@ def load_tokenizer(source: str | Path, weights: bool = True) -> Any:
     elif gguf:
         kwargs["gguf_file"] = gguf
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        with loader_bars.terminal_only():
+            tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(f"cannot load tokenizer from {str(source)!r}: {first}") from e

@@ -15,6 +15,27 @@ from typing import Iterator
 from gradtune.runtime.errors import GradtuneError
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else by the
+    set-and-restore dance."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode every written file gets: what ``open()`` gives a new file under the umask
+    (mkstemp's temporary is 0600 whatever the umask; a replaced file gets it too, so a run's
+    files all read alike)."""
+    return 0o666 & ~umask()
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -38,6 +59,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         fsync_dir(target.parent)

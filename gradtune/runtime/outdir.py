@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from gradtune.runtime import lock
 from gradtune.runtime.atomic import fsync_dir, write_text
 from gradtune.runtime.errors import GradtuneError
 
@@ -61,7 +62,25 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _is_temp(name: str) -> bool:
-    return name.startswith(_TEMP_PREFIXES) or (name.startswith(".") and name.endswith(".tmp"))
+    # The lock file names a run in progress (or a dead one): not a file of the run's own.
+    return name == lock.NAME or name.startswith(_TEMP_PREFIXES) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+@contextlib.contextmanager
+def _os_errors(what: str, path: "str | Path") -> Iterator[None]:
+    """A name the filesystem refuses (a component over 255 bytes, a path over PATH_MAX), a
+    parent that cannot be searched or written: one line naming the path, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        why = {
+            errno.ENAMETOOLONG: "name too long for the filesystem (at most 255 bytes a component)",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.EROFS: "read-only filesystem",
+            errno.ELOOP: "too many levels of symbolic links",
+        }.get(e.errno or 0, e.strerror or str(e))
+        raise GradtuneError(f"{what} {path}: {why}; choose another folder") from None
 
 
 def _nearest_existing(path: Path, what: str) -> Path:
@@ -162,11 +181,12 @@ def check(
 ) -> str:
     """Refuse (GradtuneError) an ``out_dir`` gradtune must not write into; writes nothing.
     Returns its state: 'absent', 'empty', 'owned' or 'legacy'."""
-    folder = _resolved(out_dir)
-    _check_writable(folder, "out_dir")
-    state = _ownership(folder, files, folders)
-    _check_layout(folder, files, folders)
-    _check_inputs(folder, list(inputs), files, folders)
+    with _os_errors("out_dir", out_dir):
+        folder = _resolved(out_dir)
+        _check_writable(folder, "out_dir")
+        state = _ownership(folder, files, folders)
+        _check_layout(folder, files, folders)
+        _check_inputs(folder, list(inputs), files, folders)
     return state
 
 
@@ -199,6 +219,11 @@ def claim(
 def check_dest(dest: "str | Path", inputs: Inputs = ()) -> Path:
     """Refuse an export folder that is a run folder, an input (or holds or lies in one), or not
     empty; writes nothing. Returns the resolved folder."""
+    with _os_errors("export folder", dest):
+        return _check_dest(dest, inputs)
+
+
+def _check_dest(dest: "str | Path", inputs: Inputs) -> Path:
     folder = _resolved(dest)
     _check_writable(folder, "export folder")
     if folder.exists():

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
+from gradtune.runtime.atomic import file_mode
+
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step/evaluation/event, flushed as written."""
@@ -39,6 +41,7 @@ class MetricsLog:
             self.file = path.open("a", encoding="utf-8")
             return
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())  # the umask's mode, not mkstemp's 0600
         self.file, self.pending = os.fdopen(fd, "w", encoding="utf-8"), Path(tmp)
 
     def write(self, row: dict[str, Any]) -> None:

@@ -768,6 +768,33 @@ COMMANDS = {
     "lr-find --steps 0": Case(lambda c: ["lr-find", "--steps", "0"], ("--steps",)),
     "lr-find --steps -1": Case(lambda c: ["lr-find", "--steps", "-1"], ("--steps",)),
     "lr-find --max-lr inf": Case(lambda c: ["lr-find", "--max-lr", "inf"], ("--max-lr",)),
+    # --out over a file gradtune did not write: refused without --overwrite (runtime/outfile.py)
+    "predict --out over the user's file": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--out", c.file("mine.csv", "x\n")],
+        ("predict: --out", "gradtune did not write it", "--overwrite"),
+    ),
+    "compare --out over the user's page": Case(
+        lambda c: ["compare", str(c.runs["linear"]), "--out", c.file("page.html", "<html></html>")],
+        ("compare: --out", "gradtune did not write it"),
+    ),
+    "export --gguf over the user's file": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--gguf", c.file("m.gguf", b"GGUF mine")],
+        ("export: --gguf", "gradtune did not write it"),
+    ),
+    "lr-find --out over the user's plot": Case(
+        lambda c: ["lr-find", "--out", c.file("curve.png", b"png"), "model=linear", "data=diabetes"],
+        ("lr-find: --out", "gradtune did not write it"),
+    ),
+    "lr-find --out not a .png": Case(
+        lambda c: ["lr-find", "--out", str(c.inp / "curve.pdf"), "model=linear", "data=diabetes"], ("ending in .png",)
+    ),
+    "predict --out name over 255 bytes": Case(
+        lambda c: ["predict", str(c.runs["linear"]), "--data", "diabetes", "--out", str(c.inp / ("p" * 300))],
+        ("predict: --out",),
+    ),
+    "export --adapter of a linear run": Case(
+        lambda c: ["export", str(c.runs["linear"]), "--adapter", str(c.inp / "a")], ("--adapter",)
+    ),
 }
 
 
@@ -778,12 +805,15 @@ def test_commands(name, case, ctx, capsys, runs):
 
 
 def test_predict_out_writes_through_a_symlink(ctx, capsys, runs):
-    """--out is replaced atomically; a symlink stays a link and its target gets the rows."""
+    """--out is replaced atomically; a symlink stays a link and its target gets the rows. The
+    target is the user's file: refused without --overwrite."""
     target = Path(ctx.file("real.csv", "old\n"))
     link = ctx.inp / "link.csv"
     link.symlink_to(target)
     capsys.readouterr()
-    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link)]) == 0
+    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and target.read_text() == "old\n"
+    assert main(["predict", str(runs["linear"]), "--data", "diabetes", "--out", str(link), "--overwrite"]) == 0
     assert link.is_symlink() and target.read_text().startswith("prediction\n")
     assert "Traceback" not in capsys.readouterr().err
 
