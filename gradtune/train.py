@@ -27,13 +27,13 @@ from gradtune.runtime import distributed
 __all__ = ["resolve_auto", "saved_precision", "setup_run", "train"]
 
 
-def setup_run(cfg: Config, inputs: Iterable[str] = ()) -> tuple[Job, RunSetup]:
-    """The job and the resolved run of ``cfg``, every check passed, nothing written
-    (``gradtune train --dry-run`` stops here)."""
+def setup_run(cfg: Config, inputs: Iterable[str] = (), hold: bool = True) -> tuple[Job, RunSetup]:
+    """The job and the resolved run of ``cfg``, every check passed, nothing written but out_dir's
+    lock (``hold``; ``gradtune train --dry-run`` stops here, holding nothing)."""
     started = budget.origin()
     job = build(cfg)  # all bad input is rejected here, before anything is written
     cfg = resolve_auto(job, cfg)
-    return job, prepare(job, cfg, Path(cfg.out_dir), inputs, started=started)
+    return job, prepare(job, cfg, Path(cfg.out_dir), inputs, started=started, hold=hold)
 
 
 def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -13,7 +14,7 @@ from gradtune.commands import config_args
 from gradtune.config import Config
 from gradtune.loop.assemble import planned
 from gradtune.loop.run_setup import describe
-from gradtune.runtime import distributed, lock, outdir, runfolder
+from gradtune.runtime import distributed, outdir, runfolder
 from gradtune.state import checkpoint, resume
 from gradtune.train import setup_run, train
 
@@ -31,7 +32,7 @@ def setup(p: argparse.ArgumentParser) -> None:
 
 
 def dry_run(cfg, inputs: list[str]) -> int:
-    job, s = setup_run(cfg, inputs)
+    job, s = setup_run(cfg, inputs, hold=False)
     try:
         facts = describe(s, planned(job, s.cfg, s.out_dir, s.callbacks))
     finally:
@@ -82,16 +83,19 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(cfg, [path] if path else [])
     default = runfolder.is_default(cfg.out_dir)
     cfg, created = run_folder(cfg)
-    outdir.check(cfg.out_dir)  # a foreign folder is refused before the lock file is written into it
-    # One run per out_dir: a second process is refused here with the holder's pid and host.
-    with lock.holding(cfg.out_dir, distributed.is_main(), created):
-        try:
-            r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
-        finally:
-            if default and distributed.is_main() and outdir.is_run_folder(cfg.out_dir):
-                said = runfolder.point_latest(cfg.out_dir)  # finished or preempted: the newest run
-                if said:
-                    print(f"gradtune: note: {said}", file=sys.stderr)
+    # train() checks out_dir, then holds its lock (a second process is refused, naming the holder).
+    try:
+        r = train(cfg, [path] if path else [])  # the config file read must not be overwritten
+    except BaseException:
+        if created and distributed.is_main():
+            with contextlib.suppress(OSError):
+                Path(cfg.out_dir).rmdir()  # a refused run leaves no empty run folder behind
+        raise
+    finally:
+        if default and distributed.is_main() and outdir.is_run_folder(cfg.out_dir):
+            said = runfolder.point_latest(cfg.out_dir)  # finished or preempted: the newest run
+            if said:
+                print(f"gradtune: note: {said}", file=sys.stderr)
     if not distributed.is_main():  # one summary per job, from rank 0
         return 0
     metrics = " ".join(f"{k}={v:.6g}" for k, v in r.metrics.items() if isinstance(v, float))

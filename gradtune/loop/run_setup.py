@@ -33,7 +33,7 @@ from gradtune.jobs import precision
 from gradtune.jobs.job import Job
 from gradtune.loop.callbacks import Callback, from_spec
 from gradtune.loop.early_stopping import ALIASES, EarlyStopping
-from gradtune.runtime import allocator, distributed, outdir
+from gradtune.runtime import allocator, distributed, lock, outdir
 from gradtune.runtime.device import resolve_device
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint, resume
@@ -49,13 +49,17 @@ class RunSetup:
     callbacks: list[Callback] = field(default_factory=list)  # instances, in dispatch order
     started: float = 0.0  # perf_counter() of the max_time clock's zero
     owns_group: bool = False  # this setup joined the process group: close() leaves it
+    lease: Optional[lock.Lease] = None  # rank 0's hold on out_dir (one run per folder)
 
     @property
     def precision(self) -> str:
         return self.cfg.precision
 
     def close(self) -> None:
-        """Leave the process group this setup joined (a no-op in one process)."""
+        """Give out_dir's lock back and leave the process group this setup joined (a no-op in one
+        process)."""
+        lock.release(self.lease)
+        self.lease = None
         if self.owns_group:
             distributed.shutdown()
             self.owns_group = False
@@ -114,9 +118,11 @@ def prepare(
     inputs: Iterable[str] = (),
     callbacks: Optional[list[Callback]] = None,
     started: Optional[float] = None,
+    hold: bool = True,
 ) -> RunSetup:
-    """Resolve and check the run (module docstring); writes nothing. ``inputs``: files read
-    besides those ``cfg`` names (the config file)."""
+    """Resolve and check the run (module docstring); writes nothing but, once every check has
+    passed, out_dir's lock file (``hold``; a dry run holds nothing): a second process is refused
+    there, naming the holder. ``inputs``: files read besides those ``cfg`` names (the config file)."""
     started = time.perf_counter() if started is None else started
     found_inputs = [*run_inputs(cfg), *inputs]
     if out_dir is not None:  # every rank: a refusal on rank 0 alone would leave the others waiting
@@ -137,11 +143,12 @@ def prepare(
             if stamp is not None:  # checkpoints record it (Loop.state_dict); resume compares
                 job.info.setdefault("data_fingerprint", stamp)
         plan = resume.plan(cfg, out_dir, job)
+        lease = lock.acquire(out_dir) if hold and out_dir is not None and distributed.is_main() else None
     except BaseException:
         if owns:
             distributed.shutdown()
         raise
-    return RunSetup(cfg, device, out_dir, found_inputs, plan, found_callbacks, started, owns)
+    return RunSetup(cfg, device, out_dir, found_inputs, plan, found_callbacks, started, owns, lease)
 
 
 def describe(setup: RunSetup, components: list[str]) -> dict[str, Any]:
