@@ -116,9 +116,15 @@ class DPOSection:
     """task: preference (DPO): the policy is the model with its method, the reference the frozen base."""
 
     beta: float = 0.1  # strength of the pull towards the reference; larger: stays closer to it
-    # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0  # sigmoid: assumed share of flipped preference labels (conservative DPO)
+    # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate; simpo: length-normalised,
+    # no reference model; orpo: chosen NLL plus an odds-ratio term, no reference model; kto: unpaired rows (prompt,
+    # completion, label: true|false)
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    # sigmoid, simpo: assumed share of flipped preference labels (conservative DPO)
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # simpo: target reward margin; larger pushes chosen further above rejected
+    desirable_weight: float = 1.0  # kto: weight of a good (label: true) row's loss; raise it when good rows are rarer
+    undesirable_weight: float = 1.0  # kto: weight of a bad (label: false) row's loss
 
 
 @dataclass
