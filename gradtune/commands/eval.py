@@ -2,7 +2,8 @@
 
 The file is read in the run's training format with training's transforms (standardisation,
 label map, tokenizer); without ``--data``, the run's own validation split. The metrics are the
-ones training logged: loss, RMSE in target units, accuracy, perplexity.
+ones training logged: loss, RMSE in target units, accuracy, perplexity; for classification also
+precision / recall / F1 (macro, weighted, per class) and the confusion matrix.
 """
 
 from __future__ import annotations
@@ -39,5 +40,22 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = task_metrics(r.task, r.info, "", loss, count, sums)
     source = args.data or "validation split"
+    if "per_class" in metrics:  # classification: the per-class table and the confusion matrix first
+        print(class_table(metrics.pop("per_class"), metrics.pop("confusion")))
     print(f"eval {source}: n={len(data)} " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return 0
+
+
+def class_table(per_class: dict[str, dict[str, float]], confusion: list[list[int]]) -> str:
+    """scikit-learn's classification report, then the confusion matrix (rows: true class,
+    columns: predicted), as plain text."""
+    names = list(per_class)
+    w = max(16, *(len(n) + 2 for n in names))
+    lines = [f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for n, m in per_class.items():
+        lines.append(f"{n:<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10d}")
+    lines.append("")
+    corner = "true/predicted"
+    lines.append(f"{corner:<{w}}" + "".join(f"{n[:9]:>10}" for n in names))
+    lines += [f"{n:<{w}}" + "".join(f"{c:>10d}" for c in row) for n, row in zip(names, confusion)]
+    return "\n".join(lines)

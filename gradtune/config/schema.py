@@ -132,7 +132,8 @@ class EarlyStoppingSection:
     """Stop when a validation metric stops improving, and keep the best weights (loop/early_stopping.py)."""
 
     enabled: bool = False  # on: stop on validation, keep out_dir/best/; off: only tol/patience on the training loss
-    monitor: str = "val_loss"  # a metric the run logs at evaluations: val_loss, val_accuracy, val_rmse, val_r2, val_ppl
+    # a metric the run logs at evaluations: val_loss, val_accuracy, val_f1 (macro), val_rmse, val_r2, val_ppl
+    monitor: str = "val_loss"
     mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy and r2, min otherwise
     patience: int = 5  # evaluations without an improvement larger than min_delta before stopping
     min_delta: float = 0.0  # smaller improvements do not reset the patience (but still become the best)
@@ -164,6 +165,9 @@ class Config:
     loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"
     label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
     huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
+    # cross-entropy: weight each class's samples; balanced: n_samples / (n_classes * count) over the training labels
+    # (scikit-learn's formula), or a mapping {label: weight} (unlisted labels 1); None: unweighted
+    class_weight: Union[None, Literal["balanced"], dict] = None
     # --- gradient descent ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
     # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and

@@ -78,7 +78,7 @@ def _need(run: Path, *names: str) -> None:
 def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     classes = info.get("classes")
     task = info["task"]
-    objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []))
+    objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []), info.get("class_weights"))
     model = tabular_job.make_model(cfg, len(info["features"]), n_out)
     return Run(run, cfg, kind(cfg.model), task, model, objective, info, classes=classes, data_task=task)
 
@@ -104,7 +104,7 @@ def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
         "pretrained",
         pretrained.job_task(task),
         model,
-        pretrained.objective_for(task),
+        pretrained.objective_for(task, info.get("class_weights")),
         info,
         tokenizer=tokenizer,
         classes=labels.names if labels is not None else None,

@@ -5,7 +5,7 @@ labels mapped to ids. Everything reloading needs to apply the same transforms to
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from gradtune.jobs.job import Job, load_init
 from gradtune.models.linear import Linear, closed_form_loss
 from gradtune.models.mlp import MLP
 from gradtune.objectives import classification, regression
+from gradtune.objectives.class_metrics import class_weights
 from gradtune.objectives.classification import Classification
 from gradtune.objectives.output import Objective
 from gradtune.objectives.regression import Regression
@@ -46,8 +47,13 @@ def resolve_task(cfg: Config, y_raw: list[Any]) -> str:
     return "classification" if tabular.looks_categorical(y_raw) else "regression"
 
 
-def objective_for(cfg: Config, task: str, n_classes: int) -> tuple[Objective, str, int]:
-    """(objective, loss name, model outputs) for ``task``; a loss that does not fit is refused."""
+def objective_for(
+    cfg: Config, task: str, n_classes: int, weights: Optional[list[float]] = None
+) -> tuple[Objective, str, int]:
+    """(objective, loss name, model outputs) for ``task``; a loss that does not fit is refused.
+    ``weights``: the class weights (C,) the run trained with (``info["class_weights"]``)."""
+    if task == "regression" and cfg.class_weight is not None:
+        raise GradtuneError("config: class_weight applies to class labels; the target is a regression target")
     if task == "regression":
         loss = "mse" if cfg.loss == "auto" else cfg.loss
         if loss not in regression.LOSSES:
@@ -58,7 +64,9 @@ def objective_for(cfg: Config, task: str, n_classes: int) -> tuple[Objective, st
         raise GradtuneError(f"config: loss '{loss}' does not fit class labels; use cross_entropy or bce")
     if loss == "bce" and n_classes != 2:
         raise GradtuneError(f"config: loss 'bce' needs 2 classes, the target has {n_classes}")
-    return Classification(loss, cfg.label_smoothing), loss, 1 if loss == "bce" else n_classes
+    if loss == "bce" and cfg.class_weight is not None:
+        raise GradtuneError("config: class_weight weights the cross-entropy; use loss=cross_entropy (or auto)")
+    return Classification(loss, cfg.label_smoothing, weights), loss, 1 if loss == "bce" else n_classes
 
 
 def make_model(cfg: Config, n_features: int, n_outputs: int) -> nn.Module:
@@ -129,7 +137,9 @@ def build_tabular(cfg: Config) -> Job:
         info["feature_mean"], info["feature_std"] = mean.tolist(), std.tolist()
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     y, classes = _targets(cfg, table, task, train_idx, info)
-    objective, info["loss"], n_out = objective_for(cfg, task, len(classes))
+    if task == "classification" and cfg.class_weight is not None:
+        info["class_weights"] = class_weights(cfg.class_weight, y[train_idx], classes, len(classes)).tolist()
+    objective, info["loss"], n_out = objective_for(cfg, task, len(classes), info.get("class_weights"))
     # Values under the read limit can still overflow float32 when they are not standardised.
     overflow = f"has values beyond {cfg.dtype}'s range; set standardize=true or dtype=float64"
     x = x.to(dtype)
