@@ -33,6 +33,7 @@ from gradtune.data.split import split_indices
 from gradtune.data.unpaired import load_unpaired
 from gradtune.finetune import methods
 from gradtune.finetune.lora import adapters_disabled
+from gradtune.models import hf
 from gradtune.objectives.logits import forward
 from gradtune.objectives.preference import Preference, sequence_logps
 from gradtune.objectives.preference_losses import REFERENCE_FREE
@@ -95,6 +96,34 @@ def precompute(model: nn.Module, data: PairDataset, chunk: int, device: torch.de
         dist.all_reduce(ref)  # each row is non-zero on exactly one rank: the sum is the table
     data.ref = ref.cpu()  # float64 holds float32 / float64 values exactly; the objective casts
     model.train(was_training)
+
+
+def eval_objective(cfg: Config) -> Preference:
+    """The objective of a finished preference run, to evaluate it (``gradtune eval``): the
+    reference is the LoRA run's adapters switched off, else the ``ref_logps`` that ``eval_data``
+    stores with the pairs (none for SimPO / ORPO)."""
+    d = cfg.dpo
+    extra = {"gamma": d.simpo_gamma, "desirable_weight": d.desirable_weight, "undesirable_weight": d.undesirable_weight}
+    lora = d.loss not in REFERENCE_FREE and methods.body_method(cfg.method) == "lora"
+    return Preference(d.beta, d.loss, d.label_smoothing, reference=adapters_disabled if lora else None, **extra)
+
+
+def eval_data(cfg: Config, path: Optional[str], tokenizer: Any) -> PairDataset:
+    """A held-out file of pairs (or KTO rows) in training's format, or the run's own validation
+    pairs (``path`` None); for methods whose reference was precomputed, the base model at
+    ``cfg.model`` is loaded again and computes it."""
+    if path is not None:
+        data = load(cfg, path, tokenizer)
+    else:
+        data = train_val(cfg, tokenizer)[1]
+        if data is None:
+            raise GradtuneError("a preference run trained with val_fraction=0 has no validation pairs; give --data")
+    if cfg.dpo.loss not in REFERENCE_FREE and methods.body_method(cfg.method) != "lora":
+        dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+        base = hf.load(cfg.model, "causal_lm", dtype)[0]
+        chunk = cfg.micro_batch_size or (cfg.batch_size if cfg.batch_size != "full" else 8)
+        precompute(base, data, chunk, torch.device("cpu"))
+    return data
 
 
 def objective(cfg: Config, model: nn.Module, train: PairDataset, val: Optional[PairDataset]) -> Preference:

@@ -33,7 +33,7 @@ from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap
-from gradtune.jobs import pretrained
+from gradtune.jobs import preference, pretrained
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
 from gradtune.jobs.text import gpt
@@ -98,13 +98,17 @@ def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     labels = LabelMap.load(run / "labels.json") if (run / "labels.json").is_file() else None
     model, _, _ = pretrained.transformed(cfg, task, len(labels.names) if labels is not None else 1)
     tokenizer = hf.load_tokenizer(run / "tokenizer", weights=False)
+    if task == "preference":  # DPO and family: rewards on pairs, the reference as in training
+        job_task, objective = "preference", preference.eval_objective(cfg)
+    else:
+        job_task, objective = pretrained.job_task(task), pretrained.objective_for(task, info.get("class_weights"))
     return Run(
         run,
         cfg,
         "pretrained",
-        pretrained.job_task(task),
+        job_task,
         model,
-        pretrained.objective_for(task, info.get("class_weights")),
+        objective,
         info,
         tokenizer=tokenizer,
         classes=labels.names if labels is not None else None,
@@ -199,11 +203,8 @@ def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
 
 def _pretrained_data(run: Run, path: Optional[str]) -> Dataset:
     cfg = run.cfg
-    if run.data_task == "preference":  # the reference (base or precomputed) is not part of the run
-        raise GradtuneError(
-            f"{run.folder}: a preference (DPO) run has no eval; its rewards are in metrics.jsonl, "
-            f"and `gradtune generate {run.folder}` samples from it"
-        )
+    if run.data_task == "preference":  # pairs (or KTO rows) with their reference (jobs/preference.py)
+        return preference.eval_data(cfg, path, run.tokenizer)
     labels = LabelMap(run.classes) if run.classes is not None else None
     if path is not None or cfg.finetune.eval_data:
         data, _ = pretrained.load_data(cfg, run.data_task, path or cfg.finetune.eval_data, run.tokenizer, labels)
@@ -238,7 +239,7 @@ def run_inputs(run: Run, path: str) -> Dataset:
     texts), one sample per row in file order; its label column need not be there and is
     ignored if it is. Tables give batches of ``x``, texts of ``input_ids`` + ``attention_mask``
     (their ``labels`` are placeholders). Language-model runs have no rows to predict."""
-    if run.task == "lm":
+    if run.task in ("lm", "preference"):
         raise GradtuneError(
             f"{run.folder}: a language model has no rows to predict; sample text with `gradtune generate {run.folder}`"
         )
