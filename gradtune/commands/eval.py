@@ -76,7 +76,10 @@ def benchmark(args: argparse.Namespace) -> int:
     r = load_run(args.run)
     results = run_tasks(GradtuneLM(r.model, r.tokenizer, args.batch_size), tasks, args.limit)
     for task, metrics in results.items():
-        shown = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        shown = {"n": metrics.get("sample_len")} if isinstance(metrics.get("sample_len"), int) else {}
+        shown.update(
+            (k.split(",")[0], v) for k, v in metrics.items() if "," in k and "stderr" not in k and isinstance(v, float)
+        )
         print(f"lm-eval {task}: " + " ".join(f"{k}={v:.6g}" for k, v in shown.items()))
     return 0
 
