@@ -21,7 +21,7 @@ Where the reference log-probabilities come from:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ from gradtune.data.unpaired import load_unpaired
 from gradtune.finetune import methods
 from gradtune.finetune.lora import adapters_disabled
 from gradtune.models import hf
+from gradtune.models.gpt import GPT
 from gradtune.objectives.logits import forward
 from gradtune.objectives.preference import Preference, sequence_logps
 from gradtune.objectives.preference_losses import REFERENCE_FREE
@@ -56,10 +57,9 @@ def check(cfg: Config) -> None:
 
 
 def load(cfg: Config, path: str, tokenizer: Any) -> PairDataset:
-    if cfg.dpo.loss == "kto":
-        data = load_unpaired(path, tokenizer, cfg.text.max_length)
-    else:
-        data = load_preferences(path, tokenizer, cfg.text.max_length)
+    # our GPT attends over at most block_size positions
+    n = min(cfg.text.max_length, cfg.gpt.block_size) if cfg.model == "gpt" else cfg.text.max_length
+    data = load_unpaired(path, tokenizer, n) if cfg.dpo.loss == "kto" else load_preferences(path, tokenizer, n)
     data.pad_multiple = cfg.text.pad_to_multiple_of
     return data
 
@@ -84,10 +84,11 @@ def precompute(model: nn.Module, data: PairDataset, chunk: int, device: torch.de
     ranks (every other rank's rows are zero here)."""
     was_training = model.training
     model.eval()
+    gpt = isinstance(model, GPT)  # takes no mask: right padding cannot reach its scored positions
     ref = torch.zeros(len(data), 2, dtype=torch.float64)
     mine = distributed.shard(torch.arange(len(data)))
     for idx in mine.split(chunk):
-        batch = {k: v.to(device) for k, v in data.get(idx).items()}
+        batch = {k: v.to(device) for k, v in data.get(idx).items() if k != "attention_mask" or not gpt}
         with autocast(precision, device):
             logps = sequence_logps(forward(model, batch), batch["labels"])[0].cpu()  # (2b,)
         ref[idx] = torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=1).double()  # (b, 2)
@@ -98,20 +99,31 @@ def precompute(model: nn.Module, data: PairDataset, chunk: int, device: torch.de
     model.train(was_training)
 
 
+def _extra(cfg: Config) -> dict[str, Any]:
+    d = cfg.dpo
+    return {
+        "gamma": d.simpo_gamma,
+        "desirable_weight": d.desirable_weight,
+        "undesirable_weight": d.undesirable_weight,
+        "attention_mask": cfg.model != "gpt",
+    }
+
+
 def eval_objective(cfg: Config) -> Preference:
     """The objective of a finished preference run, to evaluate it (``gradtune eval``): the
     reference is the LoRA run's adapters switched off, else the ``ref_logps`` that ``eval_data``
     stores with the pairs (none for SimPO / ORPO)."""
-    d = cfg.dpo
-    extra = {"gamma": d.simpo_gamma, "desirable_weight": d.desirable_weight, "undesirable_weight": d.undesirable_weight}
+    d, extra = cfg.dpo, _extra(cfg)
     lora = d.loss not in REFERENCE_FREE and methods.body_method(cfg.method) == "lora"
     return Preference(d.beta, d.loss, d.label_smoothing, reference=adapters_disabled if lora else None, **extra)
 
 
-def eval_data(cfg: Config, path: Optional[str], tokenizer: Any) -> PairDataset:
+def eval_data(
+    cfg: Config, path: Optional[str], tokenizer: Any, base: Optional[Callable[[], nn.Module]] = None
+) -> PairDataset:
     """A held-out file of pairs (or KTO rows) in training's format, or the run's own validation
-    pairs (``path`` None); for methods whose reference was precomputed, the base model at
-    ``cfg.model`` is loaded again and computes it."""
+    pairs (``path`` None); for methods whose reference was precomputed, the base model
+    (``base()``, default: the HF model at ``cfg.model``) is loaded again and computes it."""
     if path is not None:
         data = load(cfg, path, tokenizer)
     else:
@@ -120,9 +132,9 @@ def eval_data(cfg: Config, path: Optional[str], tokenizer: Any) -> PairDataset:
             raise GradtuneError("a preference run trained with val_fraction=0 has no validation pairs; give --data")
     if cfg.dpo.loss not in REFERENCE_FREE and methods.body_method(cfg.method) != "lora":
         dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-        base = hf.load(cfg.model, "causal_lm", dtype)[0]
+        model = base() if base is not None else hf.load(cfg.model, "causal_lm", dtype)[0]
         chunk = cfg.micro_batch_size or (cfg.batch_size if cfg.batch_size != "full" else 8)
-        precompute(base, data, chunk, torch.device("cpu"))
+        precompute(model, data, chunk, torch.device("cpu"))
     return data
 
 
@@ -130,8 +142,7 @@ def objective(cfg: Config, model: nn.Module, train: PairDataset, val: Optional[P
     """The DPO objective for ``model`` (already transformed by its method); for methods other
     than LoRA, the reference log-probabilities are precomputed into ``train`` and ``val`` here,
     while ``model`` is still the untouched base."""
-    d = cfg.dpo
-    extra = {"gamma": d.simpo_gamma, "desirable_weight": d.desirable_weight, "undesirable_weight": d.undesirable_weight}
+    d, extra = cfg.dpo, _extra(cfg)
     if d.loss in REFERENCE_FREE:
         return Preference(d.beta, d.loss, d.label_smoothing, **extra)
     if methods.body_method(cfg.method) == "lora":

@@ -31,12 +31,13 @@ from gradtune.config import Config, load_config
 from gradtune.data import tabular, text
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
+from gradtune.data.plain_tokenizer import PlainTokenizer
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap
 from gradtune.jobs import preference, pretrained
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
-from gradtune.jobs.text import gpt
+from gradtune.jobs.text import gpt, gpt_base
 from gradtune.models import hf
 from gradtune.models.weights import load_weights
 from gradtune.objectives.causal_lm import CausalLM
@@ -89,6 +90,9 @@ def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     model = gpt(tok.vocab_size, cfg.gpt)
     if cfg.dtype == "float64":
         model = model.to(torch.float64)
+    if cfg.task == "preference":  # a GPT tuned on pairs (jobs/text.preference_job)
+        objective = preference.eval_objective(cfg)
+        return Run(run, cfg, "gpt", "preference", model, objective, info, tokenizer=tok, data_task="preference")
     return Run(run, cfg, "gpt", "lm", model, CausalLM(cfg.label_smoothing), info, tokenizer=tok, data_task="lm")
 
 
@@ -192,6 +196,9 @@ def _tabular_data(run: Run, path: Optional[str]) -> Dataset:
 
 
 def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
+    if run.data_task == "preference":  # pairs, the reference from the run's init weights
+        vocab = run.tokenizer.vocab_size
+        return preference.eval_data(run.cfg, path, PlainTokenizer(run.tokenizer), lambda: gpt_base(run.cfg, vocab))
     tf = text.tokenize(path or run.cfg.data, str(run.folder / "tokenizer.json"))
     train, val = text.split(tf, run.cfg.gpt.block_size, run.cfg.val_fraction if path is None else 0.0)
     if path is not None:

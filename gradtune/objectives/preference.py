@@ -71,8 +71,11 @@ class Preference:
         gamma: float = 0.5,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
+        attention_mask: bool = True,
     ) -> None:
         self.beta, self.loss, self.label_smoothing = beta, loss, label_smoothing
+        # False: the model takes no mask (our GPT); right padding cannot reach a causal model's scored positions
+        self.attention_mask = attention_mask
         self.reference = reference
         self.gamma, self.desirable_weight, self.undesirable_weight = gamma, desirable_weight, undesirable_weight
 
@@ -84,14 +87,17 @@ class Preference:
         if self.reference is None:
             raise ValueError("Preference: no reference (neither ref_logps in the batch nor a reference context)")
         with torch.no_grad(), self.reference(model):
-            return sequence_logps(forward(model, batch), batch["labels"])[0]
+            return sequence_logps(forward(model, self._inputs(batch)), batch["labels"])[0]
+
+    def _inputs(self, batch: Batch) -> Batch:
+        return batch if self.attention_mask else {k: v for k, v in batch.items() if k != "attention_mask"}
 
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         labels = batch["labels"]  # (2B, T)
         pairs = labels.shape[0] // 2
         # Reference first: its logits are freed before the policy's activations are held.
         ref = None if self.loss in REFERENCE_FREE else self.reference_logps(model, batch)
-        logps, n = sequence_logps(forward(model, batch), labels)  # (2B,), (2B,)
+        logps, n = sequence_logps(forward(model, self._inputs(batch)), labels)  # (2B,), (2B,)
         if self.loss == "kto":
             return self._kto(logps, ref.to(logps.dtype), batch["label"].bool(), pairs)
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], n[:pairs], n[pairs:]
