@@ -45,7 +45,7 @@ class Classification:
             pred, n_classes = logits.detach().argmax(-1), logits.shape[-1]
             if w is not None:
                 count = w[y].sum()  # divide once by the batch's weight sum: cross_entropy(weight=w)'s mean
-                metrics["samples"] = torch.tensor(y.shape[0])
+                metrics["samples"] = torch.tensor(y.shape[0], device=y.device)
         metrics["correct"] = (pred == y).sum()
         if not model.training:  # evaluation: the confusion matrix, cell by cell
             metrics.update(confusion_sums(y.long(), pred, n_classes))
