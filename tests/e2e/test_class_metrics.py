@@ -58,3 +58,15 @@ def test_eval_equals_sklearn_on_the_predictions(run, tmp_path, capsys):
     assert got["f1_macro"] == pytest.approx(sk.f1_score(true, pred, average="macro"), rel=1e-5)
     assert got["f1_weighted"] == pytest.approx(sk.f1_score(true, pred, average="weighted"), rel=1e-5)
     assert got["accuracy"] == pytest.approx(sk.accuracy_score(true, pred), rel=1e-5)
+
+
+def test_weighted_micro_batches_equal_the_one_shot_run(tmp_path):
+    """class_weight divides once by the batch's weight sum: micro-batched steps equal whole ones."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = ["train", *SETTINGS, "class_weight={malignant: 2.5}", "dtype=float64", "plot=false"]
+    assert cli.main([*base, f"out_dir={tmp_path / 'one'}"]) == 0
+    assert cli.main([*base, "micro_batch_size=5", f"out_dir={tmp_path / 'micro'}"]) == 0
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "micro"))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)
