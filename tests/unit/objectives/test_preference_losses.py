@@ -201,3 +201,21 @@ def test_bad_kto_rows_name_the_line(setup, tmp_path, row, message):
     path.write_text(json.dumps({"prompt": "x", "completion": "y", "label": True}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=f"k.jsonl:2: {message}"):
         load_unpaired(path, hf.load_tokenizer(str(d / "llama")), 32)
+
+
+def test_each_rank_precomputes_only_its_share(setup, monkeypatch):
+    """Under torchrun ``precompute`` forwards only this rank's contiguous share of the pairs (the
+    all-reduce fills the rest): here rank 1 of 2, the all-reduce left out, sees pairs 4..7 only."""
+    from gradtune.jobs import preference as job
+
+    _, base, pairs, _, _ = setup
+    whole = pairs.subset(range(len(pairs)))
+    precompute(base, whole, 3, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(job.distributed, "shard", lambda idx: idx.tensor_split(2)[1])
+    real_get = type(pairs).get
+    monkeypatch.setattr(type(pairs), "get", lambda self, idx: seen.extend(idx.tolist()) or real_get(self, idx))
+    mine = pairs.subset(range(len(pairs)))
+    precompute(base, mine, 3, torch.device("cpu"))
+    assert sorted(seen) == [4, 5, 6, 7]
+    assert torch.equal(mine.ref[4:], whole.ref[4:]) and not mine.ref[:4].any()
