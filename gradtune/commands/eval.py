@@ -2,7 +2,12 @@
 
 The file is read in the run's training format with training's transforms (standardisation,
 label map, tokenizer); without ``--data``, the run's own validation split. The metrics are the
-ones training logged: loss, RMSE in target units, accuracy, perplexity.
+ones training logged: loss, RMSE in target units, accuracy, perplexity; for classification also
+precision / recall / F1 (macro, weighted, per class) and the confusion matrix; for preference
+runs the rewards (accuracy, margin) on held-out pairs.
+
+``--lm-eval TASKS``: a language-model run (GPT or pretrained, LoRA applied) scored by the
+lm-eval harness (``models/lm_eval_model.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import contextlib
 
 import torch
 
-from gradtune.jobs.reload import load_run, run_data
+from gradtune.jobs.reload import load_run, run_data, run_task
 from gradtune.loop.evaluation import evaluate, task_metrics
+from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
 from gradtune.runtime.errors import GradtuneError
 
 HELP = "evaluate a finished run on a labelled file (default: its validation split)"
@@ -27,11 +33,23 @@ def setup(p: argparse.ArgumentParser) -> None:
         help="a labelled file in the training data's format (default: the run's validation split)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (memory only)")
+    p.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="score a language-model run on lm-eval harness tasks instead (comma-separated: a task gradtune ships, "
+        "e.g. shakespeare_cloze, a task YAML file, or an lm-eval task name whose data is local); needs lm-eval",
+    )
+    p.add_argument("--limit", type=int, default=None, help="--lm-eval: at most this many documents per task")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GradtuneError(f"eval: --batch-size must be >= 1, got {args.batch_size}")
+    if args.lm_eval is not None:
+        return benchmark(args)
+    if args.limit is not None:
+        raise GradtuneError("eval: --limit applies to --lm-eval only")
     r = load_run(args.run)
     data = run_data(r, args.data)
     loss, count, sums = evaluate(
@@ -39,5 +57,43 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = task_metrics(r.task, r.info, "", loss, count, sums)
     source = args.data or "validation split"
+    if "per_class" in metrics:  # classification: the per-class table and the confusion matrix first
+        print(class_table(metrics.pop("per_class"), metrics.pop("confusion")))
     print(f"eval {source}: n={len(data)} " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return 0
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """``--lm-eval``: the run's causal LM (LoRA applied) through lm-eval's harness; one line per
+    task with its metrics. Tasks and the run's type are checked before the model is loaded."""
+    if args.limit is not None and args.limit < 1:
+        raise GradtuneError(f"eval: --limit must be >= 1, got {args.limit}")
+    if args.data is not None:
+        raise GradtuneError("eval: --data and --lm-eval do not combine (a task names its own data)")
+    tasks = resolve_tasks(args.lm_eval)
+    if run_task(args.run) != "lm":
+        raise GradtuneError(f"{args.run}: --lm-eval scores causal language models; this run is not one")
+    r = load_run(args.run)
+    results = run_tasks(GradtuneLM(r.model, r.tokenizer, args.batch_size), tasks, args.limit)
+    for task, metrics in results.items():
+        shown = {"n": metrics.get("sample_len")} if isinstance(metrics.get("sample_len"), int) else {}
+        shown.update(
+            (k.split(",")[0], v) for k, v in metrics.items() if "," in k and "stderr" not in k and isinstance(v, float)
+        )
+        print(f"lm-eval {task}: " + " ".join(f"{k}={v:.6g}" for k, v in shown.items()))
+    return 0
+
+
+def class_table(per_class: dict[str, dict[str, float]], confusion: list[list[int]]) -> str:
+    """scikit-learn's classification report, then the confusion matrix (rows: true class,
+    columns: predicted), as plain text."""
+    names = list(per_class)
+    w = max(16, *(len(n) + 2 for n in names))
+    lines = [f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for n, m in per_class.items():
+        lines.append(f"{n:<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10d}")
+    lines.append("")
+    corner = "true/predicted"
+    lines.append(f"{corner:<{w}}" + "".join(f"{n[:9]:>10}" for n in names))
+    lines += [f"{n:<{w}}" + "".join(f"{c:>10d}" for c in row) for n, row in zip(names, confusion)]
+    return "\n".join(lines)

@@ -65,7 +65,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     r = load_run(args.checkpoint)
-    if r.task != "lm":
+    if r.task not in ("lm", "preference"):
         raise GradtuneError(f"{args.checkpoint}: a {r.data_task} run has no language-model head to generate with")
     ids = encode_prompt(r, args.prompt)
     if not ids:

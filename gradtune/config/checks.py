@@ -88,6 +88,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "eval_tokens": (lambda v: v is None or v >= 1, ">= 1"),
     "dpo.beta": (lambda v: v > 0, "> 0"),
     "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "dpo.simpo_gamma": (lambda v: v >= 0, ">= 0"),
+    "dpo.desirable_weight": (lambda v: v > 0, "> 0"),
+    "dpo.undesirable_weight": (lambda v: v > 0, "> 0"),
 }
 
 

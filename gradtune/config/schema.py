@@ -123,9 +123,15 @@ class DPOSection:
     """task: preference (DPO): the policy is the model with its method, the reference the frozen base."""
 
     beta: float = 0.1  # strength of the pull towards the reference; larger: stays closer to it
-    # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0  # sigmoid: assumed share of flipped preference labels (conservative DPO)
+    # sigmoid: DPO's logistic loss; ipo: squared loss towards 1/(2 beta), does not saturate; simpo: length-normalised,
+    # no reference model; orpo: chosen NLL plus an odds-ratio term, no reference model; kto: unpaired rows (prompt,
+    # completion, label: true|false)
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    # sigmoid, simpo: assumed share of flipped preference labels (conservative DPO)
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # simpo: target reward margin; larger pushes chosen further above rejected
+    desirable_weight: float = 1.0  # kto: weight of a good (label: true) row's loss; raise it when good rows are rarer
+    undesirable_weight: float = 1.0  # kto: weight of a bad (label: false) row's loss
 
 
 @dataclass
@@ -133,7 +139,8 @@ class EarlyStoppingSection:
     """Stop when a validation metric stops improving, and keep the best weights (loop/early_stopping.py)."""
 
     enabled: bool = False  # on: stop on validation, keep out_dir/best/; off: only tol/patience on the training loss
-    monitor: str = "val_loss"  # a metric the run logs at evaluations: val_loss, val_accuracy, val_rmse, val_r2, val_ppl
+    # a metric the run logs at evaluations: val_loss, val_accuracy, val_f1 (macro), val_rmse, val_r2, val_ppl
+    monitor: str = "val_loss"
     mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy and r2, min otherwise
     patience: int = 5  # evaluations without an improvement larger than min_delta before stopping
     min_delta: float = 0.0  # smaller improvements do not reset the patience (but still become the best)
@@ -170,6 +177,9 @@ class Config:
     loss: Literal["auto", "mse", "mse_half", "cross_entropy", "bce", "huber"] = "auto"
     label_smoothing: float = 0.0  # cross-entropy: spread this much target mass over all classes
     huber_delta: float = 1.0  # huber: quadratic within delta, linear beyond (robust to outliers)
+    # cross-entropy: weight each class's samples; balanced: n_samples / (n_classes * count) over the training labels
+    # (scikit-learn's formula), or a mapping {label: weight} (unlisted labels 1); None: unweighted
+    class_weight: Union[None, Literal["balanced"], dict] = None
     # --- gradient descent ----------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
     # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and

@@ -143,6 +143,7 @@ class PairDataset:
         self.chosen, self.rejected, self.pad_id = chosen, rejected, pad_id
         self.pad_multiple = 1  # batch lengths rounded up to this (text.pad_to_multiple_of)
         self.ref: Optional[torch.Tensor] = None
+        self.label: Optional[torch.Tensor] = None  # (N,) bool: KTO rows (data/unpaired.py), good or bad
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -165,6 +166,8 @@ class PairDataset:
         }
         if self.ref is not None:
             batch["ref_logps"] = self.ref.index_select(0, idx)
+        if self.label is not None:
+            batch["label"] = self.label.index_select(0, idx)
         return batch
 
     def subset(self, indices: Sequence[int]) -> PairDataset:
@@ -173,6 +176,8 @@ class PairDataset:
         out.pad_multiple = self.pad_multiple
         if self.ref is not None:
             out.ref = self.ref[torch.as_tensor(list(indices), dtype=torch.long)]
+        if self.label is not None:
+            out.label = self.label[torch.as_tensor(list(indices), dtype=torch.long)]
         return out
 
 

@@ -24,7 +24,12 @@ TASKS = ("regression", "classification", "lm", "preference")
 # r2 on validation only). Each needs its sums from the objective (sq_err, correct, rewards).
 METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("rmse", "r2"),
-    "classification": ("accuracy",),
+    # f1 = f1_macro; precision/recall/f1 also _weighted, from confusion sums (objectives/class_metrics.py)
+    "classification": (
+        "accuracy",
+        "f1",
+        *(f"{k}_{a}" for k in ("precision", "recall", "f1") for a in ("macro", "weighted")),
+    ),
     "lm": ("ppl",),
     "preference": PREFERENCE_METRICS,
 }

@@ -28,6 +28,7 @@ from gradtune.jobs import preference
 from gradtune.jobs.job import Job, eval_chunk
 from gradtune.models import hf
 from gradtune.objectives.causal_lm import CausalLM
+from gradtune.objectives.class_metrics import class_weights
 from gradtune.objectives.classification import Classification
 from gradtune.objectives.output import Objective
 from gradtune.objectives.regression import Regression
@@ -69,9 +70,10 @@ def load_data(
     return data, labels
 
 
-def objective_for(task: str) -> Objective:
+def objective_for(task: str, weights: Optional[list[float]] = None) -> Objective:
+    """``weights``: class weights (C,) (``info["class_weights"]``), classification only."""
     if task == "classification":
-        return Classification()
+        return Classification(weight=weights)
     if task == "regression":
         return Regression("mse")
     return CausalLM(shift=True, token_accuracy=True)  # labels aligned with input_ids (HF convention)
@@ -185,12 +187,16 @@ def build_pretrained(cfg: Config) -> Job:
     info.update(packing)
     if labels is not None:
         info["classes"] = labels.names
+    if cfg.class_weight is not None:
+        if task != "classification":
+            raise GradtuneError(f"config: class_weight applies to task classification, not '{task}'")
+        info["class_weights"] = class_weights(cfg.class_weight, train.labels, labels.names, len(labels.names)).tolist()
     if getattr(train, "dropped", 0):
         info["dropped_no_response"] = train.dropped
     if task == "preference":  # the reference: LoRA disabled, or precomputed now from the untouched model
         job = Job(model, preference.objective(cfg, model, train, val), train, val, "preference", info)
     else:
-        job = Job(model, objective_for(task), train, val, job_task(task), info)
+        job = Job(model, objective_for(task, info.get("class_weights")), train, val, job_task(task), info)
     job.param_groups = head_groups(cfg, model)
     job.eval_chunk = eval_chunk(cfg, cheap_rows=False)
     if cfg.finetune.audit:

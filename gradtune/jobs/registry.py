@@ -41,9 +41,9 @@ def build(cfg: Config) -> Job:
     """The Job ``cfg`` describes; every input is validated here, before anything is written.
     A model that cannot fit in memory is refused first, before data is read or weights made."""
     k = kind(cfg.model)
-    if cfg.task == "preference" and k != "pretrained":  # DPO needs a reference LM and a chat/prompt format
+    if cfg.task == "preference" and k not in ("pretrained", "gpt"):  # DPO needs a reference LM
         raise GradtuneError(
-            "config: task 'preference' (DPO) needs a pretrained causal LM: model = a HF folder or .gguf file"
+            "config: task 'preference' (DPO) needs a causal LM: model = gpt (with init=), a HF folder or .gguf file"
         )
     memory.check(cfg, k)
     return BUILDERS[k](cfg)

@@ -31,12 +31,13 @@ from gradtune.config import Config, load_config
 from gradtune.data import tabular, text
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
+from gradtune.data.plain_tokenizer import PlainTokenizer
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap
-from gradtune.jobs import pretrained, trained_only
+from gradtune.jobs import preference, pretrained, trained_only
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
-from gradtune.jobs.text import gpt
+from gradtune.jobs.text import gpt, gpt_base
 from gradtune.models import hf
 from gradtune.models.weights import load_weights
 from gradtune.objectives.causal_lm import CausalLM
@@ -78,7 +79,7 @@ def _need(run: Path, *names: str) -> None:
 def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     classes = info.get("classes")
     task = info["task"]
-    objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []))
+    objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []), info.get("class_weights"))
     model = tabular_job.make_model(cfg, len(info.get("inputs") or info["features"]), n_out)
     return Run(run, cfg, kind(cfg.model), task, model, objective, info, classes=classes, data_task=task)
 
@@ -89,6 +90,9 @@ def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     model = gpt(tok.vocab_size, cfg.gpt)
     if cfg.dtype == "float64":
         model = model.to(torch.float64)
+    if cfg.task == "preference":  # a GPT tuned on pairs (jobs/text.preference_job)
+        objective = preference.eval_objective(cfg)
+        return Run(run, cfg, "gpt", "preference", model, objective, info, tokenizer=tok, data_task="preference")
     return Run(run, cfg, "gpt", "lm", model, CausalLM(cfg.label_smoothing), info, tokenizer=tok, data_task="lm")
 
 
@@ -98,13 +102,17 @@ def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     labels = LabelMap.load(run / "labels.json") if (run / "labels.json").is_file() else None
     model, _, _ = pretrained.transformed(cfg, task, len(labels.names) if labels is not None else 1)
     tokenizer = hf.load_tokenizer(run / "tokenizer", weights=False)
+    if task == "preference":  # DPO and family: rewards on pairs, the reference as in training
+        job_task, objective = "preference", preference.eval_objective(cfg)
+    else:
+        job_task, objective = pretrained.job_task(task), pretrained.objective_for(task, info.get("class_weights"))
     return Run(
         run,
         cfg,
         "pretrained",
-        pretrained.job_task(task),
+        job_task,
         model,
-        pretrained.objective_for(task),
+        objective,
         info,
         tokenizer=tokenizer,
         classes=labels.names if labels is not None else None,
@@ -198,6 +206,9 @@ def _tabular_data(run: Run, path: Optional[str]) -> Dataset:
 
 
 def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
+    if run.data_task == "preference":  # pairs, the reference from the run's init weights
+        vocab = run.tokenizer.vocab_size
+        return preference.eval_data(run.cfg, path, PlainTokenizer(run.tokenizer), lambda: gpt_base(run.cfg, vocab))
     tf = text.tokenize(path or run.cfg.data, str(run.folder / "tokenizer.json"))
     train, val = text.split(tf, run.cfg.gpt.block_size, run.cfg.val_fraction if path is None else 0.0)
     if path is not None:
@@ -209,11 +220,8 @@ def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
 
 def _pretrained_data(run: Run, path: Optional[str]) -> Dataset:
     cfg = run.cfg
-    if run.data_task == "preference":  # the reference (base or precomputed) is not part of the run
-        raise GradtuneError(
-            f"{run.folder}: a preference (DPO) run has no eval; its rewards are in metrics.jsonl, "
-            f"and `gradtune generate {run.folder}` samples from it"
-        )
+    if run.data_task == "preference":  # pairs (or KTO rows) with their reference (jobs/preference.py)
+        return preference.eval_data(cfg, path, run.tokenizer)
     labels = LabelMap(run.classes) if run.classes is not None else None
     if path is not None or cfg.finetune.eval_data:
         data, _ = pretrained.load_data(cfg, run.data_task, path or cfg.finetune.eval_data, run.tokenizer, labels)
@@ -248,7 +256,7 @@ def run_inputs(run: Run, path: str) -> Dataset:
     texts), one sample per row in file order; its label column need not be there and is
     ignored if it is. Tables give batches of ``x``, texts of ``input_ids`` + ``attention_mask``
     (their ``labels`` are placeholders). Language-model runs have no rows to predict."""
-    if run.task == "lm":
+    if run.task in ("lm", "preference"):
         raise GradtuneError(
             f"{run.folder}: a language model has no rows to predict; sample text with `gradtune generate {run.folder}`"
         )

@@ -22,6 +22,7 @@ from gradtune.jobs.job import Job, eval_chunk, load_init
 from gradtune.models.linear import Linear
 from gradtune.models.mlp import MLP
 from gradtune.objectives import classification, regression
+from gradtune.objectives.class_metrics import class_weights
 from gradtune.objectives.classification import Classification
 from gradtune.objectives.output import Objective
 from gradtune.objectives.regression import Regression
@@ -39,8 +40,13 @@ def resolve_task(cfg: Config, y_raw: list[Any]) -> str:
     return "classification" if tabular.looks_categorical(y_raw) else "regression"
 
 
-def objective_for(cfg: Config, task: str, n_classes: int) -> tuple[Objective, str, int]:
-    """(objective, loss name, model outputs) for ``task``; a loss that does not fit is refused."""
+def objective_for(
+    cfg: Config, task: str, n_classes: int, weights: Optional[list[float]] = None
+) -> tuple[Objective, str, int]:
+    """(objective, loss name, model outputs) for ``task``; a loss that does not fit is refused.
+    ``weights``: the class weights (C,) the run trained with (``info["class_weights"]``)."""
+    if task == "regression" and cfg.class_weight is not None:
+        raise GradtuneError("config: class_weight applies to class labels; the target is a regression target")
     if task == "regression":
         loss = "mse" if cfg.loss == "auto" else cfg.loss
         if loss not in regression.LOSSES:
@@ -51,7 +57,9 @@ def objective_for(cfg: Config, task: str, n_classes: int) -> tuple[Objective, st
         raise GradtuneError(f"config: loss '{loss}' does not fit class labels; use cross_entropy or bce")
     if loss == "bce" and n_classes != 2:
         raise GradtuneError(f"config: loss 'bce' needs 2 classes, the target has {n_classes}")
-    return Classification(loss, cfg.label_smoothing), loss, 1 if loss == "bce" else n_classes
+    if loss == "bce" and cfg.class_weight is not None:
+        raise GradtuneError("config: class_weight weights the cross-entropy; use loss=cross_entropy (or auto)")
+    return Classification(loss, cfg.label_smoothing, weights), loss, 1 if loss == "bce" else n_classes
 
 
 def make_model(cfg: Config, n_features: int, n_outputs: int) -> nn.Module:
@@ -216,7 +224,9 @@ def build_tabular(cfg: Config) -> Job:
         info["encoding"], info["inputs"] = enc.to_dict(), enc.names
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     y, classes = _targets(cfg, table, task, train_idx, info)
-    objective, info["loss"], n_out = objective_for(cfg, task, len(classes))
+    if task == "classification" and cfg.class_weight is not None:
+        info["class_weights"] = class_weights(cfg.class_weight, y[train_idx], classes, len(classes)).tolist()
+    objective, info["loss"], n_out = objective_for(cfg, task, len(classes), info.get("class_weights"))
     # Rows in (training, validation) order, so both sets are views of one tensor: no copy.
     order = torch.cat([train_idx, val_idx])
     n = len(train_idx)

@@ -17,6 +17,9 @@ from torch import nn
 
 from gradtune.config import Config, GPTSection
 from gradtune.data import text
+from gradtune.data import tokenizer as tokenizers
+from gradtune.data.plain_tokenizer import PlainTokenizer
+from gradtune.jobs import preference
 from gradtune.jobs.job import Job, eval_chunk, load_init
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.objectives.causal_lm import CausalLM
@@ -84,8 +87,49 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
 
 
 def build_text(cfg: Config) -> Job:
-    """BUILDERS["gpt"]: a GPT trained from scratch on text."""
+    """BUILDERS["gpt"]: a GPT trained from scratch on text, or (``task: preference``) a trained
+    GPT tuned on preference pairs."""
+    if cfg.task == "preference":
+        return preference_job(cfg)
     return text_job(cfg, gpt)
+
+
+def gpt_base(cfg: Config, vocab_size: int) -> GPT:
+    """The GPT of ``cfg.gpt`` with the weights of ``cfg.init``, in ``cfg.dtype``."""
+    model = gpt(vocab_size, cfg.gpt)
+    if cfg.dtype == "float64":
+        model = model.to(torch.float64)
+    load_init(model, cfg.init)
+    return model
+
+
+def preference_job(cfg: Config) -> Job:
+    """DPO and family on our GPT: ``init`` = a trained GPT's model.safetensors (the policy's
+    start and the reference), ``text.tokenizer`` = its tokenizer.json, ``gpt.*`` its shape.
+    Pairs are rendered without a chat template: prompt tokens, response tokens, end token."""
+    if cfg.init == "random" or cfg.text.tokenizer in ("byte", "char"):
+        raise GradtuneError(
+            "config: task 'preference' with model gpt tunes a trained GPT: set init=<run>/model.safetensors and "
+            "text.tokenizer=<run>/tokenizer.json (and the run's gpt.* shape)"
+        )
+    if cfg.method != "full":
+        raise GradtuneError(f"config: model gpt fine-tunes with method=full only, got method={cfg.method}")
+    tok = tokenizers.load(cfg.text.tokenizer)
+    preference.check(cfg)
+    train, val = preference.train_val(cfg, PlainTokenizer(tok))
+    model = gpt_base(cfg, tok.vocab_size)
+    info: dict[str, Any] = {
+        "data": cfg.data,
+        "task": "preference",
+        "tokenizer_file": str(Path(cfg.text.tokenizer).resolve()),
+        "vocab_size": tok.vocab_size,
+        "n_train": len(train),
+        "n_val": len(val) if val is not None else 0,
+    }
+    objective = preference.objective(cfg, model, train, val)  # the reference: precomputed, untouched weights
+    job = Job(model, objective, train, val, "preference", info, param_groups=decay_groups(model, cfg.weight_decay))
+    job.save_extra = lambda out_dir: save_tokenizer(job, out_dir)
+    return job
 
 
 def save_tokenizer(job: Job, out_dir: Path | str) -> Path:

@@ -35,7 +35,7 @@ def direction(monitor: str, mode: str) -> str:
     """'min' or 'max': auto is max for accuracy and R^2, min for losses, RMSE and perplexity."""
     if mode != "auto":
         return mode
-    return "max" if monitor.endswith(("accuracy", "r2")) else "min"
+    return "max" if monitor.endswith(("accuracy", "r2", "f1", "macro", "weighted")) else "min"
 
 
 def monitor_mode(section: EarlyStoppingSection) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from gradtune.data.dataset import Dataset
 from gradtune.jobs.job import metrics_for
 from gradtune.loop.gradient import to_device
+from gradtune.objectives import class_metrics
 from gradtune.objectives.output import Objective
 from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
 from gradtune.runtime import distributed
@@ -144,6 +145,7 @@ def task_metrics(
             out[f"{prefix}r2"] = 1.0 - mse / var
     if "correct" in sums and count:
         out[f"{prefix}accuracy"] = sums["correct"] / count
+    out.update(class_metrics.derived(prefix, sums, info.get("classes")))  # precision/recall/F1, confusion
     if "ppl" in metrics:
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
     if count:  # DPO rewards: means over pairs

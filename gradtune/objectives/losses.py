@@ -6,6 +6,8 @@ which keeps micro-batched and multi-process gradients equal to the one-shot grad
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -45,10 +47,13 @@ def cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """-log softmax(logits)[target]. logits (N, C) or (B, T, C) with target (N,) or (B, T).
 
-    ``mean`` divides by the count of non-ignored targets (token losses), not by N.
+    ``mean`` divides by the count of non-ignored targets (token losses), not by N; with class
+    ``weight`` (C,), each loss is scaled by its target's weight and ``mean`` divides by the sum
+    of those weights (``F.cross_entropy``'s convention).
     """
     if logits.dim() > 2:
         logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
@@ -59,7 +64,11 @@ def cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         reduction="none",
+        weight=weight,
     )
+    if reduction == "mean" and weight is not None:
+        kept = target != ignore_index
+        return per.sum() / weight[target.clamp(min=0)][kept].sum()
     if reduction == "mean":
         return per.sum() / (target != ignore_index).sum().clamp(min=1)
     return _reduce(per, reduction)

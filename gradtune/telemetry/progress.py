@@ -99,7 +99,7 @@ class Progress:
                 {k: _fmt(v) for k, v in values.items() if k in ("loss", "val_loss", "lr")}, refresh=False
             )
         elif self.mode == "lines":
-            body = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            body = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if not isinstance(v, (dict, list)))
             print(f"[{self.desc}] step {step}/{self.total} {body}", file=sys.stderr, flush=True)
             now = time.monotonic()  # the next progress line is due LINE_EVERY_S after this one
             self.next_due, self.t_line = now + self.every, now

@@ -132,7 +132,7 @@ def _stop(run: Run) -> tuple[str, str, str]:
     cards += [
         _card(v, k.replace("_", " "))
         for k, v in metrics.items()
-        if k not in _NOT_METRICS and not k.startswith("update_ratio_")
+        if k not in _NOT_METRICS and not k.startswith("update_ratio_") and number(v) is not None
     ][:6]
     optimum = number(job.get("closed_form_loss"))
     if optimum is not None:
@@ -147,9 +147,29 @@ def _stop(run: Run) -> tuple[str, str, str]:
     resumes = run.of("resume")
     if resumes:
         body += f"<p>Resumed {len(resumes)}× (from step {', '.join(esc(r.get('step')) for r in resumes)}).</p>"
-    if metrics:
-        body += f"<details><summary>final metrics ({len(metrics)})</summary>{kv_table(metrics)}</details>"
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        body += f"<details><summary>final metrics ({len(scalars)})</summary>{kv_table(scalars)}</details>"
     return "stop", "Outcome", body
+
+
+def _classes(run: Run) -> Optional[tuple[str, str, str]]:
+    """The final evaluation's per-class precision / recall / F1 and confusion matrix
+    (classification runs with validation data)."""
+    m = run.summary.get("metrics") if isinstance(run.summary.get("metrics"), dict) else {}
+    per, cm = m.get("val_per_class"), m.get("val_confusion")
+    if not isinstance(per, dict) or not isinstance(cm, list):
+        return None
+    names = list(per)
+    rows = [[n, *(per[n].get(k) for k in ("precision", "recall", "f1", "support"))] for n in names]
+    avg = [
+        [f"{a} avg", m.get(f"val_precision_{a}"), m.get(f"val_recall_{a}"), m.get(f"val_f1_{a}"), ""]
+        for a in ("macro", "weighted")
+    ]
+    body = table(("class", "precision", "recall", "F1", "support"), rows + avg)
+    body += '<p class="note">Confusion matrix (final evaluation): rows are the true class, columns the predicted.</p>'
+    body += table(("true \\ predicted", *names), [[n, *row] for n, row in zip(names, cm)])
+    return "classes", "Per-class metrics", body
 
 
 def _loss(run: Run) -> tuple[str, str, str]:
@@ -272,7 +292,7 @@ def _metrics(run: Run) -> Optional[tuple[str, str, str]]:
     evals = run.of("eval")
     keys = [
         k
-        for k in dict.fromkeys(k for r in evals for k in r)
+        for k in dict.fromkeys(k for r in evals for k, v in r.items() if not isinstance(v, (dict, list)))
         if k not in _NOT_METRICS and not k.startswith("update_ratio_")
     ]
     bases = list(dict.fromkeys(k[4:] if k.startswith("val_") else k for k in keys))
@@ -343,7 +363,7 @@ def _config(run: Run) -> tuple[str, str, str]:
 
 
 def render_report(run: Run) -> str:
-    parts = (_stop, _loss, _lr, _gradients, _throughput, _metrics, _guard, _advice, _config)
+    parts = (_stop, _loss, _lr, _gradients, _throughput, _metrics, _classes, _guard, _advice, _config)
     sections = [s for s in (part(run) for part in parts) if s is not None]
     return page(f"gradtune report: {run.title}", str(run.folder.resolve()), sections)
 

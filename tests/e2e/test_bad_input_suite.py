@@ -272,6 +272,17 @@ def data(c: Ctx, text: str | bytes, name: str = "d.csv") -> str:
 
 
 VALUES = {
+    "class_weight=heavy": Case(lambda c: train("data=breast_cancer", "class_weight=heavy"), ("'class_weight'",)),
+    "class_weight negative": Case(
+        lambda c: train("data=breast_cancer", "class_weight={benign: -1}"), ("weight of 'benign' must be a number > 0",)
+    ),
+    "class_weight on regression": Case(
+        lambda c: train("data=diabetes", "class_weight=balanced"), ("class_weight applies to class labels",)
+    ),
+    "class_weight with bce": Case(
+        lambda c: train("data=breast_cancer", "model=logistic", "loss=bce", "class_weight=balanced"),
+        ("class_weight weights the cross-entropy",),
+    ),
     "feature near float64 max": Case(
         lambda c: train(data(c, f"a,y\n1,2\n{BIG},3\n4,5\n")), ("d.csv:3", "column 'a'", "too large")
     ),
@@ -439,7 +450,52 @@ def ft(c: Ctx, model: str, *args: str) -> list[str]:
     return train(f"model={c.hf[model]}", "batch_size=4", *args)
 
 
+KTO_OK = '{"prompt": "hello", "completion": "world", "label": true}\n'
 DATA_PRETRAINED = {
+    "KTO row without label": Case(
+        lambda c: ft(
+            c,
+            "llama",
+            "task=preference",
+            "dpo.loss=kto",
+            data(c, KTO_OK + '{"prompt": "a", "completion": "b"}\n', "k.jsonl"),
+        ),
+        ("k.jsonl:2", "missing 'label'"),
+    ),
+    "KTO label is a string": Case(
+        lambda c: ft(
+            c,
+            "llama",
+            "task=preference",
+            "dpo.loss=kto",
+            data(c, KTO_OK + '{"prompt": "a", "completion": "b", "label": "yes"}\n', "k.jsonl"),
+        ),
+        ("k.jsonl:2", "'label' must be true or false"),
+    ),
+    "pairs given to dpo.loss=kto": Case(
+        lambda c: ft(
+            c,
+            "llama",
+            "task=preference",
+            "dpo.loss=kto",
+            data(c, '{"prompt": "a", "chosen": "b", "rejected": "c"}\n', "p.jsonl"),
+        ),
+        ("p.jsonl:1", "missing 'completion'"),
+    ),
+    "label_smoothing with orpo": Case(
+        lambda c: ft(
+            c, "llama", "task=preference", "dpo.loss=orpo", "dpo.label_smoothing=0.1", data(c, KTO_OK, "k.jsonl")
+        ),
+        ("dpo.label_smoothing applies to dpo.loss=sigmoid or simpo only",),
+    ),
+    "class_weight names an unknown label": Case(
+        lambda c: ft(c, "bert", "method=head", "class_weight={zzz: 2}", data(c, CLASSES)),
+        ("class_weight", "unknown label 'zzz'", "labels: a, b"),
+    ),
+    "class_weight on a causal LM": Case(
+        lambda c: ft(c, "llama", "class_weight=balanced", data(c, "hello world now " * 40, "t.txt")),
+        ("class_weight applies to task classification",),
+    ),
     "classification csv not UTF-8": Case(
         lambda c: ft(c, "bert", "method=head", data(c, b"text,label\nhi,a\ncaf\xe9,b\n")), ("d.csv:3", "not UTF-8")
     ),
@@ -761,6 +817,23 @@ COMMANDS = {
     "generate --top-k 0": Case(lambda c: ["generate", str(c.runs["gpt"]), "--top-k", "0"], ("--top-k must be >= 1",)),
     "generate --max-new-tokens 0": Case(
         lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "0"], ("--max-new-tokens must be >= 1",)
+    ),
+    "eval --lm-eval unknown task": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", "no_such_task"], ("unknown task 'no_such_task'",)
+    ),
+    "eval --lm-eval on a regression run": Case(
+        lambda c: ["eval", str(c.runs["linear"]), "--lm-eval", "shakespeare_cloze"], ("scores causal language models",)
+    ),
+    "eval --lm-eval with --data": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", "shakespeare_cloze", "--data", "x.txt"],
+        ("--data and --lm-eval do not combine",),
+    ),
+    "eval --lm-eval --limit 0": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", "shakespeare_cloze", "--limit", "0"],
+        ("--limit must be >= 1",),
+    ),
+    "eval --lm-eval task file missing": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", str(c.inp / "t.yaml")], ("no such task file",)
     ),
     "generate on a regression run": Case(lambda c: ["generate", str(c.runs["linear"])], ("no language-model head",)),
     "eval a FIFO as the run": Case(lambda c: ["eval", c.fifo("run")], ("not a finished gradtune run",)),

@@ -240,3 +240,43 @@ def test_smollm2_lora_dpo_raises_the_margin_and_keeps_the_reference(tmp_path, mo
     print("reward margins by step:", [round(m, 4) for m in margins], "after, all pairs:", after, "loss", loss)
     assert len(margins) == 6 and abs(margins[0]) < 1e-4 and margins[-1] > 0, margins  # step 0: B = 0, policy = base
     assert after["reward_margin"] > 0.05 and after["reward_accuracy"] >= 0.75 and loss < 0.68, after
+
+
+# --- gradtune eval on preference runs ---------------------------------------------------------------
+
+
+def _eval_line(capsys, argv: list[str]) -> dict[str, float]:
+    import re
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    return {k: float(v) for k, v in re.findall(r"(\w+)=(\S+)", capsys.readouterr().out.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("method,loss", [("lora", "sigmoid"), ("full", "sigmoid"), ("lora", "simpo")])
+def test_eval_on_a_preference_run_equals_its_final_validation(tiny, tmp_path, capsys, method, loss):
+    """``gradtune eval`` reloads the run and its reference (adapters off, or the base recomputed)
+    and prints the rewards the final evaluation logged on the same validation pairs; ``--data``
+    scores a held-out file."""
+    out = tmp_path / "run"
+    argv = settings(tiny, method, out, "val_fraction=0.25", f"dpo.loss={loss}")
+    assert main(["train", *argv]) == 0
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in last if r.get("kind") == "eval"][-1]
+    got = _eval_line(capsys, ["eval", str(out)])
+    for k in ("loss", "reward_accuracy", "reward_margin", "rewards_chosen"):
+        assert got[k] == pytest.approx(last[f"val_{k}"], rel=1e-5, abs=1e-6), k
+    held = _eval_line(capsys, ["eval", str(out), "--data", str(tiny / "p.jsonl")])
+    assert held["n"] == len(PAIRS) and 0 <= held["reward_accuracy"] <= 1
+
+
+def test_eval_on_a_kto_run(tiny, tmp_path, capsys):
+    rows = [{"prompt": p, "completion": c, "label": True} for p, c, _ in PAIRS[:4]]
+    rows += [{"prompt": p, "completion": r, "label": False} for p, _, r in PAIRS[4:]]
+    data = tmp_path / "k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = [a for a in settings(tiny, "lora", out) if not a.startswith("data=")]
+    assert main(["train", *argv, f"data={data}", "dpo.loss=kto"]) == 0
+    got = _eval_line(capsys, ["eval", str(out), "--data", str(data)])
+    assert got["n"] == 8 and {"loss", "reward_accuracy", "reward_margin", "kl"} <= set(got)
