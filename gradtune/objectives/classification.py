@@ -47,6 +47,6 @@ class Classification:
                 count = w[y].sum()  # divide once by the batch's weight sum: cross_entropy(weight=w)'s mean
                 metrics["samples"] = torch.tensor(y.shape[0], device=y.device)
         metrics["correct"] = (pred == y).sum()
-        if not model.training:  # evaluation: the confusion matrix, cell by cell
+        if not getattr(model, "training", True):  # evaluation: the confusion matrix, cell by cell
             metrics.update(confusion_sums(y.long(), pred, n_classes))
         return Output(loss_sum, count, metrics)
