@@ -31,7 +31,7 @@ def _interrupted_while_starting(signum: int, frame: Any) -> None:
 _STARTING = threading.current_thread() is threading.main_thread()
 _BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
 
-from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.commands import compare, demo, export, generate, lr_find, predict, tokenizer, train  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
 from gradtune.runtime import distributed  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
@@ -50,6 +50,7 @@ COMMANDS: dict[str, ModuleType] = {
     "generate": generate,
     "export": export,
     "compare": compare,
+    "tokenizer": tokenizer,
 }
 
 # A write that fails for lack of room or a read-only disk is the environment, not the input: one

@@ -133,7 +133,7 @@ def encode_shard(shard: Shard, tok_path: str, field: str, out: str, threads: int
         os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
     tok = tokenizers.load(tok_path)
     dtype, eos = token_dtype(tok.vocab_size), tok.eos_id
-    n = docs = chars = 0
+    n = docs = nbytes = 0
     texts: list[str] = []
     ends: list[bool] = []
     with atomic_path(Path(out)) as tmp, open(tmp, "wb") as f:
@@ -143,12 +143,12 @@ def encode_shard(shard: Shard, tok_path: str, field: str, out: str, threads: int
             ends.append(end)
             size += len(text)
             docs += end
-            chars += len(text)
+            nbytes += len(text.encode("utf-8"))
             if size >= BATCH_CHARS:
                 n += _flush(f, tok, texts, ends, dtype, eos, f"{shard.path}:{line}")
                 texts, ends, size = [], [], 0
         n += _flush(f, tok, texts, ends, dtype, eos, str(shard.path))
-    count = {"n_tokens": n, "docs": docs, "chars": chars}
+    count = {"n_tokens": n, "docs": docs, "bytes": nbytes}
     with atomic_path(Path(out).with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(count))
     return count
@@ -245,7 +245,7 @@ def build(
             "dtype": dtype.name,
             "n_tokens": sum(c["n_tokens"] for c in counts),
             "docs": sum(c["docs"] for c in counts),
-            "chars": sum(c["chars"] for c in counts),
+            "bytes": sum(c["bytes"] for c in counts),  # UTF-8 bytes of the text: per-byte losses
             "encoded_shards": [i for i, _, _ in todo],  # the rest were finished by an earlier, killed build
             "workers": workers,
             "tokenize_s": round(time.perf_counter() - t0, 4),

@@ -88,13 +88,27 @@ def _arrow_folder(folder: Path) -> list[Shard]:
     return [Shard(folder / n, "arrow", False) for n in names]
 
 
-def _folder(folder: Path) -> list[Shard]:
-    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+def _is_arrow_folder(folder: Path) -> bool:
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _walk(folder: Path) -> list[Shard]:
+    """A folder's shards in name order, recursively; a datasets folder inside is its .arrow files."""
+    if _is_arrow_folder(folder):
         return _arrow_folder(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
-    if not files:
+    found: list[Shard] = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        found += _walk(p) if p.is_dir() else [_shard(p)] if p.is_file() else []
+    return found
+
+
+def _folder(folder: Path) -> list[Shard]:
+    found = _walk(folder)
+    if not found:
         raise InputError(f"{folder}: empty folder (no data files)")
-    return [_shard(p) for p in files]
+    return found
 
 
 def resolve(spec: Union[str, Path, list]) -> list[Shard]:

@@ -117,7 +117,7 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
         "token_cache": str(tf.path),
         "token_cache_hit": tf.cache_hit,
         "tokenize_s": round(tf.seconds, 4),
-        "text_chars": tf.meta.get("chars"),  # per-byte losses need the text's size
+        "text_bytes": tf.meta.get("bytes"),  # UTF-8 bytes of the text: loss per byte = loss * tokens / bytes
         "documents": tf.meta.get("docs"),
         **extra,
     }
