@@ -30,10 +30,11 @@ import glob
 import gzip
 import json
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 from gradtune.runtime.errors import InputError
 
@@ -56,6 +57,27 @@ class Shard:
     path: Path  # the file
     format: str  # txt | jsonl | parquet | arrow
     gz: bool  # gzip-compressed (.txt.gz / .jsonl.gz)
+
+
+def path_kind(path: Path) -> Optional[str]:
+    """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
+    the message. Why not ``is_file()`` alone: a folder, a FIFO and a device would all read as
+    "not found", and opening a FIFO to look inside blocks until some writer appears."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:  # permission denied on a parent, a link loop, a name too long
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def _suffix(path: Path) -> str:
@@ -100,7 +122,10 @@ def _walk(folder: Path) -> list[Shard]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        found += _walk(p) if p.is_dir() else [_shard(p)] if p.is_file() else []
+        kind = path_kind(p)
+        if kind not in (None, "a folder"):
+            raise InputError(f"{p}: {kind}, not a data file")
+        found += _walk(p) if kind == "a folder" else [_shard(p)]
     return found
 
 
@@ -129,6 +154,9 @@ def resolve(spec: Union[str, Path, list]) -> list[Shard]:
         if not found:
             raise InputError(f"{text}: the glob matches no file")
         return [s for p in found for s in (_folder(p) if p.is_dir() else [_shard(p)])]
+    kind = path_kind(path)
+    if kind != "missing":
+        raise InputError(f"data not found: {text} is {kind}, not a regular file")
     raise InputError(f"data not found: {text}")
 
 

@@ -21,7 +21,6 @@ text per step, and an epoch is one pass over the text.
 from __future__ import annotations
 
 import dataclasses
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from gradtune.data import corpus
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
+from gradtune.data.records import path_kind
 from gradtune.data.tokenizer import Tokenizer
 from gradtune.runtime import cache, distributed
 from gradtune.runtime.errors import GradtuneError, InputError
@@ -47,27 +47,6 @@ token_dtype = corpus.token_dtype  # the smallest unsigned integer that holds eve
 
 
 # --- files and messages shared by every data reader (tables, texts, tokenizers) -----------------
-
-
-def path_kind(path: Path) -> Optional[str]:
-    """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
-    the message. Why not ``is_file()`` alone: a folder, a FIFO and a device would all read as
-    "not found", and opening a FIFO to look inside blocks until some writer appears."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    except OSError as e:  # permission denied on a parent, a link loop, a name too long
-        return f"unreadable ({e.strerror or type(e).__name__})"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def need_file(path: Path, what: str, hint: str = "") -> Path:
