@@ -102,6 +102,15 @@ class TokenFile:
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
+    def note(self) -> str:
+        """One line on what tokenising did (told by the process that did it)."""
+        m, workers = self.meta, self.meta.get("workers", 1)
+        return (
+            f"tokenised {self.source}: {m['n_tokens']:,} tokens, {m['docs']:,} documents, "
+            f"{len(m['encoded_shards'])} of {len(m['shards'])} shards encoded by {workers} "
+            f"process{'es' * (workers > 1)} in {m['tokenize_s']:.1f} s"
+        )
+
 
 def tokenize(
     data: Any, tokenizer: str = "byte", cache: Optional[Path] = None, field: str = "text", workers: int = 0

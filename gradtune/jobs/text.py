@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,13 +67,14 @@ def source_names(paths: list[Any]) -> list[str]:
     return names
 
 
-def _windows(cfg: Config, spec: str) -> tuple[Any, Any, text.TokenFile, dict[str, Any]]:
-    """(train, val, one TokenFile, info) of the data: one corpus, or a mixture's sources."""
+def _windows(cfg: Config, spec: str) -> tuple[Any, Any, text.TokenFile, dict[str, Any], list[text.TokenFile]]:
+    """(train, val, one TokenFile, info, the token files this process built) of the data: one
+    corpus, or a mixture's sources."""
     t = cfg.text
     if not is_mixture(cfg.data):
         tf = text.tokenize(cfg.data, spec, field=t.field, workers=t.workers)
         train, val = text.split(tf, cfg.gpt.block_size, cfg.val_fraction)
-        return train, val, tf, {}
+        return train, val, tf, {}, [tf] if not tf.cache_hit else []
     paths = [d["path"] for d in cfg.data]
     names = source_names(paths)
     tfs = [text.tokenize(p, spec, field=t.field, workers=t.workers) for p in paths]
@@ -85,14 +87,17 @@ def _windows(cfg: Config, spec: str) -> tuple[Any, Any, text.TokenFile, dict[str
         {"name": n, "path": str(p), "weight": w, "n_tokens": tf.n_tokens, "train_windows": len(s[0])}
         for n, p, w, tf, s in zip(names, paths, weights, tfs, splits)
     ]
-    return train, val, tfs[0], {"sources": sources, "n_tokens": sum(tf.n_tokens for tf in tfs)}
+    built = [tf for tf in tfs if not tf.cache_hit]
+    return train, val, tfs[0], {"sources": sources, "n_tokens": sum(tf.n_tokens for tf in tfs)}, built
 
 
 def text_job(cfg: Config, make_model: ModelFactory) -> Job:
     """The Job for training ``make_model(vocab, cfg.gpt)`` on ``cfg.data`` with ``cfg.text.tokenizer``."""
     if cfg.loss not in ("auto", "cross_entropy"):
         raise GradtuneError(f"config: loss '{cfg.loss}' does not fit a language model; use cross_entropy")
-    train, val, tf, extra = _windows(cfg, tokenizer_spec(cfg))
+    train, val, tf, extra, built = _windows(cfg, tokenizer_spec(cfg))
+    for f in built:  # after every check passed: a refused input stays one line
+        print(f.note(), file=sys.stderr, flush=True)
     vocab = tf.tokenizer.vocab_size
     torch.manual_seed(cfg.seed)  # the model's random init is part of the seeded run
     model = make_model(vocab, cfg.gpt)
