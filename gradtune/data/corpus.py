@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -186,6 +187,18 @@ def cached(entry: Path) -> Optional[dict[str, Any]]:
     return meta if ok else None
 
 
+def _watch(parent: int) -> None:
+    """Worker initializer: exit when the parent is gone (killed mid-build), instead of waiting on
+    the task queue for ever and holding the parent's stdout/stderr pipes open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run(jobs: list[tuple[int, Shard, Path]], tok_path: Path, field: str, workers: int) -> Iterator[int]:
     """Encode ``jobs`` (index, shard, out), yielding each index as its shard finishes."""
     if workers <= 1 or len(jobs) <= 1:
@@ -194,7 +207,8 @@ def _run(jobs: list[tuple[int, Shard, Path]], tok_path: Path, field: str, worker
             yield i
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    spawn = get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_watch, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(encode_shard, s, str(tok_path), field, str(out), threads): i for i, s, out in jobs}
         try:
             for fut in as_completed(futures):
