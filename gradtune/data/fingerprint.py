@@ -55,13 +55,17 @@ def shard_digest(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{_sampled_sha256(path, st.st_size)}"
 
 
+def _paths(spec: Any) -> list[Path]:
+    return [s.path for s in records.resolve(spec)]
+
+
 def _many(data: Any) -> Optional[dict[str, Any]]:
     """The fingerprint of a folder, glob or list of files (a mixture: its sources' paths): the
     shards' sizes and sampled hashes combined."""
     specs = [d.get("path") if isinstance(d, dict) else d for d in data] if isinstance(data, list) else [data]
     try:
-        shards = [s for spec in specs for s in records.resolve(spec)]
-        digests = [shard_digest(s.path) for s in shards]
+        paths = [p for spec in specs for p in ([data_path(spec)] if spec in datasets.TEXT else _paths(spec))]
+        digests = [shard_digest(p) for p in paths]
     except (GradtuneError, OSError, TypeError):
         return None
     return {
