@@ -67,12 +67,18 @@ def shards_of(data: Any) -> tuple[str, list[Shard]]:
             f"data '{data}' is a tabular data set; a language model trains on text "
             "(data=shakespeare, a text file, folder, glob or list of them)"
         )
-    if isinstance(data, list):  # a mixture's sources, read as one corpus (evaluating a finished run)
-        data = [d["path"] if isinstance(d, dict) else d for d in data]
+    if isinstance(data, list):  # files (one corpus), or a mixture's sources read as one (its tokenizer)
+        if not data:
+            raise InputError("data: an empty list of sources")
+        found = [shards_of(d["path"] if isinstance(d, dict) else d) for d in data]
+        shards = [s for _, part in found for s in part]
+        if len(data) == 1:
+            return found[0][0], shards
+        return f"{found[0][0]} (+{len(shards) - len(found[0][1])} more shards)", shards
     shards = records.resolve(data)
     if len(shards) == 1:
         return str(shards[0].path), shards
-    return (data if isinstance(data, str) else f"{shards[0].path} (+{len(shards) - 1} more shards)"), shards
+    return data, shards
 
 
 def key(shards: list[Shard], field: str, fingerprint: str) -> str:
