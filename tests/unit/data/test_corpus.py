@@ -181,3 +181,14 @@ def test_bpe_round_trips_every_byte(bpe_file):
     sample = SHAKESPEARE[-50_000:] + " ünïcødé ✓ \t\r\n  tabs  and 😀 <|im_start|>"
     assert tok.decode(tok.encode(sample)) == sample and tok.eos_id == 0
     assert tok.vocab_size == 600 and tok.tok.token_to_id("<|im_end|>") == 2
+
+
+def test_source_tokens_sums_each_sources_trained_tokens():
+    from gradtune.objectives.causal_lm import CausalLM
+
+    data = mixture.MixtureWindows([windows(400), windows(300)], ["a", "b"], [0.5, 0.5])
+    batch = data.get(torch.tensor([0, 60, 1, 2]))  # a, b, a, a (source a has 49 windows)
+    model = torch.nn.Sequential(torch.nn.Embedding(251, 251))
+    out = mixture.SourceTokens(CausalLM(), ["a", "b"])(model, batch)
+    assert int(out.metrics["tokens_a"]) == 3 * 8 and int(out.metrics["tokens_b"]) == 8
+    assert int(out.metrics["tokens_a"] + out.metrics["tokens_b"]) == int(out.count)
