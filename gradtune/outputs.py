@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from gradtune.config import Config
+from gradtune.data.fingerprint import data_name
 from gradtune.jobs.job import Job
 from gradtune.loop.fit import Result, run_inputs
 from gradtune.models.weights import save_state
@@ -61,7 +62,7 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path) -> None:
         plot_losses(
             result.history,
             out_dir / "loss.png",
-            title=f"{cfg.model} on {Path(cfg.data).name}",
+            title=f"{cfg.model} on {data_name(cfg.data)}",
             optimum=job.info.get("closed_form_loss"),
         )
     if cfg.plot:  # read back from the files just written, as for any finished run

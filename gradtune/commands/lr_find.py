@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gradtune import lr_find
 from gradtune.commands import config_args
+from gradtune.data.fingerprint import data_name
 from gradtune.loop.fit import run_inputs
 from gradtune.runtime import outdir
 from gradtune.runtime.errors import GradtuneError
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     r = lr_find.lr_find(cfg, args.min_lr, args.max_lr, args.steps)
     outdir.claim(cfg.out_dir, inputs, FILES)
     out = Path(cfg.out_dir) / "lr_find.png"
-    lr_find.plot(r, out, f"lr range test: {cfg.model} on {Path(cfg.data).name}, batch_size={cfg.batch_size}")
+    lr_find.plot(r, out, f"lr range test: {cfg.model} on {data_name(cfg.data)}, batch_size={cfg.batch_size}")
     data = lr_find.save(r, Path(cfg.out_dir) / "lr_find.json", args.min_lr, args.max_lr)
     end = f"diverged at lr {r.divergence:.3g}" if r.divergence is not None else "reached --max-lr"
     print(

@@ -49,6 +49,14 @@ def _sampled_sha256(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def data_name(data: Any) -> str:
+    """A short name of ``data`` for titles: a file's or folder's name, or "N sources"."""
+    if isinstance(data, str):
+        return Path(data).name or data
+    mixture = all(isinstance(d, dict) for d in data)
+    return f"a mixture of {len(data)} sources" if mixture else f"{len(data)} sources"
+
+
 def shard_digest(path: Path) -> str:
     """ "size:mtime_ns:sampled sha256" of one file: the token cache's key for a shard."""
     st = os.stat(path)
