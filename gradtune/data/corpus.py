@@ -47,6 +47,7 @@ from gradtune.runtime.atomic import atomic_path
 from gradtune.runtime.errors import GradtuneError, InputError
 
 FORMAT = 2  # bump when the token file layout changes: old entries are ignored
+SMALL = 16 << 20  # bytes of shards below which one process encodes them all
 BATCH_CHARS = 1 << 22  # characters handed to the tokenizer at once (~4M): many small records in one call
 
 
@@ -245,6 +246,8 @@ def build(
         outs = [part / f"{i:05d}.tokens" for i in range(len(shards))]
         todo = [(i, s, o) for i, (s, o) in enumerate(zip(shards, outs)) if _done(o, dtype.itemsize) is None]
         workers = min(workers or os.cpu_count() or 1, len(todo) or 1)
+        if sum(s.path.stat().st_size for _, s, _ in todo) < SMALL:
+            workers = 1  # starting worker processes would take longer than the encoding
         for _ in _run(todo, tok_path, field, workers):
             testhooks.hit("tokenize.shard")  # kill tests: a build dies between finished shards
         counts = [_done(o, dtype.itemsize) for o in outs]

@@ -106,7 +106,7 @@ class TokenFile:
         """One line on what tokenising did (told by the process that did it)."""
         m, workers = self.meta, self.meta.get("workers", 1)
         return (
-            f"tokenised {self.source}: {m['n_tokens']:,} tokens, {m['docs']:,} documents, "
+            f"tokenised {self.source}: {m['n_tokens']:,} tokens, {m['docs']:,} document{'s' * (m['docs'] != 1)}, "
             f"{len(m['encoded_shards'])} of {len(m['shards'])} shards encoded by {workers} "
             f"process{'es' * (workers > 1)} in {m['tokenize_s']:.1f} s"
         )

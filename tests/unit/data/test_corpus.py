@@ -63,6 +63,7 @@ def test_every_format_streams_into_the_whole_text_encoding(tmp_path, bpe_file, m
     """Six formats, parallel workers, small pieces: the token file equals one encode of the whole
     corpus with the documents joined by <|endoftext|> (the tokenizers package's own answer)."""
     folder, docs = docs_folder(tmp_path / "corpus")
+    monkeypatch.setattr(corpus, "SMALL", 0)  # a small corpus, but worker processes all the same
     monkeypatch.setattr(records, "PIECE", 1000)  # many pieces per .txt document (workers see it: spawn
     # re-imports, so only the in-process path uses it; the oracle covers both)
     tf = text.tokenize(str(folder), bpe_file, workers=2)
