@@ -134,9 +134,13 @@ def _flush(f, tok, texts: list[str], ends: list[bool], dtype: np.dtype, eos: Opt
     return n
 
 
-def encode_shard(shard: Shard, tok_path: str, field: str, out: str, threads: int = 0) -> dict[str, int]:
+def encode_shard(
+    shard: Shard, tok_path: str, field: str, out: str, threads: int = 0, parent: int = 0
+) -> dict[str, int]:
     """Encode one shard into the token file ``out`` (atomically) and its ``.json`` count; runs in
     a worker process (``threads``: the tokenizer's thread count there, 0 = its default)."""
+    if parent and os.getppid() != parent:  # a task still queued when the build was killed
+        os._exit(1)
     if threads:  # read when the tokenizers package starts its pool, so set before loading it
         os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
     tok = tokenizers.load(tok_path)
@@ -200,7 +204,7 @@ def _watch(parent: int) -> None:
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(0.5)
+            time.sleep(0.1)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -216,7 +220,8 @@ def _run(jobs: list[tuple[int, Shard, Path]], tok_path: Path, field: str, worker
     threads = max(1, (os.cpu_count() or 1) // workers)
     spawn = get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_watch, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(encode_shard, s, str(tok_path), field, str(out), threads): i for i, s, out in jobs}
+        me = os.getpid()
+        futures = {pool.submit(encode_shard, s, str(tok_path), field, str(out), threads, me): i for i, s, out in jobs}
         try:
             for fut in as_completed(futures):
                 fut.result()  # an InputError in a worker is raised here, naming its file

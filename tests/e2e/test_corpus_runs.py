@@ -25,7 +25,7 @@ from gradtune.cli import main
 from gradtune.jobs.reload import load_run
 from gradtune.models.gpt_gguf import load_gguf
 from tests import hooks
-from tests.e2e.test_distributed import _env, _finish, torchrun
+from tests.e2e.test_distributed import _env, _finish, torchrun, worst_rel
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = datasets.text("shakespeare")
@@ -93,12 +93,12 @@ def test_killed_tokenisation_resumes_at_the_unfinished_shard(tmp_path):
     killed = gradtune([*args, f"out_dir={tmp_path / 'a'}"], {hooks.FAULTS: "tokenize.shard@3"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     done = sorted(p.name for p in (tmp_path / "cache").glob("tokens/*/shards/*.tokens"))
-    assert len(done) >= 3
+    assert 3 <= len(done) < 6  # the kill came as the 3rd shard finished (the other worker may finish one more)
     again = gradtune([*args, f"out_dir={tmp_path / 'b'}"])
     assert again.returncode == 0, again.stderr[-2000:]
     meta = entry_meta(tmp_path / "cache")
     finished = {int(name.split(".")[0]) for name in done}
-    assert set(meta["encoded_shards"]) == set(range(6)) - finished and meta["workers"] == 2
+    assert set(meta["encoded_shards"]) == set(range(6)) - finished != set()
     assert f"{6 - len(finished)} of 6 shards encoded" in again.stderr
     tokens = (tmp_path / "cache").glob("tokens/*/tokens")
     assert next(tokens).read_bytes() == b"".join(docs)
@@ -126,7 +126,7 @@ def test_torchrun_mixture_tokenises_once_and_samples_the_batches_of_one_process(
     assert one.returncode == 0 and "tokenised" not in one.stderr  # the cache is shared
     assert hooks.probe_steps(tmp_path / "p2") == hooks.probe_steps(tmp_path / "p1")
     w2, w1 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("two", "one"))
-    assert all(torch.allclose(w2[k], w1[k], rtol=0, atol=1e-10) for k in w1)
+    assert worst_rel(w2, w1) < 1e-9  # float64: the same run up to the order of the ranks' sums
 
 
 def test_mixture_kill_resume_is_bitwise(tmp_path):
