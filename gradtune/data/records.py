@@ -16,8 +16,8 @@ Formats: ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz``, ``.parquet``, and a H
 folder reads its ``train`` split). A new format: its suffix in ``FORMATS`` and a branch in
 ``records`` (row formats) or ``texts`` (plain text) -- nothing else changes.
 
-Memory: a .txt piece is about ``PIECE`` characters, cut after a newline that starts a
-non-blank line (BPE pre-tokenizers split there anyway, so piecewise encoding equals whole-text
+Memory: a .txt piece is about ``PIECE`` characters, cut after a newline between two non-space
+characters (BPE pre-tokenizers split there anyway, so piecewise encoding equals whole-text
 encoding); JSON lines one at a time; Parquet and Arrow by record batches. Errors are
 ``InputError`` lines naming the file (and line or row); an empty shard is an error, as is a
 truncated gzip and a glob that matches nothing.
@@ -48,7 +48,7 @@ FORMATS = {
 }
 PIECE = 1 << 22  # characters per .txt piece (~4M): bounded memory for a file of any size
 _READ = 1 << 20  # bytes read per call from a (possibly gzip) file
-_CUT = re.compile(r"\n(?=\S)")
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a newline between two non-space characters (tokenizer.pieces)
 _ROWS = 1024  # rows per Parquet/Arrow record batch
 
 
@@ -177,8 +177,8 @@ def _chunks(shard: Shard) -> Iterator[bytes]:
 
 
 def _text_pieces(shard: Shard) -> Iterator[tuple[int, str]]:
-    """(first line, text) pieces of a text file, each cut after a newline that starts a
-    non-blank line; UTF-8 errors name the line; a byte-order mark is dropped."""
+    """(first line, text) pieces of a text file, each cut after a newline between two non-space
+    characters; UTF-8 errors name the line; a byte-order mark is dropped."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     buf, line, first, any_bytes = "", 1, True, False
     for raw in _chunks(shard):

@@ -163,6 +163,9 @@ def test_own_tokenizer_round_trips_pretrains_generates_and_exports(tmp_path, cap
     run_dir = tmp_path / "run"
     gpt = [*TINY, "gpt.family=llama", "gpt.block_size=32", "max_steps=2", "val_fraction=0.05", *QUIET]
     assert main(["train", *gpt, "data=shakespeare", f"text.tokenizer={tok_path}", f"out_dir={run_dir}"]) == 0
+    cache = json.loads((run_dir / "summary.json").read_text())["job"]["token_cache"]
+    want = hf.encode(SHAKESPEARE + "<|endoftext|>").ids  # streamed in pieces, encoded as the whole text
+    assert np.array_equal(np.fromfile(cache, dtype=np.uint16), want)
     assert main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
     assert "ROMEO:" in capsys.readouterr().out
     out = tmp_path / "m.gguf"
