@@ -89,7 +89,7 @@ PEAK = (
 def make_corpus(folder: Path, gib: float) -> int:
     """Shards of ~SHARD bytes of Shakespeare until ``gib`` GiB; returns the text bytes."""
     text = datasets.text("shakespeare")
-    piece = text * max(1, SHARD // len(text.encode()))
+    piece = text * max(1, int(min(SHARD, gib * (1 << 30))) // len(text.encode()))
     folder.mkdir(parents=True)
     total, i = 0, 0
     while total < gib * (1 << 30):

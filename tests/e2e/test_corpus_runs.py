@@ -200,7 +200,7 @@ def test_2gib_corpus_tokenises_in_bounded_memory_and_pretrains(tmp_path):
     assert total >= 2 << 30
     want = _sha(docs)
     del docs
-    args = ["train", *TINY, f"data={tmp_path / 'big'}", "max_steps=2", "val_fraction=0.0001", *QUIET]
+    args = ["train", *TINY, f"data={tmp_path / 'big'}", "max_steps=2", "val_fraction=0.0001", "precision=fp32", *QUIET]
     p = gradtune(["-", *args, f"out_dir={tmp_path / 'out'}"], timeout=1800)  # "-": measured by PEAK
     assert p.returncode == 0, p.stderr[-3000:]
     peak_kib = int(p.stderr.strip().splitlines()[-1])  # the largest of the gradtune process and its workers
