@@ -9,7 +9,7 @@ runs hold the same validation text (the corpus tail, two whole plays) up to the 
 The two runs go one after the other in alternating order across repetitions; medians.
 
   python bench/bpe_vs_byte.py                          # 5 minutes each, 1 repetition
-  python bench/bpe_vs_byte.py --budget 30s --repeats 1   # smoke run
+  python bench/bpe_vs_byte.py --budget 30s precision=fp32 eval_tokens=4096   # smoke run
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from gradtune.data import tokenizer as tokenizers  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(tmp: Path, name: str, tokenizer: str, budget: str) -> dict:
+def run(tmp: Path, name: str, tokenizer: str, budget: str, extra: list[str]) -> dict:
     out = tmp / name
     cmd = [sys.executable, "-m", "gradtune", "train", "configs/gpt-shakespeare.yaml", f"text.tokenizer={tokenizer}"]
-    cmd += [f"max_time={budget}", f"out_dir={out}", "progress=off", "plot=false", "resume=never"]
+    cmd += [f"max_time={budget}", f"out_dir={out}", "progress=off", "plot=false", "resume=never", *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     job = json.loads((out / "summary.json").read_text())["job"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", default="5m", help="max_time of each run")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("settings", nargs="*", help="more key=value settings for both runs (e.g. precision=fp32)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gradtune-bpe-bench-"))
     tok = tmp / "tok.json"
@@ -69,7 +70,7 @@ def main() -> None:
     for r in range(args.repeats):
         sides = [("byte", "byte"), ("bpe4096", str(tok))]
         for name, spec in sides if r % 2 == 0 else sides[::-1]:
-            got[name].append(run(tmp, f"{name}-{r}", spec, args.budget))
+            got[name].append(run(tmp, f"{name}-{r}", spec, args.budget, args.settings))
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, budget {args.budget}")
     for name, rs in got.items():
         pb = statistics.median(x["per_byte"] for x in rs)

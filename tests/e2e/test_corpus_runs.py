@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,8 @@ def shards(folder: Path, n: int, size: int, copies: int = 1) -> list[bytes]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        part = SHAKESPEARE[(i * size) % len(SHAKESPEARE) :][:size] * copies
+        start = (i * size) % len(SHAKESPEARE)
+        part = (SHAKESPEARE + SHAKESPEARE)[start : start + size] * copies  # size chars (size <= the text)
         if i % 2 == 0:
             with gzip.open(folder / f"s{i:03d}.txt.gz", "wt", encoding="utf-8", compresslevel=1) as f:
                 f.write(part)
@@ -193,20 +195,27 @@ def _sha(chunks) -> str:
 @pytest.mark.slow
 def test_2gib_corpus_tokenises_in_bounded_memory_and_pretrains(tmp_path):
     """A 2 GiB folder of .txt.gz and .jsonl shards: the tokenising process (and its workers)
-    peak under 1.5 GiB RSS, the token file is the corpus's bytes, and a GPT trains on it."""
-    copies, size = 46, 1_200_000  # 40 shards x 46 x 1.2 MB ~ 2.06 GiB of text
-    docs = shards(tmp_path / "big", 40, size, copies)
-    total = sum(len(d) for d in docs)
-    assert total >= 2 << 30
-    want = _sha(docs)
-    del docs
-    args = ["train", *TINY, f"data={tmp_path / 'big'}", "max_steps=2", "val_fraction=0.0001", "precision=fp32", *QUIET]
-    p = gradtune(["-", *args, f"out_dir={tmp_path / 'out'}"], timeout=1800)  # "-": measured by PEAK
-    assert p.returncode == 0, p.stderr[-3000:]
-    peak_kib = int(p.stderr.strip().splitlines()[-1])  # the largest of the gradtune process and its workers
-    assert peak_kib < 1.5 * (1 << 20), f"peak RSS {peak_kib / (1 << 20):.2f} GiB"
-    (tokens,) = (tmp_path / "cache").glob("tokens/*/tokens")
-    assert tokens.stat().st_size == total
-    with open(tokens, "rb") as f:
-        assert _sha(iter(lambda: f.read(1 << 24), b"")) == want
-    assert np.memmap(tokens, dtype=np.uint8, mode="r")[:5].tobytes() == SHAKESPEARE[:5].encode()
+    peak under 1.5 GiB RSS, the token file is the corpus's bytes, and a GPT trains on it.
+    The corpus and its tokens are deleted at the end, pass or fail (not left for pytest's
+    retention of the last runs' tmp folders)."""
+    try:
+        copies, size = 46, 1_200_000  # 40 shards x 46 x 1.2 MB ~ 2.06 GiB of text
+        docs = shards(tmp_path / "big", 40, size, copies)
+        total = sum(len(d) for d in docs)
+        assert total >= 2 << 30
+        want = _sha(docs)
+        del docs
+        args = ["train", *TINY, f"data={tmp_path / 'big'}", "max_steps=2", "val_fraction=0.0001", "precision=fp32"]
+        p = gradtune(["-", *args, *QUIET, f"out_dir={tmp_path / 'out'}"], timeout=1800)  # "-": measured by PEAK
+        assert p.returncode == 0, p.stderr[-3000:]
+        peak_kib = int(p.stderr.strip().splitlines()[-1])  # the largest of the gradtune process and its workers
+        print(f"2 GiB corpus: peak RSS {peak_kib / (1 << 20):.2f} GiB; {p.stderr.strip().splitlines()[0]}")
+        assert peak_kib < 1.5 * (1 << 20), f"peak RSS {peak_kib / (1 << 20):.2f} GiB"
+        (tokens,) = (tmp_path / "cache").glob("tokens/*/tokens")
+        assert tokens.stat().st_size == total
+        with open(tokens, "rb") as f:
+            assert _sha(iter(lambda: f.read(1 << 24), b"")) == want
+        assert np.memmap(tokens, dtype=np.uint8, mode="r")[:5].tobytes() == SHAKESPEARE[:5].encode()
+    finally:
+        shutil.rmtree(tmp_path / "big", ignore_errors=True)
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
