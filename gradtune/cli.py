@@ -35,7 +35,7 @@ _BEFORE = (
     {s: signal.signal(s, _interrupted_while_starting) for s in (signal.SIGINT, signal.SIGTERM)} if _STARTING else {}
 )
 
-from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.commands import compare, demo, export, generate, lr_find, predict, tokenizer, train  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
 from gradtune.runtime import distributed, lock  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
@@ -54,6 +54,7 @@ COMMANDS: dict[str, ModuleType] = {
     "generate": generate,
     "export": export,
     "compare": compare,
+    "tokenizer": tokenizer,
 }
 
 # A write that fails for lack of room or a read-only disk is the environment, not the input: one

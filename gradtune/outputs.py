@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import yaml
 
 from gradtune.config import Config
+from gradtune.data.fingerprint import data_name
 from gradtune.jobs import trained_only
 from gradtune.jobs.job import Job
 from gradtune.loop.fit import Result
@@ -68,7 +69,7 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path, claimed: 
         plot_losses(
             result.history,
             out_dir / "loss.png",
-            title=f"{cfg.model} on {Path(cfg.data).name}",
+            title=f"{cfg.model} on {data_name(cfg.data)}",
             optimum=job.info.get("closed_form_loss"),
         )
     if cfg.plot:  # read back from the files just written, as for any finished run

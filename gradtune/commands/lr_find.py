@@ -10,6 +10,7 @@ from typing import Optional
 
 from gradtune import lr_find
 from gradtune.commands import config_args
+from gradtune.data.fingerprint import data_name
 from gradtune.loop.run_setup import run_inputs
 from gradtune.runtime import lock, outdir, outfile, runfolder
 from gradtune.runtime.errors import GradtuneError
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         if files is None:
             outdir.claim(cfg.out_dir, inputs, FILES)
         out, data = files or (Path(cfg.out_dir) / "lr_find.png", Path(cfg.out_dir) / "lr_find.json")
-        title = f"lr range test: {cfg.model} on {Path(cfg.data).name}, batch_size={cfg.batch_size}"
+        title = f"lr range test: {cfg.model} on {data_name(cfg.data)}, batch_size={cfg.batch_size}"
         lr_find.plot(r, out, title)  # each written beside and renamed into place
         lr_find.save(r, data, args.min_lr, args.max_lr)
         if files is not None:

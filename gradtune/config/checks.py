@@ -83,6 +83,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     ),
     "text.length_pool": (lambda v: v >= 1, ">= 1"),
     "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
+    "text.vocab_size": (lambda v: 300 <= v <= 1 << 20, "in [300, 1048576]"),
+    "text.workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "finetune.head_lr": (lambda v: v is None or v > 0, "> 0 (or null: a multiple of lr)"),
     "eval_tokens": (lambda v: v is None or v >= 1, ">= 1"),
@@ -117,9 +119,32 @@ def check_auto(cfg: Config) -> None:
         raise GradtuneError("config: momentum: auto is Nesterov's momentum: it needs dampening = 0")
 
 
+def check_data(cfg: Config) -> None:
+    """``data`` as a list: files (one corpus) or a mixture of ``{path, weight}`` sources, for
+    model=gpt; a mixture's weights are > 0 and its entries name nothing else."""
+    if isinstance(cfg.data, str):
+        return
+    if cfg.model != "gpt":
+        raise GradtuneError(f"config key 'data': a list of sources is for model=gpt (pretraining); model={cfg.model}")
+    if not cfg.data:
+        raise GradtuneError("config key 'data': an empty list")
+    mixture = [d for d in cfg.data if isinstance(d, dict)]
+    if mixture and len(mixture) != len(cfg.data):
+        raise GradtuneError("config key 'data': a mixture lists {path, weight} entries only (not bare paths)")
+    for i, d in enumerate(mixture):
+        extra = sorted(set(d) - {"path", "weight"})
+        if extra or not isinstance(d.get("path"), (str, list)):
+            what = f"unknown key '{extra[0]}'" if extra else "no path"
+            raise GradtuneError(f"config key 'data[{i}]': {what} (a mixture entry is {{path: ..., weight: ...}})")
+        w = d.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or w != w or w == float("inf"):
+            raise GradtuneError(f"config key 'data[{i}].weight': must be a finite number > 0, got {w!r} ({d['path']})")
+
+
 def check_combinations(cfg: Config) -> None:
     """Fail fast on settings that are each valid but meaningless together."""
     check_auto(cfg)
+    check_data(cfg)
     if cfg.nesterov and cfg.momentum != "auto" and (cfg.momentum <= 0 or cfg.dampening != 0):
         raise GradtuneError("config: nesterov=true needs momentum > 0 and dampening = 0")
     if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):

@@ -53,7 +53,12 @@ class GPTSection:
 class TextSection:
     """Text data for language models."""
 
-    tokenizer: str = "byte"  # byte | char | path to a tokenizer.json
+    # byte | char | path to a tokenizer.json | train (a byte-level BPE of text.vocab_size trained on the data, cached)
+    tokenizer: str = "byte"
+    vocab_size: int = 4096  # text.tokenizer=train: BPE vocabulary (larger: shorter sequences, bigger embedding)
+    field: str = "text"  # pretraining on .jsonl / Parquet / Arrow: the field holding each document's text
+    # processes tokenising a corpus's shards in parallel; 0: one per core (memory: one shard's pieces each)
+    workers: int = 0
     max_length: int = 128  # fine-tuning: tokens per example after truncation
     text_column: str = "text"
     label_column: str = "label"
@@ -151,7 +156,9 @@ class EarlyStoppingSection:
 class Config:
     # --- what to fit -------------------------------------------------------------------------
     model: str = "linear"  # linear | logistic | mlp | gpt | path to a HF folder or .gguf
-    data: str = "diabetes"  # embedded name (diabetes, breast_cancer, shakespeare) or a file path
+    # embedded name (diabetes, breast_cancer, shakespeare) or a file path; model=gpt also a folder, a glob, a list of
+    # those (one corpus), or a mixture [{path: ..., weight: 0.7}, ...] (sampled by weight)
+    data: Union[str, list[Union[str, dict]]] = "diabetes"
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
     # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction:

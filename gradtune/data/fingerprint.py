@@ -16,14 +16,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gradtune import datasets
+from gradtune.data import records
+from gradtune.runtime.errors import GradtuneError
 
 BLOCKS = 16
 BLOCK = 64 * 1024
 
 
-def data_path(data: str) -> Optional[Path]:
+def data_path(data: Any) -> Optional[Path]:
     """The file behind ``data``: an embedded data set's packaged file, else the path itself;
-    None if it names no file. Embedded names win, as in the loaders."""
+    None if it names no single file (a folder, glob or list). Embedded names win."""
+    if not isinstance(data, str):
+        return None
     if data in datasets.TEXT:
         return datasets.HERE / datasets.TEXT[data]
     if data in datasets.EMBEDDED:
@@ -45,12 +49,48 @@ def _sampled_sha256(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def fingerprint(data: str) -> Optional[dict[str, Any]]:
-    """{"file", "bytes", "mtime_ns", "sha256", "whole"} of the file behind ``data``; None when it
-    names no readable file (nothing to compare)."""
+def data_name(data: Any) -> str:
+    """A short name of ``data`` for titles: a file's or folder's name, or "N sources"."""
+    if isinstance(data, str):
+        return Path(data).name or data
+    mixture = all(isinstance(d, dict) for d in data)
+    return f"a mixture of {len(data)} sources" if mixture else f"{len(data)} sources"
+
+
+def shard_digest(path: Path) -> str:
+    """ "size:mtime_ns:sampled sha256" of one file: the token cache's key for a shard."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{_sampled_sha256(path, st.st_size)}"
+
+
+def _paths(spec: Any) -> list[Path]:
+    return [s.path for s in records.resolve(spec)]
+
+
+def _many(data: Any) -> Optional[dict[str, Any]]:
+    """The fingerprint of a folder, glob or list of files (a mixture: its sources' paths): the
+    shards' sizes and sampled hashes combined."""
+    specs = [d.get("path") if isinstance(d, dict) else d for d in data] if isinstance(data, list) else [data]
+    try:
+        paths = [p for spec in specs for p in ([data_path(spec)] if spec in datasets.TEXT else _paths(spec))]
+        digests = [shard_digest(p) for p in paths]
+    except (GradtuneError, OSError, TypeError):
+        return None
+    return {
+        "file": str(data),
+        "bytes": sum(int(d.split(":")[0]) for d in digests),
+        "mtime_ns": max(int(d.split(":")[1]) for d in digests),
+        "sha256": hashlib.sha256("|".join(digests).encode()).hexdigest(),
+        "whole": False,
+    }
+
+
+def fingerprint(data: Any) -> Optional[dict[str, Any]]:
+    """{"file", "bytes", "mtime_ns", "sha256", "whole"} of the file (or files) behind ``data``;
+    None when it names no readable file (nothing to compare)."""
     path = data_path(data)
     if path is None:
-        return None
+        return _many(data) if not isinstance(data, str) or Path(data).expanduser().is_dir() or "*" in data else None
     try:
         st = os.stat(path)
         digest = _sampled_sha256(path, st.st_size)

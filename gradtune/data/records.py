@@ -16,8 +16,8 @@ Formats: ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz``, ``.parquet``, and a H
 folder reads its ``train`` split). A new format: its suffix in ``FORMATS`` and a branch in
 ``records`` (row formats) or ``texts`` (plain text) -- nothing else changes.
 
-Memory: a .txt piece is about ``PIECE`` characters, cut after a newline that starts a
-non-blank line (BPE pre-tokenizers split there anyway, so piecewise encoding equals whole-text
+Memory: a .txt piece is about ``PIECE`` characters, cut after a newline between two non-space
+characters (BPE pre-tokenizers split there anyway, so piecewise encoding equals whole-text
 encoding); JSON lines one at a time; Parquet and Arrow by record batches. Errors are
 ``InputError`` lines naming the file (and line or row); an empty shard is an error, as is a
 truncated gzip and a glob that matches nothing.
@@ -30,10 +30,11 @@ import glob
 import gzip
 import json
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 from gradtune.runtime.errors import InputError
 
@@ -47,7 +48,7 @@ FORMATS = {
 }
 PIECE = 1 << 22  # characters per .txt piece (~4M): bounded memory for a file of any size
 _READ = 1 << 20  # bytes read per call from a (possibly gzip) file
-_CUT = re.compile(r"\n(?=\S)")
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a newline between two non-space characters (tokenizer.pieces)
 _ROWS = 1024  # rows per Parquet/Arrow record batch
 
 
@@ -56,6 +57,27 @@ class Shard:
     path: Path  # the file
     format: str  # txt | jsonl | parquet | arrow
     gz: bool  # gzip-compressed (.txt.gz / .jsonl.gz)
+
+
+def path_kind(path: Path) -> Optional[str]:
+    """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
+    the message. Why not ``is_file()`` alone: a folder, a FIFO and a device would all read as
+    "not found", and opening a FIFO to look inside blocks until some writer appears."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as e:  # permission denied on a parent, a link loop, a name too long
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def _suffix(path: Path) -> str:
@@ -88,13 +110,30 @@ def _arrow_folder(folder: Path) -> list[Shard]:
     return [Shard(folder / n, "arrow", False) for n in names]
 
 
-def _folder(folder: Path) -> list[Shard]:
-    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+def _is_arrow_folder(folder: Path) -> bool:
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _walk(folder: Path) -> list[Shard]:
+    """A folder's shards in name order, recursively; a datasets folder inside is its .arrow files."""
+    if _is_arrow_folder(folder):
         return _arrow_folder(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
-    if not files:
+    found: list[Shard] = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        kind = path_kind(p)
+        if kind not in (None, "a folder"):
+            raise InputError(f"{p}: {kind}, not a data file")
+        found += _walk(p) if kind == "a folder" else [_shard(p)]
+    return found
+
+
+def _folder(folder: Path) -> list[Shard]:
+    found = _walk(folder)
+    if not found:
         raise InputError(f"{folder}: empty folder (no data files)")
-    return [_shard(p) for p in files]
+    return found
 
 
 def resolve(spec: Union[str, Path, list]) -> list[Shard]:
@@ -115,6 +154,9 @@ def resolve(spec: Union[str, Path, list]) -> list[Shard]:
         if not found:
             raise InputError(f"{text}: the glob matches no file")
         return [s for p in found for s in (_folder(p) if p.is_dir() else [_shard(p)])]
+    kind = path_kind(path)
+    if kind != "missing":
+        raise InputError(f"data not found: {text} is {kind}, not a regular file")
     raise InputError(f"data not found: {text}")
 
 
@@ -135,8 +177,8 @@ def _chunks(shard: Shard) -> Iterator[bytes]:
 
 
 def _text_pieces(shard: Shard) -> Iterator[tuple[int, str]]:
-    """(first line, text) pieces of a text file, each cut after a newline that starts a
-    non-blank line; UTF-8 errors name the line; a byte-order mark is dropped."""
+    """(first line, text) pieces of a text file, each cut after a newline between two non-space
+    characters; UTF-8 errors name the line; a byte-order mark is dropped."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     buf, line, first, any_bytes = "", 1, True, False
     for raw in _chunks(shard):

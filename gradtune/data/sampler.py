@@ -60,7 +60,11 @@ class Step:
 
 
 def make_sampler(job, cfg) -> "Sampler":
-    """The sampler a config asks for; variable-length sequences grouped by length if enabled."""
+    """The sampler a config asks for; variable-length sequences grouped by length if enabled;
+    a dataset with its own sampling rule (a mixture: data/mixture.py) makes its own."""
+    own = getattr(job.train, "make_sampler", None)
+    if own is not None:
+        return own(cfg.batch_size, cfg.micro_batch_size, cfg.seed)
     lengths = getattr(job.train, "lengths", None) if cfg.text.group_by_length else None
     return Sampler(
         len(job.train),

@@ -1,88 +1,52 @@
-"""Text data for language models: a text tokenised once into a memory-mapped token file, cut into
-training windows of ``block_size + 1`` tokens.
+"""Text data for language models: a corpus tokenised once into a memory-mapped token file, cut
+into training windows of ``block_size + 1`` tokens.
 
-Tokenising is the slow part (a Hugging Face BPE runs at a few MB/s), and the result depends only
-on the text and the tokenizer, so it is done once: the tokens go to a flat ``uint16`` (vocab up
-to 65,536) or ``uint32`` file in a cache directory, keyed by sha256(text bytes) + the tokenizer's
-fingerprint. A second run -- another learning rate, a resume, another rank -- hashes the text,
-finds the file and maps it; it does not tokenise again. The cache lives in
-``$GRADTUNE_CACHE/tokens`` (default ``~/.cache/gradtune/tokens``); deleting it is always safe.
+Tokenising is the slow part, and the result depends only on the corpus and the tokenizer, so it
+is done once (data/corpus.py: streamed in bounded memory, in parallel over shards, resumable):
+the tokens go to a flat ``uint8`` (byte), ``uint16`` (vocab up to 65,536) or ``uint32`` file in
+a cache entry keyed by the shards' fingerprints + the tokenizer's fingerprint. A second run --
+another learning rate, a resume, another rank -- finds the entry and maps it; it does not
+tokenise again. The cache lives in ``$GRADTUNE_CACHE/tokens`` (default
+``~/.cache/gradtune/tokens``); deleting it is always safe.
 
-Windows. The text's tokens are split by position: the first ``1 - val_fraction`` for training,
-the rest for validation (a split by position, not by window, so no validation token is ever a
-training label). Each split is cut into windows of ``T + 1`` tokens with stride ``T``: the inputs
-``window[:-1]`` of consecutive windows do not overlap, and every token after the first is a
-label exactly once per epoch. So a window is a *sample* exactly as a table row is: the sampler
-shuffles windows per epoch from (seed, epoch), batch_size=full is the whole text per step, and
-an epoch is one pass over the text. (A random offset per epoch, which would vary where windows
-start, is not possible: the sampler hands out indices only, and resume needs the sample set to
-be fixed. A long text offers plenty of variety without it.)
+Windows. The corpus's tokens are split by position: the first ``1 - val_fraction`` for
+training, the rest for validation (a split by position, not by window, so no validation token
+is ever a training label). Each split is cut into windows of ``T + 1`` tokens with stride
+``T``: the inputs ``window[:-1]`` of consecutive windows do not overlap, and every token after
+the first is a label exactly once per epoch. So a window is a *sample* exactly as a table row
+is: the sampler shuffles windows per epoch from (seed, epoch), batch_size=full is the whole
+text per step, and an epoch is one pass over the text.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import stat
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from gradtune import datasets
+from gradtune.data import corpus
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
+from gradtune.data.records import path_kind
 from gradtune.data.tokenizer import Tokenizer
 from gradtune.runtime import cache, distributed
-from gradtune.runtime.atomic import atomic_path
 from gradtune.runtime.errors import GradtuneError, InputError
-
-FORMAT = 1  # bump when the token file layout or the window rule changes: old files are ignored
-CHUNK_CHARS = 1 << 22  # texts are encoded ~4M characters at a time: bounded memory for any size
 
 
 def cache_dir() -> Path:
     return cache.path("tokens")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer that holds every id: half the bytes of int32 for vocab <= 65,536."""
-    if vocab_size <= 1 << 16:
-        return np.dtype(np.uint16)
-    if vocab_size <= 1 << 32:
-        return np.dtype(np.uint32)
-    raise GradtuneError(
-        f"tokenizer vocab_size {vocab_size:,} does not fit a uint32 token file (at most {1 << 32:,} ids)"
-    )
+token_dtype = corpus.token_dtype  # the smallest unsigned integer that holds every id
 
 
 # --- files and messages shared by every data reader (tables, texts, tokenizers) -----------------
-
-
-def path_kind(path: Path) -> Optional[str]:
-    """None when ``path`` is a regular file (or a link to one); "missing"; else what it is, for
-    the message. Why not ``is_file()`` alone: a folder, a FIFO and a device would all read as
-    "not found", and opening a FIFO to look inside blocks until some writer appears."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "missing"
-    except OSError as e:  # permission denied on a parent, a link loop, a name too long
-        return f"unreadable ({e.strerror or type(e).__name__})"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
 
 
 def need_file(path: Path, what: str, hint: str = "") -> Path:
@@ -110,23 +74,6 @@ def warn(message: str) -> None:
         print(f"gradtune: warning: {message}", file=sys.stderr, flush=True)
 
 
-def read_source(data: str) -> tuple[str, bytes]:
-    """(label for messages, raw bytes) of an embedded corpus name or a text file path."""
-
-    if data in datasets.TEXT:
-        return f"embedded:{data}", datasets.text_bytes(data)
-    if data in datasets.EMBEDDED:
-        raise GradtuneError(
-            f"data '{data}' is a tabular data set; a language model trains on text "
-            f"(data=shakespeare or a path to a .txt file)"
-        )
-    path = need_file(Path(data).expanduser(), "text file")
-    raw = path.read_bytes()
-    if not raw:
-        raise GradtuneError(f"{data}: empty text file")
-    return str(path), raw
-
-
 def decode_utf8(label: str, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
@@ -138,106 +85,56 @@ def decode_utf8(label: str, raw: bytes) -> str:
     return text.removeprefix("\ufeff")  # a byte-order mark is not text
 
 
-def _encode(tok: Tokenizer, chunk: str) -> np.ndarray:
-    """Token ids of one chunk as (n,) int64; a vectorised ``encode_array`` when the tokenizer has one."""
-    fast = getattr(tok, "encode_array", None)
-    return fast(chunk) if fast is not None else np.asarray(tok.encode(chunk), dtype=np.int64)
-
-
 @dataclass
 class TokenFile:
-    """A text's tokens, memory-mapped read-only from the cache."""
+    """A corpus's tokens, memory-mapped read-only from the cache."""
 
-    source: str  # "embedded:shakespeare" or the text file's path
-    path: Path  # the token file: n_tokens little-endian uint16/uint32, no header
-    tokens: np.ndarray  # (n_tokens,) np.memmap, uint16 or uint32
+    source: str  # "embedded:shakespeare", the file's path, or the spec of several shards
+    path: Path  # the token file: n_tokens little-endian uint8/uint16/uint32, no header
+    tokens: np.ndarray  # (n_tokens,) np.memmap
     tokenizer: Tokenizer
     tokenizer_path: Path  # the tokenizer as one JSON file next to the tokens (tokenizer.load reads it)
     cache_hit: bool  # True: found in the cache, nothing was tokenised
     seconds: float  # time to produce or find the tokens
+    meta: dict = dataclasses.field(default_factory=dict)  # the cache entry's meta.json (shards, docs, chars, ...)
 
     @property
     def n_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
-
-def _stem(label: str) -> str:
-    name = Path(label.removeprefix("embedded:")).name.split(".")[0]
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)[:40] or "text"
-
-
-def _cached(meta_path: Path, bin_path: Path, tok_path: Path) -> Optional[dict]:
-    """The cache entry's metadata if every file is there and consistent, else None (re-tokenise)."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        ok = (
-            meta.get("format") == FORMAT
-            and tok_path.is_file()
-            and bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+    def note(self) -> str:
+        """One line on what tokenising did (told by the process that did it)."""
+        m, workers = self.meta, self.meta.get("workers", 1)
+        return (
+            f"tokenised {self.source}: {m['n_tokens']:,} tokens, {m['docs']:,} document{'s' * (m['docs'] != 1)}, "
+            f"{len(m['encoded_shards'])} of {len(m['shards'])} shards encoded by {workers} "
+            f"process{'es' * (workers > 1)} in {m['tokenize_s']:.1f} s"
         )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return meta if ok else None
 
 
-def _write_tokens(path: Path, tok: Tokenizer, text: str, dtype: np.dtype, label: str) -> int:
-    """Encode ``text`` chunk by chunk straight into ``path`` (atomically); returns the token count."""
-    n = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            for chunk in tokenizers.pieces(text, CHUNK_CHARS):
-                ids = _encode(tok, chunk)
-                if ids.size and (ids.min() < 0 or ids.max() >= tok.vocab_size):
-                    bad = int(ids.max() if ids.max() >= tok.vocab_size else ids.min())
-                    raise GradtuneError(
-                        f"{label}: tokenizer {tok.name} produced id {bad}, outside its vocab_size {tok.vocab_size}"
-                    )
-                f.write(ids.astype(dtype.newbyteorder("<")).tobytes())
-                n += int(ids.size)
-    return n
-
-
-def tokenize(data: str, tokenizer: str = "byte", cache: Optional[Path] = None) -> TokenFile:
-    """Tokens of ``data`` (embedded name or text file) under ``tokenizer`` (byte | char | path),
-    from the cache when this text was tokenised the same way before."""
+def tokenize(
+    data: Any, tokenizer: str = "byte", cache: Optional[Path] = None, field: str = "text", workers: int = 0
+) -> TokenFile:
+    """Tokens of ``data`` (embedded name, file, folder, glob or list of them; data/corpus.py)
+    under ``tokenizer`` (byte | char | path), from the cache when this corpus was tokenised the
+    same way before; else built in bounded memory by ``workers`` processes (0: every core)."""
     t0 = time.perf_counter()
-    label, raw = read_source(data)
-    # The char vocabulary is a function of the text, so the text's hash already pins it down.
+    label, shards = corpus.shards_of(data)
+    # The char vocabulary is a function of the text, so the shards' fingerprints already pin it down.
     tok = None if tokenizer == "char" else tokenizers.load(tokenizer)
     fingerprint = "char-v1:from-text" if tok is None else tok.fingerprint()
-    key = hashlib.sha256(f"{hashlib.sha256(raw).hexdigest()}|{fingerprint}|{FORMAT}".encode()).hexdigest()[:20]
     root = Path(cache) if cache is not None else cache_dir()
-    base = root / f"{_stem(label)}-{key}"
-    bin_path, meta_path, tok_path = (base.with_suffix(s) for s in (".tokens", ".meta.json", ".tokenizer.json"))
-    meta = _cached(meta_path, bin_path, tok_path)
-    hit = meta is not None
-    if meta is None:
-        text = decode_utf8(label, raw)
-        if tok is None:
-            tok = tokenizers.load("char", text)
-        dtype = token_dtype(tok.vocab_size)
-        tokenizers.save(tok, tok_path)
-        n = _write_tokens(bin_path, tok, text, dtype, label)
-        meta = {
-            "format": FORMAT,
-            "source": label,
-            "sha256": hashlib.sha256(raw).hexdigest(),
-            "tokenizer": tok.name,
-            "fingerprint": fingerprint,
-            "vocab_size": tok.vocab_size,
-            "dtype": dtype.name,
-            "n_tokens": n,
-            "text_bytes": len(raw),
-            "tokenize_s": round(time.perf_counter() - t0, 4),
-        }
-        with atomic_path(meta_path) as tmp:  # written last: its presence marks a complete entry
-            tmp.write_text(json.dumps(meta, indent=1))
-    elif tok is None:  # char: the vocabulary saved with the tokens (no need to decode the text)
-        tok = tokenizers.load(str(tok_path))
+    entry = root / f"{corpus.stem(label)}-{corpus.key(shards, field, fingerprint)}"
+    if tok is None and corpus.cached(entry) is None:
+        tok = tokenizers.CharTokenizer(list(corpus.char_vocab(shards, field)))
+    if tok is None:  # char, cached: the vocabulary saved with the tokens
+        tok = tokenizers.load(str(entry / "tokenizer.json"))
+    meta, hit = corpus.build(entry, label, shards, tok, field, workers)
     if meta["n_tokens"] == 0:
         raise GradtuneError(f"{label}: the text has no tokens under tokenizer {tok.name}")
-    tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
-    return TokenFile(label, bin_path, tokens, tok, tok_path, hit, time.perf_counter() - t0)
+    tokens = np.memmap(entry / "tokens", dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+    seconds = time.perf_counter() - t0
+    return TokenFile(label, entry / "tokens", tokens, tok, entry / "tokenizer.json", hit, seconds, meta)
 
 
 class TextWindows:

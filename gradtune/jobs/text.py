@@ -3,12 +3,20 @@
 The model is made by a factory (``make_model(vocab_size, cfg.gpt)``), so ``text_job`` serves any
 causal LM that maps input_ids (B, T) to logits (B, T, V); ``build_text`` plugs in our GPT. Like
 every builder it validates all input (text, tokenizer, sizes) before anything is written to
-out_dir; the only write is the token cache, which is outside out_dir and safe to delete.
+out_dir; the only writes are the token cache and a trained tokenizer (``text.tokenizer: train``),
+both outside out_dir and safe to delete.
+
+``data`` is one corpus (a name, file, folder, glob or list of them) or a mixture of
+``{path, weight}`` sources: each source is tokenised and split on its own, and the sampler
+draws windows by weight (data/mixture.py); the objective then also sums each source's tokens
+(metrics ``tokens_<source>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,8 +24,10 @@ import torch
 from torch import nn
 
 from gradtune.config import Config, GPTSection
-from gradtune.data import text
+from gradtune.data import bpe, corpus, text
 from gradtune.data import tokenizer as tokenizers
+from gradtune.data.fingerprint import shard_digest
+from gradtune.data.mixture import MixtureWindows, SourceTokens
 from gradtune.data.plain_tokenizer import PlainTokenizer
 from gradtune.jobs import preference
 from gradtune.jobs.job import Job, eval_chunk, load_init
@@ -38,12 +48,59 @@ def gpt(vocab_size: int, section: GPTSection) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab_size, **given))
 
 
+def is_mixture(data: Any) -> bool:
+    return isinstance(data, list) and all(isinstance(d, dict) for d in data)
+
+
+def tokenizer_spec(cfg: Config) -> str:
+    """``cfg.text.tokenizer``, or for ``train`` the path of a BPE trained on the run's data (cached)."""
+    if cfg.text.tokenizer != "train":
+        return cfg.text.tokenizer
+    _, shards = corpus.shards_of(cfg.data)
+    digests = [shard_digest(s.path) for s in shards]
+    return str(bpe.cached(shards, digests, cfg.text.vocab_size, cfg.text.field))
+
+
+def source_names(paths: list[Any]) -> list[str]:
+    """A short, unique name per mixture source (its file or folder stem): metric names."""
+    names: list[str] = []
+    for i, p in enumerate(paths):
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", corpus.stem(str(p[0] if isinstance(p, list) else p))) or "src"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
+
+
+def _windows(cfg: Config, spec: str) -> tuple[Any, Any, text.TokenFile, dict[str, Any], list[text.TokenFile]]:
+    """(train, val, one TokenFile, info, the token files this process built) of the data: one
+    corpus, or a mixture's sources."""
+    t = cfg.text
+    if not is_mixture(cfg.data):
+        tf = text.tokenize(cfg.data, spec, field=t.field, workers=t.workers)
+        train, val = text.split(tf, cfg.gpt.block_size, cfg.val_fraction)
+        return train, val, tf, {}, [tf] if not tf.cache_hit else []
+    paths = [d["path"] for d in cfg.data]
+    names = source_names(paths)
+    tfs = [text.tokenize(p, spec, field=t.field, workers=t.workers) for p in paths]
+    splits = [text.split(tf, cfg.gpt.block_size, cfg.val_fraction) for tf in tfs]
+    weights = [float(d.get("weight", 1.0)) for d in cfg.data]
+    train = MixtureWindows([s[0] for s in splits], names, weights)
+    vals = [s[1] for s in splits]
+    val = MixtureWindows(vals, names, weights) if all(v is not None for v in vals) else None
+    sources = [
+        {"name": n, "path": str(p), "weight": w, "n_tokens": tf.n_tokens, "train_windows": len(s[0])}
+        for n, p, w, tf, s in zip(names, paths, weights, tfs, splits)
+    ]
+    built = [tf for tf in tfs if not tf.cache_hit]
+    return train, val, tfs[0], {"sources": sources, "n_tokens": sum(tf.n_tokens for tf in tfs)}, built
+
+
 def text_job(cfg: Config, make_model: ModelFactory) -> Job:
     """The Job for training ``make_model(vocab, cfg.gpt)`` on ``cfg.data`` with ``cfg.text.tokenizer``."""
     if cfg.loss not in ("auto", "cross_entropy"):
         raise GradtuneError(f"config: loss '{cfg.loss}' does not fit a language model; use cross_entropy")
-    tf = text.tokenize(cfg.data, cfg.text.tokenizer)
-    train, val = text.split(tf, cfg.gpt.block_size, cfg.val_fraction)
+    train, val, tf, extra, built = _windows(cfg, tokenizer_spec(cfg))
+    for f in built:  # after every check passed: a refused input stays one line
+        print(f.note(), file=sys.stderr, flush=True)
     vocab = tf.tokenizer.vocab_size
     torch.manual_seed(cfg.seed)  # the model's random init is part of the seeded run
     model = make_model(vocab, cfg.gpt)
@@ -52,7 +109,7 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
     if cfg.init != "random":
         load_init(model, cfg.init)
     info: dict[str, Any] = {
-        "data": tf.source,
+        "data": tf.source if not extra else "mixture",
         "task": "lm",
         "loss": "cross_entropy",
         "tokenizer": tf.tokenizer.name,
@@ -68,13 +125,19 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
         "token_cache": str(tf.path),
         "token_cache_hit": tf.cache_hit,
         "tokenize_s": round(tf.seconds, 4),
+        "text_bytes": tf.meta.get("bytes"),  # UTF-8 bytes of the text: loss per byte = loss * tokens / bytes
+        "documents": tf.meta.get("docs"),
+        **extra,
     }
     if hasattr(model, "flops_per_token"):  # our GPT; a stand-in model may not count its FLOPs
         info["flops_per_token"] = model.flops_per_token()
         info["n_params"] = model.num_params()
+    objective: Any = CausalLM(cfg.label_smoothing)
+    if extra:
+        objective = SourceTokens(objective, [s["name"] for s in extra["sources"]])
     job = Job(
         model,
-        CausalLM(cfg.label_smoothing),
+        objective,
         train,
         val,
         "lm",

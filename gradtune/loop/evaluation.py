@@ -150,6 +150,8 @@ def task_metrics(
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
     if count:  # DPO rewards: means over pairs
         out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in metrics and k in sums})
+    # A mixture's tokens per source (data/mixture.SourceTokens): counts, not means.
+    out.update({f"{prefix}{k}": v for k, v in sums.items() if k.startswith("tokens_")})
     return out
 
 

@@ -1,6 +1,7 @@
 """gradtune's one cache root: ``$GRADTUNE_CACHE``, else ``~/.cache/gradtune``.
 
-    tokens/     tokenised text (data/text.py), keyed by source and tokenizer hashes
+    tokens/     tokenised corpora (data/corpus.py), keyed by shard fingerprints and tokenizer
+    tokenizers/ byte-level BPEs trained by text.tokenizer: train (data/bpe.py)
     kernels/    the optimizer's compiled C kernels (optim/fused.py), keyed by source/CPU/compiler
     peak.json   measured peak matmul FLOP/s per machine (runtime/peak_flops.py)
     precision.json  precision: auto's probe, per machine and model shape (jobs/precision.py)

@@ -391,7 +391,9 @@ DATA = {
     "data is a device": Case(lambda c: train("data=/dev/null"), ("/dev/null is a device",)),
     "data is a broken symlink": Case(lambda c: train(broken_link(c)), ("data file not found", "link.csv")),
     "data is a FIFO": Case(lambda c: train("data=" + c.fifo()), ("pipe.csv is a named pipe (FIFO)",)),
-    "gpt text is a folder": Case(lambda c: train(*TINY_GPT, "data=" + c.folder("corpus")), ("corpus is a folder",)),
+    "gpt text is an empty folder": Case(
+        lambda c: train(*TINY_GPT, "data=" + c.folder("corpus")), ("corpus: empty folder",)
+    ),
     "gpt text is a FIFO": Case(lambda c: train(*TINY_GPT, "data=" + c.fifo("t.txt")), ("t.txt is a named pipe",)),
     "tokenizer is a folder": Case(
         lambda c: train(*TINY_GPT, "text.tokenizer=" + c.folder("tok")), ("tokenizer file not found", "is a folder")
@@ -443,6 +445,50 @@ DATA = {
 
 @pytest.mark.parametrize("name,case", cases(DATA))
 def test_data(name, case, ctx, capsys):
+    check(ctx, capsys, case.argv(ctx), case.code, case.needles, case.warning)
+
+
+# --- pretraining corpora: formats, shards, globs, mixtures (data/records.py, data/corpus.py) ---------
+
+GZ = __import__("gzip").compress(TEXT.encode() * 40)
+
+
+def corpus(c: Ctx, files: dict[str, str | bytes]) -> str:
+    for name, content in files.items():
+        c.file(f"corpus/{name}", content)
+    return f"data={c.inp / 'corpus'}"
+
+
+CORPUS = {
+    "corpus: unknown format": Case(
+        lambda c: train(*TINY_GPT, "data=" + c.file("d.xyz", TEXT)), ("d.xyz", "unknown data format")
+    ),
+    "corpus: empty shard in a folder": Case(
+        lambda c: train(*TINY_GPT, corpus(c, {"a.txt": TEXT, "e.jsonl": ""})), ("e.jsonl", "empty shard")
+    ),
+    "corpus: field missing in row 2": Case(
+        lambda c: train(*TINY_GPT, "data=" + c.file("m.jsonl", '{"text": "a b"}\n{"body": "c"}\n')),
+        ("m.jsonl:2", "no field 'text'"),
+    ),
+    "corpus: glob matching nothing": Case(
+        lambda c: train(*TINY_GPT, f"data={c.inp}/*.nothing"), ("*.nothing", "the glob matches no file")
+    ),
+    "corpus: truncated gzip": Case(
+        lambda c: train(*TINY_GPT, "data=" + c.file("t.txt.gz", GZ[: len(GZ) // 2])),
+        ("t.txt.gz", "truncated or corrupt gzip"),
+    ),
+    "corpus: mixture weight 0": Case(
+        lambda c: train(
+            *TINY_GPT,
+            f"data=[{{path: {c.file('a.txt', TEXT)}, weight: 1}}, {{path: {c.file('b.txt', TEXT)}, weight: 0}}]",
+        ),
+        ("data[1].weight", "> 0", "b.txt"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name,case", cases(CORPUS))
+def test_corpus(name, case, ctx, capsys):
     check(ctx, capsys, case.argv(ctx), case.code, case.needles, case.warning)
 
 
@@ -582,8 +628,8 @@ DATA_RUNS = {
     "predict data is a folder": Case(
         lambda c: ["predict", str(c.runs["linear"]), "--data", c.folder("rows.csv")], ("rows.csv is a folder",)
     ),
-    "eval gpt text is a folder": Case(
-        lambda c: ["eval", str(c.runs["gpt"]), "--data", c.folder("t.txt")], ("t.txt is a folder",)
+    "eval gpt text is an empty folder": Case(
+        lambda c: ["eval", str(c.runs["gpt"]), "--data", c.folder("t.txt")], ("t.txt: empty folder",)
     ),
     "predict text classifier data is a FIFO": Case(
         lambda c: ["predict", str(c.runs["bert"]), "--data", c.fifo("e.csv")], ("e.csv' is a named pipe",)

@@ -17,7 +17,7 @@ from torch import nn
 from gradtune import datasets
 from gradtune.cli import main
 from gradtune.config import load_config
-from gradtune.data import text, tokenizer
+from gradtune.data import corpus, text, tokenizer
 from gradtune.data.sampler import Sampler
 from gradtune.jobs.registry import BUILDERS
 from gradtune.jobs.text import build_text, save_tokenizer, text_job
@@ -111,11 +111,13 @@ def test_token_file_equals_encode_and_is_reused(tmp_path, monkeypatch, spec):
     spec = hf_tokenizer_file(tmp_path) if spec == "hf" else spec
     src = write(tmp_path, SAMPLE * 3)
     calls = []
-    real = text._encode
-    monkeypatch.setattr(text, "_encode", lambda tok, chunk: calls.append(1) or real(tok, chunk))
+    real = corpus.encode_texts
+    monkeypatch.setattr(corpus, "encode_texts", lambda tok, texts: calls.append(1) or real(tok, texts))
     first = text.tokenize(src, spec)
-    oracle = tokenizer.load(spec, SAMPLE * 3).encode(SAMPLE * 3)
-    assert first.tokens.dtype == np.uint16 and list(first.tokens) == oracle and not first.cache_hit
+    tok = tokenizer.load(spec, SAMPLE * 3)
+    oracle = tok.encode(SAMPLE * 3) + ([tok.eos_id] if tok.eos_id is not None else [])  # a document ends with eos
+    assert first.tokens.dtype == (np.uint8 if tok.vocab_size <= 256 else np.uint16)
+    assert list(first.tokens) == oracle and not first.cache_hit
     assert first.n_tokens > 100  # a tokenizer.json's truncation (max_length=8) is switched off
     mtime, n_calls = os.stat(first.path).st_mtime_ns, len(calls)
     assert n_calls >= 1
@@ -123,7 +125,8 @@ def test_token_file_equals_encode_and_is_reused(tmp_path, monkeypatch, spec):
     assert second.cache_hit and len(calls) == n_calls, "a second run must not tokenise again"
     assert second.path == first.path and os.stat(second.path).st_mtime_ns == mtime
     assert np.array_equal(second.tokens, first.tokens)
-    assert second.tokenizer.decode(list(second.tokens)) == SAMPLE * 3
+    eos = second.tokenizer.eos_id
+    assert second.tokenizer.decode([t for t in second.tokens if t != eos]) == SAMPLE * 3
 
 
 def test_cache_key_follows_content_and_tokenizer(tmp_path, cache):
@@ -131,7 +134,7 @@ def test_cache_key_follows_content_and_tokenizer(tmp_path, cache):
     b = text.tokenize(write(tmp_path, SAMPLE + "x"), "byte")  # same path, new content
     c = text.tokenize(write(tmp_path, SAMPLE + "x"), "char")
     assert len({a.path, b.path, c.path}) == 3 and not b.cache_hit and not c.cache_hit
-    assert a.path.parent == cache
+    assert a.path.parent.parent == cache
     b.path.write_bytes(b"\0\0")  # a damaged entry is rebuilt, not trusted
     again = text.tokenize(write(tmp_path, SAMPLE + "x"), "byte")
     assert not again.cache_hit and again.n_tokens == len((SAMPLE + "x").encode())
@@ -322,8 +325,8 @@ def bad(tmp_path, spec="byte", block=16, val=0.1, content=SAMPLE * 20, data=None
 
 
 def test_bad_text_inputs(tmp_path):
-    assert "text file not found: /nope/t.txt" in bad(tmp_path, data="/nope/t.txt")
-    assert "empty text file" in bad(tmp_path, content="")
+    assert "data not found: /nope/t.txt" in bad(tmp_path, data="/nope/t.txt")
+    assert "t.txt: empty shard" in bad(tmp_path, content="")
     msg = bad(tmp_path, content="to be or not", block=64)
     assert "12 tokens" in msg and "block_size + 1 = 65" in msg and "training split 11" in msg
     msg = bad(tmp_path, content="x" * 100, block=16, val=0.1)
@@ -350,7 +353,7 @@ def test_cli_rejects_bad_text_in_one_line_and_writes_nothing(tmp_path, capsys, m
     monkeypatch.setitem(BUILDERS, "gpt", lambda cfg: text_job(cfg, lambda v, g: TinyLM(v)))
     out = tmp_path / "out"
     for args, needle in [
-        (["data=" + write(tmp_path, "", "e.txt")], "empty text file"),
+        (["data=" + write(tmp_path, "", "e.txt")], "e.txt: empty shard"),
         (["data=" + write(tmp_path, "short", "s.txt"), "gpt.block_size=8"], "block_size + 1 = 9"),
         (["text.tokenizer=nope.json", "data=shakespeare"], "tokenizer file not found"),
         (["data=shakespeare", "loss=mse"], "does not fit a language model"),
