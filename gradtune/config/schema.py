@@ -79,7 +79,7 @@ class TextSection:
     format: Literal["auto", "prompt_response", "alpaca", "sharegpt", "messages"] = "auto"
     # your file's key for each standard field, e.g. {prompt: question, response: answer}; fields: prompt, response,
     # system, instruction, input, output, conversations, messages, chosen, rejected, role, content, from, value
-    fields: dict = field(default_factory=dict)
+    fields: dict = dataclasses.field(default_factory=dict)  # (`field` is the setting above here)
     # causal_lm / instruction: concatenate documents into max_length windows, no attention across documents (no padding
     # compute, less random batches)
     packing: bool = False
