@@ -47,7 +47,7 @@ def train(cfg: Config, inputs: Iterable[str] = ()) -> Result:
     if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
         allocator.arm()  # applied once batch shapes vary: they would fragment the heap
     with distributed.session(device, cfg.dist_timeout):  # a no-op in one process
-        result = fit(job, cfg, out_dir, started=started)
+        result = fit(job, cfg, out_dir, callbacks=job.callbacks, started=started)
         save_outputs(job, cfg, result, out_dir)
     if "time_budget" in job.info and distributed.is_main():  # how max_time was spent, outputs included
         print(budget.describe(job.info["time_budget"], time.perf_counter() - started), flush=True)

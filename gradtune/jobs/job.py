@@ -17,7 +17,7 @@ from gradtune.data.dataset import Dataset
 from gradtune.models.weights import load_weights
 from gradtune.objectives.output import Objective
 
-TASKS = ("regression", "classification", "lm", "preference")
+TASKS = ("regression", "classification", "lm", "preference", "rl")
 
 
 @dataclass
@@ -38,6 +38,9 @@ class Job:
     at_start: Optional[Callable[[nn.Module], None]] = None
     # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
     save_extra: Optional[Callable[[Path], None]] = None
+    # Loop callbacks the job needs (gradtune.loop.callbacks.Callback's interface; this layer may
+    # not import it), passed to ``fit`` by ``train``: e.g. RL's step clock (jobs/rl.py).
+    callbacks: list[Any] = field(default_factory=list)
 
 
 def load_init(model: nn.Module, path: str) -> None:
