@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from gradtune.jobs import rl
 from gradtune.jobs.reload import load_run, run_data
 from gradtune.loop.evaluation import evaluate, task_metrics
 from gradtune.runtime.errors import GradtuneError
@@ -33,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise GradtuneError(f"eval: --batch-size must be >= 1, got {args.batch_size}")
     r = load_run(args.run)
+    if r.data_task == "rl":  # mean reward of sampled completions (jobs/rl.py)
+        found = rl.mean_reward(r.cfg, r.model, r.tokenizer, args.data, args.batch_size)
+        print(f"eval {args.data or 'validation split'}: " + " ".join(f"{k}={v:.6g}" for k, v in found.items()))
+        return 0
     data = run_data(r, args.data)
     loss, count, sums = evaluate(
         r.model, r.objective, data, args.batch_size, torch.device("cpu"), contextlib.nullcontext()

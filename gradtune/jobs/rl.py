@@ -166,3 +166,35 @@ class StepClock:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.objective.step = int(state["step"])
+
+
+def eval_prompts(cfg: Config, tokenizer: Any, path: Optional[str]) -> PromptDataset:
+    """The prompts ``gradtune eval`` scores: ``path``, else ``finetune.eval_data``, else the
+    run's own validation split (tagged as validation: the same seeded draws as training's)."""
+    if path is None and not cfg.finetune.eval_data:
+        _, val = train_val(cfg, tokenizer)
+        if val is None:
+            raise GradtuneError("eval: the run trained with val_fraction=0, so it has no validation split; give --data")
+        return val
+    data = load_prompts(path or cfg.finetune.eval_data, tokenizer, cfg.text.max_length)
+    data.tag = 1
+    return data
+
+
+@torch.no_grad()
+def mean_reward(cfg: Config, model: nn.Module, tokenizer: Any, path: Optional[str], batch: int) -> dict[str, float]:
+    """``gradtune eval`` on an RL run: num_generations completions per prompt of ``path`` (seeded
+    as validation prompts are during training), scored by the run's reward functions: mean and
+    std reward per function and overall, completion length. No KL (no reference here)."""
+    funcs = check(cfg)
+    data = eval_prompts(cfg, tokenizer, path)
+    probe(funcs, data)
+    r = cfg.rl
+    sampling = grpo.Sampling(r.num_generations, r.max_new_tokens, r.temperature, r.top_p)
+    obj = grpo.GRPO(funcs, tokenizer, {1: data}, sampling, beta=0.0, seed=cfg.seed)
+    for idx in torch.arange(len(data)).split(batch):
+        obj.record(1, obj.rollout(model, data.get(idx)))
+    out = grpo.summary(obj.stats[1])
+    out.pop("kl")
+    out.pop("clip_fraction")
+    return {"n": float(len(data)), **out}

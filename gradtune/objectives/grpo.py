@@ -203,14 +203,15 @@ class GRPO:
         count = mask.sum()
         with torch.no_grad():
             metrics = {"kl": (kl * mask).sum(), "clipped": (clipped * mask).sum()}
-        self._record(source, roll, float(count), float(metrics["kl"]), float(metrics["clipped"]))
+        self.record(source, roll, float(metrics["kl"]), float(metrics["clipped"]))
         return Output((loss * mask).sum(), count.long(), metrics)
 
-    def _record(self, source: int, roll: dict[str, Any], tokens: float, kl: float, clipped: float) -> None:
+    def record(self, source: int, roll: dict[str, Any], kl: float = 0.0, clipped: float = 0.0) -> None:
+        """Add a scored rollout's reward sums (and KL / clipped token sums) to ``stats[source]``."""
         st = self.stats[source]
         r = roll["rewards"]
         st["completions"] += r.numel()
-        st["tokens"] += tokens
+        st["tokens"] += float((roll["labels"][:, 1:] != IGNORE).sum())
         st["kl"] += kl
         st["clipped"] += clipped
         st["reward"] += float(r.sum())
