@@ -198,3 +198,22 @@ def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
     print(f"reward curve over {SMOL_STEPS} steps: {curve} ({time.perf_counter() - started:.0f} s)")
     half = len(curve) // 2
     assert sum(curve[half:]) / (len(curve) - half) > sum(curve[:half]) / half + 0.2, curve
+
+
+def test_eval_on_an_rl_run_repeats_the_final_validation_rewards(tiny, tmp_path, capsys):
+    """`gradtune eval RUN` on the run's own validation split samples the same completions as the
+    final validation of training did (the same seeds, the same weights): the same mean reward."""
+    out = tmp_path / "run"
+    train(settings(tiny, out, "val_fraction=0.25"), capsys)
+    final = [r for r in rl_rows(out) if "val_reward" in r][-1]
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    got = dict(kv.split("=") for kv in line.split(": ", 1)[1].split())
+    assert float(got["n"]) == 2
+    assert float(got["reward"]) == pytest.approx(final["val_reward"], abs=1e-6)
+    assert float(got["completion_length"]) == pytest.approx(final["val_completion_length"], abs=1e-6)
+    other = tmp_path / "held_out.jsonl"
+    other.write_text(json.dumps({"prompt": "yes yes", "answer": "yes"}) + "\n")
+    assert main(["eval", str(out), "--data", str(other)]) == 0
+    assert "reward/yes_share=" in capsys.readouterr().out
