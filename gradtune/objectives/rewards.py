@@ -41,7 +41,11 @@ def format_reward(prompts: list[Any], completions: list[str], pattern: str = "",
 
 def exact_answer(prompts: list[Any], completions: list[str], column: str = "answer", **columns: Any) -> list[float]:
     """1.0 per completion whose last <answer>...</answer> holds the row's answer."""
-    answers = columns.get(column) or [None] * len(completions)
+    if column not in columns:
+        raise GradtuneError(
+            f"rl.rewards: exact_answer needs an {column!r} column in the prompts file (rl.answer_column)"
+        )
+    answers = columns[column]
     out = []
     for c, a in zip(completions, answers):
         found = ANSWER.findall(c)

@@ -945,6 +945,10 @@ RL = {
         lambda c: rl(c, "rl.rewards=[{fn: 'tests.e2e.rl_rewards:not_a_number'}]"),
         ("not_a_number returned nan", "finite"),
     ),
+    "exact_answer without an answer column": Case(
+        lambda c: ft(c, "llama", "task=rl", data(c, '{"prompt": "hi"}\n{"prompt": "ok"}\n', "p.jsonl")),
+        ("exact_answer needs an 'answer' column",),
+    ),
     "unknown built-in reward": Case(lambda c: rl(c, "rl.rewards=[{fn: exact}]"), ("unknown reward 'exact'",)),
     "rl.num_generations=1": Case(lambda c: rl(c, "rl.num_generations=1"), ("'rl.num_generations' must be >= 2",)),
     "prompt row without a prompt": Case(
