@@ -157,13 +157,19 @@ def _gguf() -> Path:
     return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 
+ASK = "What is {} + {}? Reply with only the number inside <answer></answer>."
+
+
 def sums(path: Path, n: int, seed: int) -> None:
+    """n prompts "a + b" (one-digit numbers) after a one-shot example of the answer format (what
+    examples/rl/sums.jsonl holds): the 135M model follows the format sometimes, not always, so
+    that both rewards vary within a group from the first step."""
     rng = random.Random(seed)
+    shot = [{"role": "user", "content": ASK.format(2, 3)}, {"role": "assistant", "content": "<answer>5</answer>"}]
     rows = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        prompt = f"What is {a} + {b}? Reply with only the number inside <answer></answer>, e.g. <answer>7</answer>."
-        rows.append({"prompt": prompt, "answer": str(a + b)})
+        rows.append({"prompt": [*shot, {"role": "user", "content": ASK.format(a, b)}], "answer": str(a + b)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -181,12 +187,13 @@ def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
         "task=rl",
         "method=lora",
         "optimizer=adamw",
-        "lr=2e-3",
+        "lr=5e-3",
         "batch_size=4",
         f"max_steps={SMOL_STEPS}",
         "val_fraction=0",
         "rl.num_generations=4",
-        "rl.max_new_tokens=16",
+        "rl.max_new_tokens=12",
+        "rl.beta=0",  # no reference forward: a quarter less time per step (the KL path is checked above)
         "precision=fp32",
         "progress=off",
         "plot=false",
