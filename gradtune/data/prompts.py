@@ -110,7 +110,7 @@ def load_prompts(path: str | Path, tokenizer: Any, max_length: int = 512) -> Pro
         texts.append(row["prompt"])
         rows.append({k: v for k, v in row.items() if k not in ("prompt", "system")})
     if not ids:
-        raise DataError(f"{path}: no prompt within max_length={max_length} tokens")
+        raise DataError(f"{path}: no prompt within text.max_length={max_length} tokens")
     data = PromptDataset(ids, texts, rows, pad_id(tokenizer))
     data.dropped = dropped
     return data

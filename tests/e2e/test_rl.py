@@ -193,6 +193,7 @@ def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
         "val_fraction=0",
         "rl.num_generations=4",
         "rl.max_new_tokens=12",
+        "text.max_length=256",  # the prompts: ~100 tokens with the template's system turn and the example
         "rl.beta=0",  # no reference forward: a quarter less time per step (the KL path is checked above)
         "precision=fp32",
         "progress=off",
