@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 
+from gradtune.jobs import rl
 from gradtune.jobs.reload import load_run, run_data, run_task
 from gradtune.loop.evaluation import evaluate, task_metrics
 from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         raise GradtuneError("eval: --limit applies to --lm-eval only")
     r = load_run(args.run)
+    if r.data_task == "rl":  # mean reward of sampled completions (jobs/rl.py)
+        found = rl.mean_reward(r.cfg, r.model, r.tokenizer, args.data, args.batch_size)
+        print(f"eval {args.data or 'validation split'}: " + " ".join(f"{k}={v:.6g}" for k, v in found.items()))
+        return 0
     data = run_data(r, args.data)
     loss, count, sums = evaluate(
         r.model, r.objective, data, args.batch_size, torch.device("cpu"), contextlib.nullcontext()

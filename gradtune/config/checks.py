@@ -93,6 +93,27 @@ RANGES: dict[str, tuple[Any, str]] = {
     "dpo.simpo_gamma": (lambda v: v >= 0, ">= 0"),
     "dpo.desirable_weight": (lambda v: v > 0, "> 0"),
     "dpo.undesirable_weight": (lambda v: v > 0, "> 0"),
+    "rl.rewards": (
+        lambda v: (
+            bool(v)
+            and all(
+                isinstance(s, dict)
+                and isinstance(s.get("fn"), str)
+                and set(s) <= {"fn", "weight", "args"}
+                and isinstance(s.get("weight", 1.0), (int, float))
+                and isinstance(s.get("args", {}), dict)
+                for s in v
+            )
+        ),
+        "a non-empty list of {fn: 'package.module:func' or a built-in, weight: number, args: {...}}",
+    ),
+    "rl.num_generations": (lambda v: v >= 2, ">= 2 (the advantages compare completions of one prompt)"),
+    "rl.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "rl.temperature": (lambda v: v > 0, "> 0"),
+    "rl.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "rl.beta": (lambda v: v >= 0, ">= 0"),
+    "rl.epsilon": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "rl.epsilon_high": (lambda v: v is None or v >= 0, ">= 0"),
 }
 
 

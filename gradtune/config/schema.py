@@ -140,6 +140,27 @@ class DPOSection:
 
 
 @dataclass
+class RLSection:
+    """task: rl (GRPO): completions sampled from the policy per prompt, scored by reward functions."""
+
+    # reward functions, summed with their weights: [{fn: pkg.mod:func, weight: 1.0, args: {}}]; fn(prompts,
+    # completions, **columns) -> list[float]; built-ins: exact_answer (row's 'answer' vs the text in <answer></answer>),
+    # format (completion matches format_pattern)
+    rewards: list[dict] = field(default_factory=lambda: [{"fn": "format"}, {"fn": "exact_answer"}])
+    num_generations: int = 4  # completions per prompt (the group whose mean and std set the advantages)
+    max_new_tokens: int = 64  # longest completion; longer ones are cut (and get no end token)
+    temperature: float = 1.0  # sampling temperature; the policy's log-probs use the same scaling
+    top_p: float = 1.0  # nucleus sampling: keep the smallest token set with this much probability
+    beta: float = 0.04  # KL penalty towards the reference (LoRA: adapters off; else a frozen copy); 0: none
+    epsilon: float = 0.2  # policy-ratio clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); None: epsilon
+    # divide each group's advantages by its reward std (GRPO); off: mean-centred only (Dr. GRPO)
+    scale_rewards: bool = True
+    format_pattern: str = r"^\s*<answer>.*?</answer>\s*$"  # built-in reward 'format': a full match (re.DOTALL)
+    answer_column: str = "answer"  # built-in reward 'exact_answer': the row's column holding the answer
+
+
+@dataclass
 class EarlyStoppingSection:
     """Stop when a validation metric stops improving, and keep the best weights (loop/early_stopping.py)."""
 
@@ -162,8 +183,8 @@ class Config:
     target: Optional[str] = None  # target column; None: the data set's default / last column
     features: Optional[list[str]] = None  # feature columns; None: every column but the target
     # auto: from the loss, else from the labels (pretrained: classification); causal_lm: plain text; instruction:
-    # prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO)
-    task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference"] = "auto"
+    # prompt/response JSONL; preference: prompt/chosen/rejected JSONL (DPO); rl: prompt JSONL and rewards (GRPO)
+    task: Literal["auto", "regression", "classification", "causal_lm", "instruction", "preference", "rl"] = "auto"
     num_classes: Optional[int] = None  # classification with integer labels; None: inferred
     # tables: a missing cell (empty, NA, NaN, null) is an error, drops its row, or takes the training rows' mean
     missing: Literal["error", "drop", "mean"] = "error"
@@ -262,6 +283,7 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     freeze: FreezeSection = field(default_factory=FreezeSection)
     dpo: DPOSection = field(default_factory=DPOSection)  # task: preference
+    rl: RLSection = field(default_factory=RLSection)  # task: rl (GRPO)
     # stop when validation stops improving; keep the best weights
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
     # pretrained models: head pooling/dropout, audit, eval_data, export

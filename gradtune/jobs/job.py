@@ -19,7 +19,7 @@ from gradtune.models.weights import load_weights
 from gradtune.objectives.output import Objective
 from gradtune.objectives.preference import METRICS as PREFERENCE_METRICS
 
-TASKS = ("regression", "classification", "lm", "preference")
+TASKS = ("regression", "classification", "lm", "preference", "rl")
 # The metrics an evaluation row carries besides the loss, by task (train and val_ prefixed;
 # r2 on validation only). Each needs its sums from the objective (sq_err, correct, rewards).
 METRICS: dict[str, tuple[str, ...]] = {
@@ -67,6 +67,9 @@ class Job:
     at_start: Optional[Callable[[nn.Module], None]] = None
     # Writes what reloading needs beside the weights (tokenizer, label map), given out_dir.
     save_extra: Optional[Callable[[Path], None]] = None
+    # Loop callbacks the job needs (gradtune.loop.callbacks.Callback's interface; this layer may
+    # not import it), passed to ``fit`` by ``train``: e.g. RL's step clock (jobs/rl.py).
+    callbacks: list[Any] = field(default_factory=list)
     # What a step's count counts: "samples" or "tokens" (language models); "" -> from task.
     unit: str = ""
     # Metric names of an evaluation row besides the loss (METRICS); () -> from task.

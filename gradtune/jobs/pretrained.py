@@ -24,7 +24,7 @@ from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap, load_text_task
 from gradtune.finetune import audit, export, methods
 from gradtune.finetune.summary import summary
-from gradtune.jobs import preference
+from gradtune.jobs import preference, rl
 from gradtune.jobs.job import Job, eval_chunk
 from gradtune.models import hf
 from gradtune.objectives.causal_lm import CausalLM
@@ -47,7 +47,7 @@ def resolve_task(cfg: Config) -> str:
 
 def job_task(task: str) -> str:
     """The Job's task (which metrics) for a fine-tuning task: causal_lm and instruction are 'lm'."""
-    return task if task in ENCODER_TASKS else "lm"
+    return task if task in ENCODER_TASKS or task == "rl" else "lm"
 
 
 def load_data(
@@ -131,6 +131,8 @@ def _train_val(cfg: Config, task: str, tokenizer: Any) -> tuple[Any, Any, Option
     if task == "preference":  # pairs (jobs/preference.py)
         preference.check(cfg)
         return (*preference.train_val(cfg, tokenizer), None)
+    if task == "rl":  # prompts (jobs/rl.py)
+        return (*rl.train_val(cfg, tokenizer), None)
     data, labels = load_data(cfg, task, cfg.data, tokenizer)
     if cfg.finetune.eval_data:  # a separate test file: train on all of data
         val, _ = load_data(cfg, task, cfg.finetune.eval_data, tokenizer, labels)
@@ -169,7 +171,10 @@ def build_pretrained(cfg: Config) -> Job:
             "config: fine-tuning objectives fix the loss (cross-entropy for classes and "
             "tokens, mse for regression); leave loss=auto and label_smoothing=0"
         )
+    funcs = rl.check(cfg) if task == "rl" else []  # reward functions imported before any data is read
     train, val, labels = _train_val(cfg, task, hf.load_tokenizer(cfg.model))
+    if funcs:
+        rl.probe(funcs, train)
     train, val, packing = packed(cfg, task, train, val)
     model, tokenizer, trainable = transformed(cfg, task, len(labels.names) if labels is not None else 1)
     line = summary(model)
@@ -195,11 +200,16 @@ def build_pretrained(cfg: Config) -> Job:
         info["dropped_no_response"] = train.dropped
     if task == "preference":  # the reference: LoRA disabled, or precomputed now from the untouched model
         job = Job(model, preference.objective(cfg, model, train, val), train, val, "preference", info)
+    elif task == "rl":  # the objective samples and scores; its step clock rides the loop's callbacks
+        job = Job(model, rl.objective(cfg, model, tokenizer, funcs, train, val), train, val, "rl", info)
+        job.callbacks.append(rl.StepClock(job.objective))
     else:
         job = Job(model, objective_for(task, info.get("class_weights")), train, val, job_task(task), info)
     job.param_groups = head_groups(cfg, model)
     job.eval_chunk = eval_chunk(cfg, cheap_rows=False)
-    if cfg.finetune.audit:
+    # RL: a first step whose groups each got equal rewards has an exactly zero gradient (and KL 0
+    # at the base): no audit evidence either way.
+    if cfg.finetune.audit and task != "rl":
         job.after_first_step = _audit_hook(model, trainable)
         job.at_start = job.after_first_step.rearm  # type: ignore[attr-defined]
     job.save_extra = lambda out_dir: save_extra(job.model, cfg, tokenizer, labels, out_dir)

@@ -45,5 +45,7 @@ def build(cfg: Config) -> Job:
         raise GradtuneError(
             "config: task 'preference' (DPO) needs a causal LM: model = gpt (with init=), a HF folder or .gguf file"
         )
+    if cfg.task == "rl" and k != "pretrained":  # GRPO samples from a chat/prompt-formatted causal LM
+        raise GradtuneError("config: task 'rl' (GRPO) needs a pretrained causal LM: model = a HF folder or .gguf file")
     memory.check(cfg, k)
     return BUILDERS[k](cfg)

@@ -127,7 +127,7 @@ def prepare(
     found_inputs = [*run_inputs(cfg), *inputs]
     if out_dir is not None:  # every rank: a refusal on rank 0 alone would leave the others waiting
         outdir.check(out_dir, found_inputs)
-    found_callbacks = run_callbacks(cfg, callbacks)
+    found_callbacks = run_callbacks(cfg, [*(callbacks or []), *job.callbacks])  # the job's own too (RL's clock)
     check_monitor(job, cfg)
     device = resolve_device(cfg.device)
     if cfg.precision == "auto" and cfg.resume != "never" and out_dir is not None:

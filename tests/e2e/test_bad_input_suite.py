@@ -1154,3 +1154,49 @@ FORMATS = {
 def test_formats(name, case, ctx, capsys, runs, hf_models):
     ctx.runs, ctx.hf = runs, hf_models
     check(ctx, capsys, case.argv(ctx), case.code, case.needles, case.warning)
+
+
+# --- reinforcement learning (task: rl, GRPO): reward functions and settings -------------------------
+
+PROMPTS = '{"prompt": "what is the answer", "answer": "yes"}\n{"prompt": "hello world", "answer": "no"}\n'
+
+
+def rl(c: Ctx, *args: str) -> list[str]:
+    return ft(c, "llama", "task=rl", "method=lora", "rl.max_new_tokens=2", data(c, PROMPTS, "p.jsonl"), *args)
+
+
+RL = {
+    "reward function does not import": Case(
+        lambda c: rl(c, "rl.rewards=[{fn: 'tests.e2e.no_such_rewards:f'}]"),
+        ("rl.rewards", "cannot import tests.e2e.no_such_rewards:f"),
+    ),
+    "reward function takes no arguments": Case(
+        lambda c: rl(c, "rl.rewards=[{fn: 'tests.e2e.rl_rewards:no_arguments'}]"),
+        ("rl.rewards", "must take (prompts, completions, **columns)"),
+    ),
+    "reward function returns the wrong length": Case(
+        lambda c: rl(c, "rl.rewards=[{fn: 'tests.e2e.rl_rewards:wrong_length'}]"),
+        ("wrong_length returned 3 rewards for 2 completions",),
+    ),
+    "reward function returns NaN": Case(
+        lambda c: rl(c, "rl.rewards=[{fn: 'tests.e2e.rl_rewards:not_a_number'}]"),
+        ("not_a_number returned nan", "finite"),
+    ),
+    "exact_answer without an answer column": Case(
+        lambda c: ft(c, "llama", "task=rl", data(c, '{"prompt": "hi"}\n{"prompt": "ok"}\n', "p.jsonl")),
+        ("exact_answer needs an 'answer' column",),
+    ),
+    "unknown built-in reward": Case(lambda c: rl(c, "rl.rewards=[{fn: exact}]"), ("unknown reward 'exact'",)),
+    "rl.num_generations=1": Case(lambda c: rl(c, "rl.num_generations=1"), ("'rl.num_generations' must be >= 2",)),
+    "prompt row without a prompt": Case(
+        lambda c: ft(c, "llama", "task=rl", data(c, '{"prompt": "hi"}\n{"question": "hi"}\n', "p.jsonl")),
+        ("p.jsonl:2", "missing 'prompt'"),
+    ),
+    "task rl on a built-in model": Case(lambda c: train("model=gpt", "task=rl"), ("task 'rl'", "pretrained")),
+}
+
+
+@pytest.mark.parametrize("name,case", cases(RL))
+def test_rl(name, case, ctx, capsys, hf_models):
+    ctx.hf = hf_models
+    check(ctx, capsys, case.argv(ctx), case.code, case.needles, case.warning)
