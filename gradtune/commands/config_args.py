@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional
 
 from gradtune.config import Config, load_config
+from gradtune.config.loading import scale_budget
 from gradtune.runtime.errors import GradtuneError
 
 
@@ -30,4 +32,8 @@ def split(items: list[str]) -> tuple[Optional[str], list[str]]:
 
 def config(args: argparse.Namespace) -> Config:
     path, overrides = split(args.items)
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    said = scale_budget(cfg)  # GRADTUNE_BUDGET_SCALE: the README harness runs long commands as written, shorter
+    if said:
+        print(said, file=sys.stderr)
+    return cfg

@@ -74,6 +74,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "text.length_pool": (lambda v: v >= 1, ">= 1"),
     "text.pad_to_multiple_of": (lambda v: v >= 1, ">= 1"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.min_steps": (lambda v: v >= 0, ">= 0 (0: off)"),
     "finetune.head_lr": (lambda v: v is None or v > 0, "> 0 (or null: a multiple of lr)"),
     "eval_tokens": (lambda v: v is None or v >= 1, ">= 1"),
     "dpo.beta": (lambda v: v > 0, "> 0"),

