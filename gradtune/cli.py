@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.metadata
 import os
+import platform
 import signal
 import sys
 import threading
@@ -31,7 +33,10 @@ def _interrupted_while_starting(signum: int, frame: Any) -> None:
 _STARTING = threading.current_thread() is threading.main_thread()
 _BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting) if _STARTING else None
 
+import torch  # noqa: E402
+
 from gradtune.commands import compare, demo, export, generate, lr_find, predict, train  # noqa: E402
+from gradtune.commands import config as config_cmd  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
 from gradtune.runtime import distributed  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
@@ -50,6 +55,7 @@ COMMANDS: dict[str, ModuleType] = {
     "generate": generate,
     "export": export,
     "compare": compare,
+    "config": config_cmd,
 }
 
 # A write that fails for lack of room or a read-only disk is the environment, not the input: one
@@ -57,11 +63,44 @@ COMMANDS: dict[str, ModuleType] = {
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gradtune")  # the installed package's (pyproject.toml)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; a positional without one shows none; epilogs
+    (the settings list of ``train --help``) keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        said = action.help or ""
+        if "default" in said or (not action.option_strings and action.default is None):
+            return said  # the help names the default itself, or there is none to name
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradtune", description="Gradient descent, visible: from a line to large models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="gradtune",
+        description="Gradient descent, visible: from a line to large models.",
+        epilog="`gradtune COMMAND --help` for a command's options; `gradtune config` for the training settings.",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"gradtune {_version()} (torch {torch.__version__}, Python {platform.python_version()})",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        cmd = sub.add_parser(name, help=module.HELP)
+        cmd = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=HelpFormatter,
+        )
         module.setup(cmd)
         cmd.set_defaults(func=module.run)
     return p

@@ -9,6 +9,7 @@ from gradtune.runtime import distributed
 from gradtune.train import train
 
 HELP = "train a model from a config and key=value settings"
+EPILOG = config_args.epilog()
 
 
 def setup(p: argparse.ArgumentParser) -> None:

@@ -38,12 +38,12 @@ class GPTSection:
     """Shape of a GPT/Llama model trained from scratch (model=gpt); names as in models/gpt.py."""
 
     family: Literal["gpt2", "llama"] = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks; depth costs time per step linearly
+    n_head: int = 4  # attention heads; head size = n_embd / n_head
     n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
-    n_embd: int = 256
+    n_embd: int = 256  # width; parameters grow with its square
     block_size: int = 256  # context length in tokens
-    dropout: float = 0.0
+    dropout: float = 0.0  # residual and attention dropout; for data seen many times over, 0 for one or two passes
     tie_embeddings: bool = True  # lm_head shares the token embedding
     # recompute each block's activations in backward: less memory for one more forward pass per step
     activation_checkpointing: bool = False
@@ -55,8 +55,8 @@ class TextSection:
 
     tokenizer: str = "byte"  # byte | char | path to a tokenizer.json
     max_length: int = 128  # fine-tuning: tokens per example after truncation
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = "text"  # the column (CSV/TSV header or JSONL key) holding the text
+    label_column: str = "label"  # the column holding the label (classification / regression)
     # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
     columns: Optional[list[str]] = None
     # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false:
@@ -75,14 +75,18 @@ class TextSection:
 
 @dataclass
 class LoraSection:
+    """LoRA (method=lora): a trainable low-rank update B A beside each frozen target weight."""
+
     rank: int = 8  # higher: more capacity and memory
     alpha: float = 16.0  # scale = alpha / rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the LoRA branch's input; regularises small data sets
     targets: list[str] = field(default_factory=list)  # module-name patterns; empty = attention projections
 
 
 @dataclass
 class FreezeSection:
+    """method=freeze: which parameters of the pretrained body train."""
+
     # method=freeze: parameter-name globs that train; everything else is frozen
     patterns: list[str] = field(default_factory=list)
     train_last_blocks: Optional[int] = None  # train only the last N blocks (+ head)

@@ -65,7 +65,7 @@ def min_steps(job: Job, cfg: Config) -> None:
     before, cfg.epochs = cfg.epochs, -(-want // per_epoch)
     if distributed.is_main():
         print(
-            f"epochs {before} -> {cfg.epochs}: {n:,} training examples make {per_epoch} step(s) an epoch; "
+            f"epochs {before} -> {cfg.epochs}: {n:,} training samples make {per_epoch} step(s) an epoch; "
             f"fine-tuning trains at least finetune.min_steps={want} steps unless epochs/max_steps/max_time is given",
             flush=True,
         )

