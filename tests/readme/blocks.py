@@ -64,6 +64,10 @@ class Block:
 def parse_options(text: str) -> dict[str, str]:
     """``skip (reason); slow; scale=0.1`` -> {'skip': 'reason', 'slow': '', 'scale': '0.1'}."""
     out: dict[str, str] = {}
+    m = re.search(r"\bskip\s*\(([^)]*)\)", text)  # the reason may hold ';'
+    if m:
+        out["skip"] = m.group(1).strip()
+        text = text[: m.start()] + text[m.end() :]
     for part in (p.strip() for p in text.split(";")):
         if not part:
             continue
