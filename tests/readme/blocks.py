@@ -66,6 +66,8 @@ def parse_options(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     m = re.search(r"\bskip\s*\(([^)]*)\)", text)  # the reason may hold ';'
     if m:
+        if not m.group(1).strip():
+            raise ValueError(f"readme-test marker '{text}': skip needs a reason")
         out["skip"] = m.group(1).strip()
         text = text[: m.start()] + text[m.end() :]
     for part in (p.strip() for p in text.split(";")):
