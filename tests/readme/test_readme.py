@@ -4,9 +4,8 @@ a block is marked: skip with a reason, slow, a budget scale, what it shows)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import pytest
 
