@@ -62,19 +62,21 @@ def populate(where: Path) -> None:
     _csv(where / "test.csv", ["sqft", "rooms", "price"], houses[:40])
     _csv(where / "new.csv", ["sqft", "rooms"], [h[:2] for h in houses[:10]])
     (where / "bad.csv").write_text("age,bmi,target\n0.03,0.06,151\n-0.01,x5,75\n")
-    _csv(where / "spam.csv", ["text", "label"], [list(r) for r in _texts(160, 1)])
-    (where / "spam.tsv").write_text("".join(f"{lab}\t{t}\n" for t, lab in _texts(160, 2)))
-    _csv(where / "spam_train.csv", ["text", "label"], [list(r) for r in _texts(160, 3)])
-    _csv(where / "spam_test.csv", ["text", "label"], [list(r) for r in _texts(60, 4)])
+    # Small files keep the real-model commands short: a few steps of batch 16 (tests/readme is in make test).
+    _csv(where / "spam.csv", ["text", "label"], [list(r) for r in _texts(40, 1)])
+    (where / "spam.tsv").write_text("".join(f"{lab}\t{t}\n" for t, lab in _texts(40, 2)))
+    _csv(where / "spam_train.csv", ["text", "label"], [list(r) for r in _texts(40, 3)])
+    _csv(where / "spam_test.csv", ["text", "label"], [list(r) for r in _texts(20, 4)])
     capitals = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")]
     chat = []
-    for i in range(48):
+    for i in range(20):
         country, city = capitals[i % 4]
         answer = f"The capital of {country} is {city}."
         chat.append({"prompt": f"What is the capital of {country}?", "response": answer})
     (where / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
-    shutil.copy(ROOT / "tests/data/preferences.jsonl", where / "pairs.jsonl")
+    pairs = (ROOT / "tests/data/preferences.jsonl").read_text().splitlines(keepends=True)
+    (where / "pairs.jsonl").write_text("".join(pairs[:20]))
     shutil.copytree(ROOT / "configs", where / "configs")  # the README runs from the repository's root
     (where / "config.yaml").write_text("model: linear\nbatch_size: 32\nlr: 0.1\nepochs: 5\n")
     (where / "my.yaml").write_text("model: mlp\ndata: diabetes\nbatch_size: 32\nepochs: 20\n")
