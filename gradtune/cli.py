@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.metadata
 import os
+import platform
 import signal
 import sys
 import threading
@@ -35,7 +37,10 @@ _BEFORE = (
     {s: signal.signal(s, _interrupted_while_starting) for s in (signal.SIGINT, signal.SIGTERM)} if _STARTING else {}
 )
 
+import torch  # noqa: E402
+
 from gradtune.commands import compare, demo, export, generate, lr_find, predict, tokenizer, train  # noqa: E402
+from gradtune.commands import config as config_cmd  # noqa: E402
 from gradtune.commands import eval as eval_cmd  # noqa: E402
 from gradtune.runtime import distributed, lock  # noqa: E402
 from gradtune.runtime.errors import GradtuneError  # noqa: E402
@@ -55,6 +60,7 @@ COMMANDS: dict[str, ModuleType] = {
     "export": export,
     "compare": compare,
     "tokenizer": tokenizer,
+    "config": config_cmd,
 }
 
 # A write that fails for lack of room or a read-only disk is the environment, not the input: one
@@ -62,11 +68,44 @@ COMMANDS: dict[str, ModuleType] = {
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gradtune")  # the installed package's (pyproject.toml)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default; a positional without one shows none; epilogs
+    (the settings list of ``train --help``) keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        said = action.help or ""
+        if "default" in said or (not action.option_strings and action.default is None):
+            return said  # the help names the default itself, or there is none to name
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gradtune", description="Gradient descent, visible: from a line to large models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="gradtune",
+        description="Gradient descent, visible: from a line to large models.",
+        epilog="`gradtune COMMAND --help` for a command's options; `gradtune config` for the training settings.",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"gradtune {_version()} (torch {torch.__version__}, Python {platform.python_version()})",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
-        cmd = sub.add_parser(name, help=module.HELP)
+        cmd = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=HelpFormatter,
+        )
         module.setup(cmd)
         cmd.set_defaults(func=module.run)
     return p

@@ -129,7 +129,7 @@ def _table(runs: list[Run], names: list[str]) -> str:
         for label, key in (
             ("steps", "steps"),
             ("epochs", "epochs"),
-            ("train loss", "train_loss"),
+            ("train loss (last evaluation)", "train_loss"),
             ("validation loss", "val_loss"),
         )
     ]

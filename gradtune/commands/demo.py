@@ -287,7 +287,7 @@ def draw_paths(path: Path) -> Path:
 
 
 def setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--out-dir", default="runs/demo", help="folder for the plots and each variant's run folder")
 
 
 def run(args: argparse.Namespace) -> int:

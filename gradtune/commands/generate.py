@@ -12,18 +12,25 @@ from gradtune.jobs.reload import Run, load_run
 from gradtune.models.generate import context_length, generate
 from gradtune.runtime.errors import GradtuneError
 
-HELP = "sample text from a trained language model"
+HELP = "sample text from a trained language model (prints the new text; --echo adds the prompt)"
 
 
 def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run's out_dir (or a checkpoint folder inside it)")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument(
+        "--prompt", default="\n", help="text to continue (instruction runs: the user's message; default: a newline)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample after the prompt (fewer at EOS)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed, the same text (default: fresh)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples of the same prompt, one batch")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="print the prompt before the new text (instruction runs: the prompt as the chat template renders it)",
+    )
 
 
 def encode_prompt(r: Run, prompt: str) -> list[int]:
@@ -87,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eos_id=eos,
     )
-    for i, row in enumerate(out.tolist()):
+    start = 0 if args.echo else prompt.shape[1]  # (B, T + n): only the n new tokens unless --echo
+    for i, row in enumerate(out[:, start:].tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(r.tokenizer.decode(row) if r.kind == "gpt" else r.tokenizer.decode(row, skip_special_tokens=True))

@@ -16,6 +16,7 @@ from gradtune.runtime import lock, outdir, outfile, runfolder
 from gradtune.runtime.errors import GradtuneError
 
 HELP = "learning-rate range test: plot loss against lr, suggest one"
+EPILOG = config_args.epilog()
 
 # What lr-find writes beside a run's own files: no input may lie there (it would be replaced).
 FILES = (*outdir.RUN_FILES, "lr_find.json")
@@ -23,8 +24,8 @@ FILES = (*outdir.RUN_FILES, "lr_find.json")
 
 def setup(p: argparse.ArgumentParser) -> None:
     config_args.add(p)
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--max-lr", type=float, default=10.0)
+    p.add_argument("--min-lr", type=float, default=1e-6, help="the sweep's first lr")
+    p.add_argument("--max-lr", type=float, default=10.0, help="the sweep's last lr (stops early if the loss blows up)")
     p.add_argument(
         "--steps",
         type=int,

@@ -19,6 +19,7 @@ from gradtune.state import checkpoint, resume
 from gradtune.train import setup_run, train
 
 HELP = "train a model from a config and key=value settings"
+EPILOG = config_args.epilog()
 
 
 def setup(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,8 @@
 schema.py    the dataclasses (every setting, its type, default and meaning)
 checks.py    value ranges and combinations
 defaults.py  per model family / fine-tuning method
-loading.py   YAML + key=value -> Config
+loading.py   YAML + key=value -> Config; budget rules; GRADTUNE_BUDGET_SCALE
+suggestions.py other tools' names for our settings (learning_rate -> lr)
 durations.py max_time: '10m' -> seconds
 table.py     the README's settings table
 """

@@ -86,6 +86,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "text.vocab_size": (lambda v: 300 <= v <= 1 << 20, "in [300, 1048576]"),
     "text.workers": (lambda v: v >= 0, ">= 0 (0: one per core)"),
     "finetune.head_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.min_steps": (lambda v: v >= 0, ">= 0 (0: off)"),
     "finetune.head_lr": (lambda v: v is None or v > 0, "> 0 (or null: a multiple of lr)"),
     "eval_tokens": (lambda v: v is None or v >= 1, ">= 1"),
     "dpo.beta": (lambda v: v > 0, "> 0"),

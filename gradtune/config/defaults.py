@@ -8,20 +8,28 @@ from typing import Any
 # A model family's own defaults, applied before the file and the command line. A language model
 # trains on text with AdamW, warm-up + cosine and clipping (nanoGPT's recipe), not on diabetes.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # ``model: gpt`` alone is the recipe (configs/gpt-shakespeare.yaml, where every choice is
+    # commented; tests/unit/config keeps the two equal): a 1.7M-parameter Llama-family model on the
+    # plays, 10 minutes of wall time. An explicit epochs or max_steps replaces the max_time budget.
     "gpt": {
         "data": "shakespeare",
+        "text": {"tokenizer": "byte"},
+        "gpt": {"family": "llama", "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 192, "block_size": 256},
         "val_fraction": 0.05,
         "optimizer": "adamw",
-        "lr": 1e-3,
+        "lr": 2e-3,
         "betas": [0.9, 0.99],
         "weight_decay": 0.1,
-        "batch_size": 16,
+        "batch_size": 8,
         "schedule": "cosine",
         "warmup_steps": 100,
         "min_lr": 1e-4,
         "clip_grad_norm": 1.0,
-        "epochs": 1,
+        "max_time": "10m",
+        "epochs": 100,
         "eval_every": 250,
+        "eval_tokens": 16384,
+        "log_every": 50,
         "precision": "auto",
     },
     # A pretrained model (HF folder / .gguf): AdamW, one epoch, short texts; lr per method below.
@@ -39,6 +47,12 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 # Default lr per fine-tuning method: the fewer weights train, the larger the step they take. A
 # pretrained body moved by more than ~1e-4 forgets what it knew; a fresh head needs ~1e-2.
 _PRETRAINED_LR = {"full": 5e-5, "freeze": 1e-4, "bitfit": 1e-3, "lora": 5e-4, "head": 1e-2}
+
+
+# A convergence run (tol > 0) given no budget: the epochs cap that stands in for "until it converges".
+CONVERGENCE_EPOCHS = 10_000
+# The settings that are a run's budget: one given explicitly replaces the family's default budget.
+BUDGET_KEYS = ("epochs", "max_steps", "max_time")
 
 
 # Model names built into gradtune; a folder of the same name is reached as ./name.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import reprlib
 import sys
 import types
@@ -18,8 +19,10 @@ from typing import Any, Literal, Optional, Union
 
 from gradtune.config import yaml_reader
 from gradtune.config.checks import RANGES, check_combinations, check_method
-from gradtune.config.defaults import MODEL_DEFAULTS, is_pretrained, pretrained_lr
+from gradtune.config.defaults import BUDGET_KEYS, CONVERGENCE_EPOCHS, MODEL_DEFAULTS, is_pretrained, pretrained_lr
+from gradtune.config.durations import parse_duration
 from gradtune.config.schema import Config
+from gradtune.config.suggestions import other_name
 from gradtune.runtime.errors import GradtuneError
 
 # Settings renamed since they were introduced: old key -> new key.
@@ -96,6 +99,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _suggest(key: str, known: list[str]) -> str:
+    theirs = other_name(key)  # another tool's name for one of ours: learning_rate -> lr
+    if theirs:
+        return theirs
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -146,11 +152,59 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _given(values: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every key (dotted for sections) a layer sets."""
+    out: set[str] = set()
+    for k, v in values.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= _given(v, f"{prefix}{k}.")
+    return out
+
+
+def _budget_defaults(cfg: Config, given: set[str]) -> None:
+    """A budget the user gave replaces the family's: ``model=gpt max_steps=200`` runs 200 steps,
+    not the recipe's 10 minutes; a convergence run (tol) with no budget is not cut by the default
+    epochs; fine-tuning's minimum step count yields to any explicit budget."""
+    if given & set(BUDGET_KEYS):
+        if "max_time" not in given:
+            cfg.max_time = None
+        if "finetune.min_steps" not in given and is_pretrained(cfg.model):
+            cfg.finetune.min_steps = 0
+    elif cfg.tol > 0:
+        cfg.epochs = CONVERGENCE_EPOCHS
+
+
+def scale_budget(cfg: Config, scale_text: Optional[str] = None) -> Optional[str]:
+    """``GRADTUNE_BUDGET_SCALE=S`` (0 < S <= 1; the README harness): max_time, max_steps, epochs
+    and finetune.min_steps multiplied by S (at least 1 step / epoch), so a long command runs as
+    written on a smaller budget. Returns the line that says so, or None."""
+    scale_text = scale_text if scale_text is not None else os.environ.get("GRADTUNE_BUDGET_SCALE")
+    if not scale_text:
+        return None
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        scale = float("nan")
+    if not 0 < scale <= 1:
+        raise GradtuneError(f"GRADTUNE_BUDGET_SCALE={scale_text!r}: must be a number in (0, 1]")
+    if cfg.max_time is not None:
+        cfg.max_time = f"{parse_duration(cfg.max_time) * scale:.3g}s"
+    if cfg.max_steps is not None:
+        cfg.max_steps = max(1, math.ceil(cfg.max_steps * scale))
+    cfg.epochs = max(1, math.ceil(cfg.epochs * scale))
+    cfg.finetune.min_steps = math.ceil(cfg.finetune.min_steps * scale)
+    return (
+        f"gradtune: GRADTUNE_BUDGET_SCALE={scale:g}: budget scaled to epochs={cfg.epochs} max_steps={cfg.max_steps} "
+        f"max_time={cfg.max_time} finetune.min_steps={cfg.finetune.min_steps}"
+    )
+
+
 def load_config(
     path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None
 ) -> Config:
     """Defaults <- the model family's defaults <- ``base`` <- YAML file <- ``key=value`` overrides,
-    validated at each layer."""
+    validated at each layer; then the budget rules (``_budget_defaults``)."""
     cfg = Config()
     file_values = yaml_reader.read(path) if path is not None else {}
     pairs = [_parse_override(item) for item in overrides or []]
@@ -161,12 +215,17 @@ def load_config(
     if is_pretrained(str(model)):
         method = next((v for k, v in reversed(pairs) if k == "method"), file_values.get("method", cfg.method))
         cfg.lr = pretrained_lr(str(method))  # the file and the command line still override it
+    given: set[str] = set()
     if base:
         _apply(cfg, base, "", "defaults")
+        given |= _given(base)
     if path is not None:
         _apply(cfg, file_values, "", str(path))
+        given |= _given(file_values)
     for key, value in pairs:
         _apply(cfg, _nest(key, value), "", "command line")
+        given.add(key)
+    _budget_defaults(cfg, given)
     check_combinations(cfg)
     check_method(cfg)
     _warn_disabled(cfg, file_values, [_nest(k, v) for k, v in pairs])

@@ -38,12 +38,12 @@ class GPTSection:
     """Shape of a GPT/Llama model trained from scratch (model=gpt); names as in models/gpt.py."""
 
     family: Literal["gpt2", "llama"] = "gpt2"  # gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks; depth costs time per step linearly
+    n_head: int = 4  # attention heads; head size = n_embd / n_head
     n_kv_head: Optional[int] = None  # llama grouped-query attention; None = n_head
-    n_embd: int = 256
+    n_embd: int = 256  # width; parameters grow with its square
     block_size: int = 256  # context length in tokens
-    dropout: float = 0.0
+    dropout: float = 0.0  # residual and attention dropout; for data seen many times over, 0 for one or two passes
     tie_embeddings: bool = True  # lm_head shares the token embedding
     # recompute each block's activations in backward: less memory for one more forward pass per step
     activation_checkpointing: bool = False
@@ -60,8 +60,8 @@ class TextSection:
     # processes tokenising a corpus's shards in parallel; 0: one per core (memory: one shard's pieces each)
     workers: int = 0
     max_length: int = 128  # fine-tuning: tokens per example after truncation
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = "text"  # the column (CSV/TSV header or JSONL key) holding the text
+    label_column: str = "label"  # the column holding the label (classification / regression)
     # names of a header-less CSV/TSV's columns, e.g. [label, text]; None: the first line is the header
     columns: Optional[list[str]] = None
     # variable-length texts: batches of similar length (less padding, so less compute, for less random batches); false:
@@ -87,14 +87,18 @@ class TextSection:
 
 @dataclass
 class LoraSection:
+    """LoRA (method=lora): a trainable low-rank update B A beside each frozen target weight."""
+
     rank: int = 8  # higher: more capacity and memory
     alpha: float = 16.0  # scale = alpha / rank
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the LoRA branch's input; regularises small data sets
     targets: list[str] = field(default_factory=list)  # module-name patterns; empty = attention projections
 
 
 @dataclass
 class FreezeSection:
+    """method=freeze: which parameters of the pretrained body train."""
+
     # method=freeze: parameter-name globs that train; everything else is frozen
     patterns: list[str] = field(default_factory=list)
     train_last_blocks: Optional[int] = None  # train only the last N blocks (+ head)
@@ -119,6 +123,9 @@ class FinetuneSection:
     activation_checkpointing: bool = False
     # a separate labelled file to validate on (labels must be seen in training); None: split val_fraction off data
     eval_data: Optional[str] = None
+    # with the default epochs, a small file trains at least this many steps (epochs raised, said in one line); an
+    # explicit epochs / max_steps / max_time wins; 0: off
+    min_steps: int = 50
     # also write out_dir/adapter (PEFT, LoRA only) and/or out_dir/merged (plain HF folder)
     export: Literal["none", "adapter", "merged", "both"] = "none"
 
@@ -241,7 +248,8 @@ class Config:
     plateau_patience: int = 10  # plateau: evaluations without improvement before the lr is cut by gamma
     plateau_threshold: float = 1e-4  # plateau: relative improvement that counts
     plateau_cooldown: int = 0  # plateau: evaluations to wait after a cut before counting again
-    epochs: int = 100  # passes over the training set
+    # passes over the training set; a convergence run (tol > 0) with no budget given gets up to 10,000, stopping on tol
+    epochs: int = 100
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when smaller
     # wall-time budget, e.g. 10m, 1h, 90s: the step budget is fixed after a short calibration, schedules run over it
     max_time: Optional[str] = None

@@ -4,6 +4,9 @@ Decided by timing the model's own step (forward + backward on a real training ba
 bf16 alternated, a few repeats each, median; the answer is cached per machine (CPU capability,
 torch version, device name, threads) and model shape in ``<cache root>/precision.json``, so a
 resumed run (or the next run of the same model) reads the same choice without probing again.
+A probe taken while the CPU was busy is cached too, marked busy: later runs of the same shape
+reuse it while the machine is still busy (a second busy probe would be no better, and costs as
+much as a short run), and probe again once it is quiet, replacing it with the machine's answer.
 
 Not probed, fp32:
     dtype float64           the run asked for exact float64 arithmetic
@@ -12,6 +15,9 @@ Not probed, fp32:
                             on a small model those casts cost more than the faster matmul saves,
                             and the probe's own cost would dominate a short run
     under torchrun          every rank must take the same choice; a per-rank probe could differ
+    a short run             under MIN_RUN_STEPS planned steps (epochs / max_steps; max_time runs
+                            are probed): the probe costs about PROBE_COST_STEPS steps and bf16
+                            saves at most a third of each step, so it cannot pay back
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ PROBE_BATCH = 8  # samples per probed step at most
 PROBE_TOKENS = 256  # sequences cut to this many positions for the probe (B, T) -> (B, <= 256)
 REPEATS = 3  # timed steps per precision (1 when a step takes over SLOW_STEP_S)
 SLOW_STEP_S = 0.25
+# One untimed and REPEATS timed steps in each precision: ~8 steps of the run's own size, every
+# one of them forward + backward. bf16 saves at most ~1/3 of a step on the CPUs measured (1.4-1.6x),
+# so a probe pays back after ~25 steps at best; under MIN_RUN_STEPS the run keeps fp32 unprobed.
+PROBE_COST_STEPS = 2 * (1 + REPEATS)
+MIN_RUN_STEPS = 200
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -144,12 +155,24 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     if distributed.launched():
         choice = "bf16" if device.type == "cuda" else "fp32"
         return {"precision": choice, "why": "torchrun: no per-rank probe", "ratio": None}
+    planned = planned_steps(job, cfg)
+    if planned is not None and planned < MIN_RUN_STEPS:
+        return {
+            "precision": "fp32",
+            "why": f"a {planned:,}-step run is too short for a probe (~{PROBE_COST_STEPS} steps) to pay; "
+            "precision=bf16 chooses bf16",
+            "ratio": None,
+        }
     batch = probe_batch(job, cfg)
     key = cache_key(job, device, batch)
     known = _read()
-    if isinstance(known.get(key), dict) and known[key].get("precision") in ("fp32", "bf16"):
-        return {**known[key], "why": "cached probe"}
     busy = busy_cpu(device)  # read before the probe: its own threads would count as load
+    cached = known.get(key)
+    if isinstance(cached, dict) and cached.get("precision") in ("fp32", "bf16"):
+        if not cached.get("busy"):
+            return {**cached, "why": "cached probe"}
+        if busy:  # still busy: a new probe would be no better than the one kept
+            return {**cached, "why": f"cached probe taken on a busy machine ({cached['busy']}); re-probed when quiet"}
     t0 = time.perf_counter()
     try:
         fp32, bf16 = measure(job, cut(batch), device)
@@ -163,14 +186,25 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
         "bf16_s": bf16,
         "probe_s": round(time.perf_counter() - t0, 3),
     }
-    if busy:  # the ratio of a shared moment holds for this run only: never cache it
-        return {**found, "why": f"probe {found['probe_s']:.2g} s, not cached: {busy}"}
+    if busy:  # kept, marked busy: reused while the machine stays busy, replaced once it is quiet
+        found["busy"] = busy
     known[key] = found
     try:
         write_text(cache.path("precision.json"), json.dumps(known, indent=1))
     except OSError:
         pass  # an unwritable cache only costs a probe next time
-    return {**found, "why": f"probe {found['probe_s']:.2g} s"}
+    said = f", busy: {busy}; probed again when quiet" if busy else ""
+    return {**found, "why": f"probe {found['probe_s']:.2g} s{said}"}
+
+
+def planned_steps(job: Job, cfg: Config) -> int | None:
+    """The run's step count from epochs / max_steps, or None when max_time fixes it (later)."""
+    if cfg.max_time is not None:
+        return None
+    n = len(job.train)
+    per_epoch = 1 if cfg.batch_size == "full" else -(-n // max(1, min(int(cfg.batch_size), max(n, 1))))
+    total = cfg.epochs * per_epoch
+    return total if cfg.max_steps is None else min(cfg.max_steps, total)
 
 
 def busy_cpu(device: torch.device) -> str:

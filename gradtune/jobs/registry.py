@@ -15,6 +15,7 @@ from gradtune.jobs.job import Job
 from gradtune.jobs.pretrained import build_pretrained
 from gradtune.jobs.tabular import build_tabular
 from gradtune.jobs.text import build_text
+from gradtune.runtime import distributed
 from gradtune.runtime.errors import GradtuneError
 
 BUILDERS: dict[str, Callable[[Config], Job]] = {
@@ -48,4 +49,25 @@ def build(cfg: Config) -> Job:
     if cfg.task == "rl" and k != "pretrained":  # GRPO samples from a chat/prompt-formatted causal LM
         raise GradtuneError("config: task 'rl' (GRPO) needs a pretrained causal LM: model = a HF folder or .gguf file")
     memory.check(cfg, k)
-    return BUILDERS[k](cfg)
+    job = BUILDERS[k](cfg)
+    if k == "pretrained":
+        min_steps(job, cfg)
+    return job
+
+
+def min_steps(job: Job, cfg: Config) -> None:
+    """Fine-tuning with the default epochs on a small file: raise ``cfg.epochs`` (in place, before
+    the run and its saved config use it) until the run takes ``finetune.min_steps`` steps; one
+    epoch of 32 examples at batch 16 is 2 steps, which teaches a model nothing. Said in one line."""
+    want = cfg.finetune.min_steps
+    n = len(job.train)
+    per_epoch = 1 if cfg.batch_size == "full" else -(-n // min(int(cfg.batch_size), max(n, 1)))
+    if want <= 0 or n == 0 or cfg.epochs * per_epoch >= want:
+        return
+    before, cfg.epochs = cfg.epochs, -(-want // per_epoch)
+    if distributed.is_main():
+        print(
+            f"epochs {before} -> {cfg.epochs}: {n:,} training samples make {per_epoch} step(s) an epoch; "
+            f"fine-tuning trains at least finetune.min_steps={want} steps unless epochs/max_steps/max_time is given",
+            flush=True,
+        )

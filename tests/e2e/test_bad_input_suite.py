@@ -846,6 +846,10 @@ COMMANDS = {
         ("--max-new-tokens must be <= 1,000,000",),
     ),
     "lr-find --steps 1": Case(lambda c: ["lr-find", "--steps", "1"], ("--steps must be >= 2",)),
+    "config: no such section": Case(lambda c: ["config", "loraa"], ("no section 'loraa' (did you mean 'lora'?)",)),
+    "another tool's key name": Case(
+        lambda c: ["train", "num_train_epochs=3"], ("unknown config key 'num_train_epochs' (did you mean 'epochs'?)",)
+    ),
     "generate --top-p 0": Case(
         lambda c: ["generate", str(c.runs["gpt"]), "--top-p", "0"], ("--top-p must be in (0, 1]",)
     ),

@@ -139,7 +139,7 @@ def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
 def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 3)
-    assert main(["train", f"data={text}", f"out_dir={tmp_path / 'gpt2'}", *TINY_GPT]) == 0
+    assert main(["train", f"data={text}", "gpt.family=gpt2", f"out_dir={tmp_path / 'gpt2'}", *TINY_GPT]) == 0
     assert main(["train", f"data={text}", "gpt.family=llama", f"out_dir={tmp_path / 'byte'}", *TINY_GPT]) == 0
     capsys.readouterr()  # training's own lines
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -111,7 +111,8 @@ def test_instruction_tuning_loss_falls_and_generates(assets, tmp_path, capsys):
     losses = [r["loss"] for r in _evals(run)]
     assert losses[-1] < 0.8 * losses[0], losses
     capsys.readouterr()
-    assert main(["generate", str(run), "--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    args = ["--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6", "--echo"]
+    assert main(["generate", str(run), *args]) == 0
     assert capsys.readouterr().out.startswith("what time")
 
 

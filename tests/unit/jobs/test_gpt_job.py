@@ -27,11 +27,13 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
     for f in ("model.safetensors", "tokenizer.json", "config.yaml"):
         assert (out / f).is_file()
     capsys.readouterr()
-    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1", "--echo"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) >= len("ROMEO:") + 5
-    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1", "--echo"]) == 0
     assert capsys.readouterr().out == text  # seeded sampling is reproducible
+    assert main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert "ROMEO:" + capsys.readouterr().out == text  # by default only the new text
 
 
 def test_generate_rejects_a_tabular_run(tmp_path, capsys):

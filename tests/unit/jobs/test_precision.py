@@ -47,7 +47,8 @@ def test_the_faster_precision_wins_and_the_answer_is_cached(cache_root, monkeypa
     monkeypatch.setattr(precision, "TINY_PARAMS", 0)
     monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
     monkeypatch.setattr(precision, "measure", lambda *a: (fp32, bf16))
-    cfg, job = load_config(None, ["precision=auto"]), job_of(model())
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "")
+    cfg, job = load_config(None, ["precision=auto", "epochs=300"]), job_of(model())
     assert precision.resolve(job, cfg).precision == want
     assert job.info["precision"]["ratio"] == pytest.approx(fp32 / bf16, abs=1e-3)
     saved = json.loads((cache_root / "precision.json").read_text())
@@ -85,3 +86,41 @@ def test_a_resumed_run_keeps_its_checkpoints_precision(tmp_path):
     assert saved_precision(tmp_path) == "bf16"  # the newest
     (root / checkpoint.folder_name(12)).mkdir()  # unreadable: skipped
     assert saved_precision(tmp_path) == "bf16"
+
+
+def test_a_run_too_short_to_gain_keeps_fp32_without_a_probe(cache_root, monkeypatch):
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed"))
+    job = job_of(model())  # 16 samples, batch 32: one step an epoch
+    cfg = load_config(None, ["precision=auto", f"epochs={precision.MIN_RUN_STEPS - 1}"])
+    assert precision.resolve(job, cfg).precision == "fp32"
+    assert "199-step run is too short for a probe" in job.info["precision"]["why"]
+    monkeypatch.setattr(precision, "measure", lambda *a: (1.0, 0.5))
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "")
+    for long_run in (["epochs=1000"], ["epochs=1", "max_time=10m"]):  # a max_time run is probed
+        assert precision.resolve(job_of(model()), load_config(None, ["precision=auto", *long_run])).precision == "bf16"
+
+
+def test_a_busy_probe_is_reused_while_busy_and_replaced_when_quiet(cache_root, monkeypatch):
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
+    cfg = load_config(None, ["precision=auto", "epochs=300"])
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "load 9.0 on 2 cores")
+    monkeypatch.setattr(precision, "measure", lambda *a: (1.0, 1.2))  # busy: bf16 looked slower
+    job = job_of(model())
+    assert precision.resolve(job, cfg).precision == "fp32" and "probed again when quiet" in job.info["precision"]["why"]
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed again while busy"))
+    again = job_of(model())
+    assert precision.resolve(again, cfg).precision == "fp32"
+    assert "cached probe taken on a busy machine" in again.info["precision"]["why"]
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "")  # quiet now: probe, and keep the quiet answer
+    monkeypatch.setattr(precision, "measure", lambda *a: (1.0, 0.6))
+    quiet = job_of(model())
+    assert precision.resolve(quiet, cfg).precision == "bf16"
+    saved = json.loads((cache_root / "precision.json").read_text())
+    assert [(v["precision"], "busy" in v) for v in saved.values()] == [("bf16", False)]
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "load 9.0 on 2 cores")  # busy again: the quiet one holds
+    monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed again"))
+    last = job_of(model())
+    assert precision.resolve(last, cfg).precision == "bf16" and last.info["precision"]["why"] == "cached probe"

@@ -191,7 +191,8 @@ def test_command_on_lora_run_and_checkpoint(tmp_path: Path, capsys) -> None:
             eos_token_id=r.tokenizer.eos_token_id,
         )[0].tolist()
         capsys.readouterr()
-        assert (
-            main(["generate", str(folder), "--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6"]) == 0
-        )
+        args = ["--prompt", "what time", "--temperature", "0", "--max-new-tokens", "6"]
+        assert main(["generate", str(folder), *args, "--echo"]) == 0
         assert capsys.readouterr().out.strip() == r.tokenizer.decode(expected, skip_special_tokens=True)
+        assert main(["generate", str(folder), *args]) == 0  # the new text only
+        assert capsys.readouterr().out.strip() == r.tokenizer.decode(expected[len(ids) :], skip_special_tokens=True)

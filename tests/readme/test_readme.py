@@ -1,0 +1,133 @@
+"""The README is a test: every shell block of README.md and ARCHITECTURE.md, and the commands a
+commented config in configs/ tells you to run, run as written (``tests/readme/blocks.py`` says how
+a block is marked: skip with a reason, slow, a budget scale, what it shows)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.readme import blocks as md
+from tests.readme import sandbox
+from tests.readme.runner import ROOT, BlockFailed, run_block
+
+SOURCES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md"]
+
+
+def all_blocks() -> list[md.Block]:
+    out = [b for p in SOURCES for b in md.shell_blocks(p) + md.python_blocks(p)]
+    out += [md.yaml_commands(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    return out
+
+
+BLOCKS = all_blocks()
+BY_ID = {b.options["id"]: b for b in BLOCKS if "id" in b.options}
+
+
+def _needs(block: md.Block) -> list[md.Block]:
+    """The blocks that must run before ``block`` in its folder, first ones first."""
+    out: list[md.Block] = []
+    for name in filter(None, block.options.get("after", "").split(",")):
+        dep = BY_ID[name.strip()]
+        out += [d for d in _needs(dep) if d not in out] + [dep]
+    return out
+
+
+def _params():
+    for b in BLOCKS:
+        marks = []
+        if b.skip:
+            marks.append(pytest.mark.skip(reason=f"README marker: {b.skip}"))
+        if any("slow" in d.options for d in [b, *_needs(b)]):
+            marks.append(pytest.mark.slow)
+        yield pytest.param(b, id=b.name, marks=marks)
+
+
+# id -> the folder where that block ran (and passed) in this session: a later block that needs it
+# starts from a copy instead of running it again (the GPT recipe is needed three times).
+RAN: dict[str, Path] = {}
+
+
+@pytest.mark.parametrize("block", list(_params()))
+def test_block_runs_as_written(block: md.Block, tmp_path: Path) -> None:
+    sandbox.populate(tmp_path)
+    for dep in _needs(block):
+        if dep.name in RAN:
+            # its files and run folders; the sandbox's model links are in place already
+            links = lambda d, names: [n for n in names if (Path(d) / n).is_symlink()]  # noqa: E731
+            shutil.copytree(RAN[dep.name], tmp_path, ignore=links, dirs_exist_ok=True)
+        else:
+            run_block(dep, tmp_path)
+    run_block(block, tmp_path)
+    RAN[block.name] = tmp_path
+
+
+def test_every_block_is_shell_or_tagged() -> None:
+    # An indented code block or an untagged fence could hold a command the harness never runs.
+    for p in SOURCES:
+        assert md.indented_code(p) == [], f"{p.name}: indented code at lines {md.indented_code(p)}: fence and tag it"
+        untagged = [b.line for b in md.markdown_blocks(p) if not b.tag]
+        assert untagged == [], f"{p.name}: fences without a language at lines {untagged}"
+
+
+def test_configs_skipped_as_duplicates_run_in_the_readme() -> None:
+    # A config whose header commands are skipped as "run in README.md" must have them there, verbatim.
+    readme = {c.text.split("#")[0].strip() for b in md.shell_blocks(ROOT / "README.md") for c in b.commands}
+    for p in sorted((ROOT / "configs").glob("*.yaml")):
+        block = md.yaml_commands(p)
+        if block.skip and "README.md" in block.skip:
+            missing = [c.text for c in block.commands if c.text not in readme]
+            assert not missing, f"{p.name}: {missing} are not in README.md's blocks"
+
+
+def test_markers_name_known_blocks() -> None:
+    for b in BLOCKS:
+        for name in filter(None, b.options.get("after", "").split(",")):
+            assert name.strip() in BY_ID, f"{b.name}: after={name}: no block has that id"
+        if b.tag == "python":
+            assert {"file", "run", "skip"} & set(b.options), f"{b.name}: mark a python block file=, run or skip"
+        else:
+            assert b.commands or b.skip, f"{b.name}: a shell block without commands"
+
+
+# --- the harness itself: a README changed to something wrong fails ---------------------------
+
+
+def _copy_with(tmp_path: Path, old: str, new: str) -> list[md.Block]:
+    text = (ROOT / "README.md").read_text()
+    assert old in text
+    copy = tmp_path / "README.md"
+    copy.write_text(text.replace(old, new, 1))
+    return [b for b in md.shell_blocks(copy) if any(new in c.text or new in " ".join(c.shown) for c in b.commands)]
+
+
+def test_harness_fails_on_a_wrong_flag(tmp_path: Path) -> None:
+    (block,) = _copy_with(tmp_path, "batch_size=full lr=0.2 tol=1e-9", "batch_size=full learning_rat=0.2 tol=1e-9")
+    block.commands = [c for c in block.commands if "learning_rat" in c.text]
+    work = tmp_path / "work"
+    work.mkdir()
+    sandbox.populate(work)
+    with pytest.raises(BlockFailed, match=r"README.md:\d+: .*learning_rat.* exited 2, want 0"):
+        run_block(block, work)
+
+
+def test_harness_fails_on_stale_output(tmp_path: Path) -> None:
+    # The README's shown output is compared: a number off by more than the block's tolerance fails.
+    (block,) = _copy_with(tmp_path, "best 0.1319", "best 0.1500")
+    work = tmp_path / "work"
+    work.mkdir()
+    sandbox.populate(work)
+    with pytest.raises(BlockFailed, match="the README shows"):
+        run_block(block, work)
+
+
+def test_shown_pattern() -> None:
+    from tests.readme.runner import shown_pattern
+
+    m = shown_pattern("done: 120 steps (6 epochs) ...; best 0.13 at step 60").search(
+        "done: 121 steps (6 epochs) in 2.1s; stopped: x; best 0.1301 at step 60"
+    )
+    assert m and m.groups() == ("121", "6", "0.1301", "60")
+    assert not shown_pattern("stopped: converged").search("stopped: budget reached")
