@@ -22,14 +22,17 @@ HELP = "train your own byte-level BPE tokenizer on a corpus (tokenizer train DAT
 
 
 def setup(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="train: a byte-level BPE on DATA")
     t = sub.add_parser("train", help="train a byte-level BPE on DATA and write it as a tokenizer.json")
     t.add_argument("data", help="an embedded corpus (shakespeare), a file, folder or glob of .txt/.jsonl/Parquet")
     t.add_argument("--vocab-size", type=int, default=4096, help="tokens, special ones included (default 4096)")
     t.add_argument("--out", required=True, help="the new tokenizer.json to write")
-    t.add_argument("--field", default="text", help="the text field of .jsonl / Parquet / Arrow records")
+    t.add_argument("--field", default="text", help="the text field of .jsonl / Parquet / Arrow records (default text)")
     t.add_argument(
-        "--chat-template", default="chatml", choices=sorted(bpe.CHAT_TOKENS), help="chat markers as special tokens"
+        "--chat-template",
+        default="chatml",
+        choices=sorted(bpe.CHAT_TOKENS),
+        help="chat markers as special tokens (default chatml)",
     )
 
 

@@ -77,7 +77,10 @@ def populate(where: Path) -> None:
     (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
     pairs = (ROOT / "tests/data/preferences.jsonl").read_text().splitlines(keepends=True)
     (where / "pairs.jsonl").write_text("".join(pairs[:20]))
-    shutil.copytree(ROOT / "configs", where / "configs")  # the README runs from the repository's root
+    # The README runs from the repository's root: its shipped configs, examples and test data are there.
+    shutil.copytree(ROOT / "configs", where / "configs")
+    shutil.copytree(ROOT / "examples", where / "examples")
+    shutil.copytree(ROOT / "tests/data", where / "tests/data")
     (where / "config.yaml").write_text("model: linear\nbatch_size: 32\nlr: 0.1\nepochs: 5\n")
     (where / "my.yaml").write_text("model: mlp\ndata: diabetes\nbatch_size: 32\nepochs: 20\n")
     models = where / "path/to"
