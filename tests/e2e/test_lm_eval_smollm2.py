@@ -27,6 +27,7 @@ def _gguf() -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_lm_eval_on_a_lora_run_equals_hf_on_its_merged_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

