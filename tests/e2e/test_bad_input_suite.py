@@ -222,7 +222,7 @@ CONFIG = {
         lambda c: train("model=gpt", "gpt.family=llama", "gpt.n_head=4", "gpt.n_kv_head=3"),
         ("gpt.n_head (4) must be a multiple of gpt.n_kv_head (3)",),
     ),
-    "n_kv_head on gpt2": Case(lambda c: train("model=gpt", "gpt.n_kv_head=2"), ("needs gpt.family=llama",)),
+    "n_kv_head on gpt2": Case(lambda c: train("model=gpt", "gpt.family=gpt2", "gpt.n_kv_head=2"), ("needs gpt.family=llama",)),
     "text.max_length=1": Case(lambda c: train("text.max_length=1"), ("'text.max_length' must be >= 2",)),
     "lora.rank=0": Case(lambda c: train("lora.rank=0"), ("'lora.rank' must be >= 1",)),
     "val_fraction=1": Case(lambda c: train("val_fraction=1"), ("'val_fraction'",)),
@@ -769,7 +769,7 @@ def too_big(cfg_args: list[str]) -> None:
         pytest.skip("this machine could hold the model, or its memory cannot be read")
 
 
-HUGE_GPT = ["model=gpt", "gpt.n_layer=48", "gpt.n_embd=6400"]
+HUGE_GPT = ["model=gpt", "gpt.family=gpt2", "gpt.n_kv_head=null", "gpt.n_layer=48", "gpt.n_embd=6400"]
 MEMORY = {
     "a 24B-parameter gpt": Case(lambda c: train(*HUGE_GPT), ("memory: a 23.6B-parameter gpt", "GiB available")),
     "the same under lr-find": Case(lambda c: ["lr-find", *HUGE_GPT], ("memory:", "use a smaller model")),
@@ -778,7 +778,7 @@ MEMORY = {
     ),
     "a 40B llama with SGD": Case(
         lambda c: train(
-            "model=gpt", "gpt.family=llama", "gpt.n_layer=200", "gpt.n_embd=4096", "optimizer=sgd", "lr=0.1"
+            "model=gpt", "gpt.family=llama", "gpt.n_kv_head=null", "gpt.n_layer=200", "gpt.n_embd=4096", "optimizer=sgd", "lr=0.1"
         ),
         ("memory: a 40.5B-parameter gpt",),
     ),

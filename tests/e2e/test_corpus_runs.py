@@ -168,7 +168,7 @@ def test_own_tokenizer_round_trips_pretrains_generates_and_exports(tmp_path, cap
     cache = json.loads((run_dir / "summary.json").read_text())["job"]["token_cache"]
     want = hf.encode(SHAKESPEARE + "<|endoftext|>").ids  # streamed in pieces, encoded as the whole text
     assert np.array_equal(np.fromfile(cache, dtype=np.uint16), want)
-    assert main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0", "--echo"]) == 0
     assert "ROMEO:" in capsys.readouterr().out
     out = tmp_path / "m.gguf"
     assert main(["export", str(run_dir), "--gguf", str(out), "--type", "f32"]) == 0
