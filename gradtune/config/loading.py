@@ -225,6 +225,8 @@ def load_config(
     for key, value in pairs:
         _apply(cfg, _nest(key, value), "", "command line")
         given.add(key)
+    if cfg.gpt.family == "gpt2" and "gpt.n_kv_head" not in given:
+        cfg.gpt.n_kv_head = None  # the recipe's grouped-query attention is a Llama-family default
     _budget_defaults(cfg, given)
     check_combinations(cfg)
     check_method(cfg)
