@@ -93,7 +93,9 @@ def test_smollm2_lora_run_exports_f32_and_q8_0(tmp_path, capsys, monkeypatch):
                 same_top = (got.argmax(-1) == expected.argmax(-1)).float().mean()
                 print(f"{qtype}: max |logit diff| {diff.max():.4g}, mean {diff.mean():.4g}, same top-1 {same_top:.2f}")
                 if check is None:
-                    assert diff.max() < 1e-4
+                    # the run reloads as base + adapter (x W + x BA), the file holds W + BA merged: float32
+                    # rounding of the two orders, ~1e-4 on logits of magnitude ~30
+                    assert diff.max() < 2e-4
                 else:
                     assert 0 < diff.max() < check[0] and diff.mean() < check[1]
     tok = AutoTokenizer.from_pretrained(str(out), gguf_file="q8_0.gguf")
