@@ -310,7 +310,7 @@ def test_disk_full_under_fsdp_exits_74_on_every_rank_and_resumes_bitwise(tmp_pat
     disk.mkdir()
     try:
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True, capture_output=True, timeout=30
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True, capture_output=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root in a mount namespace): {e}")
