@@ -222,7 +222,9 @@ CONFIG = {
         lambda c: train("model=gpt", "gpt.family=llama", "gpt.n_head=4", "gpt.n_kv_head=3"),
         ("gpt.n_head (4) must be a multiple of gpt.n_kv_head (3)",),
     ),
-    "n_kv_head on gpt2": Case(lambda c: train("model=gpt", "gpt.family=gpt2", "gpt.n_kv_head=2"), ("needs gpt.family=llama",)),
+    "n_kv_head on gpt2": Case(
+        lambda c: train("model=gpt", "gpt.family=gpt2", "gpt.n_kv_head=2"), ("needs gpt.family=llama",)
+    ),
     "text.max_length=1": Case(lambda c: train("text.max_length=1"), ("'text.max_length' must be >= 2",)),
     "lora.rank=0": Case(lambda c: train("lora.rank=0"), ("'lora.rank' must be >= 1",)),
     "val_fraction=1": Case(lambda c: train("val_fraction=1"), ("'val_fraction'",)),
@@ -778,7 +780,13 @@ MEMORY = {
     ),
     "a 40B llama with SGD": Case(
         lambda c: train(
-            "model=gpt", "gpt.family=llama", "gpt.n_kv_head=null", "gpt.n_layer=200", "gpt.n_embd=4096", "optimizer=sgd", "lr=0.1"
+            "model=gpt",
+            "gpt.family=llama",
+            "gpt.n_kv_head=null",
+            "gpt.n_layer=200",
+            "gpt.n_embd=4096",
+            "optimizer=sgd",
+            "lr=0.1",
         ),
         ("memory: a 40.5B-parameter gpt",),
     ),
