@@ -7,9 +7,9 @@ here catches the few milliseconds before its handler is installed.
 import sys
 
 try:
-    from gradtune.cli import main
+    from gradtune.cli import entry
 except KeyboardInterrupt:
     print("gradtune: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -148,10 +148,12 @@ def _signals_end_the_command() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
+    """Run one command; its exit code. ``exiting``: the process ends when this returns (the
+    ``gradtune`` command, ``python -m gradtune``): signals are ignored from then on."""
     try:
         # command_scope: once a preemption checkpoint is written, later signals cannot change 75.
-        with command_scope(), _signals_end_the_command():
+        with command_scope(exiting), _signals_end_the_command():
             args = parser().parse_args(argv)
             return args.func(args)
     except GradtuneError as e:
@@ -176,5 +178,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
 
 
+def entry() -> int:
+    """The ``gradtune`` console command."""
+    return main(exiting=True)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

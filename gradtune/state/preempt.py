@@ -104,11 +104,15 @@ def _outside_run(previous: dict[int, Any]) -> Callable[[int, Any], None]:
 
 
 @contextlib.contextmanager
-def command_scope() -> Iterator[None]:
+def command_scope(exiting: bool = False) -> Iterator[None]:
     """Around a whole CLI command. Signals outside a run act as before (SIGINT raises
     KeyboardInterrupt, SIGTERM ends the process) until a preemption checkpoint is written; from
     then on they are ignored, and stay ignored when the scope ends: the process is about to exit
-    with EXIT_PREEMPTED, and a signal during that exit must not replace it with 130 / 143."""
+    with EXIT_PREEMPTED, and a signal during that exit must not replace it with 130 / 143.
+    ``exiting``: the process ends with the command, so signals stay ignored after it whatever
+    the outcome: its exit code is decided and every output written, and the interpreter's own
+    shutdown (seconds with a large model) puts the default handlers back, where a Ctrl-C would
+    kill the finished process by SIGINT, silently."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -121,4 +125,4 @@ def command_scope() -> Iterator[None]:
         yield
     finally:
         for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN if settled() else previous[s])
+            signal.signal(s, signal.SIG_IGN if settled() or exiting else previous[s])
