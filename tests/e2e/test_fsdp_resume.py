@@ -61,7 +61,7 @@ SETTINGS = [
 MICRO = 2  # micro-batches per step, on every rank
 SMALL = [*SETTINGS, "max_steps=12"]  # later settings win
 POINTS = ["step", "micro", "ckpt.model", "ckpt.files", "ckpt.rename", "ckpt.after", "external"]
-KILLS = 10
+KILLS = 14 if hooks.LONG else len(POINTS)  # each point once in make test; GRADTUNE_LONG_TESTS=1: more
 # Worst relative difference per tensor, 1 or 3 processes vs 2, after up to ~75 AdamW steps in
 # float32 from a rounding-level start (summation order); a state not restored is off by ~1e-2.
 OTHER_WORLD_BOUND = 3e-4
