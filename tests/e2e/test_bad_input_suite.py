@@ -1058,6 +1058,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["raised", "exiting"])
 def test_signals_after_the_preemption_checkpoint_keep_exit_75(when, tmp_path):
     """SIGTERM at step 2 -> checkpoint, exit 75; a SIGTERM and a SIGINT after the checkpoint is
@@ -1086,6 +1087,7 @@ def test_signals_after_the_preemption_checkpoint_keep_exit_75(when, tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "step-00000002").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["tabular", "text"])
 def test_fifo_data_in_a_real_process_does_not_hang(what, tmp_path):
     pipe = tmp_path / ("d.csv" if what == "tabular" else "t.txt")

@@ -29,6 +29,8 @@ from tests import hooks
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
 
+pytestmark = pytest.mark.slow  # torchrun launches: seconds each
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).parent / "distributed_worker.py"
 DDP_CASES = [c for c in worker.CASES if c != "gpt_fsdp"]

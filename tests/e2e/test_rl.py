@@ -99,6 +99,7 @@ def test_micro_batches_equal_the_one_shot_update(tiny, tmp_path, capsys):
         assert rb["kl"] == pytest.approx(ra["kl"], rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny, tmp_path, capsys):
     """torchrun --nproc_per_node 2: each rank takes 1 of each micro-batch's 2 prompts."""
     extra = ["micro_batch_size=2"]
@@ -110,6 +111,7 @@ def test_two_processes_equal_one(tiny, tmp_path, capsys):
         assert rb["reward"] == pytest.approx(ra["reward"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_kill_inside_a_step_and_resume_is_bitwise(tiny, tmp_path):
     """SIGKILL inside step 4's accumulation window, then the same command again: the weights and
     the reward curve equal the uninterrupted run's, bit for bit."""
