@@ -97,6 +97,16 @@ def test_micro_batches_equal_the_one_shot_update(tiny, tmp_path, capsys):
     for ra, rb in zip(a, b):
         assert rb["reward"] == ra["reward"] and rb["completion_length"] == ra["completion_length"]
         assert rb["kl"] == pytest.approx(ra["kl"], rel=1e-4, abs=1e-9)
+    # metrics.jsonl's evaluation rows (eval_every=2) hold the mean reward of the steps since the
+    # previous one (every step samples 4 x 4 completions: the mean of the steps' means)
+    for run in ("one", "micro"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        evals = {r["step"]: r for r in rows if r["kind"] == "eval"}
+        assert sorted(evals) == [2, 4], evals
+        for step in (2, 4):
+            want = (a[step - 2]["reward"] + a[step - 1]["reward"]) / 2
+            assert evals[step]["reward"] == pytest.approx(want, abs=1e-6)
+            assert 0 <= evals[step]["clip_fraction"] <= 1 and evals[step]["kl"] >= 0
 
 
 @pytest.mark.slow
