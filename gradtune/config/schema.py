@@ -227,7 +227,7 @@ class Config:
     momentum: Union[float, Literal["auto"]] = 0.0
     nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
     dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
-    weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
+    weight_decay: float = 0.0  # decoupled for AdamW and Muon, L2-in-gradient for SGD (as torch.optim)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator floor
     muon_lr: float = 0.02  # optimizer=muon: the hidden matrices' lr (the schedule scales it with lr)

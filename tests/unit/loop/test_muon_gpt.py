@@ -9,8 +9,8 @@ import torch
 
 from gradtune.config import load_config
 from gradtune.jobs.registry import build
-from gradtune.loop.callbacks import Callback
 from gradtune.loop import loop as loop_module
+from gradtune.loop.callbacks import Callback
 from gradtune.loop.fit import fit
 from gradtune.optim.build import make_optimizer
 from gradtune.runtime import testhooks as faults

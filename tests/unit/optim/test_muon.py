@@ -168,5 +168,7 @@ def test_make_optimizer_on_a_gpt_gives_attention_and_mlp_matrices_to_muon():
         opt = make_optimizer(cfg, decay_groups(gpt, 0.1), gpt)
         names = {id(p): n for n, p in gpt.named_parameters()}
         muon = sorted(names[id(p)] for p in opt.muon_params())
-        assert muon == sorted(n for n in names.values() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+        assert muon == sorted(
+            n for n in names.values() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+        )
         assert sum(len(g["params"]) for g in opt.param_groups) == len(names)  # every parameter, once
