@@ -172,3 +172,18 @@ def test_make_optimizer_on_a_gpt_gives_attention_and_mlp_matrices_to_muon():
             n for n in names.values() if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
         )
         assert sum(len(g["params"]) for g in opt.param_groups) == len(names)  # every parameter, once
+
+
+def test_the_rule_on_the_mlp_the_linear_model_and_a_hugging_face_llama():
+    mlp = nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1))  # the 10-5-1 MLP
+    assert hidden_matrices(mlp) == {id(mlp[0].weight)}  # the last layer is the output layer
+    assert hidden_matrices(nn.Linear(3, 1)) == set()  # nothing hidden: all AdamW
+    pytest.importorskip("transformers")
+    from tests import tiny_hf
+
+    llama = tiny_hf.llama()
+    llama.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # frozen: in no group
+    names = {id(p): n for n, p in llama.named_parameters()}
+    got = {names[i].split(".")[-2] for i in hidden_matrices(llama)}
+    assert got == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(hidden_matrices(llama)) == 2 * 7 - 1
