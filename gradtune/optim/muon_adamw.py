@@ -9,6 +9,13 @@ holds both sides. Stepping it equals stepping torch.optim.Muon on the Muon group
 torch.optim.AdamW on the others with the same hyper-parameters (tests/unit/optim/test_muon.py).
 
 Which parameters are hidden matrices is decided from the model: ``optim.groups.muon_groups``.
+
+Under DDP every rank steps on the same all-reduced gradient, so every rank computes the same
+update (tests/e2e/test_distributed.py, case gpt_muon). FSDP2 is refused (config/checks.py for
+``distributed: fsdp``, runtime/distributed.choose when ``auto`` would pick it): a rank holds a
+DTensor shard of rows, and Newton-Schulz needs the whole matrix. Supporting it means gathering
+each gradient (``grad.full_tensor()``), orthogonalising on every rank (or on one per matrix and
+scattering), and applying the rank's own rows of the update to its shard.
 """
 
 from __future__ import annotations
