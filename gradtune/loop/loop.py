@@ -82,7 +82,7 @@ class Loop(LoopState):
         # plain module, so files never carry an `_orig_mod.` prefix.
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(cfg, groups or self.params)
+        self.opt = make_optimizer(cfg, groups or self.params, job.model)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.steps_per_epoch = self.sampler.steps_per_epoch

@@ -119,9 +119,14 @@ def worst_rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
 def test_ddp_update_equals_one_process(runs, case, world):
     ref, ref_loss = reference(case)
     got = load_file(str(runs / f"w{world}" / f"w{world}_{case}.safetensors"))
-    assert worst_rel(got, ref) < 1e-6
+    # Muon orthogonalises in bfloat16: a gradient summed in another order rounds some entries of
+    # the Newton-Schulz iterates to a neighbouring bfloat16 value (2^-8 relative), and 5 matmuls
+    # spread that, so the matrices agree to ~1e-3 (each step moves them ~10%; a rank stepping on
+    # its own unreduced gradient would be off by far more than the bound).
+    tol = 1e-2 if "muon" in case else 1e-6
+    assert worst_rel(got, ref) < tol
     loss = json.loads((runs / f"w{world}" / f"w{world}_{case}.json").read_text())["loss"]
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert loss == pytest.approx(ref_loss, rel=tol)
 
 
 @pytest.mark.parametrize("world", [2, 3])
