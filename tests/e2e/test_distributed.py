@@ -123,7 +123,8 @@ def test_ddp_update_equals_one_process(runs, case, world):
     # the Newton-Schulz iterates to a neighbouring bfloat16 value (2^-8 relative), and 5 matmuls
     # spread that, so the matrices agree to ~1e-3 (each step moves them ~10%; a rank stepping on
     # its own unreduced gradient would be off by far more than the bound).
-    tol = 1e-2 if "muon" in case else 1e-6
+    # Two processes: measured 1.3e-7 (the acceptance's 1e-6 holds); three: 3.3e-3.
+    tol = 1e-2 if "muon" in case and world != 2 else 1e-6
     assert worst_rel(got, ref) < tol
     loss = json.loads((runs / f"w{world}" / f"w{world}_{case}.json").read_text())["loss"]
     assert loss == pytest.approx(ref_loss, rel=tol)
