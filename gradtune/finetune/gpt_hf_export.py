@@ -8,6 +8,8 @@ The folder holds config.json, model.safetensors (the run's dtype), generation_co
 tokenizer: tokenizer.json (``data/tokenizer_json.py``: the run's own file, or the byte / char
 tokenizer written as one with the same ids) and tokenizer_config.json (``PreTrainedTokenizerFast``,
 so AutoTokenizer does not pick a model-specific class that would add a BOS the run never saw).
+A tokenizer.json whose post-processor adds special tokens (a BOS template) is copied as it is:
+AutoTokenizer then adds them, as for that tokenizer anywhere; training encoded without them.
 
 What needs no conversion, checked against transformers' code:
   * rotary layout: our ``apply_rotary`` is HF's ``rotate_half`` (pairs i, i + hs/2) with the
