@@ -933,6 +933,25 @@ COMMANDS = {
     "export --adapter of a linear run": Case(
         lambda c: ["export", str(c.runs["linear"]), "--adapter", str(c.inp / "a")], ("--adapter",)
     ),
+    "export --hf of a linear run": Case(
+        lambda c: ["export", str(c.runs["linear"]), "--hf", str(c.out)], ("--hf writes GPT runs", "model=linear")
+    ),
+    "export --hf of a fine-tuned pretrained run": Case(
+        lambda c: ["export", str(c.runs["bert"]), "--hf", str(c.out)], ("--hf writes GPT runs", "--merged writes")
+    ),
+    "export --merged of a GPT run": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--merged", str(c.out)], ("--hf writes it",)
+    ),
+    "export --hf into a folder of the user's": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(Path(c.file("mine/notes.txt", "keep")).parent)],
+        ("not empty",),
+    ),
+    "export --hf into the run": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.runs["gpt"] / "hf")], ("overlaps the input",)
+    ),
+    "export --hf and --merged the same folder": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.out), "--merged", str(c.out)], ("the same folder",)
+    ),
 }
 
 
