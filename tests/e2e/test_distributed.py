@@ -65,6 +65,13 @@ def torchrun(nproc: int, args: list[str], **env: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _errors(out: str) -> str:
+    """The first error lines of every rank (a failing rank's own line scrolls out of the tail)."""
+    keep = [ln for ln in out.splitlines() if "gradtune: error" in ln or ln.lstrip("[rank0123]: ").startswith("Error")]
+    keep += [ln for ln in out.splitlines() if "Error:" in ln and "Traceback" not in ln][:12]
+    return "first errors:\n" + "\n".join(keep[:24]) + "\n...\n"
+
+
 def _finish(p: subprocess.Popen, timeout: float = 300) -> str:
     try:
         out, _ = p.communicate(timeout=timeout)
@@ -72,7 +79,7 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> str:
         p.kill()  # never leave a launch behind
         out, _ = p.communicate()
         raise AssertionError(f"torchrun still running after {timeout}s:\n{out[-4000:]}") from None
-    assert p.returncode == 0, out[-4000:]
+    assert p.returncode == 0, _errors(out) + out[-4000:]
     assert "terminate called" not in out, out[-4000:]  # no gloo thread outlived an interpreter
     return out
 
