@@ -266,6 +266,7 @@ class Loop(LoopState):
             load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
             snapshot=lambda: model_weights.snapshot(self.model),
             restore=lambda weights: model_weights.copy_into(self.model, weights),
+            optimizer=self.opt,
         )
         self.events.emit("on_train_begin", control)
         if cfg.guard.enabled and cfg.guard.policy == "rollback":
