@@ -884,7 +884,9 @@ COMMANDS = {
         lambda c: ["generate", str(c.runs["gpt"]), "--max-new-tokens", "0"], ("--max-new-tokens must be >= 1",)
     ),
     "eval --lm-eval unknown task": Case(
-        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", "no_such_task"], ("unknown task 'no_such_task'",)
+        lambda c: ["eval", str(c.runs["gpt"]), "--lm-eval", "no_such_task"],
+        ("unknown task 'no_such_task'",),
+        marks=(pytest.mark.slow,),  # lm-eval's task index: seconds
     ),
     "eval --lm-eval on a regression run": Case(
         lambda c: ["eval", str(c.runs["linear"]), "--lm-eval", "shakespeare_cloze"], ("scores causal language models",)

@@ -202,6 +202,7 @@ def test_eval_on_a_file_matches_metrics_by_hand(runs, name, tmp_path, capsys):
     assert split == got
 
 
+@pytest.mark.slow
 def test_eval_reproduces_trainings_last_val_loss(runs, gpt_run, capsys):
     for run in (runs["linear"], gpt_run):
         summary = json.loads((run / "summary.json").read_text())

@@ -124,6 +124,7 @@ def test_harness_fails_on_a_wrong_flag(tmp_path: Path) -> None:
         run_block(block, work)
 
 
+@pytest.mark.slow
 def test_harness_fails_on_stale_output(tmp_path: Path) -> None:
     # The README's shown output is compared: a number off by more than the block's tolerance fails.
     (block,) = _copy_with(tmp_path, "best 0.1319", "best 0.1500")

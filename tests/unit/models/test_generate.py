@@ -15,6 +15,7 @@ from gradtune.models.gpt import GPT, GPTConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> None:
     transformers = pytest.importorskip("transformers")
@@ -54,6 +55,7 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
         assert torch.equal(got, expected), use_cache
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_cache_invariant() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny-llama"))

@@ -78,6 +78,7 @@ def test_hf_greedy_equals_transformers_generate(lora: bool) -> None:
         assert not torch.equal(generate(model, prompt, 20, temperature=0), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["hf", "gpt"])
 def test_cache_invariant_past_the_context(family: str) -> None:
     """Cached until the text fills the context, then a sliding window: same tokens as a
