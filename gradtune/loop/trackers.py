@@ -17,7 +17,6 @@ from typing import Any, Optional
 from gradtune.config import Config
 from gradtune.loop.components import Component
 from gradtune.telemetry.mlflow_sink import MLflowSink, tracking_uri
-from gradtune.telemetry.trackers import flat_params
 from gradtune.telemetry.wandb_sink import WandbSink
 
 SINKS = {"mlflow": MLflowSink, "wandb": WandbSink}
@@ -31,7 +30,7 @@ class Tracker(Component):
         super().__init__()
         self.key = name
         self.out_dir = Path(out_dir)
-        self.params = flat_params(cfg.to_dict())
+        self.config = cfg.to_dict()  # each tracker flattens it its own way
         self.run_id: Optional[str] = None  # restored from a checkpoint, else the sink's new run
         self.sink: Any = None
 
@@ -43,7 +42,7 @@ class Tracker(Component):
         """Opened by fit() once out_dir is claimed and the checkpoint restored (the loop's step is
         then the checkpoint's); closed with metrics.jsonl."""
         resume_step = self.view.step if self.run_id else None
-        self.sink = SINKS[self.key](self.out_dir, self.params, self.run_id, resume_step)
+        self.sink = SINKS[self.key](self.out_dir, self.config, self.run_id, resume_step)
         self.run_id = self.sink.run_id
         return self.sink
 

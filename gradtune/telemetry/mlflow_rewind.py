@@ -25,7 +25,11 @@ def rewind(client: Any, run_id: str, step: int) -> Optional[str]:
             f"MLflow store {client.tracking_uri} cannot be rewound: the values run {run_id} logged "
             f"after step {step} before it was interrupted stay beside the recomputed ones"
         )
-    with store.ManagedSessionMaker() as session:
+    try:
+        writing = store.ManagedSessionMaker(read_only=False)  # MLflow 3.x: sessions are read-only unless asked
+    except TypeError:
+        writing = store.ManagedSessionMaker()
+    with writing as session:
         mine = session.query(SqlMetric).filter(SqlMetric.run_uuid == run_id)
         if mine.filter(SqlMetric.step > step).delete(synchronize_session=False) == 0:
             return None  # nothing after the checkpoint: the latest rows stand

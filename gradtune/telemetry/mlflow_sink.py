@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 from gradtune.runtime.errors import GradtuneError
 from gradtune.telemetry.mlflow_rewind import rewind
-from gradtune.telemetry.trackers import numbers
+from gradtune.telemetry.trackers import flat_params, numbers
 
 MISSING = "log_to: mlflow needs the mlflow package (pip install mlflow)"
 STORE = "mlflow.db"  # the default store, in out_dir
@@ -83,8 +83,9 @@ class MLflowSink:
     dropping what it logged after ``resume_step``)."""
 
     def __init__(
-        self, out_dir: Path, params: dict[str, str], run_id: Optional[str] = None, resume_step: Optional[int] = None
+        self, out_dir: Path, config: dict[str, Any], run_id: Optional[str] = None, resume_step: Optional[int] = None
     ) -> None:
+        params = flat_params(config)
         self.out_dir = Path(out_dir)
         self.uri = tracking_uri(self.out_dir)
         with _quiet():

@@ -49,15 +49,23 @@ def require(log_to: Iterable[str]) -> None:
                 )
 
 
-def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """The resolved config as ``section.key -> text`` (lists as JSON), as trackers show params."""
-    out: dict[str, str] = {}
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The resolved config as ``section.key -> value``: W&B's config (typed values)."""
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(flat_params(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            out[f"{prefix}{key}"] = text[:PARAM_CHARS]
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def flat_params(tree: dict[str, Any]) -> dict[str, str]:
+    """The resolved config as ``section.key -> text`` (lists and None as JSON): MLflow's params."""
+    out = {}
+    for key, value in flatten(tree).items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out[key] = text[:PARAM_CHARS]
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gradtune.runtime.errors import GradtuneError
-from gradtune.telemetry.trackers import numbers
+from gradtune.telemetry.trackers import flatten, numbers
 
 MISSING = "log_to: wandb needs the wandb package (pip install wandb)"
 PROJECT = "gradtune"
@@ -41,9 +41,10 @@ class WandbSink:
     ``resume_step``)."""
 
     def __init__(
-        self, out_dir: Path, params: dict[str, str], run_id: Optional[str] = None, resume_step: Optional[int] = None
+        self, out_dir: Path, config: dict[str, Any], run_id: Optional[str] = None, resume_step: Optional[int] = None
     ) -> None:
         wandb = _wandb()
+        params = flatten(config)
         self.folder = Path(out_dir) / "wandb"
         self.folder.mkdir(parents=True, exist_ok=True)  # wandb.init wants its dir to exist
         settings = wandb.Settings(silent=True, console="off", save_code=False, disable_git=True)
