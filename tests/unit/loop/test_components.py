@@ -23,6 +23,7 @@ from gradtune.loop.noise_scale import NoiseScaleMeter
 from gradtune.loop.plateau import PlateauSchedule
 from gradtune.loop.run_hooks import AllocatorPolicy, Audit, TestProbe
 from gradtune.loop.time_budget import TimeBudget
+from gradtune.loop.trackers import SINKS, Tracker
 from gradtune.runtime.testhooks import PROBE_ENV
 from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.telemetry.progress import Progress
@@ -125,6 +126,38 @@ def test_tensorboard_opens_its_sink_under_out_dir(tmp_path):
     sink.write({"kind": "eval", "step": 1, "loss": 0.5})
     sink.close()
     assert any((tmp_path / "tb").iterdir()) and "tb" in c.describe()
+
+
+class FakeSink:
+    """A tracker sink that records what the Tracker component asks of it."""
+
+    def __init__(self, out_dir, config, run_id=None, resume_step=None):
+        self.opened = (run_id, resume_step)
+        self.run_id = run_id or "new-run"
+        self.flushes, self.done = 0, False
+
+    def flush(self):
+        self.flushes += 1
+
+    def info(self):
+        return {"run_id": self.run_id}
+
+
+def test_tracker_keeps_its_run_id_in_the_checkpoint_and_resumes_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(SINKS, "mlflow", FakeSink)
+    c, v = attached(Tracker("mlflow", tmp_path, load_config(None, [])))
+    assert c.key == "mlflow" and "mlflow.db" in c.describe()
+    sink = c.log_sink()
+    assert sink.opened == (None, None)  # a fresh run: a new tracker run
+    assert c.state_dict() == {"run_id": "new-run"} and sink.flushes == 1  # pending rows go before a checkpoint
+    c.on_run_end()
+    assert sink.done and v.job.info["trackers"] == {"mlflow": {"run_id": "new-run"}}
+    again, view = attached(Tracker("mlflow", tmp_path, load_config(None, [])), step=20)
+    again.load_state_dict({"run_id": "new-run"})  # restored from the checkpoint at step 20
+    assert again.log_sink().opened == ("new-run", 20)  # the same run, rewound to the checkpoint's step
+    other = Tracker("wandb", tmp_path, load_config(None, []))
+    other.load_state_dict({"run_id": ""})
+    assert other.run_id is None and "wandb" in other.describe()
 
 
 def test_allocator_policy_sees_each_step_after_the_update(monkeypatch):
