@@ -109,9 +109,7 @@ class MLflowSink:
         try:
             return self.client.get_run(run_id)
         except MlflowException:
-            print(
-                f"gradtune: warning: MLflow run {run_id} is not in {self.uri}; logging to a new run", file=sys.stderr
-            )
+            print(f"gradtune: warning: MLflow run {run_id} is not in {self.uri}; logging to a new run", file=sys.stderr)
             return None
 
     def _experiment(self) -> str:
