@@ -37,6 +37,8 @@ STORE = "mlflow.db"  # the default store, in out_dir
 ARTIFACTS = "mlartifacts"  # the default store's artifact root, in out_dir
 ARTIFACT_FILES = ("config.yaml", "summary.json", "report.html", "loss.png")
 BATCH = 1000  # MLflow's limit of metrics in one log_batch call
+RETRY_S = 30.0  # a failing store is tried again this long after (checkpoints and the end try at once)
+KEEP = 100_000  # values held while the store fails (about 10 MB); older ones are dropped
 EXPERIMENT = "gradtune"
 
 
@@ -72,6 +74,10 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _warn(line: str) -> None:
+    print(f"gradtune: warning: {line}", file=sys.stderr, flush=True)
+
+
 def _metric(key: str, value: float, step: int) -> Any:
     from mlflow.entities import Metric
 
@@ -90,16 +96,21 @@ class MLflowSink:
         self.uri = tracking_uri(self.out_dir)
         with _quiet():
             self.client = _client(self.uri)
-            found = self._existing(run_id)
-            if found is None:
-                self.run_id = self._create(params)
-            else:
-                self.run_id = found.info.run_id
-                self._continue(found, params, resume_step)
+            try:
+                found = self._existing(run_id)
+                if found is None:
+                    self.run_id = self._create(params)
+                else:
+                    self.run_id = found.info.run_id
+                    self._continue(found, params, resume_step)
+            except Exception as e:  # a store that cannot be reached or opened: one line before the first step
+                raise GradtuneError(f"log_to: mlflow: {self.uri}: {type(e).__name__}: {e}") from None
         self.pending: list[Any] = []
         self.step = 0  # the last row's step, for a row without one
         self.done = False  # the loop finished (not killed, failed or preempted)
         self.closed = False
+        self.failing = False  # the last send failed (warned once until one succeeds)
+        self.retry_at = 0.0
 
     def _existing(self, run_id: Optional[str]) -> Any:
         if not run_id:
@@ -140,7 +151,7 @@ class MLflowSink:
         if resume_step is not None:
             note = rewind(self.client, self.run_id, resume_step)
             if note:
-                print(f"gradtune: warning: {note}", file=sys.stderr)
+                _warn(note)
         new = [Param(k, v) for k, v in params.items() if k not in run.data.params]
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i : i + 100])
@@ -152,13 +163,30 @@ class MLflowSink:
         step = row.get("step")
         self.step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else self.step
         self.pending.extend(_metric(k, v, self.step) for k, v in numbers(row).items())
+        del self.pending[: max(0, len(self.pending) - KEEP)]  # a store failing for long: the oldest go
         if row.get("kind") != "step" or len(self.pending) >= BATCH:
-            self.flush()
+            self._send(force=False)
 
     def flush(self) -> None:
+        """Send what waits now (a checkpoint is being written: what it has seen goes first)."""
+        self._send(force=True)
+
+    def _send(self, force: bool) -> None:
+        """A store that fails (a server away, a locked database) does not stop the training: one
+        warning, and the values wait (at most ``KEEP``) for a row ``RETRY_S`` later, a checkpoint
+        or the end."""
+        if self.failing and not force and time.monotonic() < self.retry_at:
+            return
         while self.pending and not self.closed:
-            batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            try:
+                self.client.log_batch(self.run_id, metrics=self.pending[:BATCH])
+            except Exception as e:  # MLflow raises its own, requests' and SQLAlchemy's errors
+                if not self.failing:
+                    _warn(f"MLflow {self.uri}: {type(e).__name__}: {e}; the values wait for the next try")
+                self.failing, self.retry_at = True, time.monotonic() + RETRY_S
+                return
+            del self.pending[:BATCH]
+            self.failing = False
 
     def info(self) -> dict[str, str]:
         """Where the run is (summary.json's ``job.trackers.mlflow``; ``upload`` reads it)."""
@@ -169,16 +197,25 @@ class MLflowSink:
         was preempted: a resume reopens it); closing twice is harmless."""
         if self.closed:
             return
-        self.flush()
+        self._send(force=True)
         self.closed = True
-        self.client.set_terminated(self.run_id, "FINISHED" if self.done else "KILLED")
+        try:
+            self.client.set_terminated(self.run_id, "FINISHED" if self.done else "KILLED")
+        except Exception as e:  # the training is done: a store failing now is worth a line, not the run
+            _warn(f"MLflow {self.uri}: {type(e).__name__}: {e}; run {self.run_id} not marked ended")
 
 
 def upload(out_dir: Path, info: dict[str, str]) -> None:
-    """The finished run's files as the MLflow run's artifacts (after save_outputs wrote them)."""
+    """The finished run's files as the MLflow run's artifacts (after save_outputs wrote them); a
+    store failing now is one warning: the run's own files are in out_dir whatever happens."""
     with _quiet():
         client = _client(info["tracking_uri"])
         for name in ARTIFACT_FILES:
             path = Path(out_dir) / name
-            if path.is_file():
+            if not path.is_file():
+                continue
+            try:
                 client.log_artifact(info["run_id"], str(path))
+            except Exception as e:
+                _warn(f"MLflow {info['tracking_uri']}: {name} not stored: {type(e).__name__}: {e}")
+                return
