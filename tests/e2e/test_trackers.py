@@ -10,7 +10,11 @@ the W&B run continues from the checkpoint's step with W&B's rewind).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,11 +24,13 @@ import pytest
 from gradtune.cli import main
 from gradtune.runtime import testhooks
 from gradtune.telemetry.trackers import numbers
+from tests import hooks
 
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("wandb")
 
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["model=linear", "data=diabetes", "max_steps=30", "log_every=1", "checkpoint_every=10", "progress=off"]
 CHECKPOINT, KILLED_AT = 20, 24  # the raise comes before step 25: steps 21..24 are logged, then recomputed
 
@@ -203,3 +209,25 @@ def test_killed_and_resumed_run_is_one_tracker_run_equal_to_the_uninterrupted_on
     assert (branch.run, branch.value) == (first.stem.removeprefix("run-"), CHECKPOINT)
     assert max(_wandb_history(first)) == KILLED_AT
     assert _wandb_history(second) == _by_step(out, since=CHECKPOINT + 1)
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_is_one_mlflow_run_equal_to_its_log(tmp_path: Path) -> None:
+    """A real SIGKILL two steps after the checkpoint at step 20, before the next evaluation: no
+    close, no flush at the end. The step rows since the evaluation at 12, which the checkpoint had
+    seen, were sent before it was written (else they would be lost: the resume starts after them);
+    steps 21 and 22 die with the process and are recomputed."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), hooks.FAULTS: f"step.begin@{CHECKPOINT + 3}"}
+    args = [sys.executable, "-m", "gradtune", "train", *ARGS, "log_to=[mlflow]", f"out_dir={out}"]
+    killed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = _one_run(out)
+    sent = _history(_store(out), run.info.run_id, ["step/loss", "eval/loss"])
+    assert [s for s, _ in sent["step/loss"]] == list(range(1, CHECKPOINT + 1)) and run.info.status == "RUNNING"
+    assert [s for s, _ in sent["eval/loss"]] == [12]
+    assert _train(out) == 0
+    resumed = _one_run(out)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    want = _expected(out)
+    assert _history(_store(out), run.info.run_id, sorted(want)) == want
