@@ -248,7 +248,7 @@ def discard(out_dir: Path) -> None:
 def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any] = ()) -> MetricsLog:
     """metrics.jsonl: fresh, or cut back to the rows the checkpoint had seen and appended to
     (rows written after it, by the interrupted process, are recomputed identically). ``sinks``
-    (TensorBoard) receive every row written from now on, the resume row included."""
+    (TensorBoard, MLflow, W&B) receive every row written from now on, the resume row included."""
     if out_dir is None:
         return MetricsLog(None, sinks=sinks)
     path = out_dir / "metrics.jsonl"
