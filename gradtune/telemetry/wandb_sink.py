@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,21 @@ def _wandb() -> Any:
     except ImportError:
         raise GradtuneError(MISSING) from None
     return wandb
+
+
+def _init(wandb: Any, kwargs: dict[str, Any]) -> Any:
+    """``wandb.init``; W&B's own errors (a bad WANDB_MODE, a refused login) as one line. A server
+    that refuses the rewind (an online run, where it is a feature of the account) is asked for a
+    plain resume of the same id instead: it then keeps the interrupted process's values for the
+    steps after the checkpoint, and drops the recomputed ones (W&B takes increasing steps only)."""
+    try:
+        return wandb.init(**kwargs)
+    except Exception as e:
+        if "resume_from" not in kwargs:
+            raise GradtuneError(f"log_to: wandb: {type(e).__name__}: {e}") from None
+        run_id = kwargs.pop("resume_from").partition("?")[0]
+        print(f"gradtune: warning: W&B refused to rewind run {run_id} ({e}); resuming it as it is", file=sys.stderr)
+    return _init(wandb, {**kwargs, "id": run_id, "resume": "allow"})
 
 
 class WandbSink:
@@ -61,10 +77,8 @@ class WandbSink:
             self.floor = resume_step + 1
         else:
             kwargs["config"] = params
-        try:
-            self.run = wandb.init(**kwargs)
-        except Exception as e:  # W&B's own errors (a bad WANDB_MODE, a refused login): one line
-            raise GradtuneError(f"log_to: wandb: {type(e).__name__}: {e}") from None
+        self.run = _init(wandb, kwargs)
+        self.floor = max(self.floor, int(getattr(self.run, "step", 0) or 0))  # a plain resume: the server's next step
         if "config" not in kwargs:
             self.run.config.update(params, allow_val_change=True)
         self.run_id = self.run.id

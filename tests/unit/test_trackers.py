@@ -4,11 +4,12 @@ fake client (the store itself is tested end to end in tests/e2e/test_trackers.py
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from gradtune.runtime.errors import GradtuneError
-from gradtune.telemetry import mlflow_sink, trackers
+from gradtune.telemetry import mlflow_sink, trackers, wandb_sink
 from gradtune.telemetry.mlflow_sink import MLflowSink
 
 
@@ -104,3 +105,38 @@ def test_a_failing_store_warns_once_and_sends_later(capsys, monkeypatch):
     assert [m.step for m in sink.pending] == [4, 5]  # bounded: the oldest went
     sink.close()
     assert client.status == "KILLED" and capsys.readouterr().err.count("\n") == 1
+
+
+class FakeRun:
+    def __init__(self, kwargs):
+        self.kwargs, self.id, self.dir, self.step, self.logged = kwargs, "abc", "/x/wandb/run-abc/files", 25, []
+        self.config = SimpleNamespace(update=lambda values, allow_val_change: None)
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self, exit_code):
+        self.exit_code = exit_code
+
+
+def test_wandb_resume_rewinds_or_falls_back_to_a_plain_resume(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if "resume_from" in kwargs:
+            raise ValueError("rewind is not enabled for this account")
+        return FakeRun(kwargs)
+
+    monkeypatch.setattr(wandb_sink, "_wandb", lambda: SimpleNamespace(init=init, Settings=lambda **kw: kw))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sink = wandb_sink.WandbSink(tmp_path, {"lr": 0.1}, run_id="abc", resume_step=20)
+    assert calls[0]["resume_from"] == "abc?_step=20" and calls[0]["mode"] == "offline"
+    assert calls[1]["id"] == "abc" and calls[1]["resume"] == "allow" and "resume_from" not in calls[1]
+    assert "refused to rewind run abc" in capsys.readouterr().err
+    run = sink.run
+    sink.write({"kind": "eval", "step": 24, "loss": 1.0})  # the server is at step 25: W&B would drop it
+    sink.write({"kind": "eval", "step": 25, "loss": 0.5, "note": "x"})
+    sink.close()
+    assert run.logged == [(25, {"eval/loss": 0.5})] and run.exit_code == 1  # not done: the loop did not end
+    assert sink.info() == {"run_id": "abc", "dir": "/x/wandb/run-abc"}
