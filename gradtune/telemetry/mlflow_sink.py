@@ -108,6 +108,7 @@ class MLflowSink:
         self.pending: list[Any] = []
         self.step = 0  # the last row's step, for a row without one
         self.done = False  # the loop finished (not killed, failed or preempted)
+        self.backfill = False  # the Tracker sets it: resume.open_log replays metrics.jsonl's kept rows first
         self.closed = False
         self.failing = False  # the last send failed (warned once until one succeeds)
         self.retry_at = 0.0

@@ -85,6 +85,7 @@ class WandbSink:
         self.where = str(Path(self.run.dir).parent)  # out_dir/wandb/offline-run-<time>-<id>
         self.step = self.floor
         self.done = False  # the loop finished (not killed, failed or preempted)
+        self.backfill = False  # the Tracker sets it: resume.open_log replays metrics.jsonl's kept rows first
 
     def write(self, row: dict[str, Any]) -> None:
         if self.run is None:  # closed: like MetricsLog, a late row is not an error

@@ -160,10 +160,12 @@ def _wandb_history(path: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
-def _by_step(out: Path, since: int = 0) -> dict[int, dict[str, float]]:
+def _by_step(out: Path, since: int = 0, resume: bool = False) -> dict[int, dict[str, float]]:
+    """metrics.jsonl as W&B's history rows: step -> every value logged at it (the resume row, at
+    the checkpoint's step, only where W&B takes that step: a new run, not a rewound one)."""
     want: dict[int, dict[str, float]] = defaultdict(dict)
     for row in _rows(out):
-        if row["step"] >= since and row["kind"] != "resume":
+        if row["step"] >= since and (resume or row["kind"] != "resume"):
             want[row["step"]].update(numbers(row))
     return dict(want)
 
@@ -231,3 +233,16 @@ def test_sigkill_after_a_checkpoint_then_resume_is_one_mlflow_run_equal_to_its_l
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     want = _expected(out)
     assert _history(_store(out), run.info.run_id, sorted(want)) == want
+
+
+@pytest.mark.slow
+def test_a_tracker_added_on_resume_gets_the_rows_before_the_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "max_steps=20", f"out_dir={out}"]) == 0  # no tracker
+    assert main(["train", *ARGS, "log_to=[mlflow, wandb]", f"out_dir={out}"]) == 0  # extended to 30 steps
+    run = _one_run(out)
+    want = _expected(out)
+    assert want["step/loss"][0][0] == 1 and "resume/time" in want
+    assert _history(_store(out), run.info.run_id, sorted(want)) == want
+    (path,) = _wandb_file(out)
+    assert _wandb_history(path) == _by_step(out, resume=True)
