@@ -14,6 +14,8 @@ import torch
 from gradtune.config import load_config
 from gradtune.config.schema import EarlyStoppingSection
 from gradtune.data.sampler import Step
+from gradtune.jobs.registry import build
+from gradtune.loop import assemble
 from gradtune.loop.budget import FORCE_ENV, Spent
 from gradtune.loop.callbacks import Callback, CallbackError, Control
 from gradtune.loop.components import Component, Events
@@ -305,3 +307,13 @@ def test_a_raising_callback_is_one_line_naming_it_and_the_event(monkeypatch, cap
 def test_components_on_every_rank_callbacks_on_rank_zero_only():
     rec, comp = Recorder(), UpdateRatios()
     assert Events([comp, rec], main=False).all == [comp]
+
+
+def test_trackers_are_rank_0s_and_need_an_out_dir(tmp_path, monkeypatch):
+    cfg = load_config(None, ["model=linear", "data=diabetes", "log_to=[wandb, mlflow]", "progress=off"])
+    job = build(cfg)
+    names = [c.describe() for c in assemble.components(job, cfg, tmp_path, 10, False)]
+    assert [n.split("(")[0] for n in names if "(" in n] == ["MLflow", "W&B"]
+    assert not [c for c in assemble.components(job, cfg, None, 10, False) if isinstance(c, Tracker)]
+    monkeypatch.setattr(assemble.distributed, "is_main", lambda: False)
+    assert not [c for c in assemble.components(job, cfg, tmp_path, 10, False) if isinstance(c, Tracker)]
