@@ -43,9 +43,9 @@ class Tracker(Component):
         then the checkpoint's); closed with metrics.jsonl."""
         resume_step = self.view.step if self.run_id else None
         self.sink = SINKS[self.key](self.out_dir, self.config, self.run_id, resume_step)
-        # A resumed run whose checkpoint has no run of this tracker (log_to grew on resume): a new
-        # tracker run, which open_log fills with metrics.jsonl's rows so far.
-        self.sink.backfill = self.run_id is None and self.view.step > 0
+        # A resumed run that starts a new tracker run (log_to grew on resume; MLflow: the run is not
+        # in this store): open_log fills it with metrics.jsonl's rows so far.
+        self.sink.backfill = self.sink.fresh and self.view.step > 0
         self.run_id = self.sink.run_id
         return self.sink
 

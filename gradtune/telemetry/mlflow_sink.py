@@ -98,6 +98,7 @@ class MLflowSink:
             self.client = _client(self.uri)
             try:
                 found = self._existing(run_id)
+                self.fresh = found is None  # a new MLflow run (none to continue, or not in this store)
                 if found is None:
                     self.run_id = self._create(params)
                 else:

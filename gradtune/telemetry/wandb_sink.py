@@ -72,6 +72,7 @@ class WandbSink:
             "mode": None if os.environ.get("WANDB_MODE") else "offline",
         }
         self.floor = 0  # the lowest step the run still takes
+        self.fresh = not (run_id and resume_step is not None)  # a new W&B run
         if run_id and resume_step is not None:
             kwargs["resume_from"] = f"{run_id}?_step={resume_step}"
             self.floor = resume_step + 1

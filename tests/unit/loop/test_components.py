@@ -134,7 +134,7 @@ class FakeSink:
     """A tracker sink that records what the Tracker component asks of it."""
 
     def __init__(self, out_dir, config, run_id=None, resume_step=None):
-        self.opened = (run_id, resume_step)
+        self.opened, self.fresh = (run_id, resume_step), run_id is None
         self.run_id = run_id or "new-run"
         self.flushes, self.done = 0, False
 
@@ -156,7 +156,10 @@ def test_tracker_keeps_its_run_id_in_the_checkpoint_and_resumes_it(tmp_path, mon
     assert sink.done and v.job.info["trackers"] == {"mlflow": {"run_id": "new-run"}}
     again, view = attached(Tracker("mlflow", tmp_path, load_config(None, [])), step=20)
     again.load_state_dict({"run_id": "new-run"})  # restored from the checkpoint at step 20
-    assert again.log_sink().opened == ("new-run", 20)  # the same run, rewound to the checkpoint's step
+    resumed = again.log_sink()
+    assert resumed.opened == ("new-run", 20) and not resumed.backfill  # the same run, rewound to the checkpoint
+    added, _ = attached(Tracker("mlflow", tmp_path, load_config(None, [])), step=20)
+    assert added.log_sink().backfill  # log_to grew on resume: a new run, given metrics.jsonl's rows so far
     other = Tracker("wandb", tmp_path, load_config(None, []))
     other.load_state_dict({"run_id": ""})
     assert other.run_id is None and "wandb" in other.describe()
