@@ -18,16 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/gradtune demo
 
+# Two pytest-xdist workers (most tests wait on processes, files and sockets more than they
+# compute), then the tests that assert on wall time (marker `serial`) alone.
+PYTEST  := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+WORKERS ?= 2
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(PYTEST) -n $(WORKERS) --dist loadgroup -m 'not serial'
+	$(PYTEST) -m 'serial'
 
 # Local loop: skip the real-model tests.
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not slow'
+	$(PYTEST) -n $(WORKERS) --dist loadgroup -m 'not slow and not serial'
+	$(PYTEST) -m 'serial and not slow'
 
 # The long tests too (real-model training curves, multi-GiB corpora, 20-fold repetitions): ~an hour.
 test-long: $(STAMP)
-	GRADTUNE_LONG_TESTS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+	GRADTUNE_LONG_TESTS=1 $(PYTEST) -n $(WORKERS) --dist loadgroup -m 'not serial'
+	GRADTUNE_LONG_TESTS=1 $(PYTEST) -m 'serial'
 
 bench: $(STAMP)
 	$(BIN)/python bench/optim.py

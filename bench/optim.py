@@ -8,6 +8,9 @@ implementation must move per step divided by the time, next to the triad bandwid
 (a = b + s*c) measured in the same process. Bytes counted per parameter (float32):
   SGD momentum: read p, g, buf; write p, buf    = 5 x 4 B
   AdamW:        read p, g, m, v; write p, m, v  = 7 x 4 B
+  Muon:         read p, g, buf; write p, buf    = 5 x 4 B, on the hidden matrices of the first
+                --muon-layers blocks only: its step is bound by the Newton-Schulz matmuls
+                (bfloat16), not memory, so its GB/s is not a bandwidth and only the ratio counts
   triad:        read b, c; write a              = 3 x 4 B  (write-allocate traffic not counted)
 All implementations share the same params and grads (one set in memory); each has its own
 state. Repetitions alternate the order of implementations; we report medians.
@@ -24,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from gradtune.optim import SGD, AdamW, fused
+from gradtune.optim import SGD, AdamW, Muon, fused
 from gradtune.optim.kernel_source import PRELUDE
 
 # STREAM's triad, a = b + s * c, on the optimizer kernels' prelude: the same threads and the
@@ -131,9 +134,18 @@ def timed_medians(opts: dict[str, torch.optim.Optimizer], reps: int, budget_s: f
     return times
 
 
-def variants(params: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], torch.optim.Optimizer]]]:
+def hidden(params: list[torch.Tensor], layers: int) -> list[torch.Tensor]:
+    """The 2-D weights of the first ``layers`` blocks (c_attn, attn.c_proj, c_fc, mlp.c_proj):
+    what Muon steps; wte and wpe (the first two tensors) are AdamW's."""
+    return [p for p in params[2:] if p.dim() == 2][: 4 * layers]
+
+
+def variants(
+    params: list[torch.Tensor], mats: list[torch.Tensor]
+) -> dict[str, dict[str, Callable[[], torch.optim.Optimizer]]]:
     sgd = dict(lr=1e-3, momentum=0.9)
     adamw = dict(lr=1e-4, weight_decay=0.1)
+    muon = dict(lr=0.02, weight_decay=0.1)
     return {
         "SGD momentum": {
             "gradtune (fused)": lambda: SGD(params, **sgd),
@@ -147,6 +159,7 @@ def variants(params: list[torch.Tensor]) -> dict[str, dict[str, Callable[[], tor
             "torch foreach=True": lambda: torch.optim.AdamW(params, **adamw, foreach=True),
             "torch fused=True": lambda: torch.optim.AdamW(params, **adamw, fused=True),
         },
+        "Muon": {"gradtune": lambda: Muon(mats, **muon), "torch": lambda: torch.optim.Muon(mats, **muon)},
     }
 
 
@@ -157,24 +170,29 @@ def main() -> None:
     ap.add_argument(
         "--budget-s", type=float, default=40.0, help="per optimizer: stop repeating after this many seconds (>= 3 reps)"
     )
+    ap.add_argument(
+        "--muon-layers", type=int, default=None, help="blocks whose matrices Muon steps (default 2; quick 1)"
+    )
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 9)
     shapes = gpt2_shapes(n_layer=2, vocab=8192) if args.quick else gpt2_shapes()
     params = make_params(shapes)
     n = sum(p.numel() for p in params)
     triad_n = min(n, 64 * 2**20)  # >= 768 MB over 3 arrays: far beyond any cache
-    bytes_per = {"SGD momentum": 5 * 4 * n, "AdamW": 7 * 4 * n}
+    mats = hidden(params, args.muon_layers or (1 if args.quick else 2))
+    bytes_per = {"SGD momentum": 5 * 4 * n, "AdamW": 7 * 4 * n, "Muon": 5 * 4 * sum(p.numel() for p in mats)}
 
     print(
         f"params: {len(params)} tensors, {n / 1e6:.1f}M float32 | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.1f}"
+        f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()} | "
+        f"load average {os.getloadavg()[0]:.1f} | Muon: {len(mats)} matrices"
     )
     triad_before = triad_gbps(triad_n, reps)
     rows = []
-    for algo, makers in variants(params).items():
+    for algo, makers in variants(params, mats).items():
         opts = {name: make() for name, make in makers.items()}
         times = timed_medians(opts, reps, args.budget_s)
-        ours = statistics.median(times["gradtune (fused)"])
+        ours = statistics.median(times[next(iter(makers))])  # the first implementation is gradtune's
         for name, ts in times.items():
             med = statistics.median(ts)
             rows.append((algo, name, len(ts), med, min(ts), bytes_per[algo] / med / 1e9, ours / med))
@@ -187,7 +205,7 @@ def main() -> None:
     )
     print(
         f"bytes per step: SGD momentum {bytes_per['SGD momentum'] / 1e9:.2f} GB, "
-        f"AdamW {bytes_per['AdamW'] / 1e9:.2f} GB"
+        f"AdamW {bytes_per['AdamW'] / 1e9:.2f} GB, Muon {bytes_per['Muon'] / 1e9:.2f} GB"
     )
     head = (
         f"{'optimizer':<14}{'implementation':<22}{'steps':>6}{'median ms':>10}{'min ms':>9}"

@@ -109,16 +109,18 @@ def _sweep(cfg: Config, min_lr: float, max_lr: float, steps: int) -> tuple[list[
     device = resolve_device(cfg.device)
     model = job.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, job.param_groups or params)
+    opt = make_optimizer(cfg, job.param_groups or params, model)
     sampler = make_sampler(job, cfg)
     amp = autocast(cfg.precision, device)
+    # optimizer=muon: the Muon groups keep muon_lr's ratio to lr; the sweep (and suggestion) is lr's
+    ratios = [g["lr"] / cfg.lr if g.get("muon") and cfg.lr else 1.0 for g in opt.param_groups]
     lrs: list[float] = []
     losses: list[float] = []
     avg, best = 0.0, math.inf
     for i in range(steps):
         lr = min_lr * (max_lr / min_lr) ** (i / max(1, steps - 1))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        for g, ratio in zip(opt.param_groups, ratios):
+            g["lr"] = lr * ratio
         for p in params:
             p.grad = None
         loss_sum, count, _ = accumulate(model, job.objective, job.train, next(sampler).micro, device, amp)

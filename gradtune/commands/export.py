@@ -1,7 +1,9 @@
-"""``gradtune export RUN``: a run as a PEFT adapter, a merged HF folder and/or a GGUF file.
+"""``gradtune export RUN``: a run as a PEFT adapter, a merged HF folder, a HF folder of a GPT
+pretrained here and/or a GGUF file.
 
     gradtune export runs/lora --adapter out/adapter     # PEFT: PeftModel.from_pretrained(base, dir)
     gradtune export runs/lora --merged out/merged       # plain transformers folder (+ head files)
+    gradtune export runs/gpt --hf out/gpt-hf            # a GPT run: LlamaForCausalLM / GPT2LMHeadModel
     gradtune export runs/lora --gguf out/m.gguf --type q8_0   # llama.cpp: llama-cli -m out/m.gguf
 
 Each destination folder must be new or empty and overlap neither the run nor its base model:
@@ -21,19 +23,25 @@ from pathlib import Path
 
 from gradtune.config import load_config
 from gradtune.data.tokenizer import HFTokenizer
-from gradtune.finetune import export, gguf_export
+from gradtune.finetune import export, gguf_export, gpt_hf_export
 from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
 from gradtune.runtime import outdir, outfile
 from gradtune.runtime.errors import GradtuneError
 
-HELP = "write a run as a PEFT adapter, a merged HF folder and/or a GGUF file (llama.cpp)"
+HELP = "write a run as a PEFT adapter, a merged HF folder, a HF folder of a GPT run and/or a GGUF file (llama.cpp)"
 
 
 def setup(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a fine-tuning run's out_dir (or a GPT run's, for --gguf)")
+    p.add_argument("run", help="a fine-tuning run's out_dir (or a GPT run's, for --hf and --gguf)")
     p.add_argument("--adapter", metavar="OUT", help="write the LoRA factors as a PEFT adapter folder")
     p.add_argument("--merged", metavar="OUT", help="write the model with updates folded in, as a HF folder")
+    p.add_argument(
+        "--hf",
+        metavar="OUT",
+        help="write a GPT run (model=gpt) as a transformers folder with its tokenizer: "
+        "LlamaForCausalLM (gpt.family llama) or GPT2LMHeadModel (gpt2)",
+    )
     p.add_argument(
         "--gguf",
         metavar="OUT.gguf",
@@ -92,27 +100,31 @@ def _write_gguf(r: Run, out: Path, qtype: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.adapter and not args.merged and not args.gguf:
-        raise GradtuneError("export: give --adapter OUT, --merged OUT and/or --gguf OUT.gguf")
+    if not args.adapter and not args.merged and not args.hf and not args.gguf:
+        raise GradtuneError("export: give --adapter OUT, --merged OUT, --hf OUT and/or --gguf OUT.gguf")
     if args.type and not args.gguf:
         raise GradtuneError("export: --type is the GGUF weight type; give --gguf OUT.gguf with it")
     run_dir = run_folder(Path(args.run))
     base = load_config(str(run_dir / "config.yaml")).model  # a path for fine-tuning runs, a name for others
     inputs = [run_dir, args.run] + ([base] if Path(base).exists() else [])  # the run (or checkpoint), its base
     gguf_out = _check_gguf_dest(args, inputs) if args.gguf else None
-    dests = [d for d in (args.adapter, args.merged) if d]
-    if len(dests) == 2 and Path(dests[0]).resolve() == Path(dests[1]).resolve():
-        raise GradtuneError(f"export: --adapter and --merged are the same folder {dests[0]}; give two")
+    dests = [d for d in (args.adapter, args.merged, args.hf) if d]
+    if len({Path(d).resolve() for d in dests}) < len(dests):
+        raise GradtuneError("export: two of --adapter, --merged and --hf are the same folder; give one each")
     for dest in dests:
         outdir.check_dest(dest, inputs)
         if gguf_out is not None and gguf_out.resolve().is_relative_to(Path(dest).resolve()):
             raise GradtuneError(f"--gguf {args.gguf}: inside the export folder {dest}; write it beside, not in it")
     r = load_run(args.run)
-    if dests and r.kind != "pretrained":
+    if (args.adapter or args.merged) and r.kind != "pretrained":
+        hint = "; --hf writes it as a transformers folder" if r.kind == "gpt" else ""
         raise GradtuneError(
             f"{args.run}: --adapter/--merged write fine-tuned pretrained models; this run trained "
-            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'})"
+            f"model={r.cfg.model} (its weights are {r.folder / 'model.safetensors'}){hint}"
         )
+    if args.hf and r.kind != "gpt":
+        hint = "; --merged writes a fine-tuned pretrained model" if r.kind == "pretrained" else ""
+        raise GradtuneError(f"{args.run}: --hf writes GPT runs (model=gpt); this run trained model={r.cfg.model}{hint}")
     if args.adapter and "lora" not in r.cfg.method.split("+"):
         raise GradtuneError(
             f"{args.run}: --adapter writes LoRA factors (a PEFT adapter) and this run trained "
@@ -120,8 +132,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if gguf_out is not None and r.kind not in ("gpt", "pretrained"):
         raise GradtuneError(f"{args.run}: GGUF export writes language models; this run trained model={r.cfg.model}")
+    if args.hf:  # its refusals (shape, tokenizer) come before the folder exists
+        gpt_hf_export.check(r.model, r.tokenizer)
     if gguf_out is not None:  # first: it refuses more runs than the others, before they write
         _write_gguf(r, gguf_out, args.type or "f16")
+    if args.hf:
+        gpt_hf_export.export_gpt_hf(r.model, r.tokenizer, args.hf, inputs)
+        print(f"hf: {args.hf} (transformers.AutoModelForCausalLM.from_pretrained('{args.hf}'), AutoTokenizer too)")
     if args.adapter:
         export.save_adapter(r.model, args.adapter, str(Path(r.cfg.model).resolve()))
         print(f"adapter: {args.adapter} (peft.PeftModel.from_pretrained(base, '{args.adapter}'))")

@@ -23,6 +23,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "dampening": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "eps": (lambda v: v > 0, "> 0"),
+    "muon_lr": (lambda v: v > 0, "> 0"),
+    "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ns_steps": (lambda v: 1 <= v <= 99, "in [1, 99]"),
     "batch_size": (lambda v: v == "full" or v >= 1, ">= 1 or 'full'"),
     "micro_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
     "epochs": (lambda v: v >= 1, ">= 1"),
@@ -163,6 +166,28 @@ def check_data(cfg: Config) -> None:
             raise GradtuneError(f"config key 'data[{i}].weight': must be a finite number > 0, got {w!r} ({d['path']})")
 
 
+MUON_KEYS = ("muon_lr", "muon_momentum", "muon_nesterov", "ns_steps", "muon_adjust_lr")
+
+
+def check_muon(cfg: Config) -> None:
+    """optimizer=muon takes its own momentum keys; a muon_* key under another optimizer does nothing, so it is refused;
+    FSDP shards the matrices Muon orthogonalises whole."""
+    if cfg.optimizer == "muon":
+        if cfg.momentum or cfg.nesterov:
+            raise GradtuneError(
+                "config: momentum/nesterov are SGD settings; optimizer=muon uses muon_momentum/muon_nesterov"
+            )
+        if cfg.distributed == "fsdp":
+            raise GradtuneError(
+                "config: optimizer=muon orthogonalises whole matrices and FSDP shards them: use distributed=ddp"
+            )
+        return
+    defaults = Config()
+    for key in MUON_KEYS:
+        if getattr(cfg, key) != getattr(defaults, key):
+            raise GradtuneError(f"config: {key} is an optimizer=muon setting (optimizer={cfg.optimizer})")
+
+
 def check_combinations(cfg: Config) -> None:
     """Fail fast on settings that are each valid but meaningless together."""
     check_auto(cfg)
@@ -171,6 +196,7 @@ def check_combinations(cfg: Config) -> None:
         raise GradtuneError("config: nesterov=true needs momentum > 0 and dampening = 0")
     if cfg.optimizer == "adamw" and (cfg.momentum or cfg.nesterov):
         raise GradtuneError("config: momentum/nesterov are SGD settings; AdamW uses betas")
+    check_muon(cfg)
     watches = cfg.early_stopping.enabled or cfg.schedule == "plateau"
     if (
         watches

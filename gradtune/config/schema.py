@@ -216,7 +216,9 @@ class Config:
     # (scikit-learn's formula), or a mapping {label: weight} (unlisted labels 1); None: unweighted
     class_weight: Union[None, Literal["balanced"], dict] = None
     # --- gradient descent ----------------------------------------------------------------------
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # our own update rules (gradtune.optim)
+    # our own update rules (gradtune.optim); muon: Muon for the hidden 2-D matrices, AdamW (lr, betas, eps) for
+    # embeddings, the output layer, norms and biases
+    optimizer: Literal["sgd", "adamw", "muon"] = "sgd"
     # step size; too large oscillates/diverges, too small crawls (see lr-find); auto: from the loss curvature L (and
     # mu), min(2/(mu+L), 1.9/L) or 1/L (linear mse, logistic)
     lr: Union[float, Literal["auto"]] = 0.01
@@ -225,9 +227,17 @@ class Config:
     momentum: Union[float, Literal["auto"]] = 0.0
     nesterov: bool = False  # look-ahead momentum; needs momentum > 0, dampening 0
     dampening: float = 0.0  # SGD: scale of the new gradient in the momentum buffer is (1 - dampening)
-    weight_decay: float = 0.0  # decoupled for AdamW, L2-in-gradient for SGD (as torch.optim)
+    weight_decay: float = 0.0  # decoupled for AdamW and Muon, L2-in-gradient for SGD (as torch.optim)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator floor
+    muon_lr: float = 0.02  # optimizer=muon: the hidden matrices' lr (the schedule scales it with lr)
+    muon_momentum: float = 0.95  # optimizer=muon: momentum of the matrices' update (buffer starts at 0)
+    muon_nesterov: bool = True  # optimizer=muon: look-ahead momentum, as the nanoGPT speedrun and torch.optim.Muon
+    # optimizer=muon: Newton-Schulz iterations orthogonalising each update; fewer: cheaper, less orthogonal
+    ns_steps: int = 5
+    # optimizer=muon: lr per matrix shape (A, B); original: sqrt(max(1, A/B)); match_rms_adamw: 0.2 sqrt(max(A, B)),
+    # the RMS of an AdamW update, so AdamW's lr and weight_decay carry over
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
     micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
     clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off

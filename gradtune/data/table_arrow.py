@@ -23,13 +23,26 @@ import numpy as np
 from gradtune.data.cells import MAX_ABS, MISSING, is_number
 from gradtune.datasets import EMBEDDED
 
-try:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-except ImportError:  # the row reader does everything, slower
-    pa = None
+# pyarrow and its modules, imported by the first ``read`` of a file this reader takes: importing
+# them costs ~0.2 s, which every command would pay at start-up (most never read a large table).
+pa = pc = pacsv = pq = None
+_PYARROW: list[bool] = []  # [available] once tried
+
+
+def _pyarrow() -> bool:
+    """Import pyarrow on first use; False when it is not installed (the row reader does everything)."""
+    global pa, pc, pacsv, pq
+    if not _PYARROW:
+        try:
+            import pyarrow as pa
+            import pyarrow.compute as pc
+            import pyarrow.csv as pacsv
+            import pyarrow.parquet as pq
+        except ImportError:
+            pass
+        _PYARROW.append(pa is not None)
+    return _PYARROW[0]
+
 
 # What ``read`` gives tabular.Table: (target, feature names, columns, categorical names, target cells)
 Columns = tuple[str, list[str], dict[str, np.ndarray], list[str], Any]
@@ -190,9 +203,11 @@ def read(
 ) -> Optional[Columns]:
     """``tabular.read_table``'s columns, or None: the row reader takes the file."""
     suffix = path.suffix.lower()
-    if pa is None or suffix not in (".csv", ".tsv", ".tab", ".parquet"):
+    if suffix not in (".csv", ".tsv", ".tab", ".parquet"):
         return None
     if suffix != ".parquet" and path.stat().st_size < MIN_BYTES:
+        return None
+    if not _pyarrow():
         return None
     try:
         cols = pq.read_schema(path).names if suffix == ".parquet" else _header(path, "\t" if suffix != ".csv" else ",")

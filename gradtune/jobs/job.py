@@ -32,6 +32,8 @@ METRICS: dict[str, tuple[str, ...]] = {
     ),
     "lm": ("ppl",),
     "preference": PREFERENCE_METRICS,
+    # GRPO: mean reward per completion, KL and clipped fraction per completion token
+    "rl": ("reward", "kl", "clip_fraction"),
 }
 
 

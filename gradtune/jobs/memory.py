@@ -93,7 +93,7 @@ def _micro(cfg: Config) -> Optional[int]:
 
 
 def _states(cfg: Config) -> int:
-    if cfg.optimizer == "adamw":
+    if cfg.optimizer in ("adamw", "muon"):  # muon: 1 per matrix, 2 for the rest: 2 is the bound
         return 2
     return 1 if cfg.momentum else 0
 
@@ -280,7 +280,7 @@ def refuse_if_too_big(cfg: Config, est: Optional[Estimate]) -> None:
             f"weights, before they are quantised) but {device.type} has {free / GIB:.1f} GiB "
             f"available; {est.smaller} ({SWITCH}=0 skips this check)"
         )
-    opt = {"adamw": "AdamW moments", "sgd": "momentum"}.get(cfg.optimizer, "optimizer")
+    opt = {"adamw": "AdamW moments", "sgd": "momentum", "muon": "Muon/AdamW state"}.get(cfg.optimizer, "optimizer")
     raise GradtuneError(
         f"memory: {est.what} needs at least {est.total / GIB:.1f} GiB to train (weights "
         f"{est.weights / GIB:.1f} + gradients {est.gradients / GIB:.1f} + {opt} {est.optimizer / GIB:.1f} + "

@@ -47,6 +47,9 @@ class Control:
     load_weights: Callable[[Path], None]  # the newest checkpoint's weights under a root folder -> the model
     snapshot: Callable[[], Any]  # the weights, copied to host memory
     restore: Callable[[Any], None]  # a snapshot -> the model
+    # The loop's torch.optim.Optimizer (its param_groups' lr, state): read it, or carry its
+    # state_dict elsewhere (the scikit-learn estimators' partial_fit does); None when nothing trains.
+    optimizer: Any = None
 
 
 class Callback:

@@ -150,6 +150,11 @@ def task_metrics(
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
     if count:  # DPO rewards: means over pairs
         out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in metrics and k in sums})
+    if "reward" in metrics and sums.get("completions"):  # GRPO: a completion's reward, a token's KL
+        out[f"{prefix}reward"] = sums["reward_sum"] / sums["completions"]
+        if count:
+            out[f"{prefix}kl"] = sums.get("kl", 0.0) / count
+            out[f"{prefix}clip_fraction"] = sums.get("clipped", 0.0) / count
     # A mixture's tokens per source (data/mixture.SourceTokens): counts, not means.
     out.update({f"{prefix}{k}": v for k, v in sums.items() if k.startswith("tokens_")})
     return out

@@ -82,7 +82,7 @@ class Loop(LoopState):
         # plain module, so files never carry an `_orig_mod.` prefix.
         self.fwd = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(cfg, groups or self.params)
+        self.opt = make_optimizer(cfg, groups or self.params, job.model)
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -266,6 +266,7 @@ class Loop(LoopState):
             load_weights=lambda root: model_weights.load_newest(root, self.model, self.opt),
             snapshot=lambda: model_weights.snapshot(self.model),
             restore=lambda weights: model_weights.copy_into(self.model, weights),
+            optimizer=self.opt,
         )
         self.events.emit("on_train_begin", control)
         if cfg.guard.enabled and cfg.guard.policy == "rollback":

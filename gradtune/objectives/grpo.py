@@ -202,7 +202,13 @@ class GRPO:
         loss, kl, clipped = per_token_loss(logp, ref, adv, self.beta, self.eps_low, self.eps_high)
         count = mask.sum()
         with torch.no_grad():
-            metrics = {"kl": (kl * mask).sum(), "clipped": (clipped * mask).sum()}
+            metrics = {
+                "kl": (kl * mask).sum(),
+                "clipped": (clipped * mask).sum(),
+                # per completion, not per token: evaluation divides these two (reward in metrics.jsonl)
+                "reward_sum": rewards.sum().to(dev, mask.dtype),
+                "completions": torch.tensor(float(rewards.numel()), device=dev, dtype=mask.dtype),
+            }
         self.record(source, roll, float(metrics["kl"]), float(metrics["clipped"]))
         return Output((loss * mask).sum(), count.long(), metrics)
 

@@ -57,6 +57,31 @@ def adamw_reference(
         param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
+def _state_for(state: dict[Tensor, Any], p: Tensor) -> dict[str, Tensor]:
+    s = state[p]
+    if not s:  # lazy init, as torch: zeros shaped like p, step a CPU scalar
+        s["step"] = torch.tensor(0.0, dtype=_step_dtype())
+        s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return s
+
+
+def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    """One group's AdamW step (fused when it can), its state in ``state`` (an optimizer's
+    ``self.state``); shared by ``AdamW`` and the AdamW side of ``MuonAdamW``."""
+    states = [_state_for(state, p) for p in params]
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+    lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
+    if lib is not None and fast.steps_supported(steps):
+        fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+    else:
+        adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+
+
 class AdamW(torch.optim.Optimizer):
     """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
 
@@ -99,29 +124,9 @@ class AdamW(torch.optim.Optimizer):
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_step_dtype())
 
-    def _state_for(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
-        if not state:  # lazy init, as torch: zeros shaped like p, step a CPU scalar
-            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
         for group, params, grads in with_grads(self.param_groups, "AdamW"):
-            states = [self._state_for(p) for p in params]
-            exp_avgs = [s["exp_avg"] for s in states]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            steps = [s["step"] for s in states]
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
-            )
-            lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
-            if lib is not None and fast.steps_supported(steps):
-                fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
-            else:
-                adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            adamw_group_(self.state, group, params, grads)
         return loss

@@ -198,9 +198,16 @@ def choose(mode: str, model: nn.Module, optimizer: str, dev: torch.device) -> st
         )
     if mode != "auto":
         return mode
-    states = 2 if optimizer == "adamw" else 1
+    states = 2 if optimizer in ("adamw", "muon") else 1  # muon: AdamW's two for embeddings and head
     replica = sum(p.numel() * p.element_size() for p in model.parameters()) * (2 + states)
-    return "ddp" if replica < 0.5 * _memory_per_process(dev) else "fsdp"
+    if replica < 0.5 * _memory_per_process(dev):
+        return "ddp"
+    if optimizer == "muon":  # Newton-Schulz needs each whole matrix; a shard's rows are not one
+        raise GradtuneError(
+            "optimizer=muon orthogonalises whole matrices and this model needs FSDP, which shards them: "
+            "use optimizer=adamw, or fewer parameters per process"
+        )
+    return "fsdp"
 
 
 def _sum_hook(group, bucket):  # no annotations: DDP checks them, and ours are strings here

@@ -87,7 +87,9 @@ def probe_dir() -> Optional[Path]:
 
 
 def record_micro(folder: Path, sample_ids: list[int]) -> None:
-    """Append one micro-batch's sample ids to ``folder/rank<R>.txt``."""
+    """Append one micro-batch's sample ids to ``folder/rank<R>.txt`` (any rank may be first here:
+    rank 0's Probe creates the folder only when its loop starts)."""
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"rank{distributed.rank()}.txt", "a") as f:
         f.write(" ".join(str(i) for i in sample_ids) + "\n")
 

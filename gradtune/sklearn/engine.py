@@ -187,18 +187,11 @@ class KeepOptimizer(Callback):
 
 
 def loop_optimizer(control: Control) -> torch.optim.Optimizer:
-    """The running loop's optimizer. Control does not expose it (yet: a proposed
-    ``Control.optimizer``); until it does, it is found through the loop that ``Control``'s
-    functions are bound to. Refuses loudly if neither works, rather than silently drop state."""
-    found = getattr(control, "optimizer", None)
-    if isinstance(found, torch.optim.Optimizer):
-        return found
-    for fn in (control.load_weights, control.save_state):
-        for cell in getattr(fn, "__closure__", None) or ():
-            opt = getattr(cell.cell_contents, "opt", None)
-            if isinstance(opt, torch.optim.Optimizer):
-                return opt
-    raise RuntimeError("gradtune.sklearn: the loop's optimizer is not reachable from its callbacks' Control")
+    """The running loop's optimizer (``Control.optimizer``); refuses loudly rather than silently
+    drop the state partial_fit must carry."""
+    if not isinstance(control.optimizer, torch.optim.Optimizer):
+        raise RuntimeError("gradtune.sklearn: the loop gave its callbacks no optimizer")
+    return control.optimizer
 
 
 @dataclasses.dataclass

@@ -102,6 +102,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "gpt_sgd": ("gpt", ["batch_size=1"]),
     "gpt_mini": ("gpt", ["batch_size=8"]),
     "gpt_mini_acc": ("gpt", ["batch_size=8", "micro_batch_size=2", "clip_grad_norm=0.5"]),
+    "gpt_muon": ("gpt", ["batch_size=8", "optimizer=muon", "muon_lr=0.02", "weight_decay=0.01", "max_steps=4"]),
     "gpt_fsdp": (
         "gpt",
         ["batch_size=8", "micro_batch_size=4", "clip_grad_norm=0.5", "max_steps=10", "distributed=fsdp"],

@@ -208,6 +208,13 @@ CONFIG = {
     "eps=nan": Case(lambda c: train("eps=nan", "optimizer=adamw"), ("'eps'",)),
     "huber_delta=inf": Case(lambda c: train("huber_delta=inf", "loss=huber"), ("'huber_delta'", "finite")),
     "betas with nan": Case(lambda c: train("optimizer=adamw", "betas=[0.9, .nan]"), ("'betas'",)),
+    "muon_momentum=1": Case(lambda c: train("optimizer=muon", "muon_momentum=1"), ("'muon_momentum'", "[0, 1)")),
+    "muon_lr=0": Case(lambda c: train("optimizer=muon", "muon_lr=0"), ("'muon_lr'", "> 0")),
+    "ns_steps=0": Case(lambda c: train("optimizer=muon", "ns_steps=0"), ("'ns_steps'", "[1, 99]")),
+    "muon_adjust_lr unknown": Case(lambda c: train("optimizer=muon", "muon_adjust_lr=rms"), ("'muon_adjust_lr'",)),
+    "muon_lr without muon": Case(lambda c: train("optimizer=adamw", "muon_lr=0.05"), ("muon_lr is an optimizer=muon",)),
+    "muon with momentum": Case(lambda c: train("optimizer=muon", "momentum=0.9"), ("muon_momentum/muon_nesterov",)),
+    "muon under fsdp": Case(lambda c: train("optimizer=muon", "distributed=fsdp"), ("FSDP shards them",)),
     "yaml lr .inf": Case(lambda c: train(c.file("c.yaml", "lr: .inf\n")), ("'lr'", "finite")),
     "gpt.n_layer=0": Case(lambda c: train("model=gpt", "gpt.n_layer=0"), ("'gpt.n_layer' must be >= 1",)),
     "gpt.n_head=0": Case(lambda c: train("model=gpt", "gpt.n_head=0"), ("'gpt.n_head' must be >= 1",)),
@@ -948,6 +955,25 @@ COMMANDS = {
     "export --adapter of a linear run": Case(
         lambda c: ["export", str(c.runs["linear"]), "--adapter", str(c.inp / "a")], ("--adapter",)
     ),
+    "export --hf of a linear run": Case(
+        lambda c: ["export", str(c.runs["linear"]), "--hf", str(c.out)], ("--hf writes GPT runs", "model=linear")
+    ),
+    "export --hf of a fine-tuned pretrained run": Case(
+        lambda c: ["export", str(c.runs["bert"]), "--hf", str(c.out)], ("--hf writes GPT runs", "--merged writes")
+    ),
+    "export --merged of a GPT run": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--merged", str(c.out)], ("--hf writes it",)
+    ),
+    "export --hf into a folder of the user's": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(Path(c.file("mine/notes.txt", "keep")).parent)],
+        ("not empty",),
+    ),
+    "export --hf into the run": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.runs["gpt"] / "hf")], ("overlaps the input",)
+    ),
+    "export --hf and --merged the same folder": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.out), "--merged", str(c.out)], ("the same folder",)
+    ),
 }
 
 
@@ -1080,6 +1106,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["raised", "exiting"])
 def test_signals_after_the_preemption_checkpoint_keep_exit_75(when, tmp_path):
     """SIGTERM at step 2 -> checkpoint, exit 75; a SIGTERM and a SIGINT after the checkpoint is
@@ -1108,6 +1135,7 @@ def test_signals_after_the_preemption_checkpoint_keep_exit_75(when, tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "step-00000002").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["tabular", "text"])
 def test_fifo_data_in_a_real_process_does_not_hang(what, tmp_path):
     pipe = tmp_path / ("d.csv" if what == "tabular" else "t.txt")

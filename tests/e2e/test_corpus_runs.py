@@ -87,6 +87,7 @@ def entry_meta(cache: Path) -> dict:
     return json.loads(meta.read_text())
 
 
+@pytest.mark.slow
 def test_killed_tokenisation_resumes_at_the_unfinished_shard(tmp_path):
     """SIGKILL as the 3rd of 6 shards finishes (2 workers): the rerun encodes only the shards
     that were not finished, and the token file is the corpus's bytes, bitwise."""
@@ -117,6 +118,7 @@ def mixture_args(tmp_path: Path) -> list[str]:
     return [*TINY, MIX.format(a=a, b=b), "text.workers=2", "dtype=float64", "seed=5", "val_fraction=0.05"]
 
 
+@pytest.mark.slow
 def test_torchrun_mixture_tokenises_once_and_samples_the_batches_of_one_process(tmp_path):
     """2 processes: one tokenises each source (the other waits on the cache lock and maps it),
     the global batches are the 1-process run's, and so are the final weights."""
@@ -131,6 +133,7 @@ def test_torchrun_mixture_tokenises_once_and_samples_the_batches_of_one_process(
     assert worst_rel(w2, w1) < 1e-9  # float64: the same run up to the order of the ranks' sums
 
 
+@pytest.mark.slow
 def test_mixture_kill_resume_is_bitwise(tmp_path):
     base = [*mixture_args(tmp_path), "max_steps=12", "checkpoint_every=2", "resume=auto", *QUIET]
     ref = gradtune(["train", *base, f"out_dir={tmp_path / 'ref'}"])
@@ -147,6 +150,7 @@ def test_mixture_kill_resume_is_bitwise(tmp_path):
     assert [s["weight"] for s in summary["sources"]] == [0.7, 0.3]
 
 
+@pytest.mark.slow
 def test_own_tokenizer_round_trips_pretrains_generates_and_exports(tmp_path, capsys):
     """``tokenizer train`` on the embedded Shakespeare at vocab 4096: every byte round-trips; a
     llama GPT pretrains with it, generates, and its GGUF loads in our loader and in transformers

@@ -114,6 +114,7 @@ def test_micro_batches_equal_the_one_shot_update(tiny, tmp_path, capsys, method)
             assert rb[k] == pytest.approx(ra[k], abs=1e-5), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_processes_equal_one(tiny, tmp_path, capsys, method):
     """torchrun --nproc_per_node 2: each rank takes 1 of each micro-batch's 2 pairs. The audit is
@@ -128,6 +129,7 @@ def test_two_processes_equal_one(tiny, tmp_path, capsys, method):
         assert rb["reward_margin"] == pytest.approx(ra["reward_margin"], abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,fault", [("lora", "step.begin@4"), ("full", "micro@7")])
 def test_kill_and_resume_is_bitwise(tiny, tmp_path, capsys, method, fault):
     """SIGKILL (step 3's start / inside step 3's accumulation), then the same command again:

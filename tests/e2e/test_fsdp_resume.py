@@ -61,7 +61,7 @@ SETTINGS = [
 MICRO = 2  # micro-batches per step, on every rank
 SMALL = [*SETTINGS, "max_steps=12"]  # later settings win
 POINTS = ["step", "micro", "ckpt.model", "ckpt.files", "ckpt.rename", "ckpt.after", "external"]
-KILLS = 10
+KILLS = 14 if hooks.LONG else len(POINTS)  # each point once in make test; GRADTUNE_LONG_TESTS=1: more
 # Worst relative difference per tensor, 1 or 3 processes vs 2, after up to ~75 AdamW steps in
 # float32 from a rounding-level start (summation order); a state not restored is off by ~1e-2.
 OTHER_WORLD_BOUND = 3e-4
@@ -262,6 +262,7 @@ def test_fsdp_sigkill_at_random_moments_resumes_bitwise(tmp_path):
         assert rel < OTHER_WORLD_BOUND
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     """World size 1 -> 2: a one-file checkpoint (one process wrote it) resumed by FSDP2, each rank
     keeping its shard of the weights and of the optimizer state; tied embeddings stored once."""
@@ -279,6 +280,7 @@ def test_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     assert worst_rel(alone, load_file(str(out / "model.safetensors"))) < 1e-5  # 3 steps, float32 sums
 
 
+@pytest.mark.slow
 def test_guard_rollback_under_fsdp(tmp_path):
     """guard.policy=rollback under FSDP2: a loss spike reloads the newest sharded checkpoint
     (resume.latest + Loop.restore) on every rank, with a lower lr, until max_rollbacks."""

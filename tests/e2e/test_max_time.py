@@ -25,6 +25,8 @@ from gradtune.loop.schedules import lr_at
 from gradtune.train import train
 from tests import hooks
 
+pytestmark = pytest.mark.serial  # wall-time budgets: run alone, never beside other tests
+
 ROOT = Path(__file__).resolve().parents[2]
 LR, MIN_LR = 0.01, 1e-3
 BUDGET_S = 5.0  # long enough that Python's jitter (~0.2 s) stays under 5% of it

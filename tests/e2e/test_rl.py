@@ -97,8 +97,19 @@ def test_micro_batches_equal_the_one_shot_update(tiny, tmp_path, capsys):
     for ra, rb in zip(a, b):
         assert rb["reward"] == ra["reward"] and rb["completion_length"] == ra["completion_length"]
         assert rb["kl"] == pytest.approx(ra["kl"], rel=1e-4, abs=1e-9)
+    # metrics.jsonl's evaluation rows (eval_every=2) hold the mean reward of the steps since the
+    # previous one (every step samples 4 x 4 completions: the mean of the steps' means)
+    for run in ("one", "micro"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        evals = {r["step"]: r for r in rows if r["kind"] == "eval"}
+        assert sorted(evals) == [2, 4], evals
+        for step in (2, 4):
+            want = (a[step - 2]["reward"] + a[step - 1]["reward"]) / 2
+            assert evals[step]["reward"] == pytest.approx(want, abs=1e-6)
+            assert 0 <= evals[step]["clip_fraction"] <= 1 and evals[step]["kl"] >= 0
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny, tmp_path, capsys):
     """torchrun --nproc_per_node 2: each rank takes 1 of each micro-batch's 2 prompts."""
     extra = ["micro_batch_size=2"]
@@ -110,6 +121,7 @@ def test_two_processes_equal_one(tiny, tmp_path, capsys):
         assert rb["reward"] == pytest.approx(ra["reward"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_kill_inside_a_step_and_resume_is_bitwise(tiny, tmp_path):
     """SIGKILL inside step 4's accumulation window, then the same command again: the weights and
     the reward curve equal the uninterrupted run's, bit for bit."""

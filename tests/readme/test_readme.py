@@ -35,13 +35,24 @@ def _needs(block: md.Block) -> list[md.Block]:
     return out
 
 
+def _root(block: md.Block) -> str:
+    """The first block of ``block``'s chain of ``after`` blocks, or itself."""
+    needs = _needs(block)
+    return needs[0].name if needs else block.name
+
+
 def _params():
     for b in BLOCKS:
         marks = []
         if b.skip:
             marks.append(pytest.mark.skip(reason=f"README marker: {b.skip}"))
-        if any("slow" in d.options for d in [b, *_needs(b)]):
+        chain = [*_needs(b), b]
+        if any("slow" in d.options for d in chain):
             marks.append(pytest.mark.slow)
+        if any("max_time" in d.text for d in chain):  # asserts on wall time: run alone (make test)
+            marks.append(pytest.mark.serial)
+        # A block and the blocks it needs run in one pytest-xdist worker, so RAN spares the reruns.
+        marks.append(pytest.mark.xdist_group(_root(b)))
         yield pytest.param(b, id=b.name, marks=marks)
 
 

@@ -80,6 +80,7 @@ def _steps_to_optimum(tmp_path, name: str, settings: list[str], budget: int = 40
     return math.inf, r.info
 
 
+@pytest.mark.slow
 def test_lr_auto_beats_every_fixed_rate_and_momentum_auto_beats_it(tmp_path):
     auto, info = _steps_to_optimum(tmp_path, "auto", ["lr=auto"])
     lr_auto = info["lr_auto"]

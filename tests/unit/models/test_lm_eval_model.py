@@ -52,6 +52,7 @@ def _responses(results, task):
     return [float(r[0][0]) for s in results["samples"][task] for r in s["resps"]]
 
 
+@pytest.mark.slow
 def test_multiple_choice_equals_lm_evals_hf_model(tiny):
     d, ours, theirs = tiny
     tasks = lme.resolve_tasks(str(d / "tiny_mc.yaml"))
@@ -87,6 +88,7 @@ def test_rolling_and_generation_equal_lm_evals_hf_model(tiny):
     assert ours.generate_until(gen) == theirs.generate_until(gen, disable_tqdm=True)
 
 
+@pytest.mark.slow
 def test_unknown_task_and_missing_package_are_one_line_errors(tiny, monkeypatch):
     with pytest.raises(GradtuneError, match="unknown task 'no_such_task'"):
         lme.resolve_tasks("shakespeare_cloze,no_such_task")

@@ -86,6 +86,7 @@ def test_grid_search_over_lr_and_batch_size_in_a_pipeline(diabetes):
     assert search.best_estimator_[-1].n_iter_ <= 30
 
 
+@pytest.mark.slow
 def test_cross_val_score_is_the_same_with_one_or_two_jobs(diabetes):
     x, y = diabetes
     est = MLPRegressor(hidden_layer_sizes=(5,), solver="sgd", lr=0.01, batch_size=32, max_iter=20, random_state=0)
