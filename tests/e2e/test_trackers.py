@@ -26,6 +26,7 @@ from gradtune.runtime import testhooks
 from gradtune.telemetry.trackers import numbers
 from tests import hooks
 
+pytestmark = pytest.mark.xdist_group("trackers")  # one worker: the uninterrupted run is made once
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("sqlalchemy")
 pytest.importorskip("wandb")
