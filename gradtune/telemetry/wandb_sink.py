@@ -65,7 +65,7 @@ class WandbSink:
         self.folder.mkdir(parents=True, exist_ok=True)  # wandb.init wants its dir to exist
         settings = wandb.Settings(silent=True, console="off", save_code=False, disable_git=True)
         kwargs: dict[str, Any] = {
-            "dir": str(out_dir),
+            "dir": str(Path(out_dir).resolve()),  # W&B keeps it in the run: absolute, as MLflow's store
             "project": os.environ.get("WANDB_PROJECT") or PROJECT,
             "name": Path(out_dir).name,
             "settings": settings,
