@@ -22,6 +22,7 @@ from gradtune.loop.run_setup import run_inputs
 from gradtune.models.weights import save_state
 from gradtune.runtime import distributed, outdir
 from gradtune.runtime.atomic import write_text
+from gradtune.telemetry import mlflow_sink
 from gradtune.telemetry.plots import plot_losses
 from gradtune.telemetry.report import write_report
 
@@ -74,3 +75,5 @@ def save_outputs(job: Job, cfg: Config, result: Result, out_dir: Path, claimed: 
         )
     if cfg.plot:  # read back from the files just written, as for any finished run
         write_report(out_dir)
+    if "mlflow" in job.info.get("trackers", {}):  # the files just written, as the MLflow run's artifacts
+        mlflow_sink.upload(out_dir, job.info["trackers"]["mlflow"])

@@ -114,4 +114,9 @@ def run(args: argparse.Namespace) -> int:
         )
     plots = ", loss.png, report.html" if cfg.plot else ""
     print(f"outputs: {cfg.out_dir}/ (model.safetensors, metrics.jsonl, summary.json{plots})")
+    tracked = r.info.get("trackers", {})
+    if "mlflow" in tracked:
+        print(f"mlflow: run {tracked['mlflow']['run_id']} in {tracked['mlflow']['tracking_uri']}")
+    if "wandb" in tracked:
+        print(f"wandb: run {tracked['wandb']['run_id']} in {tracked['wandb']['dir']}")
     return 0

@@ -283,8 +283,9 @@ class Config:
     log_every: int = 0  # steps between log lines; 0: per evaluation only
     progress: Literal["auto", "bar", "lines", "off"] = "auto"  # bar on a terminal, lines in CI/logs
     plot: bool = True  # loss-curve PNG at the end
-    # also write the metrics to out_dir/tb/ (TensorBoard)
-    log_to: list[Literal["tensorboard"]] = field(default_factory=list)
+    # also send the metrics to: tensorboard (out_dir/tb/), mlflow (MLFLOW_TRACKING_URI, else out_dir/mlflow.db), wandb
+    # (offline unless WANDB_MODE is set: out_dir/wandb/); each needs its package
+    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
     callbacks: list[dict] = field(default_factory=list)  # your code in the loop: [{class: pkg.mod:Class, args: {...}}]
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final weights
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

@@ -19,6 +19,7 @@ from gradtune.loop.noise_scale import NoiseScaleMeter
 from gradtune.loop.plateau import PlateauSchedule
 from gradtune.loop.run_hooks import AllocatorPolicy, Audit, TestProbe
 from gradtune.loop.time_budget import TimeBudget
+from gradtune.loop.trackers import Tracker
 from gradtune.runtime import allocator, distributed, testhooks
 
 
@@ -49,6 +50,8 @@ def components(
         found.append(TestProbe())
     if main and out_dir is not None and "tensorboard" in cfg.log_to:
         found.append(TensorBoard(out_dir))
+    if main and out_dir is not None:  # experiment trackers: rank 0 logs, as it writes metrics.jsonl
+        found.extend(Tracker(name, out_dir, cfg) for name in ("mlflow", "wandb") if name in cfg.log_to)
     return found
 
 

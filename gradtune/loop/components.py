@@ -1,7 +1,7 @@
 """Features as components on the loop's events: the time budget, noise scale, plateau schedule,
-early stopping, progress, throughput, TensorBoard, the allocator policy, the fine-tuning audit and
-the test probe are each one ``Component``, a ``Callback`` (the interface users get) that may also
-read and steer a little more of the loop through a ``LoopView``.
+early stopping, progress, throughput, TensorBoard, the MLflow / W&B trackers, the allocator
+policy, the fine-tuning audit and the test probe are each one ``Component``, a ``Callback`` (the
+interface users get) that may also read and steer a little more of the loop through a ``LoopView``.
 
 Events, in the order a step meets them (``Events`` dispatches each to the components that
 override it, so an event nobody listens to costs one empty loop):

@@ -14,8 +14,8 @@
 
 Everything else is a component on the loop's events (loop/components.py, the list in
 loop/assemble.py): the time budget, noise scale, plateau schedule, progress, throughput,
-update ratios, TensorBoard, allocator policy, audit, test probe; early stopping and your
-callbacks use the same events. Resume restores ``Loop.load_state_dict`` from a checkpoint
+update ratios, TensorBoard, MLflow / W&B, allocator policy, audit, test probe; early stopping
+and your callbacks use the same events. Resume restores ``Loop.load_state_dict`` from a checkpoint
 (``Loop.restore``); checkpoints are written only between steps, so a kill inside an accumulation
 window simply recomputes that whole step from the last checkpoint.
 """

@@ -10,6 +10,7 @@ hands it to ``fit()``; ``fit()`` called alone builds it itself. Building it reso
     precision   ``auto`` -> fp32 | bf16 (a resumed run keeps its checkpoint's choice)
     device      and the process group under torchrun
     resume      the checkpoint to continue from, with its config and data checked
+    trackers    each ``log_to`` tracker's package is installed (find_spec: nothing imported)
 
 and refuses (``GradtuneError``) before anything is written: a rejected run leaves every folder
 byte-identical. The memory check runs earlier still, in ``jobs.build``.
@@ -37,6 +38,7 @@ from gradtune.runtime import allocator, distributed, lock, outdir
 from gradtune.runtime.device import resolve_device
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint, resume
+from gradtune.telemetry import trackers
 
 
 @dataclass
@@ -125,6 +127,7 @@ def prepare(
     there, naming the holder. ``inputs``: files read besides those ``cfg`` names (the config file)."""
     started = time.perf_counter() if started is None else started
     found_inputs = [*run_inputs(cfg), *inputs]
+    trackers.require(cfg.log_to)  # a tracker's missing package: one line now, not after the first step
     if out_dir is not None:  # every rank: a refusal on rank 0 alone would leave the others waiting
         outdir.check(out_dir, found_inputs)
     found_callbacks = run_callbacks(cfg, [*(callbacks or []), *job.callbacks])  # the job's own too (RL's clock)

@@ -33,7 +33,8 @@ from gradtune.runtime.atomic import fsync_dir, write_text
 from gradtune.runtime.errors import GradtuneError
 
 MARKER = ".gradtune-run"
-# What a run writes in its out_dir: files replaced atomically, folders replaced whole.
+# What a run writes in its out_dir: files replaced atomically, folders replaced whole (mlflow.db, mlartifacts
+# and wandb: the trackers' own stores, which they grow).
 RUN_FILES = (
     "model.safetensors",
     "config.yaml",
@@ -45,8 +46,9 @@ RUN_FILES = (
     "tokenizer.json",
     "labels.json",
     "run.json",
+    "mlflow.db",  # log_to: mlflow's default store (MLflow's SQLite database)
 )
-RUN_FOLDERS = ("checkpoints", "best", "tb", "tokenizer", "adapter", "merged")
+RUN_FOLDERS = ("checkpoints", "best", "tb", "tokenizer", "adapter", "merged", "mlartifacts", "wandb")
 _REPLACED = ("tokenizer", "adapter", "merged")  # folders a finished run swaps whole for new ones
 _TEMP_PREFIXES = (".tmp-", ".old-")  # interrupted writers' leftovers (atomic.py, this module)
 

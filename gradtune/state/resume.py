@@ -248,7 +248,7 @@ def discard(out_dir: Path) -> None:
 def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any] = ()) -> MetricsLog:
     """metrics.jsonl: fresh, or cut back to the rows the checkpoint had seen and appended to
     (rows written after it, by the interrupted process, are recomputed identically). ``sinks``
-    (TensorBoard) receive every row written from now on, the resume row included."""
+    (TensorBoard, MLflow, W&B) receive every row written from now on, the resume row included."""
     if out_dir is None:
         return MetricsLog(None, sinks=sinks)
     path = out_dir / "metrics.jsonl"
@@ -261,6 +261,10 @@ def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any
     except ValueError as e:
         raise GradtuneError(f"{path}: not the log this checkpoint wrote ({e}); move it away to resume") from None
     write_text(path, "".join(line + "\n" for line in lines))
+    for sink in sinks:  # a tracker new to this run (log_to grew on resume) gets the rows it missed
+        if getattr(sink, "backfill", False):
+            for row in rows:
+                sink.write(row)
     log = MetricsLog(path, append=True, sinks=sinks)
     log.rows = rows
     log.write(

@@ -18,7 +18,7 @@ from typing import Any
 
 from gradtune.runtime.errors import GradtuneError
 
-MISSING = "log_to: tensorboard needs the tensorboard package: pip install tensorboard"
+MISSING = "log_to: tensorboard needs the tensorboard package (pip install tensorboard)"
 MEASURES = ("step", "eval")  # row kinds that are measurements; any other kind is an event
 AXIS = "step"  # the x axis of every summary, so not a scalar of its own
 

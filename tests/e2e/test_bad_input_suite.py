@@ -271,6 +271,28 @@ def test_builtin_model_name_wins_over_a_folder_of_that_name(ctx, capsys, monkeyp
     check(ctx, capsys, train("model=./mlp", f"data={data}"), 2, ("config.json", "not valid JSON"))
 
 
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb", "tensorboard"])
+def test_log_to_a_tracker_whose_package_is_missing(tracker, ctx, capsys, monkeypatch):
+    """The package looks absent (find_spec says so, as for an environment without it): refused in
+    the run's checks, before out_dir exists, one line naming what to install."""
+    real = importlib.util.find_spec
+
+    def absent(name, *args, **kwargs):
+        return None if name.split(".")[0] == tracker else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", absent)
+    line = check(ctx, capsys, train(f"log_to=[{tracker}]"), 2, ())
+    assert line == f"gradtune: error: log_to: {tracker} needs the {tracker} package (pip install {tracker})"
+
+
+def test_log_to_mlflow_without_its_sql_store_packages(ctx, capsys, monkeypatch):
+    """mlflow-skinny alone has no SQL packages for the default store in out_dir: said at once."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, **k: None if n == "alembic" else real(n, *a, **k))
+    check(ctx, capsys, train("log_to=[mlflow]"), 2, ("log_to: mlflow", "mlflow.db", "alembic", "MLFLOW_TRACKING_URI"))
+
+
 # --- values: numbers a float64 cannot square, a float32 cannot hold, labels as huge ids ----------------
 
 BIG = "1.7e308"

@@ -185,7 +185,7 @@ def test_missing_tensorboard_is_one_line_gradtune_error(tmp_path: Path, monkeypa
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(GradtuneError) as err:
         TensorBoardSink(tmp_path / "tb")
-    assert str(err.value) == "log_to: tensorboard needs the tensorboard package: pip install tensorboard"
+    assert str(err.value) == "log_to: tensorboard needs the tensorboard package (pip install tensorboard)"
     assert str(err.value) == tb_module.MISSING and "\n" not in str(err.value)
     assert err.value.__cause__ is None and err.value.__suppress_context__
     assert not (tmp_path / "tb").exists()  # nothing written before the error

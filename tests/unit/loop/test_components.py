@@ -14,6 +14,8 @@ import torch
 from gradtune.config import load_config
 from gradtune.config.schema import EarlyStoppingSection
 from gradtune.data.sampler import Step
+from gradtune.jobs.registry import build
+from gradtune.loop import assemble
 from gradtune.loop.budget import FORCE_ENV, Spent
 from gradtune.loop.callbacks import Callback, CallbackError, Control
 from gradtune.loop.components import Component, Events
@@ -23,6 +25,7 @@ from gradtune.loop.noise_scale import NoiseScaleMeter
 from gradtune.loop.plateau import PlateauSchedule
 from gradtune.loop.run_hooks import AllocatorPolicy, Audit, TestProbe
 from gradtune.loop.time_budget import TimeBudget
+from gradtune.loop.trackers import SINKS, Tracker
 from gradtune.runtime.testhooks import PROBE_ENV
 from gradtune.telemetry.metrics_log import MetricsLog
 from gradtune.telemetry.progress import Progress
@@ -125,6 +128,41 @@ def test_tensorboard_opens_its_sink_under_out_dir(tmp_path):
     sink.write({"kind": "eval", "step": 1, "loss": 0.5})
     sink.close()
     assert any((tmp_path / "tb").iterdir()) and "tb" in c.describe()
+
+
+class FakeSink:
+    """A tracker sink that records what the Tracker component asks of it."""
+
+    def __init__(self, out_dir, config, run_id=None, resume_step=None):
+        self.opened, self.fresh = (run_id, resume_step), run_id is None
+        self.run_id = run_id or "new-run"
+        self.flushes, self.done = 0, False
+
+    def flush(self):
+        self.flushes += 1
+
+    def info(self):
+        return {"run_id": self.run_id}
+
+
+def test_tracker_keeps_its_run_id_in_the_checkpoint_and_resumes_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(SINKS, "mlflow", FakeSink)
+    c, v = attached(Tracker("mlflow", tmp_path, load_config(None, [])))
+    assert c.key == "mlflow" and "mlflow.db" in c.describe()
+    sink = c.log_sink()
+    assert sink.opened == (None, None)  # a fresh run: a new tracker run
+    assert c.state_dict() == {"run_id": "new-run"} and sink.flushes == 1  # pending rows go before a checkpoint
+    c.on_run_end()
+    assert sink.done and v.job.info["trackers"] == {"mlflow": {"run_id": "new-run"}}
+    again, view = attached(Tracker("mlflow", tmp_path, load_config(None, [])), step=20)
+    again.load_state_dict({"run_id": "new-run"})  # restored from the checkpoint at step 20
+    resumed = again.log_sink()
+    assert resumed.opened == ("new-run", 20) and not resumed.backfill  # the same run, rewound to the checkpoint
+    added, _ = attached(Tracker("mlflow", tmp_path, load_config(None, [])), step=20)
+    assert added.log_sink().backfill  # log_to grew on resume: a new run, given metrics.jsonl's rows so far
+    other = Tracker("wandb", tmp_path, load_config(None, []))
+    other.load_state_dict({"run_id": ""})
+    assert other.run_id is None and "wandb" in other.describe()
 
 
 def test_allocator_policy_sees_each_step_after_the_update(monkeypatch):
@@ -272,3 +310,13 @@ def test_a_raising_callback_is_one_line_naming_it_and_the_event(monkeypatch, cap
 def test_components_on_every_rank_callbacks_on_rank_zero_only():
     rec, comp = Recorder(), UpdateRatios()
     assert Events([comp, rec], main=False).all == [comp]
+
+
+def test_trackers_are_rank_0s_and_need_an_out_dir(tmp_path, monkeypatch):
+    cfg = load_config(None, ["model=linear", "data=diabetes", "log_to=[wandb, mlflow]", "progress=off"])
+    job = build(cfg)
+    names = [c.describe() for c in assemble.components(job, cfg, tmp_path, 10, False)]
+    assert [n.split("(")[0] for n in names if "(" in n] == ["MLflow", "W&B"]
+    assert not [c for c in assemble.components(job, cfg, None, 10, False) if isinstance(c, Tracker)]
+    monkeypatch.setattr(assemble.distributed, "is_main", lambda: False)
+    assert not [c for c in assemble.components(job, cfg, tmp_path, 10, False) if isinstance(c, Tracker)]
