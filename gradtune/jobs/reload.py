@@ -37,7 +37,7 @@ from gradtune.data.text_tasks import LabelMap
 from gradtune.jobs import preference, pretrained, trained_only
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
-from gradtune.jobs.text import gpt, gpt_base
+from gradtune.jobs.text import gpt, gpt_base, validation_windows
 from gradtune.models import hf
 from gradtune.models.weights import load_weights
 from gradtune.objectives.causal_lm import CausalLM
@@ -209,10 +209,11 @@ def _gpt_data(run: Run, path: Optional[str]) -> Dataset:
     if run.data_task == "preference":  # pairs, the reference from the run's init weights
         vocab = run.tokenizer.vocab_size
         return preference.eval_data(run.cfg, path, PlainTokenizer(run.tokenizer), lambda: gpt_base(run.cfg, vocab))
-    tf = text.tokenize(path or run.cfg.data, str(run.folder / "tokenizer.json"))
-    train, val = text.split(tf, run.cfg.gpt.block_size, run.cfg.val_fraction if path is None else 0.0)
-    if path is not None:
-        return train  # the whole file, in windows of block_size
+    spec = str(run.folder / "tokenizer.json")
+    if path is not None:  # the whole file, in windows of block_size, read as training read its data
+        tf = text.tokenize(path, spec, field=run.cfg.text.field)
+        return text.split(tf, run.cfg.gpt.block_size, 0.0)[0]
+    val = validation_windows(run.cfg, spec)
     if val is None:
         raise GradtuneError(f"{run.folder}: trained with val_fraction=0, so it has no validation split; give --data")
     return val

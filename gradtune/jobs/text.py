@@ -70,6 +70,12 @@ def source_names(paths: list[Any]) -> list[str]:
     return names
 
 
+def validation_windows(cfg: Config, spec: str) -> Any:
+    """The validation windows a run was evaluated on (one corpus or a mixture's sources, its
+    ``text.field``), under the tokenizer ``spec``; None when it kept no validation split."""
+    return _windows(cfg, spec)[1]
+
+
 def _windows(cfg: Config, spec: str) -> tuple[Any, Any, text.TokenFile, dict[str, Any], list[text.TokenFile]]:
     """(train, val, one TokenFile, info, the token files this process built) of the data: one
     corpus, or a mixture's sources."""

@@ -298,3 +298,19 @@ def test_minilm_predict_agrees_with_eval_accuracy(tmp_path, capsys):
     assert all(abs(float(r["p_ham"]) + float(r["p_spam"]) - 1) < 1e-9 for r in got)
     no_text = _write(tmp_path / "no_text.csv", test_rows, ["label"])
     _fails(capsys, ["predict", str(run), "--data", str(no_text)], str(no_text), "'text'")
+
+
+def test_eval_of_a_jsonl_run_reads_its_text_field(tmp_path, capsys):
+    """A GPT trained on a .jsonl's `body` field: eval (its validation split, and --data) reads that
+    field as training did; before, eval read the default `text` and found no text."""
+    lines = [
+        json.dumps({"id": i, "body": f"Line {i}: to be or not to be, that is the question {i % 7}."})
+        for i in range(400)
+    ]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    settings = [s for s in GPT if not s.startswith("data=")] + [f"data={data}", "text.field=body", "val_fraction=0.2"]
+    run = _train(tmp_path / "run", settings)
+    summary = json.loads((run / "summary.json").read_text())
+    assert _eval(capsys, run)["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert _eval(capsys, run, "--data", str(data))["loss"] > 0  # the whole file, read by its field
