@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
-from gradtune.optim.params import run_closure, with_grads
+from gradtune.optim.params import check_lr, run_closure, with_grads
 
 
 def _step_dtype() -> torch.dtype:
@@ -100,10 +100,7 @@ class AdamW(torch.optim.Optimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
         for i, beta in enumerate(betas):

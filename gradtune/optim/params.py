@@ -1,5 +1,5 @@
 """What one optimizer step updates, shared by every update rule: the closure, then per group the
-parameters that have a gradient this step."""
+parameters that have a gradient this step; and the learning-rate check the rules share."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ def with_grads(
         if any(g.is_sparse for g in grads):
             raise RuntimeError(f"gradtune {rule} does not support sparse gradients")
         yield group, params, grads
+
+
+def check_lr(lr: float | Tensor) -> None:
+    """torch.optim's AdamW / Muon learning-rate checks (``not 0 <= lr``: NaN is rejected too; SGD
+    keeps torch.optim.SGD's ``lr < 0``, which lets NaN through)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
