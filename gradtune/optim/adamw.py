@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
-from gradtune.optim.params import check_lr, run_closure, with_grads
+from gradtune.optim.params import check_lr, step_groups
 
 
 def _step_dtype() -> torch.dtype:
@@ -123,7 +123,4 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = run_closure(closure)
-        for group, params, grads in with_grads(self.param_groups, "AdamW"):
-            adamw_group_(self.state, group, params, grads)
-        return loss
+        return step_groups(self, closure, "AdamW", adamw_group_)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gradtune.optim.params import check_lr, run_closure, with_grads
+from gradtune.optim.params import check_lr, step_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic
 NS_STEPS = 5
@@ -168,7 +168,4 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = run_closure(closure)
-        for group, params, grads in with_grads(self.param_groups, "Muon"):
-            muon_group_(self.state, group, params, grads)
-        return loss
+        return step_groups(self, closure, "Muon", muon_group_)
