@@ -85,9 +85,7 @@ def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[T
 class AdamW(torch.optim.Optimizer):
     """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
 
-    fused: None (default) uses the C fast path when it can be built and the group's tensors
-    are dense contiguous CPU float32/float64; True asks for it (falls back with a warning);
-    False always runs ``adamw_reference``.
+    fused: the C fast path, as ``SGD``'s (``fused.choose``); False always runs ``adamw_reference``.
     """
 
     def __init__(
