@@ -41,7 +41,8 @@ def step_groups(
     group_step: Callable[[dict[Tensor, Any], dict[str, Any], list[Tensor], list[Tensor]], None],
 ) -> Optional[float]:
     """One ``optimizer.step``: the closure, then ``group_step(state, group, params, grads)`` for each
-    group with gradients (``adamw_group_``, ``muon_group_``); returns the closure's loss."""
+    group with gradients (``adamw_group_``, ``muon_group_``, or MuonAdamW's choice of the two);
+    returns the closure's loss."""
     loss = run_closure(closure)
     for group, params, grads in with_grads(optimizer.param_groups, rule):
         group_step(optimizer.state, group, params, grads)
