@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
-from gradtune.optim.params import run_closure, with_grads
+from gradtune.optim.params import check_lr, step_groups
 
 
 def _step_dtype() -> torch.dtype:
@@ -85,9 +85,7 @@ def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[T
 class AdamW(torch.optim.Optimizer):
     """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
 
-    fused: None (default) uses the C fast path when it can be built and the group's tensors
-    are dense contiguous CPU float32/float64; True asks for it (falls back with a warning);
-    False always runs ``adamw_reference``.
+    fused: the C fast path, as ``SGD``'s (``fused.choose``); False always runs ``adamw_reference``.
     """
 
     def __init__(
@@ -100,10 +98,7 @@ class AdamW(torch.optim.Optimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
         for i, beta in enumerate(betas):
@@ -126,7 +121,4 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = run_closure(closure)
-        for group, params, grads in with_grads(self.param_groups, "AdamW"):
-            adamw_group_(self.state, group, params, grads)
-        return loss
+        return step_groups(self, closure, "AdamW", adamw_group_)

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gradtune.optim.params import run_closure, with_grads
+from gradtune.optim.params import check_lr, step_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic
 NS_STEPS = 5
@@ -118,10 +118,7 @@ def muon_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[Te
 
 def check_hyper(lr: Any, momentum: float, weight_decay: float, ns_steps: int, adjust_lr_fn: Optional[str]) -> None:
     """torch.optim.Muon's argument checks, same messages' meaning."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    check_lr(lr)
     if not 0.0 <= momentum:
         raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
     if not 0.0 <= weight_decay:
@@ -171,7 +168,4 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = run_closure(closure)
-        for group, params, grads in with_grads(self.param_groups, "Muon"):
-            muon_group_(self.state, group, params, grads)
-        return loss
+        return step_groups(self, closure, "Muon", muon_group_)

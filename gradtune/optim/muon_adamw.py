@@ -28,7 +28,12 @@ from torch import Tensor
 
 from gradtune.optim.adamw import adamw_group_
 from gradtune.optim.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, check_hyper, check_matrices, muon_group_
-from gradtune.optim.params import run_closure, with_grads
+from gradtune.optim.params import step_groups
+
+
+def _group_step(state: dict[Tensor, Any], group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    """A ``"muon": True`` group steps by muon.py's rule, any other by adamw.py's."""
+    (muon_group_ if group["muon"] else adamw_group_)(state, group, params, grads)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -85,10 +90,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = run_closure(closure)
-        for group, params, grads in with_grads(self.param_groups, "MuonAdamW"):
-            (muon_group_ if group["muon"] else adamw_group_)(self.state, group, params, grads)
-        return loss
+        return step_groups(self, closure, "MuonAdamW", _group_step)
 
     def muon_params(self) -> list[Tensor]:
         """The matrices Muon steps (the rest is AdamW's)."""
