@@ -180,7 +180,13 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
 
 def entry() -> int:
     """The ``gradtune`` console command."""
-    return main(exiting=True)
+    try:
+        return main(exiting=True)
+    except BrokenPipeError:
+        # The reader of stdout left (`gradtune config | head`): end quietly, with the status a
+        # process killed by SIGPIPE has; stdout goes to /dev/null so the exit's flush cannot raise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

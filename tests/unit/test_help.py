@@ -53,3 +53,14 @@ def test_config_command_prints_the_schema(capsys):
     out = capsys.readouterr().out
     assert "gpt.family" in out and "'llama'" in out and "192" in out
     assert cli.main(["config", "nope"]) == 2
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `gradtune config | head -1`: the reader leaves; the command ends quietly (141), no traceback
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "gradtune", "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before its first write (it is still importing torch): that write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and err == "", err
