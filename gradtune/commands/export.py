@@ -5,6 +5,7 @@ pretrained here and/or a GGUF file.
     gradtune export runs/lora --merged out/merged       # plain transformers folder (+ head files)
     gradtune export runs/gpt --hf out/gpt-hf            # a GPT run: LlamaForCausalLM / GPT2LMHeadModel
     gradtune export runs/lora --gguf out/m.gguf --type q8_0   # llama.cpp: llama-cli -m out/m.gguf
+                                                  # (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0)
 
 Each destination folder must be new or empty and overlap neither the run nor its base model:
 all are checked before any is written (an export over the run's model.safetensors or the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from gradtune.config import load_config
 from gradtune.data.tokenizer import HFTokenizer
-from gradtune.finetune import export, gguf_export, gpt_hf_export
+from gradtune.finetune import export, gguf_export, gguf_types, gpt_hf_export
 from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
 from gradtune.runtime import outdir, outfile
@@ -51,10 +52,9 @@ def setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file gradtune did not write")
     p.add_argument(
         "--type",
-        choices=gguf_export.TYPES,
         default=None,
-        help="GGUF weight type: f32 (exact), f16 (default, half the size) or q8_0 (~quarter size, "
-        "8-bit blocks); norm weights stay f32",
+        help="GGUF weight type: f32 (exact), f16 (default, half the size), bf16, q8_0 (8-bit blocks), "
+        "q5_1, q5_0, q4_1 or q4_0 (5/4-bit blocks; the output projection stays q8_0); norm weights stay f32",
     )
 
 
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError("export: give --adapter OUT, --merged OUT, --hf OUT and/or --gguf OUT.gguf")
     if args.type and not args.gguf:
         raise GradtuneError("export: --type is the GGUF weight type; give --gguf OUT.gguf with it")
+    qtype = gguf_types.check_type(args.type, "export: --type") if args.type else "f16"
     run_dir = run_folder(Path(args.run))
     base = load_config(str(run_dir / "config.yaml")).model  # a path for fine-tuning runs, a name for others
     inputs = [run_dir, args.run] + ([base] if Path(base).exists() else [])  # the run (or checkpoint), its base
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hf:  # its refusals (shape, tokenizer) come before the folder exists
         gpt_hf_export.check(r.model, r.tokenizer)
     if gguf_out is not None:  # first: it refuses more runs than the others, before they write
-        _write_gguf(r, gguf_out, args.type or "f16")
+        _write_gguf(r, gguf_out, qtype)
     if args.hf:
         gpt_hf_export.export_gpt_hf(r.model, r.tokenizer, args.hf, inputs)
         print(f"hf: {args.hf} (transformers.AutoModelForCausalLM.from_pretrained('{args.hf}'), AutoTokenizer too)")
