@@ -136,6 +136,20 @@ def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     assert hf_tok("the lazy dog jumps")["input_ids"] == ids[0].tolist()
     assert hf_tok.eos_token == "<|endoftext|>"
+    # a quantised type with its Ollama Modelfile: a plain LM (no chat template) continues the prompt
+    q4 = tmp_path / "ollama" / "m-q4_0.gguf"
+    assert main(["export", str(run_dir), "--gguf", str(q4), "--type", "q4_0", "--ollama"]) == 0
+    said = capsys.readouterr().out
+    assert f"gguf: {q4} (q4_0;" in said and f"ollama: {q4.parent / 'Modelfile'}" in said
+    assert (q4.parent / "Modelfile").read_text() == (
+        'FROM ./m-q4_0.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|endoftext|>"\n'
+    )
+    with torch.no_grad():
+        assert 0 < (load_gguf(q4)(ids) - run.model(ids)).abs().max() < 0.5 * run.model(ids).abs().max()
+    assert main(["export", str(run_dir), "--gguf", str(q4), "--type", "q4_0", "--ollama"]) == 0  # ours: replaced
+    (q4.parent / "Modelfile").write_text("FROM mine\n")  # the user's: refused, nothing written
+    refused(capsys, ["export", str(run_dir), "--gguf", str(tmp_path / "ollama" / "b.gguf"), "--ollama"], "--ollama")
+    assert (q4.parent / "Modelfile").read_text() == "FROM mine\n" and not (tmp_path / "ollama" / "b.gguf").exists()
 
 
 def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, capsys):
