@@ -4,9 +4,9 @@
 
 Ollama formats a chat with a Go template, not the tokenizer's Jinja chat template, so the
 template is recognised rather than translated (Jinja has no general Go-template equivalent):
-  * ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``, SmolLM2, Qwen, ours with
-    ``chat_tokens: chatml``): Ollama's ChatML template; a default system prompt the Jinja template
-    writes when the chat has none (SmolLM2's) becomes ``SYSTEM``;
+  * ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``: SmolLM2, Qwen): Ollama's ChatML
+    template; a default system prompt the Jinja template writes when the chat has none
+    (SmolLM2's) becomes ``SYSTEM``;
   * no chat template (a plain language model): ``{{ .Prompt }}``, the text continued as given;
   * any other template: no TEMPLATE line, and a comment saying so: Ollama then picks a template
     from the file's own ``tokenizer.chat_template`` where it knows it.
