@@ -5,6 +5,8 @@ pretrained here and/or a GGUF file.
     gradtune export runs/lora --merged out/merged       # plain transformers folder (+ head files)
     gradtune export runs/gpt --hf out/gpt-hf            # a GPT run: LlamaForCausalLM / GPT2LMHeadModel
     gradtune export runs/lora --gguf out/m.gguf --type q8_0   # llama.cpp: llama-cli -m out/m.gguf
+                                                  # (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0)
+    gradtune export runs/lora --gguf out/m.gguf --ollama      # + out/Modelfile: ollama create m -f out/Modelfile
 
 Each destination folder must be new or empty and overlap neither the run nor its base model:
 all are checked before any is written (an export over the run's model.safetensors or the
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from gradtune.config import load_config
 from gradtune.data.tokenizer import HFTokenizer
-from gradtune.finetune import export, gguf_export, gpt_hf_export
+from gradtune.finetune import export, gguf_export, gguf_types, gpt_hf_export, ollama_modelfile
 from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
 from gradtune.runtime import outdir, outfile
@@ -48,13 +50,20 @@ def setup(p: argparse.ArgumentParser) -> None:
         help="write the model (updates folded in) and its tokenizer "
         "as one GGUF file for llama.cpp; Llama-family models only",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file gradtune did not write")
+    p.add_argument(
+        "--ollama",
+        action="store_true",
+        help="with --gguf: also write an Ollama Modelfile beside it (FROM, the chat TEMPLATE, stop tokens): "
+        "ollama create NAME -f DIR/Modelfile",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --gguf file (or Modelfile) gradtune did not write"
+    )
     p.add_argument(
         "--type",
-        choices=gguf_export.TYPES,
         default=None,
-        help="GGUF weight type: f32 (exact), f16 (default, half the size) or q8_0 (~quarter size, "
-        "8-bit blocks); norm weights stay f32",
+        help="GGUF weight type: f32 (exact), f16 (default, half the size), bf16, q8_0 (8-bit blocks), "
+        "q5_1, q5_0, q4_1 or q4_0 (5/4-bit blocks; the output projection stays q8_0); norm weights stay f32",
     )
 
 
@@ -89,14 +98,20 @@ def _vocab(r: Run) -> gguf_export.Vocab:
     return gguf_export.vocab_from_hf_folder(r.folder / "tokenizer")
 
 
-def _write_gguf(r: Run, out: Path, qtype: str) -> None:
+def _write_gguf(r: Run, out: Path, qtype: str, model_file: Path | None) -> None:
+    """The GGUF file, then its Modelfile (``model_file``) when asked; both refusals come first."""
     if r.kind == "gpt" and r.cfg.gpt.family != "llama":
         raise GradtuneError(
             f"{r.folder}: GGUF export writes Llama-family models; this GPT run has gpt.family: {r.cfg.gpt.family}"
         )
+    vocab = _vocab(r)
+    text = ollama_modelfile.modelfile(vocab, out.name) if model_file is not None else ""
     with outfile.writing(out) as tmp:  # staged: an existing export is replaced in one rename
-        gguf_export.export_gguf(r.model, _vocab(r), tmp, qtype, name=run_folder(r.folder).resolve().name)
+        gguf_export.export_gguf(r.model, vocab, tmp, qtype, name=run_folder(r.folder).resolve().name)
     print(f"gguf: {out} ({qtype}; llama.cpp: llama-cli -m {out})")
+    if model_file is not None:
+        outfile.write(model_file, text)
+        print(f"ollama: {model_file} (ollama create NAME -f {model_file})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,10 +119,16 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError("export: give --adapter OUT, --merged OUT, --hf OUT and/or --gguf OUT.gguf")
     if args.type and not args.gguf:
         raise GradtuneError("export: --type is the GGUF weight type; give --gguf OUT.gguf with it")
+    if args.ollama and not args.gguf:
+        raise GradtuneError("export: --ollama writes a Modelfile beside the GGUF file; give --gguf OUT.gguf with it")
+    qtype = gguf_types.check_type(args.type, "export: --type") if args.type else "f16"
     run_dir = run_folder(Path(args.run))
     base = load_config(str(run_dir / "config.yaml")).model  # a path for fine-tuning runs, a name for others
     inputs = [run_dir, args.run] + ([base] if Path(base).exists() else [])  # the run (or checkpoint), its base
     gguf_out = _check_gguf_dest(args, inputs) if args.gguf else None
+    model_file = gguf_out.parent / "Modelfile" if gguf_out is not None and args.ollama else None
+    if model_file is not None:  # beside the .gguf, which lies outside the inputs
+        outfile.check(model_file, args.overwrite, "export: --ollama")
     dests = [d for d in (args.adapter, args.merged, args.hf) if d]
     if len({Path(d).resolve() for d in dests}) < len(dests):
         raise GradtuneError("export: two of --adapter, --merged and --hf are the same folder; give one each")
@@ -135,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hf:  # its refusals (shape, tokenizer) come before the folder exists
         gpt_hf_export.check(r.model, r.tokenizer)
     if gguf_out is not None:  # first: it refuses more runs than the others, before they write
-        _write_gguf(r, gguf_out, args.type or "f16")
+        _write_gguf(r, gguf_out, qtype, model_file)
     if args.hf:
         gpt_hf_export.export_gpt_hf(r.model, r.tokenizer, args.hf, inputs)
         print(f"hf: {args.hf} (transformers.AutoModelForCausalLM.from_pretrained('{args.hf}'), AutoTokenizer too)")

@@ -2,7 +2,7 @@
 
     vocab = vocab_from_gguf("base.gguf")             # a GGUF base: its tokenizer metadata copied
     vocab = vocab_from_hf_folder(run / "tokenizer")  # tokenizer.json (+ tokenizer_config.json)
-    export_gguf(model, vocab, "out.gguf", "q8_0")    # our GPT (family llama) or a HF Llama
+    export_gguf(model, vocab, "out.gguf", "q4_0")    # our GPT (family llama) or a HF Llama
 
 The model is our ``GPT`` with ``family: llama`` or a transformers ``LlamaForCausalLM``, LoRA
 updates folded in (``export.merged_state_dict``); both are mapped to our GPT's layout first (one
@@ -10,8 +10,8 @@ writer), then to llama.cpp's tensor names. Three layout facts of the format:
   * q/k rows are permuted from HF's "rotate half" rotary layout to GGML's interleaved pairs
     (``permute_rotary``, the inverse of ``gpt_gguf.unpermute_rotary`` used on load);
   * a tied lm_head is written as no ``output.weight`` tensor;
-  * 1-D tensors (norm weights) stay float32 whatever the type, as llama.cpp's converter does;
-    q8_0 needs rows that are whole 32-value blocks, a matrix whose rows are not is written f16.
+  * 1-D tensors (norm weights) stay float32 whatever the type; which type each matrix gets
+    (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0) is ``gguf_types``'s rule.
 
 The tokenizer must be one llama.cpp can run: a byte-level BPE ("gpt2" model: tokens + merges).
 gradtune's byte / char tokenizers and WordLevel / WordPiece / Unigram / SentencePiece-style
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from gradtune.finetune.export import hf_base, merged_state_dict
+from gradtune.finetune.gguf_types import FILE_TYPE, add_tensor, check_type
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_gguf import LLAMA_BLOCK
@@ -43,10 +43,7 @@ from gradtune.models.gpt_load import config_from_hf, state_dict_from_hf
 from gradtune.runtime.atomic import fsync_dir
 from gradtune.runtime.errors import GradtuneError
 
-TYPES = ("f32", "f16", "q8_0")
-FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5  # gguf.TokenType
-Q8_BLOCK = 32  # values per Q8_0 block (one float16 scale + 32 int8)
 SPECIALS = ("bos", "eos", "unk", "pad")
 
 
@@ -137,21 +134,8 @@ def _add_hparams(writer: Any, cfg: GPTConfig, vocab_size: int, qtype: str, name:
     if cfg.head_dim * cfg.n_head != cfg.n_embd:  # llama.cpp (and our loader) read a decoupled head size here
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
-    if qtype == "q8_0":
+    if qtype.startswith("q"):
         writer.add_quantization_version(2)  # gguf.GGML_QUANT_VERSION
-
-
-def _add_tensor(writer: Any, name: str, t: torch.Tensor, qtype: str) -> None:
-    import gguf  # lazy: optional dependency, as in gpt_gguf
-
-    arr = t.numpy()
-    if arr.ndim == 1 or qtype == "f32":
-        writer.add_tensor(name, arr)
-    elif qtype == "f16" or arr.shape[-1] % Q8_BLOCK:
-        writer.add_tensor(name, arr.astype(np.float16))
-    else:
-        q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)  # (rows, cols/32*34) uint8
-        writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
 
 def _add_vocab(writer: Any, vocab: Vocab, rows: int) -> None:
@@ -180,8 +164,7 @@ def export_gguf(model: nn.Module, vocab: Vocab, out: str | Path, qtype: str = "f
     """Write ``model`` (+ ``vocab``) to the new file ``out``; refuses an existing ``out``."""
     import gguf
 
-    if qtype not in TYPES:
-        raise GradtuneError(f"GGUF type {qtype!r} is not one of {', '.join(TYPES)}")
+    qtype = check_type(qtype)
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise GradtuneError(f"{out}: exists; GGUF export never overwrites a file, choose a new path")
@@ -191,7 +174,7 @@ def export_gguf(model: nn.Module, vocab: Vocab, out: str | Path, qtype: str = "f
     _add_hparams(writer, cfg, tensors["token_embd.weight"].shape[0], qtype, name or out.stem)
     _add_vocab(writer, vocab, tensors["token_embd.weight"].shape[0])
     for tname, t in tensors.items():
-        _add_tensor(writer, tname, t, qtype)
+        add_tensor(writer, tname, t, qtype, "output.weight" in tensors)
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)

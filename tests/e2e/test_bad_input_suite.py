@@ -943,6 +943,23 @@ COMMANDS = {
         lambda c: ["export", str(c.runs["gpt"]), "--gguf", c.file("m.gguf", b"GGUF mine")],
         ("export: --gguf", "gradtune did not write it"),
     ),
+    "export --type unknown": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--gguf", str(c.inp / "m.gguf"), "--type", "q3"],
+        ("export: --type 'q3' is not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",),
+    ),
+    "export --ollama without --gguf": Case(
+        lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.out), "--ollama"], ("--ollama", "give --gguf")
+    ),
+    "export --ollama over the user's Modelfile": Case(
+        lambda c: [
+            "export",
+            str(c.runs["gpt"]),
+            "--gguf",
+            str(Path(c.file("Modelfile", "FROM x")).parent / "m.gguf"),
+            "--ollama",
+        ],
+        ("export: --ollama", "gradtune did not write it"),
+    ),
     "lr-find --out over the user's plot": Case(
         lambda c: ["lr-find", "--out", c.file("curve.png", b"png"), "model=linear", "data=diabetes"],
         ("lr-find: --out", "gradtune did not write it"),

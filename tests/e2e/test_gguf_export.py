@@ -136,6 +136,20 @@ def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     assert hf_tok("the lazy dog jumps")["input_ids"] == ids[0].tolist()
     assert hf_tok.eos_token == "<|endoftext|>"
+    # a quantised type with its Ollama Modelfile: a plain LM (no chat template) continues the prompt
+    q4 = tmp_path / "ollama" / "m-q4_0.gguf"
+    assert main(["export", str(run_dir), "--gguf", str(q4), "--type", "q4_0", "--ollama"]) == 0
+    said = capsys.readouterr().out
+    assert f"gguf: {q4} (q4_0;" in said and f"ollama: {q4.parent / 'Modelfile'}" in said
+    assert (q4.parent / "Modelfile").read_text() == (
+        'FROM ./m-q4_0.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|endoftext|>"\n'
+    )
+    with torch.no_grad():
+        assert 0 < (load_gguf(q4)(ids) - run.model(ids)).abs().max() < 0.5 * run.model(ids).abs().max()
+    assert main(["export", str(run_dir), "--gguf", str(q4), "--type", "q4_0", "--ollama"]) == 0  # ours: replaced
+    (q4.parent / "Modelfile").write_text("FROM mine\n")  # the user's: refused, nothing written
+    refused(capsys, ["export", str(run_dir), "--gguf", str(tmp_path / "ollama" / "b.gguf"), "--ollama"], "--ollama")
+    assert (q4.parent / "Modelfile").read_text() == "FROM mine\n" and not (tmp_path / "ollama" / "b.gguf").exists()
 
 
 def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, capsys):
@@ -164,7 +178,10 @@ def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, c
     (tmp_path / "old.gguf").write_text("keep")
     refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "old.gguf")], "exists")
     assert (tmp_path / "old.gguf").read_text() == "keep"
-    with pytest.raises(SystemExit) as e:  # argparse's choices: usage + one error line
-        main(["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "q.gguf"), "--type", "q4_0"])
-    assert e.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+    refused(  # a K-quant: one line naming the types gradtune writes and llama.cpp's quantizer
+        capsys,
+        ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "q.gguf"), "--type", "Q4_K_M"],
+        "--type 'Q4_K_M' is not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
+        "llama-quantize",
+    )
     assert not (tmp_path / "q.gguf").exists()
