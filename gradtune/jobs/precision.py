@@ -116,9 +116,7 @@ def half(device: torch.device) -> Optional[str]:
     return "fp16" if device.type == "cuda" else None
 
 
-def measure(
-    job: Job, batch: dict[str, torch.Tensor], device: torch.device, low: str = "bf16"
-) -> tuple[float, float]:
+def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device, low: str = "bf16") -> tuple[float, float]:
     """(median fp32 step seconds, median ``low`` (bf16 | fp16) step seconds): one untimed step each, then
     alternated pairs (the order swapped each repeat, so a slow moment hits both alike). The
     weights, buffers (batch-norm statistics), gradients and RNG come back as they were."""

@@ -104,7 +104,9 @@ def all_finite(grads: list[torch.Tensor]) -> bool:
     sum of squares could) is finite. One host read; global under FSDP2."""
     if not grads:
         return True
-    if grads[0].dtype == torch.float32 and fused.supported(grads):  # float64 sums of float32 squares: finite iff all are
+    if grads[0].dtype == torch.float32 and fused.supported(
+        grads
+    ):  # float64 sums of float32 squares: finite iff all are
         lib = fused.load()
         if lib is not None:
             return math.isfinite(fused.sumsq(lib, grads))

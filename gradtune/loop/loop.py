@@ -311,7 +311,8 @@ class Loop(LoopState):
         lr = self._lr()
         loss_sum_f, sums, grads, first = self._gradients(s)
         loss = loss_sum_f / self.count
-        held = self.events.hold_update(grads)  # a component withholds the update; the step counts
+        # A component may withhold the update (the step counts); a non-finite loss is the guard's.
+        held = math.isfinite(loss) and self.events.hold_update(grads)
         gnorm = gradient.norm(grads) if self.need_norm and not held else None
         action, why = self.guard.check(loss, float(gnorm) if self.check_grad and not held else None)
         if action != "ok":

@@ -84,9 +84,10 @@ class LossScaler(Component):
 
     key = "loss_scale"
 
-    def __init__(self, init: float = INIT_SCALE, growth_interval: int = GROWTH_INTERVAL) -> None:
+    def __init__(self, init: Optional[float] = None, growth_interval: Optional[int] = None) -> None:
         super().__init__()
-        self.s = DynamicScale(init, growth_interval)
+        # None: the module's constants, read now (tests shorten GROWTH_INTERVAL)
+        self.s = DynamicScale(init or INIT_SCALE, growth_interval or GROWTH_INTERVAL)
         self.stop: Optional[str] = None
 
     def describe(self) -> str:
