@@ -194,6 +194,26 @@ def test_overflowed_steps_are_skipped_as_grad_scaler_skips_them(fp16, tmp_path, 
         assert torch.equal(final[k], v), k  # one division by count * scale == unscale, then / count
 
 
+def test_without_overflows_the_scale_changes_no_bit(fp16, tmp_path):
+    """Scaling by a power of two and dividing it out is exact: on CPU (fp32 compute) an fp16 run
+    with no overflow is the fp32 run bit for bit, micro-batches and the noise scale's first
+    micro-batch norm included."""
+    found = {}
+    for prec in ("fp32", "fp16"):
+        out = tmp_path / prec
+        cfg = load_config(
+            None,
+            ["model=mlp", "hidden=[6]", "lr=0.05", "batch_size=32", "micro_batch_size=8", "noise_scale=true"]
+            + ["max_steps=24", "eval_every=8", "progress=off", "plot=false", f"precision={prec}", f"out_dir={out}"],
+        )
+        job = build(cfg)
+        fit(job, cfg, out)
+        evals = [{k: v for k, v in r.items() if k not in ("lr",)} for r in _rows(out, "eval")]
+        found[prec] = (evals, {k: v.clone() for k, v in job.model.state_dict().items()})
+    assert found["fp16"][0] == found["fp32"][0] and "noise_scale" in found["fp16"][0][-1]
+    assert all(torch.equal(found["fp16"][1][k], v) for k, v in found["fp32"][1].items())
+
+
 def test_kill_and_resume_with_the_scaler_is_bitwise(fp16, tmp_path, monkeypatch):
     monkeypatch.setattr(loss_scale, "GROWTH_INTERVAL", 3)
     whole = _cfg(tmp_path / "whole", "checkpoint_every=1")
