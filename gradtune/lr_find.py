@@ -111,7 +111,8 @@ def _sweep(cfg: Config, min_lr: float, max_lr: float, steps: int) -> tuple[list[
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg, job.param_groups or params, model)
     sampler = make_sampler(job, cfg)
-    amp = autocast(cfg.precision, device)
+    # fp16 needs the loop's loss scale and its skips (loop/loss_scale.py): the sweep runs fp32 then.
+    amp = autocast("fp32" if cfg.precision == "fp16" else cfg.precision, device)
     # optimizer=muon: the Muon groups keep muon_lr's ratio to lr; the sweep (and suggestion) is lr's
     ratios = [g["lr"] / cfg.lr if g.get("muon") and cfg.lr else 1.0 for g in opt.param_groups]
     lrs: list[float] = []

@@ -5,6 +5,8 @@ in ``gradtune/runtime/testhooks.py``; these helpers write and read them for the 
     GRADTUNE_TEST_PROBE=DIR                              DIR/steps.jsonl (each applied step's
                                                          sample ids), DIR/rank<R>.txt (each
                                                          micro-batch's ids on rank R)
+    GRADTUNE_TEST_FP16=1                                 precision: fp16 accepted on CPU (fp32
+                                                         compute; grads@N=INF forces an overflow)
 """
 
 from __future__ import annotations

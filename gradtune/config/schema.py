@@ -273,8 +273,9 @@ class Config:
     # --- numerics and reproducibility ------------------------------------------------------------
     seed: int = 0  # initial weights, data order and split; same seed, same run
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower
-    # bf16 autocast for matmuls (large models); auto: bf16 where a probe of the model's own step finds it faster here
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # bf16 autocast for matmuls (large models); fp16: fp16 autocast with a dynamic loss scale (CUDA only); auto: bf16
+    # (on a GPU without bf16: fp16) where a probe of the model's own step finds it faster here
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model: faster steps after a warm-up
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # --- output -------------------------------------------------------------------------------

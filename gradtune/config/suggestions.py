@@ -41,7 +41,7 @@ OTHER_NAMES: dict[str, tuple[str, str]] = {
     "train_file": ("data", ""),
     "dataset": ("data", ""),
     "bf16": ("precision", "precision=bf16"),
-    "fp16": ("precision", "precision=bf16 (fp16 is not offered: bf16 needs no loss scaling)"),
+    "fp16": ("precision", "precision=fp16 (CUDA; precision=bf16 needs no loss scaling where the GPU has it)"),
     "gradient_checkpointing": ("finetune.activation_checkpointing", ""),
     "max_seq_length": ("text.max_length", ""),
     "max_length": ("text.max_length", ""),

@@ -110,7 +110,7 @@ def estimate(cfg: Config, params: int, trainable: int, per_token: float, tokens:
     per micro-batch keeping ``per_token`` activation values each."""
     b = _bytes(cfg)
     shards = _sharding(cfg)
-    act_b = 2 if cfg.precision == "bf16" else b
+    act_b = 2 if cfg.precision in ("bf16", "fp16") else b
     ranks = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
     return Estimate(
         params,

@@ -1,4 +1,5 @@
-"""``precision: auto``: bf16 autocast where it makes this model's training step faster here.
+"""``precision: auto``: bf16 autocast where it makes this model's training step faster here;
+on a CUDA GPU without bf16 (before Ampere), fp16 autocast with its loss scale instead.
 
 Decided by timing the model's own step (forward + backward on a real training batch), fp32 and
 bf16 alternated, a few repeats each, median; the answer is cached per machine (CPU capability,
@@ -10,7 +11,8 @@ much as a short run), and probe again once it is quiet, replacing it with the ma
 
 Not probed, fp32:
     dtype float64           the run asked for exact float64 arithmetic
-    no bf16 on the device   (CPU without AVX-512 BF16 / AMX kernels, GPU without bf16)
+    no bf16 on the device   (CPU without AVX-512 BF16 / AMX kernels); a GPU without bf16 is
+                            probed with fp16 in bf16's place (the same rules, "bf16" below)
     under TINY_PARAMS       autocast casts every matmul's inputs to bf16 and its output back:
                             on a small model those casts cost more than the faster matmul saves,
                             and the probe's own cost would dominate a short run
@@ -106,8 +108,16 @@ def _step_seconds(job: Job, batch: dict[str, Any], amp: Any, device: torch.devic
     return time.perf_counter() - t0
 
 
-def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, float]:
-    """(median fp32 step seconds, median bf16 step seconds): one untimed step each, then
+def half(device: torch.device) -> Optional[str]:
+    """The half precision ``auto`` weighs against fp32 here: bf16 where the device has it, else
+    fp16 on a CUDA GPU (its tensor cores; loss-scaled in the loop), else None."""
+    if bf16_supported(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else None
+
+
+def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device, low: str = "bf16") -> tuple[float, float]:
+    """(median fp32 step seconds, median ``low`` (bf16 | fp16) step seconds): one untimed step each, then
     alternated pairs (the order swapped each repeat, so a slow moment hits both alike). The
     weights, buffers (batch-norm statistics), gradients and RNG come back as they were."""
     model = job.model.to(device)
@@ -116,7 +126,7 @@ def measure(job: Job, batch: dict[str, torch.Tensor], device: torch.device) -> t
     rng = torch.random.get_rng_state()
     was_training = model.training
     model.train()
-    modes = {"fp32": autocast("fp32", device), "bf16": autocast("bf16", device)}
+    modes = {"fp32": autocast("fp32", device), "bf16": autocast(low, device)}
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     try:
         first = _step_seconds(job, batch, modes["fp32"], device) + _step_seconds(job, batch, modes["bf16"], device)
@@ -144,12 +154,21 @@ def _read() -> dict[str, Any]:
 
 
 def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """{"precision": "bf16" | "fp32", "why": ..., "ratio": fp32 / bf16 step time or None}."""
+    """{"precision": "bf16" | "fp16" | "fp32", "why": ..., "ratio": fp32 / half step time or None}."""
     n = sum(p.numel() for p in job.model.parameters())
     if cfg.dtype == "float64":
         return {"precision": "fp32", "why": "dtype float64", "ratio": None}
-    if not bf16_supported(device):
+    low = half(device)
+    if low is None:
         return {"precision": "fp32", "why": f"no bf16 on {device.type}", "ratio": None}
+    found = _decide(job, cfg, device, n, low)
+    if low != "bf16" and found["precision"] == "bf16":  # the probe's slot named bf16 held fp16
+        found = {**found, "precision": low}
+    return found
+
+
+def _decide(job: Job, cfg: Config, device: torch.device, n: int, low: str) -> dict[str, Any]:
+    """``decide`` once a half precision ``low`` is available; "bf16" in the answer stands for it."""
     if n < TINY_PARAMS:
         return {"precision": "fp32", "why": f"{n:,} parameters: too small for bf16 to pay", "ratio": None}
     if distributed.launched():
@@ -168,19 +187,19 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     known = _read()
     busy = busy_cpu(device)  # read before the probe: its own threads would count as load
     cached = known.get(key)
-    if isinstance(cached, dict) and cached.get("precision") in ("fp32", "bf16"):
+    if isinstance(cached, dict) and cached.get("precision") in ("fp32", "bf16", "fp16"):
         if not cached.get("busy"):
             return {**cached, "why": "cached probe"}
         if busy:  # still busy: a new probe would be no better than the one kept
             return {**cached, "why": f"cached probe taken on a busy machine ({cached['busy']}); re-probed when quiet"}
     t0 = time.perf_counter()
     try:
-        fp32, bf16 = measure(job, cut(batch), device)
+        fp32, bf16 = measure(job, cut(batch), device, low)
     except (RuntimeError, IndexError, ValueError):  # an objective that needs whole sequences
-        fp32, bf16 = measure(job, batch, device)
+        fp32, bf16 = measure(job, batch, device, low)
     ratio = fp32 / max(bf16, 1e-12)
     found = {
-        "precision": "bf16" if ratio >= FASTER else "fp32",
+        "precision": low if ratio >= FASTER else "fp32",
         "ratio": round(ratio, 3),
         "fp32_s": fp32,
         "bf16_s": bf16,

@@ -15,6 +15,7 @@ from gradtune.jobs.job import Job
 from gradtune.loop.callbacks import Callback
 from gradtune.loop.components import Component, Events
 from gradtune.loop.instruments import ProgressDisplay, TensorBoard, Throughput, UpdateRatios
+from gradtune.loop.loss_scale import LossScaler
 from gradtune.loop.noise_scale import NoiseScaleMeter
 from gradtune.loop.plateau import PlateauSchedule
 from gradtune.loop.run_hooks import AllocatorPolicy, Audit, TestProbe
@@ -52,6 +53,8 @@ def components(
         found.append(TensorBoard(out_dir))
     if main and out_dir is not None:  # experiment trackers: rank 0 logs, as it writes metrics.jsonl
         found.extend(Tracker(name, out_dir, cfg) for name in ("mlflow", "wandb") if name in cfg.log_to)
+    if cfg.precision == "fp16":  # last: its stop (scale under the floor) ends a step the others have heard
+        found.append(LossScaler())
     return found
 
 

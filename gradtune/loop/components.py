@@ -9,6 +9,10 @@ override it, so an event nobody listens to costs one empty loop):
     attach(view)                 once, when the loop is built
     on_train_begin(control)      once, before the first step (Callback)
     on_step_begin()              before the step's batch is sampled
+    loss_scale()                 the factor the loss sums are multiplied by before backward
+                                 (fp16's loss scale); the loop divides it out with the count
+    hold_update(grads)           the batch's mean gradient: True withholds this step's update
+                                 (fp16 overflow); the step still counts, the guard never hears it
     on_gradients(grads, norm, count, first)   the batch's mean gradient, guard passed, before
                                  clipping; ``first``: [|grad of the first micro-batch's sum|², its
                                  count] when ``wants_first`` (else None)
@@ -83,6 +87,14 @@ class Component(Callback):
     def on_step_begin(self) -> None:
         pass
 
+    def loss_scale(self) -> float:
+        """A multiplier of the loss sums before backward (fp16's dynamic loss scale)."""
+        return 1.0
+
+    def hold_update(self, grads: list[torch.Tensor]) -> bool:
+        """True: no optimizer update this step (its gradients overflowed), though the step counts."""
+        return False
+
     def on_gradients(self, grads: list[torch.Tensor], gnorm: Any, count: float, first: Optional[list]) -> None:
         pass
 
@@ -113,6 +125,8 @@ class Component(Callback):
 EVENTS = (
     "on_train_begin",
     "on_step_begin",
+    "loss_scale",
+    "hold_update",
     "on_gradients",
     "on_update",
     "on_step_end",
@@ -182,6 +196,20 @@ class Events:
                 _reraise(c, event, e)
             stop = stop or why
         return stop
+
+    def loss_scale(self) -> float:
+        """The product of the components' loss scales (1.0: none)."""
+        scale = 1.0
+        for c in self.on["loss_scale"]:
+            scale *= c.loss_scale()
+        return scale
+
+    def hold_update(self, grads: list[torch.Tensor]) -> bool:
+        """Does a component withhold this step's update? Every listener hears the gradients."""
+        held = False
+        for c in self.on["hold_update"]:
+            held = c.hold_update(grads) or held
+        return held
 
     def step_end(self, step: int, loss: float, lr: float) -> Optional[str]:
         """The per-step event (a ``try`` costs nothing until something raises)."""

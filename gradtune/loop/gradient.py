@@ -1,7 +1,8 @@
 """The gradient of one step: accumulated over micro-batches (and ranks), its norm, clipping.
 
-    grad = d(sum of per-sample losses over the whole batch)/d(param)   accumulate()
-    grad = grad / count                                               the loop, once
+    grad = d(scale * sum of per-sample losses over the whole batch)/d(param)   accumulate()
+    grad = grad / (count * scale)                                     the loop, once
+    finite?                                                           all_finite() (fp16's scale)
     ||grad||                                                          norm()
     grad = grad * min(1, max_norm / ||grad||)                         clip_()
 
@@ -13,6 +14,7 @@ optimizer's C kernel returning a Python float (no tensors created, no dispatches
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Union
 
 import torch
@@ -40,8 +42,9 @@ def accumulate(
     device: torch.device,
     amp: contextlib.AbstractContextManager,
     first: Optional[list[float]] = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, "int | torch.Tensor", dict]:
-    """Backward through every micro-batch; gradients hold d(sum of losses)/d(param).
+    """Backward through every micro-batch; gradients hold d(scale * sum of losses)/d(param).
 
     Returns (loss_sum, count, metric sums) of the whole batch, as device tensors (no host sync;
     count stays a Python int when the objective knows it on the host).
@@ -49,6 +52,9 @@ def accumulate(
     across ranks on the last micro-batch only, and the returned sums are global.
     ``first`` (a list, one process, several micro-batches): gets [|gradient of the first
     micro-batch's loss sum|², its count] appended, for the noise scale (loop/noise_scale.py).
+    ``scale``: fp16's loss scale (loop/loss_scale.py), a power of two: the sums are multiplied by
+    it before backward so that small fp16 gradients do not flush to zero; the returned sums and
+    ``first`` are unscaled.
     """
     dist = distributed.active()
     probe = testhooks.probe_dir()
@@ -62,14 +68,14 @@ def accumulate(
         with distributed.grad_sync(model, last=i == last) if dist else _NULL:
             with amp:
                 out = objective(model, to_device(batch, device))
-            out.loss_sum.backward()
+            (out.loss_sum * scale if scale != 1.0 else out.loss_sum).backward()
         testhooks.hit("micro")
         ls = out.loss_sum.detach()
         if loss_sum is None:  # the common single micro-batch: no additions at all
             loss_sum, count, sums = ls, out.count, dict(out.metrics)
             if first is not None and last > 0:
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
-                first += [float(norm(grads)) ** 2, float(out.count)]
+                first += [(float(norm(grads)) / scale) ** 2, float(out.count)]
             continue
         loss_sum, count = loss_sum + ls, count + out.count
         for k, v in out.metrics.items():
@@ -91,6 +97,21 @@ def norm(grads: list[torch.Tensor]) -> Union[float, torch.Tensor]:
             return fused.sumsq(lib, grads) ** 0.5
     # FSDP2: the norm of sharded grads is a DTensor; the clip factor needs the plain global value.
     return distributed.plain(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+
+def all_finite(grads: list[torch.Tensor]) -> bool:
+    """No inf or nan in any gradient: their largest |value| (an inf-norm cannot overflow where a
+    sum of squares could) is finite. One host read; global under FSDP2."""
+    if not grads:
+        return True
+    if grads[0].dtype == torch.float32 and fused.supported(
+        grads
+    ):  # float64 sums of float32 squares: finite iff all are
+        lib = fused.load()
+        if lib is not None:
+            return math.isfinite(fused.sumsq(lib, grads))
+    top = distributed.plain(torch.stack(torch._foreach_norm(grads, math.inf)).max())
+    return bool(torch.isfinite(top))
 
 
 def clip_(grads: list[torch.Tensor], total_norm: Union[float, torch.Tensor], max_norm: float) -> None:

@@ -70,7 +70,7 @@ class Throughput(Component):
         row["tokens_per_s"] = tps
         per_token = v.job.info.get("flops_per_token")
         if per_token is not None:
-            bf16 = v.cfg.precision == "bf16"
+            bf16 = v.cfg.precision == "bf16" or (v.cfg.precision == "fp16" and v.device.type == "cuda")  # tensor cores
             row["mfu"] = per_token * tps / peak_flops(v.device, bf16)
             if row["mfu"] > 1.0:  # the cached peak was measured at a busy moment: measure again
                 row["mfu"] = per_token * tps / peak_flops(v.device, bf16, remeasure=True)

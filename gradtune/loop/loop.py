@@ -4,6 +4,8 @@
         batch(es)  <- sampler (batch_size: full | 1 | k), split into micro-batches
         loss       <- objective(model, micro-batch) as sums; gradients of sums accumulated
         grad       <- divided once by the batch's total count: exact whatever the split
+                      (fp16: the loss sums were scaled, the scale is divided out here too;
+                      overflowed gradients withhold the update: loop/loss_scale.py)
         guard      <- finite loss and gradient? no spike? else skip / rollback / stop
                       (decided before anything is touched)
         param      <- optimizer.step() at lr(step)
@@ -276,34 +278,47 @@ class Loop(LoopState):
                 self.save_checkpoint()  # there is always a last good state to roll back to
         self.model.train()
 
-    def _step(self, s: Step) -> tuple[bool, Optional[str]]:
-        """One optimizer step on ``s``: (was the update applied, why to stop or None)."""
-        # A signal seen by any rank before this step stops every rank after it (runtime/distributed.py).
-        distributed.vote_stop(self.preempt is not None and self.preempt.requested)
-        lr = self._lr()
+    def _gradients(self, s: Step) -> tuple[float, dict, list[torch.Tensor], Optional[list[float]]]:
+        """Step ``s``'s mean gradient in ``p.grad``: (loss sum, metric sums, gradients, the first
+        micro-batch's [|grad|², count] when a component wants it)."""
         for p in self.params:
             p.grad = None
         first: Optional[list[float]] = [] if self.events.wants_first else None
+        scale = self.events.loss_scale()  # 1.0 but for fp16's loss scale
         loss_sum, count, sums = gradient.accumulate(
-            self.fwd, self.job.objective, self.job.train, s.micro, self.device, self.amp, first
+            self.fwd, self.job.objective, self.job.train, s.micro, self.device, self.amp, first, scale
         )
         # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
         grads = [p.grad for p in self.params if p.grad is not None]
         self.batch, self.count = s, float(count)
-        if grads and self.count != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.count)
-        loss_sum_f = float(loss_sum)  # one scalar read per step: the guard needs it now
-        loss = loss_sum_f / self.count
-        gnorm = gradient.norm(grads) if self.need_norm else None
-        action, why = self.guard.check(loss, float(gnorm) if self.check_grad else None)
-        if action != "ok":
-            return False, self._on_guard(action, why, s)
+        if grads and self.count * scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / (self.count * scale))
+        return float(loss_sum), sums, grads, first  # one scalar read per step: the guard needs it now
+
+    def _apply(self, grads: list[torch.Tensor], gnorm: Any, first: Optional[list[float]]) -> None:
+        """The update from the mean gradient: components hear it, clipping, the optimizer step."""
         self.events.emit("on_gradients", grads, gnorm, self.count, first)
         if self.need_norm:
             self.last_gnorm = gnorm
             if self.cfg.clip_grad_norm is not None:
                 gradient.clip_(grads, gnorm, self.cfg.clip_grad_norm)
         self._update((self.step + 1) % self.eval_every == 0)
+
+    def _step(self, s: Step) -> tuple[bool, Optional[str]]:
+        """One optimizer step on ``s``: (did the step count, why to stop or None)."""
+        # A signal seen by any rank before this step stops every rank after it (runtime/distributed.py).
+        distributed.vote_stop(self.preempt is not None and self.preempt.requested)
+        lr = self._lr()
+        loss_sum_f, sums, grads, first = self._gradients(s)
+        loss = loss_sum_f / self.count
+        # A component may withhold the update (the step counts); a non-finite loss is the guard's.
+        held = math.isfinite(loss) and self.events.hold_update(grads)
+        gnorm = gradient.norm(grads) if self.need_norm and not held else None
+        action, why = self.guard.check(loss, float(gnorm) if self.check_grad and not held else None)
+        if action != "ok":
+            return False, self._on_guard(action, why, s)
+        if not held:
+            self._apply(grads, gnorm, first)
         testhooks.hit("step")
         self._add_sums(loss_sum_f, sums)
         self.step += 1

@@ -7,7 +7,8 @@ hands it to ``fit()``; ``fit()`` called alone builds it itself. Building it reso
     out_dir     gradtune's own folder or a new one (``outdir.check``, read-only, every rank)
     callbacks   yours, the config's (imported now: a typo is one line), early stopping
     monitor     ``early_stopping.monitor`` (and the plateau schedule's) is a metric this job logs
-    precision   ``auto`` -> fp32 | bf16 (a resumed run keeps its checkpoint's choice)
+    precision   ``auto`` -> fp32 | bf16 | fp16 (a resumed run keeps its checkpoint's choice);
+                fp16 off a CUDA GPU is refused
     device      and the process group under torchrun
     resume      the checkpoint to continue from, with its config and data checked
     trackers    each ``log_to`` tracker's package is installed (find_spec: nothing imported)
@@ -34,7 +35,7 @@ from gradtune.jobs import precision
 from gradtune.jobs.job import Job
 from gradtune.loop.callbacks import Callback, from_spec
 from gradtune.loop.early_stopping import ALIASES, EarlyStopping
-from gradtune.runtime import allocator, distributed, lock, outdir
+from gradtune.runtime import allocator, distributed, lock, outdir, testhooks
 from gradtune.runtime.device import resolve_device
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint, resume
@@ -100,6 +101,17 @@ def check_monitor(job: Job, cfg: Config) -> None:
         )
 
 
+def check_fp16(cfg: Config, device: torch.device) -> None:
+    """fp16 runs on CUDA GPUs only: a CPU has no fast fp16 matmuls (bf16 is the half precision
+    there), so it is refused rather than probed. The test hook GRADTUNE_TEST_FP16 lets the loss
+    scale run on CPU (in fp32: runtime/device.autocast)."""
+    if cfg.precision != "fp16" or device.type == "cuda" or testhooks.fp16_on_cpu():
+        return
+    raise GradtuneError(
+        f"precision=fp16 needs a CUDA GPU (device is {device.type}); use precision=bf16 or precision=fp32 here"
+    )
+
+
 def saved_precision(out_dir: Path) -> Optional[str]:
     """The precision the newest readable checkpoint in ``out_dir`` ran at (``precision: auto``
     chose it then; a probe now, on a busier machine or with the cache deleted, might not)."""
@@ -108,7 +120,7 @@ def saved_precision(out_dir: Path) -> Optional[str]:
             found = json.loads((folder / "config.json").read_text())["config"]["precision"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if found in ("fp32", "bf16"):
+        if found in ("fp32", "bf16", "fp16"):
             return found
     return None
 
@@ -135,7 +147,8 @@ def prepare(
     device = resolve_device(cfg.device)
     if cfg.precision == "auto" and cfg.resume != "never" and out_dir is not None:
         cfg = dataclasses.replace(cfg, precision=saved_precision(out_dir) or "auto")
-    cfg = precision.resolve(job, cfg, device)  # precision auto -> fp32 | bf16, told at start
+    cfg = precision.resolve(job, cfg, device)  # precision auto -> fp32 | bf16 | fp16, told at start
+    check_fp16(cfg, device)
     if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
         allocator.arm()  # applied once batch shapes vary: they would fragment the heap
     owns = distributed.launched() and not torch.distributed.is_initialized()

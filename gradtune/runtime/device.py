@@ -1,4 +1,4 @@
-"""Where and how a run computes: the device, bf16 autocast, CPU threads for tiny models."""
+"""Where and how a run computes: the device, bf16 / fp16 autocast, CPU threads for tiny models."""
 
 from __future__ import annotations
 
@@ -27,9 +27,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for matmuls when ``precision == "bf16"``; a no-op context otherwise."""
+    """bf16 autocast for matmuls when ``precision == "bf16"``, fp16 autocast for ``"fp16"`` on a GPU
+    (the loop's dynamic loss scale keeps its gradients in range: loop/loss_scale.py); a no-op
+    context otherwise. fp16 reaches a CPU only under the test hook GRADTUNE_TEST_FP16 (the run
+    setup refuses it there), and computes in fp32: the loss scale's logic is tested without a GPU."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type != "cpu":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 

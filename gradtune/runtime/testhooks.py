@@ -3,7 +3,9 @@
 ``GRADTUNE_TEST_FAULTS="ckpt.model@2,micro@37=TERM,step.begin@6=RAISE/rank1"``: the 2nd time this
 process reaches the point ``ckpt.model`` it sends itself SIGKILL; at the 37th micro-batch,
 SIGTERM; rank 1 raises at its 6th step. ``=ACTION`` is a signal name (default KILL), ``RAISE``
-(a RuntimeError) or ``HANG`` (sleeps until killed); ``/rankR`` limits an item to one rank.
+(a RuntimeError), ``HANG`` (sleeps until killed) or ``INF`` (``hit`` returns True: the caller
+makes its values non-finite); ``/rankR`` limits an item to one rank. A point may be named several
+times (``grads@2=INF,grads@5=INF``).
 Faults fire in the first attempt only (torchrun --max-restarts counts attempts in
 TORCHELASTIC_RESTART_COUNT), so a restarted job runs clean. Points:
     step.begin   before a step's batch is drawn (the N-th visit starts step N-1 of a fresh run)
@@ -13,6 +15,7 @@ TORCHELASTIC_RESTART_COUNT), so a restarted job runs clean. Points:
     ckpt.files   checkpoint: every file written, manifest not yet
     ckpt.rename  checkpoint: folder complete, not yet renamed into place
     ckpt.after   checkpoint: renamed into place, old ones not yet pruned
+    grads        fp16's loss scale checks a step's gradients for overflow (``INF``: they overflowed)
 Why self-inflicted faults: a kill at an exact, reproducible point (during a write, inside an
 accumulation window) in a few milliseconds, where a timer would mostly hit the idle parts.
 
@@ -24,6 +27,10 @@ ranks no sample is seen twice or skipped.
 ``GRADTUNE_TEST_BUDGET=N``: a ``max_time`` run fixes its step budget at N instead of the
 measured one (read in ``loop/budget.py``), so a test can kill and resume a time-budgeted run and
 compare it bitwise with an uninterrupted one whatever the machine's speed.
+
+``GRADTUNE_TEST_FP16=1``: ``precision: fp16`` is accepted on CPU (refused otherwise), computing in
+fp32 with the dynamic loss scale, its skips and its state exactly as on a GPU
+(``loop/loss_scale.py``): the tests drive the scaler on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from gradtune.runtime import distributed
 
 FAULTS_ENV = "GRADTUNE_TEST_FAULTS"
 PROBE_ENV = "GRADTUNE_TEST_PROBE"
+FP16_ENV = "GRADTUNE_TEST_FP16"
 
-_PLAN: dict[str, tuple[int, str]] = {}
+_PLAN: dict[str, dict[int, str]] = {}  # point -> {visit number: action}
 _SEEN: dict[str, int] = {}
 
 
@@ -57,20 +65,23 @@ def configure(spec: str) -> None:
             continue
         point, _, rest = item.partition("@")
         count, _, action = rest.partition("=")
-        _PLAN[point] = (int(count), action or "KILL")
+        _PLAN.setdefault(point, {})[int(count)] = action or "KILL"
 
 
 configure(os.environ.get(FAULTS_ENV, ""))
 
 
-def hit(point: str) -> None:
-    """Mark that ``point`` was reached; carry out the planned fault on the planned visit."""
+def hit(point: str) -> bool:
+    """Mark that ``point`` was reached; carry out the planned fault on a planned visit. True when
+    that fault is ``INF`` (the caller poisons its values)."""
     if point not in _PLAN:
-        return
-    _SEEN[point] = _SEEN.get(point, 0) + 1
-    count, action = _PLAN[point]
-    if _SEEN[point] != count:
-        return
+        return False
+    count = _SEEN[point] = _SEEN.get(point, 0) + 1
+    action = _PLAN[point].get(count)
+    if action is None:
+        return False
+    if action == "INF":
+        return True
     if action in ("RAISE", "HANG"):  # a signal speaks for itself; these would look like gradtune's own faults
         print(f"gradtune: fault injection: {action} at {point} #{count}", file=sys.stderr, flush=True)
     if action == "RAISE":
@@ -78,6 +89,12 @@ def hit(point: str) -> None:
     if action == "HANG":
         time.sleep(10**6)
     os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
+    return False
+
+
+def fp16_on_cpu() -> bool:
+    """``GRADTUNE_TEST_FP16=1``: accept ``precision: fp16`` off a GPU (computed in fp32)."""
+    return os.environ.get(FP16_ENV) == "1"
 
 
 def probe_dir() -> Optional[Path]:

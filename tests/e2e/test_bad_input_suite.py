@@ -210,6 +210,7 @@ CONFIG = {
     "betas with nan": Case(lambda c: train("optimizer=adamw", "betas=[0.9, .nan]"), ("'betas'",)),
     "muon_momentum=1": Case(lambda c: train("optimizer=muon", "muon_momentum=1"), ("'muon_momentum'", "[0, 1)")),
     "muon_lr=0": Case(lambda c: train("optimizer=muon", "muon_lr=0"), ("'muon_lr'", "> 0")),
+    "precision=fp16 on CPU": Case(lambda c: train("precision=fp16", "device=cpu"), ("precision=fp16", "CUDA GPU")),
     "ns_steps=0": Case(lambda c: train("optimizer=muon", "ns_steps=0"), ("'ns_steps'", "[1, 99]")),
     "muon_adjust_lr unknown": Case(lambda c: train("optimizer=muon", "muon_adjust_lr=rms"), ("'muon_adjust_lr'",)),
     "muon_lr without muon": Case(lambda c: train("optimizer=adamw", "muon_lr=0.05"), ("muon_lr is an optimizer=muon",)),

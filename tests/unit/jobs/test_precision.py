@@ -124,3 +124,20 @@ def test_a_busy_probe_is_reused_while_busy_and_replaced_when_quiet(cache_root, m
     monkeypatch.setattr(precision, "measure", lambda *a: pytest.fail("probed again"))
     last = job_of(model())
     assert precision.resolve(last, cfg).precision == "bf16" and last.info["precision"]["why"] == "cached probe"
+
+
+def test_auto_weighs_fp16_on_a_gpu_without_bf16(cache_root, monkeypatch):
+    """A CUDA GPU without bf16 (before Ampere): fp16 (loss-scaled) in bf16's place; a CPU without
+    bf16 stays fp32 (no fp16 there)."""
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: False)
+    monkeypatch.setattr(precision, "_device_name", lambda d: "Tesla T4")
+    seen = []
+    monkeypatch.setattr(precision, "measure", lambda job, batch, device, low: seen.append(low) or (1.0, 0.5))
+    cfg = load_config(None, ["precision=auto", "epochs=300"])
+    job = job_of(model())
+    assert precision.decide(job, cfg, torch.device("cuda"))["precision"] == "fp16" and seen == ["fp16"]
+    assert precision.decide(job, cfg, torch.device("cuda"))["precision"] == "fp16"  # cached
+    assert precision.decide(job, cfg, torch.device("cpu"))["precision"] == "fp32"
+    monkeypatch.setattr(precision.distributed, "launched", lambda: True)
+    assert precision.decide(job_of(nn.Linear(3, 2)), cfg, torch.device("cuda"))["precision"] == "fp16"
