@@ -14,6 +14,7 @@ import os
 from typing import Any, Iterable
 
 from gradtune.runtime.errors import GradtuneError
+from gradtune.telemetry import html
 
 # log_to name -> (the modules it imports, what to install)
 PACKAGES = {
@@ -49,15 +50,9 @@ def require(log_to: Iterable[str]) -> None:
                 )
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
     """The resolved config as ``section.key -> value``: W&B's config (typed values)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return dict(html.flatten(tree))
 
 
 def flat_params(tree: dict[str, Any]) -> dict[str, str]:

@@ -67,8 +67,7 @@ def torchrun(nproc: int, args: list[str], **env: str) -> subprocess.Popen:
 
 def _errors(out: str) -> str:
     """The first error lines of every rank (a failing rank's own line scrolls out of the tail)."""
-    keep = [ln for ln in out.splitlines() if "gradtune: error" in ln or ln.lstrip("[rank0123]: ").startswith("Error")]
-    keep += [ln for ln in out.splitlines() if "Error:" in ln and "Traceback" not in ln][:12]
+    keep = [ln for ln in out.splitlines() if "gradtune: error" in ln or "Error:" in ln]
     return "first errors:\n" + "\n".join(keep[:24]) + "\n...\n"
 
 
