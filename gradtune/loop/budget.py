@@ -14,14 +14,16 @@ the waits at their true rate.
     fixed     from then on the schedule runs over that count (the lr reaches min_lr when the
               time runs out); the count is saved in every checkpoint, so a resumed run takes the
               same number of steps and is bitwise the uninterrupted one (no re-calibration)
-    re-plan   once, halfway from the calibration to the end: the mean step time since the
-              calibration (thousands of steps, not a warm-up's tens) sets the final count. On a
-              shared machine the pace drifts by several percent over minutes, so a warm-up alone
-              cannot end a 10-minute run within a few percent. The schedule keeps its progress:
-              the steps left are mapped onto the progress left (``schedule_step``), so the lr
-              stays continuous and still reaches min_lr at the last step. The re-plan is saved
-              too; a run resumed after it takes the same steps, one resumed before it re-plans at
-              the same step from its own timings (tests force both counts: FORCE_ENV)
+    re-plan   halfway from the calibration to the end, then halfway from there to the end again
+              (at most MAX_REPLANS times): the mean step time since the previous plan (hundreds
+              to thousands of steps, not a warm-up's tens) sets the count. On a shared machine
+              the pace drifts by several percent over minutes and can change by a third when a
+              neighbour starts, so neither a warm-up nor one re-plan ends a run within a few
+              percent. The schedule keeps its progress: the steps left are mapped onto the
+              progress left (``schedule_step``), so the lr stays continuous and still reaches
+              min_lr at the last step. Each re-plan is saved too; a run resumed after it takes
+              the same steps, one resumed before it re-plans from its own timings (tests force
+              the counts: FORCE_ENV)
 
 Why fixed and not "stop when the clock says so": a run stopped by the clock is not reproducible
 (the same config on a busier machine gives other weights) and its schedule cannot decay to
@@ -52,8 +54,9 @@ SKIP_STEPS = 3  # first steps left out of the mean: allocation, compile, cold ca
 WARM_SHARE = 0.1  # calibrate earlier when the warm-up has used this share of the budget
 WINDOW_SHARE = 0.05  # ... and never on less than this share: the mean must span many scheduler time slices
 AIM = 0.985  # plan to end at this share of the budget: later steps may run a little slower
-REPLAN_AT = 0.5  # re-plan when this share of the steps between calibration and the end are done
-REPLAN_MIN = 200  # ... if at least this many steps were timed since the calibration
+REPLAN_AT = 0.5  # re-plan when this share of the steps between the last plan and the end are done
+REPLAN_MIN = 200  # ... if at least this many steps were timed since the last plan
+MAX_REPLANS = 3  # at 1/2, 3/4 and 7/8 of the way: the last eighth runs on the freshest pace
 STARTUP_WINDOW_S = 60.0  # a process this young at train() is a CLI run: its start-up counts
 WRITE_BPS = 200e6  # bytes/s assumed for checkpoint and weight files before one is timed
 PLOT_S = 2.0  # loss plot and report: matplotlib's import dominates
@@ -165,8 +168,10 @@ class Plan:
     final_s: float = 0.0  # final evaluation + last checkpoint + outputs
     startup_s: float = 0.0  # from the clock's zero to the first step
     forced: bool = False
-    replan_at: int = 0  # the step of the mid-run re-plan; 0: not yet
+    replan_at: int = 0  # the step of the latest mid-run re-plan; 0: not yet
     first_steps: int = 0  # the calibration's count, which the schedule keeps running over after a re-plan
+    replan_v: float = 0.0  # the schedule's step at the latest re-plan (= replan_at after the first)
+    replans: int = 0  # re-plans made
     final_samples: int = 0  # the final evaluation's validation samples when sampled to fit; 0: all
 
 
@@ -182,8 +187,9 @@ class TimeBudget:
     times: list[float] = field(default_factory=list)
     forced: Optional[int] = None
     loop_start: Optional[float] = None
-    since_s: float = 0.0  # training seconds since the calibration (the re-plan's mean)
+    since_s: float = 0.0  # training seconds since the last plan (the next re-plan's mean)
     since_n: int = 0  # ... and their steps
+    before: int = 0  # the count the latest re-plan replaced (its stderr line)
 
     @classmethod
     def create(cls, max_time: str, start: Optional[float], provisional: int) -> "TimeBudget":
@@ -211,8 +217,7 @@ class TimeBudget:
     def observe(self, step: int, seconds: float) -> bool:
         """One step's training seconds (evaluation and checkpoint time excluded); is calibration due?"""
         if self.fixed:
-            if not self.plan.replan_at:
-                self.since_s, self.since_n = self.since_s + seconds, self.since_n + 1
+            self.since_s, self.since_n = self.since_s + seconds, self.since_n + 1
             return False
         if step > self.skip:
             self.times.append(seconds)
@@ -257,41 +262,49 @@ class TimeBudget:
     def replan_due(self, step: int) -> bool:
         """Is the mid-run re-plan due after ``step``? (the same step on every rank)"""
         p = self.plan
-        if not self.fixed or p.replan_at or p.forced or step >= p.steps:
+        if not self.fixed or p.replans >= MAX_REPLANS or p.forced or step >= p.steps:
             return False
-        return step >= p.at_step + REPLAN_AT * (p.steps - p.at_step) and self.since_n >= REPLAN_MIN
+        last = p.replan_at or p.at_step
+        return step >= last + REPLAN_AT * (p.steps - last) and self.since_n >= REPLAN_MIN
 
     def replan(
         self, step: int, cap: int, eval_s: float, ckpt_s: float, eval_every: int, per_epoch: int, ckpt_every: int
     ) -> int:
-        """Fix the final count from the step times since the calibration (module docstring)."""
+        """Fix the count again from the step times since the last plan (module docstring)."""
         p = self.plan
         step_s = self.since_s / self.since_n
+        v = self.schedule_step(step, p.steps)[0]  # the schedule's progress so far, kept
         left = AIM * p.seconds - (time.perf_counter() - self.origin) - p.final_s
         steps = plan_steps(step, cap, left, step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every)
         if dist.is_available() and dist.is_initialized():
             box = [steps]
             dist.broadcast_object_list(box, src=0)
             steps = int(box[0])
-        p.first_steps, p.replan_at, p.steps, p.step_s, p.eval_s = p.steps, step, steps, step_s, eval_s
+        self.before = p.steps
+        p.first_steps = p.first_steps if p.replans else p.steps
+        p.replan_at, p.replan_v, p.steps, p.step_s, p.eval_s = step, v, steps, step_s, eval_s
+        p.replans += 1
+        self.since_s, self.since_n = 0.0, 0
         return steps
 
     def schedule_step(self, step: int, total: int) -> tuple[float, int]:
         """(step, total) for the lr schedule: after a re-plan, steps replan_at..steps map linearly
-        onto replan_at..first_steps, so the lr is continuous there and reaches min_lr at the end."""
+        onto replan_v..first_steps (the schedule's progress at the re-plan to its end), so the lr
+        is continuous there and reaches min_lr at the end. Asked for steps from the latest re-plan
+        on (the loop's current step); before the first re-plan the identity."""
         p = self.plan
         if not p.replan_at:
             return step, total
-        if step <= p.replan_at or p.steps == p.first_steps:
-            return step, p.first_steps
-        t0 = p.replan_at
-        return t0 + (step - t0) * (p.first_steps - t0) / (p.steps - t0), p.first_steps
+        t0, v0 = p.replan_at, p.replan_v or float(p.replan_at)  # replan_v: absent in older checkpoints
+        if step <= t0:
+            return v0 - (t0 - step), p.first_steps
+        return v0 + (step - t0) * (p.first_steps - v0) / (p.steps - t0), p.first_steps
 
     def told_replan(self) -> str:
         p = self.plan
         return (
-            f"max_time {p.max_time}: re-planned at step {p.replan_at:,}: {p.first_steps:,} -> {p.steps:,} steps "
-            f"({p.step_s:.3g} s/step since the calibration)"
+            f"max_time {p.max_time}: re-planned at step {p.replan_at:,}: {self.before:,} -> {p.steps:,} steps "
+            f"({p.step_s:.3g} s/step since the {'calibration' if p.replans == 1 else 'last re-plan'})"
         )
 
     def told(self) -> str:
@@ -336,6 +349,8 @@ class TimeBudget:
             raise GradtuneError(f"state.json field 'budget' does not read ({e})") from None
         if not isinstance(plan.steps, int) or isinstance(plan.steps, bool) or plan.steps < 0:
             raise GradtuneError(f"state.json field 'budget.steps' must be an integer >= 0, got {plan.steps!r}")
+        if plan.replan_at and not plan.replans:  # written before re-plans repeated: one was made
+            plan.replans, plan.replan_v = 1, float(plan.replan_at)
         self.plan = plan
 
 
@@ -361,7 +376,8 @@ def describe(info: dict[str, Any], used: float) -> str:
         return f"max_time {p['max_time']}: the run ended before calibration; used {_clock(used)}"
     how = "forced by a test hook" if p["forced"] else f"at {p['step_s']:.3g} s/step"
     if p.get("replan_at"):
-        how += f" (re-planned at step {p['replan_at']:,} from {p['first_steps']:,})"
+        n = p.get("replans") or 1
+        how += f" (re-planned {'at step' if n == 1 else f'{n} times, last at'} {p['replan_at']:,} from {p['first_steps']:,})"
     resumed = ", step budget from the checkpoint" if info.get("resumed") else ""
     sampled = f" (final on {p['final_samples']:,} samples)" if p.get("final_samples") else ""
     return (

@@ -89,18 +89,19 @@ def test_cosine_runs_over_the_calibrated_budget_to_min_lr(three_seconds):
     _, out = three_seconds
     log = rows(out)
     plans = [r for r in log if r["kind"] == "budget"]
-    plan = plans[-1]  # the calibration's, then the mid-run re-plan's
-    assert len(plans) == 2 and plan["replan_at"] > plans[0]["step"] and plan["first_steps"] == plans[0]["steps"]
-    total, first, t0 = plan["steps"], plan["first_steps"], plan["replan_at"]
+    plan = plans[-1]  # the calibration's, then the mid-run re-plans'
+    assert 2 <= len(plans) <= 1 + budget.MAX_REPLANS and plan["replans"] == len(plans) - 1
+    assert plan["replan_at"] > plans[0]["step"] and plan["first_steps"] == plans[0]["steps"]
+    total, first, t0, v0 = plan["steps"], plan["first_steps"], plan["replan_at"], plan["replan_v"]
     last = [r for r in log if r["kind"] == "eval"][-1]
     assert last["step"] == total
     # The last step's lr is the cosine over the calibrated total (not over a million epochs), the
-    # steps after the re-plan mapped onto the progress that was left...
-    v = t0 + (total - 1 - t0) * (first - t0) / (total - t0)
+    # steps after the latest re-plan mapped onto the progress that was left...
+    v = v0 + (total - 1 - t0) * (first - v0) / (total - t0)
     assert last["lr"] == pytest.approx(lr_at(v, LR, "cosine", first, 5, min_lr=MIN_LR), rel=1e-12)
-    # ... one step short of the end of the half period (a step being (first - t0) / (total - t0)
+    # ... one step short of the end of the half period (a step being (first - v0) / (total - t0)
     # of the schedule's steps after the re-plan): min_lr within that step's decrement.
-    d = (first - t0) / (total - t0)
+    d = (first - v0) / (total - t0)
     assert abs(last["lr"] - MIN_LR) <= (LR - MIN_LR) * (math.pi * d / (first - 5)) ** 2 / 4 + 1e-15
     # ... and continuous across the re-plan: no jump larger than the steps around it make.
     lrs = {r["step"]: r["lr"] for r in log if r["kind"] == "eval"}

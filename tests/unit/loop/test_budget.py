@@ -121,7 +121,7 @@ def test_replan_maps_the_steps_left_onto_the_schedule_progress_left(monkeypatch)
     t.origin = budget.time.perf_counter() - 50.0  # 50 s of the 100 s gone: 48.5 left at the 98.5% aim
     steps = t.replan(510, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
     assert steps == pytest.approx(510 + 48.5 / 0.04, abs=2) and t.plan.first_steps == 1000
-    assert not t.replan_due(900)  # once
+    assert not t.replan_due(900)  # next: halfway from 510 to the new end
     assert t.schedule_step(400, steps) == (400, 1000) and t.schedule_step(510, steps) == (510, 1000)
     assert t.schedule_step(steps, steps) == (pytest.approx(1000), 1000)
     a, b = t.schedule_step(511, steps)[0], t.schedule_step(512, steps)[0]
@@ -129,6 +129,38 @@ def test_replan_maps_the_steps_left_onto_the_schedule_progress_left(monkeypatch)
     again = budget.TimeBudget.create("100s", 0.0, 10**6)
     again.load_state_dict(t.state_dict())  # a resumed run keeps both counts
     assert again.schedule_step(700, steps) == t.schedule_step(700, steps) and not again.replan_due(800)
+
+
+def test_later_replans_follow_the_latest_pace_and_keep_the_schedule_continuous():
+    """A neighbour slows the steps after the first re-plan: the next re-plan (halfway from the
+    first to the end) counts only the steps since the first, cuts the total, and the schedule
+    keeps its progress (continuous at both re-plans, ending at the calibration's total)."""
+    t = budget.TimeBudget.create("100s", 0.0, 10**6)
+    t.plan.steps, t.plan.at_step, t.plan.final_s, t.plan.step_s = 1000, 20, 0.0, 0.05
+    for s in range(21, 510):
+        t.observe(s, 0.05)
+    t.origin = budget.time.perf_counter() - 50.0
+    first = t.replan(510, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
+    due = 510 + (first - 510) // 2 + 1
+    for s in range(511, due):
+        t.observe(s, 0.1)  # twice as slow from here
+        assert not t.replan_due(s)
+    assert t.replan_due(due)
+    v_before = t.schedule_step(due, first)[0]
+    t.origin = budget.time.perf_counter() - (50.0 + (due - 510) * 0.1)
+    second = t.replan(due, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
+    left = 98.5 - (50.0 + (due - 510) * 0.1)
+    assert second == pytest.approx(due + left / 0.1, abs=2) and second < first
+    assert t.plan.first_steps == 1000 and t.plan.replans == 2 and "since the last re-plan" in t.told_replan()
+    assert t.schedule_step(due, second)[0] == pytest.approx(v_before)
+    assert t.schedule_step(second, second) == (pytest.approx(1000), 1000)
+    for s in range(due + 1, second):
+        t.observe(s, 0.1)
+    t.plan.replans = budget.MAX_REPLANS
+    assert not t.replan_due(second - 1)  # at most MAX_REPLANS
+    again = budget.TimeBudget.create("100s", 0.0, 10**6)
+    again.load_state_dict(t.state_dict())
+    assert again.schedule_step(second - 3, second) == t.schedule_step(second - 3, second)
 
 
 def test_no_replan_when_forced_or_too_few_steps(monkeypatch):
