@@ -89,7 +89,7 @@ def _fit(job: Job, setup: RunSetup) -> Result:
     loop.log = log = resume.open_log(out_dir, plan, sinks) if main else MetricsLog(None)
     t0 = time.perf_counter()
     try:
-        with cpu_threads(job.model, loop.device), preempt.catch() as flag:
+        with cpu_threads(job.model, loop.device), preempt.catch(cfg.dist_timeout if distributed.active() else None) as flag:
             loop.preempt = flag if out_dir is not None else None
             stop_reason, train_loss = loop.run()
         log.commit()  # a finished run replaces the old log even if it measured nothing

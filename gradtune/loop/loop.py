@@ -335,6 +335,7 @@ class Loop(LoopState):
             self.save_checkpoint()
         if self.preempt is not None and distributed.stop_agreed(self.preempt.requested):
             assert self.ckpt_root is not None
+            self.preempt.answer()  # the boundary is reached: the checkpoint may take its time
             path = self.ckpt_root / checkpoint.folder_name(self.step)
             if self.saved_step != self.step:
                 path = self.save_checkpoint()

@@ -7,6 +7,12 @@ is restored and the signal re-delivered, so the process dies at once. If that la
 checkpoint write, the write is abandoned half-way in its temporary folder and the previous
 checkpoint is untouched (see checkpoint.save); the next run sweeps the leftovers.
 
+Under torchrun a rank that cannot reach the step boundary (stuck in its own code while the
+others wait, or past a collective whose peer is gone) would hold the job until the launcher's
+own SIGKILL (torchrun waits 30 s). With ``grace`` (the run's ``dist_timeout``: the longest a
+healthy rank may wait on a peer) a rank that has not reached the boundary that long after the
+first signal exits 128 + signal with one line; reaching it (``answer``) disarms that.
+
 Once the preemption checkpoint is written the outcome is decided: exit 75, resumable. From then
 on a further signal (the scheduler repeating SIGTERM, a second Ctrl-C while the process winds
 down) is ignored, so it cannot turn that exit into 130 / 143: ``Preempted`` marks the run
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,8 +57,10 @@ def settled() -> bool:
 
 
 class Flag:
-    def __init__(self) -> None:
+    def __init__(self, grace: Optional[float] = None) -> None:
         self.signal: Optional[str] = None  # name of the first signal received
+        self.grace = grace  # seconds from the first signal to the step boundary; None: no limit
+        self.timer: Optional[threading.Timer] = None
 
     @property
     def requested(self) -> bool:
@@ -61,6 +70,22 @@ class Flag:
         """For the loop: call as soon as the preemption checkpoint is in place."""
         settle()
 
+    def answer(self) -> None:
+        """For the loop: the step boundary is reached, the preemption checkpoint begins."""
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _late(self, signum: int) -> None:
+        """``grace`` seconds after the first signal and no step boundary: end now."""
+        if settled():
+            return
+        print(
+            f"gradtune: {self.signal}: no step boundary reached within {self.grace:g}s (dist_timeout): exiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
     def _handle(self, signum: int, frame: object) -> None:
         if settled():  # the checkpoint is written, exit 75 decided: nothing left to stop
             return
@@ -69,12 +94,17 @@ class Flag:
             os.kill(os.getpid(), signum)
             return
         self.signal = signal.Signals(signum).name
+        if self.grace is not None:
+            self.timer = threading.Timer(self.grace, self._late, (signum,))
+            self.timer.daemon = True
+            self.timer.start()
 
 
 @contextlib.contextmanager
-def catch() -> Iterator[Flag]:
-    """Install the handlers for the duration of a run (main thread only; elsewhere a no-op)."""
-    flag = Flag()
+def catch(grace: Optional[float] = None) -> Iterator[Flag]:
+    """Install the handlers for the duration of a run (main thread only; elsewhere a no-op).
+    ``grace``: see the module docstring (torchrun runs pass their ``dist_timeout``)."""
+    flag = Flag(grace)
     _STATE["settled"] = False  # a new run: nothing is decided yet
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -83,6 +113,7 @@ def catch() -> Iterator[Flag]:
     try:
         yield flag
     finally:
+        flag.answer()
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -63,3 +63,38 @@ def test_signal_writes_a_checkpoint_and_the_resumed_run_is_exact(sig, tmp_path, 
     job = build(cfg_for(out))
     fit(job, cfg_for(out), out)
     assert all(torch.equal(v, want[k]) for k, v in job.model.state_dict().items())
+
+
+GRACE_CHILD = """
+import os, signal, sys, time
+from gradtune.state import preempt
+with preempt.catch(grace=float(sys.argv[1])) as flag:
+    os.kill(os.getpid(), signal.SIGTERM)
+    if sys.argv[2] == "answer":
+        time.sleep(0.05)
+        flag.answer()  # the loop reached its step boundary: the checkpoint may take its time
+    time.sleep(1.5)  # a rank stuck in its own code (or a collective whose peer is gone)
+print("ended", flag.signal)
+"""
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_rank_that_misses_the_step_boundary_exits_after_the_grace(answered):
+    """Under torchrun the grace is dist_timeout: a rank that cannot reach the step boundary ends
+    with one line (128 + SIGTERM) instead of holding the job until the launcher's SIGKILL."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-c", GRACE_CHILD, "0.3", "answer" if answered else "stuck"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if answered:
+        assert p.returncode == 0 and p.stdout.strip() == "ended SIGTERM", p.stderr
+    else:
+        assert p.returncode == 128 + signal.SIGTERM and p.stdout == "", (p.returncode, p.stdout)
+        assert p.stderr.strip().splitlines() == [
+            "gradtune: SIGTERM: no step boundary reached within 0.3s (dist_timeout): exiting"
+        ]
