@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # Under pytest-xdist (make test: one worker per core) each worker and the processes it starts
 # compute on one thread: two workers of two OpenMP threads each on two cores spin against each
@@ -14,6 +15,12 @@ from tests.hooks import LONG  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# One cache root for the whole suite (both xdist workers, the processes they start, the README
+# blocks): nothing is written to the user's ~/.cache, and a .gguf base is converted once per
+# machine, not once per test or worker (~25 s each for SmolLM2). Entries are keyed by content and
+# written by rename (runtime/cache.py), so concurrent sessions share it safely.
+os.environ.setdefault("GRADTUNE_CACHE", os.path.join(tempfile.gettempdir(), f"gradtune-tests-{os.getuid()}"))
 
 # Tests never reach a hub: every model and data set comes from local files or packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -377,7 +377,8 @@ def describe(info: dict[str, Any], used: float) -> str:
     how = "forced by a test hook" if p["forced"] else f"at {p['step_s']:.3g} s/step"
     if p.get("replan_at"):
         n = p.get("replans") or 1
-        how += f" (re-planned {'at step' if n == 1 else f'{n} times, last at'} {p['replan_at']:,} from {p['first_steps']:,})"
+        when = "at step" if n == 1 else f"{n} times, last at"
+        how += f" (re-planned {when} {p['replan_at']:,} from {p['first_steps']:,})"
     resumed = ", step budget from the checkpoint" if info.get("resumed") else ""
     sampled = f" (final on {p['final_samples']:,} samples)" if p.get("final_samples") else ""
     return (

@@ -88,8 +88,9 @@ def _fit(job: Job, setup: RunSetup) -> Result:
     sinks = [c.log_sink() for c in loop.events.all if hasattr(c, "log_sink")] if main else []
     loop.log = log = resume.open_log(out_dir, plan, sinks) if main else MetricsLog(None)
     t0 = time.perf_counter()
+    grace = cfg.dist_timeout if distributed.active() else None  # a rank stuck past a signal (state/preempt.py)
     try:
-        with cpu_threads(job.model, loop.device), preempt.catch(cfg.dist_timeout if distributed.active() else None) as flag:
+        with cpu_threads(job.model, loop.device), preempt.catch(grace) as flag:
             loop.preempt = flag if out_dir is not None else None
             stop_reason, train_loss = loop.run()
         log.commit()  # a finished run replaces the old log even if it measured nothing

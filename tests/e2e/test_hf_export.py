@@ -60,7 +60,6 @@ RUNS = {
 @pytest.fixture(autouse=True)
 def _offline(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _bpe(path: Path) -> Path:

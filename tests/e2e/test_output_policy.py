@@ -35,11 +35,6 @@ QUIET = ["progress=off", "plot=false"]
 MLP = ["model=mlp", "data=diabetes", "hidden=[8]", "schedule=constant", "checkpoint_every=20", "eval_every=100000"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 

@@ -38,7 +38,6 @@ PROMPTS += ["what time", "is it good"]
 
 @pytest.fixture(autouse=True)
 def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -25,11 +25,6 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "answer_format.jsonl"  # 1
 CLASSES = "text,label\n" + "hello world,a\nfree prize,b\nwin now,b\nmeet me,a\ncall now,b\nhome ok,a\n" * 2
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def _final(run: Path) -> Path:
     return checkpoint.listing(checkpoint.root(run))[-1][1]
 
