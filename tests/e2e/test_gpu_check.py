@@ -90,3 +90,12 @@ def test_tiny_on_cpu_prints_every_row(tmp_path):
         assert got == want, f"{name}: {got}\n{p.stdout}"
     assert "0 of" in next(line for line in lines if line.startswith("resume bitwise (fp16)"))
     assert (tmp_path / "runs" / "straight-fp16" / "model.safetensors").is_file()  # --keep kept the runs
+
+
+def test_make_gpu_check_runs_the_script_after_the_venv():
+    """The target depends on the venv stamp as ``test`` does, and runs bench/gpu.py."""
+    text = (ROOT / "Makefile").read_text()
+    lines = text.splitlines()
+    at = lines.index("gpu-check: $(STAMP)")
+    assert "bench/gpu.py" in lines[at + 1] and lines[at + 1].startswith("\t")
+    assert "gpu-check" in next(line for line in lines if line.startswith(".PHONY:"))
