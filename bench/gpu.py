@@ -73,7 +73,7 @@ class Sizes:
         # small GPT of the exactness rows (gpt2 family: learned positions, LayerNorm, GELU)
         shape = (2, 2, 32, 32) if tiny else (4, 4, 256, 256)  # n_layer, n_head, n_embd, block_size
         self.small = [f"gpt.{k}={v}" for k, v in zip(("n_layer", "n_head", "n_embd", "block_size"), shape)]
-        self.steps, self.kill_at, self.every = (6, 5, 2) if tiny else (12, 9, 4)  # killed after 8 steps
+        self.steps, self.kill_at, self.every = (6, 5, 2) if tiny else (12, 9, 4)  # killed after step 9, resumed from 8
         # GPT-2 124M: (batch, context, steps, eval_every)
         self.gpt2 = (2, 64, 4, 2) if tiny else (16, 1024, 40, 20)
         # SmolLM2 LoRA: (batch, max_length, steps)
@@ -93,6 +93,7 @@ def small_gpt(s: Sizes, out: Path, device: str, *extra: str) -> list[str]:
         *s.small,
         "val_fraction=0",
         "batch_size=8",
+        "precision=fp32",  # never auto: its probe (bf16 on a GPU, any torchrun) would differ between rows
         f"max_steps={s.steps}",
         f"eval_every={s.every}",
         *common(out, device),
@@ -252,16 +253,17 @@ def fit_timed(settings: list[str], device: str, make_job: Callable[[Any], Any]) 
 def gpt2_step(s: Sizes, tmp: Path, device: str) -> tuple[bool, str]:
     """The whole batch in one piece; a GPU without the memory for it halves the micro-batch until
     it fits (said in the figure)."""
-    batch, block, steps, every = s.gpt2
-    for micro in (batch, batch // 2, batch // 4, batch // 8):
+    batch = s.gpt2[0]
+    micros = [m for m in (batch, batch // 2, batch // 4, batch // 8) if m >= 1]
+    for micro in micros:
         shutil.rmtree(tmp / "gpt2", ignore_errors=True)
         try:
             return _gpt2_step(s, tmp, device, micro)
         except torch.cuda.OutOfMemoryError:
-            if micro <= 1:
+            if micro == micros[-1]:
                 raise
-            gc.collect()
-            torch.cuda.empty_cache()
+        gc.collect()  # out of the except block: the failed attempt's frames (and tensors) are gone
+        torch.cuda.empty_cache()
     raise AssertionError("unreachable")
 
 
