@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         print(SKIP_LINE)
         return 0
     s = Sizes(args.tiny)
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        print(f"gpu-check: --keep {args.keep}: give a new or empty folder (its runs would be resumed)", file=sys.stderr)
+        return 2
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     tmp.mkdir(parents=True, exist_ok=True)
     if args.device == "cpu":

@@ -68,6 +68,9 @@ def test_a_failed_exactness_row_or_an_error_exits_1(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert re.search(r"  error +ZeroDivisionError" if broken == "gpt2_step" else r"  FAIL +differs", out), out
     assert re.search(r"SmolLM2-135M LoRA step +skip +not installed", out), out
+    (tmp_path / "mine.txt").write_text("a file of the user's")
+    assert gpu.main(["--device", "cpu", "--tiny", "--keep", str(tmp_path)]) == 2  # never into a used folder
+    assert "give a new or empty folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~1-2 minutes on 2 cores: six rows of real runs, a torchrun launch, the SmolLM2 GGUF
