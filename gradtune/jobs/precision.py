@@ -164,13 +164,14 @@ def decide(job: Job, cfg: Config, device: torch.device) -> dict[str, Any]:
     found = _decide(job, cfg, device, n, low)
     if low != "bf16" and found["precision"] == "bf16":  # the probe's slot named bf16 held fp16
         found = {**found, "precision": low}
-    return found
+    # The precision weighed against fp32 (the start-up line names it; an older cache entry has no "half").
+    return {**found, "half": low}
 
 
 def _decide(job: Job, cfg: Config, device: torch.device, n: int, low: str) -> dict[str, Any]:
     """``decide`` once a half precision ``low`` is available; "bf16" in the answer stands for it."""
     if n < TINY_PARAMS:
-        return {"precision": "fp32", "why": f"{n:,} parameters: too small for bf16 to pay", "ratio": None}
+        return {"precision": "fp32", "why": f"{n:,} parameters: too small for {low} to pay", "ratio": None}
     if distributed.launched():
         choice = "bf16" if device.type == "cuda" else "fp32"
         return {"precision": choice, "why": "torchrun: no per-rank probe", "ratio": None}
@@ -179,7 +180,7 @@ def _decide(job: Job, cfg: Config, device: torch.device, n: int, low: str) -> di
         return {
             "precision": "fp32",
             "why": f"a {planned:,}-step run is too short for a probe (~{PROBE_COST_STEPS} steps) to pay; "
-            "precision=bf16 chooses bf16",
+            f"precision={low} chooses {low}",
             "ratio": None,
         }
     batch = probe_batch(job, cfg)
@@ -247,6 +248,7 @@ def resolve(job: Job, cfg: Config, device: Optional[torch.device] = None) -> Con
     found = decide(job, cfg, device if device is not None else resolve_device(cfg.device))
     job.info["precision"] = found
     if distributed.is_main():
-        ratio = f", bf16 step {found['ratio']:.2f}x as fast as fp32" if found.get("ratio") else ""
+        low = found.get("half", "bf16")  # what the probe timed against fp32: bf16, or fp16 on a GPU without bf16
+        ratio = f", {low} step {found['ratio']:.2f}x as fast as fp32" if found.get("ratio") else ""
         print(f"precision auto: {found['precision']} ({found['why']}{ratio})", flush=True)  # stdout, like lr: auto
     return dataclasses.replace(cfg, precision=found["precision"])

@@ -10,7 +10,9 @@ sqlite:///out_dir/mlflow.db`` shows it. The experiment is ``MLFLOW_EXPERIMENT_NA
 
 A resumed run continues the same MLflow run (its id is kept in the checkpoint): the values the
 interrupted process logged after the checkpoint's step are deleted first (mlflow_rewind.py), so
-the history equals the uninterrupted run's, as metrics.jsonl's does.
+the history equals the uninterrupted run's, as metrics.jsonl's does. ``gradtune export`` of the
+finished run adds what it wrote to the same MLflow run (``log_export``: ``export/hf``,
+``export/gguf``...), found through summary.json's ``job.trackers.mlflow``.
 
 Rows are sent in batches (one store transaction each): at every row that is not a step row, when
 ``BATCH`` values wait, at ``flush`` (before each checkpoint: every row it has seen is in the store)
@@ -30,7 +32,7 @@ from typing import Any, Iterator, Optional
 
 from gradtune.runtime.errors import GradtuneError
 from gradtune.telemetry.mlflow_rewind import rewind
-from gradtune.telemetry.trackers import flat_params, numbers
+from gradtune.telemetry.trackers import flat_params, installed, numbers
 
 MISSING = "log_to: mlflow needs the mlflow package (pip install mlflow)"
 STORE = "mlflow.db"  # the default store, in out_dir
@@ -221,3 +223,39 @@ def upload(out_dir: Path, info: dict[str, str]) -> None:
             except Exception as e:
                 _warn(f"MLflow {info['tracking_uri']}: {name} not stored: {type(e).__name__}: {e}")
                 return
+
+
+def _store_file(uri: str) -> Optional[Path]:
+    """The SQLite file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def log_export(info: dict[str, str], exported: list[tuple[str, Path]]) -> Optional[str]:
+    """An export of a finished run as artifacts of that run's MLflow run (``info``: summary.json's
+    ``job.trackers.mlflow``), each under ``export/<kind>`` (``kind``: hf, merged, adapter, gguf; a
+    folder's files, or a file). Returns the line to print; None without the mlflow package (the
+    export needs no tracker). A store that is gone or fails is one warning: the export is written
+    whatever happens. The run is addressed by id through the client: its status is left as the
+    training ended it."""
+    if not exported or not installed("mlflow"):
+        return None
+    uri, run_id = info["tracking_uri"], info["run_id"]
+    store = _store_file(uri)
+    if store is not None and not store.is_file():  # the client would create an empty database there
+        _warn(f"MLflow store {uri} is gone; the export is not logged to run {run_id}")
+        return None
+    names = []
+    with _quiet():
+        client = _client(uri)
+        for kind, path in exported:
+            name = f"export/{kind}"
+            try:
+                if Path(path).is_dir():
+                    client.log_artifacts(run_id, str(path), artifact_path=name)
+                else:
+                    client.log_artifact(run_id, str(path), artifact_path=name)
+            except Exception as e:  # MLflow raises its own, requests' and SQLAlchemy's errors
+                _warn(f"MLflow {uri}: {name} not stored: {type(e).__name__}: {e}")
+                continue
+            names.append(name)
+    return f"mlflow: {', '.join(names)} logged as artifacts of run {run_id} in {uri}" if names else None

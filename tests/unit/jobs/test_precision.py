@@ -141,3 +141,34 @@ def test_auto_weighs_fp16_on_a_gpu_without_bf16(cache_root, monkeypatch):
     assert precision.decide(job, cfg, torch.device("cpu"))["precision"] == "fp32"
     monkeypatch.setattr(precision.distributed, "launched", lambda: True)
     assert precision.decide(job_of(nn.Linear(3, 2)), cfg, torch.device("cuda"))["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("half_s,want", [(0.5, "fp16"), (0.95, "fp32")])
+def test_the_start_up_line_names_the_precision_it_weighed(cache_root, monkeypatch, capsys, half_s, want):
+    """On a CUDA GPU without bf16 the probe times fp16 against fp32: the line says fp16, never bf16
+    (the probe and the device mocked: no GPU here)."""
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: False)
+    monkeypatch.setattr(precision, "_device_name", lambda d: "Tesla T4")
+    monkeypatch.setattr(precision, "measure", lambda job, batch, device, low: (1.0, half_s))
+    cfg = load_config(None, ["precision=auto", "epochs=300"])
+    job = job_of(model())
+    assert precision.resolve(job, cfg, torch.device("cuda")).precision == want
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"precision auto: {want} (probe ") and "bf16" not in line, line
+    assert line.endswith(f", fp16 step {1.0 / half_s:.2f}x as fast as fp32)"), line
+    assert job.info["precision"]["half"] == "fp16"
+    precision.resolve(job_of(model()), cfg, torch.device("cuda"))  # cached: the same words
+    assert f"cached probe, fp16 step {1.0 / half_s:.2f}x" in capsys.readouterr().out
+    monkeypatch.setattr(precision, "TINY_PARAMS", 10**9)
+    precision.resolve(job_of(model()), cfg, torch.device("cuda"))
+    assert "too small for fp16 to pay" in capsys.readouterr().out
+
+
+def test_the_start_up_line_on_a_bf16_device_names_bf16(cache_root, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "TINY_PARAMS", 0)
+    monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
+    monkeypatch.setattr(precision, "busy_cpu", lambda d: "")
+    monkeypatch.setattr(precision, "measure", lambda job, batch, device, low: (1.0, 0.7))
+    precision.resolve(job_of(model()), load_config(None, ["precision=auto", "epochs=300"]), torch.device("cpu"))
+    assert capsys.readouterr().out.strip().endswith("bf16 step 1.43x as fast as fp32)")
