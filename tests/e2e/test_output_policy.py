@@ -104,12 +104,7 @@ def _contend_kill_resume(tmp_path: Path, k: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_trainings_into_one_out_dir_one_refused_then_kill_9_and_take_over(tmp_path):
-    _contend_kill_resume(tmp_path, 0)
-
-
-@pytest.mark.slow
-def test_lock_contention_kill_and_takeover_repeated(tmp_path):
+def test_two_trainings_into_one_out_dir_one_refused_then_kill_9_and_take_over_repeated(tmp_path):
     for k in range(20 if hooks.LONG else 4):  # 20 with GRADTUNE_LONG_TESTS=1
         _contend_kill_resume(tmp_path, k)
 
