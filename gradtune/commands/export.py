@@ -96,7 +96,8 @@ def _vocab(r: Run) -> gguf_export.Vocab:
                 f"BPE tokenizer.json>"
             )
         eos = {"eos": r.tokenizer.eos_id} if r.tokenizer.eos_id is not None else {}
-        return gguf_export.vocab_from_tokenizer_json(r.folder / "tokenizer.json", eos)
+        template = r.tokenizer.chat_template  # ChatML where `tokenizer train` made its markers
+        return gguf_export.vocab_from_tokenizer_json(r.folder / "tokenizer.json", eos, chat_template=template)
     folder, gguf_name = hf.resolve(r.cfg.model)
     if gguf_name:
         return gguf_export.vocab_from_gguf(folder / gguf_name)

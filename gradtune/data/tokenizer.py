@@ -144,6 +144,15 @@ class CharTokenizer:
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
 
 
+# ChatML as a Jinja chat template (transformers' ``apply_chat_template``, llama.cpp, Ollama):
+# the template ``gradtune tokenizer train --chat-template chatml`` makes its markers for.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+
+
 class HFTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` loaded from a tokenizer.json file."""
 
@@ -173,6 +182,13 @@ class HFTokenizer:
         self.name = f"hf:{path.name}"
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = next((i for i in map(self.tok.token_to_id, _EOS_NAMES) if i is not None), None)
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """ChatML when both its markers are special tokens of this tokenizer (a tokenizer.json has
+        no template of its own; exports write this one beside it), else None."""
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        return CHATML if all(m in special for m in CHATML_MARKERS) else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

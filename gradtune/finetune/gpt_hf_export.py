@@ -97,6 +97,9 @@ def hf_files(model: GPT, tokenizer: Tokenizer) -> dict[str, str]:
     text = token_text(tokenizer, eos)
     if text is not None:
         tok_config.update(bos_token=text, eos_token=text)
+    template = getattr(tokenizer, "chat_template", None)  # ChatML where `tokenizer train` made its markers
+    if template:
+        tok_config["chat_template"] = template
     return {
         "config.json": json.dumps(config, indent=2) + "\n",
         "generation_config.json": json.dumps(generation, indent=2) + "\n",

@@ -183,6 +183,18 @@ def test_own_tokenizer_round_trips_pretrains_generates_and_exports(tmp_path, cap
         torch.testing.assert_close(load_gguf(out)(ids), run.model(ids), atol=1e-5, rtol=0)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
     assert theirs(sample)["input_ids"] == ids[0].tolist() == hf.encode(sample).ids
+    # The ChatML markers it was trained with come out as a chat template: in the GGUF, in the
+    # transformers folder, and as Ollama's ChatML template with <|im_end|> as a stop.
+    chat = [{"role": "user", "content": "Who art thou?"}]
+    want_text = "<|im_start|>user\nWho art thou?<|im_end|>\n<|im_start|>assistant\n"
+    assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want_text
+    assert main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+    folder_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert folder_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want_text
+    q = tmp_path / "ollama" / "m.gguf"
+    assert main(["export", str(run_dir), "--gguf", str(q), "--type", "q8_0", "--ollama"]) == 0
+    modelfile = (q.parent / "Modelfile").read_text()
+    assert "<|im_start|>assistant" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile, modelfile
     trained = tmp_path / "trained"
     assert main(["train", *gpt, "data=shakespeare", "text.tokenizer=train", f"out_dir={trained}"]) == 0
     assert (trained / "tokenizer.json").read_bytes() == tok_path.read_bytes()  # same data, same settings
