@@ -1,0 +1,224 @@
+"""Decoding for Llama-family transformers causal LMs (llama, mistral, qwen2) without transformers'
+per-step machinery: the same weights and arithmetic, fewer and faster kernel calls.
+
+Why: a decoding step is one (B, 1) token through every layer. Through the transformers module
+it is ~20 module calls per layer, a DynamicCache that concatenates, masks and rotary tables
+rebuilt every step, and seven unfused ``F.linear`` per layer whose weight is re-packed by the
+GEMM on every call (at B > 1 that packing reads the whole weight once more: at batch 8 the
+(49152, 576) head of SmolLM2 costs ~3x a packed GEMM). Here, built once per ``generate`` call:
+
+- q/k/v and gate/up weights concatenated (one GEMM each instead of three and two); weights
+  packed once for the step's batch: MKL's packed sgemm for float32, oneDNN's reordered weight for
+  bfloat16 (whose plain ``F.linear`` at B = 1 runs a slow path, 5-15x the packed one);
+- one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
+  position the call can reach, computed by the model's own rotary module (its rope scaling);
+- attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
+
+Left-padded batches: ``mask`` (B, T) marks real prompt tokens; positions count real tokens only
+(as transformers' generate does: cumsum - 1), pads are never attended to.
+
+LoRA layers (gradtune.finetune) are read duck-typed, as their effective weight W + scaling B A
+(a copy; the model is not changed). A model ``supported`` does not recognise (another family, a
+quantised layer, dynamic rope) decodes through transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")  # a table fixed by position alone (not "dynamic")
+
+
+def _readable(m: nn.Module) -> bool:
+    """An nn.Linear, or a LoRA layer over one (not a quantised base: its weight is codes)."""
+    base = getattr(m, "base", None)
+    return type(m) is nn.Linear or (type(base) is nn.Linear and callable(getattr(m, "delta_weight", None)))
+
+
+def linear_weight(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(effective weight (out, in), bias) of an nn.Linear or a LoRA-wrapped one; None otherwise."""
+    if type(m) is nn.Linear:
+        return m.weight.detach(), None if m.bias is None else m.bias.detach()
+    base, delta = getattr(m, "base", None), getattr(m, "delta_weight", None)
+    if type(base) is nn.Linear and callable(delta) and not getattr(m, "training", False):
+        w = base.weight.detach()
+        w = w if getattr(m, "merged", False) else w + delta().detach()
+        return w, None if base.bias is None else base.bias.detach()
+    return None
+
+
+class Packed:
+    """y = x [W_1; W_2; ...]^T (+ b) for x (N, in): the layers' weights concatenated and packed once
+    for N = ``rows`` where that is faster (float32 at N > 1: MKL's packed sgemm; bfloat16: oneDNN's
+    reordered weight); elsewhere (float32 at N = 1, a GPU, biases) each layer's own ``F.linear``,
+    outputs concatenated: nothing copied."""
+
+    def __init__(self, mods: list[nn.Module], rows: int) -> None:
+        parts = [linear_weight(m) for m in mods]
+        self.parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = [p for p in parts if p is not None]
+        assert len(self.parts) == len(mods)  # supported() checked every layer
+        w0, self.kind, self.rows = self.parts[0][0], "plain", rows
+        if w0.device.type != "cpu" or any(b is not None for _, b in self.parts):
+            return
+        try:
+            if w0.dtype == torch.float32 and rows > 1 and torch.backends.mkl.is_available():
+                self.w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
+                self.packed, self.kind = torch.ops.mkl._mkl_reorder_linear_weight(self.w, rows), "mkl"
+            elif w0.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+                w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
+                self.packed, self.kind = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=rows), "onednn"
+        except (RuntimeError, AttributeError):  # a build without the op: the plain GEMM
+            self.kind = "plain"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mkl":  # another N than packed for falls back to F.linear inside the op
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, self.rows)
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether ``model`` is a Llama-family transformers model of plain (or LoRA) linear layers."""
+    config, inner = getattr(model, "config", None), getattr(model, "model", None)
+    if getattr(config, "model_type", None) not in FAMILIES or inner is None or model.training:
+        return False
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "sliding_window", None) is not None:
+        return False
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") not in ROPE_TYPES:
+        return False
+    if type(getattr(model, "lm_head", None)) is not nn.Linear or model.lm_head.bias is not None:
+        return False
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        extra = {n for n, _ in attn.named_children()} - {"q_proj", "k_proj", "v_proj", "o_proj"}
+        if extra or {n for n, _ in mlp.named_children()} - {"gate_proj", "up_proj", "down_proj", "act_fn"}:
+            return False  # q/k norms (qwen3), other attention designs: transformers' path
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(_readable(m) for m in projections):
+            return False
+    return True
+
+
+class Weights:
+    """The model's weights as decoding reads them: fused, packed for ``rows`` (a copy)."""
+
+    def __init__(self, model: nn.Module, rows: int) -> None:
+        inner, config = model.model, model.config
+        self.embed = inner.embed_tokens.weight.detach()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = []
+        for lyr in inner.layers:
+            a, m = lyr.self_attn, lyr.mlp
+            self.layers.append(
+                (
+                    (lyr.input_layernorm.weight.detach(), lyr.input_layernorm.variance_epsilon),
+                    Packed([a.q_proj, a.k_proj, a.v_proj], rows),
+                    Packed([a.o_proj], rows),
+                    (lyr.post_attention_layernorm.weight.detach(), lyr.post_attention_layernorm.variance_epsilon),
+                    Packed([m.gate_proj, m.up_proj], rows),
+                    Packed([m.down_proj], rows),
+                    getattr(a, "scaling", self.dim**-0.5),
+                )
+            )
+        self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
+        self.head = Packed([model.lm_head], rows)
+
+
+class Decoder:
+    """One ``generate`` call's decoding state: the packed weights, KV cache, rotary table, positions."""
+
+    def __init__(self, model: nn.Module, rows: int, capacity: int, mask: Optional[torch.Tensor]) -> None:
+        w = Weights(model, rows)
+        self.w, self.heads, self.kv_heads, self.dim = w, w.heads, w.kv_heads, w.dim
+        p, inner = w.embed, model.model
+        # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.
+        positions = torch.arange(capacity, device=p.device)[None]
+        cos, sin = inner.rotary_emb(torch.empty(0, dtype=p.dtype, device=p.device), positions)
+        self.cos, self.sin = cos[0], sin[0]
+        shape = (len(w.layers), rows, self.kv_heads, capacity, self.dim)
+        self.k = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self.length = 0
+        # keys (B, capacity): True where a real token sits; None when no row is padded
+        self.valid = None
+        self.next_pos = None  # (B, 1) the next token's position in each row
+        if mask is not None and not bool(mask.all()):
+            self.valid = torch.ones(rows, capacity, dtype=torch.bool, device=p.device)
+            self.valid[:, : mask.shape[1]] = mask.bool()
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' LlamaRMSNorm: statistics in float32, scaled by w in the input dtype."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return w * h.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _positions(self, t: int) -> torch.Tensor:
+        """(B, t) positions of the t new tokens: real tokens counted (left pads do not move them)."""
+        if self.next_pos is None:
+            if self.valid is None:
+                pos = torch.arange(t, device=self.k.device)[None].expand(self.k.shape[1], t)
+            else:
+                pos = (self.valid[:, :t].long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            pos = self.next_pos + torch.arange(t, device=self.k.device)[None]
+        self.next_pos = pos[:, -1:] + 1
+        return pos
+
+    def _mask(self, t: int, end: int) -> Optional[torch.Tensor]:
+        """(B, 1, t, end) bool, True where a query may attend; None: causal only (no pads)."""
+        if self.valid is None:
+            return None
+        keys = self.valid[:, None, None, :end]
+        if t == 1:
+            return keys
+        causal = torch.ones(t, end, dtype=torch.bool, device=keys.device).tril(end - t)
+        # A pad query may see nothing real: let it see itself (its output is never used).
+        itself = torch.zeros(t, end, dtype=torch.bool, device=keys.device)
+        itself[:, end - t :] = torch.eye(t, dtype=torch.bool, device=keys.device)
+        return (keys & causal) | itself
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, t) after the ``length`` already cached -> last-position logits (B, V)."""
+        b, t = ids.shape
+        start, end = self.length, self.length + t
+        pos = self._positions(t)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, t, D)
+        mask = self._mask(t, end)
+        x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
+        q_size, kv_size = self.heads * self.dim, self.kv_heads * self.dim
+        for i, (norm_in, qkv, o, norm_post, gate_up, down, scale) in enumerate(self.w.layers):
+            q, k, v = qkv(self._rms(x, *norm_in)).split([q_size, kv_size, kv_size], dim=-1)
+            q = self._rope(q.view(b, t, self.heads, self.dim).transpose(1, 2), cos, sin)  # (B, H, t, D)
+            k = self._rope(k.view(b, t, self.kv_heads, self.dim).transpose(1, 2), cos, sin)
+            self.k[i, :, :, start:end] = k
+            self.v[i, :, :, start:end] = v.view(b, t, self.kv_heads, self.dim).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q,
+                self.k[i, :, :, :end],
+                self.v[i, :, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None and t > 1,
+                scale=scale,
+                enable_gqa=self.heads != self.kv_heads,
+            )  # (B, H, t, D)
+            x = x + o(attn.transpose(1, 2).reshape(b * t, q_size))
+            g, u = gate_up(self._rms(x, *norm_post)).chunk(2, dim=-1)
+            x = x + down(F.silu(g) * u)
+        self.length = end
+        last = x.view(b, t, -1)[:, -1]  # (B, hidden)
+        return self.w.head(self._rms(last, *self.w.norm))
