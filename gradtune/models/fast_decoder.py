@@ -56,13 +56,14 @@ class Packed:
     """y = x [W_1; W_2; ...]^T (+ b) for x (N, in): the layers' weights concatenated and packed once
     for N = ``rows`` where that is faster (float32 at N > 1: MKL's packed sgemm; bfloat16: oneDNN's
     reordered weight); elsewhere (float32 at N = 1, a GPU, biases) each layer's own ``F.linear``,
-    outputs concatenated: nothing copied."""
+    nothing copied."""
 
     def __init__(self, mods: list[nn.Module], rows: int) -> None:
         parts = [linear_weight(m) for m in mods]
         self.parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = [p for p in parts if p is not None]
         assert len(self.parts) == len(mods)  # supported() checked every layer
         w0, self.kind, self.rows = self.parts[0][0], "plain", rows
+        self.sizes = [w.shape[0] for w, _ in self.parts]
         if w0.device.type != "cpu" or any(b is not None for _, b in self.parts):
             return
         try:
@@ -75,14 +76,15 @@ class Packed:
         except (RuntimeError, AttributeError):  # a build without the op: the plain GEMM
             self.kind = "plain"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(x W_1^T, x W_2^T, ...): one output per layer, (N, out_i) each."""
         if self.kind == "mkl":  # another N than packed for falls back to F.linear inside the op
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, self.rows)
-        if self.kind == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        if len(self.parts) == 1:
-            return F.linear(x, *self.parts[0])
-        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+            y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, self.rows)
+        elif self.kind == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        else:
+            return tuple(F.linear(x, w, b) for w, b in self.parts)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
 
 
 def supported(model: nn.Module) -> bool:
@@ -144,7 +146,8 @@ class Decoder:
         # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.
         positions = torch.arange(capacity, device=p.device)[None]
         cos, sin = inner.rotary_emb(torch.empty(0, dtype=p.dtype, device=p.device), positions)
-        self.cos, self.sin = cos[0], sin[0]
+        half = self.dim // 2
+        self.cos, self.sin_signed = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # (S, D)
         shape = (len(w.layers), rows, self.kv_heads, capacity, self.dim)
         self.k = torch.empty(shape, dtype=p.dtype, device=p.device)
         self.v = torch.empty(shape, dtype=p.dtype, device=p.device)
@@ -156,16 +159,20 @@ class Decoder:
             self.valid = torch.ones(rows, capacity, dtype=torch.bool, device=p.device)
             self.valid[:, : mask.shape[1]] = mask.bool()
 
-    def _rms(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        """transformers' LlamaRMSNorm: statistics in float32, scaled by w in the input dtype."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return w * h.to(x.dtype)
+    @staticmethod
+    def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' LlamaRMSNorm (statistics in float32, then w times the result in the input
+        dtype) in one fused kernel: the same values (float32: w inside the kernel)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, eps)
+        return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) for the halves (x1, x2) of D:
+        here (x2, x1) * (-sin1, sin2), the same products. x (B, t, H, D), cos/sin (B, t, 1, D)."""
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+        return x * cos + swapped * sin
 
     def _positions(self, t: int) -> torch.Tensor:
         """(B, t) positions of the t new tokens: real tokens counted (left pads do not move them)."""
@@ -197,16 +204,15 @@ class Decoder:
         b, t = ids.shape
         start, end = self.length, self.length + t
         pos = self._positions(t)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, t, D)
+        cos, sin = self.cos[pos][:, :, None], self.sin_signed[pos][:, :, None]  # (B, t, 1, D)
         mask = self._mask(t, end)
         x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
-        q_size, kv_size = self.heads * self.dim, self.kv_heads * self.dim
+        h, hkv, d = self.heads, self.kv_heads, self.dim
         for i, (norm_in, qkv, o, norm_post, gate_up, down, scale) in enumerate(self.w.layers):
-            q, k, v = qkv(self._rms(x, *norm_in)).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rope(q.view(b, t, self.heads, self.dim).transpose(1, 2), cos, sin)  # (B, H, t, D)
-            k = self._rope(k.view(b, t, self.kv_heads, self.dim).transpose(1, 2), cos, sin)
-            self.k[i, :, :, start:end] = k
-            self.v[i, :, :, start:end] = v.view(b, t, self.kv_heads, self.dim).transpose(1, 2)
+            q, k, v = qkv(self._rms(x, *norm_in))  # (B t, H D), (B t, Hkv D) x 2
+            q = self._rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, t, D)
+            self.k[i, :, :, start:end] = self._rope(k.view(b, t, hkv, d), cos, sin).transpose(1, 2)
+            self.v[i, :, :, start:end] = v.view(b, t, hkv, d).transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 q,
                 self.k[i, :, :, :end],
@@ -214,11 +220,11 @@ class Decoder:
                 attn_mask=mask,
                 is_causal=mask is None and t > 1,
                 scale=scale,
-                enable_gqa=self.heads != self.kv_heads,
+                enable_gqa=h != hkv,
             )  # (B, H, t, D)
-            x = x + o(attn.transpose(1, 2).reshape(b * t, q_size))
-            g, u = gate_up(self._rms(x, *norm_post)).chunk(2, dim=-1)
-            x = x + down(F.silu(g) * u)
+            x = x + o(attn.transpose(1, 2).reshape(b * t, h * d))[0]
+            g, u = gate_up(self._rms(x, *norm_post))
+            x = x + down(F.silu(g) * u)[0]
         self.length = end
         last = x.view(b, t, -1)[:, -1]  # (B, hidden)
-        return self.w.head(self._rms(last, *self.w.norm))
+        return self.w.head(self._rms(last, *self.w.norm))[0]
