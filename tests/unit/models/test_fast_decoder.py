@@ -1,0 +1,136 @@
+"""models/fast_decoder.py decodes Llama-family models as transformers does: next-token logits
+equal transformers' forward (float32, 1e-5; bfloat16 within its rounding), left-padded batches
+give each row what it gives alone and what transformers' generate gives with the same padding,
+a LoRA layer is read as its merged weight, and the sampled text equals the transformers path's
+token for token (seeded). Batched sampling (one batch of N copies of a prompt, one KV cache):
+greedy rows all equal the single greedy text; seeded rows repeat with the seed and differ from
+each other; ``gradtune generate --num-samples`` prints them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from gradtune.cli import main  # noqa: E402
+from gradtune.finetune import methods  # noqa: E402
+from gradtune.finetune.lora import LoRALinear  # noqa: E402
+from gradtune.models import fast_decoder  # noqa: E402
+from gradtune.models import generate as generate_module  # noqa: E402
+from gradtune.models.generate import generate  # noqa: E402
+from tests import tiny_hf  # noqa: E402
+
+V = 64
+
+
+def _llama(lora: bool = False) -> torch.nn.Module:
+    model = tiny_hf.llama(vocab_size=V)
+    if lora:
+        model, _ = methods.apply(model, "lora")
+    torch.manual_seed(1)
+    with torch.no_grad():  # peaked next-token distributions: greedy is no near-tie
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_supported_and_logits_equal_transformers() -> None:
+    model = _llama()
+    assert fast_decoder.supported(model)
+    prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        model.to(dtype)
+        decoder = fast_decoder.Decoder(model, 2, 12, None)
+        with torch.no_grad():
+            got = [decoder(prompt[:, :6])] + [decoder(prompt[:, i : i + 1]) for i in range(6, 9)]
+            for i, logits in enumerate(got):
+                expected = model(prompt[:, : 6 + i]).logits[:, -1]  # (2, V), no cache
+                assert torch.allclose(logits.float(), expected.float(), atol=tol, rtol=0), (dtype, i)
+    model.to(torch.float32)
+
+
+def test_left_padded_batch_equals_rows_alone_and_transformers() -> None:
+    model = _llama()
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (7, 3, 5)]
+    ids, mask = _left_padded(rows)
+    got = generate(model, ids, 12, temperature=0, attention_mask=mask)  # (3, 7 + 12)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(got, expected)
+    for i, row in enumerate(rows):
+        alone = generate(model, torch.tensor([row]), 12, temperature=0)[0, len(row) :]
+        assert torch.equal(got[i, ids.shape[1] :], alone), i
+
+
+def test_lora_read_as_merged_and_model_unchanged() -> None:
+    model = _llama(lora=True)
+    assert fast_decoder.supported(model) and any(isinstance(m, LoRALinear) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(5))
+    unmerged = generate(model, prompt, 15, temperature=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no merge in place
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge()
+    assert torch.equal(generate(model, prompt, 15, temperature=0), unmerged)
+
+
+def test_sampling_equals_the_transformers_path(monkeypatch) -> None:
+    """The fast path changes the speed, not the text: seeded samples equal the tokens the
+    transformers forward gives (the path every HF model took before it)."""
+    model = _llama(lora=True)
+    prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+    fast = generate(model, prompt, 30, **kwargs)
+    monkeypatch.setattr(generate_module.fast_decoder, "supported", lambda m: False)
+    assert torch.equal(generate(model, prompt, 30, **kwargs), fast)
+
+
+def test_batched_samples() -> None:
+    """N copies of a prompt in one batch: greedy rows all equal the single greedy text;
+    seeded rows repeat with the seed, differ from each other, and do not depend on the path."""
+    model = _llama()
+    prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(7))
+    single = generate(model, prompt, 20, temperature=0)
+    batch = generate(model, prompt.repeat(4, 1), 20, temperature=0)
+    assert all(torch.equal(row, single[0]) for row in batch)
+    a = generate(model, prompt.repeat(4, 1), 20, temperature=1.0, seed=3)
+    assert torch.equal(a, generate(model, prompt.repeat(4, 1), 20, temperature=1.0, seed=3))
+    assert len({tuple(r) for r in a[:, 5:].tolist()}) == 4
+    assert not torch.equal(a, generate(model, prompt.repeat(4, 1), 20, temperature=1.0, seed=4))
+
+
+def test_command_num_samples(tmp_path: Path, capsys) -> None:
+    tiny_hf.llama(tmp_path / "llama")
+    pairs = [("what time", "the answer is now"), ("hello world", "yes good")]
+    (tmp_path / "ins.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    run = tmp_path / "run"
+    train = [f"model={tmp_path / 'llama'}", f"data={tmp_path / 'ins.jsonl'}", "task=instruction", "method=lora"]
+    settings = ["lr=3e-2", "epochs=2", "batch_size=1", "val_fraction=0", "progress=off", "plot=false"]
+    assert main(["train", *train, *settings, f"out_dir={run}"]) == 0
+    capsys.readouterr()
+    base = ["generate", str(run), "--prompt", "what time", "--max-new-tokens", "8"]
+    assert main([*base, "--temperature", "0", "--echo"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*base, "--temperature", "0", "--echo", "--num-samples", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out == "".join(f"--- sample {i}\n{greedy}" for i in (1, 2, 3))
+    seeded = [*base, "--temperature", "1.0", "--num-samples", "4", "--seed", "5"]
+    assert main(seeded) == 0
+    first = capsys.readouterr().out
+    assert main(seeded) == 0
+    assert capsys.readouterr().out == first and first.count("--- sample ") == 4
