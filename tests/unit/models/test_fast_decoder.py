@@ -18,8 +18,10 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from gradtune.cli import main  # noqa: E402
+from gradtune.commands import generate as generate_cmd  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
 from gradtune.finetune.lora import LoRALinear  # noqa: E402
+from gradtune.jobs.reload import load_run  # noqa: E402
 from gradtune.models import fast_decoder  # noqa: E402
 from gradtune.models import generate as generate_module  # noqa: E402
 from gradtune.models.generate import generate  # noqa: E402
@@ -134,3 +136,10 @@ def test_command_num_samples(tmp_path: Path, capsys) -> None:
     first = capsys.readouterr().out
     assert main(seeded) == 0
     assert capsys.readouterr().out == first and first.count("--- sample ") == 4
+    assert main([*base, "--temperature", "0", "--precision", "bf16", "--echo"]) == 0
+    r = load_run(run)
+    ids = generate_cmd.encode_prompt(r, "what time")
+    expected = generate(
+        r.model.to(torch.bfloat16), torch.tensor([ids]), 8, temperature=0, eos_id=r.tokenizer.eos_token_id
+    )
+    assert capsys.readouterr().out.strip() == r.tokenizer.decode(expected[0].tolist(), skip_special_tokens=True).strip()
