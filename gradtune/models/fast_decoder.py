@@ -45,7 +45,7 @@ def linear_weight(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.T
     if type(m) is nn.Linear:
         return m.weight.detach(), None if m.bias is None else m.bias.detach()
     base, delta = getattr(m, "base", None), getattr(m, "delta_weight", None)
-    if type(base) is nn.Linear and callable(delta) and not getattr(m, "training", False):
+    if type(base) is nn.Linear and callable(delta):
         w = base.weight.detach()
         w = w if getattr(m, "merged", False) else w + delta().detach()
         return w, None if base.bias is None else base.bias.detach()

@@ -48,8 +48,29 @@ def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_supported_and_logits_equal_transformers() -> None:
-    model = _llama()
+def _family(name: str) -> torch.nn.Module:
+    """A tiny Llama, Mistral (no sliding window) or Qwen2 (q/k/v biases) with peaked weights."""
+    if name == "llama":
+        return _llama()
+    import transformers
+
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[name]
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = config_cls(vocab_size=V, intermediate_size=64, max_position_embeddings=64, sliding_window=None, **shape)
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_supported_and_logits_equal_transformers(family: str) -> None:
+    model = _family(family)
     assert fast_decoder.supported(model)
     prompt = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
