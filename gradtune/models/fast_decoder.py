@@ -3,13 +3,14 @@ per-step machinery: the same weights and arithmetic, fewer and faster kernel cal
 
 Why: a decoding step is one (B, 1) token through every layer. Through the transformers module
 it is ~20 module calls per layer, a DynamicCache that concatenates, masks and rotary tables
-rebuilt every step, and seven unfused ``F.linear`` per layer whose weight is re-packed by the
-GEMM on every call (at B > 1 that packing reads the whole weight once more: at batch 8 the
-(49152, 576) head of SmolLM2 costs ~3x a packed GEMM). Here, built once per ``generate`` call:
+rebuilt every step, and seven ``F.linear`` per layer whose weight the GEMM re-packs on every call
+at B > 1 (reading the whole weight once more per step; bench/generate.py shows what it costs).
+Here, built once per ``generate`` call:
 
-- q/k/v and gate/up weights concatenated (one GEMM each instead of three and two); weights
-  packed once for the step's batch: MKL's packed sgemm for float32, oneDNN's reordered weight for
-  bfloat16 (whose plain ``F.linear`` at B = 1 runs a slow path, 5-15x the packed one);
+- at B > 1 (float32) and in bfloat16, q/k/v and gate/up weights concatenated (one GEMM each
+  instead of three and two) and packed once for the step's batch: MKL's packed sgemm for
+  float32, oneDNN's reordered weight for bfloat16 (whose plain ``F.linear`` at B = 1 takes a
+  slow path); float32 at B = 1 (a GEMV, no packing to save) reads the model's own weights;
 - one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
@@ -162,7 +163,7 @@ class Decoder:
     @staticmethod
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """transformers' LlamaRMSNorm (statistics in float32, then w times the result in the input
-        dtype) in one fused kernel: the same values (float32: w inside the kernel)."""
+        dtype) through F.rms_norm: the same values in fewer Python calls."""
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), w, eps)
         return w * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
