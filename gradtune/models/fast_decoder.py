@@ -83,6 +83,8 @@ class Packed:
             y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, self.rows)
         elif self.kind == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif x.dim() == 2:  # F.linear's own kernel (mm / addmm on W^T), minus its dispatch layers
+            return tuple(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()) for w, b in self.parts)
         else:
             return tuple(F.linear(x, w, b) for w, b in self.parts)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
@@ -152,6 +154,7 @@ class Decoder:
         shape = (len(w.layers), rows, self.kv_heads, capacity, self.dim)
         self.k = torch.empty(shape, dtype=p.dtype, device=p.device)
         self.v = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self.kv = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per layer (B, Hkv, S, D) views
         self.length = 0
         # keys (B, capacity): True where a real token sits; None when no row is padded
         self.valid = None
@@ -209,15 +212,15 @@ class Decoder:
         mask = self._mask(t, end)
         x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
         h, hkv, d = self.heads, self.kv_heads, self.dim
-        for i, (norm_in, qkv, o, norm_post, gate_up, down, scale) in enumerate(self.w.layers):
+        for (norm_in, qkv, o, norm_post, gate_up, down, scale), (k_cache, v_cache) in zip(self.w.layers, self.kv):
             q, k, v = qkv(self._rms(x, *norm_in))  # (B t, H D), (B t, Hkv D) x 2
             q = self._rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, t, D)
-            self.k[i, :, :, start:end] = self._rope(k.view(b, t, hkv, d), cos, sin).transpose(1, 2)
-            self.v[i, :, :, start:end] = v.view(b, t, hkv, d).transpose(1, 2)
+            k_cache[:, :, start:end] = self._rope(k.view(b, t, hkv, d), cos, sin).transpose(1, 2)
+            v_cache[:, :, start:end] = v.view(b, t, hkv, d).transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 q,
-                self.k[i, :, :, :end],
-                self.v[i, :, :, :end],
+                k_cache[:, :, :end],
+                v_cache[:, :, :end],
                 attn_mask=mask,
                 is_causal=mask is None and t > 1,
                 scale=scale,
