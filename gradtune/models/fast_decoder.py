@@ -59,7 +59,7 @@ class Packed:
     reordered weight); elsewhere (float32 at N = 1, a GPU, biases) each layer's own ``F.linear``,
     nothing copied."""
 
-    def __init__(self, mods: list[nn.Module], rows: int) -> None:
+    def __init__(self, mods: list[nn.Module], rows: int, pack: bool = True) -> None:
         parts = [linear_weight(m) for m in mods]
         self.parts: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = [p for p in parts if p is not None]
         assert len(self.parts) == len(mods)  # supported() checked every layer
@@ -68,7 +68,7 @@ class Packed:
         if w0.device.type != "cpu" or any(b is not None for _, b in self.parts):
             return
         try:
-            if w0.dtype == torch.float32 and rows > 1 and torch.backends.mkl.is_available():
+            if w0.dtype == torch.float32 and rows > 1 and pack and torch.backends.mkl.is_available():
                 self.w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
                 self.packed, self.kind = torch.ops.mkl._mkl_reorder_linear_weight(self.w, rows), "mkl"
             elif w0.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
@@ -116,7 +116,7 @@ def supported(model: nn.Module) -> bool:
 class Weights:
     """The model's weights as decoding reads them: fused, packed for ``rows`` (a copy)."""
 
-    def __init__(self, model: nn.Module, rows: int) -> None:
+    def __init__(self, model: nn.Module, rows: int, pack: bool = True) -> None:
         inner, config = model.model, model.config
         self.embed = inner.embed_tokens.weight.detach()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -127,23 +127,25 @@ class Weights:
             self.layers.append(
                 (
                     (lyr.input_layernorm.weight.detach(), lyr.input_layernorm.variance_epsilon),
-                    Packed([a.q_proj, a.k_proj, a.v_proj], rows),
-                    Packed([a.o_proj], rows),
+                    Packed([a.q_proj, a.k_proj, a.v_proj], rows, pack),
+                    Packed([a.o_proj], rows, pack),
                     (lyr.post_attention_layernorm.weight.detach(), lyr.post_attention_layernorm.variance_epsilon),
-                    Packed([m.gate_proj, m.up_proj], rows),
-                    Packed([m.down_proj], rows),
+                    Packed([m.gate_proj, m.up_proj], rows, pack),
+                    Packed([m.down_proj], rows, pack),
                     getattr(a, "scaling", self.dim**-0.5),
                 )
             )
         self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
-        self.head = Packed([model.lm_head], rows)
+        self.head = Packed([model.lm_head], rows, pack)
 
 
 class Decoder:
     """One ``generate`` call's decoding state: the packed weights, KV cache, rotary table, positions."""
 
-    def __init__(self, model: nn.Module, rows: int, capacity: int, mask: Optional[torch.Tensor]) -> None:
-        w = Weights(model, rows)
+    def __init__(
+        self, model: nn.Module, rows: int, capacity: int, mask: Optional[torch.Tensor], pack: bool = True
+    ) -> None:
+        w = Weights(model, rows, pack)
         self.w, self.heads, self.kv_heads, self.dim = w, w.heads, w.kv_heads, w.dim
         p, inner = w.embed, model.model
         # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.

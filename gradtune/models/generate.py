@@ -123,11 +123,17 @@ def _hf_forward(model: nn.Module) -> Forward:
     return forward
 
 
-def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor]) -> Optional[Forward]:
-    """Cached steps through fast_decoder (built at the first cached call: packing costs a pass
-    over the weights), uncached ones through transformers; None when the model is not one the
-    fast decoder knows."""
-    if not fast_decoder.supported(model):
+# Packing float32 weights for a batch (fast_decoder.Packed) costs a few passes over them, about
+# as much as some decoding steps at that batch, and saves part of every later step; below this
+# many new tokens it does not pay back (bfloat16 is always packed: its unpacked GEMM is the slow one).
+PACK_MIN_TOKENS = 32
+
+
+def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int) -> Optional[Forward]:
+    """Cached steps through fast_decoder (built at the first cached call), uncached ones through
+    transformers; None when the fast decoder does not know the model, or under autocast (whose
+    per-op casts transformers' forward takes and the packed GEMMs would not)."""
+    if not fast_decoder.supported(model) or torch.is_autocast_enabled(next(model.parameters()).device.type):
         return None
     hf_forward = _hf_forward(model)
 
@@ -137,7 +143,7 @@ def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor])
         if not cached:
             return hf_forward(ids, None, False, text_mask)
         if cache is None:
-            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask)
+            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack=new_tokens >= PACK_MIN_TOKENS)
         return cache(ids), cache
 
     return forward
@@ -170,7 +176,7 @@ def generate(
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)  # (B, T), grows by a column a step
     capacity = input_ids.shape[1] + max_new_tokens if limit is None else min(input_ids.shape[1] + max_new_tokens, limit)
-    forward = None if isinstance(model, GPT) or not use_cache else _fast_forward(model, capacity, mask)
+    forward = None if isinstance(model, GPT) or not use_cache else _fast_forward(model, capacity, mask, max_new_tokens)
     if forward is None:
         forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
     generator = None

@@ -84,18 +84,20 @@ def test_supported_and_logits_equal_transformers(family: str) -> None:
     model.to(torch.float32)
 
 
-def test_left_padded_batch_equals_rows_alone_and_transformers() -> None:
+@pytest.mark.parametrize("new", [12, 40], ids=["unpacked", "packed"])  # packed from PACK_MIN_TOKENS
+def test_left_padded_batch_equals_rows_alone_and_transformers(new: int) -> None:
+    assert 12 < generate_module.PACK_MIN_TOKENS <= 40
     model = _llama()
     gen = torch.Generator().manual_seed(2)
     rows = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (7, 3, 5)]
     ids, mask = _left_padded(rows)
-    got = generate(model, ids, 12, temperature=0, attention_mask=mask)  # (3, 7 + 12)
+    got = generate(model, ids, new, temperature=0, attention_mask=mask)  # (3, 7 + new)
     expected = model.generate(
-        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None
     )
     assert torch.equal(got, expected)
     for i, row in enumerate(rows):
-        alone = generate(model, torch.tensor([row]), 12, temperature=0)[0, len(row) :]
+        alone = generate(model, torch.tensor([row]), new, temperature=0)[0, len(row) :]
         assert torch.equal(got[i, ids.shape[1] :], alone), i
 
 
@@ -128,8 +130,8 @@ def test_batched_samples() -> None:
     seeded rows repeat with the seed, differ from each other, and do not depend on the path."""
     model = _llama()
     prompt = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(7))
-    single = generate(model, prompt, 20, temperature=0)
-    batch = generate(model, prompt.repeat(4, 1), 20, temperature=0)
+    single = generate(model, prompt, 40, temperature=0)
+    batch = generate(model, prompt.repeat(4, 1), 40, temperature=0)  # packed weights (40 tokens)
     assert all(torch.equal(row, single[0]) for row in batch)
     a = generate(model, prompt.repeat(4, 1), 20, temperature=1.0, seed=3)
     assert torch.equal(a, generate(model, prompt.repeat(4, 1), 20, temperature=1.0, seed=3))
