@@ -166,3 +166,23 @@ def test_command_num_samples(tmp_path: Path, capsys) -> None:
         r.model.to(torch.bfloat16), torch.tensor([ids]), 8, temperature=0, eos_id=r.tokenizer.eos_token_id
     )
     assert capsys.readouterr().out.strip() == r.tokenizer.decode(expected[0].tolist(), skip_special_tokens=True).strip()
+    assert main([*base, "--temperature", "0", "--precision", "auto", "--echo"]) == 0  # trained in fp32
+    assert capsys.readouterr().out == greedy
+
+
+def test_command_precision_auto_follows_a_bf16_run(tmp_path: Path, capsys) -> None:
+    tiny_hf.llama(tmp_path / "llama")
+    pairs = [("what time", "the answer is now"), ("hello world", "yes good")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    run = tmp_path / "run"
+    settings = ["task=instruction", "method=lora", "precision=bf16", "epochs=1", "batch_size=1", "val_fraction=0"]
+    assert (
+        main(["train", f"model={tmp_path / 'llama'}", f"data={tmp_path / 't.jsonl'}", *settings, f"out_dir={run}"]) == 0
+    )
+    capsys.readouterr()
+    base = ["generate", str(run), "--prompt", "hello", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main([*base, "--precision", "bf16"]) == 0
+    bf16 = capsys.readouterr().out
+    assert main([*base, "--precision", "auto"]) == 0
+    got = capsys.readouterr()
+    assert got.out == bf16 and "precision auto: bf16 (the run trained in bf16)" in got.err
