@@ -7,10 +7,10 @@ rebuilt every step, and seven ``F.linear`` per layer whose weight the GEMM re-pa
 at B > 1 (reading the whole weight once more per step; bench/generate.py shows what it costs).
 Here, built once per ``generate`` call:
 
-- at B > 1 (float32) and in bfloat16, q/k/v and gate/up weights concatenated (one GEMM each
-  instead of three and two) and packed once for the step's batch: MKL's packed sgemm for
-  float32, oneDNN's reordered weight for bfloat16 (whose plain ``F.linear`` at B = 1 takes a
-  slow path); float32 at B = 1 (a GEMV, no packing to save) reads the model's own weights;
+- at B > 1 (float32) and in bfloat16, weights packed once for the step's batch (``Packed``):
+  MKL's packed sgemm for float32, oneDNN's reordered weight for bfloat16 (whose plain
+  ``F.linear`` at B = 1 takes a slow path), q/k/v and gate/up as one GEMM each there; float32
+  at B = 1 (a GEMV, no packing to save) reads the model's own weights;
 - one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
@@ -54,10 +54,11 @@ def linear_weight(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.T
 
 
 class Packed:
-    """y = x [W_1; W_2; ...]^T (+ b) for x (N, in): the layers' weights concatenated and packed once
-    for N = ``rows`` where that is faster (float32 at N > 1: MKL's packed sgemm; bfloat16: oneDNN's
-    reordered weight); elsewhere (float32 at N = 1, a GPU, biases) each layer's own ``F.linear``,
-    nothing copied."""
+    """(x W_1^T (+ b_1), x W_2^T, ...) for x (N, in), one output per layer: the weights packed once
+    for N = ``rows`` where that is faster -- float32 at N > 1: each W in MKL's packed-sgemm layout
+    (the model's own W kept for other N, as the prefill's); bfloat16: the layers' W concatenated
+    into one oneDNN-reordered weight, one GEMM -- and elsewhere (float32 at N = 1, a GPU, biases)
+    the model's own weights through F.linear's kernel. Memory: one packed copy of the weights."""
 
     def __init__(self, mods: list[nn.Module], rows: int, pack: bool = True) -> None:
         parts = [linear_weight(m) for m in mods]
@@ -69,8 +70,9 @@ class Packed:
             return
         try:
             if w0.dtype == torch.float32 and rows > 1 and pack and torch.backends.mkl.is_available():
-                self.w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
-                self.packed, self.kind = torch.ops.mkl._mkl_reorder_linear_weight(self.w, rows), "mkl"
+                self.parts = [(w.contiguous(), None) for w, _ in self.parts]
+                self.packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w, _ in self.parts]
+                self.kind = "mkl"
             elif w0.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
                 w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
                 self.packed, self.kind = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=rows), "onednn"
@@ -78,16 +80,18 @@ class Packed:
             self.kind = "plain"
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(x W_1^T, x W_2^T, ...): one output per layer, (N, out_i) each."""
-        if self.kind == "mkl":  # another N than packed for falls back to F.linear inside the op
-            y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, self.rows)
-        elif self.kind == "onednn":
+        """x (N, in) -> (N, out_i) per layer."""
+        if self.kind == "mkl":  # another N than packed for: the op falls back to F.linear on W
+            return tuple(
+                torch.ops.mkl._mkl_linear(x, packed, w, None, self.rows)
+                for packed, (w, _) in zip(self.packed, self.parts)
+            )
+        if self.kind == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        elif x.dim() == 2:  # F.linear's own kernel (mm / addmm on W^T), minus its dispatch layers
+            return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+        if x.dim() == 2:  # F.linear's own kernel (mm / addmm on W^T), minus its dispatch layers
             return tuple(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()) for w, b in self.parts)
-        else:
-            return tuple(F.linear(x, w, b) for w, b in self.parts)
-        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
+        return tuple(F.linear(x, w, b) for w, b in self.parts)
 
 
 def supported(model: nn.Module) -> bool:
