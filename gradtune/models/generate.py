@@ -193,7 +193,7 @@ def generate(
             window = mask
             if not cached:
                 step_input = out if limit is None else out[:, -limit:]  # (B, <= limit)
-                window = None if mask is None or limit is None else mask[:, -limit:]
+                window = mask if mask is None or limit is None else mask[:, -limit:]
             logits, cache = forward(step_input, cache, cached, window)  # (B, V): the last position only
             tok = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:

@@ -186,3 +186,13 @@ def test_command_precision_auto_follows_a_bf16_run(tmp_path: Path, capsys) -> No
     assert main([*base, "--precision", "auto"]) == 0
     got = capsys.readouterr()
     assert got.out == bf16 and "precision auto: bf16 (the run trained in bf16)" in got.err
+
+
+def test_left_padded_cached_equals_uncached() -> None:
+    """The fast decoder (cached) and transformers' forward on the whole padded text (uncached)
+    give the same tokens; past the context the sliding window carries the mask along."""
+    model = _llama()
+    ids, mask = _left_padded([[5, 6, 7], [1, 2, 3, 4, 5]])
+    cached = generate(model, ids, 10, temperature=0, attention_mask=mask)
+    assert torch.equal(cached, generate(model, ids, 10, temperature=0, attention_mask=mask, use_cache=False))
+    assert generate(model, ids, 70, temperature=0, attention_mask=mask).shape == (2, 75)  # context: 64
