@@ -153,18 +153,14 @@ def _q6_k(blocks: np.ndarray, kind: str) -> np.ndarray:
     zero = np.abs(top) < GROUP_MAX_EPS
     iscale = np.where(zero, 0, -128 / np.where(zero, 1, top)).astype(np.float32)
     d = np.where(zero, 0, 1 / np.where(zero, 1, iscale)).astype(np.float16)
-    ls = np.minimum(127, np.rint(iscale[:, None] * scale)).astype(np.int8)  # (n, 16)
+    ls = np.clip(np.rint(iscale[:, None] * scale), -128, 127).astype(np.int8)  # (n, 16)
     sub = d.astype(np.float32)[:, None] * ls  # (n, 16) each sub-block's stored scale
     q = np.clip(np.rint(x / np.where(sub != 0, sub, 1)[:, :, None]), -32, 31)
     q = (np.where(sub[:, :, None] != 0, q, 0) + 32).astype(np.uint8).reshape(n, 2, 4, 32)
     # per half of 128 values: 64 bytes of low nibbles (quarters 0|2 and 1|3), 32 of high 2-bit pairs
     low = np.stack([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4), (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], 2)
     high = np.bitwise_or.reduce((q >> 4) << np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None], axis=2)
-    ls = np.where(zero[:, None], 0, ls).astype(np.int8)
-    parts = [
-        low.reshape(n, 128),
-        high.astype(np.uint8).reshape(n, 64),
-        ls.view(np.uint8),
-        d.view(np.uint8).reshape(n, 2),
-    ]
-    return np.concatenate(parts, axis=1)
+    parts = [low.reshape(n, 128), high.astype(np.uint8).reshape(n, 64), ls.view(np.uint8), d.view(np.uint8)[:, None]]
+    out = np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
+    out[zero] = 0  # an all-zero super-block is all zero bytes, as the reference writes it
+    return out
