@@ -4,7 +4,7 @@
     gguf_types.add_tensor(writer, "blk.0.attn_q.weight", w, "q4_0", has_output=False)
 
 ``--type`` names the file's type (``general.file_type``, gguf.LlamaFileType); each tensor's own
-type follows llama.cpp's rules as far as the ``gguf`` package's numpy quantizers reach:
+type follows llama.cpp's rules (``llama_tensor_get_type``, no importance matrix):
   * 1-D tensors (norm weights) stay float32 whatever the type, as llama.cpp's converter does;
   * f16 / bf16 / q8_0: every matrix in that type (``convert_hf_to_gguf.py --outtype``);
   * q4_0 / q4_1 / q5_0 / q5_1 (llama.cpp's ``llama-quantize`` types; its converter has none):
@@ -34,7 +34,7 @@ import torch
 from gradtune.finetune import gguf_kquants
 from gradtune.runtime.errors import GradtuneError
 
-# file type (gguf.LlamaFileType value) of each --type; the order is the help's: exact to smallest
+# file type (gguf.LlamaFileType value) of each --type; the order is the help's: exact to smallest, roughly
 FILE_TYPE = {
     "f32": 0,
     "f16": 1,
