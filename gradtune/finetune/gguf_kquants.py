@@ -65,8 +65,10 @@ def _fit_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     best = (w * np.square(scale[:, None] * q + lo - x)).sum(axis=1)
     for k in range(nstep + 1):  # inverse scale (nmax + rmin + rdelta k) / (max - offset), refitted
         span = np.where(flat[:, None], 1, hi - lo)
-        q = np.clip(np.rint((np.float32(rmin + rdelta * k) + nmax) / span * (x - lo)), 0, nmax)
-        s_l, s_l2, s_xl = (w * q).sum(axis=1), (w * q * q).sum(axis=1), (w * q * x).sum(axis=1)
+        q = np.multiply((np.float32(rmin + rdelta * k) + nmax) / span, x - lo)
+        np.clip(np.rint(q, out=q), 0, nmax, out=q)
+        wq = w * q
+        s_l, s_l2, s_xl = wq.sum(axis=1), (wq * q).sum(axis=1), (wq * x).sum(axis=1)
         det = sum_w * s_l2 - s_l * s_l
         ok = det > 0
         det = np.where(ok, det, 1)
@@ -75,7 +77,10 @@ def _fit_scale_min(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
         pos = off > 0  # an offset above 0 is not storable: refit the scale alone
         fit = np.where(pos, s_xl / np.where(s_l2 > 0, s_l2, 1), fit)
         off = np.where(pos, 0, off)
-        err = (w * np.square(fit[:, None] * q + off[:, None] - x)).sum(axis=1)
+        q *= fit[:, None]
+        q += off[:, None]
+        q -= x
+        err = (w * np.square(q, out=q)).sum(axis=1)  # q now holds the residuals
         take = ok & (err < best)
         best = np.where(take, err, best)
         scale = np.where(take, fit, scale)
