@@ -54,13 +54,14 @@ TYPES = tuple(FILE_TYPE)
 BLOCK = 32  # values per block of the q*_0 / q*_1 types (gguf.GGML_QUANT_SIZES)
 SMALL = ("q5_1", "q5_0", "q4_1", "q4_0")  # the llama-quantize types, whose output projection is Q6_K / q8_0
 KQUANT = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k"}  # file -> base
+ALIAS = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # llama-quantize's names for its default 4/5-bit K mixes
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # a K-quant's type for rows not whole super-blocks
 
 
 def check_type(qtype: str, where: str = "GGUF type") -> str:
-    """``qtype`` lower-cased if it is one of TYPES, else one line naming them."""
-    if qtype.lower() in TYPES:
-        return qtype.lower()
+    """``qtype`` lower-cased if it is one of TYPES (or llama-quantize's alias of one), else one line naming them."""
+    if qtype.lower() in TYPES or qtype.lower() in ALIAS:
+        return ALIAS.get(qtype.lower(), qtype.lower())
     hint = " (other K-quant mixes: llama.cpp's llama-quantize on an f16 export)" if "k" in qtype.lower() else ""
     raise GradtuneError(f"{where} {qtype!r} is not one of {', '.join(TYPES)}{hint}")
 

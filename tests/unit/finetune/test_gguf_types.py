@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradtune.finetune import gguf_export
-from gradtune.finetune.gguf_types import KQUANT, TYPES, tensor_type
+from gradtune.finetune.gguf_types import KQUANT, TYPES, check_type, tensor_type
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_gguf import load_gguf
 
@@ -133,6 +133,7 @@ def test_k_quant_mixes_reload_in_ours_and_transformers_within_their_bound(export
 
 
 def test_k_quant_mix_follows_llama_quantize():
+    assert check_type("Q4_K") == "q4_k_m" and check_type("q5_k") == "q5_k_m" and check_type("Q6_K") == "q6_k"
     more = [i for i in range(32) if tensor_type(f"blk.{i}.attn_v.weight", (256, 256), "q4_k_m", True, 32) == "q6_k"]
     assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]  # first/last 8th, every 3rd between
     down = [tensor_type(f"blk.{i}.ffn_down.weight", (256, 512), "q5_k_m", True, 32) for i in range(32)]
