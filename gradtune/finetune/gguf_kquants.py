@@ -22,8 +22,8 @@ The ``gguf`` package dequantizes these types but cannot write them; llama.cpp's
 
 All arithmetic is float32 as in C; round-to-nearest-even (``np.rint``) is C's ``nearest_int``.
 Two departures, neither changing a dequantized value: a sub-block whose stored scale is 0 gets
-q = 0 (llama.cpp leaves the search's q there, which the zero scale multiplies away), and a
-negative fitted scale (possible only in degenerate sub-blocks) is stored as 0, not wrapped.
+the code of 0 (llama.cpp leaves the search's q there, which the zero scale multiplies away), and
+a negative Q4_K/Q5_K scale (possible only in degenerate sub-blocks) is stored as 0, not wrapped.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 
 QK = 256  # values per super-block (gguf.QK_K)
 BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # bytes per super-block (gguf.GGML_QUANT_SIZES)
-CHUNK = 4096  # super-blocks quantised at once: bounds the temporaries (Q6_K's (n, 19, 16)) to ~100 MB
+CHUNK = 1024  # super-blocks quantised at once: each temporary (Q6_K's (16n, 19, 16) float32) stays ~20 MB
 # make_qkx2_quants' candidate grid per type: (nmax, rmin, rdelta, nstep), as the reference calls it
 QKX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 GROUP_MAX_EPS = 1e-15  # below this |x| a Q6_K sub-block / super-block counts as all zero
