@@ -180,3 +180,10 @@ def test_blocks_match_llama_cpps_reference_quantizer(kind):
     err, ref_err = rel_rms(dequant(ours, kind), blocks), rel_rms(dequant(ref, kind), blocks)
     print(f"{kind}: float32 {same:.0%} of blocks byte-identical, error {err:.5f} (reference {ref_err:.5f})")
     assert same >= 0.7 and err < 1.01 * ref_err
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k"])
+def test_blocks_are_independent_across_chunks(kind):
+    w = np.random.default_rng(2).standard_normal((gguf_kquants.CHUNK + 76, 256)).astype(np.float32)
+    parts = np.concatenate([gguf_kquants.quantize(w[:500], kind), gguf_kquants.quantize(w[500:], kind)])
+    np.testing.assert_array_equal(gguf_kquants.quantize(w, kind), parts)
