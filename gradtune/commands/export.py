@@ -5,7 +5,7 @@ pretrained here and/or a GGUF file.
     gradtune export runs/lora --merged out/merged       # plain transformers folder (+ head files)
     gradtune export runs/gpt --hf out/gpt-hf            # a GPT run: LlamaForCausalLM / GPT2LMHeadModel
     gradtune export runs/lora --gguf out/m.gguf --type q8_0   # llama.cpp: llama-cli -m out/m.gguf
-                                                  # (f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0)
+                                                  # (f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ...)
     gradtune export runs/lora --gguf out/m.gguf --ollama      # + out/Modelfile: ollama create m -f out/Modelfile
 
 Each destination folder must be new or empty and overlap neither the run nor its base model:
@@ -68,7 +68,8 @@ def setup(p: argparse.ArgumentParser) -> None:
         "--type",
         default=None,
         help="GGUF weight type: f32 (exact), f16 (default, half the size), bf16, q8_0 (8-bit blocks), "
-        "q5_1, q5_0, q4_1 or q4_0 (5/4-bit blocks; the output projection stays q8_0); norm weights stay f32",
+        "the K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s (llama-quantize's), or q5_1, q5_0, q4_1, q4_0 "
+        "(5/4-bit blocks); the output projection is Q6_K in the 4/5-bit types; norm weights stay f32",
     )
 
 

@@ -11,7 +11,8 @@ writer), then to llama.cpp's tensor names. Three layout facts of the format:
     (``permute_rotary``, the inverse of ``gpt_gguf.unpermute_rotary`` used on load);
   * a tied lm_head is written as no ``output.weight`` tensor;
   * 1-D tensors (norm weights) stay float32 whatever the type; which type each matrix gets
-    (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0) is ``gguf_types``'s rule.
+    (f32, f16, bf16, q8_0, the K-quant mixes q6_k / q5_k_m / q4_k_m / ..., q5_1, q5_0, q4_1,
+    q4_0) is ``gguf_types``'s rule.
 
 The tokenizer must be one llama.cpp can run: a byte-level BPE ("gpt2" model: tokens + merges).
 gradtune's byte / char tokenizers and WordLevel / WordPiece / Unigram / SentencePiece-style
@@ -174,7 +175,7 @@ def export_gguf(model: nn.Module, vocab: Vocab, out: str | Path, qtype: str = "f
     _add_hparams(writer, cfg, tensors["token_embd.weight"].shape[0], qtype, name or out.stem)
     _add_vocab(writer, vocab, tensors["token_embd.weight"].shape[0])
     for tname, t in tensors.items():
-        add_tensor(writer, tname, t, qtype, "output.weight" in tensors)
+        add_tensor(writer, tname, t, qtype, "output.weight" in tensors, cfg.n_layer)
 
     def write(tmp: Path) -> None:
         writer.write_header_to_file(path=tmp)

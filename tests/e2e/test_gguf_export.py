@@ -27,6 +27,9 @@ SAMPLE = "What is the capital of Italy? ANSWER: Rome. 2024 <|im_start|>user\nhi<
 # base's Q4_1 weights re-quantised to 8 bits: 0.6% relative RMS error per matrix); asserted at
 # ~2x. f32: measured max 5.7e-5.
 Q8_MAX, Q8_MEAN = 2.0, 0.3
+# q4_k_m against the f32 export of the hidden-256 run below (logits -1.28..2.53 on its prompt):
+# measured max |diff| 0.145; asserted at ~2x
+K4M_MAX = 0.3
 TINY_GPT = [
     "model=gpt",
     "gpt.n_layer=2",
@@ -124,6 +127,38 @@ def test_our_llama_gpt_run_exports_with_its_bpe_tokenizer(tmp_path, capsys):
     assert (q4.parent / "Modelfile").read_text() == "FROM mine\n" and not (tmp_path / "ollama" / "b.gguf").exists()
 
 
+def test_our_llama_gpt_run_exports_q4_k_m(tmp_path, capsys):
+    """--type q4_k_m on a run of hidden 256 (rows are whole K-quant super-blocks): llama-quantize's
+    mix, and the logits of our loader and transformers' within a measured bound of the f32 export's."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _bpe_tokenizer(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ["train", f"data={tmp_path / 'text.txt'}", f"text.tokenizer={tok}", "gpt.family=llama", f"out_dir={run_dir}"]
+    assert main([*args, *TINY_GPT, "gpt.n_embd=256"]) == 0, capsys.readouterr().err  # SwiGLU width 768
+    run = load_run(run_dir)
+    ids = torch.tensor([run.tokenizer.encode("the lazy dog jumps over")[:16]])  # block_size 16
+    for qtype in ("f32", "q4_k_m"):
+        assert main(["export", str(run_dir), "--gguf", str(tmp_path / "out" / f"{qtype}.gguf"), "--type", qtype]) == 0
+    q = tmp_path / "out" / "q4_k_m.gguf"
+    assert f"gguf: {q} (q4_k_m;" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(q))
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_down.weight"] == "Q4_K"
+    assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q6_K"  # use_more_bits(1, 2)
+    assert types.get("output.weight", types["token_embd.weight"]) == "Q6_K"
+    with torch.no_grad():
+        f32 = load_gguf(tmp_path / "out" / "f32.gguf")(ids)
+        torch.testing.assert_close(f32, run.model(ids), atol=1e-5, rtol=0)
+        ours = load_gguf(q)(ids)
+        theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file=q.name).eval()(ids).logits
+    err = (ours - f32).abs().max().item()
+    print(f"q4_k_m: max |logit - f32 export's| {err:.4g} (logits {f32.min():.2f}..{f32.max():.2f})")
+    assert 0 < err < K4M_MAX
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
 def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 3)
@@ -150,10 +185,10 @@ def test_runs_gguf_cannot_express_are_refused_and_nothing_is_written(tmp_path, c
     (tmp_path / "old.gguf").write_text("keep")
     refused(capsys, ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "old.gguf")], "exists")
     assert (tmp_path / "old.gguf").read_text() == "keep"
-    refused(  # a K-quant: one line naming the types gradtune writes and llama.cpp's quantizer
+    refused(  # a K-quant mix not written here: one line naming the types gradtune writes and llama.cpp's quantizer
         capsys,
-        ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "q.gguf"), "--type", "Q4_K_M"],
-        "--type 'Q4_K_M' is not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",
+        ["export", str(tmp_path / "byte"), "--gguf", str(tmp_path / "q.gguf"), "--type", "Q3_K_M"],
+        "--type 'Q3_K_M' is not one of f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s,",
         "llama-quantize",
     )
     assert not (tmp_path / "q.gguf").exists()

@@ -140,8 +140,8 @@ def test_bad_input_writes_nothing(tmp_path):
     small = GPT(GPTConfig(family="llama", vocab_size=len(tok) - 1, block_size=8, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(GradtuneError, match="do not belong together"):
         gguf_export.export_gguf(small, vocab, tmp_path / "a.gguf")
-    with pytest.raises(GradtuneError, match="not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0.*llama-quantize"):
-        gguf_export.export_gguf(small, vocab, tmp_path / "a.gguf", "q4_k_m")
+    with pytest.raises(GradtuneError, match="not one of f32, f16, bf16, q8_0, q6_k, .*q4_0.*llama-quantize"):
+        gguf_export.export_gguf(small, vocab, tmp_path / "a.gguf", "q3_k_m")
     (tmp_path / "b.gguf").write_text("keep")
     llama = GPT(GPTConfig(family="llama", vocab_size=len(tok), block_size=8, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(GradtuneError, match="exists"):
