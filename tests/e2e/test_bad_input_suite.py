@@ -223,6 +223,10 @@ CONFIG = {
     "gpt.n_embd=0": Case(lambda c: train("model=gpt", "gpt.n_embd=0"), ("'gpt.n_embd' must be >= 1",)),
     "gpt.block_size=1": Case(lambda c: train("model=gpt", "gpt.block_size=1"), ("'gpt.block_size' must be >= 2",)),
     "gpt.dropout=1": Case(lambda c: train("model=gpt", "gpt.dropout=1"), ("'gpt.dropout'",)),
+    "gpt.mlp=relu3": Case(lambda c: train("model=gpt", "gpt.mlp=relu3"), ("'gpt.mlp'", "'relu2'", "'relu3'")),
+    "gpt.logit_softcap=0": Case(
+        lambda c: train("model=gpt", "gpt.logit_softcap=0"), ("'gpt.logit_softcap' must be > 0",)
+    ),
     "n_embd not divisible by n_head": Case(
         lambda c: train("model=gpt", "gpt.n_embd=30", "gpt.n_head=4"),
         ("gpt.n_embd (30) must be divisible by gpt.n_head (4)",),
