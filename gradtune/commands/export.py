@@ -29,7 +29,7 @@ from pathlib import Path
 
 from gradtune.config import load_config
 from gradtune.data.tokenizer import HFTokenizer
-from gradtune.finetune import export, gguf_export, gguf_types, gpt_hf_export, ollama_modelfile
+from gradtune.finetune import export, gguf_export, gguf_types, gpt_export_refusals, gpt_hf_export, ollama_modelfile
 from gradtune.jobs.reload import Run, load_run, run_folder
 from gradtune.models import hf
 from gradtune.runtime import outdir, outfile
@@ -121,6 +121,8 @@ def _write_gguf(r: Run, out: Path, qtype: str, model_file: Path | None) -> None:
         raise GradtuneError(
             f"{r.folder}: GGUF export writes Llama-family models; this GPT run has gpt.family: {r.cfg.gpt.family}"
         )
+    if r.kind == "gpt":  # before the tokenizer's refusals: the model is what cannot be written at all
+        gpt_export_refusals.refuse_unexpressible(r.model.config, "GGUF export", "llama.cpp's llama architecture")
     vocab = _vocab(r)
     text = ollama_modelfile.modelfile(vocab, out.name) if model_file is not None else ""
     with outfile.writing(out) as tmp:  # staged: an existing export is replaced in one rename

@@ -78,6 +78,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "gpt.n_embd": (lambda v: v >= 1, ">= 1"),
     "gpt.block_size": (lambda v: v >= 2, ">= 2"),
     "gpt.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "gpt.logit_softcap": (lambda v: v is None or v > 0, "> 0 (or null: off)"),
     "guard.spike_zscore": (lambda v: v >= 0, ">= 0"),
     "text.max_length": (lambda v: v >= 2, ">= 2"),
     "text.fields": (

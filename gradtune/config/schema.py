@@ -47,6 +47,12 @@ class GPTSection:
     tie_embeddings: bool = True  # lm_head shares the token embedding
     # recompute each block's activations in backward: less memory for one more forward pass per step
     activation_checkpointing: bool = False
+    # MLP form; None: the family's (gelu for gpt2, swiglu for llama); relu2: relu(x)^2 in a 4x MLP (the speedrun's)
+    mlp: Optional[Literal["gelu", "swiglu", "relu2"]] = None
+    qk_norm: bool = False  # RMSNorm on each head's q and k before rotary/attention: bounded attention logits
+    # c: logits = c * tanh(logits / c), in the loss and in generation (|logits| < c); null: off
+    logit_softcap: Optional[float] = None
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero: each block starts as identity
 
 
 @dataclass

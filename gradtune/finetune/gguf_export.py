@@ -37,6 +37,7 @@ from torch import nn
 
 from gradtune.finetune.export import hf_base, merged_state_dict
 from gradtune.finetune.gguf_types import FILE_TYPE, add_tensor, check_type
+from gradtune.finetune.gpt_export_refusals import refuse_unexpressible
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_gguf import LLAMA_BLOCK
@@ -78,6 +79,7 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
                 f"GGUF export writes Llama-family models; this GPT has family "
                 f"'{model.config.family}' (gpt.family: llama)"
             )
+        refuse_unexpressible(model.config, "GGUF export", "llama.cpp's llama architecture")
         return model.config, {k: v.detach() for k, v in model.state_dict().items()}
     if isinstance(model, EncoderWithHead) or not hasattr(model, "config"):
         raise GradtuneError(

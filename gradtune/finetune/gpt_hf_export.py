@@ -20,7 +20,8 @@ What needs no conversion, checked against transformers' code:
   * a model built without biases (``GPTConfig.bias=False``, gpt2 family) gets zero biases, which
     compute the same; dropout is written as the config's rates (inactive in eval / generation).
 Refused, one line: a gpt2-family model whose head size is not n_embd / n_head (HF GPT-2 derives
-it) and a llama-family model with biases (our loader reads no Llama biases back).
+it), a llama-family model with biases (our loader reads no Llama biases back), and gpt.qk_norm,
+gpt.logit_softcap or a gpt.mlp other than the family's (``finetune/gpt_export_refusals.py``).
 
 Special ids: the tokenizer's end-of-text token (documents were separated by it in training) is
 ``eos_token_id``, and ``bos_token_id`` as in GPT-2, since a document starts right after it;
@@ -43,6 +44,7 @@ from safetensors.torch import save_file
 
 from gradtune.data.tokenizer import Tokenizer
 from gradtune.data.tokenizer_json import hf_tokenizer_json, token_text
+from gradtune.finetune.gpt_export_refusals import refuse_unexpressible
 from gradtune.models.gpt import GPT
 from gradtune.models.gpt_load import config_to_hf, state_dict_to_hf
 from gradtune.runtime import outdir
@@ -68,6 +70,7 @@ def check(model: GPT, tokenizer: Tokenizer) -> None:
         )
     if cfg.family == "llama" and cfg.bias:
         raise GradtuneError("export --hf: a llama-family model with biases is not written (bias=False is Llama's)")
+    refuse_unexpressible(cfg, "export --hf", "LlamaForCausalLM" if cfg.family == "llama" else "GPT2LMHeadModel")
 
 
 def hf_weights(model: GPT) -> dict[str, torch.Tensor]:

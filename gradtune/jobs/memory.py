@@ -153,6 +153,11 @@ def _cgroup_room() -> Optional[float]:
         return None
 
 
+# hidden-width activations an MLP keeps for backward, per token: gelu its input and output; swiglu
+# gate, up, silu(gate) and the product; relu2 its input, the ReLU and the square
+MLP_SAVED = {"gelu": 2, "swiglu": 4, "relu2": 3}
+
+
 def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     """A GPT trained from scratch: P counted on the meta device (no memory, no init)."""
     spec = cfg.text.tokenizer
@@ -164,11 +169,7 @@ def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     except (GradtuneError, ValueError):  # a bad tokenizer or shape: the builder says which
         return None
     c = model.config
-    block = (
-        c.n_embd
-        if c.activation_checkpointing
-        else 8 * c.n_embd + (4 if c.family == "llama" else 2) * c.intermediate_size
-    )
+    block = c.n_embd if c.activation_checkpointing else 8 * c.n_embd + MLP_SAVED[c.mlp] * c.intermediate_size
     micro = _micro(cfg)
     tokens = micro * c.block_size if micro else 0
     per_token = c.n_layer * block + 2 * vocab

@@ -6,6 +6,12 @@ One ``GPTConfig.family`` switch picks the three places where the families differ
          no biases, optionally untied lm_head
 Everything else (pre-norm residual blocks, causal SDPA attention, init) is shared.
 
+The modded-nanoGPT speedrun's choices are settings, off by default (today's models unchanged):
+  mlp             gelu | swiglu | relu2 (models/gpt_mlp.py); None = the family's own
+  qk_norm         RMSNorm (learned weight, hs) on each head's q and k before rotary: bounded logits
+  logit_softcap   c * tanh(logits / c): |logits| < c, in the loss and in generation alike
+  zero_init_proj  attention's and the MLP's output projections start at zero: each block is the identity
+
 Shapes in comments: B batch, T time (tokens), C width (n_embd), nh heads, nkv key/value heads,
 hs head size, V vocabulary. The model returns logits only; the loss lives in an objective.
 
@@ -30,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from gradtune.models.dropout import Dropout
 from gradtune.models.dropout import attention as dropout_attention
+from gradtune.models.gpt_mlp import KINDS as MLP_KINDS
+from gradtune.models.gpt_mlp import MLP
 
 
 @dataclass
@@ -42,13 +50,17 @@ class GPTConfig:
     n_kv_head: int | None = None  # grouped-query attention: fewer k/v heads, smaller KV cache; None = n_head
     n_embd: int = 256
     head_dim: int | None = None  # None = n_embd // n_head (some Llama variants decouple it)
-    intermediate_size: int | None = None  # MLP hidden width; None = 4*C (gpt2) or SwiGLU's 8/3*C rounded
+    intermediate_size: int | None = None  # MLP hidden width; None = 4*C, or SwiGLU's 8/3*C rounded
     bias: bool | None = None  # biases in linears and LayerNorm; None = True for gpt2, False for llama
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     rope_theta: float = 10000.0  # rotary base; larger = slower-turning angles, longer contexts
     tie_embeddings: bool = True  # lm_head shares wte: fewer parameters; untied is more expressive
     dropout: float = 0.0  # attention probs + residual branches: regularises small data (0.1-0.2); 0 for big runs
     activation_checkpointing: bool = False  # recompute each block in backward: ~1/3 more compute, far less memory
+    mlp: Literal["gelu", "swiglu", "relu2"] | None = None  # None = the family's: gelu (gpt2), swiglu (llama)
+    qk_norm: bool = False  # RMSNorm on q and k per head before rotary / attention
+    logit_softcap: float | None = None  # c: logits = c * tanh(logits / c); None = off
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):
@@ -63,8 +75,14 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.bias is None:
             self.bias = self.family == "gpt2"
+        if self.mlp is None:
+            self.mlp = "gelu" if self.family == "gpt2" else "swiglu"
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap must be > 0 (or None), got {self.logit_softcap}")
         if self.intermediate_size is None:
-            if self.family == "gpt2":
+            if self.mlp != "swiglu":
                 self.intermediate_size = 4 * self.n_embd
             else:  # SwiGLU has 3 matrices: 8/3*C keeps the 2-matrix MLP's parameter count (Llama)
                 self.intermediate_size = 256 * math.ceil(8 * self.n_embd / 3 / 256)
@@ -168,6 +186,9 @@ class CausalSelfAttention(nn.Module):
         # q, k, v in one matmul: one big GEMM beats three small ones, esp. on CPU.
         self.c_attn = nn.Linear(cfg.n_embd, self.q_size + 2 * self.kv_size, bias=cfg.bias)
         self.c_proj = nn.Linear(self.q_size, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:  # per head (hs,): q.k stays bounded whatever the residual stream's scale
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
@@ -178,6 +199,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0 if cache is None else cache.pos
@@ -200,26 +223,6 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-class MLP(nn.Module):
-    """gpt2: c_proj(gelu_tanh(c_fc(x))). llama: c_proj(silu(gate) * up), gate|up = c_fc(x) fused."""
-
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.swiglu = cfg.family == "llama"
-        hidden = cfg.intermediate_size
-        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
-        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new", one fused kernel
-        return self.c_proj(h)
-
-
 def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.family == "llama":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -234,7 +237,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.n_embd, cfg.intermediate_size, cfg.mlp, cfg.bias)
         self.drop = Dropout(cfg.dropout)  # the cheap CPU mask (models/dropout.py)
 
     def forward(
@@ -271,6 +274,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:  # drawn first all the same: the other weights' draws stay as they were
+                    nn.init.zeros_(p)
 
     @classmethod
     def from_state_dict(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor]) -> "GPT":
@@ -316,7 +321,11 @@ class GPT(nn.Module):
                 x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if self.config.logit_softcap is not None:  # smooth clip to (-c, c): no logit runs away
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once). non_embedding drops wpe, and wte when untied:

@@ -37,6 +37,8 @@ QUIET = ["progress=off", "plot=false"]
 TEXT = "hello world the answer is yes. " * 120
 ROWS = "a,b,y\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 4 + 0.5}\n" for i in range(12))
 CLASSES = "text,label\n" + "hello world,a\nfree prize,b\nwin now,b\nmeet me,a\ncall now,b\nhome ok,a\n" * 2
+# settings transformers' and llama.cpp's Llama cannot express: export refuses them, naming the setting
+SPEEDRUN = ("gpt.qk_norm=true", "gpt.mlp=relu2", "gpt.logit_softcap=30")
 TINY_GPT = ["model=gpt", "gpt.n_layer=1", "gpt.n_embd=16", "gpt.n_head=2", "gpt.block_size=16", "batch_size=4"]
 
 
@@ -69,6 +71,7 @@ def runs(tmp_path_factory, hf_models) -> dict[str, Path]:
         "linear": ["data=diabetes"],
         "gpt": [*TINY_GPT, f"data={root / 't.txt'}"],
         "bert": [f"model={hf_models['bert']}", "method=head", f"data={root / 'c.csv'}", "batch_size=4"],
+        **{f"gpt {s}": [*TINY_GPT, "gpt.family=llama", s, f"data={root / 't.txt'}"] for s in SPEEDRUN},
     }
     for name, args in settings.items():
         assert main(["train", *args, "max_steps=1", *QUIET, f"out_dir={root / name}"]) == 0, name
@@ -220,6 +223,10 @@ CONFIG = {
     "gpt.n_embd=0": Case(lambda c: train("model=gpt", "gpt.n_embd=0"), ("'gpt.n_embd' must be >= 1",)),
     "gpt.block_size=1": Case(lambda c: train("model=gpt", "gpt.block_size=1"), ("'gpt.block_size' must be >= 2",)),
     "gpt.dropout=1": Case(lambda c: train("model=gpt", "gpt.dropout=1"), ("'gpt.dropout'",)),
+    "gpt.mlp=relu3": Case(lambda c: train("model=gpt", "gpt.mlp=relu3"), ("'gpt.mlp'", "'relu2'", "'relu3'")),
+    "gpt.logit_softcap=0": Case(
+        lambda c: train("model=gpt", "gpt.logit_softcap=0"), ("'gpt.logit_softcap' must be > 0",)
+    ),
     "n_embd not divisible by n_head": Case(
         lambda c: train("model=gpt", "gpt.n_embd=30", "gpt.n_head=4"),
         ("gpt.n_embd (30) must be divisible by gpt.n_head (4)",),
@@ -992,6 +999,19 @@ COMMANDS = {
     "export --hf and --merged the same folder": Case(
         lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.out), "--merged", str(c.out)], ("the same folder",)
     ),
+    **{
+        f"export --{fmt} of a run with {setting}": Case(
+            lambda c, setting=setting, fmt=fmt: [
+                "export",
+                str(c.runs[f"gpt {setting}"]),
+                f"--{fmt}",
+                str(c.out) if fmt == "hf" else str(c.out / "m.gguf"),
+            ],
+            (setting.split("=")[0], "has no counterpart in"),
+        )
+        for setting in SPEEDRUN
+        for fmt in ("hf", "gguf")
+    },
 }
 
 

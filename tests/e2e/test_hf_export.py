@@ -174,3 +174,31 @@ def test_a_gpt2_model_without_biases_gets_zero_biases_and_unexpressible_shapes_a
     with pytest.raises(GradtuneError, match="do not belong together"):
         gpt_hf_export.export_gpt_hf(GPT(GPTConfig.preset("tiny-gpt2", vocab_size=100)), ByteTokenizer(), tmp_path / "v")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nobias"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_speedrun_settings_export_or_are_refused_by_name(tmp_path, family):
+    """zero_init_proj changes only the starting weights: exported, transformers gives our logits.
+    qk_norm, logit_softcap and an MLP other than the family's have no counterpart: refused, nothing written."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(f"tiny-{family}", vocab_size=256, zero_init_proj=True)).eval()
+    with torch.no_grad():  # trained-looking projections: a zero one dropped on export would show
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0.0, 0.05)
+    gpt_hf_export.export_gpt_hf(model, ByteTokenizer(), tmp_path / "zero")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "zero")).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-5, rtol=0)
+    other = "swiglu" if family == "gpt2" else "gelu"
+    for setting, kw in [
+        ("gpt.qk_norm=true", dict(qk_norm=True)),
+        ("gpt.logit_softcap=30", dict(logit_softcap=30.0)),
+        ("gpt.mlp=relu2", dict(mlp="relu2")),
+        (f"gpt.mlp={other}", dict(mlp=other)),
+    ]:
+        m = GPT(GPTConfig.preset(f"tiny-{family}", vocab_size=256, **kw))
+        with pytest.raises(GradtuneError, match=f"^export --hf: {setting} .*has no counterpart"):
+            gpt_hf_export.export_gpt_hf(m, ByteTokenizer(), tmp_path / "refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zero"]

@@ -160,3 +160,25 @@ def test_tokenizers_llama_cpp_cannot_express_are_refused(tmp_path):
     (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(GradtuneError, match="pre-tokenizer 'Whitespace'"):
         gguf_export.vocab_from_hf_folder(tmp_path / "tok")
+
+
+def test_speedrun_settings_llama_cpp_cannot_express_are_refused(tmp_path):
+    """zero_init_proj (only the starting weights) round-trips; qk_norm, soft-capping, relu2 are refused by name."""
+    tok = bpe_folder(tmp_path / "tok")
+    vocab = gguf_export.vocab_from_hf_folder(tmp_path / "tok")
+    shape = dict(family="llama", vocab_size=len(tok), block_size=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    zero = GPT(GPTConfig(**shape, zero_init_proj=True)).eval()
+    for name, p in zero.named_parameters():
+        if name.endswith("c_proj.weight"):
+            torch.nn.init.normal_(p, 0.0, 0.2)
+    back = load_gguf(gguf_export.export_gguf(zero, vocab, tmp_path / "zero.gguf", "f32")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), zero(IDS), atol=1e-5, rtol=0)
+    for setting, kw in [("gpt.qk_norm", dict(qk_norm=True)), ("gpt.logit_softcap", dict(logit_softcap=30.0))]:
+        with pytest.raises(GradtuneError, match=f"GGUF export: {setting}=.*has no counterpart"):
+            gguf_export.export_gguf(GPT(GPTConfig(**shape, **kw)), vocab, tmp_path / "a.gguf")
+    for mlp in ("relu2", "gelu"):
+        with pytest.raises(GradtuneError, match=f"GGUF export: gpt.mlp={mlp} has no counterpart"):
+            gguf_export.export_gguf(GPT(GPTConfig(**shape, mlp=mlp)), vocab, tmp_path / "a.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok", "zero.gguf"]
