@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
+from gradtune.optim.base import Optimizer
 from gradtune.optim.params import check_lr, step_groups
 
 
@@ -82,7 +83,7 @@ def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[T
         adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(Optimizer):
     """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
 
     fused: the C fast path, as ``SGD``'s (``fused.choose``); False always runs ``adamw_reference``.

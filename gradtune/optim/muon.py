@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from gradtune.optim.base import Optimizer
 from gradtune.optim.params import check_lr, step_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic
@@ -136,7 +137,7 @@ def check_matrices(param_groups: list[dict[str, Any]], rule: str) -> None:
                 raise ValueError(f"{rule} only supports 2D parameters; found one of size {tuple(p.size())}")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(Optimizer):
     """Drop-in for torch.optim.Muon (same arguments, defaults and state). 2-D parameters only:
     give the others to AdamW, or use ``MuonAdamW`` for both in one optimizer."""
 

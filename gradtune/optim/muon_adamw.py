@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim.adamw import adamw_group_
+from gradtune.optim.base import Optimizer
 from gradtune.optim.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, check_hyper, check_matrices, muon_group_
 from gradtune.optim.params import step_groups
 
@@ -36,7 +37,7 @@ def _group_step(state: dict[Tensor, Any], group: dict[str, Any], params: list[Te
     (muon_group_ if group["muon"] else adamw_group_)(state, group, params, grads)
 
 
-class MuonAdamW(torch.optim.Optimizer):
+class MuonAdamW(Optimizer):
     """``params``: groups, each ``{"params": [...], "muon": bool, ...}`` (a group without
     ``muon`` is an AdamW group). Group keys not given take these defaults: a Muon group ``lr`` =
     ``muon_lr``, ``momentum``, ``nesterov``, ``ns_coefficients``, ``ns_steps``, ``eps`` =

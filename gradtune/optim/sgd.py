@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
+from gradtune.optim.base import Optimizer
 from gradtune.optim.params import run_closure, with_grads
 
 
@@ -48,7 +49,7 @@ def sgd_reference(
         param.add_(direction, alpha=-lr)  # param = param - lr * direction
 
 
-class SGD(torch.optim.Optimizer):
+class SGD(Optimizer):
     """Drop-in for torch.optim.SGD (same arguments in the same order, same state).
 
     fused: None (default) uses the C fast path when it can be built and the group's tensors
