@@ -217,6 +217,20 @@ def test_eval_reproduces_trainings_last_val_loss(runs, gpt_run, capsys):
             assert got["rmse"] == pytest.approx(last["val_rmse"], rel=1e-5)
 
 
+def test_eval_chunk_from_memory_gives_the_same_metrics(runs, gpt_run, capsys):
+    """The chunk chosen from the run's recorded training peak (the default) against the old fixed
+    64 and against 3 samples at a time: the same loss and metrics (sums do not depend on it)."""
+    for run in (runs["linear"], runs["logistic"], gpt_run):
+        memory = _info(run)["memory"]
+        assert memory["device"] == "cpu" and memory["train_peak_bytes"] > 10 << 20  # recorded by training
+        chosen = _eval(capsys, run)
+        for fixed in ("64", "3"):
+            got = _eval(capsys, run, "--batch-size", fixed)
+            assert got.keys() == chosen.keys()
+            for k, v in got.items():
+                assert chosen[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (run, fixed, k)
+
+
 # --- bad input: exit 2, one line, nothing written --------------------------------------------------
 
 
