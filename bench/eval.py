@@ -50,13 +50,24 @@ def command(run: str, extra: list[str], threads: int | None) -> tuple[float, flo
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "gradtune", "eval", run, *extra], env=env, stdout=subprocess.DEVNULL
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", LAUNCH, sys.executable, "-m", "gradtune", "eval", run, *extra],
+        env=env,
+        capture_output=True,
+        text=True,
     )
-    _, status, usage = os.wait4(child.pid, 0)
-    if status:
-        raise SystemExit(f"gradtune eval {run} {' '.join(extra)} failed ({status})")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    if done.returncode:
+        raise SystemExit(f"gradtune eval {run} {' '.join(extra)} failed: {done.stderr.strip()[-300:]}")
+    return time.perf_counter() - t0, int(done.stdout.split()[-1]) / 1024
+
+
+# A child's ru_maxrss counts the memory of the process it was started from (Linux folds the old
+# address space's high-water mark in at exec), and this one holds a model: the command is started
+# from a small launcher instead, which prints its child's peak in KiB.
+LAUNCH = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+    "_, s, u = os.wait4(p.pid, 0); print(u.ru_maxrss); sys.exit(1 if s else 0)"
+)
 
 
 def bench(run: str, repeats: int, threads: int | None) -> None:
