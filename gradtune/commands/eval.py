@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     # The run's precision (a bf16 run is evaluated under bf16 autocast, as training evaluated it).
     amp = autocast(r.cfg.precision, cpu)
-    chunk = args.batch_size
-    if chunk is None:  # the largest chunk within the run's training peak (loop/eval_chunk.py)
+    chunk = args.batch_size or 1
+    if args.batch_size is None and len(data):  # the largest chunk within the run's training peak (loop/eval_chunk.py)
         chunk = choose(room_for_run(r.info, cpu), probe(r.model, r.objective, data, cpu, amp), len(data), cpu)
     loss, count, sums = evaluate(r.model, r.objective, data, chunk, cpu, amp)
     metrics = task_metrics(r.task, r.info, "", loss, count, sums)
