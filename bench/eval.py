@@ -12,7 +12,10 @@ repetition), medians:
   peak (summary.json ``job.memory.train_peak_bytes``). For a bf16 run both commands evaluate in
   bf16 (the command has no fp32 switch): the pass shows what precision adds.
 
-  python bench/eval.py runs/gpt-shakespeare runs/minilm-lora       # medians of 3
+The pass's chunk is chosen in this process, which also holds the runs loaded before: give one
+run per invocation for the chunk the command chooses.
+
+  python bench/eval.py runs/gpt-shakespeare                         # medians of 3
   python bench/eval.py RUN --repeats 1 --threads 1                  # smoke run / busy cores
 
 On 2 cores shared with other work, 2 torch threads spend much of each op at thread barriers;
