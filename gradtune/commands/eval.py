@@ -13,15 +13,18 @@ lm-eval harness (``models/lm_eval_model.py``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
 from gradtune.jobs import rl
 from gradtune.jobs.reload import load_run, run_data, run_task
+from gradtune.loop.eval_chunk import choose, probe, room_for_run
 from gradtune.loop.evaluation import evaluate, task_metrics
 from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
+from gradtune.runtime.device import autocast
 from gradtune.runtime.errors import GradtuneError
+
+LM_BATCH = 64  # prompts per forward for --lm-eval and RL runs' sampling
 
 HELP = "evaluate a finished run on a labelled file (default: its validation split)"
 
@@ -33,7 +36,13 @@ def setup(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a labelled file in the training data's format (default: the run's validation split)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (memory only)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per forward pass (memory and speed only; default: the largest chunk within the run's "
+        "training peak memory, on a CPU also within its cache)",
+    )
     p.add_argument(
         "--lm-eval",
         default=None,
@@ -45,7 +54,7 @@ def setup(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise GradtuneError(f"eval: --batch-size must be >= 1, got {args.batch_size}")
     if args.lm_eval is not None:
         return benchmark(args)
@@ -53,13 +62,17 @@ def run(args: argparse.Namespace) -> int:
         raise GradtuneError("eval: --limit applies to --lm-eval only")
     r = load_run(args.run)
     if r.data_task == "rl":  # mean reward of sampled completions (jobs/rl.py)
-        found = rl.mean_reward(r.cfg, r.model, r.tokenizer, args.data, args.batch_size)
+        found = rl.mean_reward(r.cfg, r.model, r.tokenizer, args.data, args.batch_size or LM_BATCH)
         print(f"eval {args.data or 'validation split'}: " + " ".join(f"{k}={v:.6g}" for k, v in found.items()))
         return 0
     data = run_data(r, args.data)
-    loss, count, sums = evaluate(
-        r.model, r.objective, data, args.batch_size, torch.device("cpu"), contextlib.nullcontext()
-    )
+    cpu = torch.device("cpu")
+    # The run's precision (a bf16 run is evaluated under bf16 autocast, as training evaluated it).
+    amp = autocast(r.cfg.precision, cpu)
+    chunk = args.batch_size or 1
+    if args.batch_size is None and len(data):  # the largest chunk within the run's training peak (loop/eval_chunk.py)
+        chunk = choose(room_for_run(r.info, cpu), probe(r.model, r.objective, data, cpu, amp), len(data), cpu)
+    loss, count, sums = evaluate(r.model, r.objective, data, chunk, cpu, amp)
     metrics = task_metrics(r.task, r.info, "", loss, count, sums)
     source = args.data or "validation split"
     if "per_class" in metrics:  # classification: the per-class table and the confusion matrix first
@@ -79,7 +92,7 @@ def benchmark(args: argparse.Namespace) -> int:
     if run_task(args.run) != "lm":
         raise GradtuneError(f"{args.run}: --lm-eval scores causal language models; this run is not one")
     r = load_run(args.run)
-    results = run_tasks(GradtuneLM(r.model, r.tokenizer, args.batch_size), tasks, args.limit)
+    results = run_tasks(GradtuneLM(r.model, r.tokenizer, args.batch_size or LM_BATCH), tasks, args.limit)
     for task, metrics in results.items():
         shown = {"n": metrics.get("sample_len")} if isinstance(metrics.get("sample_len"), int) else {}
         shown.update(

@@ -42,8 +42,8 @@ def metrics_for(task: str) -> tuple[str, ...]:
 
 
 def eval_chunk(cfg: Config, cheap_rows: bool) -> int:
-    """Samples per evaluation chunk: large for in-memory tables (cheap rows), the training
-    batch for sequences, whose activations grow with the chunk (peak memory is set here)."""
+    """Samples per evaluation chunk where memory is not measured (loop/eval_chunk.py chooses it
+    otherwise): large for in-memory tables (cheap rows), the training batch for sequences."""
     if cfg.micro_batch_size:
         return cfg.micro_batch_size
     if cheap_rows:
@@ -76,7 +76,8 @@ class Job:
     unit: str = ""
     # Metric names of an evaluation row besides the loss (METRICS); () -> from task.
     metrics: tuple[str, ...] = ()
-    # Samples per evaluation chunk (``eval_chunk``); 0 -> the sequence rule, set by the loop.
+    # Evaluation chunk where the loop does not choose one from memory (``eval_chunk``); 0 -> the
+    # sequence rule.
     eval_chunk: int = 0
 
     def __post_init__(self) -> None:

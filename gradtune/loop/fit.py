@@ -24,6 +24,7 @@ from gradtune.loop.run_setup import RunSetup, describe, prepare
 from gradtune.runtime import distributed, outdir
 from gradtune.runtime.atomic import write_text
 from gradtune.runtime.device import cpu_threads
+from gradtune.runtime.memory_peak import peak_bytes
 from gradtune.state import preempt, resume
 from gradtune.telemetry.metrics_log import MetricsLog
 
@@ -94,6 +95,10 @@ def _fit(job: Job, setup: RunSetup) -> Result:
             loop.preempt = flag if out_dir is not None else None
             stop_reason, train_loss = loop.run()
         log.commit()  # a finished run replaces the old log even if it measured nothing
+        # The budget `gradtune eval` sizes its chunks to (loop/eval_chunk.room_for_run).
+        peak = peak_bytes(loop.device)
+        if peak is not None:
+            job.info["memory"] = {"train_peak_bytes": peak, "device": loop.device.type}
     finally:
         log.close()
         loop.events.close()

@@ -38,6 +38,7 @@ from gradtune.loop.assemble import components, step_total
 from gradtune.loop.budget import Spent
 from gradtune.loop.callbacks import Callback, Control
 from gradtune.loop.components import Events
+from gradtune.loop.eval_chunk import for_training
 from gradtune.loop.evaluation import evaluate, task_metrics, token_sample
 from gradtune.loop.guard import Guard
 from gradtune.loop.loop_state import LoopState
@@ -92,7 +93,7 @@ class Loop(LoopState):
         self.eval_every = cfg.eval_every or per_epoch
         self.warmup = cfg.warmup_steps  # max_time may cap it (loop/time_budget.py)
         self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
-        self.eval_batch = job.eval_chunk or eval_chunk(cfg, cheap_rows=False)
+        self._eval_batch = 0  # samples per evaluation forward: chosen at the first evaluation
         self.stopper = Convergence(cfg.tol, cfg.patience, cfg.grad_tol)
         self.guard = Guard(cfg.guard)
         self.amp = autocast(cfg.precision, self.device)
@@ -137,6 +138,15 @@ class Loop(LoopState):
         return self.events.describe()
 
     # --- measuring ----------------------------------------------------------------------------
+    @property
+    def eval_batch(self) -> int:
+        """Samples per evaluation forward, chosen from memory once training has run (the largest
+        chunk within a training micro-batch's activations: loop/eval_chunk.py)."""
+        if not self._eval_batch:
+            fallback = self.job.eval_chunk or eval_chunk(self.cfg, cheap_rows=False)
+            self._eval_batch = for_training(self.job, self.sampler.micro, self.device, self.amp, fallback)
+        return self._eval_batch
+
     def _lr(self) -> float:
         """Set and return this step's lr: the schedule at (step, total) as the components map it,
         times their factors (plateau cuts), times the guard's rollback scale."""

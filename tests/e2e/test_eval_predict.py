@@ -217,6 +217,29 @@ def test_eval_reproduces_trainings_last_val_loss(runs, gpt_run, capsys):
             assert got["rmse"] == pytest.approx(last["val_rmse"], rel=1e-5)
 
 
+def _same_at_any_chunk(capsys, run: Path, fixed: tuple[str, ...]) -> None:
+    memory = _info(run)["memory"]
+    assert memory["device"] == "cpu" and memory["train_peak_bytes"] > 10 << 20  # recorded by training
+    chosen = _eval(capsys, run)
+    for chunk in fixed:
+        got = _eval(capsys, run, "--batch-size", chunk)
+        assert got.keys() == chosen.keys()
+        for k, v in got.items():
+            assert chosen[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (run, chunk, k)
+
+
+def test_eval_chunk_from_memory_gives_the_same_metrics(runs, capsys):
+    """The chunk chosen from the run's recorded training peak (the default) against the old fixed
+    64 and against 3 samples at a time: the same loss and metrics (sums do not depend on it)."""
+    for name in ("linear", "logistic"):
+        _same_at_any_chunk(capsys, runs[name], ("64", "3"))
+
+
+@pytest.mark.slow
+def test_eval_chunk_from_memory_gives_the_same_gpt_loss(gpt_run, capsys):
+    _same_at_any_chunk(capsys, gpt_run, ("64",))  # 7,500 validation windows: one pass ~10 s
+
+
 # --- bad input: exit 2, one line, nothing written --------------------------------------------------
 
 
