@@ -951,7 +951,7 @@ COMMANDS = {
     ),
     "export --type unknown": Case(
         lambda c: ["export", str(c.runs["gpt"]), "--gguf", str(c.inp / "m.gguf"), "--type", "q3"],
-        ("export: --type 'q3' is not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0",),
+        ("export: --type 'q3' is not one of f32, f16, bf16, q8_0, q6_k, q5_k_m",),
     ),
     "export --ollama without --gguf": Case(
         lambda c: ["export", str(c.runs["gpt"]), "--hf", str(c.out), "--ollama"], ("--ollama", "give --gguf")
