@@ -42,7 +42,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
     mask, q = keep_mask(x.shape, p, x.device)
-    return x * mask * (1.0 / q)  # autograd keeps only the bool mask (the scale is a Python float)
+    # where, not x * mask: a bool operand of mul is first copied to x's dtype (an extra pass and
+    # an x-sized buffer, forward and backward); where's backward is where(mask, grad, 0) on the
+    # same saved bool mask. The scale is a Python float.
+    return torch.where(mask, x, 0.0) * (1.0 / q)
 
 
 class Dropout(nn.Dropout):
@@ -80,10 +83,16 @@ def attention(
     t, s = q.shape[2], k.shape[2]
     if causal and mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    # The scale on q (B, H, T, D), not on the scores (B, H, T, S): S / D times fewer elements, as SDPA's math path.
+    scores = torch.matmul(q * (scale if scale is not None else q.shape[-1] ** -0.5), k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
-    return torch.matmul(dropout(probs, p), v)
+    if p <= 0.0 or p >= 1.0 or probs.device.type != "cpu":
+        return torch.matmul(dropout(probs, p), v)
+    # dropout(probs) @ v with its 1/q scale applied to the (B, H, T, D) product instead of the
+    # (B, H, T, S) probabilities: the same value up to rounding, S / D times fewer elements.
+    keep, kq = keep_mask(probs.shape, p, probs.device)
+    return torch.matmul(torch.where(keep, probs, 0.0), v) * (1.0 / kq)
