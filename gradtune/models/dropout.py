@@ -24,15 +24,40 @@ from torch import nn
 LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(bool mask of ``shape``, True with probability q; q) for drop probability ``p``."""
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of ``shape``, True (drop) with probability 1 - q; q) for drop probability ``p``."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
     u = words.view(torch.int16)[:n].bitwise_and_(LEVELS - 1)  # (n,) four per word; the top bit cleared
     drop = round(p * LEVELS)
-    return (u >= drop).view(shape), 1.0 - drop / LEVELS
+    return (u < drop).view(shape), 1.0 - drop / LEVELS
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of ``shape``, True (keep) with probability q; q): ``drop_mask`` inverted."""
+    drop, q = drop_mask(shape, p, device)
+    return ~drop, q
+
+
+class _Masked(torch.autograd.Function):
+    """y = 0 where ``drop``, else x * scale; backward the same on the gradient, from the saved
+    bool mask. One pass (two with a scale) each way, where autograd would take three: x * mask
+    first copies the bool mask to x's dtype, masked_fill clones, where's backward runs twice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        y = torch.where(drop, 0.0, x)
+        return y.mul_(scale) if scale != 1.0 else y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        gx = torch.where(drop, 0.0, g)
+        return (gx.mul_(ctx.scale) if ctx.scale != 1.0 else gx), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -41,11 +66,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
-    mask, q = keep_mask(x.shape, p, x.device)
-    # where, not x * mask: a bool operand of mul is first copied to x's dtype (an extra pass and
-    # an x-sized buffer, forward and backward); where's backward is where(mask, grad, 0) on the
-    # same saved bool mask. The scale is a Python float.
-    return torch.where(mask, x, 0.0) * (1.0 / q)
+    drop, q = drop_mask(x.shape, p, x.device)
+    return _Masked.apply(x, drop, 1.0 / q)  # the scale is a Python float
 
 
 class Dropout(nn.Dropout):
@@ -94,5 +116,5 @@ def attention(
         return torch.matmul(dropout(probs, p), v)
     # dropout(probs) @ v with its 1/q scale applied to the (B, H, T, D) product instead of the
     # (B, H, T, S) probabilities: the same value up to rounding, S / D times fewer elements.
-    keep, kq = keep_mask(probs.shape, p, probs.device)
-    return torch.matmul(torch.where(keep, probs, 0.0), v) * (1.0 / kq)
+    drop, kq = drop_mask(probs.shape, p, probs.device)
+    return torch.matmul(_Masked.apply(probs, drop, 1.0), v) * (1.0 / kq)
