@@ -8,7 +8,9 @@
 
 This runs every step, so it avoids needless work there: one process takes no distributed
 branch at all, test hooks are read once per call, and on CPU the norm is one pass of the
-optimizer's C kernel returning a Python float (no tensors created, no dispatches).
+optimizer's C kernel returning a Python float (no tensors created, no dispatches). When the
+loop clips and nothing reads the mean gradient first, the division by count * scale is not a
+pass of its own: ||grad|| is taken on the sums and scaled, and clip_ applies both factors at once.
 """
 
 from __future__ import annotations
