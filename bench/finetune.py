@@ -12,6 +12,16 @@ process's max RSS: model, data and training together) and the sides alternate. T
 the median of per-step intervals after the first WARM (start-up, data preparation and evaluation
 excluded on both sides). Accuracy is on the same held-out texts after the same number of steps.
 
+Precision (--precision, default both: every method is compared twice, each side at the same one):
+    fp32   ours precision=fp32; the Trainer's default (fp32 weights, fp32 compute).
+    bf16   ours precision=bf16; the Trainer bf16=True. Both mean the same: weights, gradients and
+           AdamW state stay fp32, the forward (and the loss: ours inside the objective, the
+           Trainer's inside the model's forward) runs under torch.autocast("cpu", torch.bfloat16),
+           so matmuls compute in bf16 and backward follows autocast's dtypes. On CPU the Trainer
+           gets this from accelerate (mixed_precision="bf16" wraps model.forward in autocast;
+           use_cpu=True). Evaluation runs under the same autocast on both sides. On a CPU without
+           native bf16 (no avx512_bf16 / amx_bf16 flag) the bf16 rows are emulated and marked so.
+
 Each side runs with its defaults. Ours: batches grouped by length (text.group_by_length, pools
 of 8 batches) and padded to a multiple of 8. The Trainer: random batches padded to their longest
 (DataCollatorWithPadding). ``--hf-grouped`` adds a second Trainer run with its own
@@ -20,6 +30,7 @@ of 8 batches) and padded to a multiple of 8. The Trainer: random batches padded 
     python bench/finetune.py                 # both sets; head, full, lora; 40 steps each, 1 repeat
     python bench/finetune.py --set plays --method lora --repeats 3   # medians of 3 processes per side
     python bench/finetune.py --hf-grouped    # also against the Trainer's group_by_length=True
+    python bench/finetune.py --precision fp32  # only the fp32 comparison
     python bench/finetune.py --quick         # 10 steps, lora only: a smoke run
 Differences that remain: our head pools the mean of token states, HF's classifier uses the
 pooler over [CLS]; everything else is matched.
@@ -95,7 +106,7 @@ def step_time(stamps: list[float]) -> float:
     return statistics.median(gaps[WARM:] if len(gaps) > WARM + 2 else gaps)
 
 
-def ours(method: str, folder: Path, steps: int, max_length: int) -> dict:
+def ours(method: str, folder: Path, steps: int, max_length: int, precision: str) -> dict:
     from gradtune.config import load_config
     from gradtune.runtime import allocator
     from gradtune.train import train
@@ -122,6 +133,7 @@ def ours(method: str, folder: Path, steps: int, max_length: int) -> dict:
             "weight_decay=0",
             "clip_grad_norm=1.0",
             "seed=0",
+            f"precision={precision}",
             *EXTRA,
             "log_every=1",
             "progress=off",
@@ -140,7 +152,7 @@ def ours(method: str, folder: Path, steps: int, max_length: int) -> dict:
     }
 
 
-def hf(method: str, folder: Path, steps: int, max_length: int, grouped: bool = False) -> dict:
+def hf(method: str, folder: Path, steps: int, max_length: int, precision: str, grouped: bool = False) -> dict:
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
@@ -195,6 +207,7 @@ def hf(method: str, folder: Path, steps: int, max_length: int, grouped: bool = F
         save_strategy="no",
         logging_strategy="no",
         use_cpu=True,
+        bf16=precision == "bf16",  # accelerate: model.forward under torch.autocast("cpu", bfloat16)
         dataloader_num_workers=0,
         per_device_eval_batch_size=64,
         train_sampling_strategy="group_by_length" if grouped else "random",
@@ -205,14 +218,15 @@ def hf(method: str, folder: Path, steps: int, max_length: int, grouped: bool = F
     trainer.train()
     pred = trainer.predict(test_ds)
     accuracy = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
-    return {"step_s": step_time(stamps), "accuracy": accuracy, "peak_mb": peak_mb()}
+    amp = trainer.accelerator.native_amp and trainer.accelerator.mixed_precision == "bf16"
+    return {"step_s": step_time(stamps), "accuracy": accuracy, "peak_mb": peak_mb(), "autocast_bf16": int(amp)}
 
 
 def median_run(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
-def side(which: str, method: str, folder: Path, steps: int, max_length: int) -> dict:
+def side(which: str, method: str, folder: Path, steps: int, max_length: int, precision: str) -> dict:
     """which: ours | hf | hf-grouped, run in a fresh process."""
     env = {
         **os.environ,
@@ -234,56 +248,81 @@ def side(which: str, method: str, folder: Path, steps: int, max_length: int) -> 
             str(steps),
             "--max-length",
             str(max_length),
+            "--precision",
+            precision,
         ],
         capture_output=True,
         text=True,
         env=env,
     )
     if p.returncode != 0:
-        raise SystemExit(f"{which} {method} failed:\n{p.stderr[-3000:]}")
+        raise SystemExit(f"{which} {method} {precision} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bf16_flags() -> list[str]:
+    """The CPU's native bf16 flags (/proc/cpuinfo): avx512_bf16 (dot products), amx_bf16 (tiles)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
 
 
 def machine() -> str:
     import torch
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    native = ", ".join(bf16_flags()) or "none (bf16 emulated)"
     return (
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {native}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}, load {load}"
     )
 
 
-def compare(name: str, methods: list[str], folder: Path, steps: int, a: argparse.Namespace) -> None:
+def target(method: str) -> float:
+    return 0.5 if method == "head" else 0.7  # issue 26: ours / Trainer step time at the same precision
+
+
+def compare(name: str, methods: list[str], precisions: list[str], folder: Path, steps: int, a) -> None:
     max_length = SETS[name][0]
     print(f"\n{name}: {steps} steps of 16, max_length {max_length}; {machine()}", flush=True)
     print(
-        f"{'method':<6} {'ours s/step':>11} {'HF s/step':>10} {'time ratio':>10} {'ours MB':>8} {'HF MB':>7} "
-        f"{'mem ratio':>9} {'ours acc':>8} {'HF acc':>7} {'acc diff':>8}  load",
+        f"{'method':<6} {'precision':<9} {'ours s/step':>11} {'HF s/step':>10} {'ratio':>6} {'target':>6} "
+        f"{'ours MB':>8} {'HF MB':>7} {'ours acc':>8} {'HF acc':>7} {'acc diff':>8}  load",
         flush=True,
     )
+    emulated = not bf16_flags()
     for m in methods:
-        # Sides alternate; each figure is the median over --repeats processes.
-        runs: dict[str, list[dict]] = {"ours": [], "hf": []}
-        for _ in range(a.repeats):
-            for which in runs:
-                runs[which].append(side(which, m, folder, steps, max_length))
-        o, h = (median_run(runs[k]) for k in ("ours", "hf"))
-        print(
-            f"{m:<6} {o['step_s']:11.3f} {h['step_s']:10.3f} {o['step_s'] / h['step_s']:9.2f}x "
-            f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['peak_mb'] / h['peak_mb']:8.2f}x "
-            f"{o['accuracy']:8.3f} {h['accuracy']:7.3f} {100 * (o['accuracy'] - h['accuracy']):+7.1f}pt  "
-            f"{os.getloadavg()[0]:.2f}  [{runs['ours'][-1]['policy']}]",
-            flush=True,
-        )
-        if a.hf_grouped:
-            g = side("hf-grouped", m, folder, steps, max_length)
+        for prec in precisions:
+            # Sides alternate; each figure is the median over --repeats processes.
+            runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+            for _ in range(a.repeats):
+                for which in runs:
+                    runs[which].append(side(which, m, folder, steps, max_length, prec))
+            o, h = (median_run(runs[k]) for k in ("ours", "hf"))
+            ratio = o["step_s"] / h["step_s"]
+            ok = "ok" if ratio <= target(m) and o["accuracy"] >= h["accuracy"] else "MISS"
+            label = prec + ("*" if prec == "bf16" and emulated else "")
+            notes = [runs["ours"][-1]["policy"]]
+            if prec == "bf16" and not h.get("autocast_bf16"):
+                notes.append("Trainer did NOT autocast to bf16")
             print(
-                f"{'':<6} vs Trainer grouped by length: {g['step_s']:.3f} s/step "
-                f"(time ratio {o['step_s'] / g['step_s']:.2f}x), {g['peak_mb']:.0f} MB "
-                f"({o['peak_mb'] / g['peak_mb']:.2f}x), accuracy {g['accuracy']:.3f}",
+                f"{m:<6} {label:<9} {o['step_s']:11.3f} {h['step_s']:10.3f} {ratio:5.2f}x {target(m):5.1f}x "
+                f"{o['peak_mb']:8.0f} {h['peak_mb']:7.0f} {o['accuracy']:8.3f} {h['accuracy']:7.3f} "
+                f"{100 * (o['accuracy'] - h['accuracy']):+7.1f}pt  {os.getloadavg()[0]:.2f}  {ok} [{'; '.join(notes)}]",
                 flush=True,
             )
+            if a.hf_grouped:
+                g = side("hf-grouped", m, folder, steps, max_length, prec)
+                print(
+                    f"{'':<6} {label:<9} vs Trainer grouped by length: {g['step_s']:.3f} s/step "
+                    f"(ratio {o['step_s'] / g['step_s']:.2f}x), {g['peak_mb']:.0f} MB, accuracy {g['accuracy']:.3f}",
+                    flush=True,
+                )
+    if "bf16" in precisions and emulated:
+        print("bf16*: this CPU has no native bf16 (avx512_bf16/amx_bf16): both sides' bf16 is emulated", flush=True)
 
 
 def main() -> None:
@@ -294,28 +333,41 @@ def main() -> None:
     )
     ap.add_argument("--set", choices=["sms", "plays", "both"], default="both")
     ap.add_argument("--method", default=None)
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "both"],
+        default="both",
+        help="fp32: both sides fp32; bf16: both sides fp32 weights + bf16 autocast (ours precision=bf16, HF bf16=True)",
+    )
     ap.add_argument("--dir")
-    ap.add_argument("--steps", type=int, default=None, help="per run (default: 40 for sms, 20 for plays)")
+    ap.add_argument("--steps", type=int, default=None, help="per run (default: 40 for sms and plays)")
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=1, help="processes per side and method (medians)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    if a.side:  # one side, in its own process
+    if a.side:  # one side, in its own process, at one precision
+        prec = "fp32" if a.precision == "both" else a.precision
         if a.side == "ours":
-            print(json.dumps(ours(a.method, Path(a.dir), a.steps, a.max_length)))
+            print(json.dumps(ours(a.method, Path(a.dir), a.steps, a.max_length, prec)))
         else:
-            print(json.dumps(hf(a.method, Path(a.dir), a.steps, a.max_length, grouped=a.side == "hf-grouped")))
+            r = hf(a.method, Path(a.dir), a.steps, a.max_length, prec, grouped=a.side == "hf-grouped")
+            print(json.dumps(r))
         return
     methods = [a.method] if a.method else (["lora"] if a.quick else ["head", "full", "lora"])
+    precisions = ["fp32", "bf16"] if a.precision == "both" else [a.precision]
     print(
-        "MiniLM fine-tuning, ours vs the Trainer (+ PEFT); time/step = median step interval after "
-        f"{WARM}; peak = max RSS of a fresh process per run"
+        "MiniLM fine-tuning, ours vs the Trainer (+ PEFT) at the same precision; time/step = median step interval "
+        f"after {WARM}; peak = max RSS of a fresh process per run; ratio = ours / Trainer step time "
+        "(target: <= 0.7x full and LoRA, <= 0.5x head, at equal or better accuracy)\n"
+        "fp32: both sides fp32 weights and compute. bf16: both sides fp32 weights, gradients and AdamW state, "
+        'forward + loss under torch.autocast("cpu", bfloat16) (ours precision=bf16; the Trainer bf16=True, '
+        "autocast by accelerate)"
     )
     with tempfile.TemporaryDirectory() as d:
         for name in ["sms", "plays"] if a.set == "both" else [a.set]:
             folder = Path(d) / name
             write_set(name, folder)
-            compare(name, methods, folder, 10 if a.quick else (a.steps or SETS[name][1]), a)
+            compare(name, methods, precisions, folder, 10 if a.quick else (a.steps or SETS[name][1]), a)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,35 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 
 
+class _LoRARows(torch.autograd.Function):
+    """Y = X W^T + b + s (X A^T) B^T on rows X (N, in), with a backward written out so that the
+    input's gradient is one GEMM plus one accumulating GEMM: dX = dY W + s (dY B) A (addmm_ in
+    place), where autograd would add the two (N, in) branch gradients in a separate pass.
+    Gradients: dA = s (dY B)^T X (rank, in), dB = s dY^T (X A^T) (out, rank); W and b get theirs
+    only if they require grad (LoRA freezes them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float):  # x (N, in)
+        h = x.mm(a.t())  # (N, rank)
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x.mm(weight.t())  # (N, out)
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # gy (N, out)
+        x, weight, a, b, h = ctx.saved_tensors
+        s, need = ctx.scaling, ctx.needs_input_grad
+        gh = gy.mm(b)  # (N, rank), the scale applied on the small products below
+        gx = gy.mm(weight).addmm_(gh, a, alpha=s) if need[0] else None
+        gw = gy.t().mm(x) if need[1] else None
+        gbias = gy.sum(0) if need[2] else None
+        ga = gh.t().mm(x).mul_(s) if need[3] else None
+        gb = gy.t().mm(h).mul_(s) if need[4] else None
+        return gx, gw, gbias, ga, gb, None
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``lora_b @ lora_a``."""
 
@@ -74,6 +103,9 @@ class LoRALinear(nn.Module):
         in backward). Saves the (N, out) product, scaled product and sum of ``forward`` and
         their backward passes; equal to ``forward`` up to float rounding."""
         base, rows = self.base, x.reshape(-1, x.shape[-1])  # (N, in)
+        if isinstance(self.dropout, nn.Identity) or not self.training:  # one input to both GEMMs
+            y = _LoRARows.apply(rows, base.weight, base.bias, self.lora_a.weight, self.lora_b.weight, self.scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
         y = (
             torch.addmm(base.bias, rows, base.weight.t()) if base.bias is not None else rows.mm(base.weight.t())
         )  # (N, out)

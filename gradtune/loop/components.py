@@ -169,6 +169,9 @@ class Events:
         self.on: dict[str, list[Any]] = {e: [c for c in self.all if _overrides(c, e)] for e in EVENTS}
         self.wants_first = any(getattr(c, "wants_first", False) for c in self.all)
         self.every_step_update = [c for c in self.on["on_update"] if c.update_every_step]
+        # Anything that reads the step's gradients before the update, on any rank (a rank-0-only
+        # callback counts everywhere, so that every rank scales its gradients alike).
+        self.reads_grads = any(_overrides(c, e) for c in items for e in ("on_gradients", "hold_update"))
 
     @property
     def callbacks(self) -> list[Callback]:

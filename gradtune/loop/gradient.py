@@ -8,7 +8,9 @@
 
 This runs every step, so it avoids needless work there: one process takes no distributed
 branch at all, test hooks are read once per call, and on CPU the norm is one pass of the
-optimizer's C kernel returning a Python float (no tensors created, no dispatches).
+optimizer's C kernel returning a Python float (no tensors created, no dispatches). When the
+loop clips and nothing reads the mean gradient first, the division by count * scale is not a
+pass of its own: ||grad|| is taken on the sums and scaled, and clip_ applies both factors at once.
 """
 
 from __future__ import annotations
@@ -114,12 +116,14 @@ def all_finite(grads: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(top))
 
 
-def clip_(grads: list[torch.Tensor], total_norm: Union[float, torch.Tensor], max_norm: float) -> None:
+def clip_(grads: list[torch.Tensor], total_norm: Union[float, torch.Tensor], max_norm: float, pre: float = 1.0) -> None:
     """Scale ``grads`` in place so their norm is at most ``max_norm`` (torch's clip_grad_norm_
-    rule: factor max_norm / (norm + 1e-6), capped at 1)."""
+    rule: factor max_norm / (norm + 1e-6), capped at 1). ``pre``: a factor ``grads`` still owe
+    (the loop's 1 / count, when nothing read the mean gradient before): applied in the same
+    pass; ``total_norm`` is the norm after it."""
     if isinstance(total_norm, torch.Tensor):
-        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0) * pre)
         return
-    scale = max_norm / (total_norm + 1e-6)
-    if scale < 1.0:  # a factor of exactly 1 changes nothing: skip the pass
+    scale = min(max_norm / (total_norm + 1e-6), 1.0) * pre
+    if scale != 1.0:  # a factor of exactly 1 changes nothing: skip the pass
         torch._foreach_mul_(grads, scale)

@@ -271,6 +271,10 @@ class Loop(LoopState):
         cfg = self.cfg
         self.check_grad = cfg.guard.enabled and cfg.guard.check_grad
         self.need_norm = cfg.clip_grad_norm is not None or cfg.grad_tol > 0 or self.check_grad
+        # Clipping and nothing reading the mean gradient before it: the 1 / count division waits
+        # for the clip's pass over the gradients (one pass over every gradient a step saved).
+        self.fold = cfg.clip_grad_norm is not None and not self.events.reads_grads
+        self.owed = 1.0  # the factor this step's p.grad still owe (fold: 1 / count)
         control = Control(
             self.out_dir,
             self.total,
@@ -301,8 +305,12 @@ class Loop(LoopState):
         # The gradient of the mean: one division by the whole batch's count (see objectives/output.py).
         grads = [p.grad for p in self.params if p.grad is not None]
         self.batch, self.count = s, float(count)
+        self.owed = 1.0
         if grads and self.count * scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / (self.count * scale))
+            if self.fold:
+                self.owed = 1.0 / (self.count * scale)  # applied with the clip (_apply)
+            else:
+                torch._foreach_mul_(grads, 1.0 / (self.count * scale))
         return float(loss_sum), sums, grads, first  # one scalar read per step: the guard needs it now
 
     def _apply(self, grads: list[torch.Tensor], gnorm: Any, first: Optional[list[float]]) -> None:
@@ -311,7 +319,7 @@ class Loop(LoopState):
         if self.need_norm:
             self.last_gnorm = gnorm
             if self.cfg.clip_grad_norm is not None:
-                gradient.clip_(grads, gnorm, self.cfg.clip_grad_norm)
+                gradient.clip_(grads, gnorm, self.cfg.clip_grad_norm, self.owed)
         self._update((self.step + 1) % self.eval_every == 0)
 
     def _step(self, s: Step) -> tuple[bool, Optional[str]]:
@@ -324,6 +332,8 @@ class Loop(LoopState):
         # A component may withhold the update (the step counts); a non-finite loss is the guard's.
         held = math.isfinite(loss) and self.events.hold_update(grads)
         gnorm = gradient.norm(grads) if self.need_norm and not held else None
+        if gnorm is not None and self.owed != 1.0:
+            gnorm = gnorm * self.owed  # the mean gradient's norm
         action, why = self.guard.check(loss, float(gnorm) if self.check_grad and not held else None)
         if action != "ok":
             return False, self._on_guard(action, why, s)

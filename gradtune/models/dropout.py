@@ -24,15 +24,40 @@ from torch import nn
 LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(bool mask of ``shape``, True with probability q; q) for drop probability ``p``."""
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of ``shape``, True (drop) with probability 1 - q; q) for drop probability ``p``."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
     u = words.view(torch.int16)[:n].bitwise_and_(LEVELS - 1)  # (n,) four per word; the top bit cleared
     drop = round(p * LEVELS)
-    return (u >= drop).view(shape), 1.0 - drop / LEVELS
+    return (u < drop).view(shape), 1.0 - drop / LEVELS
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool mask of ``shape``, True (keep) with probability q; q): ``drop_mask`` inverted."""
+    drop, q = drop_mask(shape, p, device)
+    return ~drop, q
+
+
+class _Masked(torch.autograd.Function):
+    """y = 0 where ``drop``, else x * scale; backward the same on the gradient, from the saved
+    bool mask. One pass (two with a scale) each way, where autograd would take three: x * mask
+    first copies the bool mask to x's dtype, masked_fill clones, where's backward runs twice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        y = torch.where(drop, 0.0, x)
+        return y.mul_(scale) if scale != 1.0 else y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        gx = torch.where(drop, 0.0, g)
+        return (gx.mul_(ctx.scale) if ctx.scale != 1.0 else gx), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -41,8 +66,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
-    mask, q = keep_mask(x.shape, p, x.device)
-    return x * mask * (1.0 / q)  # autograd keeps only the bool mask (the scale is a Python float)
+    drop, q = drop_mask(x.shape, p, x.device)
+    return _Masked.apply(x, drop, 1.0 / q)  # the scale is a Python float
 
 
 class Dropout(nn.Dropout):
@@ -80,10 +105,16 @@ def attention(
     t, s = q.shape[2], k.shape[2]
     if causal and mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    # The scale on q (B, H, T, D), not on the scores (B, H, T, S): S / D times fewer elements, as SDPA's math path.
+    scores = torch.matmul(q * (scale if scale is not None else q.shape[-1] ** -0.5), k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
-    return torch.matmul(dropout(probs, p), v)
+    if p <= 0.0 or p >= 1.0 or probs.device.type != "cpu":
+        return torch.matmul(dropout(probs, p), v)
+    # dropout(probs) @ v with its 1/q scale applied to the (B, H, T, D) product instead of the
+    # (B, H, T, S) probabilities: the same value up to rounding, S / D times fewer elements.
+    drop, kq = drop_mask(probs.shape, p, probs.device)
+    return torch.matmul(_Masked.apply(probs, drop, 1.0), v) * (1.0 / kq)
