@@ -119,6 +119,7 @@ def _child(args: list[str], env: dict[str, str], err_path: str) -> None:
     code = main(["train", *args])
     sys.stdout.flush()
     sys.stderr.flush()
+    Path(err_path + ".code").write_text(str(code))  # the exit code, whatever the fork server reports
     os._exit(code)
 
 
@@ -134,6 +135,8 @@ class Forked:
                 ["torch", "safetensors.torch", "gradtune.train", "gradtune.cli", __name__]
             )
         self.err_path = err_path
+        self.code_path = Path(f"{err_path}.code")
+        self.code_path.unlink(missing_ok=True)
         self.proc = Forked._ctx.Process(target=_child, args=(args, env, str(err_path)))
         self.proc.start()
 
@@ -145,7 +148,15 @@ class Forked:
 
     def communicate(self) -> tuple[str, str]:
         self.proc.join()
-        self.returncode = self.proc.exitcode
+        # The fork server reports the status through a pipe; when that read fails multiprocessing
+        # says 255 ("perhaps the forkserver process itself got killed"; seen once in ~30 kills).
+        # The child writes its own code before it exits: no code file means it never returned
+        # from main, i.e. it was killed (by us, or by a crash: a kill as far as resuming goes).
+        if self.code_path.exists():
+            self.returncode = int(self.code_path.read_text())
+        else:
+            code = self.proc.exitcode
+            self.returncode = code if code is not None and code < 0 else -signal.SIGKILL
         return "", self.err_path.read_text()
 
 
