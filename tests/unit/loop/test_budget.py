@@ -134,30 +134,34 @@ def test_replan_maps_the_steps_left_onto_the_schedule_progress_left(monkeypatch)
 def test_later_replans_follow_the_latest_pace_and_keep_the_schedule_continuous():
     """A neighbour slows the steps after the first re-plan: the next re-plan (halfway from the
     first to the end) counts only the steps since the first, cuts the total, and the schedule
-    keeps its progress (continuous at both re-plans, ending at the calibration's total)."""
+    keeps its progress (continuous at both re-plans, ending at the calibration's total); a third
+    is due halfway again, and none after MAX_REPLANS."""
     t = budget.TimeBudget.create("100s", 0.0, 10**6)
     t.plan.steps, t.plan.at_step, t.plan.final_s, t.plan.step_s = 1000, 20, 0.0, 0.05
     for s in range(21, 510):
         t.observe(s, 0.05)
     t.origin = budget.time.perf_counter() - 50.0
-    first = t.replan(510, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
+    first = t.replan(510, 10**6, 0.0, 0.0, 10**9, 10**9, 0)  # 48.5 s left at 0.05 s/step
     due = 510 + (first - 510) // 2 + 1
     for s in range(511, due):
-        t.observe(s, 0.1)  # twice as slow from here
+        t.observe(s, 0.06)  # 20% slower from here
         assert not t.replan_due(s)
     assert t.replan_due(due)
     v_before = t.schedule_step(due, first)[0]
-    t.origin = budget.time.perf_counter() - (50.0 + (due - 510) * 0.1)
+    spent = 50.0 + (due - 510) * 0.06
+    t.origin = budget.time.perf_counter() - spent
     second = t.replan(due, 10**6, 0.0, 0.0, 10**9, 10**9, 0)
-    left = 98.5 - (50.0 + (due - 510) * 0.1)
-    assert second == pytest.approx(due + left / 0.1, abs=2) and second < first
+    assert second == pytest.approx(due + (98.5 - spent) / 0.06, abs=2) and due + 200 < second < first
     assert t.plan.first_steps == 1000 and t.plan.replans == 2 and "since the last re-plan" in t.told_replan()
     assert t.schedule_step(due, second)[0] == pytest.approx(v_before)
     assert t.schedule_step(second, second) == (pytest.approx(1000), 1000)
-    for s in range(due + 1, second):
-        t.observe(s, 0.1)
+    third = due + 1
+    while not (t.observe(third, 0.06) or t.replan_due(third)):
+        third += 1
+    # the third re-plan: halfway from the second to the end, once REPLAN_MIN steps were timed
+    assert third == max(due + (second - due) / 2, due + budget.REPLAN_MIN) // 1 and third < second
     t.plan.replans = budget.MAX_REPLANS
-    assert not t.replan_due(second - 1)  # at most MAX_REPLANS
+    assert not t.replan_due(third)  # at most MAX_REPLANS
     again = budget.TimeBudget.create("100s", 0.0, 10**6)
     again.load_state_dict(t.state_dict())
     assert again.schedule_step(second - 3, second) == t.schedule_step(second - 3, second)
