@@ -16,6 +16,7 @@ train``), or --tokenizer. Prints medians, the ratio, CPU capability and load ave
 
   python bench/corpus.py                        # 0.5, 2 and 4 GiB (~15 GiB disk; long on 2 cores)
   python bench/corpus.py --sizes 0.05 --repeats 1   # smoke run
+  python bench/corpus.py --sizes 2,4 --repeats 1 --ours-only   # peak RSS only (load-independent)
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="repetitions per size (medians)")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: a 4096 BPE of Shakespeare)")
     ap.add_argument("--workers", type=int, default=0, help="text.workers (0: one per core)")
+    ap.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="skip the peer: gradtune's peak RSS at large sizes (load-independent) without the ratio",
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gradtune-corpus-bench-"))
     try:
@@ -135,7 +141,8 @@ def main() -> None:
             size = make_corpus(folder, gib)
             ours, peer, rss = [], [], []
             for r in range(args.repeats):
-                for side in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+                order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+                for side in ("ours",) if args.ours_only else order:
                     if side == "ours":
                         cache = tmp / "cache"
                         shutil.rmtree(cache, ignore_errors=True)
@@ -145,7 +152,16 @@ def main() -> None:
                     else:
                         s, n_peer, _ = measure(PEER, str(folder), tok)
                         peer.append(s)
-            mo, mp = statistics.median(ours), statistics.median(peer)
+            mo = statistics.median(ours)
+            if args.ours_only:
+                print(
+                    f"{size / (1 << 30):.2f} GiB: gradtune {mo:7.1f} s ({size / mo / 1e6:6.1f} MB/s, peak RSS "
+                    f"{max(rss):.2f} GiB, {n_ours:,} tokens) | peer not run | load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+                shutil.rmtree(folder)
+                continue
+            mp = statistics.median(peer)
             print(
                 f"{size / (1 << 30):.2f} GiB: gradtune {mo:7.1f} s ({size / mo / 1e6:6.1f} MB/s, peak RSS "
                 f"{max(rss):.2f} GiB, {n_ours:,} tokens incl. one eos per document) | encode_batch {mp:7.1f} s "
