@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from gradtune.runtime.errors import InputError
+from gradtune.runtime.json_object import parse_object
 
 FORMATS = {
     ".txt": "txt",
@@ -225,15 +226,7 @@ def _json_lines(shard: Shard) -> Iterator[tuple[int, dict]]:
 
 
 def _parse(shard: Shard, line: int, b: bytes) -> dict:
-    try:
-        row = json.loads(b)
-    except UnicodeDecodeError:
-        raise InputError(f"{shard.path}:{line}: not UTF-8 text; save the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{shard.path}:{line}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise InputError(f"{shard.path}:{line}: a JSON line must be an object, got {type(row).__name__}")
-    return row
+    return parse_object(b, f"{shard.path}:{line}")
 
 
 def _table_batches(shard: Shard, columns: Any = None) -> Iterator[Any]:

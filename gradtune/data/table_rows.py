@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from gradtune.data.text import read_utf8, warn
 from gradtune.runtime.errors import GradtuneError, InputError
+from gradtune.runtime.json_object import parse_object
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -35,12 +35,7 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict[
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GradtuneError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise GradtuneError(f"{path}:{lineno}: expected a JSON object per line")
+        row = parse_object(line, f"{path}:{lineno}")
         cols = cols or list(row)
         rows.append((lineno, row))
     return cols, rows

@@ -20,6 +20,7 @@ from gradtune.data.sequences import IGNORE, SequenceDataset, pad_id
 from gradtune.data.table_rows import csv_records
 from gradtune.data.text import path_kind, read_utf8, warn
 from gradtune.runtime.errors import InputError
+from gradtune.runtime.json_object import parse_object
 
 Task = Literal["classification", "regression"]
 Row = tuple[int, dict[str, Any]]  # (line number in the file, column -> value)
@@ -65,12 +66,7 @@ def _jsonl_rows(path: Path, text: str) -> list[Row]:
     rows = []
     for line_no, line in enumerate(text.split("\n"), 1):
         if line.strip():
-            try:
-                rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(rows[-1][1], dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object")
+            rows.append((line_no, parse_object(line, f"{path}:{line_no}", DataError)))
     return rows
 
 

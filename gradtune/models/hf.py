@@ -29,6 +29,7 @@ from torch import nn
 from gradtune.models import gguf_cache, hf_attention, loader_bars
 from gradtune.models.dropout import swap_dropouts
 from gradtune.runtime.errors import InputError
+from gradtune.runtime.json_object import parse_object
 
 Kind = Literal["encoder", "causal_lm"]
 
@@ -104,15 +105,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[list[int], str]]:
 def read_config(folder: Path) -> dict[str, Any]:
     """The folder's config.json as a dict; a file that is not a JSON object is one clear error."""
     path = folder / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelSourceError(f"{path}: not UTF-8 text, so not a config.json") from None
-    except json.JSONDecodeError as e:
-        raise ModelSourceError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return parse_object(path.read_bytes(), str(path), ModelSourceError)
 
 
 def parameter_count(source: str | Path) -> int:

@@ -47,7 +47,7 @@ CASES = {
         ["d.csv:4", "label 5 out of range"],
     ),
     "negative label": (lambda t: [data(t, "a,y\n1,0\n2,-1\n"), "task=classification"], ["d.csv:3", "out of range"]),
-    "bad jsonl": (lambda t: [data(t, '{"a": 1, "y": 2}\n{oops\n', "d.jsonl")], ["d.jsonl:2", "invalid JSON"]),
+    "bad jsonl": (lambda t: [data(t, '{"a": 1, "y": 2}\n{oops\n', "d.jsonl")], ["d.jsonl:2", "not valid JSON"]),
     "unknown setting": (lambda t: ["learning_rate=0.1"], ["unknown config key 'learning_rate'"]),
     "unknown setting suggestion": (lambda t: ["batchsize=4"], ["did you mean 'batch_size'"]),
     "ill-typed setting": (lambda t: ["lr=fast"], ["'lr'", "expected float"]),

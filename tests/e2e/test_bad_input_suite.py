@@ -746,7 +746,7 @@ MODELS = {
     ),
     "config.json not JSON": Case(
         lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("{oops")), TXT),
-        ("config.json: not valid JSON (line 1",),
+        ("config.json: not valid JSON (",),
     ),
     "config.json a list": Case(
         lambda c: train(hf_copy(c, "llama", lambda f: (f / "config.json").write_text("[1, 2]")), TXT),
