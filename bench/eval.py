@@ -12,6 +12,12 @@ repetition), medians:
   peak (summary.json ``job.memory.train_peak_bytes``). For a bf16 run both commands evaluate in
   bf16 (the command has no fp32 switch): the pass shows what precision adds.
 
+Then what bounds the speed-up, for the chosen side: the command's start-up before its pass
+(imports, loading the run, its data, choosing the chunk; timed in a fresh process, so imports
+are cold as the command pays them) gives the most the command can gain with a free pass, and
+the pass's share of op time in matrix products and fused attention (torch.profiler over ~8
+chunks) the most removing everything else from the pass can gain at the run's precision.
+
 The pass's chunk is chosen in this process, which also holds the runs loaded before: give one
 run per invocation for the chunk the command chooses.
 
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -40,7 +47,7 @@ import torch  # noqa: E402
 
 from gradtune.jobs.reload import load_run, run_data  # noqa: E402
 from gradtune.loop.eval_chunk import choose, probe, room_for_run  # noqa: E402
-from gradtune.loop.evaluation import evaluate  # noqa: E402
+from gradtune.loop.evaluation import Subset, evaluate  # noqa: E402
 from gradtune.runtime.device import autocast  # noqa: E402
 
 BEFORE = 64  # gradtune eval's --batch-size default until the chunk was chosen from memory
@@ -73,6 +80,53 @@ LAUNCH = (
 )
 
 
+# The command's work before its pass, timed in a fresh process (cold imports, as the command pays
+# them): imports, loading the run, its data, choosing the chunk. Prints the four seconds.
+PHASES = """
+import sys, time
+t = [time.perf_counter()]
+import torch
+import gradtune.cli
+from gradtune.jobs.reload import load_run, run_data
+from gradtune.loop.eval_chunk import choose, probe, room_for_run
+from gradtune.runtime.device import autocast
+t.append(time.perf_counter())
+r = load_run(sys.argv[1])
+t.append(time.perf_counter())
+data = run_data(r, None)
+t.append(time.perf_counter())
+cpu = torch.device("cpu")
+found = probe(r.model, r.objective, data, cpu, autocast(r.cfg.precision, cpu))
+choose(room_for_run(r.info, cpu), found, len(data), cpu)
+t.append(time.perf_counter())
+print(*(b - a for a, b in zip(t, t[1:])))
+"""
+
+# Ops whose time is the model's arithmetic (matrix products and fused attention): at fp32 the
+# pass cannot be faster than these take, whatever else is removed.
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def startup(run: str, threads: int | None) -> list[float]:
+    """[imports, load, data, chunk] seconds of ``gradtune eval RUN`` before its pass, in a child."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, "-c", PHASES, run], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"start-up of {run} failed: {done.stderr.strip()[-300:]}")
+    return [float(x) for x in done.stdout.split()[-4:]]
+
+
+def matmul_share(pass_: Callable[[], object]) -> float:
+    """Share of the op time of ``pass_`` (a profiled evaluation) spent in MATMULS."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        pass_()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / max(total, 1)
+
+
 def bench(run: str, repeats: int, threads: int | None) -> None:
     r = load_run(run)
     data = run_data(r, None)
@@ -95,6 +149,9 @@ def bench(run: str, repeats: int, threads: int | None) -> None:
             wall, mb = command(run, cmds[side], threads)
             walls[side].append(wall)
             rss[side].append(mb)
+    phases = startup(run, threads)
+    some = Subset(data, torch.arange(0, len(data), max(1, len(data) // (8 * chunk))))  # ~8 chunks, evenly spread
+    share = matmul_share(lambda: evaluate(r.model, r.objective, some, chunk, CPU, amp))
     peak = (r.info.get("memory") or {}).get("train_peak_bytes")
     med = {k: statistics.median(v) for k, v in passes.items()}
     cmd = {k: statistics.median(v) for k, v in walls.items()}
@@ -104,6 +161,14 @@ def bench(run: str, repeats: int, threads: int | None) -> None:
         f"loss {loss['before']:.6f} -> {loss['after']:.6f}; command {cmd['before']:.1f} s -> {cmd['after']:.1f} s "
         f"({cmd['before'] / cmd['after']:.2f}x), peak RSS {max(rss['before']):.0f} -> {max(rss['after']):.0f} MB "
         + (f"(training peak {peak / 2**20:.0f} MB)" if peak else "(no training peak recorded)")
+    )
+    before_pass = sum(phases)
+    print(
+        f"  after: start-up {before_pass:.1f} s of the command's {cmd['after']:.1f} s (imports {phases[0]:.1f}, "
+        f"load {phases[1]:.1f}, data {phases[2]:.1f}, chunk {phases[3]:.1f}): the command is at most "
+        f"{cmd['before'] / before_pass:.1f}x today's with a free pass; matmuls and attention take {share:.0%} "
+        f"of the pass: at this precision the pass is at most {med['before'] / (med['after'] * share):.1f}x "
+        f"today's with everything else gone, the command {cmd['before'] / (before_pass + med['after'] * share):.1f}x"
     )
 
 

@@ -152,9 +152,13 @@ def rotary_cache(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + hs/2]) pair by its position's angle. x (B, nh, T, hs), cos (T, hs)."""
+    """Rotate each (x[i], x[i + hs/2]) pair by its position's angle. x (B, nh, T, hs), cos (T, hs).
+
+    x * cos + rotate_half(x) * sin, with rotate_half's sign moved onto the small (T, hs) table:
+    three passes over x (cat, mul, addcmul) instead of five (neg, cat, mul, mul, add)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), torch.cat([-s1, s2], dim=-1))
 
 
 class KVCache:
@@ -206,18 +210,19 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + T, hs)
-        if cfg.n_kv_head != cfg.n_head:  # each k/v head serves n_head // n_kv_head query heads
-            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
         mask = None
         if past and T > 1:  # a chunk after cached tokens: query i sees keys 0..past+i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         dropout = cfg.dropout if self.training else 0.0
+        gqa = cfg.n_kv_head != cfg.n_head  # each k/v head serves n_head // n_kv_head query heads
         if dropout > 0.0 and x.device.type == "cpu":  # SDPA's CPU dropout: math path + bernoulli_
+            if gqa:
+                k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+                v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
             y = dropout_attention(q, k, v, mask, past == 0 and T > 1, dropout)
-        else:
+        else:  # grouped heads read their shared k/v in place (enable_gqa): no (B, nh, T, hs) copies
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0 and T > 1
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0 and T > 1, enable_gqa=gqa
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)
