@@ -72,6 +72,13 @@ def count_rows(path: Path) -> int:
     return lines + (last != b"\n") - 1
 
 
+def _count(path: Path) -> int:
+    """Data rows: a Parquet file's footer says; a CSV's newlines are counted."""
+    if path.suffix.lower() == ".parquet":
+        return table_arrow.pq.ParquetFile(path).metadata.num_rows
+    return count_rows(path)
+
+
 class Moments:
     """Per column: count, mean and sum of squared deviations of the present (non-NaN) cells,
     merged a block at a time in float64."""
@@ -145,15 +152,7 @@ def read(
         return None
     try:
         planned = _plan(path, data, target, features, missing, categorical)
-        n = (
-            0
-            if planned is None
-            else (
-                table_arrow.pq.ParquetFile(path).metadata.num_rows
-                if path.suffix.lower() == ".parquet"
-                else count_rows(path)
-            )
-        )
+        n = 0 if planned is None else _count(path)
     except Exception:  # pyarrow's errors on a malformed file: the column reader's business
         return None
     if planned is None or n < 2:

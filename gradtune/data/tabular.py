@@ -55,7 +55,8 @@ class Table:
 
     @property
     def n_rows(self) -> int:
-        return len(next(iter(self.columns.values())))
+        # training's matrix reader (table_matrix.py) keeps the features in its matrix, not here
+        return len(next(iter(self.columns.values()))) if self.columns else len(self.y_raw)
 
     @property
     def lines(self) -> np.ndarray:
