@@ -250,7 +250,8 @@ def regression_targets(table: Table, target: str) -> torch.Tensor:
     """(N,) float64; rejects non-numeric and non-finite cells with their line."""
     path = Path(table.path)
     if _numeric(table.y_raw):
-        y = torch.from_numpy(np.asarray(table.y_raw, dtype=np.float64))  # shared: callers write new tensors
+        cells = np.asarray(table.y_raw, dtype=np.float64)  # no copy: callers make new tensors from y
+        y = torch.from_numpy(cells if cells.flags.writeable else cells.copy())
         bad = (~torch.isfinite(y) | (y.abs() > MAX_ABS)).nonzero()
         if len(bad):
             i = int(bad[0])
