@@ -7,14 +7,15 @@ newlines, one cheap pass over the bytes), so the train / validation permutation
 (``split.split_indices``) is known before a cell is parsed, and each streamed record batch
 (``table_arrow.batches``) is validated and written into its final rows of one preallocated
 (N, F) array in the run's dtype. Peak memory: that array, the (N,) target, the (N,) row
-permutation and one batch. The training statistics (``missing: mean``'s fill, standardisation's
-mean and standard deviation) are accumulated in float64 over each batch's training rows as it
-streams (the pairwise merge of Chan, Golub and LeVeque), and the array is standardised in place,
-a chunk of rows at a time, with float64 arithmetic.
+permutation and a few batches (Arrow reads ahead). The training statistics (``missing: mean``'s
+fill, standardisation's mean and standard deviation) are accumulated in float64 over each
+batch's training rows as it streams (the pairwise merge of Chan, Golub and LeVeque, about a
+per-column shift: the first batch's mean, so that a column far from zero loses no digits), and
+the array is standardised in place, a chunk of rows at a time, with float64 arithmetic.
 
 float32 keeps 24 bits: a column far from zero (timestamps, ids) stored as read would lose its
-spread, so when standardising, a float32 column is stored less a shift (its first batch's mean,
-float64) that the float64 standardisation adds back.
+spread, so when standardising, a float32 column is stored less that shift, and standardising
+subtracts only the mean's distance from it.
 
 Only what this reader can vouch for: numeric features (no categorical column), ``missing``
 error or mean, every counted row read, every cell finite and in range. Anything else returns
