@@ -48,6 +48,9 @@ def _pyarrow() -> bool:
 Columns = tuple[str, list[str], dict[str, np.ndarray], list[str], Any]
 
 BLOCK = 4 << 20  # bytes of CSV parsed per streamed block
+# Bytes a streamed Parquet column reads at a time: without it (pre_buffer) a batch stream holds
+# its whole row group (pyarrow writes 1M rows per group by default) in Arrow's memory.
+PARQUET_BUFFER = 1 << 18
 # CSV files smaller than this are read row by row (milliseconds either way).
 MIN_BYTES = 1 << 20
 
@@ -104,21 +107,18 @@ def _parquet(path: Path, needed: list[str], cats: list[str]) -> dict[str, Any]:
     return {name: _convert(f.read(columns=[name]).column(0), cats, name) for name in needed}
 
 
-def _columns(path: Path, needed: list[str], cats: list[str], missing: str) -> Optional[dict[str, Any]]:
-    """The needed columns: Numbers for numeric ones, Arrow arrays for text. A CSV is streamed
-    block by block (``open_csv``), each block's numbers copied out before the next is parsed:
-    Arrow holds one block, not the file. Its types are fixed from the first block: text stays
-    text, any number is float64 (a text cell further down is a conversion error, and the row
-    reader takes the file)."""
-    if path.suffix.lower() == ".parquet":
-        return _parquet(path, needed, cats)
+def csv_options(
+    path: Path, needed: list[str], cats: list[str], missing: str, block: int = 0
+) -> Optional[dict[str, Any]]:
+    """``open_csv``'s keyword arguments for the needed columns (types fixed from the first block:
+    text stays text, any number is float64), or None when the header is not a plain one."""
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     header = _header(path, delimiter)
     if header is None or any(c not in header for c in needed):
         return None
     nulls = list(MISSING) if missing != "error" else []
     options = {
-        "read_options": pacsv.ReadOptions(block_size=BLOCK),
+        "read_options": pacsv.ReadOptions(block_size=block or BLOCK),
         "parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=False),
     }
     convert = pacsv.ConvertOptions(
@@ -129,10 +129,39 @@ def _columns(path: Path, needed: list[str], cats: list[str], missing: str) -> Op
     )
     with pacsv.open_csv(path, convert_options=convert, **options) as first:
         schema = first.schema
-    text = {f.name for f in schema if f.name in cats or pa.types.is_string(f.type)}
-    convert.column_types = {f.name: pa.string() if f.name in text else pa.float64() for f in schema}
+    convert.column_types = {
+        f.name: pa.string() if f.name in cats or pa.types.is_string(f.type) else pa.float64() for f in schema
+    }
+    return {"convert_options": convert, **options}
+
+
+def batches(
+    path: Path, needed: list[str], cats: list[str], missing: str, rows: int = 1 << 16, block: int = 0
+) -> Optional[Any]:
+    """The needed columns as a stream of Arrow record batches (Parquet: ``rows`` rows each, read
+    through a small buffer rather than a whole row group at a time; CSV: ``block`` bytes of the
+    file each (default ``BLOCK``), text columns as strings, numbers as float64), or None when the
+    CSV's header is not a plain one. Arrow holds a few batches at a time, not the file."""
+    if path.suffix.lower() == ".parquet":
+        f = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER)
+        return f.iter_batches(batch_size=rows, columns=needed, use_threads=False)
+    options = csv_options(path, needed, cats, missing, block)
+    return None if options is None else pacsv.open_csv(path, **options)
+
+
+def _columns(path: Path, needed: list[str], cats: list[str], missing: str) -> Optional[dict[str, Any]]:
+    """The needed columns: Numbers for numeric ones, Arrow arrays for text, each block's numbers
+    copied out before the next is parsed (a text cell further down a numeric column is a
+    conversion error, and the row reader takes the file)."""
+    if path.suffix.lower() == ".parquet":
+        return _parquet(path, needed, cats)
+    stream = batches(path, needed, cats, missing)
+    if stream is None:
+        return None
+    schema = stream.schema
+    text = {f.name for f in schema if pa.types.is_string(f.type)}
     parts: dict[str, list[Any]] = {name: [] for name in schema.names}
-    with pacsv.open_csv(path, convert_options=convert, **options) as reader:
+    with stream as reader:
         for batch in reader:
             for name, col in zip(batch.schema.names, batch.columns):
                 parts[name].append(col if name in text else _numbers(col))
@@ -192,16 +221,11 @@ def _category(col: Any, auto: bool) -> Optional[np.ndarray]:
     return np.array([*values, None], dtype=object)[idx]
 
 
-def read(
-    path: Path,
-    data: str,
-    target: Optional[str],
-    features: Optional[list[str]],
-    labelled: bool,
-    missing: str,
-    categorical: Any,
-) -> Optional[Columns]:
-    """``tabular.read_table``'s columns, or None: the row reader takes the file."""
+def plan(
+    path: Path, data: str, target: Optional[str], features: Optional[list[str]], labelled: bool, categorical: Any
+) -> Optional[tuple[str, list[str], list[str], list[str]]]:
+    """(target, feature names, listed categorical columns, needed columns) of a file this reader
+    may take, or None: the row reader takes the file (and names what is wrong)."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".tab", ".parquet"):
         return None
@@ -221,6 +245,23 @@ def read(
         return None  # the row reader names what is missing
     listed = [] if categorical in ("none", "auto") else [c for c in names if c in categorical]
     needed = list(dict.fromkeys(names + [t] if labelled else names))
+    return t, names, listed, needed
+
+
+def read(
+    path: Path,
+    data: str,
+    target: Optional[str],
+    features: Optional[list[str]],
+    labelled: bool,
+    missing: str,
+    categorical: Any,
+) -> Optional[Columns]:
+    """``tabular.read_table``'s columns, or None: the row reader takes the file."""
+    planned = plan(path, data, target, features, labelled, categorical)
+    if planned is None:
+        return None
+    t, names, listed, needed = planned
     try:
         arrow = _columns(path, needed, listed, missing)
     except Exception:  # pyarrow's parse errors: ragged records, bad bytes, unclosed quotes

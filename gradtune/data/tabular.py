@@ -55,7 +55,8 @@ class Table:
 
     @property
     def n_rows(self) -> int:
-        return len(next(iter(self.columns.values())))
+        # training's matrix reader (table_matrix.py) keeps the features in its matrix, not here
+        return len(next(iter(self.columns.values()))) if self.columns else len(self.y_raw)
 
     @property
     def lines(self) -> np.ndarray:
@@ -249,7 +250,8 @@ def regression_targets(table: Table, target: str) -> torch.Tensor:
     """(N,) float64; rejects non-numeric and non-finite cells with their line."""
     path = Path(table.path)
     if _numeric(table.y_raw):
-        y = torch.from_numpy(np.array(table.y_raw, dtype=np.float64))
+        cells = np.asarray(table.y_raw, dtype=np.float64)  # no copy: callers make new tensors from y
+        y = torch.from_numpy(cells if cells.flags.writeable else cells.copy())
         bad = (~torch.isfinite(y) | (y.abs() > MAX_ABS)).nonzero()
         if len(bad):
             i = int(bad[0])

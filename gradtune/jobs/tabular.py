@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradtune.config import Config
-from gradtune.data import tabular
+from gradtune.data import table_matrix, tabular
 from gradtune.data.dataset import TensorDataset
 from gradtune.data.encoding import Encoding
 from gradtune.data.split import split_indices
@@ -75,10 +76,17 @@ def make_model(cfg: Config, n_features: int, n_outputs: int) -> nn.Module:
 
 
 def check_finite(x: torch.Tensor, names: list[str], path: str, why: str) -> None:
-    """Refuse a tensor that went non-finite on its way to the model, naming the first column."""
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1))
+    """Refuse a tensor that went non-finite on its way to the model, naming the first column.
+    In numpy, a chunk of rows at a time: ``torch.isfinite`` of the whole (N, F) table takes a
+    copy of it (and two bool masks), and is several times slower."""
+    flat = x.detach().cpu().reshape(x.shape[0], -1).numpy()
+    bad = np.zeros(flat.shape[1], dtype=bool)
+    for i in range(0, len(flat), CHUNK):
+        ok = np.isfinite(flat[i : i + CHUNK])
+        if not ok.all():
+            bad |= ~ok.all(0)
     if bad.any():
-        col = int(bad.any(0).nonzero()[0])
+        col = int(np.flatnonzero(bad)[0])
         raise GradtuneError(f"{path}: column '{names[col]}' {why}")
 
 
@@ -98,7 +106,7 @@ def _targets(
         y = tabular.regression_targets(table, table.target)
         if cfg.standardize_target:
             ym, ys = y[train_idx].mean(), y[train_idx].std(unbiased=False).clamp(min=1e-12)
-            y = (y - ym) / ys
+            y = (y - ym).div_(ys)  # one (N,) temporary, not two
             info["target_mean"], info["target_std"] = ym.item(), ys.item()
         return y, []
     y, classes = tabular.class_targets(table, table.target, cfg.num_classes)
@@ -206,13 +214,33 @@ def optimum_loss(x: torch.Tensor, y: torch.Tensor, half: bool) -> float:
     return mse / 2 if half else mse
 
 
-def build_tabular(cfg: Config) -> Job:
-    """BUILDERS["linear" | "logistic" | "mlp"]."""
+def _inputs(
+    cfg: Config, dtype: torch.dtype
+) -> tuple[tabular.Table, torch.Tensor, torch.Tensor, Encoding, torch.Tensor, list[float], list[float]]:
+    """(table, train rows, validation rows, encoding, x (N, F') in ``dtype`` with rows in
+    (training, validation) order, feature means, stds). A large all-numeric CSV / Parquet file
+    goes straight into x (data/table_matrix.py: one copy of the table); anything else is read by
+    columns and encoded one column at a time into x (``standardized``)."""
+    args = (cfg.missing, cfg.categorical, dtype, cfg.val_fraction, cfg.seed, cfg.standardize)
+    m = table_matrix.read(cfg.data, cfg.target, cfg.features, *args)
+    if m is not None:
+        enc = Encoding(list(m.table.feature_names), {}, m.fill, cfg.missing)
+        return m.table, m.train_idx, m.val_idx, enc, m.x, m.mean, m.std
     table = read(cfg)
-    _warn_shape(table)
-    task = resolve_task(cfg, table.y_raw)
     train_idx, val_idx = split_indices(table.n_rows, cfg.val_fraction, cfg.seed)
     enc = Encoding.fit(table, train_idx.numpy(), cfg.missing)
+    order = torch.cat([train_idx, val_idx])
+    n_fit = len(train_idx) if cfg.standardize else None
+    x, mean, std = standardized(table, enc, dtype, order, n_fit, None)
+    return table, train_idx, val_idx, enc, x, mean, std
+
+
+def build_tabular(cfg: Config) -> Job:
+    """BUILDERS["linear" | "logistic" | "mlp"]."""
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    table, train_idx, val_idx, enc, x, mean, std = _inputs(cfg, dtype)
+    _warn_shape(table)
+    task = resolve_task(cfg, table.y_raw)
     info: dict[str, Any] = {
         "data": table.path,
         "features": table.feature_names,
@@ -222,23 +250,19 @@ def build_tabular(cfg: Config) -> Job:
     }
     if enc.categories or enc.fill or cfg.missing != "error":
         info["encoding"], info["inputs"] = enc.to_dict(), enc.names
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     y, classes = _targets(cfg, table, task, train_idx, info)
     if task == "classification" and cfg.class_weight is not None:
         info["class_weights"] = class_weights(cfg.class_weight, y[train_idx], classes, len(classes)).tolist()
     objective, info["loss"], n_out = objective_for(cfg, task, len(classes), info.get("class_weights"))
-    # Rows in (training, validation) order, so both sets are views of one tensor: no copy.
-    order = torch.cat([train_idx, val_idx])
     n = len(train_idx)
-    x, mean, std = standardized(table, enc, dtype, order, n if cfg.standardize else None, None)
     if cfg.standardize:
         info["feature_mean"], info["feature_std"] = mean, std
     # Values under the read limit can still overflow float32 when they are not standardised.
     overflow = f"has values beyond {cfg.dtype}'s range; set standardize=true or dtype=float64"
     check_finite(x, enc.names, table.path, overflow)
-    y = y[order]
+    # Rows in (training, validation) order, as x's, so both sets are views of one tensor: no copy.
+    y = torch.cat([y[train_idx], y[val_idx]]).to(dtype if task == "regression" else y.dtype)
     if task == "regression":
-        y = y.to(dtype)
         check_finite(y, [table.target], table.path, overflow.replace("standardize=", "standardize_target="))
     memory.check_tabular(cfg, x.shape[1], n_out, n)
     model = make_model(cfg, x.shape[1], n_out)

@@ -360,6 +360,16 @@ VALUES = {
     "parquet 1e300": Case(
         lambda c: train(parquet(c, {"a": [1.0, 1e300, 3.0], "y": [1.0, 2.0, 3.0]})), ("d.parquet:2", "too large")
     ),
+    # a numeric Parquet file is read straight into training's matrix (data/table_matrix.py): its
+    # labels' messages still name the row
+    "parquet class id five million": Case(
+        lambda c: train("model=logistic", parquet(c, {"a": [1.0, 2.0, 3.0], "y": [0.0, 5e6, 1.0]})),
+        ("d.parquet:2", "class id"),
+    ),
+    "parquet NaN target": Case(
+        lambda c: train(parquet(c, {"a": [1.0, 2.0, 3.0], "y": [0.0, float("nan"), 1.0]})),
+        ("d.parquet:2", "column 'y'", "not finite"),
+    ),
     "lr-find on 1e308": Case(lambda c: ["lr-find", data(c, f"a,y\n1,2\n{BIG},3\n")], ("d.csv:3", "too large")),
 }
 
