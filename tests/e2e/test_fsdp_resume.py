@@ -40,6 +40,7 @@ STEPS = 90  # more than 10 launches can reach: a kill always comes before the en
 EVERY = 3  # checkpoint_every: any 4 consecutive steps of a launch pass a committed checkpoint
 SETTINGS = [
     "model=gpt",
+    "optimizer=adamw",  # the recipe's Muon orthogonalises whole matrices: FSDP refuses it
     "gpt.n_layer=2",
     "gpt.n_embd=32",
     "gpt.n_head=2",
