@@ -83,10 +83,14 @@ class Packed:
         except (RuntimeError, AttributeError):  # a build without the op: the plain GEMM
             self.kind = "plain"
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, sum of out_i), the layers' outputs side by side (kind "onednn" only)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (N, in) -> (N, out_i) per layer."""
         if self.kind == "onednn":
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            y = self.whole(x)
             return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
         if x.dim() == 2:  # F.linear's own kernel (mm / addmm on W^T), minus its dispatch layers
             return tuple(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()) for w, b in self.parts)
@@ -228,6 +232,22 @@ class Decoder:
         swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
         return x * cos + swapped * sin
 
+    def _qkv(
+        self, qkv: Packed, x: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B t, hidden) -> rotated q (B, t, H, D), rotated k and v (B, t, Hkv, D)."""
+        h, hkv, d = self.heads, self.kv_heads, self.dim
+        if qkv.kind == "onednn":  # q and k: neighbouring columns of one GEMM's output, one rotation
+            y = qkv.whole(x)  # (B t, (H + 2 Hkv) D)
+            qk = self._rope(y[:, : (h + hkv) * d].view(b, t, h + hkv, d), cos, sin)
+            return qk[:, :, :h], qk[:, :, h:], y[:, (h + hkv) * d :].view(b, t, hkv, d)
+        q, k, v = qkv(x)
+        return (
+            self._rope(q.view(b, t, h, d), cos, sin),
+            self._rope(k.view(b, t, hkv, d), cos, sin),
+            v.view(b, t, hkv, d),
+        )
+
     def _positions(self, t: int) -> torch.Tensor:
         """(B, t) positions of the t new tokens: real tokens counted (left pads do not move them)."""
         if self.next_pos is None:
@@ -263,10 +283,10 @@ class Decoder:
         x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
         h, hkv, d = self.heads, self.kv_heads, self.dim
         for (norm_in, qkv, o, norm_post, gate_up, down, scale), (k_cache, v_cache) in zip(self.w.layers, self.kv):
-            q, k, v = qkv(self._rms(x, *norm_in))  # (B t, H D), (B t, Hkv D) x 2
-            q = self._rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, t, D)
-            k_cache[:, :, start:end] = self._rope(k.view(b, t, hkv, d), cos, sin).transpose(1, 2)
-            v_cache[:, :, start:end] = v.view(b, t, hkv, d).transpose(1, 2)
+            q, k, v = self._qkv(qkv, self._rms(x, *norm_in), b, t, cos, sin)  # (B, t, H | Hkv, D)
+            q = q.transpose(1, 2)  # (B, H, t, D)
+            k_cache[:, :, start:end] = k.transpose(1, 2)
+            v_cache[:, :, start:end] = v.transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 q,
                 k_cache[:, :, :end],
