@@ -14,8 +14,8 @@ or batch 8 (8 different chat prompts, left-padded, attention_mask on both sides)
 cache on, the same prompt ids, the same number of new tokens (eos off on both sides: ours gets
 no eos_id, the peer's generation_config.eos_token_id is None). Sides alternate within each
 repetition (the order flips every repetition); medians. Our decoder packs the weights for the
-batch (models/fast_decoder.py) and keeps the packed copy for later calls until a weight changes
-(a chat, an eval, GRPO's rollouts of one step): the warm-up packs, the timed calls reuse it, and
+batch (models/fast_decoder.py) and, asked to (``keep_packed``, as GRPO's rollouts do), keeps the
+packed copy for later calls until a weight changes: the warm-up packs, the timed calls reuse it, and
 each row states the packing's own seconds, which the first call after a weight change adds.
 
   python bench/generate.py                  # 200 tokens, medians of 3
@@ -221,7 +221,7 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
             ids, mask = chat_ids(tokenizer, PROMPTS[:batch])
             sides: dict[str, Callable[[], torch.Tensor]] = {
-                "ours": lambda: generate(model, ids, n, temperature=0, attention_mask=mask),
+                "ours": lambda: generate(model, ids, n, temperature=0, attention_mask=mask, keep_packed=True),
                 "transformers": lambda: peer_generate(peer, ids, mask, n),
             }
             if args.before and precision == "fp32" and batch == 1:
@@ -231,7 +231,7 @@ def main() -> None:
             start = time.perf_counter()
             fast_decoder.weights(model, batch, pack=n >= PACK_MIN_TOKENS)
             packing = time.perf_counter() - start
-            generate(model, ids, 2, temperature=0, attention_mask=mask)
+            generate(model, ids, 2, temperature=0, attention_mask=mask, keep_packed=True)
             peer_generate(peer, ids, mask, 2)
             times: dict[str, list[float]] = {name: [] for name in sides}
             for rep in range(args.repeats):

@@ -10,8 +10,8 @@ Here:
 - at B > 1 (float32) and in bfloat16, weights packed once for the step's batch (``Packed``):
   oneDNN's reordered weight (bfloat16's plain ``F.linear`` at B = 1 takes a slow path), q/k/v
   and gate/up as one GEMM each; float32 at B = 1 (a GEMV, no packing to save) reads the model's
-  own weights. The packed copy is kept for the next ``generate`` call until a parameter changes
-  (``weights``: keyed by the parameters' storages and in-place versions);
+  own weights. Asked to (``keep``), the packed copy is kept for the next call until a parameter
+  changes (``weights``: keyed by the parameters' storages and in-place versions);
 - per call, one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
@@ -167,13 +167,16 @@ def _witness(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in model.parameters())
 
 
-def weights(model: nn.Module, rows: int, pack: bool = True) -> Weights:
-    """``Weights(model, rows, pack)``, the last call's copy while ``model``'s parameters are
-    unchanged (one packed copy per model kept between calls: the memory of one more model copy
-    at most, freed with the model or by ``forget``)."""
+def weights(model: nn.Module, rows: int, pack: bool = True, keep: bool = True) -> Weights:
+    """``Weights(model, rows, pack)``; with ``keep``, the last kept call's copy while ``model``'s
+    parameters are unchanged (one packed copy per model kept between calls: the memory of one
+    more model copy at most, freed with the model or by ``forget``). keep=False: a fresh copy,
+    nothing kept -- for callers whose weights may be written around the version counter."""
+    if not keep:
+        return Weights(model, rows, pack)
     try:
         witness = _witness(model)
-    except RuntimeError:  # inference-mode tensors have no version counter: nothing to key on
+    except (RuntimeError, TypeError, NotImplementedError):  # inference tensors, DTensors: no key
         return Weights(model, rows, pack)
     kept = _PACKED.get(model)
     if kept is not None and kept[1] == witness and not any(r.expired() for r in kept[0]):
@@ -195,9 +198,15 @@ class Decoder:
     """One ``generate`` call's decoding state: the packed weights, KV cache, rotary table, positions."""
 
     def __init__(
-        self, model: nn.Module, rows: int, capacity: int, mask: Optional[torch.Tensor], pack: bool = True
+        self,
+        model: nn.Module,
+        rows: int,
+        capacity: int,
+        mask: Optional[torch.Tensor],
+        pack: bool = True,
+        keep: bool = False,
     ) -> None:
-        w = weights(model, rows, pack)
+        w = weights(model, rows, pack, keep)
         self.w, self.heads, self.kv_heads, self.dim = w, w.heads, w.kv_heads, w.dim
         p, inner = w.embed, model.model
         # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.
