@@ -5,13 +5,14 @@ Why: a decoding step is one (B, 1) token through every layer. Through the transf
 it is ~20 module calls per layer, a DynamicCache that concatenates, masks and rotary tables
 rebuilt every step, and seven ``F.linear`` per layer whose weight the GEMM re-packs on every call
 at B > 1 (reading the whole weight once more per step; bench/generate.py shows what it costs).
-Here, built once per ``generate`` call:
+Here:
 
 - at B > 1 (float32) and in bfloat16, weights packed once for the step's batch (``Packed``):
-  MKL's packed sgemm for float32, oneDNN's reordered weight for bfloat16 (whose plain
-  ``F.linear`` at B = 1 takes a slow path), q/k/v and gate/up as one GEMM each there; float32
-  at B = 1 (a GEMV, no packing to save) reads the model's own weights;
-- one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
+  oneDNN's reordered weight (bfloat16's plain ``F.linear`` at B = 1 takes a slow path), q/k/v
+  and gate/up as one GEMM each; float32 at B = 1 (a GEMV, no packing to save) reads the model's
+  own weights. Asked to (``keep``), the packed copy is kept for the next call until a parameter
+  changes (``weights``: keyed by the parameters' storages and in-place versions);
+- per call, one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
 
@@ -25,11 +26,13 @@ quantised layer, dynamic rope) decodes through transformers.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")  # a table fixed by position alone (not "dynamic")
@@ -55,10 +58,11 @@ def linear_weight(m: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.T
 
 class Packed:
     """(x W_1^T (+ b_1), x W_2^T, ...) for x (N, in), one output per layer: the weights packed once
-    for N = ``rows`` where that is faster -- float32 at N > 1: each W in MKL's packed-sgemm layout
-    (the model's own W kept for other N, as the prefill's); bfloat16: the layers' W concatenated
-    into one oneDNN-reordered weight, one GEMM -- and elsewhere (float32 at N = 1, a GPU, biases)
-    the model's own weights through F.linear's kernel. Memory: one packed copy of the weights."""
+    for N = ``rows`` where that is faster -- bfloat16, and float32 at N > 1: the layers' W
+    concatenated into one oneDNN-reordered weight, one GEMM (any N runs on it, the prefill's too;
+    faster at N = 8 than F.linear's GEMM, which re-packs W at every call, and than MKL's packed
+    sgemm per layer: bench/generate.py) -- and elsewhere (float32 at N = 1, a GPU, biases) the
+    model's own weights through F.linear's kernel. Memory: one packed copy of the weights."""
 
     def __init__(self, mods: list[nn.Module], rows: int, pack: bool = True) -> None:
         parts = [linear_weight(m) for m in mods]
@@ -68,26 +72,25 @@ class Packed:
         self.sizes = [w.shape[0] for w, _ in self.parts]
         if w0.device.type != "cpu" or any(b is not None for _, b in self.parts):
             return
+        # float32 at N = 1 is a GEMV: no packing to save (and oneDNN's is slower than mm's there).
+        if not (w0.dtype == torch.bfloat16 or (w0.dtype == torch.float32 and rows > 1 and pack)):
+            return
         try:
-            if w0.dtype == torch.float32 and rows > 1 and pack and torch.backends.mkl.is_available():
-                self.parts = [(w.contiguous(), None) for w, _ in self.parts]
-                self.packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w, _ in self.parts]
-                self.kind = "mkl"
-            elif w0.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            if torch.backends.mkldnn.is_available():
                 w = torch.cat([w for w, _ in self.parts]) if len(self.parts) > 1 else w0.contiguous()
                 self.packed, self.kind = torch.ops.mkldnn._reorder_linear_weight(w, batch_size=rows), "onednn"
+                self.parts = []  # the packed copy is all __call__ reads (a LoRA layer's W + B A: freed)
         except (RuntimeError, AttributeError):  # a build without the op: the plain GEMM
             self.kind = "plain"
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) -> (N, sum of out_i), the layers' outputs side by side (kind "onednn" only)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (N, in) -> (N, out_i) per layer."""
-        if self.kind == "mkl":  # another N than packed for: the op falls back to F.linear on W
-            return tuple(
-                torch.ops.mkl._mkl_linear(x, packed, w, None, self.rows)
-                for packed, (w, _) in zip(self.packed, self.parts)
-            )
         if self.kind == "onednn":
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            y = self.whole(x)
             return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else (y,)
         if x.dim() == 2:  # F.linear's own kernel (mm / addmm on W^T), minus its dispatch layers
             return tuple(torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t()) for w, b in self.parts)
@@ -141,15 +144,69 @@ class Weights:
             )
         self.norm = (inner.norm.weight.detach(), inner.norm.variance_epsilon)
         self.head = Packed([model.lm_head], rows, pack)
+        self.rows, self.pack = rows, pack
+        # A copy worth keeping for the next call: a packed weight, or a LoRA layer's W + B A.
+        self.copied = self.head.kind != "plain" or any(
+            getattr(m, "delta_weight", None) is not None and not getattr(m, "merged", False) for m in model.modules()
+        )
+
+
+# model -> (storages, witness, Weights): the last packed copy, for the next generate call (a
+# chat, an eval, GRPO's rollouts of one step) while the weights stay as they were.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[list[StorageWeakRef], tuple, Weights]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _witness(model: nn.Module) -> tuple:
+    """Per parameter (storage address, in-place version, dtype, shape): changes with every torch
+    write (an optimizer step -- gradtune's fused C kernel counts its writes --, load_state_dict,
+    a LoRA merge) and every new storage (``.to``, ``p.data = ...``: the kept storages' weak
+    references tell a new storage at a freed one's address). Writes that bypass the version
+    counter (``p.data.copy_``) are not seen: call ``forget(model)`` after them."""
+    return tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in model.parameters())
+
+
+def weights(model: nn.Module, rows: int, pack: bool = True, keep: bool = True) -> Weights:
+    """``Weights(model, rows, pack)``; with ``keep``, the last kept call's copy while ``model``'s
+    parameters are unchanged (one packed copy per model kept between calls: the memory of one
+    more model copy at most, freed with the model or by ``forget``). keep=False: a fresh copy,
+    nothing kept -- for callers whose weights may be written around the version counter."""
+    if not keep:
+        return Weights(model, rows, pack)
+    try:
+        witness = _witness(model)
+    except (RuntimeError, TypeError, NotImplementedError):  # inference tensors, DTensors: no key
+        return Weights(model, rows, pack)
+    kept = _PACKED.get(model)
+    if kept is not None and kept[1] == witness and not any(r.expired() for r in kept[0]):
+        if kept[2].rows == rows and kept[2].pack >= pack:
+            return kept[2]
+    _PACKED.pop(model, None)  # free the old copy before building the new one
+    w = Weights(model, rows, pack)
+    if w.copied:
+        _PACKED[model] = ([StorageWeakRef(p.untyped_storage()) for p in model.parameters()], witness, w)
+    return w
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s kept packed copy (after writing its weights around torch's version counter)."""
+    _PACKED.pop(model, None)
 
 
 class Decoder:
     """One ``generate`` call's decoding state: the packed weights, KV cache, rotary table, positions."""
 
     def __init__(
-        self, model: nn.Module, rows: int, capacity: int, mask: Optional[torch.Tensor], pack: bool = True
+        self,
+        model: nn.Module,
+        rows: int,
+        capacity: int,
+        mask: Optional[torch.Tensor],
+        pack: bool = True,
+        keep: bool = False,
     ) -> None:
-        w = Weights(model, rows, pack)
+        w = weights(model, rows, pack, keep)
         self.w, self.heads, self.kv_heads, self.dim = w, w.heads, w.kv_heads, w.dim
         p, inner = w.embed, model.model
         # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.
@@ -183,6 +240,22 @@ class Decoder:
         here (x2, x1) * (-sin1, sin2), the same products. x (B, t, H, D), cos/sin (B, t, 1, D)."""
         swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
         return x * cos + swapped * sin
+
+    def _qkv(
+        self, qkv: Packed, x: torch.Tensor, b: int, t: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B t, hidden) -> rotated q (B, t, H, D), rotated k and v (B, t, Hkv, D)."""
+        h, hkv, d = self.heads, self.kv_heads, self.dim
+        if qkv.kind == "onednn":  # q and k: neighbouring columns of one GEMM's output, one rotation
+            y = qkv.whole(x)  # (B t, (H + 2 Hkv) D)
+            qk = self._rope(y[:, : (h + hkv) * d].view(b, t, h + hkv, d), cos, sin)
+            return qk[:, :, :h], qk[:, :, h:], y[:, (h + hkv) * d :].view(b, t, hkv, d)
+        q, k, v = qkv(x)
+        return (
+            self._rope(q.view(b, t, h, d), cos, sin),
+            self._rope(k.view(b, t, hkv, d), cos, sin),
+            v.view(b, t, hkv, d),
+        )
 
     def _positions(self, t: int) -> torch.Tensor:
         """(B, t) positions of the t new tokens: real tokens counted (left pads do not move them)."""
@@ -219,10 +292,10 @@ class Decoder:
         x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
         h, hkv, d = self.heads, self.kv_heads, self.dim
         for (norm_in, qkv, o, norm_post, gate_up, down, scale), (k_cache, v_cache) in zip(self.w.layers, self.kv):
-            q, k, v = qkv(self._rms(x, *norm_in))  # (B t, H D), (B t, Hkv D) x 2
-            q = self._rope(q.view(b, t, h, d), cos, sin).transpose(1, 2)  # (B, H, t, D)
-            k_cache[:, :, start:end] = self._rope(k.view(b, t, hkv, d), cos, sin).transpose(1, 2)
-            v_cache[:, :, start:end] = v.view(b, t, hkv, d).transpose(1, 2)
+            q, k, v = self._qkv(qkv, self._rms(x, *norm_in), b, t, cos, sin)  # (B, t, H | Hkv, D)
+            q = q.transpose(1, 2)  # (B, H, t, D)
+            k_cache[:, :, start:end] = k.transpose(1, 2)
+            v_cache[:, :, start:end] = v.transpose(1, 2)
             attn = F.scaled_dot_product_attention(
                 q,
                 k_cache[:, :, :end],

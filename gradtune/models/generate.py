@@ -129,7 +129,9 @@ def _hf_forward(model: nn.Module) -> Forward:
 PACK_MIN_TOKENS = 32
 
 
-def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int) -> Optional[Forward]:
+def _fast_forward(
+    model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int, keep: bool
+) -> Optional[Forward]:
     """Cached steps through fast_decoder (built at the first cached call), uncached ones through
     transformers; None when the fast decoder does not know the model, or under autocast (whose
     per-op casts transformers' forward takes and the packed GEMMs would not)."""
@@ -143,7 +145,8 @@ def _fast_forward(model: nn.Module, capacity: int, mask: Optional[torch.Tensor],
         if not cached:
             return hf_forward(ids, None, False, text_mask)
         if cache is None:
-            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack=new_tokens >= PACK_MIN_TOKENS)
+            pack = new_tokens >= PACK_MIN_TOKENS
+            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack, keep)
         return cache(ids), cache
 
     return forward
@@ -161,12 +164,16 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     attention_mask: torch.Tensor | None = None,
+    keep_packed: bool = False,
 ) -> torch.Tensor:
     """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
 
     eos_id: a row that emitted it keeps emitting it (padding); generation stops once all rows
     did. seed makes sampling reproducible without touching the global RNG. attention_mask
-    (B, T), HF models: 1 on tokens, 0 on left pads (prompts of different lengths in one batch)."""
+    (B, T), HF models: 1 on tokens, 0 on left pads (prompts of different lengths in one batch).
+    keep_packed: keep the fast decoder's packed weights for the next call until a parameter
+    changes (fast_decoder.weights): for repeated calls on weights written only by torch ops and
+    gradtune's optimizers (a ``p.data`` write is not seen: fast_decoder.forget after one)."""
     if temperature is not None and (math.isnan(temperature) or temperature < 0):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     was_training = model.training
@@ -176,7 +183,11 @@ def generate(
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)  # (B, T), grows by a column a step
     capacity = input_ids.shape[1] + max_new_tokens if limit is None else min(input_ids.shape[1] + max_new_tokens, limit)
-    forward = None if isinstance(model, GPT) or not use_cache else _fast_forward(model, capacity, mask, max_new_tokens)
+    forward = (
+        None
+        if isinstance(model, GPT) or not use_cache
+        else _fast_forward(model, capacity, mask, max_new_tokens, keep_packed)
+    )
     if forward is None:
         forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
     generator = None

@@ -38,6 +38,7 @@ from torch import nn
 
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE, pad
+from gradtune.models import fast_decoder
 from gradtune.models.generate import generate
 from gradtune.objectives import rewards as reward_fns
 from gradtune.objectives.logits import float32, forward
@@ -141,12 +142,17 @@ class GRPO:
             step = -1 if int(batch["source"][i]) else self.step  # validation: the same draws every time
             seed = seed_for(self.seed, step, int(batch["source"][i]), int(batch["row"][i]))
             ids = p.unsqueeze(0).repeat(g, 1)  # (G, P): one prompt, no padding
-            out = generate(gen_model, ids, s.max_new_tokens, s.temperature, None, s.top_p, seed, self.eos_id)
+            # keep_packed: one packing per step's weights, not per prompt (freed below, before the
+            # step's backward: no higher peak memory)
+            out = generate(
+                gen_model, ids, s.max_new_tokens, s.temperature, None, s.top_p, seed, self.eos_id, keep_packed=True
+            )
             for row in out[:, p.shape[0] :].tolist():
                 if self.eos_id is not None and self.eos_id in row:
                     row = row[: row.index(self.eos_id) + 1]
                 prompts.append(p.tolist())
                 completions.append(row)
+        fast_decoder.forget(gen_model)
         return prompts, completions
 
     def rollout(self, model: nn.Module, batch: Batch) -> dict[str, Any]:

@@ -242,6 +242,9 @@ def sgd_(
         int(nesterov),
         torch.get_num_threads(),
     )
+    # The C kernel wrote through raw pointers: count the writes as torch's in-place ops do, so
+    # readers keyed by ``_version`` (fast_decoder's packed weights) see the new values.
+    torch.autograd.graph.increment_version(params if bufs is None else params + bufs)
 
 
 def adamw_(
@@ -282,6 +285,7 @@ def adamw_(
         weight_decay,
         torch.get_num_threads(),
     )
+    torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + steps)  # as in sgd_
 
 
 def sumsq(lib: ctypes.CDLL, tensors: list[torch.Tensor]) -> float:

@@ -196,3 +196,52 @@ def test_left_padded_cached_equals_uncached() -> None:
     cached = generate(model, ids, 10, temperature=0, attention_mask=mask)
     assert torch.equal(cached, generate(model, ids, 10, temperature=0, attention_mask=mask, use_cache=False))
     assert generate(model, ids, 70, temperature=0, attention_mask=mask).shape == (2, 75)  # context: 64
+
+
+def test_packed_weights_kept_until_a_weight_changes() -> None:
+    """Asked to keep it, the packed copy (float32 at B > 1, bfloat16) is built once and reused by
+    the next call while the parameters are unchanged; any write -- in place, to a LoRA factor, by gradtune's
+    fused optimizer, ``.to`` and back (new storages) -- makes the next call pack the new weights
+    (its tokens equal those of a fresh copy of the model, which shares no kept copy)."""
+    from gradtune.optim import SGD
+
+    model = _llama(lora=True)
+    prompt = torch.randint(1, V, (4, 5), generator=torch.Generator().manual_seed(8))
+    new = generate_module.PACK_MIN_TOKENS
+
+    def fresh() -> torch.Tensor:  # a copy: its own kept weights, built from scratch
+        import copy
+
+        return generate(copy.deepcopy(model), prompt, new, temperature=0, keep_packed=True)
+
+    first = generate(model, prompt, new, temperature=0, keep_packed=True)
+    kept = fast_decoder._PACKED[model][2]
+    assert kept.head.kind == "onednn" and torch.equal(
+        generate(model, prompt, new, temperature=0, keep_packed=True), first
+    )
+    assert fast_decoder._PACKED[model][2] is kept  # unchanged weights: reused, not re-packed
+    assert fast_decoder.weights(model, 3) is not kept  # another batch size: packed for it
+    assert fast_decoder.weights(model, 4, keep=False) is not fast_decoder.weights(model, 4)  # not asked: fresh
+
+    down = model.model.layers[1].mlp.down_proj
+    changes = [lambda: getattr(down, "base", down).weight[0, :].mul_(-5.0)]  # one row of one layer, in place
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    changes.append(lambda: [m.lora_b.weight.add_(0.5) for m in lora])  # the LoRA update B A: W + B A packed
+
+    def sgd_step() -> None:
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        SGD(params, lr=0.5).step()  # the fused C kernel: writes around torch
+        for p in params:
+            p.grad = None
+
+    changes.append(sgd_step)
+    changes.append(lambda: model.to(torch.bfloat16).to(torch.float32))  # rounded, new storages
+    for i, change in enumerate(changes):
+        before = generate(model, prompt, new, temperature=0, keep_packed=True)
+        with torch.no_grad():
+            change()
+        after = generate(model, prompt, new, temperature=0, keep_packed=True)
+        assert torch.equal(after, fresh()), i
+        assert not torch.equal(after, before) or i == 3, i  # bf16 rounding need not change a token

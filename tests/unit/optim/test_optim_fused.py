@@ -168,3 +168,20 @@ def test_unsupported_tensors_fall_back_with_warning(fresh_loader) -> None:
             a.step(), b.step()
     for p, q in zip(pa, pb):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: AdamW(ps, lr=0.1)])
+def test_fast_step_counts_its_writes(make) -> None:
+    """The C kernel writes through raw pointers; it bumps the version counters as torch's
+    in-place ops do, so a reader keyed by ``_version`` (fast_decoder's kept packed weights)
+    sees the step. The reference path (fused=False) bumps them by its own in-place ops."""
+    assert fast.load() is not None
+    p = torch.zeros(8, requires_grad=True)
+    p.grad = torch.ones(8)
+    opt = make([p])
+    before = p._version
+    opt.step()
+    assert not torch.equal(p.detach(), torch.zeros(8)) and p._version > before
+    for state in opt.state[p].values():  # momentum / moments / step: written by the kernel too
+        if isinstance(state, torch.Tensor):
+            assert state._version > 0
