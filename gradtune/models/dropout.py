@@ -104,15 +104,19 @@ def swap_dropouts(model: nn.Module) -> int:
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """out = (softmax(q k^T + bias) * keep) @ v / kq for float32 q (B, H, T, D) (scaled), k, v
+    """out = (softmax(scale q k^T + bias) * keep) @ v / kq for float32 q (B, H, T, D), k, v
     (B, H, S, D), bias additive (broadcast to (B, H, T, S)) or None, keep the float 0/1 mask
     (B, H, T, S). The same products as autograd takes through ``attention``'s composite path,
     but every (B, H, T, S) temporary is this function's own, so the scores take the bias in
-    place and backward masks its probability gradient in place: two fresh (B, H, T, S) blocks
-    fewer each way (each a page-faulting 12.6 MB at 16 x 12 x 128 x 128)."""
+    place and backward masks its probability gradient in place: a (B, H, T, S) pass and block
+    fewer each way (12.6 MB at 16 x 12 x 128 x 128), and no head-split copies in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, keep, inv_kq: float):
+    def forward(ctx, q, k, v, bias, keep, scale: float, inv_kq: float):
+        # Contiguous once (q with its scale, in the same pass): the batched GEMMs would copy a head-split view at
+        # every use, twice here and four times in backward; a transposed contiguous operand they take as it is.
+        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        k, v = k.contiguous(), v.contiguous()
         scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S)
         if bias is not None:
             scores.add_(bias)
@@ -120,21 +124,21 @@ class _DropoutAttention(torch.autograd.Function):
         del scores
         dropped = probs * keep
         ctx.save_for_backward(q, k, v, probs, keep, dropped)
-        ctx.inv_kq = inv_kq
+        ctx.scale, ctx.inv_kq = scale, inv_kq
         return torch.matmul(dropped, v).mul_(inv_kq)  # (B, H, T, D)
 
     @staticmethod
-    def backward(ctx, go):  # go (B, H, T, D)
+    def backward(ctx, go):  # go (B, H, T, D), often a transposed view
         q, k, v, probs, keep, dropped = ctx.saved_tensors
         need = ctx.needs_input_grad
-        go = go * ctx.inv_kq
+        go = torch.mul(go, ctx.inv_kq, out=torch.empty(go.shape, dtype=go.dtype, device=go.device))  # contiguous
         gv = torch.matmul(dropped.transpose(-1, -2), go) if need[2] else None
         gd = torch.matmul(go, v.transpose(-1, -2)).mul_(keep)  # (B, H, T, S), the dropout's backward
         gs = torch._softmax_backward_data(gd, probs, -1, probs.dtype)
         del gd
-        gq = torch.matmul(gs, k) if need[0] else None
+        gq = torch.matmul(gs, k).mul_(ctx.scale) if need[0] else None
         gk = torch.matmul(gs.transpose(-1, -2), q) if need[1] else None
-        return gq, gk, gv, None, None, None
+        return gq, gk, gv, None, None, None, None
 
 
 def attention(
@@ -155,7 +159,7 @@ def attention(
     if causal and mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
     # The scale on q (B, H, T, D), not on the scores (B, H, T, S): S / D times fewer elements, as SDPA's math path.
-    q = q * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
     if (
         0.0 < p < 1.0
         and q.device.type == "cpu"
@@ -167,8 +171,8 @@ def attention(
         if mask is not None and mask.dtype == torch.bool:  # additive: -> finfo.min where masked, as the fill below
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
         keep, kq = keep_mask((q.shape[0], q.shape[1], t, s), p, q.device)
-        return _DropoutAttention.apply(q, k, v, bias, keep.to(q.dtype), 1.0 / kq)
-    scores = torch.matmul(q, k.transpose(-1, -2))
+        return _DropoutAttention.apply(q, k, v, bias, keep.to(q.dtype), scale, 1.0 / kq)
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
