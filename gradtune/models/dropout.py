@@ -81,7 +81,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
-    keep, q = keep_bytes(x.shape, p, x.device)
+    if x.dtype in (torch.float32, torch.float64):
+        # The scale inside the mask (0 or 1/q in x's dtype, the value a scalar product uses): one product each way
+        # instead of two (and no uint8 -> float copy per product), for a saved mask of x's size.
+        keep, q = keep_mask(x.shape, p, x.device)
+        return _Masked.apply(x, keep.to(x.dtype).mul_(1.0 / q), 1.0)
+    keep, q = keep_bytes(x.shape, p, x.device)  # bf16/fp16: 1/q rounded to x's dtype would change the product
     return _Masked.apply(x, keep, 1.0 / q)  # the scale is a Python float
 
 
