@@ -64,6 +64,16 @@ def test_features_are_the_eval_body_once_per_text(body):
     assert model.head.weight.grad is not None and all(p.grad is None for p in body.parameters())
 
 
+def test_a_batch_repeating_a_text_runs_the_body(body):
+    """The evaluation chunk's probe (one text, then two copies) measures the body's forward."""
+    model = add_head(body, 2, cache_features=True).eval()
+    calls = _counted(model)
+    ids, mask = _batch()
+    one = model(input_ids=ids[:1], attention_mask=mask[:1])
+    two = model(input_ids=ids[:1].repeat(2, 1), attention_mask=mask[:1].repeat(2, 1))
+    assert calls == [1, 2] and torch.allclose(two, one.expand(2, -1), atol=1e-6, rtol=1e-5)
+
+
 def test_a_changed_body_weight_empties_the_cache(body):
     model = add_head(body, 2, cache_features=True).eval()
     calls = _counted(model)
