@@ -133,6 +133,7 @@ def ours(method: str, folder: Path, steps: int, max_length: int, precision: str)
             "batch_size=16",
             f"text.max_length={max_length}",
             f"max_steps={steps}",
+            "epochs=1000",  # max_steps decides: with the default epochs (1) a set of 336 texts would stop at 21 steps
             f"eval_every={steps}",
             "schedule=constant",
             "weight_decay=0",
