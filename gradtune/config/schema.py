@@ -118,6 +118,10 @@ class FinetuneSection:
     # head input: mean over real tokens (sentence encoders) or the first token (BERT's CLS)
     pooling: Literal["mean", "cls"] = "mean"
     head_dropout: float = 0.1  # dropout before the new head; higher regularises a small data set, slows fitting
+    # method head: the frozen body runs in eval mode (no dropout) and each text's pooled features are computed once and
+    # reused across epochs and evaluation (one body forward per distinct text); false: the body runs every step, in
+    # train mode
+    cache_features: bool = True
     # the new head's lr when the body trains too (full, freeze, bitfit, lora); None: method head's default lr (1e-2), at
     # least lr: a fresh head needs larger steps than pretrained weights
     head_lr: Optional[float] = None

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gradtune.finetune.feature_cache import FeatureCache
 from gradtune.runtime.errors import InputError
 
 Pooling = Literal["mean", "cls"]
@@ -29,8 +30,17 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
 class EncoderWithHead(nn.Module):
     """``body`` is the pretrained encoder (kept whole so it saves and exports as HF expects)."""
 
-    def __init__(self, body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        num_outputs: int,
+        pooling: Pooling = "mean",
+        dropout: float = 0.1,
+        cache_features: bool = False,
+    ) -> None:
         super().__init__()
+        # A frozen body (method head) in eval mode, each text's pooled features computed once (feature_cache.py).
+        self.cache = FeatureCache() if cache_features else None
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         hidden = body.config.hidden_size
@@ -46,12 +56,21 @@ class EncoderWithHead(nn.Module):
     ) -> torch.Tensor:  # -> logits or predictions (B, K)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling).float()
+        if self.cache is not None and not any(p.requires_grad for p in self.body.parameters()):
+            pooled = self.cache.features(self.body, input_ids, attention_mask, self.features)
+        else:
+            pooled = self.features(input_ids, attention_mask)
         return self.head(self.dropout(pooled))
 
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T), (B, T) -> (B, H) float32: the body's pooled output."""
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling).float()
 
-def add_head(body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.1) -> EncoderWithHead:
+
+def add_head(
+    body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropout: float = 0.1, cache_features: bool = False
+) -> EncoderWithHead:
     """Wrap ``body`` with a fresh, trainable head; the body's ``requires_grad`` flags are left as
     the fine-tuning method set them (frozen for ``head``, LoRA-only for ``lora``...).
 
@@ -62,4 +81,4 @@ def add_head(body: nn.Module, num_outputs: int, pooling: Pooling = "mean", dropo
     pooler = getattr(body, "pooler", None)
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)
-    return EncoderWithHead(body, num_outputs, pooling, dropout)
+    return EncoderWithHead(body, num_outputs, pooling, dropout, cache_features)

@@ -73,5 +73,6 @@ def apply(
     elif body == "bitfit":
         bitfit(model)
     if num_outputs is not None:
-        model = add_head(model, num_outputs, finetune.pooling, finetune.head_dropout)
+        cache = body == "head" and finetune.cache_features
+        model = add_head(model, num_outputs, finetune.pooling, finetune.head_dropout, cache_features=cache)
     return model, frozenset(n for n, p in model.named_parameters() if p.requires_grad)

@@ -149,3 +149,36 @@ def test_gpt_attention_dropout_path_equals_sdpa():
     a = model(ids)
     torch.manual_seed(4)
     assert torch.equal(a, model(ids)) and not torch.allclose(a, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("masked", ["none", "bool", "float", "causal"])
+def test_fused_attention_equals_the_composite_path(masked):
+    """float32 on the CPU takes the fused attention (its (B, H, T, S) temporaries its own): the
+    same output and gradients as softmax, the same mask, matmul by autograd, bitwise."""
+    from gradtune.models.dropout import attention, keep_mask
+
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, 3, 9, 4, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked == "bool":
+        mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+        mask[1, :, :, 6:] = False
+    elif masked == "float":
+        mask = torch.randn(2, 1, 9, 9)
+    g = torch.randn(2, 3, 9, 4)
+    torch.manual_seed(8)
+    out = attention(q, k, v, mask, masked == "causal", 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    torch.manual_seed(8)
+    keep, kq = keep_mask(torch.Size([2, 3, 9, 9]), 0.3, torch.device("cpu"))
+    scores = torch.matmul(q * 0.5, k.transpose(-1, -2))
+    if masked == "bool":
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif masked == "float":
+        scores = scores + mask
+    elif masked == "causal":
+        scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), torch.finfo(scores.dtype).min)
+    ref = torch.matmul(torch.softmax(scores, -1) * keep, v) * (1.0 / kq)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.equal(a, b)
