@@ -5,7 +5,8 @@ Decided by timing the model's own step (forward + backward on a real training ba
 bf16 alternated, a few repeats each, median; the answer is cached per machine (CPU capability,
 torch version, device name, threads) and model shape in ``<cache root>/precision.json``, so a
 resumed run (or the next run of the same model) reads the same choice without probing again.
-A probe taken while the CPU was busy is cached too, marked busy: later runs of the same shape
+A probe taken while the CPU was busy (the 1-minute load at the core count or above, or the probe's
+own threads running under CONTENDED of its wall time) is cached too, marked busy: later runs of the same shape
 reuse it while the machine is still busy (a second busy probe would be no better, and costs as
 much as a short run), and probe again once it is quiet, replacing it with the machine's answer.
 
@@ -55,6 +56,11 @@ SLOW_STEP_S = 0.25
 # so a probe pays back after ~25 steps at best; under MIN_RUN_STEPS the run keeps fp32 unprobed.
 PROBE_COST_STEPS = 2 * (1 + REPEATS)
 MIN_RUN_STEPS = 200
+# A probe whose threads got under this share of its wall time was timed on a shared machine (a
+# quiet 2-core probe of the recipe measured 1.0; under a load of 10 on 2 cores, ~0.2). Probes
+# shorter than JUDGED_S are not judged: too short for the process's CPU clock.
+CONTENDED = 0.5
+JUDGED_S = 0.05
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -193,11 +199,14 @@ def _decide(job: Job, cfg: Config, device: torch.device, n: int, low: str) -> di
             return {**cached, "why": "cached probe"}
         if busy:  # still busy: a new probe would be no better than the one kept
             return {**cached, "why": f"cached probe taken on a busy machine ({cached['busy']}); re-probed when quiet"}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         fp32, bf16 = measure(job, cut(batch), device, low)
     except (RuntimeError, IndexError, ValueError):  # an objective that needs whole sequences
         fp32, bf16 = measure(job, batch, device, low)
+    share = cpu_share(device, time.perf_counter() - t0, time.process_time() - cpu0)
+    if share is not None and share < CONTENDED and not busy:
+        busy = f"the probe ran {share:.0%} of the time on {torch.get_num_threads()} threads"
     ratio = fp32 / max(bf16, 1e-12)
     found = {
         "precision": low if ratio >= FASTER else "fp32",
@@ -206,6 +215,8 @@ def _decide(job: Job, cfg: Config, device: torch.device, n: int, low: str) -> di
         "bf16_s": bf16,
         "probe_s": round(time.perf_counter() - t0, 3),
     }
+    if share is not None:
+        found["cpu_share"] = round(share, 2)
     if busy:  # kept, marked busy: reused while the machine stays busy, replaced once it is quiet
         found["busy"] = busy
     known[key] = found
@@ -237,6 +248,15 @@ def busy_cpu(device: torch.device) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0]
     return f"load {load:.1f} on {cores} cores" if load >= cores else ""
+
+
+def cpu_share(device: torch.device, wall: float, cpu: float) -> float | None:
+    """The share of its wall time the probe's threads ran (CPU seconds / (wall seconds x threads));
+    under CONTENDED, other processes took the cores during the probe, which the load average
+    misses (it lags by a minute: a neighbour starting with the probe leaves it low)."""
+    if device.type != "cpu" or wall < JUDGED_S:
+        return None
+    return cpu / (wall * torch.get_num_threads())
 
 
 def resolve(job: Job, cfg: Config, device: Optional[torch.device] = None) -> Config:
