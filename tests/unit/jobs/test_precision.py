@@ -2,7 +2,7 @@
 otherwise (the model left exactly as it was), cached per machine and model shape."""
 
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -178,26 +178,32 @@ def test_the_start_up_line_on_a_bf16_device_names_bf16(cache_root, monkeypatch, 
 def test_a_probe_that_got_little_cpu_is_marked_busy_though_the_load_looked_low(cache_root, monkeypatch):
     """The load average lags by a minute: a neighbour starting with the probe leaves it low while
     the probe's threads wait for the cores. The probe's own CPU share catches it (here: a probe
-    that sleeps), and the answer is kept as a busy one, replaced by the next quiet probe."""
+    that got no CPU in its 0.2 s), and the answer is kept as a busy one, replaced by the next
+    quiet probe. The probe's clocks are faked: real ones would depend on the suite's own load."""
+    clock = SimpleNamespace(wall=0.0, cpu=0.0)
+    fake_time = SimpleNamespace(perf_counter=lambda: clock.wall, process_time=lambda: clock.cpu)
+    monkeypatch.setattr(precision, "time", fake_time)
+
+    def probe(cpu_s: float, ratio: tuple[float, float]):
+        def measure(*a):
+            clock.wall, clock.cpu = clock.wall + 0.2, clock.cpu + cpu_s
+            return ratio
+
+        return measure
+
     monkeypatch.setattr(precision, "TINY_PARAMS", 0)
     monkeypatch.setattr(precision, "bf16_supported", lambda d: True)
     monkeypatch.setattr(precision, "busy_cpu", lambda d: "")
-    monkeypatch.setattr(precision.torch, "get_num_threads", lambda: 1)  # the spinning probe below: one thread
+    monkeypatch.setattr(precision.torch, "get_num_threads", lambda: 1)
     cfg = load_config(None, ["precision=auto", "epochs=300"])
-    monkeypatch.setattr(precision, "measure", lambda *a: time.sleep(0.2) or (1.0, 2.0))  # bf16 looked slower
+    monkeypatch.setattr(precision, "measure", probe(0.0, (1.0, 2.0)))  # no CPU: bf16 looked slower
     job = job_of(model())
     assert precision.resolve(job, cfg).precision == "fp32"
     assert "the probe ran 0% of the time" in job.info["precision"]["why"], job.info["precision"]
     saved = json.loads((cache_root / "precision.json").read_text())
     assert [("busy" in v, v["cpu_share"] < 0.1) for v in saved.values()] == [(True, True)]
 
-    def spin(*a):  # a quiet probe: its one thread runs all the time
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.2:
-            pass
-        return 1.0, 0.6
-
-    monkeypatch.setattr(precision, "measure", spin)
+    monkeypatch.setattr(precision, "measure", probe(0.2, (1.0, 0.6)))  # quiet: its one thread ran throughout
     quiet = job_of(model())
     assert precision.resolve(quiet, cfg).precision == "bf16", quiet.info["precision"]
     saved = json.loads((cache_root / "precision.json").read_text())
