@@ -53,7 +53,8 @@ class LoopView(Protocol):
     ``batch`` (the current ``Step``), ``count`` (its samples or tokens), ``log`` (metrics.jsonl),
     ``phases`` (seconds spent evaluating / checkpointing), ``chained`` (checkpoints written every
     ``checkpoint_every`` steps), ``eval_set`` / ``final_set`` (what evaluations run on),
-    ``eval_batch``, ``run_count`` (samples or tokens since the last evaluation).
+    ``eval_batch``, ``run_count`` (samples or tokens since the last evaluation),
+    ``evaluate_on(data)`` (one evaluation pass with the run's model and settings).
     Set: ``set_total(total, span)`` (the budget), ``warmup`` (steps), ``final_set``;
     ``note(line)`` prints through the progress display."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -101,25 +102,19 @@ def sample(data: Dataset, k: int, seed: int) -> Subset:
 PROBE_CHUNKS = 4  # evaluation chunks timed to price an evaluation (max_time)
 
 
-def seconds_per_sample(
-    model: nn.Module,
-    objective: Objective,
-    data: Dataset,
-    batch: int,
-    device: torch.device,
-    amp: contextlib.AbstractContextManager,
-) -> float:
-    """What ``evaluate`` costs per sample of ``data``: the median of its first chunks (up to
+def seconds_per_sample(evaluate_on: Callable[[Dataset], Any], data: Dataset, batch: int) -> float:
+    """What ``evaluate_on`` (``evaluate`` with the run's model and settings, ``batch`` samples a
+    chunk) costs per sample of ``data``: the median of its first chunks (up to
     PROBE_CHUNKS) timed one by one, after one untimed chunk (cold caches, lazy set-up). The
     median: a chunk that waited for the cores says little about the thousands that follow."""
     if len(data) == 0:
         return 0.0
     chunks = torch.arange(min(len(data), PROBE_CHUNKS * batch)).split(batch)
-    evaluate(model, objective, Subset(data, chunks[0]), batch, device, amp)  # warm
+    evaluate_on(Subset(data, chunks[0]))  # warm
     per = []
     for idx in chunks:
         t0 = time.perf_counter()
-        evaluate(model, objective, Subset(data, idx), batch, device, amp)
+        evaluate_on(Subset(data, idx))
         per.append((time.perf_counter() - t0) / len(idx))
     return float(torch.tensor(per).median())
 

@@ -147,6 +147,10 @@ class Loop(LoopState):
             self._eval_batch = for_training(self.job, self.sampler.micro, self.device, self.amp, fallback)
         return self._eval_batch
 
+    def evaluate_on(self, data: Any) -> tuple[float, float, dict[str, float]]:
+        """``evaluate`` of ``data`` with this run's model, objective, chunk, device and precision."""
+        return evaluate(self.model, self.job.objective, data, self.eval_batch, self.device, self.amp)
+
     def _lr(self) -> float:
         """Set and return this step's lr: the schedule at (step, total) as the components map it,
         times their factors (plateau cuts), times the guard's rollback scale."""
@@ -178,7 +182,7 @@ class Loop(LoopState):
             data = self.final_set if self.step >= self.total else self.eval_set
             if data is not job.val:
                 row["val_samples"] = len(data)
-            vl, vc, vs = evaluate(self.model, job.objective, data, self.eval_batch, self.device, self.amp)
+            vl, vc, vs = self.evaluate_on(data)
             row.update(task_metrics(job.metrics, job.info, "val_", vl, vc, vs))
         self.log.write(row)
         asked = self.events.ask("on_evaluate", self.step, row)

@@ -12,6 +12,7 @@ is bitwise the uninterrupted run's. step and exponential decay by ``step_size``,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def wsd(
@@ -83,15 +84,8 @@ def factor(
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def lr_at(
-    step: int,
-    base_lr: float,
-    schedule: str,
-    total_steps: int,
-    warmup_steps: int = 0,
-    gamma: float = 0.1,
-    step_size: int = 1000,
-    min_lr: float = 0.0,
-) -> float:
+def lr_at(step: int, base_lr: float, schedule: str, total_steps: int, *, min_lr: float = 0.0, **settings: Any) -> float:
+    """The lr at ``step`` for ``base_lr`` and a floor ``min_lr`` (same unit as base_lr); ``settings``:
+    ``factor``'s other keywords (warmup_steps, gamma, step_size, decay_steps, shape)."""
     min_ratio = min_lr / base_lr if base_lr > 0 else 0.0
-    return base_lr * factor(step, schedule, total_steps, warmup_steps, gamma, step_size, min_ratio)
+    return base_lr * factor(step, schedule, total_steps, min_ratio=min_ratio, **settings)

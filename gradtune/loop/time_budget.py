@@ -71,7 +71,7 @@ class TimeBudget(Component):
         (loop/budget.py); logged to metrics.jsonl and told in one line."""
         v, cfg = self.view, self.cfg
         t0, val = time.perf_counter(), v.job.val
-        per = seconds_per_sample(v.model, v.job.objective, val, v.eval_batch, v.device, v.amp) if val else 0.0
+        per = seconds_per_sample(v.evaluate_on, val, v.eval_batch) if val else 0.0
         probe_s = time.perf_counter() - t0
         state_bytes = sum(t.numel() * t.element_size() for t in v.model.state_dict().values())
         ph = v.phases

@@ -98,7 +98,7 @@ def test_cosine_runs_over_the_calibrated_budget_to_min_lr(three_seconds):
     # The last step's lr is the cosine over the calibrated total (not over a million epochs), the
     # steps after the latest re-plan mapped onto the progress that was left...
     v = v0 + (total - 1 - t0) * (first - v0) / (total - t0)
-    assert last["lr"] == pytest.approx(lr_at(v, LR, "cosine", first, 5, min_lr=MIN_LR), rel=1e-12)
+    assert last["lr"] == pytest.approx(lr_at(v, LR, "cosine", first, warmup_steps=5, min_lr=MIN_LR), rel=1e-12)
     # ... one step short of the end of the half period (a step being (first - v0) / (total - t0)
     # of the schedule's steps after the re-plan): min_lr within that step's decrement.
     d = (first - v0) / (total - t0)
