@@ -6,7 +6,8 @@
     MuonAdamW  muon_adamw.py  Muon for the hidden matrices, AdamW for the rest, in one optimizer
 
 Each file holds a readable per-tensor reference update (``sgd_reference``,
-``adamw_reference``, ``muon_reference``); fused.py + kernel_source.py hold the fast path (one
+``adamw_reference``, ``muon_reference``), given the group's hyper-parameters as one record of
+hyper.py; fused.py + kernel_source.py hold the fast path (one
 pass over memory, C/OpenMP) of SGD and AdamW, used by default when it can be built and tested
 equal to the reference.
 """

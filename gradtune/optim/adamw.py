@@ -22,6 +22,7 @@ from torch import Tensor
 
 from gradtune.optim import fused as fast
 from gradtune.optim.base import Optimizer
+from gradtune.optim.hyper import AdamWHyper
 from gradtune.optim.params import check_lr, step_groups
 
 
@@ -36,14 +37,10 @@ def adamw_reference(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: AdamWHyper,
 ) -> None:
     """The readable update, one tensor at a time, in the operation order torch uses."""
+    lr, beta1, beta2, eps, weight_decay = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step_t += 1
         step = step_t.item()
@@ -74,13 +71,12 @@ def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[T
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
     steps = [s["step"] for s in states]
-    beta1, beta2 = group["betas"]
-    hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+    hyper = AdamWHyper.of(group)
     lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
     if lib is not None and fast.steps_supported(steps):
-        fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+        fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
     else:
-        adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+        adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
 
 
 class AdamW(Optimizer):

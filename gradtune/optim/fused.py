@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from gradtune.optim.hyper import AdamWHyper, SGDHyper
 from gradtune.optim.kernel_source import SOURCE
 from gradtune.runtime import cache
 
@@ -213,12 +214,7 @@ def sgd_(
     grads: list[torch.Tensor],
     bufs: list[torch.Tensor] | None,
     first: list[bool] | None,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
+    hyper: SGDHyper,
 ) -> None:
     """In place: params (and bufs) updated by one SGD step; first[i]: bufs[i] is uninitialised."""
     arrays = [_ptrs(params), _ptrs(grads)]
@@ -235,11 +231,11 @@ def sgd_(
         buf_ptr,
         numel.data_ptr(),
         first_ptr,
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        int(nesterov),
+        hyper.lr,
+        hyper.momentum,
+        hyper.dampening,
+        hyper.weight_decay,
+        int(hyper.nesterov),
         torch.get_num_threads(),
     )
     # The C kernel wrote through raw pointers: count the writes as torch's in-place ops do, so
@@ -254,12 +250,7 @@ def adamw_(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    hyper: AdamWHyper,
 ) -> None:
     """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here."""
     if not steps_supported(steps):
@@ -278,11 +269,11 @@ def adamw_(
         s.data_ptr(),
         int(steps[0].dtype == torch.float64),
         scratch.data_ptr(),
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
+        hyper.lr,
+        hyper.beta1,
+        hyper.beta2,
+        hyper.eps,
+        hyper.weight_decay,
         torch.get_num_threads(),
     )
     torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + steps)  # as in sgd_

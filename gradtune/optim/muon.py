@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim.base import Optimizer
+from gradtune.optim.hyper import MuonHyper
 from gradtune.optim.params import check_lr, step_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic
@@ -67,27 +68,15 @@ def adjust_lr(lr: float, adjust_lr_fn: Optional[str], shape: torch.Size) -> floa
     return lr
 
 
-def muon_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor],
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    ns_coefficients: tuple[float, float, float],
-    ns_steps: int,
-    eps: float,
-    adjust_lr_fn: Optional[str],
-) -> None:
+def muon_reference(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], hyper: MuonHyper) -> None:
     """The update, one matrix at a time (each needs its own Newton-Schulz iteration)."""
+    lr, momentum = hyper.lr, hyper.momentum
     for param, grad, buf in zip(params, grads, bufs):
         buf.lerp_(grad, 1 - momentum)  # momentum * buf + (1 - momentum) * g
-        update = grad.lerp(buf, momentum) if nesterov else buf
-        ortho = newton_schulz(update, ns_coefficients, ns_steps, eps)
-        param.mul_(1 - lr * weight_decay)
-        param.add_(ortho, alpha=-adjust_lr(lr, adjust_lr_fn, param.shape))
+        update = grad.lerp(buf, momentum) if hyper.nesterov else buf
+        ortho = newton_schulz(update, hyper.ns_coefficients, hyper.ns_steps, hyper.eps)
+        param.mul_(1 - lr * hyper.weight_decay)
+        param.add_(ortho, alpha=-adjust_lr(lr, hyper.adjust_lr_fn, param.shape))
 
 
 def momentum_buffers(state: dict[Tensor, Any], params: list[Tensor]) -> list[Tensor]:
@@ -102,19 +91,7 @@ def muon_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[Te
     """One group's Muon step with its hyper-parameters (shared by ``Muon`` and ``MuonAdamW``)."""
     if any(torch.is_complex(p) for p in params):
         raise RuntimeError("gradtune Muon does not support complex parameters")
-    muon_reference(
-        params,
-        grads,
-        momentum_buffers(state, params),
-        lr=float(group["lr"]),
-        weight_decay=group["weight_decay"],
-        momentum=group["momentum"],
-        nesterov=group["nesterov"],
-        ns_coefficients=tuple(group["ns_coefficients"]),
-        ns_steps=group["ns_steps"],
-        eps=group["eps"],
-        adjust_lr_fn=group["adjust_lr_fn"],
-    )
+    muon_reference(params, grads, momentum_buffers(state, params), MuonHyper.of(group))
 
 
 def check_hyper(lr: Any, momentum: float, weight_decay: float, ns_steps: int, adjust_lr_fn: Optional[str]) -> None:

@@ -20,21 +20,13 @@ from torch import Tensor
 
 from gradtune.optim import fused as fast
 from gradtune.optim.base import Optimizer
+from gradtune.optim.hyper import SGDHyper
 from gradtune.optim.params import run_closure, with_grads
 
 
-def sgd_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    bufs: list[Tensor | None] | None,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> None:
+def sgd_reference(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None] | None, hyper: SGDHyper) -> None:
     """The readable update, one tensor at a time; fills ``bufs[i]`` where it was None."""
+    lr, momentum, dampening, weight_decay = hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay
     for i, (param, grad) in enumerate(zip(params, grads)):
         direction = grad
         if weight_decay != 0:
@@ -45,7 +37,7 @@ def sgd_reference(
                 buf = bufs[i] = direction.detach().clone()
             else:
                 buf.mul_(momentum).add_(direction, alpha=1 - dampening)
-            direction = direction.add(buf, alpha=momentum) if nesterov else buf
+            direction = direction.add(buf, alpha=momentum) if hyper.nesterov else buf
         param.add_(direction, alpha=-lr)  # param = param - lr * direction
 
 
@@ -94,24 +86,17 @@ class SGD(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
         for group, params, grads in with_grads(self.param_groups, "SGD"):
-            momentum = group["momentum"]
-            bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else None
-            hyper = dict(
-                lr=float(group["lr"]),
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-            )
+            hyper = SGDHyper.of(group)
+            bufs = [self.state[p].get("momentum_buffer") for p in params] if hyper.momentum != 0 else None
             existing = [b for b in bufs if b is not None] if bufs is not None else []
             lib = fast.choose(group["fused"], params + grads + existing)
             if lib is not None:
                 first = [b is None for b in bufs] if bufs is not None else None
                 if bufs is not None:  # the kernel writes buf = d on the first step
                     bufs = [torch.empty_like(p) if b is None else b for b, p in zip(bufs, params)]
-                fast.sgd_(lib, params, grads, bufs, first, **hyper)
+                fast.sgd_(lib, params, grads, bufs, first, hyper)
             else:
-                sgd_reference(params, grads, bufs, **hyper)
+                sgd_reference(params, grads, bufs, hyper)
             if bufs is not None:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
