@@ -40,8 +40,8 @@ from gradtune.finetune.gguf_types import FILE_TYPE, add_tensor, check_type
 from gradtune.finetune.gpt_export_refusals import refuse_unexpressible
 from gradtune.finetune.heads import EncoderWithHead
 from gradtune.models.gpt import GPT, GPTConfig
-from gradtune.models.gpt_gguf import LLAMA_BLOCK
 from gradtune.models.gpt_load import config_from_hf, state_dict_from_hf
+from gradtune.models.llama_parts import GGUF_PARTS, part_rows
 from gradtune.runtime.atomic import fsync_dir
 from gradtune.runtime.errors import GradtuneError
 
@@ -103,14 +103,11 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
 def gguf_tensors(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our llama state dict -> llama.cpp tensor names (float32, q/k rows permuted)."""
     out = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"]}
-    sizes = {
-        "attn.c_attn.weight": [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim],
-        "mlp.c_fc.weight": [cfg.intermediate_size, cfg.intermediate_size],
-    }
+    rows = part_rows(cfg)
     for i in range(cfg.n_layer):
-        for ours, parts in LLAMA_BLOCK.items():
+        for ours, parts in GGUF_PARTS.items():
             t = sd[f"transformer.h.{i}.{ours}"]
-            for name, piece in zip(parts, t.split(sizes[ours]) if len(parts) > 1 else [t]):
+            for name, piece in zip(parts, t.split(rows[ours]) if len(parts) > 1 else [t]):
                 if name == "attn_q":
                     piece = permute_rotary(piece, cfg.n_head)
                 elif name == "attn_k":

@@ -17,6 +17,7 @@ import torch
 
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.hf import LOAD_ERRORS, ModelSourceError, check_gguf
+from gradtune.models.llama_parts import GGUF_PARTS
 
 GPT2_BLOCK = {  # ours (transformer.h.i.) -> GGUF (blk.i.), one tensor each
     "ln_1": "attn_norm",
@@ -25,14 +26,6 @@ GPT2_BLOCK = {  # ours (transformer.h.i.) -> GGUF (blk.i.), one tensor each
     "ln_2": "ffn_norm",
     "mlp.c_fc": "ffn_up",
     "mlp.c_proj": "ffn_down",
-}
-LLAMA_BLOCK = {  # ours -> GGUF parts, concatenated along rows (fused q|k|v and gate|up)
-    "ln_1.weight": ["attn_norm"],
-    "ln_2.weight": ["ffn_norm"],
-    "attn.c_attn.weight": ["attn_q", "attn_k", "attn_v"],
-    "attn.c_proj.weight": ["attn_output"],
-    "mlp.c_fc.weight": ["ffn_gate", "ffn_up"],
-    "mlp.c_proj.weight": ["ffn_down"],
 }
 
 
@@ -118,10 +111,10 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> di
     else:
         out["transformer.ln_f.weight"] = tensors["output_norm.weight"]
         for i in range(cfg.n_layer):
-            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in LLAMA_BLOCK.values() for p in parts}
+            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in GGUF_PARTS.values() for p in parts}
             t["attn_q"] = unpermute_rotary(t["attn_q"], cfg.n_head)
             t["attn_k"] = unpermute_rotary(t["attn_k"], cfg.n_kv_head)
-            for ours, parts in LLAMA_BLOCK.items():
+            for ours, parts in GGUF_PARTS.items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([t[p] for p in parts])
     out["lm_head.weight"] = out["transformer.wte.weight"] if cfg.tie_embeddings else tensors["output.weight"]
     return out

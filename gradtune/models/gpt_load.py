@@ -29,15 +29,26 @@ from safetensors.torch import load_file, save_file
 
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_gguf import load_gguf  # imports the gguf package only when called
+from gradtune.models.llama_parts import HF_PARTS, part_rows
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-LLAMA_BLOCK = {  # ours (inside transformer.h.i.) -> HF parts (inside model.layers.i.), concatenated
-    "ln_1.weight": ["input_layernorm.weight"],
-    "ln_2.weight": ["post_attention_layernorm.weight"],
-    "attn.c_attn.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "attn.c_proj.weight": ["self_attn.o_proj.weight"],
-    "mlp.c_fc.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "mlp.c_proj.weight": ["mlp.down_proj.weight"],
+# The sizes every config.json gives, per family: our GPTConfig field -> its key (read and written).
+HF_SIZES = {
+    "gpt2": {
+        "vocab_size": "vocab_size",
+        "block_size": "n_positions",
+        "n_layer": "n_layer",
+        "n_head": "n_head",
+        "n_embd": "n_embd",
+    },
+    "llama": {
+        "vocab_size": "vocab_size",
+        "block_size": "max_position_embeddings",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_embd": "hidden_size",
+        "intermediate_size": "intermediate_size",
+    },
 }
 
 
@@ -91,11 +102,7 @@ def config_from_hf(c: dict) -> GPTConfig:
             )
         return GPTConfig(
             family="gpt2",
-            vocab_size=c["vocab_size"],
-            block_size=c["n_positions"],
-            n_layer=c["n_layer"],
-            n_head=c["n_head"],
-            n_embd=c["n_embd"],
+            **sizes_from_hf(c, "gpt2"),
             intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
             norm_eps=c.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=c.get("tie_word_embeddings", True),
@@ -110,14 +117,9 @@ def config_from_hf(c: dict) -> GPTConfig:
             raise ValueError(f"unsupported llama activation {c['hidden_act']!r}")
         return GPTConfig(
             family="llama",
-            vocab_size=c["vocab_size"],
-            block_size=c["max_position_embeddings"],
-            n_layer=c["num_hidden_layers"],
-            n_head=c["num_attention_heads"],
+            **sizes_from_hf(c, "llama"),
             n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
-            n_embd=c["hidden_size"],
             head_dim=c.get("head_dim"),
-            intermediate_size=c["intermediate_size"],
             norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
             tie_embeddings=c.get("tie_word_embeddings", False),
@@ -125,17 +127,19 @@ def config_from_hf(c: dict) -> GPTConfig:
     raise ValueError(f"model_type {kind!r} is not supported; gradtune's GPT loads 'gpt2' and 'llama'")
 
 
+def sizes_from_hf(c: dict, family: str) -> dict[str, int]:
+    """Our size fields from a config.json dict (``HF_SIZES``)."""
+    return {ours: c[theirs] for ours, theirs in HF_SIZES[family].items()}
+
+
 def config_to_hf(cfg: GPTConfig) -> dict:
     """The config.json transformers needs to rebuild the same network."""
+    sizes = {theirs: getattr(cfg, ours) for ours, theirs in HF_SIZES[cfg.family].items()}
     if cfg.family == "gpt2":
         return {
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size,
-            "n_embd": cfg.n_embd,
-            "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head,
+            **sizes,
             "n_inner": cfg.intermediate_size,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps,
@@ -147,12 +151,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.block_size,
-        "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
+        **sizes,
         "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.norm_eps,
@@ -179,7 +178,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
         out["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
         out["transformer.ln_f.weight"] = sd["model.norm.weight"]
         for i in range(cfg.n_layer):
-            for ours, parts in LLAMA_BLOCK.items():
+            for ours, parts in HF_PARTS.items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([sd[f"model.layers.{i}.{p}"] for p in parts])
         if "lm_head.weight" in sd:
             out["lm_head.weight"] = sd["lm_head.weight"]
@@ -199,12 +198,11 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     else:
         out["model.embed_tokens.weight"] = sd["transformer.wte.weight"]
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
-        q, kv, hidden = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.intermediate_size
-        sizes = {"attn.c_attn.weight": [q, kv, kv], "mlp.c_fc.weight": [hidden, hidden]}
+        rows = part_rows(cfg)
         for i in range(cfg.n_layer):
-            for ours, parts in LLAMA_BLOCK.items():
+            for ours, parts in HF_PARTS.items():
                 t = sd[f"transformer.h.{i}.{ours}"]
-                pieces = t.split(sizes[ours]) if len(parts) > 1 else [t]
+                pieces = t.split(rows[ours]) if len(parts) > 1 else [t]
                 for p, piece in zip(parts, pieces):
                     out[f"model.layers.{i}.{p}"] = piece
         out["lm_head.weight"] = sd["lm_head.weight"]
