@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol
 
 import torch
 
@@ -65,6 +65,21 @@ class LoopView(Protocol):
     def set_total(self, total: int, span: Optional[int] = None) -> None: ...
 
     def note(self, line: str) -> None: ...
+
+
+class ScalarState:
+    """Base of the small rules a component drives (plateau, noise scale, loss scale) whose state
+    is a few scalar attributes: ``saved`` names them, each with the type it is read back as
+    (state.json holds plain JSON numbers)."""
+
+    saved: ClassVar[dict[str, type]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.saved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, kind in self.saved.items():
+            setattr(self, name, kind(state[name]))
 
 
 class Component(Callback):

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 
 from gradtune.loop import gradient
-from gradtune.loop.components import Component
+from gradtune.loop.components import Component, ScalarState
 from gradtune.runtime import testhooks
 
 INIT_SCALE = 2.0**16
@@ -46,8 +46,10 @@ FLOOR = 1.0  # a scale halved below this: the gradients are non-finite unscaled,
 _FP32_MAX = torch.finfo(torch.float32).max  # GradScaler keeps its scale in a float32 tensor
 
 
-class DynamicScale:
+class DynamicScale(ScalarState):
     """The scale and its clean-step counter (``update`` = ``GradScaler.update`` given found_inf)."""
+
+    saved = {"scale": float, "clean": int, "overflows": int}
 
     def __init__(self, init: float = INIT_SCALE, growth_interval: int = GROWTH_INTERVAL) -> None:
         self.scale, self.growth_interval = float(init), growth_interval
@@ -68,12 +70,6 @@ class DynamicScale:
                 self.scale = grown
             self.clean = 0
         return self.scale
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "clean": self.clean, "overflows": self.overflows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.clean, self.overflows = float(state["scale"]), int(state["clean"]), int(state["overflows"])
 
 
 class LossScaler(Component):

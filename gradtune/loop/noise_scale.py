@@ -23,10 +23,12 @@ from typing import Any, Optional
 import torch
 
 from gradtune.loop import gradient
-from gradtune.loop.components import Component
+from gradtune.loop.components import Component, ScalarState
 
 
-class NoiseScale:
+class NoiseScale(ScalarState):
+    saved = {"g2": float, "trace": float, "weight": float, "batch": float}
+
     def __init__(self, beta: float = 0.95, unit: str = "samples") -> None:
         self.beta = beta  # EMA decay per step of both estimates
         self.unit = unit  # what the counts count: samples, or tokens for language models
@@ -73,13 +75,6 @@ class NoiseScale:
         else:
             verdict = f"a batch of {b:g} {self.unit} is near it: a good trade of steps against samples"
         return f"noise scale ~ {bn:,.0f} {self.unit}: {verdict}"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"g2": self.g2, "trace": self.trace, "weight": self.weight, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.g2, self.trace = float(state["g2"]), float(state["trace"])
-        self.weight, self.batch = float(state["weight"]), float(state["batch"])
 
 
 class NoiseScaleMeter(Component):

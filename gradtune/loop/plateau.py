@@ -16,11 +16,13 @@ import math
 from typing import Any, Optional
 
 from gradtune.config import Config
-from gradtune.loop.components import Component
+from gradtune.loop.components import Component, ScalarState
 from gradtune.loop.early_stopping import monitor_mode, monitored
 
 
-class Plateau:
+class Plateau(ScalarState):
+    saved = {"best": float, "bad": int, "cooldown_left": int, "scale": float}
+
     def __init__(
         self,
         base_lr: float,
@@ -62,13 +64,6 @@ class Plateau:
             return False
         self.scale = new / self.base_lr
         return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left, "scale": self.scale}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.bad = float(state["best"]), int(state["bad"])
-        self.cooldown_left, self.scale = int(state["cooldown_left"]), float(state["scale"])
 
 
 class PlateauSchedule(Component):
