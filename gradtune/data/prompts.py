@@ -26,7 +26,7 @@ import torch
 
 from gradtune.data.dataset import Batch
 from gradtune.data.preferences import _is_messages
-from gradtune.data.sequences import pad, pad_id
+from gradtune.data.sequences import TokenLists, pad, pad_id
 from gradtune.data.text_tasks import DataError, read_rows
 
 Messages = list[dict[str, str]]
@@ -57,39 +57,30 @@ def render(tokenizer: Any, msgs: Messages) -> tuple[str, list[int]]:
     return text, tokenizer(text)["input_ids"]
 
 
-class PromptDataset:
+class PromptDataset(TokenLists):
     """Prompts as token ids, with their rows (the reward functions' extra columns) and the
     prompts as the file gives them (``texts``: a string or messages, what a reward function is
     given, as TRL does)."""
 
     def __init__(self, ids: list[list[int]], texts: list[Any], rows: list[dict[str, Any]], pad_id: int) -> None:
-        self.ids, self.texts, self.rows, self.pad_id = ids, texts, rows, pad_id
+        self.input_ids, self.texts, self.rows, self.pad_id = ids, texts, rows, pad_id
         self.tag = 0  # 0: training set, 1: validation set (batch["source"])
         self.dropped = 0
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Prompt lengths (N,) long."""
-        return torch.tensor([len(i) for i in self.ids], dtype=torch.long)
-
     def get(self, idx: torch.Tensor) -> Batch:
-        rows = idx.tolist()
-        seqs = [self.ids[i] for i in rows]
+        seqs = self.pick(idx.tolist())
         return {
             "prompt_ids": pad(seqs, self.pad_id, 1),
             "prompt_len": torch.tensor([len(s) for s in seqs], dtype=torch.long),
             "row": idx.clone(),
-            "source": torch.full((len(rows),), self.tag, dtype=torch.long),
+            "source": torch.full((len(seqs),), self.tag, dtype=torch.long),
             "sample_id": idx,
         }
 
     def subset(self, indices: Sequence[int]) -> PromptDataset:
         """The prompts at ``indices`` (a train / eval split), renumbered from 0."""
-        pick = list(indices)
-        out = PromptDataset([self.ids[i] for i in pick], [self.texts[i] for i in pick], [self.rows[i] for i in pick], 0)
+        rows = list(indices)
+        out = PromptDataset(self.pick(rows), [self.texts[i] for i in rows], [self.rows[i] for i in rows], 0)
         out.pad_id = self.pad_id
         out.tag = self.tag
         return out

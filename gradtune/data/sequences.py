@@ -29,7 +29,26 @@ def pad(seqs: Sequence[Sequence[int]], value: int, multiple: int = 1) -> torch.T
     return out
 
 
-class SequenceDataset:
+class TokenLists:
+    """Base of the datasets whose samples are token-id lists, ``input_ids`` (one list a sample):
+    their count, their lengths and the lists a batch's indices pick."""
+
+    input_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens per sample, (N,) long: for grouping batches by length (data/sampler.py)."""
+        return torch.tensor([len(s) for s in self.input_ids], dtype=torch.long)
+
+    def pick(self, rows: Sequence[int]) -> list[list[int]]:
+        """The token lists of the samples ``rows`` (a batch's indices, in order)."""
+        return [self.input_ids[i] for i in rows]
+
+
+class SequenceDataset(TokenLists):
     """``input_ids`` per sample; ``labels`` a (N,) tensor, or a list of per-token label lists."""
 
     def __init__(self, input_ids: list[list[int]], labels: torch.Tensor | list[list[int]], pad_id: int) -> None:
@@ -40,17 +59,9 @@ class SequenceDataset:
         # Batch lengths rounded up to this (text.pad_to_multiple_of): fewer distinct shapes.
         self.pad_multiple = 1
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Tokens per sample, (N,) long: for grouping batches by length (data/sampler.py)."""
-        return torch.tensor([len(s) for s in self.input_ids], dtype=torch.long)
-
     def get(self, idx: torch.Tensor) -> Batch:
         rows = idx.tolist()
-        seqs = [self.input_ids[i] for i in rows]
+        seqs = self.pick(rows)
         m = self.pad_multiple
         input_ids = pad(seqs, self.pad_id, m)
         attention_mask = pad([[1] * len(s) for s in seqs], 0, m)
@@ -67,7 +78,7 @@ class SequenceDataset:
             if not self.token_labels
             else [self.labels[i] for i in indices]
         )
-        out = SequenceDataset([self.input_ids[i] for i in indices], labels, self.pad_id)
+        out = SequenceDataset(self.pick(indices), labels, self.pad_id)
         out.pad_multiple = self.pad_multiple
         return out
 

@@ -78,7 +78,7 @@ def objective(data, tok, beta, temperature=1.0, scale=True):
 
 def rollout(obj, data):
     batch = data.get(torch.arange(len(data)))
-    prompts = [data.ids[i] for i in range(len(data)) for _ in range(G)]
+    prompts = [data.input_ids[i] for i in range(len(data)) for _ in range(G)]
     comps = _completions()
     return obj.scored(batch, prompts, comps, ["" for _ in comps]), prompts, comps
 
