@@ -26,15 +26,17 @@ from gradtune.runtime.errors import GradtuneError
 from gradtune.sklearn import engine, persist
 from gradtune.sklearn.params import check_params, seed_of
 
-COMMON = ["lr", "momentum", "nesterov", "alpha", "batch_size", "max_iter", "tol", "n_iter_no_change"]
-COMMON += ["early_stopping", "validation_fraction", "shuffle", "random_state", "warm_start", "guard", "out_dir"]
-
 
 class GDBase(BaseEstimator):
     _model = "linear"
-    _params: list[str] = COMMON
     _classifier = False
     _task = "regression"
+
+    def _keep_params(self, values: dict[str, Any]) -> None:
+        """``__init__``'s whole job (scikit-learn's rule; checked at fit): every parameter of its
+        signature stored as given under its own name. ``values``: that ``__init__``'s ``locals()``."""
+        for name in self._get_param_names():
+            setattr(self, name, values[name])
 
     # --- what subclasses fill in ----------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
@@ -55,7 +57,7 @@ class GDBase(BaseEstimator):
     def fit(self, X: Any, y: Any) -> "GDBase":
         """Train by gradient descent for at most ``max_iter`` epochs (``tol`` /
         ``n_iter_no_change`` / ``early_stopping`` may stop it sooner)."""
-        check_params(self, self._params)
+        check_params(self, self._get_param_names())
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=not self._classifier)
         warm = self.warm_start and hasattr(self, "model_") and self.model_out_ == self._n_outputs(y)
         yt, n_classes = self._targets(y, first=not warm)
@@ -70,7 +72,7 @@ class GDBase(BaseEstimator):
         calls. Classifiers need ``classes`` (every label there will be) on the first call."""
         first = not hasattr(self, "model_")
         if first:
-            check_params(self, self._params)
+            check_params(self, self._get_param_names())
             if self._classifier and classes is None:
                 raise ValueError("classes must be passed on the first call to partial_fit")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=not self._classifier, reset=first)

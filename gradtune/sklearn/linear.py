@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
 
-from gradtune.sklearn.base import COMMON, GDBase
+from gradtune.sklearn.base import GDBase
 from gradtune.sklearn.classify import ClassifierOutputs
 
 LOSSES = {"squared_error": "mse", "huber": "huber"}
@@ -47,7 +47,6 @@ class GDRegressor(RegressorMixin, GDBase):
     """
 
     _model = "linear"
-    _params = ["loss", "epsilon", *COMMON]
     _loss_rule = "regression_loss"
 
     def __init__(
@@ -71,12 +70,7 @@ class GDRegressor(RegressorMixin, GDBase):
         guard: bool = True,
         out_dir: Any = None,
     ) -> None:
-        self.loss, self.epsilon, self.alpha = loss, epsilon, alpha
-        self.lr, self.momentum, self.nesterov, self.batch_size = lr, momentum, nesterov, batch_size
-        self.max_iter, self.tol, self.n_iter_no_change = max_iter, tol, n_iter_no_change
-        self.early_stopping, self.validation_fraction = early_stopping, validation_fraction
-        self.shuffle, self.random_state, self.warm_start = shuffle, random_state, warm_start
-        self.guard, self.out_dir = guard, out_dir
+        self._keep_params(locals())
 
     def _settings(self) -> dict[str, Any]:
         return {"loss": LOSSES[self.loss], "huber_delta": float(self.epsilon)}
@@ -99,7 +93,6 @@ class GDClassifier(ClassifierOutputs, ClassifierMixin, GDBase):
     Nesterov's. Fitted: ``coef_`` (1, F) or (C, F), ``intercept_``, ``classes_`` and the rest."""
 
     _model = "logistic"
-    _params = ["loss", *COMMON]
     _loss_rule = "classification_loss"
 
     def __init__(
@@ -122,12 +115,7 @@ class GDClassifier(ClassifierOutputs, ClassifierMixin, GDBase):
         guard: bool = True,
         out_dir: Any = None,
     ) -> None:
-        self.loss, self.alpha = loss, alpha
-        self.lr, self.momentum, self.nesterov, self.batch_size = lr, momentum, nesterov, batch_size
-        self.max_iter, self.tol, self.n_iter_no_change = max_iter, tol, n_iter_no_change
-        self.early_stopping, self.validation_fraction = early_stopping, validation_fraction
-        self.shuffle, self.random_state, self.warm_start = shuffle, random_state, warm_start
-        self.guard, self.out_dir = guard, out_dir
+        self._keep_params(locals())
 
     def _settings(self) -> dict[str, Any]:
         return {"loss": "bce" if len(self.classes_) == 2 else "cross_entropy"}

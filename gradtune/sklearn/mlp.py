@@ -17,16 +17,13 @@ import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 from torch import nn
 
-from gradtune.sklearn.base import COMMON, GDBase
+from gradtune.sklearn.base import GDBase
 from gradtune.sklearn.classify import ClassifierOutputs
 from gradtune.sklearn.params import ACTIVATIONS
-
-MLP_PARAMS = ["hidden_layer_sizes", "activation", "solver", *COMMON]
 
 
 class MLPBase(GDBase):
     _model = "mlp"
-    _params = MLP_PARAMS
 
     def __init__(
         self,
@@ -50,13 +47,7 @@ class MLPBase(GDBase):
         guard: bool = True,
         out_dir: Any = None,
     ) -> None:
-        self.hidden_layer_sizes, self.activation, self.solver = hidden_layer_sizes, activation, solver
-        self.alpha, self.batch_size, self.lr = alpha, batch_size, lr
-        self.momentum, self.nesterov = momentum, nesterov
-        self.max_iter, self.tol, self.n_iter_no_change = max_iter, tol, n_iter_no_change
-        self.early_stopping, self.validation_fraction = early_stopping, validation_fraction
-        self.shuffle, self.random_state, self.warm_start = shuffle, random_state, warm_start
-        self.guard, self.out_dir = guard, out_dir
+        self._keep_params(locals())
 
     def _settings(self) -> dict[str, Any]:
         return {
