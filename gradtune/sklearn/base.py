@@ -1,9 +1,10 @@
 """What the four estimators share: ``fit`` / ``partial_fit`` through the one loop (engine.py),
 scikit-learn's input checks and fitted-attribute conventions, ``save`` / ``load`` of a run folder.
 
-A subclass says which model it is (``_model``: linear | logistic | mlp), which of its parameters
-to check, and how targets become the loop's (``_targets``) and outputs become attributes
-(``_publish``).
+A subclass spells out its parameters in its ``__init__`` signature (scikit-learn's
+``get_params`` reads it; ``_keep_params`` stores them; ``fit`` checks every one), says which model
+it is (``_model``: linear | logistic | mlp), and how targets become the loop's (``_targets``) and
+outputs become attributes (``_publish``).
 """
 
 from __future__ import annotations
