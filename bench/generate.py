@@ -27,6 +27,13 @@ at thread barriers (one SDPA call on a (1, 9, 1, 64) query: 26 us with 1 thread,
 at load average 4.5), which hits the side with more small ops hardest; --threads 1 keeps the
 comparison about the work each side does.
 
+The hardware floor (bench/hardware_floor.py): under each row, the step's bytes (every weight
+once, the tied embedding as lm_head, plus the KV cache) over a read bandwidth measured next to the
+row (a streaming sum and a GEMV over a buffer of the fp32 weights' size, the run's threads), and
+the step's FLOPs over GEMM rates of its own shapes; each side's ms/step (prefill spread over the
+steps) as a multiple of the larger floor, and what the 1.3x target asks of ours given where the
+peer stands. A side near 1.0x floor has nothing left to win; --no-floor skips these lines.
+
 llama.cpp: timed on the same GGUF where llama-cpp-python is installed (it is not a dependency).
 """
 
@@ -47,6 +54,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
+from hardware_floor import Floor  # noqa: E402  (bench/, the script's folder)
 
 from gradtune.config.schema import Config  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
@@ -170,6 +178,21 @@ def llama_cpp_line(gguf: Path | None, text_ids: list[int], tokens: int, threads:
     return f"llama.cpp (same GGUF, its own quantisation of the file, batch 1): {made / seconds:.1f} tokens/s"
 
 
+def floor_lines(floor: Floor, dtype: torch.dtype, batch: int, context: float, per_step: dict[str, float]) -> None:
+    """The row's hardware floor (bandwidth remeasured now, under the row's load) and each side's
+    seconds per step (prefill included, spread over the steps) as a multiple of it; then what the
+    1.3x target asks of the peer."""
+    floor.measure()
+    print(floor.line(dtype, batch, context, per_step))
+    bound = max(floor.step_bytes(dtype, batch, context) / floor.bandwidth, floor.compute_seconds(dtype, batch))
+    ours, peer = per_step["ours"] / bound, per_step["transformers"] / bound
+    if peer / 1.3 < 1.0:
+        verdict = "out of reach on this hardware: even ours at the floor would be under 1.3x"
+    else:
+        verdict = f"ours would have to reach {peer / 1.3:.2f}x floor (now {ours:.2f}x)"
+    print(f"    1.3x against a peer at {peer:.2f}x floor: {verdict}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=200)
@@ -183,6 +206,7 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="a fine-tuned causal-LM run folder instead of SmolLM2 + LoRA")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (at most 8)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the hardware floor (bandwidth, GEMM rate) lines")
     ap.add_argument("--before", action="store_true", help="also time the uncached loop of before (fp32, batch 1)")
     args = ap.parse_args()
     if args.threads:
@@ -200,6 +224,7 @@ def main() -> None:
     peer = merged_peer(model)
     loads = [os.getloadavg()[0]]
     n = args.tokens
+    floor = None if args.no_floor else Floor(peer)
     print(
         f"greedy, {n} new tokens (eos off), KV cache on both sides, "
         f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({summary}, merged for both sides)"
@@ -252,6 +277,10 @@ def main() -> None:
                 f"transformers {rate['transformers']:7.1f} tokens/s, ours/peer {ratio:.2f}x "
                 f"(target >= 1.3x){extra}  [{runs}; our packing {packing:.2f} s, once per weight change]"
             )
+            if floor is not None:
+                floor_lines(
+                    floor, dtype, batch, ids.shape[1] + n / 2, {k: med[k] / n for k in ("ours", "transformers")}
+                )
     if gguf is not None:
         model.to(torch.float32)
         ids1, _ = chat_ids(tokenizer, PROMPTS[:1])
