@@ -74,6 +74,11 @@ def _gemm_rate(rows: int, inner: int, outer: int, dtype: torch.dtype, repeats: i
     return max(rates)
 
 
+def pass_seconds(calls: list[Callable[[], object]], repeats: int = 5) -> float:
+    """Median seconds of running ``calls`` in order: a step's GEMMs alone, no other op between them."""
+    return _median_seconds(lambda: [c() for c in calls], repeats)
+
+
 def matmul_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
     """(in, out, count) of the decoding step's GEMMs: the model's nn.Linear weights (fused as the
     decoder fuses them does not change the FLOPs), the LoRA layers read as their merged base."""
