@@ -32,9 +32,10 @@ once, the tied embedding as lm_head, plus the KV cache) over a read bandwidth me
 row (a streaming sum and a GEMV over a buffer of the fp32 weights' size, the run's threads), and
 the step's FLOPs over GEMM rates of its own shapes; each side's ms per decoding step (its
 n-token call less its 1-token call -- the prefill --, over n - 1) as a multiple of the larger
-floor, and what the 1.3x target asks of ours given where the peer stands. A side near 1.0x floor has nothing left to win. Then each side's GEMMs alone (its own
-kernels on the step's shapes, no other op): how far they are from the floor, and what the rest of
-the step costs. --no-floor skips these lines.
+floor, and what the 1.3x target asks of ours given where the peer stands (a side near 1.0x floor
+has nothing left to win). Then each side's GEMMs alone (its own kernels on the step's shapes, no
+other op): how far they are from the floor, and what the rest of the step costs. --no-floor skips
+these lines.
 
 llama.cpp: timed on the same GGUF where llama-cpp-python is installed (it is not a dependency).
 """
