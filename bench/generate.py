@@ -27,6 +27,16 @@ at thread barriers (one SDPA call on a (1, 9, 1, 64) query: 26 us with 1 thread,
 at load average 4.5), which hits the side with more small ops hardest; --threads 1 keeps the
 comparison about the work each side does.
 
+The hardware floor (bench/hardware_floor.py): under each row, the step's bytes (every weight
+once, the tied embedding as lm_head, plus the KV cache) over a read bandwidth measured next to the
+row (a streaming sum and a GEMV over a buffer of the fp32 weights' size, the run's threads), and
+the step's FLOPs over GEMM rates of its own shapes; each side's ms per decoding step (its
+n-token call less its 1-token call -- the prefill --, over n - 1) as a multiple of the larger
+floor, and what the 1.3x target asks of ours given where the peer stands (a side near 1.0x floor
+has nothing left to win). Then each side's GEMMs alone (its own kernels on the step's shapes, no
+other op): how far they are from the floor, and what the rest of the step costs. --no-floor skips
+these lines.
+
 llama.cpp: timed on the same GGUF where llama-cpp-python is installed (it is not a dependency).
 """
 
@@ -47,6 +57,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hardware_floor import Floor, pass_seconds  # noqa: E402  (bench/, the script's folder)
 
 from gradtune.config.schema import Config  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
@@ -170,6 +182,69 @@ def llama_cpp_line(gguf: Path | None, text_ids: list[int], tokens: int, threads:
     return f"llama.cpp (same GGUF, its own quantisation of the file, batch 1): {made / seconds:.1f} tokens/s"
 
 
+def gemm_calls(model: torch.nn.Module, peer: torch.nn.Module, batch: int, pack: bool) -> dict[str, list[Callable]]:
+    """Per side, one step's GEMMs on random inputs of the step's shapes, nothing else: ours through
+    the (kept) fast_decoder weights, the peer through F.linear on its nn.Linear layers."""
+    w = fast_decoder.weights(model, batch, pack)
+    dtype = w.embed.dtype
+    ours: list[Callable] = []
+    for (_, qkv, o, _, gate_up, down, _), lyr in zip(w.layers, peer.model.layers):
+        a, m = lyr.self_attn, lyr.mlp
+        for packed, width in ((qkv, a.q_proj.in_features), (o, a.o_proj.in_features)):
+            ours.append(lambda p=packed, x=torch.randn(batch, width).to(dtype): p(x))
+        for packed, width in ((gate_up, m.gate_proj.in_features), (down, m.down_proj.in_features)):
+            ours.append(lambda p=packed, x=torch.randn(batch, width).to(dtype): p(x))
+    ours.append(lambda p=w.head, x=torch.randn(batch, peer.lm_head.in_features).to(dtype): p(x))
+    theirs = [
+        lambda m=m, x=torch.randn(batch, 1, m.in_features).to(dtype): F.linear(x, m.weight)
+        for m in peer.modules()
+        if type(m) is torch.nn.Linear
+    ]
+    return {"ours": ours, "transformers": theirs}
+
+
+def decode_seconds(
+    sides: dict[str, Callable[..., torch.Tensor]], med: dict[str, float], n: int, repeats: int
+) -> dict[str, float]:
+    """Seconds per decoding step of ours and the peer, prefill left out: (median of the n-token
+    calls - median of 1-token calls, the prefill and its first token) / (n - 1)."""
+    out = {}
+    for name in ("ours", "transformers"):
+        first = statistics.median([timed(lambda: sides[name](1))[0] for _ in range(repeats)])
+        out[name] = (med[name] - first) / max(n - 1, 1)
+    return out
+
+
+def floor_lines(floor: Floor, dtype: torch.dtype, batch: int, context: float, per_step: dict[str, float]) -> float:
+    """The row's hardware floor (bandwidth remeasured now, under the row's load) and each side's
+    seconds per decoding step (prefill left out) as a multiple of it; then what the
+    1.3x target asks of ours; returns the floor (seconds per step)."""
+    floor.measure()
+    print(floor.line(dtype, batch, context, per_step))
+    bound = max(floor.step_bytes(dtype, batch, context) / floor.bandwidth, floor.compute_seconds(dtype, batch))
+    ours, peer = per_step["ours"] / bound, per_step["transformers"] / bound
+    if peer / 1.3 < 1.0:
+        verdict = "out of reach on this hardware: even ours at the floor would be under 1.3x"
+    else:
+        verdict = f"ours would have to reach {peer / 1.3:.2f}x floor (now {ours:.2f}x)"
+    print(f"    1.3x against a peer at {peer:.2f}x floor: {verdict}")
+    return bound
+
+
+def gemm_line(calls: dict[str, list[Callable]], per_step: dict[str, float], floor: Floor, bound: float) -> None:
+    """Each side's GEMMs alone (its own kernels, no other op) against its whole step: what the rest of
+    the step (norms, rotary, cache, attention, Python) costs, and how far the GEMMs are from the floor."""
+    parts = []
+    for name, fns in calls.items():
+        alone = pass_seconds(fns, floor.repeats)
+        rest = per_step[name] - alone
+        parts.append(
+            f"{name}: GEMMs alone {alone * 1e3:.1f} ms/step = {alone / bound:.2f}x floor, "
+            f"the rest of its step {rest * 1e3:.1f} ms ({rest / per_step[name]:.0%})"
+        )
+    print("    " + "; ".join(parts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=200)
@@ -183,6 +258,7 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="a fine-tuned causal-LM run folder instead of SmolLM2 + LoRA")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (at most 8)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the hardware floor (bandwidth, GEMM rate) lines")
     ap.add_argument("--before", action="store_true", help="also time the uncached loop of before (fp32, batch 1)")
     args = ap.parse_args()
     if args.threads:
@@ -200,6 +276,7 @@ def main() -> None:
     peer = merged_peer(model)
     loads = [os.getloadavg()[0]]
     n = args.tokens
+    floor = None if args.no_floor else Floor(peer)
     print(
         f"greedy, {n} new tokens (eos off), KV cache on both sides, "
         f"{'run ' + args.run if args.run else 'SmolLM2-135M-Instruct + LoRA'} ({summary}, merged for both sides)"
@@ -220,9 +297,9 @@ def main() -> None:
         peer.to(dtype)
         for batch in map(int, args.batches.split(",")):
             ids, mask = chat_ids(tokenizer, PROMPTS[:batch])
-            sides: dict[str, Callable[[], torch.Tensor]] = {
-                "ours": lambda: generate(model, ids, n, temperature=0, attention_mask=mask, keep_packed=True),
-                "transformers": lambda: peer_generate(peer, ids, mask, n),
+            sides: dict[str, Callable[..., torch.Tensor]] = {
+                "ours": lambda k=n: generate(model, ids, k, temperature=0, attention_mask=mask, keep_packed=True),
+                "transformers": lambda k=n: peer_generate(peer, ids, mask, k),
             }
             if args.before and precision == "fp32" and batch == 1:
                 sides["uncached (before)"] = lambda: uncached_before(model, ids, n, window)
@@ -252,6 +329,10 @@ def main() -> None:
                 f"transformers {rate['transformers']:7.1f} tokens/s, ours/peer {ratio:.2f}x "
                 f"(target >= 1.3x){extra}  [{runs}; our packing {packing:.2f} s, once per weight change]"
             )
+            if floor is not None:
+                per_step = decode_seconds(sides, med, n, args.repeats)
+                bound = floor_lines(floor, dtype, batch, ids.shape[1] + n / 2, per_step)
+                gemm_line(gemm_calls(model, peer, batch, n >= PACK_MIN_TOKENS), per_step, floor, bound)
     if gguf is not None:
         model.to(torch.float32)
         ids1, _ = chat_ids(tokenizer, PROMPTS[:1])
