@@ -46,6 +46,7 @@ one is the full pass. The two sets differ by a few hundredths, so each compariso
   python bench/nanogpt.py                      # 10 minutes a side, ~21 minutes in all
   python bench/nanogpt.py --same-precision     # + the peer at ours' precision, ~31 minutes
   python bench/nanogpt.py --minutes 0.5 --keep # smoke run; the runs stay in the printed folder
+  python bench/nanogpt.py --set eval_every=100 # a setting for every side (a denser curve)
 """
 
 from __future__ import annotations
@@ -100,12 +101,12 @@ class Run:
     final_full: bool  # the final evaluation was the full pass (not a sample that fits the budget)
 
 
-def side_args(side: str, minutes: float, shape: str, precision: Optional[str]) -> list[str]:
+def side_args(side: str, minutes: float, shape: str, precision: Optional[str], extra: list[str]) -> list[str]:
     args = [str(RECIPE), f"max_time={round(minutes * 60)}s"]
     if side != "ours":
         args += PEER + (NANOGPT_SHAPE if shape == "nanogpt" else [])
         args.append(f"precision={precision or 'fp32'}")
-    return args
+    return args + extra
 
 
 def train(side: str, args: list[str], folder: Path) -> Run:
@@ -192,7 +193,8 @@ def compare(ours: Run, peer: Run) -> dict[str, Optional[float]]:
     if reach is None:
         print(f"    to the peer's {l_peer:.4f}: not reached by ours' last sampled evaluation")
     else:
-        print(f"    to the peer's {l_peer:.4f}: ours {reach:.1f} s, {peer.side} {t_peer:.1f} s ", end="")
+        first = " (at most: its first evaluation)" if reach == ours.curve[0][0] else ""
+        print(f"    to the peer's {l_peer:.4f}: ours {reach:.1f} s{first}, {peer.side} {t_peer:.1f} s ", end="")
         print(f"({t_peer / reach:.2f}x as fast)")
         out["ratio"] = t_peer / reach
     return out
@@ -218,6 +220,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, order rotated (default 1)")
     ap.add_argument("--same-precision", action="store_true", help="also run the peer at ours' precision")
     ap.add_argument("--peer-shape", choices=["recipe", "nanogpt"], default="recipe", help="the peer's shape")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every side")
     ap.add_argument("--keep", action="store_true", help="keep the run folders (printed) instead of deleting them")
     args = ap.parse_args()
     if args.minutes <= 0 or args.repeats < 1:
@@ -240,7 +243,8 @@ def main() -> None:
                     if precision == "fp32":
                         print("  peer-same: skipped (ours ran fp32: the peer already runs at its precision)")
                         continue
-                run = train(side, side_args(side, args.minutes, args.peer_shape, precision), root / f"{side}-{rep}")
+                cmd = side_args(side, args.minutes, args.peer_shape, precision, args.set)
+                run = train(side, cmd, root / f"{side}-{rep}")
                 runs[side].append(run)
                 print(describe(run), flush=True)
         report(runs, args.peer_shape)
