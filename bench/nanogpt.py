@@ -148,8 +148,8 @@ def at(curve: list[tuple[float, float]], t: float) -> tuple[Optional[float], str
     """The curve's loss at ``t`` seconds, linear between evaluations; (loss, a note when clamped)."""
     if not curve:
         return None, "no sampled evaluation"
-    if t <= curve[0][0]:
-        return (curve[0][1], f"its first evaluation, at {curve[0][0]:.1f} s") if t < curve[0][0] else (curve[0][1], "")
+    if t < curve[0][0]:
+        return None, f"no evaluation by then (its first at {curve[0][0]:.1f} s)"
     for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
         if t <= t1:
             return l0 + (l1 - l0) * (t - t0) / (t1 - t0), ""
@@ -176,16 +176,19 @@ def compare(ours: Run, peer: Run) -> dict[str, Optional[float]]:
         end="",
     )
     print(f"  (ours - peer {ours.final[1] - peer.final[1]:+.4f})")
-    for r in (ours, peer):
-        if not r.final_full:
-            print(f"    [sampled] {r.side}'s final evaluation was a sample that fits the budget, not the full pass")
+    sampled = [r.side for r in (ours, peer) if not r.final_full]
+    if sampled:  # each side's sample is sized to its own evaluation speed: not the same windows
+        print(f"    ({' and '.join(sampled)}: the final evaluation was a sample that fits the budget, not the full")
+        print("     pass; the two finals are not on the same windows: a longer --minutes)")
     out: dict[str, Optional[float]] = {"final_delta": ours.final[1] - peer.final[1]}
     if not peer.curve:
         print("    the peer has no sampled evaluation: no curve to compare (a longer --minutes)")
         return out
     t_peer, l_peer = peer.curve[-1]
     mine, note = at(ours.curve, t_peer)
-    if mine is not None:
+    if mine is None:
+        print(f"    equal seconds ({t_peer:.1f} s, the peer's last sampled evaluation): ours has {note}")
+    else:
         print(f"    equal seconds ({t_peer:.1f} s, the peer's last sampled evaluation): ours {mine:.4f}, ", end="")
         print(f"{peer.side} {l_peer:.4f}  (ours - peer {mine - l_peer:+.4f}){'; ours at ' + note if note else ''}")
         out["equal_delta"] = mine - l_peer
