@@ -18,8 +18,9 @@ reaches min_lr when the time runs out), one after the other, never together:
 nanoGPT's own shakespeare_char shape (6L x 384, 6 heads, batch 64 x 256, dropout 0.2) takes about
 10 s a step on 2 CPU cores, some 60 steps in 10 minutes: ``--peer-shape nanogpt`` runs it anyway
 (for a GPU, or to show that the shape is what loses on a CPU), the default keeps ours' shape.
-Left as gradtune has it: the GPT-2 block keeps its biases (nanoGPT's train.py sets bias=False),
-GELU is the tanh form, and weight decay spares the embedding as ours does (nanoGPT decays it).
+Left as gradtune has it: the GPT-2 block keeps its biases (nanoGPT's train.py sets bias=False)
+and GELU is the tanh form (nanoGPT's is exact); weight decay falls on every matrix, the embedding
+and the position table included, and on no bias or norm, as in nanoGPT.
 
 ``--same-precision`` adds a third side, the peer at ours' precision (bf16 when the probe chose it):
 a lead that comes from precision alone is not a lead. It is skipped when ours ran fp32 (the peer
