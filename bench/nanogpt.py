@@ -31,10 +31,11 @@ as medians.
 How it measures. Every evaluation row in metrics.jsonl carries ``time``, seconds since the log
 opened, just before the first step; summary.json's ``job.time_budget.plan.startup_s`` is the
 start-up before it on the ``max_time`` clock (process start: imports, data, the precision probe),
-so a row's elapsed wall seconds are ``startup_s + time``, the clock ``max_time`` counts (the
-precision probe is charged to ours). Intermediate evaluations use one fixed, seeded sample of the
-validation windows (``eval_tokens``: the same windows on both sides, one block size); the final
-one is the full pass. The two sets differ by a few hundredths, so each comparison stays on one set:
+so a row's elapsed wall seconds are ``startup_s + time``, the clock ``max_time`` counts (ours'
+precision probe is charged to ours; a cached answer costs nothing). Intermediate evaluations use
+one fixed, seeded sample of the validation windows (``eval_tokens``: the same windows on both
+sides, one block size); the final one is the full pass. The two sets do not give the same loss,
+so each comparison stays on one set:
 
   final          each side's full-pass validation loss (nats per byte: the byte tokenizer's nats
                  per token) at its own end, both inside the same ``max_time``
