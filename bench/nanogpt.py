@@ -39,8 +39,8 @@ so each comparison stays on one set:
 
   final          each side's full-pass validation loss (nats per byte: the byte tokenizer's nats
                  per token) at its own end, both inside the same ``max_time``
-  equal seconds  on the sampled curve: the peer's last sampled loss, and ours' at the same
-                 elapsed seconds (linear between its evaluations)
+  equal seconds  on the sampled curves, both read at the same elapsed seconds (linear between
+                 evaluations): the peer's last sampled evaluation, or ours' if ours ended first
   to target      the seconds ours needed to reach the peer's last sampled loss (first crossing of
                  ours' sampled curve, interpolated; "not reached" otherwise), and the peer's
                  seconds over ours
@@ -187,13 +187,18 @@ def compare(ours: Run, peer: Run) -> dict[str, Optional[float]]:
         print("    the peer has no sampled evaluation: no curve to compare (a longer --minutes)")
         return out
     t_peer, l_peer = peer.curve[-1]
-    mine, note = at(ours.curve, t_peer)
-    if mine is None:
-        print(f"    equal seconds ({t_peer:.1f} s, the peer's last sampled evaluation): ours has {note}")
+    # Both curves read where both runs were still evaluating: the peer's last sampled evaluation,
+    # or ours' when ours ended first (a run that has stopped is not a run at that loss).
+    t_eq = min(t_peer, ours.curve[-1][0]) if ours.curve else t_peer
+    (mine, my_note), (theirs, their_note) = at(ours.curve, t_eq), at(peer.curve, t_eq)
+    which = "the peer's last sampled evaluation" if t_eq == t_peer else "ours' last sampled evaluation"
+    if mine is None or theirs is None:
+        who, why = ("ours", my_note) if mine is None else (peer.side, their_note)
+        print(f"    equal seconds ({t_eq:.1f} s, {which}): {who} has {why}")
     else:
-        print(f"    equal seconds ({t_peer:.1f} s, the peer's last sampled evaluation): ours {mine:.4f}, ", end="")
-        print(f"{peer.side} {l_peer:.4f}  (ours - peer {mine - l_peer:+.4f}){'; ours at ' + note if note else ''}")
-        out["equal_delta"] = mine - l_peer
+        print(f"    equal seconds ({t_eq:.1f} s, {which}): ours {mine:.4f}, {peer.side} {theirs:.4f}", end="")
+        print(f"  (ours - peer {mine - theirs:+.4f})")
+        out["equal_delta"] = mine - theirs
     reach = crossing(ours.curve, l_peer)
     if reach is None:
         print(f"    to the peer's {l_peer:.4f}: not reached by ours' last sampled evaluation")
