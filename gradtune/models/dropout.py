@@ -2,8 +2,10 @@
 
 Why: torch's CPU dropout (``bernoulli_``) draws a float per element; on the attention
 probabilities of an encoder (B x H x T x T, e.g. 16 x 12 x 128 x 128 = 3.1M elements a layer)
-that is a third of a fine-tuning step's forward. Here one 64-bit draw of the same generator
-(``random_`` on int64 yields 63 random bits) gives four 15-bit uniform integers, one per element:
+that is a third of a fine-tuning step's forward. Here each element gets a 15-bit uniform
+integer u: on the CPU from one parallel C pass that writes the mask in its final dtype
+(models/mask_kernel.py: a counter-based hash of a seed drawn from torch's generator); without a
+C compiler (or off the CPU) from torch ops, four per 64-bit ``random_`` draw:
 
     keep  <=>  u >= round(p * LEVELS),   u uniform on [0, LEVELS)
     q     =  1 - round(p * LEVELS) / LEVELS      the keep probability (|q - (1 - p)| <= 1.6e-5)
@@ -12,8 +14,8 @@ that is a third of a fine-tuning step's forward. Here one 64-bit draw of the sam
 The mask is applied as a product with its bytes (``x * keep``, keep a bool mask viewed as uint8):
 torch's CPU ``where(mask, 0, x)`` is not vectorised and costs ~10x that product on a
 (16, 12, 128, 128) tensor. The backward saves the mask (1 byte an element; torch's CPU dropout
-saves a float mask of x's dtype). The draws come from torch's default generator, so a run's RNG state (saved in
-checkpoints) fixes every mask: a resumed run draws the same masks. Elsewhere than on the CPU
+saves a float mask of x's dtype). The draws come from torch's default generator, so a run's RNG
+state (saved in checkpoints) fixes every mask: a resumed run draws the same masks. Elsewhere than on the CPU
 (CUDA's dropout is one fused kernel) and for p = 1, torch's own dropout runs.
 """
 
@@ -23,36 +25,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtune.models import mask_kernel
+
 LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
 
 
 def _levels(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, int, float]:
-    """(u uniform on [0, LEVELS) of ``shape`` as int16, the drop level round(p * LEVELS), q)."""
+    """(u uniform on [0, LEVELS) of ``shape`` as int16, the drop level round(p * LEVELS), q):
+    torch ops, where the C kernel (models/mask_kernel.py) is not available."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
     u = words.view(torch.int16)[:n].bitwise_and_(LEVELS - 1)  # (n,) four per word; the top bit cleared
+    drop, q = _drop(p)
+    return u.view(shape), drop, q
+
+
+def _drop(p: float) -> tuple[int, float]:
+    """(the drop level round(p * LEVELS), q the keep probability)."""
     drop = round(p * LEVELS)
-    return u.view(shape), drop, 1.0 - drop / LEVELS
+    return drop, 1.0 - drop / LEVELS
+
+
+def scaled_keep(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype, on: float) -> torch.Tensor:
+    """A mask of ``shape`` in ``dtype``: ``on`` where kept (probability q), 0 where dropped; the
+    same draw as ``keep_mask``. On the CPU one parallel C pass writes it (mask_kernel.py)."""
+    if device.type == "cpu":
+        drop, _ = _drop(p)
+        out = mask_kernel.mask(shape, drop, on, dtype)
+        if out is not None:
+            return out
+    keep, _ = keep_mask(shape, p, device)
+    out = keep.to(dtype)
+    return out.mul_(on) if on != 1.0 else out
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """(bool mask of ``shape``, True (drop) with probability 1 - q; q) for drop probability ``p``."""
-    u, drop, q = _levels(shape, p, device)
-    return u < drop, q
+    keep, q = keep_mask(shape, p, device)
+    return keep.logical_not_(), q
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(bool mask of ``shape``, True (keep) with probability q; q): ``drop_mask`` inverted."""
-    u, drop, q = _levels(shape, p, device)
-    return u >= drop, q
+    """(bool mask of ``shape``, True (keep) with probability q; q)."""
+    keep, q = keep_bytes(shape, p, device)
+    return keep.view(torch.bool), q
 
 
 def keep_bytes(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """``keep_mask`` as uint8 0/1 (the bool mask's own bytes, no copy), for ``x * keep``."""
-    keep, q = keep_mask(shape, p, device)
-    return keep.view(torch.uint8), q
+    drop, q = _drop(p)
+    if device.type == "cpu":
+        out = mask_kernel.mask(shape, drop, 1.0, torch.uint8)
+        if out is not None:
+            return out, q
+    u, drop, q = _levels(shape, p, device)
+    return (u >= drop).view(torch.uint8), q
 
 
 class _Masked(torch.autograd.Function):
@@ -84,8 +113,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.dtype in (torch.float32, torch.float64):
         # The scale inside the mask (0 or 1/q in x's dtype, the value a scalar product uses): one product each way
         # instead of two (and no uint8 -> float copy per product), for a saved mask of x's size.
-        keep, q = keep_mask(x.shape, p, x.device)
-        return _Masked.apply(x, keep.to(x.dtype).mul_(1.0 / q), 1.0)
+        q = _drop(p)[1]
+        return _Masked.apply(x, scaled_keep(x.shape, p, x.device, x.dtype, 1.0 / q), 1.0)
     keep, q = keep_bytes(x.shape, p, x.device)  # bf16/fp16: 1/q rounded to x's dtype would change the product
     return _Masked.apply(x, keep, 1.0 / q)  # the scale is a Python float
 
@@ -175,8 +204,8 @@ def attention(
         bias = mask
         if mask is not None and mask.dtype == torch.bool:  # additive: -> finfo.min where masked, as the fill below
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        keep, kq = keep_mask((q.shape[0], q.shape[1], t, s), p, q.device)
-        return _DropoutAttention.apply(q, k, v, bias, keep.to(q.dtype), scale, 1.0 / kq)
+        keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
+        return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / _drop(p)[1])
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
