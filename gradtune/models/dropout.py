@@ -104,12 +104,29 @@ class _Masked(torch.autograd.Function):
         return (gx.mul_(ctx.scale) if ctx.scale != 1.0 else gx), None, None
 
 
+class _Seeded(torch.autograd.Function):
+    """y = x * mask, the mask (0 or ``on``) regenerated from its seed each way (mask_kernel.py):
+    one pass forward and one backward, and no mask kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, drop: int, on: float) -> torch.Tensor:
+        ctx.mask = (seed, drop, on)
+        return mask_kernel.times(x, seed, drop, on)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return mask_kernel.times(g, *ctx.mask), None, None, None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheap mask on the CPU (module docstring)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
+    if mask_kernel.fusable(x):
+        drop, q = _drop(p)
+        return _Seeded.apply(x, mask_kernel.draw(), drop, 1.0 / q)  # the mask of scaled_keep(.., 1 / q)
     if x.dtype in (torch.float32, torch.float64):
         # The scale inside the mask (0 or 1/q in x's dtype, the value a scalar product uses): one product each way
         # instead of two (and no uint8 -> float copy per product), for a saved mask of x's size.
@@ -137,13 +154,21 @@ def swap_dropouts(model: nn.Module) -> int:
     return n
 
 
+def _keep_times(t: torch.Tensor, keep: "torch.Tensor | tuple[int, int]", inplace: bool) -> torch.Tensor:
+    """t * keep: keep a float 0/1 tensor, or (seed, drop) of the mask_kernel mask (regenerated)."""
+    if isinstance(keep, torch.Tensor):
+        return t.mul_(keep) if inplace else t * keep
+    return mask_kernel.times(t, keep[0], keep[1], 1.0, inplace=inplace)
+
+
 class _DropoutAttention(torch.autograd.Function):
     """out = (softmax(scale q k^T + bias) * keep) @ v / kq for float32 q (B, H, T, D), k, v
     (B, H, S, D), bias additive (broadcast to (B, H, T, S)) or None, keep the float 0/1 mask
-    (B, H, T, S). The same products as autograd takes through ``attention``'s composite path,
-    but every (B, H, T, S) temporary is this function's own, so the scores take the bias in
-    place and backward masks its probability gradient in place: a (B, H, T, S) pass and block
-    fewer each way (12.6 MB at 16 x 12 x 128 x 128), and no head-split copies in backward."""
+    (B, H, T, S), or (seed, drop) of the C kernel's mask (mask_kernel.py), regenerated in
+    backward instead of kept. The same products as autograd takes through ``attention``'s
+    composite path, but every (B, H, T, S) temporary is this function's own, so the scores take
+    the bias in place and backward masks its probability gradient in place: a (B, H, T, S) pass
+    and block fewer each way (12.6 MB at 16 x 12 x 128 x 128), and no head-split copies in backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, keep, scale: float, inv_kq: float):
@@ -156,18 +181,20 @@ class _DropoutAttention(torch.autograd.Function):
             scores.add_(bias)
         probs = torch.softmax(scores, dim=-1)
         del scores
-        dropped = probs * keep
-        ctx.save_for_backward(q, k, v, probs, keep, dropped)
-        ctx.scale, ctx.inv_kq = scale, inv_kq
+        dropped = _keep_times(probs, keep, inplace=False)
+        tensor = isinstance(keep, torch.Tensor)
+        ctx.save_for_backward(q, k, v, probs, dropped, keep if tensor else None)
+        ctx.scale, ctx.inv_kq, ctx.seeded = scale, inv_kq, None if tensor else keep
         return torch.matmul(dropped, v).mul_(inv_kq)  # (B, H, T, D)
 
     @staticmethod
     def backward(ctx, go):  # go (B, H, T, D), often a transposed view
-        q, k, v, probs, keep, dropped = ctx.saved_tensors
+        q, k, v, probs, dropped, keep = ctx.saved_tensors
+        keep = keep if ctx.seeded is None else ctx.seeded
         need = ctx.needs_input_grad
         go = torch.mul(go, ctx.inv_kq, out=torch.empty(go.shape, dtype=go.dtype, device=go.device))  # contiguous
         gv = torch.matmul(dropped.transpose(-1, -2), go) if need[2] else None
-        gd = torch.matmul(go, v.transpose(-1, -2)).mul_(keep)  # (B, H, T, S), the dropout's backward
+        gd = _keep_times(torch.matmul(go, v.transpose(-1, -2)), keep, inplace=True)  # (B, H, T, S): dropout's backward
         gs = torch._softmax_backward_data(gd, probs, -1, probs.dtype)
         del gd
         gq = torch.matmul(gs, k).mul_(ctx.scale) if need[0] else None
@@ -204,7 +231,10 @@ def attention(
         bias = mask
         if mask is not None and mask.dtype == torch.bool:  # additive: -> finfo.min where masked, as the fill below
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
+        if mask_kernel.fusable(q):
+            keep: "torch.Tensor | tuple[int, int]" = (mask_kernel.draw(), _drop(p)[0])  # scaled_keep's draw
+        else:
+            keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
         return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / _drop(p)[1])
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite

@@ -45,9 +45,21 @@ void name(T *out, int64_t n, uint64_t seed, int32_t drop, T on, int nthreads) { 
 MASK(mask_f32, float)
 MASK(mask_f64, double)
 MASK(mask_u8, uint8_t)
+
+/* out = x * mask, the mask regenerated from the seed (out may be x): dropout's forward and
+   backward without the mask in memory. A product, as torch's dropout: inf or nan stay nan. */
+#define TIMES(name, T)                                                                        \
+void name(T *out, const T *x, int64_t n, uint64_t seed, int32_t drop, T on, int nthreads) {  \
+    int nt = n < ((int64_t)1 << 16) ? 1 : nthreads;                                           \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                              \
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * ((int32_t)level(seed, i) >= drop ? on : (T)0); \
+}
+TIMES(times_f32, float)
+TIMES(times_f64, double)
 """
 
 _FUNCS = {torch.float32: "mask_f32", torch.float64: "mask_f64", torch.uint8: "mask_u8"}
+_TIMES = {torch.float32: "times_f32", torch.float64: "times_f64"}
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.uint8: ctypes.c_uint8}
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
@@ -67,6 +79,10 @@ def load() -> Optional[ctypes.CDLL]:
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             f.argtypes = [ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
             f.restype = None
+        for dtype in (torch.float32, torch.float64):
+            f = getattr(lib, _TIMES[dtype])
+            f.argtypes = [ptr, ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
+            f.restype = None
         _lib = lib
     return _lib
 
@@ -83,9 +99,29 @@ def mask(shape: torch.Size, drop: int, on: float, dtype: torch.dtype) -> Optiona
     lib = load()
     if lib is None or dtype not in _FUNCS:
         return None
-    # One draw of the default generator: 63 random bits, the seed of this mask's hash stream.
-    seed = int(torch.empty((), dtype=torch.int64).random_())
+    seed = draw()
     out = torch.empty(shape, dtype=dtype)
     value = int(on) if dtype == torch.uint8 else on
     getattr(lib, _FUNCS[dtype])(out.data_ptr(), out.numel(), seed, drop, value, torch.get_num_threads())
+    return out
+
+
+def draw() -> int:
+    """One draw of torch's default CPU generator: 63 random bits, the seed of one mask's stream."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def fusable(x: torch.Tensor) -> bool:
+    """``times`` can take x: a CPU float32/float64 tensor, and the kernel is built."""
+    return x.dtype in _TIMES and x.device.type == "cpu" and load() is not None
+
+
+def times(x: torch.Tensor, seed: int, drop: int, on: float, inplace: bool = False) -> torch.Tensor:
+    """x * mask, the mask of ``mask(x.shape, drop, on, x.dtype)`` drawn with ``seed``, in one
+    pass (into x when ``inplace`` and x is contiguous); x as ``fusable`` says."""
+    lib = load()
+    assert lib is not None and x.dtype in _TIMES
+    src = x.contiguous()
+    out = src if inplace else torch.empty(src.shape, dtype=src.dtype)
+    getattr(lib, _TIMES[x.dtype])(out.data_ptr(), src.data_ptr(), src.numel(), seed, drop, on, torch.get_num_threads())
     return out

@@ -211,3 +211,10 @@ def test_mask_paths_keep_rate_seed_and_threads(kernel, monkeypatch):
     torch.manual_seed(9)
     s = scaled_keep(torch.Size([n]), p, torch.device("cpu"), torch.float32, 1 / q)
     assert s.dtype == torch.float32 and torch.equal(s, m.float() * torch.tensor(1 / q, dtype=torch.float32))
+    x = torch.randn(n, dtype=torch.float32, requires_grad=True)
+    torch.manual_seed(9)
+    y = dropout(x, p)  # with the kernel: the mask regenerated from its seed, never stored
+    assert torch.equal(y, x.detach() * s)
+    g = torch.randn(n)
+    y.backward(g)
+    assert torch.equal(x.grad, g * s)
