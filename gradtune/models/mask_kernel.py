@@ -97,7 +97,7 @@ def mask(shape: torch.Size, drop: int, on: float, dtype: torch.dtype) -> Optiona
     """A new CPU tensor of ``shape`` and ``dtype`` (float32, float64 or uint8): ``on`` where kept
     (u >= drop), 0 where dropped; None when the kernel is unavailable."""
     lib = load()
-    if lib is None or dtype not in _FUNCS:
+    if lib is None or dtype not in _FUNCS or torch.compiler.is_compiling():
         return None
     seed = draw()
     out = torch.empty(shape, dtype=dtype)
@@ -112,8 +112,9 @@ def draw() -> int:
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """``times`` can take x: a CPU float32/float64 tensor, and the kernel is built."""
-    return x.dtype in _TIMES and x.device.type == "cpu" and load() is not None
+    """``times`` can take x: a CPU float32/float64 tensor, the kernel is built, and no
+    torch.compile trace is running (a ctypes call would break its graph: torch ops there)."""
+    return x.dtype in _TIMES and x.device.type == "cpu" and not torch.compiler.is_compiling() and load() is not None
 
 
 def times(x: torch.Tensor, seed: int, drop: int, on: float, inplace: bool = False) -> torch.Tensor:
