@@ -79,6 +79,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             dbl,
             dbl,
             dbl,
+            dbl,
             i32,
         ]
         getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
@@ -201,8 +202,10 @@ def adamw_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    grad_scale: float = 1.0,
 ) -> None:
-    """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here."""
+    """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here.
+    ``grad_scale``: the update uses g * grad_scale (g itself is left as it is)."""
     if not steps_supported(steps):
         raise ValueError("steps must be CPU float32/float64 scalars of one dtype")
     p, g, m, v, s = (_ptrs(x) for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
@@ -224,6 +227,7 @@ def adamw_(
         beta2,
         eps,
         weight_decay,
+        grad_scale,
         torch.get_num_threads(),
     )
     torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + steps)  # as in sgd_
