@@ -124,6 +124,12 @@ def clip_(grads: list[torch.Tensor], total_norm: Union[float, torch.Tensor], max
     if isinstance(total_norm, torch.Tensor):
         torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0) * pre)
         return
-    scale = min(max_norm / (total_norm + 1e-6), 1.0) * pre
+    scale = clip_factor(total_norm, max_norm, pre)
     if scale != 1.0:  # a factor of exactly 1 changes nothing: skip the pass
         torch._foreach_mul_(grads, scale)
+
+
+def clip_factor(total_norm: float, max_norm: float, pre: float = 1.0) -> float:
+    """The factor ``clip_`` multiplies the gradients by (for an optimizer that applies it itself:
+    gradtune's AdamW, ``grad_scale``)."""
+    return min(max_norm / (total_norm + 1e-6), 1.0) * pre

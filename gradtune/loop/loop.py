@@ -44,6 +44,7 @@ from gradtune.loop.guard import Guard
 from gradtune.loop.loop_state import LoopState
 from gradtune.loop.schedules import factor
 from gradtune.loop.stopping import Convergence
+from gradtune.optim.adamw import AdamW
 from gradtune.optim.build import make_optimizer
 from gradtune.optim.direct import direct_step
 from gradtune.runtime import distributed, testhooks
@@ -121,6 +122,7 @@ class Loop(LoopState):
         for c in found:
             c.attach(self)
         self.events = Events([*found, *(callbacks or [])], distributed.is_main())
+        self.user_callbacks = bool(callbacks)
 
     # --- the view's setters --------------------------------------------------------------------
     def set_total(self, total: int, span: Optional[int] = None) -> None:
@@ -279,6 +281,9 @@ class Loop(LoopState):
         # for the clip's pass over the gradients (one pass over every gradient a step saved).
         self.fold = cfg.clip_grad_norm is not None and not self.events.reads_grads
         self.owed = 1.0  # the factor this step's p.grad still owe (fold: 1 / count)
+        # gradtune's AdamW takes the clip factor (and the 1 / count) as it reads each gradient: no pass of its own over
+        # every gradient. Not when a callback might read p.grad after the step (it keeps the unscaled sums then).
+        self.opt_clips = self.fold and type(self.opt) is AdamW and not self.user_callbacks
         control = Control(
             self.out_dir,
             self.total,
@@ -322,7 +327,9 @@ class Loop(LoopState):
         self.events.emit("on_gradients", grads, gnorm, self.count, first)
         if self.need_norm:
             self.last_gnorm = gnorm
-            if self.cfg.clip_grad_norm is not None:
+            if self.cfg.clip_grad_norm is not None and self.opt_clips and isinstance(gnorm, float):
+                self.opt.grad_scale = gradient.clip_factor(gnorm, self.cfg.clip_grad_norm, self.owed)
+            elif self.cfg.clip_grad_norm is not None:
                 gradient.clip_(grads, gnorm, self.cfg.clip_grad_norm, self.owed)
         self._update((self.step + 1) % self.eval_every == 0)
 

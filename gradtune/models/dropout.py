@@ -2,8 +2,10 @@
 
 Why: torch's CPU dropout (``bernoulli_``) draws a float per element; on the attention
 probabilities of an encoder (B x H x T x T, e.g. 16 x 12 x 128 x 128 = 3.1M elements a layer)
-that is a third of a fine-tuning step's forward. Here one 64-bit draw of the same generator
-(``random_`` on int64 yields 63 random bits) gives four 15-bit uniform integers, one per element:
+that is a third of a fine-tuning step's forward. Here each element gets a 15-bit uniform
+integer u: on the CPU from one parallel C pass that writes the mask in its final dtype
+(models/mask_kernel.py: a counter-based hash of a seed drawn from torch's generator); without a
+C compiler (or off the CPU) from torch ops, four per 64-bit ``random_`` draw:
 
     keep  <=>  u >= round(p * LEVELS),   u uniform on [0, LEVELS)
     q     =  1 - round(p * LEVELS) / LEVELS      the keep probability (|q - (1 - p)| <= 1.6e-5)
@@ -12,8 +14,8 @@ that is a third of a fine-tuning step's forward. Here one 64-bit draw of the sam
 The mask is applied as a product with its bytes (``x * keep``, keep a bool mask viewed as uint8):
 torch's CPU ``where(mask, 0, x)`` is not vectorised and costs ~10x that product on a
 (16, 12, 128, 128) tensor. The backward saves the mask (1 byte an element; torch's CPU dropout
-saves a float mask of x's dtype). The draws come from torch's default generator, so a run's RNG state (saved in
-checkpoints) fixes every mask: a resumed run draws the same masks. Elsewhere than on the CPU
+saves a float mask of x's dtype). The draws come from torch's default generator, so a run's RNG
+state (saved in checkpoints) fixes every mask: a resumed run draws the same masks. Elsewhere than on the CPU
 (CUDA's dropout is one fused kernel) and for p = 1, torch's own dropout runs.
 """
 
@@ -23,36 +25,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtune.models import mask_kernel
+
 LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
 
 
 def _levels(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, int, float]:
-    """(u uniform on [0, LEVELS) of ``shape`` as int16, the drop level round(p * LEVELS), q)."""
+    """(u uniform on [0, LEVELS) of ``shape`` as int16, the drop level round(p * LEVELS), q):
+    torch ops, where the C kernel (models/mask_kernel.py) is not available."""
     n = 1
     for s in shape:
         n *= int(s)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # 63 random bits each
     u = words.view(torch.int16)[:n].bitwise_and_(LEVELS - 1)  # (n,) four per word; the top bit cleared
+    drop, q = _drop(p)
+    return u.view(shape), drop, q
+
+
+def _drop(p: float) -> tuple[int, float]:
+    """(the drop level round(p * LEVELS), q the keep probability)."""
     drop = round(p * LEVELS)
-    return u.view(shape), drop, 1.0 - drop / LEVELS
+    return drop, 1.0 - drop / LEVELS
+
+
+def scaled_keep(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype, on: float) -> torch.Tensor:
+    """A mask of ``shape`` in ``dtype``: ``on`` where kept (probability q), 0 where dropped; the
+    same draw as ``keep_mask``. On the CPU one parallel C pass writes it (mask_kernel.py)."""
+    if device.type == "cpu":
+        drop, _ = _drop(p)
+        out = mask_kernel.mask(shape, drop, on, dtype)
+        if out is not None:
+            return out
+    keep, _ = keep_mask(shape, p, device)
+    out = keep.to(dtype)
+    return out.mul_(on) if on != 1.0 else out
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """(bool mask of ``shape``, True (drop) with probability 1 - q; q) for drop probability ``p``."""
-    u, drop, q = _levels(shape, p, device)
-    return u < drop, q
+    keep, q = keep_mask(shape, p, device)
+    return keep.logical_not_(), q
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(bool mask of ``shape``, True (keep) with probability q; q): ``drop_mask`` inverted."""
-    u, drop, q = _levels(shape, p, device)
-    return u >= drop, q
+    """(bool mask of ``shape``, True (keep) with probability q; q)."""
+    keep, q = keep_bytes(shape, p, device)
+    return keep.view(torch.bool), q
 
 
 def keep_bytes(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """``keep_mask`` as uint8 0/1 (the bool mask's own bytes, no copy), for ``x * keep``."""
-    keep, q = keep_mask(shape, p, device)
-    return keep.view(torch.uint8), q
+    drop, q = _drop(p)
+    if device.type == "cpu":
+        out = mask_kernel.mask(shape, drop, 1.0, torch.uint8)
+        if out is not None:
+            return out, q
+    u, drop, q = _levels(shape, p, device)
+    return (u >= drop).view(torch.uint8), q
 
 
 class _Masked(torch.autograd.Function):
@@ -75,17 +104,34 @@ class _Masked(torch.autograd.Function):
         return (gx.mul_(ctx.scale) if ctx.scale != 1.0 else gx), None, None
 
 
+class _Seeded(torch.autograd.Function):
+    """y = x * mask, the mask (0 or ``on``) regenerated from its seed each way (mask_kernel.py):
+    one pass forward and one backward, and no mask kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, drop: int, on: float) -> torch.Tensor:
+        ctx.mask = (seed, drop, on)
+        return mask_kernel.times(x, seed, drop, on)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return mask_kernel.times(g, *ctx.mask), None, None, None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheap mask on the CPU (module docstring)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
         return F.dropout(x, p, training)
+    if mask_kernel.fusable(x):
+        drop, q = _drop(p)
+        return _Seeded.apply(x, mask_kernel.draw(), drop, 1.0 / q)  # the mask of scaled_keep(.., 1 / q)
     if x.dtype in (torch.float32, torch.float64):
         # The scale inside the mask (0 or 1/q in x's dtype, the value a scalar product uses): one product each way
         # instead of two (and no uint8 -> float copy per product), for a saved mask of x's size.
-        keep, q = keep_mask(x.shape, p, x.device)
-        return _Masked.apply(x, keep.to(x.dtype).mul_(1.0 / q), 1.0)
+        q = _drop(p)[1]
+        return _Masked.apply(x, scaled_keep(x.shape, p, x.device, x.dtype, 1.0 / q), 1.0)
     keep, q = keep_bytes(x.shape, p, x.device)  # bf16/fp16: 1/q rounded to x's dtype would change the product
     return _Masked.apply(x, keep, 1.0 / q)  # the scale is a Python float
 
@@ -108,13 +154,21 @@ def swap_dropouts(model: nn.Module) -> int:
     return n
 
 
+def _keep_times(t: torch.Tensor, keep: "torch.Tensor | tuple[int, int]", inplace: bool) -> torch.Tensor:
+    """t * keep: keep a float 0/1 tensor, or (seed, drop) of the mask_kernel mask (regenerated)."""
+    if isinstance(keep, torch.Tensor):
+        return t.mul_(keep) if inplace else t * keep
+    return mask_kernel.times(t, keep[0], keep[1], 1.0, inplace=inplace)
+
+
 class _DropoutAttention(torch.autograd.Function):
     """out = (softmax(scale q k^T + bias) * keep) @ v / kq for float32 q (B, H, T, D), k, v
     (B, H, S, D), bias additive (broadcast to (B, H, T, S)) or None, keep the float 0/1 mask
-    (B, H, T, S). The same products as autograd takes through ``attention``'s composite path,
-    but every (B, H, T, S) temporary is this function's own, so the scores take the bias in
-    place and backward masks its probability gradient in place: a (B, H, T, S) pass and block
-    fewer each way (12.6 MB at 16 x 12 x 128 x 128), and no head-split copies in backward."""
+    (B, H, T, S), or (seed, drop) of the C kernel's mask (mask_kernel.py), regenerated in
+    backward instead of kept. The same products as autograd takes through ``attention``'s
+    composite path, but every (B, H, T, S) temporary is this function's own, so the scores take
+    the bias in place and backward masks its probability gradient in place: a (B, H, T, S) pass
+    and block fewer each way (12.6 MB at 16 x 12 x 128 x 128), and no head-split copies in backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, keep, scale: float, inv_kq: float):
@@ -127,18 +181,20 @@ class _DropoutAttention(torch.autograd.Function):
             scores.add_(bias)
         probs = torch.softmax(scores, dim=-1)
         del scores
-        dropped = probs * keep
-        ctx.save_for_backward(q, k, v, probs, keep, dropped)
-        ctx.scale, ctx.inv_kq = scale, inv_kq
+        dropped = _keep_times(probs, keep, inplace=False)
+        tensor = isinstance(keep, torch.Tensor)
+        ctx.save_for_backward(q, k, v, probs, dropped, keep if tensor else None)
+        ctx.scale, ctx.inv_kq, ctx.seeded = scale, inv_kq, None if tensor else keep
         return torch.matmul(dropped, v).mul_(inv_kq)  # (B, H, T, D)
 
     @staticmethod
     def backward(ctx, go):  # go (B, H, T, D), often a transposed view
-        q, k, v, probs, keep, dropped = ctx.saved_tensors
+        q, k, v, probs, dropped, keep = ctx.saved_tensors
+        keep = keep if ctx.seeded is None else ctx.seeded
         need = ctx.needs_input_grad
         go = torch.mul(go, ctx.inv_kq, out=torch.empty(go.shape, dtype=go.dtype, device=go.device))  # contiguous
         gv = torch.matmul(dropped.transpose(-1, -2), go) if need[2] else None
-        gd = torch.matmul(go, v.transpose(-1, -2)).mul_(keep)  # (B, H, T, S), the dropout's backward
+        gd = _keep_times(torch.matmul(go, v.transpose(-1, -2)), keep, inplace=True)  # (B, H, T, S): dropout's backward
         gs = torch._softmax_backward_data(gd, probs, -1, probs.dtype)
         del gd
         gq = torch.matmul(gs, k).mul_(ctx.scale) if need[0] else None
@@ -175,8 +231,11 @@ def attention(
         bias = mask
         if mask is not None and mask.dtype == torch.bool:  # additive: -> finfo.min where masked, as the fill below
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
-        keep, kq = keep_mask((q.shape[0], q.shape[1], t, s), p, q.device)
-        return _DropoutAttention.apply(q, k, v, bias, keep.to(q.dtype), scale, 1.0 / kq)
+        if mask_kernel.fusable(q):
+            keep: "torch.Tensor | tuple[int, int]" = (mask_kernel.draw(), _drop(p)[0])  # scaled_keep's draw
+        else:
+            keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
+        return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / _drop(p)[1])
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

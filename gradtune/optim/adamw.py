@@ -64,9 +64,13 @@ def _state_for(state: dict[Tensor, Any], p: Tensor) -> dict[str, Tensor]:
     return s
 
 
-def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+def adamw_group_(
+    state: dict[Tensor, Any], group: dict[str, Any], params: list[Tensor], grads: list[Tensor], grad_scale: float = 1.0
+) -> None:
     """One group's AdamW step (fused when it can), its state in ``state`` (an optimizer's
-    ``self.state``); shared by ``AdamW`` and the AdamW side of ``MuonAdamW``."""
+    ``self.state``); shared by ``AdamW`` and the AdamW side of ``MuonAdamW``. ``grad_scale``:
+    the step uses ``g * grad_scale``, as after ``torch._foreach_mul_(grads, grad_scale)``: the
+    fused kernel multiplies as it reads (p.grad unchanged), the reference path scales first."""
     states = [_state_for(state, p) for p in params]
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -74,8 +78,10 @@ def adamw_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[T
     hyper = AdamWHyper.of(group)
     lib = fast.choose(group["fused"], params + grads + exp_avgs + exp_avg_sqs)
     if lib is not None and fast.steps_supported(steps):
-        fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
+        fast.adamw_(lib, params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_scale=grad_scale)
     else:
+        if grad_scale != 1.0:
+            torch._foreach_mul_(grads, grad_scale)
         adamw_reference(params, grads, exp_avgs, exp_avg_sqs, steps, hyper)
 
 
@@ -83,7 +89,12 @@ class AdamW(Optimizer):
     """Drop-in for torch.optim.AdamW (amsgrad, maximize, capturable not supported).
 
     fused: the C fast path, as ``SGD``'s (``fused.choose``); False always runs ``adamw_reference``.
+    ``grad_scale``: a factor the gradients still owe, for the next ``step`` only (then back to 1):
+    the loop's clip factor (times its 1 / count), applied as the fused kernel reads each gradient
+    instead of in a pass of its own over every gradient; p.grad keeps the unscaled values.
     """
+
+    grad_scale: float = 1.0
 
     def __init__(
         self,
@@ -118,4 +129,7 @@ class AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        return step_groups(self, closure, "AdamW", adamw_group_)
+        scale, self.grad_scale = self.grad_scale, 1.0
+        if scale == 1.0:
+            return step_groups(self, closure, "AdamW", adamw_group_)
+        return step_groups(self, closure, "AdamW", lambda st, gr, ps, gs: adamw_group_(st, gr, ps, gs, scale))

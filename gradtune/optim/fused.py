@@ -1,6 +1,6 @@
 """The fast path: build the C kernels of kernel_source.py once, cache them, call them via ctypes.
 
-Mechanism, and why not the alternatives:
+Mechanism (the build itself: runtime/c_build.py), and why not the alternatives:
   * torch.compile of the update: Inductor compiles per distinct set of shapes (a slow cold
     start for a GPT-sized list of tensors) and re-traces when the parameters change.
   * cpp_extension.load_inline: compiling against torch/extension.h and pybind11 is slow.
@@ -21,78 +21,19 @@ on the GPU: correct, but not fused (a Triton/CUDA kernel is future work).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
 from gradtune.optim.hyper import AdamWHyper, SGDHyper
 from gradtune.optim.kernel_source import SOURCE
-from gradtune.runtime import cache
+from gradtune.runtime.c_build import CFLAGS, cache_dir, compiled  # noqa: F401  (CFLAGS, cache_dir: the API)
 
-# -ffp-contract=off: no FMA unless written (see kernel_source.py); -fno-math-errno lets sqrt
-# vectorise; -march=native is safe because the CPU model and flags are part of the cache key.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 _warned_unsupported = False
-
-
-def cache_dir() -> Path:
-    """Where built kernels live; one file per (source, flags, compiler, CPU) hash."""
-    return cache.path("kernels")
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("GRADTUNE_CC"), os.environ.get("CC"), "gcc", "cc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cpu_id() -> str:
-    """CPU model + flags (Linux); elsewhere the machine name. Keys -march=native builds."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _build(cc: str, target: Path, source: str = SOURCE) -> None:
-    """Compile into a temp file next to target, then rename: concurrent processes are safe."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / f"{target.stem}.c", Path(tmp) / target.name
-        src.write_text(source)
-        proc = subprocess.run(
-            [cc, *CFLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed:\n{proc.stderr[-2000:]}")
-        os.replace(out, target)
-
-
-def compiled(source: str, stem: str) -> Path:
-    """The shared library built from C ``source`` with ``CFLAGS``: ``cache_dir()/<stem>_<key>.so``,
-    keyed by source, flags, compiler and CPU, built on first use. RuntimeError when there is no
-    compiler or the build fails."""
-    cc = _compiler()
-    key = hashlib.sha256("\0".join([source, *CFLAGS, str(cc), _cpu_id()]).encode()).hexdigest()
-    target = cache_dir() / f"{stem}_{key[:20]}.so"
-    if not target.exists():
-        if cc is None:
-            raise RuntimeError("no C compiler found (tried $GRADTUNE_CC, $CC, gcc, cc, clang)")
-        _build(cc, target, source)
-    return target
 
 
 def load() -> ctypes.CDLL | None:
@@ -134,6 +75,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             ptr,
             i32,
             ptr,
+            dbl,
             dbl,
             dbl,
             dbl,
@@ -251,8 +193,10 @@ def adamw_(
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     hyper: AdamWHyper,
+    grad_scale: float = 1.0,
 ) -> None:
-    """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here."""
+    """In place: one AdamW step; steps are float scalar tensors on CPU, incremented here.
+    ``grad_scale``: the update uses g * grad_scale (g itself is left as it is)."""
     if not steps_supported(steps):
         raise ValueError("steps must be CPU float32/float64 scalars of one dtype")
     p, g, m, v, s = (_ptrs(x) for x in (params, grads, exp_avgs, exp_avg_sqs, steps))
@@ -274,6 +218,7 @@ def adamw_(
         hyper.beta2,
         hyper.eps,
         hyper.weight_decay,
+        grad_scale,
         torch.get_num_threads(),
     )
     torch.autograd.graph.increment_version(params + exp_avgs + exp_avg_sqs + steps)  # as in sgd_

@@ -115,10 +115,10 @@ void sgd_##SFX(int64_t n, T **p, T **g, T **buf, const int64_t *numel, const uin
    torch's lerp: w < 0.5 ? m + w (g - m) : g - (g - m)(1 - w) = FMA(coef, g - m, base). */    \
 INLINE void adamw_span_##SFX(T *restrict P, const T *restrict G, T *restrict M,               \
                              T *restrict V, int64_t a, int64_t e, T decay, T coef, T b2,      \
-                             T c2, T neg_step, T bc2_sqrt, T eps, const int has_wd,           \
+                             T c2, T neg_step, T bc2_sqrt, T eps, T gs, const int has_wd,     \
                              const int small) {                                               \
     for (int64_t j = a; j < e; ++j) {                                                         \
-        T pj = P[j], gj = G[j], mj = M[j], vj = V[j];                                         \
+        T pj = P[j], gj = G[j] * gs, mj = M[j], vj = V[j];  /* gs: the clip factor, or 1 */   \
         if (has_wd) pj = pj * decay;                                                          \
         mj = FMA(coef, gj - mj, small ? mj : gj);                                             \
         vj = vj * b2;                                                                         \
@@ -134,7 +134,8 @@ INLINE void adamw_span_##SFX(T *restrict P, const T *restrict G, T *restrict M, 
 void adamw_##SFX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,                  \
                  void **step, int step_is_double, double *scratch,                            \
                  double lr, double beta1, double beta2, double eps, double weight_decay,      \
-                 int nthreads) {                                                              \
+                 double grad_scale, int nthreads) {                                           \
+    const T gs = (T)grad_scale;  /* g * gs: torch's _foreach_mul_(grads, grad_scale) */       \
     const T decay = (T)(1.0 - lr * weight_decay), b2 = (T)beta2, c2 = (T)(1.0 - beta2);       \
     const T w1 = (T)(1.0 - beta1), epsT = (T)eps;                                             \
     const int small = fabs((double)w1) < 0.5;                                                 \
@@ -154,16 +155,16 @@ void adamw_##SFX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,   
             const T neg_step = (T)scratch[2 * i], bc2_sqrt = (T)scratch[2 * i + 1];           \
             if (weight_decay != 0 && small)                                                   \
                 adamw_span_##SFX(p[i], g[i], m[i], v[i], a, e, decay, coef, b2, c2, neg_step, \
-                                 bc2_sqrt, epsT, 1, 1);                                       \
+                                 bc2_sqrt, epsT, gs, 1, 1);                                       \
             else if (weight_decay != 0)                                                       \
                 adamw_span_##SFX(p[i], g[i], m[i], v[i], a, e, decay, coef, b2, c2, neg_step, \
-                                 bc2_sqrt, epsT, 1, 0);                                       \
+                                 bc2_sqrt, epsT, gs, 1, 0);                                       \
             else if (small)                                                                   \
                 adamw_span_##SFX(p[i], g[i], m[i], v[i], a, e, decay, coef, b2, c2, neg_step, \
-                                 bc2_sqrt, epsT, 0, 1);                                       \
+                                 bc2_sqrt, epsT, gs, 0, 1);                                       \
             else                                                                              \
                 adamw_span_##SFX(p[i], g[i], m[i], v[i], a, e, decay, coef, b2, c2, neg_step, \
-                                 bc2_sqrt, epsT, 0, 0);                                       \
+                                 bc2_sqrt, epsT, gs, 0, 0);                                       \
         }                                                                                     \
     }                                                                                         \
 }

@@ -82,3 +82,30 @@ def test_update_ratios_exact_for_small_tensors_close_for_large():
 
     assert r["update_ratio_g0"] == pytest.approx(exact(small, copies[:2]), rel=1e-9)
     assert r["update_ratio_g1"] == pytest.approx(exact(large, copies[2:]), rel=0.05)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adamw_grad_scale_equals_clipping_first(fused, dtype):
+    """AdamW.grad_scale (the loop's clip factor, taken as the kernel reads each gradient) gives
+    bitwise the step of clip_'s _foreach_mul_ then step, for one step only; the fused kernel
+    leaves p.grad as it was."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(70_000,), (33, 17), (5,)]
+    a = [torch.randn(s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    oa = AdamW(a, lr=1e-2, weight_decay=0.1, fused=fused)
+    ob = AdamW(b, lr=1e-2, weight_decay=0.1, fused=fused)
+    for step, scale in enumerate([0.37, 1.0, 0.0123456789]):
+        grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+        for p, q, gr in zip(a, b, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        oa.grad_scale = scale
+        oa.step()
+        assert oa.grad_scale == 1.0
+        torch._foreach_mul_([q.grad for q in b], scale)  # clip_'s pass (the loop without grad_scale), then the step
+        ob.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+        if fused:
+            assert all(torch.equal(p.grad, gr) for p, gr in zip(a, grads))

@@ -182,3 +182,39 @@ def test_fused_attention_equals_the_composite_path(masked):
     assert torch.equal(out, ref)
     for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_mask_paths_keep_rate_seed_and_threads(kernel, monkeypatch):
+    """The C mask (models/mask_kernel.py) and the torch-ops fallback (no compiler) both keep
+    with probability q, are fixed by torch.manual_seed, and the C mask does not depend on the
+    thread count; the scaled float mask is the bool mask times 1/q, from the same draw."""
+    from gradtune.models import mask_kernel
+    from gradtune.models.dropout import scaled_keep
+
+    if not kernel:
+        monkeypatch.setattr(mask_kernel, "load", lambda: None)
+    elif mask_kernel.load() is None:
+        pytest.skip("no C compiler")
+    n, p = 1_000_003, 0.1
+    torch.manual_seed(9)
+    m, q = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    assert abs(m.float().mean().item() - q) < 5 * (q * (1 - q) / n) ** 0.5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(9)
+        one, _ = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(m, one)
+    torch.manual_seed(9)
+    s = scaled_keep(torch.Size([n]), p, torch.device("cpu"), torch.float32, 1 / q)
+    assert s.dtype == torch.float32 and torch.equal(s, m.float() * torch.tensor(1 / q, dtype=torch.float32))
+    x = torch.randn(n, dtype=torch.float32, requires_grad=True)
+    torch.manual_seed(9)
+    y = dropout(x, p)  # with the kernel: the mask regenerated from its seed, never stored
+    assert torch.equal(y, x.detach() * s)
+    g = torch.randn(n)
+    y.backward(g)
+    assert torch.equal(x.grad, g * s)

@@ -11,6 +11,7 @@ import torch
 
 from gradtune.optim import SGD, AdamW
 from gradtune.optim import fused as fast
+from gradtune.runtime import c_build
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 # Sizes around the kernel's edges: 1 element, a non-multiple of the vector width and of the
@@ -123,7 +124,7 @@ def _run_both(make_opt) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("failure", ["no_compiler", "compiler_fails"])
 def test_fallback_when_kernel_cannot_be_built(failure: str, fresh_loader, monkeypatch: pytest.MonkeyPatch) -> None:
     if failure == "no_compiler":
-        monkeypatch.setattr(fast, "_compiler", lambda: None)
+        monkeypatch.setattr(c_build, "compiler", lambda: None)
     else:
         monkeypatch.setenv("GRADTUNE_CC", "false")  # /bin/false: exits 1, builds nothing
     with pytest.warns(RuntimeWarning, match="fused kernels unavailable"):
@@ -145,7 +146,7 @@ def test_build_is_cached(fresh_loader, monkeypatch: pytest.MonkeyPatch, tmp_path
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt despite a cached kernel")
 
-    monkeypatch.setattr(fast, "_build", no_build)
+    monkeypatch.setattr(c_build, "build", no_build)
     assert fast.load() is not None
 
 
