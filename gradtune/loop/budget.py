@@ -322,7 +322,8 @@ class TimeBudget:
         p = self.plan
         line = (
             f"max_time {p.max_time}: {p.steps:,} steps fixed after {p.at_step} "
-            f"({p.step_s:.3g} s/step, {p.eval_s:.3g} s per evaluation, {p.final_s:.3g} s to finish)"
+            f"({p.step_s:.3g} s/step{' of a full batch' if self.ramp else ''}, {p.eval_s:.3g} s per evaluation, "
+            f"{p.final_s:.3g} s to finish)"
         )
         if p.final_s > 0.5 * p.seconds:
             line += "; the final full evaluation and outputs take most of the budget: lower val_fraction"
