@@ -17,9 +17,26 @@ share of a full batch's time (``full_steps``; loop/budget.py).
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
+
+
+def floor_sum(n: int, m: int, a: int, b: int) -> int:
+    """sum over i in [0, n) of (a * i + b) // m, for a, b >= 0 and m >= 1, in O(log m) (the
+    Euclid-like reduction of floor sums): a long ramp's sample counts without walking its steps."""
+    total = 0
+    while True:
+        if a >= m:
+            total += n * (n - 1) // 2 * (a // m)
+            a %= m
+        if b >= m:
+            total += n * (b // m)
+            b %= m
+        top = a * n + b
+        if top < m:
+            return total
+        n, b = divmod(top, m)
+        m, a = a, m
 
 
 @dataclass
@@ -27,7 +44,6 @@ class BatchRamp:
     start: int  # samples in step 0
     steps: int  # optimizer steps over which the size grows; step ``steps`` is the first at ``batch``
     batch: int  # the full batch (the config's batch_size, capped at the training set)
-    _cum: list[int] = field(default_factory=list, repr=False)  # _cum[t]: samples in steps [0, t)
 
     @classmethod
     def create(cls, start: int, steps: int, batch: int) -> Optional["BatchRamp"]:
@@ -44,27 +60,25 @@ class BatchRamp:
 
     def samples(self, step: int) -> int:
         """Samples in steps [0, step) (no epoch ends: a short epoch-end batch is the sampler's)."""
-        if not self._cum:
-            self._cum = [0, *itertools.accumulate(self.size(t) for t in range(self.steps))]
-        if step <= self.steps:
-            return self._cum[step]
-        return self._cum[-1] + (step - self.steps) * self.batch
+        k = min(step, self.steps)
+        ramped = self.start * k + floor_sum(k, self.steps, self.batch - self.start, 0)
+        return ramped + max(0, step - self.steps) * self.batch
 
     def full_steps(self, lo: int, hi: int) -> float:
         """Steps [lo, hi) counted in full batches: what they cost next to full steps."""
         return (self.samples(max(hi, lo)) - self.samples(lo)) / self.batch
 
     def total_steps(self, n: int, epochs: int) -> int:
-        """Steps that make ``epochs`` passes over ``n`` samples, as the sampler cuts them: each
-        epoch ends with a short batch where the step's size overruns its end."""
-        step = epoch = index = 0
-        while step < self.steps and epoch < epochs:  # the ramp: sizes vary, walk it
-            index = min(index + self.size(step), n)
-            step += 1
-            if index >= n:
-                epoch, index = epoch + 1, 0
-        if epoch >= epochs:
-            return step
-        rest = -(-(n - index) // self.batch) if index else 0  # the current epoch's remaining full-size steps
-        whole = epochs - epoch - (1 if index else 0)
-        return step + rest + whole * -(-n // self.batch)
+        """Steps that make ``epochs`` passes over ``n`` samples, as the sampler cuts them: an epoch
+        that began at step s ends at the first step e with samples(e) - samples(s) >= n (its last
+        batch cut short); once the ramp is over an epoch is ceil(n / batch) steps."""
+        step = 0
+        for done in range(epochs):
+            if step >= self.steps:
+                return step + (epochs - done) * -(-n // self.batch)
+            base, lo, hi = self.samples(step), step + 1, step + n  # a step takes at least 1 sample
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if self.samples(mid) - base >= n else (mid + 1, hi)
+            step = lo
+        return step

@@ -35,9 +35,16 @@ def test_samples_and_full_steps_count_the_sizes():
         assert r.samples(k) == sum(r.size(t) for t in range(k))
     assert r.full_steps(2, 15) == sum(r.size(t) for t in range(2, 15)) / 10
     assert r.full_steps(9, 12) == 3.0  # after the ramp a step is a full one
+    long = BatchRamp.create(3, 100_003, 4096)  # the closed form (a floor sum) against the plain sum
+    for k in (1, 777, 100_003, 100_010):
+        assert long.samples(k) == sum(long.size(t) for t in range(k))
 
 
-@pytest.mark.parametrize("n,epochs,start,steps,batch", [(50, 3, 2, 10, 8), (20, 4, 1, 40, 7), (9, 2, 1, 3, 9)])
+# (samples, epochs, ramp start, ramp steps, batch): ramps ending inside the first epoch and spanning several
+EPOCHS = [(50, 3, 2, 10, 8), (20, 4, 1, 40, 7), (9, 2, 1, 3, 9), (100, 5, 1, 60, 4)]
+
+
+@pytest.mark.parametrize("n,epochs,start,steps,batch", EPOCHS)
 def test_total_steps_is_what_the_sampler_takes_and_each_epoch_sees_every_sample_once(n, epochs, start, steps, batch):
     s = Sampler(n, batch, seed=5)
     s.ramp = BatchRamp.create(start, steps, batch)
