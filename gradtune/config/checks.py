@@ -28,6 +28,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "ns_steps": (lambda v: 1 <= v <= 99, "in [1, 99]"),
     "batch_size": (lambda v: v == "full" or v >= 1, ">= 1 or 'full'"),
     "micro_batch_size": (lambda v: v is None or v >= 1, ">= 1"),
+    "batch_ramp_steps": (lambda v: v >= 0, ">= 0"),
+    "batch_ramp_start": (lambda v: v >= 1, ">= 1"),
     "epochs": (lambda v: v >= 1, ">= 1"),
     "max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "tol": (lambda v: v >= 0, ">= 0"),
@@ -219,6 +221,7 @@ def check_combinations(cfg: Config) -> None:
     mb, b = cfg.micro_batch_size, cfg.batch_size
     if mb is not None and b != "full" and mb > b:
         raise GradtuneError(f"config: micro_batch_size ({mb}) must not exceed batch_size ({b})")
+    check_batch_ramp(cfg)
     if cfg.max_time is not None:
         parse_duration(cfg.max_time)
     if cfg.text.packing and not is_pretrained(cfg.model):
@@ -228,6 +231,26 @@ def check_combinations(cfg: Config) -> None:
             f"instruction data; model={cfg.model} trains on one continuous stream (nothing to pack)"
         )
     check_quantize(cfg)
+
+
+def check_batch_ramp(cfg: Config) -> None:
+    """``batch_ramp_steps``: a ramp needs a batch to grow to, from a smaller start."""
+    steps, start, b = cfg.batch_ramp_steps, cfg.batch_ramp_start, cfg.batch_size
+    if not steps:
+        if start != Config.batch_ramp_start:
+            raise GradtuneError("config: batch_ramp_start is a batch_ramp_steps setting (batch_ramp_steps=0: no ramp)")
+        return
+    if b == "full":
+        raise GradtuneError(
+            "config: batch_ramp_steps ramps a mini-batch; batch_size=full (batch GD) takes every sample each step"
+        )
+    if start >= b:
+        raise GradtuneError(f"config: batch_ramp_start ({start}) must be below batch_size ({b}) to ramp up to it")
+    if isinstance(cfg.data, list) and any(isinstance(d, dict) for d in cfg.data):
+        raise GradtuneError(
+            "config: batch_ramp_steps: a data mixture draws fixed-size batches by weight; "
+            "train on one corpus or set batch_ramp_steps=0"
+        )
 
 
 def check_quantize(cfg: Config) -> None:

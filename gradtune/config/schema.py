@@ -250,6 +250,10 @@ class Config:
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     batch_size: Union[int, Literal["full"]] = 32  # full: batch GD; 1: stochastic GD; k: mini-batch
     micro_batch_size: Optional[int] = None  # split each batch for memory; the gradient stays exact
+    # batch-size ramp: the batch grows linearly from batch_ramp_start samples to batch_size over this many
+    # steps (cheap small-batch steps while the gradient noise is low); tokens per step follow; 0: off
+    batch_ramp_steps: int = 0
+    batch_ramp_start: int = 1  # batch_ramp_steps: samples in the first step (< batch_size)
     clip_grad_norm: Optional[float] = None  # clip the global gradient norm; None: off
     # estimate the gradient noise scale (batch-size advice) when batches are split into micro-batches; one more gradient
     # norm per step

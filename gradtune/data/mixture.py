@@ -126,6 +126,13 @@ class MixtureSampler:
     def __iter__(self) -> Iterator[Step]:
         return self
 
+    def total_steps(self, epochs: int) -> int:
+        return epochs * self.steps_per_epoch
+
+    def draw(self, step: Optional[int]) -> Step:
+        """The Sampler interface: a mixture has no batch ramp (data/sampler.make_sampler refuses one)."""
+        return next(self)
+
     def __next__(self) -> Step:
         start = self._slot()
         src = source_of(np.arange(start, start + self.batch), self.cum, self.seed)

@@ -3,6 +3,7 @@
     batch_size="full"  batch GD: every training sample, each step is one epoch (exact gradient)
     batch_size=1       stochastic GD: one sample per step, reshuffled every epoch
     batch_size=k       mini-batch GD: k samples per step, reshuffled every epoch, last one short
+    batch_ramp_steps   k grows from batch_ramp_start over the first steps (data/batch_ramp.py)
 
 Each step's batch is split into micro-batches of ``micro_batch_size`` (memory only: the loop
 sums the micro-batch losses and divides by the batch's total count, so the gradient is exact).
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
+
+from gradtune.data.batch_ramp import BatchRamp
+from gradtune.runtime.errors import GradtuneError
 
 
 def epoch_order(
@@ -64,9 +68,14 @@ def make_sampler(job, cfg) -> "Sampler":
     a dataset with its own sampling rule (a mixture: data/mixture.py) makes its own."""
     own = getattr(job.train, "make_sampler", None)
     if own is not None:
+        if cfg.batch_ramp_steps:
+            raise GradtuneError(
+                "config: batch_ramp_steps: a data mixture draws fixed-size batches by weight; "
+                "train on one corpus or set batch_ramp_steps=0"
+            )
         return own(cfg.batch_size, cfg.micro_batch_size, cfg.seed)
     lengths = getattr(job.train, "lengths", None) if cfg.text.group_by_length else None
-    return Sampler(
+    sampler = Sampler(
         len(job.train),
         cfg.batch_size,
         cfg.micro_batch_size,
@@ -74,6 +83,9 @@ def make_sampler(job, cfg) -> "Sampler":
         lengths=lengths,
         pool=cfg.text.length_pool if lengths is not None else 0,
     )
+    if cfg.batch_ramp_steps and cfg.batch_size != "full":
+        sampler.ramp = BatchRamp.create(cfg.batch_ramp_start, cfg.batch_ramp_steps, sampler.batch)
+    return sampler
 
 
 class Sampler:
@@ -100,6 +112,9 @@ class Sampler:
         self.lengths, self.pool = lengths, pool  # length grouping (module doc); pool 0: off
         self.epoch, self.index = 0, 0
         self._order: Optional[torch.Tensor] = None
+        # batch_ramp_steps: the step's size is ramp.size(step) (``draw``); None: always ``batch``.
+        # The epoch order (and its length-grouped batches) is cut for the full batch either way.
+        self.ramp: Optional[BatchRamp] = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -125,10 +140,20 @@ class Sampler:
     def __iter__(self) -> Iterator[Step]:
         return self
 
+    def total_steps(self, epochs: int) -> int:
+        """Steps that make ``epochs`` passes over the training set."""
+        return epochs * self.steps_per_epoch if self.ramp is None else self.ramp.total_steps(self.n, epochs)
+
     def __next__(self) -> Step:
+        return self.draw(None)
+
+    def draw(self, step: Optional[int]) -> Step:
+        """The next batch: the ramp's size at optimizer step ``step`` (the loop's), else the
+        full batch; the data position advances by what was drawn."""
         if self._order is None:
             self._order = self._epoch_order()
-        start, stop = self.index, min(self.index + self.batch, self.n)
+        size = self.batch if self.ramp is None or step is None else self.ramp.size(step)
+        start, stop = self.index, min(self.index + size, self.n)
         idx = self._order[start:stop]
         micro = [idx] if stop - start <= self.micro else list(idx.split(self.micro))
         step = Step(self.epoch, start, micro, stop >= self.n)

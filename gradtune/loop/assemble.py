@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from gradtune.config import Config
-from gradtune.data.sampler import make_sampler
+from gradtune.data.sampler import Sampler, make_sampler
 from gradtune.jobs.job import Job
 from gradtune.loop.callbacks import Callback
 from gradtune.loop.components import Component, Events
@@ -58,13 +58,15 @@ def components(
     return found
 
 
-def step_total(cfg: Config, per_epoch: int) -> int:
-    """The config's own step total: epochs, capped by max_steps (max_time may lower it later)."""
-    return cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+def step_total(cfg: Config, sampler: Sampler) -> int:
+    """The config's own step total: epochs (the sampler's steps for them: a batch ramp's small
+    steps make more), capped by max_steps (max_time may lower it later)."""
+    by_epochs = sampler.total_steps(cfg.epochs)
+    return by_epochs if cfg.max_steps is None else min(cfg.max_steps, by_epochs)
 
 
 def planned(job: Job, cfg: Config, out_dir: Optional[Path], callbacks: list[Callback]) -> list[str]:
     """The component list a run of ``job`` would have, without building the loop (--dry-run)."""
     sampler = make_sampler(job, cfg)
-    found = components(job, cfg, out_dir, step_total(cfg, sampler.steps_per_epoch), sampler.micro < sampler.batch)
+    found = components(job, cfg, out_dir, step_total(cfg, sampler), sampler.micro < sampler.batch)
     return Events([*found, *callbacks], distributed.is_main()).describe()

@@ -47,6 +47,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from gradtune.config.durations import parse_duration
+from gradtune.data.batch_ramp import BatchRamp
 from gradtune.runtime.errors import GradtuneError
 
 WARM_STEPS = 20  # steps measured before the budget is fixed (fewer for tiny runs)
@@ -107,14 +108,17 @@ def plan_steps(
     eval_every: int,
     per_epoch: int,
     ckpt_every: int,
+    ramp: Optional[BatchRamp] = None,
 ) -> int:
     """The largest total T in [done + 1, cap] whose remaining steps, evaluations and checkpoints
     fit in ``seconds_left``: (T - done) * step_s + evals * eval_s + checkpoints * ckpt_s. At
-    least one more step (the one that carries the final evaluation); never above ``cap``."""
+    least one more step (the one that carries the final evaluation); never above ``cap``.
+    ``ramp``: ``step_s`` is a full batch's, a step costs its share of a full batch's samples."""
 
     def cost(t: int) -> float:
         ckpts = multiples(done, t - 1, ckpt_every) if ckpt_every else 0
-        return (t - done) * step_s + evals_between(done, t, eval_every, per_epoch) * eval_s + ckpts * ckpt_s
+        steps = (t - done) if ramp is None else ramp.full_steps(done, t)
+        return steps * step_s + evals_between(done, t, eval_every, per_epoch) * eval_s + ckpts * ckpt_s
 
     lo, hi = done + 1, max(done + 1, cap)
     if cost(hi) <= seconds_left:
@@ -163,7 +167,7 @@ class Plan:
     seconds: float
     steps: int = 0  # 0 until calibrated
     at_step: int = 0  # the step it was fixed after
-    step_s: float = 0.0  # mean seconds per training step over the warm-up's second half
+    step_s: float = 0.0  # mean seconds per training step over the warm-up's second half (batch ramp: per full batch)
     eval_s: float = 0.0  # one intermediate evaluation
     final_s: float = 0.0  # final evaluation + last checkpoint + outputs
     startup_s: float = 0.0  # from the clock's zero to the first step
@@ -190,6 +194,8 @@ class TimeBudget:
     since_s: float = 0.0  # training seconds since the last plan (the next re-plan's mean)
     since_n: int = 0  # ... and their steps
     before: int = 0  # the count the latest re-plan replaced (its stderr line)
+    # batch_ramp_steps: step times are kept as a full batch's (seconds x batch / the step's size)
+    ramp: Optional[BatchRamp] = None
 
     @classmethod
     def create(cls, max_time: str, start: Optional[float], provisional: int) -> "TimeBudget":
@@ -216,6 +222,8 @@ class TimeBudget:
 
     def observe(self, step: int, seconds: float) -> bool:
         """One step's training seconds (evaluation and checkpoint time excluded); is calibration due?"""
+        if self.ramp is not None:  # the step just taken, ``step - 1``, had ramp.size(step - 1) samples
+            seconds *= self.ramp.batch / self.ramp.size(max(step - 1, 0))
         if self.fixed:
             self.since_s, self.since_n = self.since_s + seconds, self.since_n + 1
             return False
@@ -252,7 +260,9 @@ class TimeBudget:
             p.steps, p.forced = max(step + 1, min(cap, self.forced)), True
         else:
             left = AIM * p.seconds - (time.perf_counter() - self.origin) - final_s
-            p.steps = plan_steps(step, cap, left, p.step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every)
+            p.steps = plan_steps(
+                step, cap, left, p.step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every, self.ramp
+            )
         if dist.is_available() and dist.is_initialized():  # every rank takes rank 0's count
             box = [p.steps]
             dist.broadcast_object_list(box, src=0)
@@ -275,7 +285,7 @@ class TimeBudget:
         step_s = self.since_s / self.since_n
         v = self.schedule_step(step, p.steps)[0]  # the schedule's progress so far, kept
         left = AIM * p.seconds - (time.perf_counter() - self.origin) - p.final_s
-        steps = plan_steps(step, cap, left, step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every)
+        steps = plan_steps(step, cap, left, step_s, eval_s, ckpt_s, eval_every, per_epoch, ckpt_every, self.ramp)
         if dist.is_available() and dist.is_initialized():
             box = [steps]
             dist.broadcast_object_list(box, src=0)
@@ -312,7 +322,8 @@ class TimeBudget:
         p = self.plan
         line = (
             f"max_time {p.max_time}: {p.steps:,} steps fixed after {p.at_step} "
-            f"({p.step_s:.3g} s/step, {p.eval_s:.3g} s per evaluation, {p.final_s:.3g} s to finish)"
+            f"({p.step_s:.3g} s/step{' of a full batch' if self.ramp else ''}, {p.eval_s:.3g} s per evaluation, "
+            f"{p.final_s:.3g} s to finish)"
         )
         if p.final_s > 0.5 * p.seconds:
             line += "; the final full evaluation and outputs take most of the budget: lower val_fraction"

@@ -1,7 +1,7 @@
 """The one training loop. Every job — a line, the 10-5-1 MLP, a GPT, a LoRA-tuned LLM — runs here.
 
     for each step:
-        batch(es)  <- sampler (batch_size: full | 1 | k), split into micro-batches
+        batch(es)  <- sampler (batch_size: full | 1 | k, or k ramped by step), split into micro-batches
         loss       <- objective(model, micro-batch) as sums; gradients of sums accumulated
         grad       <- divided once by the batch's total count: exact whatever the split
                       (fp16: the loss sums were scaled, the scale is divided out here too;
@@ -90,7 +90,7 @@ class Loop(LoopState):
         self.opt_step = direct_step(self.opt)  # opt.step() minus torch's per-call profiling wrapper
         self.sampler = make_sampler(job, cfg)
         per_epoch = self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total = step_total(cfg, per_epoch)
+        self.total = step_total(cfg, self.sampler)
         self.eval_every = cfg.eval_every or per_epoch
         self.warmup = cfg.warmup_steps  # max_time may cap it (loop/time_budget.py)
         self.decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * self.total))  # wsd
@@ -141,6 +141,15 @@ class Loop(LoopState):
 
     # --- measuring ----------------------------------------------------------------------------
     @property
+    def epochs_done(self) -> float:
+        """Passes over the training set so far: steps / steps per epoch, or with a batch ramp
+        (steps of varying size) the sampler's position."""
+        s = self.sampler
+        if getattr(s, "ramp", None) is None:
+            return self.step / self.steps_per_epoch
+        return s.epoch + s.index / s.n
+
+    @property
     def eval_batch(self) -> int:
         """Samples per evaluation forward, chosen from memory once training has run (the largest
         chunk within a training micro-batch's activations: loop/eval_chunk.py)."""
@@ -173,7 +182,7 @@ class Loop(LoopState):
         job, t0 = self.job, self.phases.clock()
         self.train_loss = self.run_loss / max(self.run_count, 1.0)
         period = {k: float(v) for k, v in self.run_metrics.items()}  # one host sync per evaluation
-        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4)}
+        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.epochs_done, 4)}
         row["lr"] = lr
         row.update(task_metrics(job.metrics, job.info, "", self.train_loss, self.run_count, period))
         gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
@@ -389,7 +398,7 @@ class Loop(LoopState):
         while self.step < self.total and not self.finished:
             testhooks.hit("step.begin")
             self.events.emit("on_step_begin")
-            applied, reason = self._step(next(self.sampler))
+            applied, reason = self._step(self.sampler.draw(self.step))  # the ramp's size at this step
             if reason:
                 self.finished = reason
                 break

@@ -45,6 +45,8 @@ class TimeBudget(Component):
         return f"TimeBudget(max_time={self.cfg.max_time})"
 
     def on_train_begin(self, control: Control) -> None:
+        # batch_ramp_steps: steps are timed and planned at their share of a full batch (loop/budget.py)
+        self.budget.ramp = getattr(getattr(self.view, "sampler", None), "ramp", None)
         self.budget.began()
 
     def on_step_begin(self) -> None:

@@ -102,6 +102,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "gpt_sgd": ("gpt", ["batch_size=1"]),
     "gpt_mini": ("gpt", ["batch_size=8"]),
     "gpt_mini_acc": ("gpt", ["batch_size=8", "micro_batch_size=2", "clip_grad_norm=0.5"]),
+    # batch ramps: 2 -> 32 and 1 -> 8 samples (micro-batches smaller than 3 ranks: empty shares)
+    "mlp_ramp": ("mlp", ["batch_size=32", "micro_batch_size=5", "batch_ramp_steps=8", "batch_ramp_start=2", "lr=0.01"]),
+    "gpt_ramp": ("gpt", ["batch_size=8", "micro_batch_size=2", "batch_ramp_steps=6", "batch_ramp_start=1"]),
     "gpt_muon": ("gpt", ["batch_size=8", "optimizer=muon", "muon_lr=0.02", "weight_decay=0.01", "max_steps=4"]),
     "gpt_fsdp": (
         "gpt",

@@ -217,6 +217,15 @@ CONFIG = {
     "muon_lr without muon": Case(lambda c: train("optimizer=adamw", "muon_lr=0.05"), ("muon_lr is an optimizer=muon",)),
     "muon with momentum": Case(lambda c: train("optimizer=muon", "momentum=0.9"), ("muon_momentum/muon_nesterov",)),
     "muon under fsdp": Case(lambda c: train("optimizer=muon", "distributed=fsdp"), ("FSDP shards them",)),
+    "batch ramp with batch GD": Case(
+        lambda c: train("batch_size=full", "batch_ramp_steps=10"), ("batch_ramp_steps", "batch_size=full")
+    ),
+    "batch ramp start not below batch": Case(
+        lambda c: train("batch_size=8", "batch_ramp_steps=10", "batch_ramp_start=8"),
+        ("batch_ramp_start (8) must be below batch_size (8)",),
+    ),
+    "batch_ramp_start without a ramp": Case(lambda c: train("batch_ramp_start=2"), ("batch_ramp_start is a",)),
+    "batch_ramp_steps=-1": Case(lambda c: train("batch_ramp_steps=-1"), ("'batch_ramp_steps' must be >= 0",)),
     "yaml lr .inf": Case(lambda c: train(c.file("c.yaml", "lr: .inf\n")), ("'lr'", "finite")),
     "gpt.n_layer=0": Case(lambda c: train("model=gpt", "gpt.n_layer=0"), ("'gpt.n_layer' must be >= 1",)),
     "gpt.n_head=0": Case(lambda c: train("model=gpt", "gpt.n_head=0"), ("'gpt.n_head' must be >= 1",)),
@@ -530,6 +539,14 @@ CORPUS = {
             f"data=[{{path: {c.file('a.txt', TEXT)}, weight: 1}}, {{path: {c.file('b.txt', TEXT)}, weight: 0}}]",
         ),
         ("data[1].weight", "> 0", "b.txt"),
+    ),
+    "corpus: mixture with a batch ramp": Case(
+        lambda c: train(
+            *TINY_GPT,
+            "batch_ramp_steps=5",
+            f"data=[{{path: {c.file('a.txt', TEXT)}, weight: 1}}, {{path: {c.file('b.txt', TEXT)}, weight: 2}}]",
+        ),
+        ("batch_ramp_steps", "mixture"),
     ),
 }
 

@@ -58,6 +58,8 @@ MODES = {  # name -> (settings, micro-batches per step)
         1,
     ),
     "minibatch": (["batch_size=8", "micro_batch_size=3", "optimizer=adamw"], 3),
+    # a batch ramp 1 -> 8 over half the run: 1 to 3 micro-batches a step, the sizes from the step
+    "ramp": (["batch_size=8", "micro_batch_size=3", "batch_ramp_steps=60", "batch_ramp_start=1"], 3),
 }
 KILLS_PER_MODE = 8
 STEPS = 120

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gradtune.config import load_config
+from gradtune.data.batch_ramp import BatchRamp
 from gradtune.data.sampler import Sampler
 from gradtune.jobs.registry import build
 from gradtune.loop.fit import fit
@@ -23,6 +24,8 @@ MODES = {
     "full": ["batch_size=full", "micro_batch_size=100", "max_steps=12"],  # 4 micro-batches a step
     "sgd": ["batch_size=1", "max_steps=40", "eval_every=7"],
     "minibatch": ["batch_size=32", "micro_batch_size=12", "max_steps=30", "optimizer=adamw"],
+    # a batch ramp 3 -> 32 over 20 steps: kills land inside the ramp, the sizes come from the step
+    "ramp": ["batch_size=32", "micro_batch_size=12", "batch_ramp_steps=20", "batch_ramp_start=3", "max_steps=30"],
 }
 
 
@@ -119,6 +122,15 @@ def test_interrupted_runs_resume_bitwise(mode, references, tmp_path, monkeypatch
     got = probe_steps(tmp_path / f"{mode}-resumed.probe")
     assert sorted(got) == list(range(1, len(ref_probe) + 1))
     assert got == ref_probe  # every step trained on exactly the reference's samples
+
+
+def test_the_ramp_mode_takes_the_ramps_sizes(references):
+    """The resumed ramp run above matched this probe step for step: so did its sizes."""
+    _, _, probe = references["ramp"]
+    sampler = Sampler(len(build(load_config(None, ["model=mlp"])).train), 32)
+    sampler.ramp = BatchRamp.create(3, 20, 32)
+    sizes = [sum(len(m) for m in sampler.draw(t).micro) for t in range(30)]  # an epoch's end cuts one short
+    assert [len(probe[s]) for s in sorted(probe)] == sizes and sizes[:8] == [3, 4, 5, 7, 8, 10, 11, 13]
 
 
 def test_each_epoch_sees_every_sample_once(references):
