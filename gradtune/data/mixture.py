@@ -129,6 +129,9 @@ class MixtureSampler:
     def total_steps(self, epochs: int) -> int:
         return epochs * self.steps_per_epoch
 
+    def epochs_done(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
     def draw(self, step: Optional[int]) -> Step:
         """The Sampler interface: a mixture has no batch ramp (data/sampler.make_sampler refuses one)."""
         return next(self)

@@ -144,6 +144,11 @@ class Sampler:
         """Steps that make ``epochs`` passes over the training set."""
         return epochs * self.steps_per_epoch if self.ramp is None else self.ramp.total_steps(self.n, epochs)
 
+    def epochs_done(self, step: int) -> float:
+        """Passes over the training set after ``step`` optimizer steps: steps / steps per epoch, or
+        with a batch ramp (steps of varying size) this sampler's position."""
+        return step / self.steps_per_epoch if self.ramp is None else self.epoch + self.index / self.n
+
     def __next__(self) -> Step:
         return self.draw(None)
 

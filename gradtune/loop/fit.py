@@ -106,7 +106,7 @@ def _fit(job: Job, setup: RunSetup) -> Result:
     metrics = {k: v for k, v in last.items() if k not in ("kind", "step", "epoch", "lr", "time")}
     result = Result(
         loop.step,
-        loop.epochs_done,
+        loop.sampler.epochs_done(loop.step),
         stop_reason,
         last.get("loss", train_loss),
         last.get("val_loss"),

@@ -141,15 +141,6 @@ class Loop(LoopState):
 
     # --- measuring ----------------------------------------------------------------------------
     @property
-    def epochs_done(self) -> float:
-        """Passes over the training set so far: steps / steps per epoch, or with a batch ramp
-        (steps of varying size) the sampler's position."""
-        s = self.sampler
-        if getattr(s, "ramp", None) is None:
-            return self.step / self.steps_per_epoch
-        return s.epoch + s.index / s.n
-
-    @property
     def eval_batch(self) -> int:
         """Samples per evaluation forward, chosen from memory once training has run (the largest
         chunk within a training micro-batch's activations: loop/eval_chunk.py)."""
@@ -182,7 +173,8 @@ class Loop(LoopState):
         job, t0 = self.job, self.phases.clock()
         self.train_loss = self.run_loss / max(self.run_count, 1.0)
         period = {k: float(v) for k, v in self.run_metrics.items()}  # one host sync per evaluation
-        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": round(self.epochs_done, 4)}
+        epoch = round(self.sampler.epochs_done(self.step), 4)
+        row: dict[str, Any] = {"kind": "eval", "step": self.step, "epoch": epoch}
         row["lr"] = lr
         row.update(task_metrics(job.metrics, job.info, "", self.train_loss, self.run_count, period))
         gnorm = float(self.last_gnorm) if self.last_gnorm is not None else None
