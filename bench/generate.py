@@ -64,7 +64,7 @@ from gradtune.config.schema import Config  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
 from gradtune.finetune.lora import LoRALinear  # noqa: E402
 from gradtune.jobs.reload import load_run  # noqa: E402
-from gradtune.models import fast_decoder, hf  # noqa: E402
+from gradtune.models import decode_kernel, fast_decoder, hf  # noqa: E402
 from gradtune.models.generate import PACK_MIN_TOKENS, generate, next_token  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -184,9 +184,22 @@ def llama_cpp_line(gguf: Path | None, text_ids: list[int], tokens: int, threads:
 
 def gemm_calls(model: torch.nn.Module, peer: torch.nn.Module, batch: int, pack: bool) -> dict[str, list[Callable]]:
     """Per side, one step's GEMMs on random inputs of the step's shapes, nothing else: ours through
-    the (kept) fast_decoder weights, the peer through F.linear on its nn.Linear layers."""
+    the (kept) fast_decoder weights (at float32 batch 1 the C step's own GEMV), the peer through
+    F.linear on its nn.Linear layers."""
     w = fast_decoder.weights(model, batch, pack)
     dtype = w.embed.dtype
+    theirs = [
+        lambda m=m, x=torch.randn(batch, 1, m.in_features).to(dtype): F.linear(x, m.weight)
+        for m in peer.modules()
+        if type(m) is torch.nn.Linear
+    ]
+    if batch == 1 and decode_kernel.applies(w):  # float32 at batch 1: the C step; its GEMVs alone
+        mats = [m for layer in w.layers for p in layer[1:6] if isinstance(p, fast_decoder.Packed) for m, _ in p.parts]
+        mats.append(w.head.parts[0][0])
+        return {
+            "ours": [lambda m=m, x=torch.randn(m.shape[1]): decode_kernel.gemv(m, x) for m in mats],
+            "transformers": theirs,
+        }
     ours: list[Callable] = []
     for (_, qkv, o, _, gate_up, down, _), lyr in zip(w.layers, peer.model.layers):
         a, m = lyr.self_attn, lyr.mlp
@@ -195,11 +208,6 @@ def gemm_calls(model: torch.nn.Module, peer: torch.nn.Module, batch: int, pack: 
         for packed, width in ((gate_up, m.gate_proj.in_features), (down, m.down_proj.in_features)):
             ours.append(lambda p=packed, x=torch.randn(batch, width).to(dtype): p(x))
     ours.append(lambda p=w.head, x=torch.randn(batch, peer.lm_head.in_features).to(dtype): p(x))
-    theirs = [
-        lambda m=m, x=torch.randn(batch, 1, m.in_features).to(dtype): F.linear(x, m.weight)
-        for m in peer.modules()
-        if type(m) is torch.nn.Linear
-    ]
     return {"ours": ours, "transformers": theirs}
 
 

@@ -15,6 +15,7 @@ Here:
 - per call, one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
+- float32 at batch 1 on the CPU, no pads: each cached (1, 1) step is one C call (models/decode_kernel.py).
 
 Left-padded batches: ``mask`` (B, T) marks real prompt tokens; positions count real tokens only
 (as transformers' generate does: cumsum - 1), pads are never attended to.
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from gradtune.models import decode_kernel
 
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")  # a table fixed by position alone (not "dynamic")
@@ -225,6 +228,8 @@ class Decoder:
         if mask is not None and not bool(mask.all()):
             self.valid = torch.ones(rows, capacity, dtype=torch.bool, device=p.device)
             self.valid[:, : mask.shape[1]] = mask.bool()
+        # float32 at batch 1 on the CPU: each (1, 1) step in one C call (models/decode_kernel.py)
+        self.step = None if self.valid is not None else decode_kernel.bind(w, self.k, self.v, self.cos, self.sin_signed)
 
     @staticmethod
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -285,6 +290,11 @@ class Decoder:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, t) after the ``length`` already cached -> last-position logits (B, V)."""
         b, t = ids.shape
+        if t == 1 and self.step is not None:
+            logits = self.step(int(ids[0, 0]), self.length)  # (1, V)
+            self.length += 1
+            self.next_pos = torch.full((1, 1), self.length, dtype=torch.long)
+            return logits
         start, end = self.length, self.length + t
         pos = self._positions(t)
         cos, sin = self.cos[pos][:, :, None], self.sin_signed[pos][:, :, None]  # (B, t, 1, D)

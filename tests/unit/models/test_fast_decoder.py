@@ -245,3 +245,40 @@ def test_packed_weights_kept_until_a_weight_changes() -> None:
         after = generate(model, prompt, new, temperature=0, keep_packed=True)
         assert torch.equal(after, fresh()), i
         assert not torch.equal(after, before) or i == 3, i  # bf16 rounding need not change a token
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_batch_one_float32_steps_in_c_equal_transformers(family: str, monkeypatch) -> None:
+    """The C step (models/decode_kernel.py) at batch 1: logits of every cached step equal
+    transformers' uncached forward to float32 rounding; without the library, the torch path."""
+    from gradtune.models import decode_kernel
+
+    if decode_kernel.load() is None:
+        pytest.skip("no C compiler here: the torch path is the one tested above")
+    model = _family(family)
+    prompt = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(3))
+    decoder = fast_decoder.Decoder(model, 1, 20, None)
+    assert decoder.step is not None
+    with torch.no_grad():
+        got = [decoder(prompt[:, :4])] + [decoder(prompt[:, i : i + 1]) for i in range(4, 16)]
+        for i, logits in enumerate(got):
+            expected = model(prompt[:, : 4 + i]).logits[:, -1]
+            assert torch.allclose(logits, expected, atol=5e-5, rtol=1e-5), (i, (logits - expected).abs().max())
+    assert torch.equal(
+        generate(model, prompt[:, :4], 12, temperature=0),
+        model.generate(prompt[:, :4], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0),
+    )
+    monkeypatch.setattr(decode_kernel, "_lib", None)
+    monkeypatch.setattr(decode_kernel, "_tried", True)
+    assert fast_decoder.Decoder(model, 1, 20, None).step is None
+
+
+def test_c_gemv_equals_mm_on_every_tail() -> None:
+    from gradtune.models import decode_kernel
+
+    if decode_kernel.load() is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(0)
+    for rows, n in ((1, 1), (7, 15), (8, 16), (9, 17), (37, 131), (64, 576)):
+        w, x = torch.randn(rows, n, generator=gen), torch.randn(n, generator=gen)
+        assert torch.allclose(decode_kernel.gemv(w, x), w @ x, atol=1e-4, rtol=1e-5), (rows, n)
