@@ -64,7 +64,7 @@ from gradtune.config.schema import Config  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
 from gradtune.finetune.lora import LoRALinear  # noqa: E402
 from gradtune.jobs.reload import load_run  # noqa: E402
-from gradtune.models import decode_kernel, fast_decoder, hf  # noqa: E402
+from gradtune.models import decode_kernel, decode_step, fast_decoder, hf  # noqa: E402
 from gradtune.models.generate import PACK_MIN_TOKENS, generate, next_token  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -193,7 +193,7 @@ def gemm_calls(model: torch.nn.Module, peer: torch.nn.Module, batch: int, pack: 
         for m in peer.modules()
         if type(m) is torch.nn.Linear
     ]
-    if batch == 1 and decode_kernel.applies(w):  # float32 at batch 1: the C step; its GEMVs alone
+    if batch == 1 and decode_step.applies(w):  # float32 at batch 1: the C step; its GEMVs alone
         mats = [m for layer in w.layers for p in layer[1:6] if isinstance(p, fast_decoder.Packed) for m, _ in p.parts]
         mats.append(w.head.parts[0][0])
         return {

@@ -214,6 +214,79 @@ void decode_f32(const float *const *ptrs, const float *eps, const int64_t *dims,
         gemv_shared(logits, head_w, xn, vocab, hidden, 0);
     }
 }
+
+/* Batches (B > 1): the steps between the packed GEMMs (fast_decoder's float32 path), one call each. */
+
+/* Per row b of B: x[b] += delta[b] (delta may be NULL), then xn[b] = rms(x[b]) w (w may be NULL). */
+void add_rms_f32(float *x, const float *delta, const float *w, float eps, float *xn, int64_t rows, int64_t hidden) {
+    for (int64_t b = 0; b < rows; b++) {
+        float *xb = x + b * hidden;
+        if (delta) for (int64_t i = 0; i < hidden; i++) xb[i] += delta[b * hidden + i];
+        if (w) rms(xn + b * hidden, xb, w, hidden, eps);
+    }
+}
+
+/* h (B, inter) = silu(gu[:, :inter]) * gu[:, inter:], gu (B, 2 inter) the gate/up GEMM's output. */
+void silu_mul_f32(float *h, const float *gu, int64_t rows, int64_t inter, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < rows; b++)
+        for (int64_t i = 0; i < inter; i++) {
+            float g = gu[b * 2 * inter + i];
+            h[b * inter + i] = g / (1.0f + expf(-g)) * gu[b * 2 * inter + inter + i];
+        }
+}
+
+/* One (B, 1) step's attention. y (B, (heads + 2 kv_heads) d): the q/k/v GEMM's output; rotary at
+   row b's position pos[b]; k, v written to cache row `at` of kc/vc (B, kv_heads, cap, d); each
+   query attends to rows <= at where valid (B, cap) is set (NULL: all). att (B, heads d); scratch:
+   B heads (d + cap) floats. */
+void attend_f32(float *y, float *kc, float *vc, int64_t rows, int heads, int kvh, int d, int64_t cap,
+                int64_t at, const int64_t *pos, const float *cos, const float *sin_signed,
+                const uint8_t *valid, float scale, float *att, float *scratch, int nthreads) {
+    const int64_t width = (int64_t)(heads + 2 * kvh) * d, len = at + 1;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < rows * kvh; bg++) {
+            int64_t b = bg / kvh, g = bg % kvh;
+            float *k = y + b * width + (int64_t)(heads + g) * d, *v = k + (int64_t)kvh * d;
+            rope(k, 1, d, cos + pos[b] * d, sin_signed + pos[b] * d);
+            float *kr = kc + ((b * kvh + g) * cap + at) * d, *vr = vc + ((b * kvh + g) * cap + at) * d;
+            for (int i = 0; i < d; i++) { kr[i] = k[i]; vr[i] = v[i]; }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < rows * heads; bh++) {
+            int64_t b = bh / heads, h = bh % heads, g = h / (heads / kvh);
+            float *q = scratch + bh * (d + cap), *p = q + d;
+            for (int i = 0; i < d; i++) q[i] = y[b * width + h * d + i];
+            rope(q, 1, d, cos + pos[b] * d, sin_signed + pos[b] * d);
+            const float *k = kc + (b * kvh + g) * cap * d, *v = vc + (b * kvh + g) * cap * d;
+            const uint8_t *ok = valid ? valid + b * cap : 0;
+            float m = -INFINITY;
+            for (int64_t j = 0; j < len; j++) {
+                float s = -INFINITY;
+                if (!ok || ok[j]) {
+                    s = 0;
+                    #pragma omp simd reduction(+:s)
+                    for (int i = 0; i < d; i++) s += q[i] * k[j * d + i];
+                    s *= scale;
+                }
+                p[j] = s;
+                m = s > m ? s : m;
+            }
+            float sum = 0;
+            for (int64_t j = 0; j < len; j++) { p[j] = p[j] == -INFINITY ? 0 : expf(p[j] - m); sum += p[j]; }
+            float *out = att + b * (int64_t)heads * d + h * d;
+            for (int i = 0; i < d; i++) out[i] = 0;
+            for (int64_t j = 0; j < len; j++) {
+                if (p[j] == 0) continue;
+                float pj = p[j] / sum;
+                #pragma omp simd
+                for (int i = 0; i < d; i++) out[i] += pj * v[j * d + i];
+            }
+        }
+    }
+}
 """
 
 _lib: Optional[ctypes.CDLL] = None
@@ -249,6 +322,13 @@ def load() -> Optional[ctypes.CDLL]:
         lib.decode_f32.restype = None
         lib.gemv_f32.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         lib.gemv_f32.restype = None
+        i64, f32p = ctypes.c_int64, ctypes.c_float
+        lib.add_rms_f32.argtypes = [ptr, ptr, ptr, f32p, ptr, i64, i64]
+        lib.silu_mul_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+        lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64]
+        lib.attend_f32.argtypes += [ptr, ptr, ptr, ptr, f32p, ptr, ptr, ctypes.c_int]
+        for f in (lib.add_rms_f32, lib.silu_mul_f32, lib.attend_f32):
+            f.restype = None
         _lib = lib
     return _lib
 
@@ -262,73 +342,12 @@ def reset() -> None:
 def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W (rows, n) times x (n): the kernel's GEMV alone, as the step runs it (float32, contiguous)."""
     lib = load()
-    assert lib is not None and _plain(w) and _plain(x)
+    assert lib is not None and plain(w) and plain(x)
     y = torch.empty(w.shape[0])
     lib.gemv_f32(y.data_ptr(), w.data_ptr(), x.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
     return y
 
 
-def _plain(t: Optional[torch.Tensor]) -> bool:
+def plain(t: Optional[torch.Tensor]) -> bool:
+    """None, or a contiguous float32 CPU tensor: what the kernels read through a pointer."""
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-
-
-class Step:
-    """A fast_decoder.Weights and its Decoder's cache bound for ``decode_f32``: the pointers
-    gathered once; ``__call__`` runs one batch-1 step. Holds every tensor it points into."""
-
-    def __init__(self, lib: ctypes.CDLL, w, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        self.lib, self.w, self.k, self.v, self.cos, self.sin = lib, w, k, v, cos, sin
-        layers, _, kvh, cap, d = k.shape
-        ptrs, eps = [], []
-        for li, (norm_in, qkv, o, norm_post, gate_up, down, _) in enumerate(w.layers):
-            (wq, bq), (wk, bk), (wv, bv) = qkv.parts
-            (wo, _), (wg, _), (wu, _), (wd, _) = o.parts[0], *gate_up.parts, down.parts[0]
-            row = [norm_in[0], wq, wk, wv, bq, bk, bv, wo, norm_post[0], wg, wu, wd]
-            ptrs += [0 if t is None else t.data_ptr() for t in row] + [k[li].data_ptr(), v[li].data_ptr()]
-            eps += [norm_in[1], norm_post[1]]
-        self.ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        self.eps = (ctypes.c_float * len(eps))(*eps)
-        hidden, inter, vocab = w.embed.shape[1], w.layers[0][4].sizes[0], w.head.parts[0][0].shape[0]
-        self.dims = (ctypes.c_int64 * 8)(hidden, w.heads, w.kv_heads, d, inter, cap, vocab, layers)
-        self.scale, self.vocab, self.cap = float(w.layers[0][6]), vocab, cap
-        qd = w.heads * d
-        self.scratch = torch.empty(2 * hidden + qd + 2 * kvh * d + qd + 2 * inter + w.heads * cap)
-
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        """The token at ``pos`` (its cache row; rows < pos filled) -> its logits (1, V)."""
-        w, logits = self.w, torch.empty(1, self.vocab)
-        self.lib.decode_f32(
-            self.ptrs, self.eps, self.dims, self.scale,
-            w.embed[token].data_ptr(), self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), pos,
-            w.norm[0].data_ptr(), w.norm[1], w.head.parts[0][0].data_ptr(),
-            logits.data_ptr(), self.scratch.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return logits
-
-
-def applies(w) -> bool:
-    """Whether fast_decoder's weights ``w`` can run in the C step: the library builds, float32 on
-    the CPU, plain (not packed) contiguous weights, biases only on q/k/v, one attention scale."""
-    head = w.head.parts[0] if w.head.kind == "plain" else (None, None)
-    if head[0] is None or head[1] is not None or not all(_plain(t) for t in (head[0], w.embed, w.norm[0])):
-        return False
-    for norm_in, qkv, o, norm_post, gate_up, down, scale in w.layers:
-        packs = (qkv, o, gate_up, down)
-        if any(p.kind != "plain" for p in packs) or scale != w.layers[0][6]:
-            return False
-        if any(b is not None for p in packs[1:] for _, b in p.parts):
-            return False
-        if not all(
-            _plain(t) for t in [norm_in[0], norm_post[0]] + [t for p in packs for part in p.parts for t in part]
-        ):
-            return False
-    return load() is not None
-
-
-def bind(w, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[Step]:
-    """A Step for fast_decoder's weights ``w`` and cache (layers, 1, kv_heads, S, D) ``k``/``v``,
-    with rotary tables (S, D) ``cos``/``sin`` (signed); None where the C step does not apply (see
-    ``applies``; a batch over 1; under torch.compile)."""
-    if k.shape[1] != 1 or torch.compiler.is_compiling() or not all(_plain(t) for t in (k, v, cos, sin)):
-        return None
-    return Step(load(), w, k, v, cos, sin) if applies(w) else None

@@ -15,7 +15,8 @@ Here:
 - per call, one preallocated KV cache (layers, B, Hkv, S, D), written in place; a rotary table for every
   position the call can reach, computed by the model's own rotary module (its rope scaling);
 - attention by SDPA on the cache's filled prefix (grouped heads without repeating k/v).
-- float32 at batch 1 on the CPU, no pads: each cached (1, 1) step is one C call (models/decode_kernel.py).
+- float32 on the CPU: each cached (B, 1) step through C (models/decode_step.py): at batch 1 one call
+  for the whole step, in batches the packed GEMMs with one C call between each two.
 
 Left-padded batches: ``mask`` (B, T) marks real prompt tokens; positions count real tokens only
 (as transformers' generate does: cumsum - 1), pads are never attended to.
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from gradtune.models import decode_kernel
+from gradtune.models import decode_step
 
 FAMILIES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")  # a table fixed by position alone (not "dynamic")
@@ -228,8 +229,8 @@ class Decoder:
         if mask is not None and not bool(mask.all()):
             self.valid = torch.ones(rows, capacity, dtype=torch.bool, device=p.device)
             self.valid[:, : mask.shape[1]] = mask.bool()
-        # float32 at batch 1 on the CPU: each (1, 1) step in one C call (models/decode_kernel.py)
-        self.step = None if self.valid is not None else decode_kernel.bind(w, self.k, self.v, self.cos, self.sin_signed)
+        # float32 on the CPU: each (B, 1) step through C (models/decode_step.py)
+        self.step = decode_step.bind(w, self.k, self.v, self.cos, self.sin_signed, self.valid)
 
     @staticmethod
     def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -291,9 +292,8 @@ class Decoder:
         """ids (B, t) after the ``length`` already cached -> last-position logits (B, V)."""
         b, t = ids.shape
         if t == 1 and self.step is not None:
-            logits = self.step(int(ids[0, 0]), self.length)  # (1, V)
+            logits = self.step(ids, self._positions(1), self.length)  # (B, V)
             self.length += 1
-            self.next_pos = torch.full((1, 1), self.length, dtype=torch.long)
             return logits
         start, end = self.length, self.length + t
         pos = self._positions(t)

@@ -282,3 +282,29 @@ def test_c_gemv_equals_mm_on_every_tail() -> None:
     for rows, n in ((1, 1), (7, 15), (8, 16), (9, 17), (37, 131), (64, 576)):
         w, x = torch.randn(rows, n, generator=gen), torch.randn(n, generator=gen)
         assert torch.allclose(decode_kernel.gemv(w, x), w @ x, atol=1e-4, rtol=1e-5), (rows, n)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_batched_float32_steps_in_c_equal_transformers(family: str) -> None:
+    """Batches (decode_step.BatchStep: packed GEMMs, C between them): left-padded rows' logits of
+    every cached step equal transformers' with the same padding; q/k/v biases (qwen2) keep the
+    torch path (oneDNN packs no bias)."""
+    from gradtune.models import decode_kernel, decode_step
+
+    if decode_kernel.load() is None:
+        pytest.skip("no C compiler here")
+    model = _family(family)
+    rows = [torch.randint(1, V, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (6, 2, 4)]
+    ids, mask = _left_padded(rows)
+    decoder = fast_decoder.Decoder(model, 3, 14, mask)
+    assert isinstance(decoder.step, decode_step.BatchStep) == (family == "llama")
+    text, full = ids, mask
+    with torch.no_grad():
+        logits = decoder(ids)
+        for i in range(8):
+            tok = logits.argmax(-1, keepdim=True)  # (3, 1)
+            text, full = torch.cat([text, tok], 1), torch.cat([full, torch.ones_like(tok)], 1)
+            positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+            expected = model(text, attention_mask=full, position_ids=positions).logits[:, -1]
+            logits = decoder(tok)
+            assert torch.allclose(logits, expected, atol=5e-5, rtol=1e-5), (i, (logits - expected).abs().max())
