@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
-from gradtune.optim.base import Optimizer
+from gradtune.optim.base import Optimizer, no_grad
 from gradtune.optim.hyper import AdamWHyper
 from gradtune.optim.params import check_lr, step_groups
 
@@ -127,7 +127,7 @@ class AdamW(Optimizer):
                 if p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_step_dtype())
 
-    @torch.no_grad()
+    @no_grad
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         scale, self.grad_scale = self.grad_scale, 1.0
         if scale == 1.0:

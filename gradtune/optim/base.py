@@ -11,6 +11,8 @@ methods when they are called inside a compiled region. The loop calls them outsi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _TORCH = torch.optim.Optimizer
@@ -26,3 +28,20 @@ class Optimizer(_TORCH):
     state_dict = _plain("state_dict")
     load_state_dict = _plain("load_state_dict")
     zero_grad = _plain("zero_grad")
+
+
+def no_grad(step):
+    """``torch.no_grad()`` for an optimizer's ``step``, as a plain function: the context-manager
+    decorator costs ~1.5 us a call (an object, its enter and exit), a tenth of the whole update
+    of a 10-5-1 MLP at batch size 1; this sets and restores the same switch directly."""
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    return wrapper

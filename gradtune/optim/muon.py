@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gradtune.optim.base import Optimizer
+from gradtune.optim.base import Optimizer, no_grad
 from gradtune.optim.hyper import MuonHyper
 from gradtune.optim.params import check_lr, step_groups
 
@@ -144,6 +144,6 @@ class Muon(Optimizer):
         super().__init__(params, defaults)
         check_matrices(self.param_groups, "Muon")
 
-    @torch.no_grad()
+    @no_grad
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         return step_groups(self, closure, "Muon", muon_group_)

@@ -23,11 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 from gradtune.optim.adamw import adamw_group_
-from gradtune.optim.base import Optimizer
+from gradtune.optim.base import Optimizer, no_grad
 from gradtune.optim.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, check_hyper, check_matrices, muon_group_
 from gradtune.optim.params import step_groups
 
@@ -89,7 +88,7 @@ class MuonAdamW(Optimizer):
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
-    @torch.no_grad()
+    @no_grad
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         return step_groups(self, closure, "MuonAdamW", _group_step)
 

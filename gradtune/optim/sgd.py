@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gradtune.optim import fused as fast
-from gradtune.optim.base import Optimizer
+from gradtune.optim.base import Optimizer, no_grad
 from gradtune.optim.hyper import SGDHyper
 from gradtune.optim.params import run_closure, with_grads
 
@@ -82,7 +82,7 @@ class SGD(Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("fused", None)
 
-    @torch.no_grad()
+    @no_grad
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = run_closure(closure)
         for group, params, grads in with_grads(self.param_groups, "SGD"):
