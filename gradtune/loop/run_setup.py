@@ -149,10 +149,8 @@ def prepare(
         cfg = dataclasses.replace(cfg, precision=saved_precision(out_dir) or "auto")
     cfg = precision.resolve(job, cfg, device)  # precision auto -> fp32 | bf16 | fp16, told at start
     check_fp16(cfg, device)
-    if device.type == "cpu":
-        allocator.keep_large_blocks()  # a > 32 MB gradient block: no fresh page faults every step
-        if getattr(job.train, "lengths", None) is not None:
-            allocator.arm()  # applied once batch shapes vary: they would fragment the heap
+    if getattr(job.train, "lengths", None) is not None and device.type == "cpu":
+        allocator.arm()  # applied once batch shapes vary: they would fragment the heap
     owns = distributed.launched() and not torch.distributed.is_initialized()
     device = distributed.init(device, cfg.dist_timeout)
     try:

@@ -16,18 +16,11 @@ time: README, fine-tuning):
 Both only pay when shapes vary. With batches of one shape (texts all truncated to max_length:
 every batch full length) the heap reuses the same blocks each step and never grows, while the
 fixed threshold would make every large activation fault its pages in afresh, each step. So the
-policy is adaptive: ``arm`` (loop/run_setup.py, CPU runs with variable-length data) only marks
-it wanted; the loop
+policy is adaptive: ``arm`` (``gradtune.train.train``, CPU runs with variable-length data; a
+library caller of ``fit`` keeps their process's malloc as it is) only marks it wanted; the loop
 feeds each step's sequence length to ``Adaptive``, which applies it once the length has
 changed CHANGES times within the last WINDOW steps, and trims after every step from then on.
 Rare changes (a short last batch, a few untruncated texts) leave malloc as it is.
-
-Until then, and for every CPU run (``train`` and ``fit``), ``keep_large_blocks``: blocks of up to
-1 GiB come from the heap and freed heap stays mapped. Why: glibc's adaptive threshold stops at
-32 MB, so a larger block -- the dense gradient of a fully trained vocabulary embedding, 30522 x 384
-floats for MiniLM, more for any LLM -- would be a fresh mmap each step, its pages faulted in
-(and zeroed by the kernel) again every backward. Kept, the next step's block of that size reuses
-the same pages. (With fixed shapes the heap holds what one step needs, as it did.)
 """
 
 from __future__ import annotations
@@ -39,8 +32,7 @@ from typing import Optional
 
 import torch
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers (malloc.h)
-KEEP = 1 << 30  # bytes: blocks up to this size come from the heap while the policy is off
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
 THRESHOLD = 1 << 20  # bytes
 WINDOW = 16  # steps looked back at
 CHANGES = 4  # sequence-length changes within WINDOW steps that switch the policy on
@@ -52,27 +44,16 @@ _armed = False
 def release_large_blocks() -> bool:
     """Fix glibc's mmap threshold at 1 MB and enable ``trim`` now; False (nothing done) elsewhere."""
     global _libc
-    libc = _glibc()
-    if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD):
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD):
+            return False
+    except (OSError, AttributeError):
         return False
     _libc = libc
     return True
-
-
-def _glibc() -> Optional[ctypes.CDLL]:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def keep_large_blocks() -> bool:
-    """Serve blocks up to KEEP from the heap and keep freed heap mapped (module docstring);
-    False (nothing done) off glibc."""
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP) and libc.mallopt(M_TRIM_THRESHOLD, KEEP))
 
 
 def arm() -> None:

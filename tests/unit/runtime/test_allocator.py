@@ -72,32 +72,3 @@ def test_describe_and_arm(monkeypatch):
     assert allocator.describe() == "memory policy off" and not allocator.armed()
     allocator.arm()
     assert allocator.armed() and "armed, off" in allocator.describe()
-
-
-FAULTS = r"""
-import resource, sys, torch
-from gradtune.runtime import allocator
-if sys.argv[1] == "keep":
-    assert allocator.keep_large_blocks()
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    g = torch.zeros(40 << 20 >> 2)  # 40 MB: above glibc's adaptive 32 MB mmap threshold
-    del g
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(min(faults() for _ in range(3)))
-"""
-
-
-@pytest.mark.skipif(not allocator._glibc(), reason="glibc only")
-def test_keep_large_blocks_reuses_the_pages_of_a_block_over_32_MB():
-    """A 40 MB block freed and allocated again (as a vocabulary embedding's dense gradient each
-    step): by default a fresh mmap faults its ~10,000 pages in every time; kept, almost none."""
-    import subprocess
-    import sys
-
-    run = {
-        how: int(subprocess.run([sys.executable, "-c", FAULTS, how], capture_output=True, text=True, check=True).stdout)
-        for how in ("default", "keep")
-    }
-    assert run["default"] > 5000 and run["keep"] < 500, run
