@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from gradtune.runtime.c_build import compiled
+from gradtune.runtime.c_build import Library
 
 SOURCE = r"""
 #include <stdint.h>
@@ -289,54 +289,20 @@ void attend_f32(float *y, float *kc, float *vc, int64_t rows, int heads, int kvh
 }
 """
 
-_lib: Optional[ctypes.CDLL] = None
-_tried = False
+
+def _bind(lib: ctypes.CDLL) -> None:
+    ptr, f32, i64, i32 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
+    lib.decode_f32.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr, f32, ptr, ptr, ptr, i32]
+    lib.gemv_f32.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.add_rms_f32.argtypes = [ptr, ptr, ptr, f32, ptr, i64, i64]
+    lib.silu_mul_f32.argtypes = [ptr, ptr, i64, i64, i32]
+    lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, i32, i32, i32, i64, i64, ptr, ptr, ptr, ptr, f32, ptr, ptr, i32]
+    for f in (lib.decode_f32, lib.gemv_f32, lib.add_rms_f32, lib.silu_mul_f32, lib.attend_f32):
+        f.restype = None
 
 
-def load() -> Optional[ctypes.CDLL]:
-    """The decoding library, built on first use; None when it cannot be built (torch ops then)."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        try:
-            lib = ctypes.CDLL(str(compiled(SOURCE, "decode_step")))
-        except Exception:  # no compiler / failed build: fast_decoder's torch path
-            return None
-        ptr, f32 = ctypes.c_void_p, ctypes.c_float
-        lib.decode_f32.argtypes = [
-            ptr,
-            ptr,
-            ptr,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-            ctypes.c_int64,
-            ptr,
-            f32,
-            ptr,
-            ptr,
-            ptr,
-            ctypes.c_int,
-        ]
-        lib.decode_f32.restype = None
-        lib.gemv_f32.argtypes = [ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        lib.gemv_f32.restype = None
-        i64, f32p = ctypes.c_int64, ctypes.c_float
-        lib.add_rms_f32.argtypes = [ptr, ptr, ptr, f32p, ptr, i64, i64]
-        lib.silu_mul_f32.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
-        lib.attend_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64]
-        lib.attend_f32.argtypes += [ptr, ptr, ptr, ptr, f32p, ptr, ptr, ctypes.c_int]
-        for f in (lib.add_rms_f32, lib.silu_mul_f32, lib.attend_f32):
-            f.restype = None
-        _lib = lib
-    return _lib
-
-
-def reset() -> None:
-    """Forget the loaded library (tests simulate a missing compiler)."""
-    global _lib, _tried
-    _lib, _tried = None, False
+_LIBRARY = Library(SOURCE, "decode_step", _bind)
+load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (fast_decoder's torch path); forget it
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from gradtune.runtime.c_build import compiled
+from gradtune.runtime.c_build import Library
 
 SOURCE = r"""
 #include <stdint.h>
@@ -61,36 +61,22 @@ TIMES(times_f64, double)
 _FUNCS = {torch.float32: "mask_f32", torch.float64: "mask_f64", torch.uint8: "mask_u8"}
 _TIMES = {torch.float32: "times_f32", torch.float64: "times_f64"}
 _CTYPES = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.uint8: ctypes.c_uint8}
-_lib: Optional[ctypes.CDLL] = None
-_tried = False
 
 
-def load() -> Optional[ctypes.CDLL]:
-    """The mask library, built on first use; None when it cannot be built (torch ops then)."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        try:
-            lib = ctypes.CDLL(str(compiled(SOURCE, "dropout_mask")))
-        except Exception:  # no compiler / failed build: dropout.py's torch path, same distribution
-            return None
-        for dtype, name in _FUNCS.items():
-            f = getattr(lib, name)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            f.argtypes = [ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
-            f.restype = None
-        for dtype in (torch.float32, torch.float64):
-            f = getattr(lib, _TIMES[dtype])
-            f.argtypes = [ptr, ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
-            f.restype = None
-        _lib = lib
-    return _lib
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for dtype, name in _FUNCS.items():
+        f = getattr(lib, name)
+        f.argtypes = [ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
+        f.restype = None
+    for dtype in (torch.float32, torch.float64):
+        f = getattr(lib, _TIMES[dtype])
+        f.argtypes = [ptr, ptr, i64, ctypes.c_uint64, ctypes.c_int32, _CTYPES[dtype], ctypes.c_int]
+        f.restype = None
 
 
-def reset() -> None:
-    """Forget the loaded library (tests simulate a missing compiler)."""
-    global _lib, _tried
-    _lib, _tried = None, False
+_LIBRARY = Library(SOURCE, "dropout_mask", _bind)
+load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (dropout.py's torch path); forget it
 
 
 def mask(shape: torch.Size, drop: int, on: float, dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ the dropout mask (models/mask_kernel.py); each falls back to torch ops when ``co
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 from gradtune.runtime import cache
 
@@ -72,3 +74,28 @@ def compiled(source: str, stem: str) -> Path:
             raise RuntimeError("no C compiler found (tried $GRADTUNE_CC, $CC, gcc, cc, clang)")
         build(cc, target, source)
     return target
+
+
+class Library:
+    """A C library built from ``source`` on the first ``load()`` (``compiled``), its functions typed
+    by ``bind``; ``load()`` is None when it cannot be built or bound, and the caller takes its torch
+    path. Tried once per process; ``reset()`` forgets it (tests simulate a missing compiler)."""
+
+    def __init__(self, source: str, stem: str, bind: Callable[[ctypes.CDLL], None]) -> None:
+        self.source, self.stem, self.bind = source, stem, bind
+        self.lib: Optional[ctypes.CDLL] = None
+        self.tried = False
+
+    def load(self) -> Optional[ctypes.CDLL]:
+        if not self.tried:
+            self.tried = True
+            try:
+                lib = ctypes.CDLL(str(compiled(self.source, self.stem)))
+                self.bind(lib)
+                self.lib = lib
+            except Exception:  # no compiler, a failed build or a missing symbol: the torch path
+                self.lib = None
+        return self.lib
+
+    def reset(self) -> None:
+        self.lib, self.tried = None, False
