@@ -37,7 +37,9 @@ has nothing left to win). Then each side's GEMMs alone (its own kernels on the s
 other op): how far they are from the floor, and what the rest of the step costs. --no-floor skips
 these lines.
 
-llama.cpp: timed on the same GGUF where llama-cpp-python is installed (it is not a dependency).
+llama.cpp (where llama-cpp-python is installed; it is not a dependency): batch 1, fp32 against an
+f32 GGUF of the same merged weights written by gradtune's exporter (its greedy tokens compared with
+ours), and on the package's own quantised file (another precision: a bandwidth figure, not a tie).
 """
 
 from __future__ import annotations
@@ -165,21 +167,53 @@ def peer_generate(peer: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
     )
 
 
-def llama_cpp_line(gguf: Path | None, text_ids: list[int], tokens: int, threads: int) -> str:
-    if importlib.util.find_spec("llama_cpp") is None or gguf is None:
-        return "llama.cpp: llama-cpp-python is not installed here; no figure"
+def llama_cpp_lines(
+    gguf: Path, peer: torch.nn.Module, ours: Callable[[], torch.Tensor], ids: list[int], tokens: int
+) -> None:
+    """llama.cpp at batch 1, greedy, ``tokens`` new tokens, timed like ours (prefill included),
+    alternating with ``ours`` (fp32, batch 1), medians of 3: on an f32 GGUF of the same merged
+    weights written by gradtune's exporter (equal precision; its greedy tokens against ours), and
+    on the package's own quantised file (a different precision: a bandwidth figure, not a tie)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp: llama-cpp-python is not installed here; no figure")
+        return
+    import tempfile
+
     from llama_cpp import Llama  # optional peer
 
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=len(text_ids) + tokens + 8, verbose=False)
-    llm.reset()
-    t = time.perf_counter()
-    made = 0
-    for tok in llm.generate(text_ids, temp=0.0, top_k=1):
-        made += 1
-        if made >= tokens:
-            break
-    seconds = time.perf_counter() - t
-    return f"llama.cpp (same GGUF, its own quantisation of the file, batch 1): {made / seconds:.1f} tokens/s"
+    from gradtune.finetune.gguf_export import export_gguf, vocab_from_gguf
+
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = export_gguf(peer, vocab_from_gguf(gguf), Path(tmp) / "merged-f32.gguf", qtype="f32")
+        for label, path in (("f32 GGUF of the same merged weights", f32), (f"the package's {gguf.name}", gguf)):
+            llm = Llama(model_path=str(path), n_threads=threads, n_ctx=len(ids) + tokens + 8, verbose=False)
+
+            def theirs(llm: Llama = llm) -> list[int]:
+                llm.reset()
+                made: list[int] = []
+                for tok in llm.generate(ids, temp=0.0, top_k=1):
+                    made.append(tok)
+                    if len(made) >= tokens:
+                        break
+                return made
+
+            theirs(), ours()  # warm-up
+            a, b = [], []
+            for _ in range(3):
+                sec, out = timed(ours)
+                a.append(sec)
+                sec, made = timed(theirs)
+                b.append(sec)
+            mine = out[0, len(ids) :].tolist()
+            same = (
+                f"greedy tokens {'identical' if made == mine else 'differ'} to ours" if path == f32 else "not compared"
+            )
+            ta, tb = tokens / statistics.median(a), len(made) / statistics.median(b)
+            print(
+                f"  llama.cpp, {label}, batch 1: {tb:.1f} tokens/s; ours fp32 {ta:.1f}: ours/llama.cpp "
+                f"{ta / tb:.2f}x ({same})"
+            )
 
 
 def gemm_calls(model: torch.nn.Module, peer: torch.nn.Module, batch: int, pack: bool) -> dict[str, list[Callable]]:
@@ -343,8 +377,9 @@ def main() -> None:
                 gemm_line(gemm_calls(model, peer, batch, n >= PACK_MIN_TOKENS), per_step, floor, bound)
     if gguf is not None:
         model.to(torch.float32)
+        peer.to(torch.float32)
         ids1, _ = chat_ids(tokenizer, PROMPTS[:1])
-        print(llama_cpp_line(gguf, ids1[0].tolist(), n, torch.get_num_threads()))
+        llama_cpp_lines(gguf, peer, lambda: generate(model, ids1, n, temperature=0), ids1[0].tolist(), n)
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | "
         f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} (before, after each repetition); "
