@@ -1,9 +1,10 @@
 """fast_decoder's float32 (B, 1) decoding steps through models/decode_kernel.py's C library.
 
-Batch 1: ``Step``, the whole step in one call. Batches: ``BatchStep``, the packed GEMMs (oneDNN,
-as fast_decoder's torch path) with everything between them -- rotary, the cache write, attention
-over the cache with the pads masked, residual adds, RMSNorm, SiLU * up -- one C call each: four
-GEMMs and four calls a layer, where the torch ops path takes ~35 kernel calls.
+Batch 1: ``Step``, the whole step in one call. Batches: ``BatchStep``, the GEMMs of fast_decoder's
+torch path (oneDNN-packed, or the model's own weights when a short call does not pack) with
+everything between them -- rotary, the cache write, attention over the cache with the pads
+masked, residual adds, RMSNorm, SiLU * up -- one C call each: four GEMMs (or their plain parts)
+and four calls a layer, where the torch ops path takes ~35 kernel calls.
 
 Both read the Decoder's own weights, cache and rotary tables, so a step taken either way leaves
 the cache as the other would (the prefill, t > 1, always runs through torch).
@@ -55,6 +56,15 @@ class Step:
         return logits
 
 
+def _joined(packed, x: torch.Tensor) -> torch.Tensor:
+    """x (B, in) -> (B, sum of out_i): a Packed's layers side by side, one GEMM when oneDNN packed
+    them, else its plain GEMMs (biases added) joined."""
+    if packed.kind == "onednn":
+        return packed.whole(x)
+    parts = packed(x)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class BatchStep:
     """A Decoder's packed float32 weights, cache, rotary tables and pad mask bound for batches:
     ``__call__`` runs one (B, 1) step, four oneDNN GEMMs and four C calls a layer."""
@@ -89,17 +99,17 @@ class BatchStep:
         for (_, qkv, o, (post, eps), gate_up, down, scale), (kc, vc), nxt in zip(
             w.layers, self.caches, self.next_norms
         ):
-            y = qkv.whole(self.xn)  # (B, (heads + 2 kv_heads) d); rotated in place below
+            y = _joined(qkv, self.xn)  # (B, (heads + 2 kv_heads) d); rotated in place below
             lib.attend_f32(
                 y.data_ptr(), kc, vc, rows, heads, kvh, d, cap, at, *common, scale, att, self.scratch.data_ptr(), nt
             )
-            out = o.whole(self.att)  # (B, hidden); held while the call reads it
+            out = _joined(o, self.att)  # (B, hidden); held while the call reads it
             lib.add_rms_f32(x, out.data_ptr(), post.data_ptr(), eps, xn, rows, hidden)
-            gu = gate_up.whole(self.xn)  # (B, 2 inter)
+            gu = _joined(gate_up, self.xn)  # (B, 2 inter)
             lib.silu_mul_f32(h, gu.data_ptr(), rows, inter, nt)
-            out = down.whole(self.h)
+            out = _joined(down, self.h)
             lib.add_rms_f32(x, out.data_ptr(), nxt[0], nxt[1], xn, rows, hidden)
-        return w.head.whole(self.xn)  # (B, V)
+        return _joined(w.head, self.xn)  # (B, V)
 
 
 def applies(w) -> bool:
@@ -120,12 +130,14 @@ def applies(w) -> bool:
 
 
 def batch_applies(w) -> bool:
-    """Whether ``w`` can run in BatchStep: float32, every projection packed by oneDNN (so no biases)."""
+    """Whether ``w`` can run in BatchStep: float32 on the CPU, each projection packed by oneDNN or
+    plain contiguous weights (biases allowed there)."""
     packs = [w.head] + [p for layer in w.layers for p in layer[1:6] if hasattr(p, "kind")]
-    if any(p.kind != "onednn" for p in packs) or w.embed.dtype != torch.float32:
+    if w.embed.dtype != torch.float32 or any(p.kind not in ("onednn", "plain") for p in packs):
         return False
+    weights = [t for p in packs if p.kind == "plain" for part in p.parts for t in part]
     norms = [w.norm[0]] + [n for layer in w.layers for n in (layer[0][0], layer[3][0])]
-    return all(plain(t) for t in norms) and decode_kernel.load() is not None
+    return all(plain(t) for t in norms + weights) and decode_kernel.load() is not None
 
 
 def bind(w, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid: Optional[torch.Tensor]):

@@ -283,11 +283,11 @@ def test_c_gemv_equals_mm_on_every_tail() -> None:
         assert torch.allclose(decode_kernel.gemv(w, x), w @ x, atol=1e-4, rtol=1e-5), (rows, n)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_batched_float32_steps_in_c_equal_transformers(family: str) -> None:
-    """Batches (decode_step.BatchStep: packed GEMMs, C between them): left-padded rows' logits of
-    every cached step equal transformers' with the same padding; q/k/v biases (qwen2) keep the
-    torch path (oneDNN packs no bias)."""
+@pytest.mark.parametrize("family,pack", [("llama", True), ("llama", False), ("qwen2", True)])
+def test_batched_float32_steps_in_c_equal_transformers(family: str, pack: bool) -> None:
+    """Batches (decode_step.BatchStep: the GEMMs, C between them): left-padded rows' logits of
+    every cached step equal transformers' with the same padding, on oneDNN-packed weights, on the
+    model's own (a short call packs nothing), and with q/k/v biases (qwen2: plain GEMMs)."""
     from gradtune.models import decode_kernel, decode_step
 
     if decode_kernel.load() is None:
@@ -295,8 +295,9 @@ def test_batched_float32_steps_in_c_equal_transformers(family: str) -> None:
     model = _family(family)
     rows = [torch.randint(1, V, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (6, 2, 4)]
     ids, mask = _left_padded(rows)
-    decoder = fast_decoder.Decoder(model, 3, 14, mask)
-    assert isinstance(decoder.step, decode_step.BatchStep) == (family == "llama")
+    decoder = fast_decoder.Decoder(model, 3, 14, mask, pack)
+    assert isinstance(decoder.step, decode_step.BatchStep)
+    assert decoder.w.layers[0][1].kind == ("onednn" if pack and family == "llama" else "plain")  # q/k/v
     text, full = ids, mask
     with torch.no_grad():
         logits = decoder(ids)
