@@ -40,13 +40,16 @@ def evaluate(
     # on the order; the order is fixed, so results are reproducible).
     lengths = getattr(data, "lengths", None)
     order = torch.argsort(lengths, stable=True) if lengths is not None else torch.arange(len(data))
-    for idx in order.split(batch):
-        with amp:
+    # One autocast region for the whole pass: autocast keeps each trainable weight's low-precision
+    # copy until the region ends, so every chunk after the first reuses it (entered per chunk, each
+    # chunk cast every weight again). The sums below are float64 ops autocast leaves alone.
+    with amp:
+        for idx in order.split(batch):
             out = objective(model, to_device(data.get(distributed.shard(idx)), device))
-        loss_sum += out.loss_sum.double()
-        count += float(out.count)
-        for k, v in out.metrics.items():
-            sums[k] = sums.get(k, 0.0) + v.double()
+            loss_sum += out.loss_sum.double()
+            count += float(out.count)
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.double()
     model.train(was_training)
     loss_sum, count, sums = distributed.all_reduce_sums(loss_sum, count, sums)
     total = float(count)
