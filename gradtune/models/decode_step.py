@@ -66,8 +66,8 @@ def _joined(packed, x: torch.Tensor) -> torch.Tensor:
 
 
 class BatchStep:
-    """A Decoder's packed float32 weights, cache, rotary tables and pad mask bound for batches:
-    ``__call__`` runs one (B, 1) step, four oneDNN GEMMs and four C calls a layer."""
+    """A Decoder's float32 weights, cache, rotary tables and pad mask bound for batches:
+    ``__call__`` runs one (B, 1) step, four GEMMs (oneDNN-packed or plain) and four C calls a layer."""
 
     def __init__(self, lib, w, k, v, cos, sin, valid: Optional[torch.Tensor]) -> None:
         self.lib, self.w, self.k, self.v, self.cos, self.sin, self.valid = lib, w, k, v, cos, sin, valid
