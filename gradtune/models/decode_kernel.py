@@ -1,13 +1,15 @@
-"""One float32 decoding step of a Llama-family model at batch 1, in one C call (models/fast_decoder.py's
-fast path on the CPU).
+"""Float32 decoding steps of a Llama-family model in C (models/fast_decoder.py's fast path on the
+CPU, bound by models/decode_step.py): at batch 1 the whole step in one call, in batches the steps
+between the GEMMs.
 
 Why: at batch 1 a step reads every weight once (a GEMV per projection: memory-bound) and does
 little else, but through torch ops it is ~35 kernel calls a layer, each a few microseconds of
-dispatch -- about a sixth of the step on 2 cores (bench/generate.py prints the step's time beside
-its GEMMs alone). Here the whole step -- per layer RMSNorm, q/k/v (+ biases), rotary, the KV cache
-write, attention over the cache, o, RMSNorm, gate/up, SiLU * up, down, both residual adds; then
-the final norm and the head -- runs in one OpenMP parallel region on torch's thread pool: the
-GEMVs split by rows, attention by heads, the rest by one thread between barriers.
+dispatch (bench/generate.py prints the step's time beside its GEMMs alone). Here the whole step
+-- per layer RMSNorm, q/k/v (+ biases), rotary, the KV cache write, attention over the cache, o,
+RMSNorm, gate/up, SiLU * up, down, both residual adds; then the final norm and the head -- runs in
+one OpenMP parallel region on torch's thread pool: the GEMVs split by rows, attention by heads,
+the rest by one thread between barriers. The batch helpers (``add_rms_f32``, ``silu_mul_f32``,
+``attend_f32``) share these pieces, attention's masked form included.
 
 The arithmetic is transformers' (LlamaRMSNorm, rotate_half rotary, softmax attention with the
 layer's scale, SiLU MLP); sums run in a different order than MKL's and oneDNN's, so logits agree
@@ -37,8 +39,8 @@ enum { NORM_IN, WQ, WK, WV, BQ, BK, BV, WO, NORM_POST, WG, WU, WD, KC, VC, NPTR 
 
 /* y[r] (+)= W[r, :] . x for r in [r0, r1). Eight rows a pass share each load of x and keep eight
    read streams open (memory-bound: what counts is bytes of W a second). Explicit FMA vectors where
-   the CPU has them (about 6% over a simd-reduction loop, and ahead of MKL's sgemv here), a portable
-   loop elsewhere. */
+   the CPU has them (a `#pragma omp simd` reduction keeps one accumulator chain and is slower), a
+   portable loop elsewhere. */
 #if defined(__AVX512F__)
 typedef __m512 vec;
 #define VW 16
@@ -125,22 +127,28 @@ static void rope(float *x, int heads, int d, const float *cos, const float *sin_
     }
 }
 
-/* One head's attention of query q (d) over keys/values k, v (len, d): out (d). p: len floats. */
+/* One head's attention of query q (d) over keys/values k, v (len, d), the keys j where ok[j] is
+   set (ok NULL: all; the query's own key always is): out (d). p: len floats. */
 static void attend(float *out, const float *q, const float *k, const float *v, int64_t len, int d,
-                   float scale, float *p) {
+                   float scale, const uint8_t *ok, float *p) {
     float m = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
-        const float *kj = k + j * d;
-        float s = 0;
-        #pragma omp simd reduction(+:s)
-        for (int i = 0; i < d; i++) s += q[i] * kj[i];
-        p[j] = s * scale;
-        m = p[j] > m ? p[j] : m;
+        float s = -INFINITY;
+        if (!ok || ok[j]) {
+            const float *kj = k + j * d;
+            s = 0;
+            #pragma omp simd reduction(+:s)
+            for (int i = 0; i < d; i++) s += q[i] * kj[i];
+            s *= scale;
+        }
+        p[j] = s;
+        m = s > m ? s : m;
     }
     float sum = 0;
-    for (int64_t j = 0; j < len; j++) { p[j] = expf(p[j] - m); sum += p[j]; }
+    for (int64_t j = 0; j < len; j++) { p[j] = p[j] == -INFINITY ? 0 : expf(p[j] - m); sum += p[j]; }
     for (int i = 0; i < d; i++) out[i] = 0;
     for (int64_t j = 0; j < len; j++) {
+        if (p[j] == 0) continue;
         const float *vj = v + j * d;
         float pj = p[j] / sum;
         #pragma omp simd
@@ -195,7 +203,7 @@ void decode_f32(const float *const *ptrs, const float *eps, const int64_t *dims,
             #pragma omp for schedule(static)
             for (int h = 0; h < heads; h++) {
                 int64_t kv = (int64_t)(h / (heads / kvh)) * cap * d;
-                attend(att + (int64_t)h * d, q + (int64_t)h * d, w[KC] + kv, w[VC] + kv, len, d, scale, p + h * len);
+                attend(att + (int64_t)h * d, q + (int64_t)h * d, w[KC] + kv, w[VC] + kv, len, d, scale, 0, p + h * len);
             }
             gemv_shared(x, w[WO], att, hidden, qd, 1);  /* x += o(att) */
             #pragma omp barrier
@@ -260,30 +268,9 @@ void attend_f32(float *y, float *kc, float *vc, int64_t rows, int heads, int kvh
             float *q = scratch + bh * (d + cap), *p = q + d;
             for (int i = 0; i < d; i++) q[i] = y[b * width + h * d + i];
             rope(q, 1, d, cos + pos[b] * d, sin_signed + pos[b] * d);
-            const float *k = kc + (b * kvh + g) * cap * d, *v = vc + (b * kvh + g) * cap * d;
-            const uint8_t *ok = valid ? valid + b * cap : 0;
-            float m = -INFINITY;
-            for (int64_t j = 0; j < len; j++) {
-                float s = -INFINITY;
-                if (!ok || ok[j]) {
-                    s = 0;
-                    #pragma omp simd reduction(+:s)
-                    for (int i = 0; i < d; i++) s += q[i] * k[j * d + i];
-                    s *= scale;
-                }
-                p[j] = s;
-                m = s > m ? s : m;
-            }
-            float sum = 0;
-            for (int64_t j = 0; j < len; j++) { p[j] = p[j] == -INFINITY ? 0 : expf(p[j] - m); sum += p[j]; }
-            float *out = att + b * (int64_t)heads * d + h * d;
-            for (int i = 0; i < d; i++) out[i] = 0;
-            for (int64_t j = 0; j < len; j++) {
-                if (p[j] == 0) continue;
-                float pj = p[j] / sum;
-                #pragma omp simd
-                for (int i = 0; i < d; i++) out[i] += pj * v[j * d + i];
-            }
+            int64_t kv = (b * kvh + g) * cap * d;
+            attend(att + b * (int64_t)heads * d + h * d, q, kc + kv, vc + kv, len, d, scale,
+                   valid ? valid + b * cap : 0, p);
         }
     }
 }

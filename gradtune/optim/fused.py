@@ -27,38 +27,11 @@ import torch
 
 from gradtune.optim.hyper import AdamWHyper, SGDHyper
 from gradtune.optim.kernel_source import SOURCE
-from gradtune.runtime.c_build import CFLAGS, cache_dir, compiled  # noqa: F401  (CFLAGS, cache_dir: the API)
+from gradtune.runtime.c_build import CFLAGS, Library, cache_dir, compiled  # noqa: F401  (CFLAGS, cache_dir, compiled: the API)
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
-_lib: ctypes.CDLL | None = None
-_tried = False
 _warned_unsupported = False
-
-
-def load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None (warned once) if it cannot be had."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    try:
-        _lib = _bind(ctypes.CDLL(str(compiled(SOURCE, "optim"))))
-    except Exception as err:  # any failure means: use the reference path, say so once
-        warnings.warn(
-            f"gradtune.optim: fused kernels unavailable, using the reference "
-            f"per-tensor update (slower, same results). Reason: {err}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        _lib = None
-    return _lib
-
-
-def reset() -> None:
-    """Forget the loaded library (tests use it to simulate a missing compiler)."""
-    global _lib, _tried
-    _lib, _tried = None, False
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -86,6 +59,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"sumsq_{sfx}").argtypes = [i64, ptr, ptr, i32]
         getattr(lib, f"sumsq_{sfx}").restype = dbl
     return lib
+
+
+_LIBRARY = Library(
+    SOURCE,
+    "optim",
+    _bind,
+    warn="gradtune.optim: fused kernels unavailable, using the reference per-tensor update (slower, same results).",
+)
+load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None, warned once (the reference path); forget it
 
 
 def supported(tensors: list[torch.Tensor]) -> bool:

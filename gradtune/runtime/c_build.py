@@ -4,8 +4,9 @@ Why not torch's cpp_extension: compiling against torch/extension.h and pybind11 
 file that needs no torch headers builds in a second or two. The .so is cached under gradtune's
 cache root (``$GRADTUNE_CACHE/kernels``) under a hash of source, flags, compiler and CPU, so
 later processes only load it. ``-fopenmp`` binds to the libgomp.so.1 torch has already loaded,
-so a kernel's threads and torch's are one pool. Users: the fused optimizer (optim/fused.py) and
-the dropout mask (models/mask_kernel.py); each falls back to torch ops when ``compiled`` raises.
+so a kernel's threads and torch's are one pool. Users, each through one ``Library`` and each
+falling back to torch ops when it cannot be built: the fused optimizer (optim/fused.py), the
+dropout mask (models/mask_kernel.py) and the decoding steps (models/decode_kernel.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -79,10 +81,11 @@ def compiled(source: str, stem: str) -> Path:
 class Library:
     """A C library built from ``source`` on the first ``load()`` (``compiled``), its functions typed
     by ``bind``; ``load()`` is None when it cannot be built or bound, and the caller takes its torch
-    path. Tried once per process; ``reset()`` forgets it (tests simulate a missing compiler)."""
+    path (saying so once with ``warn`` and the reason, when given). Tried once per process;
+    ``reset()`` forgets it (tests simulate a missing compiler)."""
 
-    def __init__(self, source: str, stem: str, bind: Callable[[ctypes.CDLL], None]) -> None:
-        self.source, self.stem, self.bind = source, stem, bind
+    def __init__(self, source: str, stem: str, bind: Callable[[ctypes.CDLL], object], warn: str = "") -> None:
+        self.source, self.stem, self.bind, self.warn = source, stem, bind, warn
         self.lib: Optional[ctypes.CDLL] = None
         self.tried = False
 
@@ -93,8 +96,10 @@ class Library:
                 lib = ctypes.CDLL(str(compiled(self.source, self.stem)))
                 self.bind(lib)
                 self.lib = lib
-            except Exception:  # no compiler, a failed build or a missing symbol: the torch path
+            except Exception as err:  # no compiler, a failed build or a missing symbol: the torch path
                 self.lib = None
+                if self.warn:
+                    warnings.warn(f"{self.warn} Reason: {err}", RuntimeWarning, stacklevel=3)
         return self.lib
 
     def reset(self) -> None:
