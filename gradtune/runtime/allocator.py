@@ -1,65 +1,94 @@
-"""Host memory policy for training on batches whose shapes vary (dynamic padding).
+"""Host memory policy for CPU training on text: keep the heap while shapes are fixed, release it
+once they vary (dynamic padding).
 
-glibc's malloc serves large blocks with mmap and returns them to the system on free, but after
-the first such free it raises its mmap threshold (up to 32 MB) so that later blocks of that size
-come from the heap instead, and the heap is not given back while fragmented. With
-variable-length batches every step allocates activations of new sizes, so the heap grows well
-past what is ever live at once. Two measures (their measured effect on peak memory and step
-time: README, fine-tuning):
-  * the mmap threshold fixed at 1 MB: large activations live in mmap'd blocks that go back on
-    free. A lower threshold returns more memory but makes every large allocation fault its
-    pages in afresh, which costs time.
-  * ``malloc_trim(0)`` after each optimizer step: free heap pages (the step's small
-    activations) go back too, for a little time per step - much less than activation
-    checkpointing costs for a similar saving.
+glibc's malloc serves large blocks with mmap and unmaps them on free; after the first such free
+it raises its mmap threshold (up to 32 MB) so that later blocks of that size come from the heap,
+and it trims the heap's free top back to the system once that exceeds twice the threshold. A
+training step frees most of what it allocated (activations, gradients), so by default each step
+hands hundreds of MB back and the next faults them in afresh, page by page, each fault zeroed by
+the kernel; a block over 32 MB (the dense gradient of a trained vocabulary embedding: 30522 x 384
+floats for MiniLM, more for any LLM) is a fresh mmap every step whatever happens. Three modes:
 
-Both only pay when shapes vary. With batches of one shape (texts all truncated to max_length:
-every batch full length) the heap reuses the same blocks each step and never grows, while the
-fixed threshold would make every large activation fault its pages in afresh, each step. So the
-policy is adaptive: ``arm`` (``gradtune.train.train``, CPU runs with variable-length data; a
-library caller of ``fit`` keeps their process's malloc as it is) only marks it wanted; the loop
-feeds each step's sequence length to ``Adaptive``, which applies it once the length has
-changed CHANGES times within the last WINDOW steps, and trims after every step from then on.
-Rare changes (a short last batch, a few untruncated texts) leave malloc as it is.
+  * keep (``arm``: loop/run_setup.py, CPU runs on sequences, from the start): blocks up to KEEP
+    come from the heap and freed heap stays mapped, so a step reuses the pages of the one
+    before. Safe while shapes are fixed: the heap holds what one step needs.
+  * release, once batch lengths vary (CHANGES changes of the padded length within the last
+    WINDOW steps): each step allocates activations of new sizes and a kept heap would grow well
+    past what is ever live at once. The mmap threshold is fixed at 1 MB (large activations go
+    back on free; a lower one would fault more) and ``malloc_trim(0)`` after every optimizer step
+    returns free heap pages (the step's small activations) too -- much cheaper than activation
+    checkpointing for a similar saving.
+  * release too, as a safety valve, when the resident size in keep mode grows past GROWTH times
+    its size after WARM steps: a heap block that a 64-byte-aligned ``posix_memalign`` (torch's)
+    cannot reuse once small allocations have taken its padding would otherwise be replaced by a
+    fresh one from the top every step (seen on a 47 MB gradient block).
+
+The settings are the process's: they outlast the run (a later run in the same process starts
+from them). Off glibc nothing is done. Rare changes (a short last batch, a few untruncated texts)
+leave keep mode on.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from collections import deque
 from typing import Optional
 
 import torch
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number (malloc.h)
-THRESHOLD = 1 << 20  # bytes
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers (malloc.h)
+KEEP = 1 << 30  # bytes: blocks up to this size come from the heap in keep mode; free top kept up to it
+THRESHOLD = 1 << 20  # bytes: the mmap threshold in release mode
 WINDOW = 16  # steps looked back at
-CHANGES = 4  # sequence-length changes within WINDOW steps that switch the policy on
+CHANGES = 4  # sequence-length changes within WINDOW steps that switch to release
+WARM = 4  # steps after which keep mode takes the resident size as its reference
+GROWTH = 1.5  # resident size over that reference that switches to release
 
-_libc: Optional[ctypes.CDLL] = None  # set once the policy is applied
+_libc: Optional[ctypes.CDLL] = None  # set once release mode is applied
 _armed = False
+_mode = "off"  # off | keep | release
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_large_blocks() -> bool:
+    """Keep mode now: blocks up to KEEP from the heap, its free top kept mapped; False (nothing
+    done) off glibc."""
+    global _mode
+    libc = _glibc()
+    if libc is None or not (libc.mallopt(M_MMAP_THRESHOLD, KEEP) and libc.mallopt(M_TRIM_THRESHOLD, KEEP)):
+        return False
+    _mode = "keep"
+    return True
 
 
 def release_large_blocks() -> bool:
-    """Fix glibc's mmap threshold at 1 MB and enable ``trim`` now; False (nothing done) elsewhere."""
-    global _libc
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    """Release mode now: the mmap threshold fixed at 1 MB and ``trim`` enabled; False (nothing
+    done) off glibc."""
+    global _libc, _mode
+    libc = _glibc()
+    if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if not libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD):
-            return False
-    except (OSError, AttributeError):
-        return False
-    _libc = libc
+    _libc, _mode = libc, "release"
     return True
 
 
 def arm() -> None:
-    """Ask for the policy on this process's run; ``Adaptive`` applies it once shapes vary."""
+    """Ask for the policy on this process's run: keep mode from now, ``Adaptive`` switches to
+    release when shapes vary or memory grows."""
     global _armed
     _armed = True
+    if not tuned():  # a process already in release mode stays there
+        keep_large_blocks()
 
 
 def armed() -> bool:
@@ -70,21 +99,37 @@ def tuned() -> bool:
     return _libc is not None
 
 
+def kept() -> bool:
+    return _mode == "keep"
+
+
 def trim() -> None:
     """Return free heap memory to the system (glibc malloc_trim)."""
     if _libc is not None:
         _libc.malloc_trim(0)
 
 
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def describe() -> str:
     """One phrase for logs and benches: what the policy is doing in this process."""
     if tuned():
-        return "memory policy on (batch lengths vary)"
-    return "memory policy armed, off (batch lengths fixed)" if _armed else "memory policy off"
+        return "memory policy release (batch lengths vary)"
+    if kept():
+        return "memory policy keep (batch lengths fixed)"
+    return "memory policy armed, off" if _armed else "memory policy off"
 
 
 class Adaptive:
-    """Watches each step's padded sequence length and applies the policy once it varies.
+    """Watches each step's padded sequence length (and, in keep mode, the resident size) and
+    switches to release mode once the length varies or memory grows.
 
     ``lengths`` (N,) tokens per training sample; a batch of samples ``idx`` is padded to the
     longest, rounded up to ``multiple`` (data/sequences.py), which is the length watched."""
@@ -94,6 +139,8 @@ class Adaptive:
         self.recent: deque[bool] = deque(maxlen=WINDOW)
         self.last: Optional[int] = None
         self.on = tuned()
+        self.steps = 0
+        self.reference = 0  # resident bytes after WARM steps in keep mode
 
     def after_step(self, micro: list[torch.Tensor]) -> None:
         """Called after each optimizer step with the step's micro-batches of sample indices."""
@@ -104,7 +151,17 @@ class Adaptive:
         length = -(-longest // self.multiple) * self.multiple
         self.recent.append(self.last is not None and length != self.last)
         self.last = length
-        if sum(self.recent) >= CHANGES:
+        if sum(self.recent) >= CHANGES or self._grew():
             release_large_blocks()  # False off glibc: trim is then a no-op
             self.on = True
             trim()
+
+    def _grew(self) -> bool:
+        """Keep mode's valve: the resident size past GROWTH x its size after WARM steps."""
+        if not kept():
+            return False
+        self.steps += 1
+        if self.steps <= WARM:
+            self.reference = resident_bytes()
+            return False
+        return self.reference > 0 and resident_bytes() > GROWTH * self.reference

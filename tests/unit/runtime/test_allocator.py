@@ -1,7 +1,9 @@
-"""The adaptive host-memory policy: applied once batch lengths vary, never for one fixed shape.
+"""The adaptive host-memory policy: keep mode while batch shapes are fixed, release once they
+vary or keep mode's resident size grows.
 
-The decisions are checked against the rule written out by hand (CHANGES length changes within
-the last WINDOW steps); glibc itself is not touched (release and trim are recorded instead)."""
+The decisions are checked against the rules written out by hand (CHANGES length changes within
+the last WINDOW steps; GROWTH x the size after WARM steps); glibc itself is not touched (release
+and trim are recorded instead), except in the subprocess that counts page faults."""
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from gradtune.runtime import allocator
 def calls(monkeypatch):
     seen = {"release": 0, "trim": 0}
     monkeypatch.setattr(allocator, "_libc", None)
+    monkeypatch.setattr(allocator, "_mode", "off")
     monkeypatch.setattr(
         allocator, "release_large_blocks", lambda: seen.__setitem__("release", seen["release"] + 1) or True
     )
@@ -69,6 +72,65 @@ def test_already_tuned_process_trims_from_the_first_step(calls, monkeypatch):
 def test_describe_and_arm(monkeypatch):
     monkeypatch.setattr(allocator, "_libc", None)
     monkeypatch.setattr(allocator, "_armed", False)
+    monkeypatch.setattr(allocator, "_mode", "off")
+    monkeypatch.setattr(allocator, "keep_large_blocks", lambda: allocator.__dict__.__setitem__("_mode", "keep"))
     assert allocator.describe() == "memory policy off" and not allocator.armed()
+    allocator.arm()  # keep mode from the start
+    assert allocator.armed() and allocator.kept() and "keep (batch lengths fixed)" in allocator.describe()
+
+
+def test_keep_mode_releases_when_resident_memory_grows(calls, monkeypatch):
+    """The valve: flat memory after WARM steps stays in keep mode; past GROWTH x the size after
+    WARM steps, release once and trim from then on."""
+    monkeypatch.setattr(allocator, "_mode", "keep")
+    sizes = iter([100, 300, 400, 400] + [400 + 10 * i for i in range(20)] + [601, 700, 700])
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: next(sizes))
+    policy = allocator.Adaptive(torch.full((4,), 16))
+    steps(policy, [16] * (allocator.WARM + 20), 4)  # reference 400 (after WARM steps), up to 590 < 600
+    assert not policy.on and calls == {"release": 0, "trim": 0}
+    steps(policy, [16], 4)  # 601 > 1.5 x 400
+    assert policy.on and calls == {"release": 1, "trim": 1}
+    steps(policy, [16, 16], 4)
+    assert calls == {"release": 1, "trim": 3}
+
+
+def test_fixed_shapes_without_keep_mode_never_read_memory(calls, monkeypatch):
+    monkeypatch.setattr(allocator, "resident_bytes", lambda: pytest.fail("read outside keep mode"))
+    steps(allocator.Adaptive(torch.full((4,), 16)), [16] * 30, 4)
+
+
+FAULTS = r"""
+import resource, sys, torch
+from gradtune.runtime import allocator
+if sys.argv[1] == "keep":
+    assert allocator.keep_large_blocks() and allocator.kept()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    g = torch.ones(40 << 20 >> 2)  # 40 MB: above glibc's adaptive 32 MB mmap threshold
+    del g
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(min(faults() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not allocator._glibc(), reason="glibc only")
+def test_keep_mode_reuses_the_pages_of_a_block_over_32_MB():
+    """A 40 MB block freed and allocated again (as a vocabulary embedding's dense gradient each
+    step): by default a fresh mmap faults its ~10,000 pages in every time; kept, almost none."""
+    import subprocess
+    import sys
+
+    run = {
+        how: int(subprocess.run([sys.executable, "-c", FAULTS, how], capture_output=True, text=True, check=True).stdout)
+        for how in ("default", "keep")
+    }
+    assert run["default"] > 5000 and run["keep"] < 500, run
+
+
+def test_arm_in_a_released_process_stays_released(monkeypatch):
+    monkeypatch.setattr(allocator, "_libc", object())  # an earlier run switched this process to release
+    monkeypatch.setattr(allocator, "_mode", "release")
+    monkeypatch.setattr(allocator, "keep_large_blocks", lambda: pytest.fail("keep mode after release"))
     allocator.arm()
-    assert allocator.armed() and "armed, off" in allocator.describe()
+    assert allocator.tuned() and not allocator.kept() and "release" in allocator.describe()
