@@ -59,8 +59,9 @@ from pathlib import Path
 LR = {"head": 3e-2, "full": 1e-4, "lora": 2e-3}
 # Extra settings for our side, e.g. GRADTUNE_BENCH_EXTRA="precision=fp32 text.group_by_length=false"
 EXTRA = [a for a in os.environ.get("GRADTUNE_BENCH_EXTRA", "").split() if a]
-# Our host-memory policy (runtime/allocator.py): adaptive (the default), on from the start (the
-# old fixed policy) or off, e.g. GRADTUNE_BENCH_POLICY=on, to measure what it does.
+# Our host-memory policy (runtime/allocator.py): adaptive (the default: keep mode, release once
+# lengths vary), on (release mode from the start) or off (glibc's own), e.g. GRADTUNE_BENCH_POLICY=off,
+# to measure what it does.
 POLICY = os.environ.get("GRADTUNE_BENCH_POLICY", "adaptive")
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
 WARM = 3  # step intervals left out of the median: first-step allocations, lazy kernel loads

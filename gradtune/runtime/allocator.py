@@ -31,12 +31,13 @@ leave keep mode on.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 from collections import deque
 from typing import Optional
 
 import torch
+
+from gradtune.runtime.memory_peak import current_bytes
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers (malloc.h)
 KEEP = 1 << 30  # bytes: blocks up to this size come from the heap in keep mode; free top kept up to it
@@ -45,10 +46,11 @@ WINDOW = 16  # steps looked back at
 CHANGES = 4  # sequence-length changes within WINDOW steps that switch to release
 WARM = 4  # steps after which keep mode takes the resident size as its reference
 GROWTH = 1.5  # resident size over that reference that switches to release
+CPU = torch.device("cpu")
 
 _libc: Optional[ctypes.CDLL] = None  # set once release mode is applied
 _armed = False
-_mode = "off"  # off | keep | release
+_kept = False  # keep mode on (until release mode replaces it)
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -63,22 +65,24 @@ def _glibc() -> Optional[ctypes.CDLL]:
 def keep_large_blocks() -> bool:
     """Keep mode now: blocks up to KEEP from the heap, its free top kept mapped; False (nothing
     done) off glibc."""
-    global _mode
+    global _kept
     libc = _glibc()
+    # The mmap threshold first: glibc refuses one over its maximum and changes nothing; the trim
+    # threshold, always taken, would also freeze the adaptive mmap threshold at its 128 KB start.
     if libc is None or not (libc.mallopt(M_MMAP_THRESHOLD, KEEP) and libc.mallopt(M_TRIM_THRESHOLD, KEEP)):
         return False
-    _mode = "keep"
+    _kept = True
     return True
 
 
 def release_large_blocks() -> bool:
     """Release mode now: the mmap threshold fixed at 1 MB and ``trim`` enabled; False (nothing
     done) off glibc."""
-    global _libc, _mode
+    global _libc, _kept
     libc = _glibc()
     if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD):
         return False
-    _libc, _mode = libc, "release"
+    _libc, _kept = libc, False
     return True
 
 
@@ -100,22 +104,13 @@ def tuned() -> bool:
 
 
 def kept() -> bool:
-    return _mode == "keep"
+    return _kept
 
 
 def trim() -> None:
     """Return free heap memory to the system (glibc malloc_trim)."""
     if _libc is not None:
         _libc.malloc_trim(0)
-
-
-def resident_bytes() -> int:
-    """This process's resident set size now (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def describe() -> str:
@@ -161,7 +156,8 @@ class Adaptive:
         if not kept():
             return False
         self.steps += 1
+        resident = current_bytes(CPU) or 0  # 0 where it cannot be read: the valve stays shut
         if self.steps <= WARM:
-            self.reference = resident_bytes()
+            self.reference = resident
             return False
-        return self.reference > 0 and resident_bytes() > GROWTH * self.reference
+        return self.reference > 0 and resident > GROWTH * self.reference
