@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from gradtune.models.gguf_index import read_index
 from gradtune.models.gpt_gguf import unpermute_rotary
 
 QK = 32  # weights per block in Q4_0, Q4_1, Q8_0
@@ -111,29 +112,23 @@ def read_blocks(path: str | Path, names: list[str]) -> dict[str, Blocks]:
     """Blocks of every module in ``names`` (HF Llama names, e.g. ``model.layers.3.mlp.up_proj``)
     whose GGUF tensor is Q4_0, Q4_1 or Q8_0; others (F16, F32, K-quants) and non-llama files are
     absent, for the caller to re-quantise."""
-    import gguf  # lazy: optional dependency (memory-maps the file)
-
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
+    index = read_index(path)
+    arch = index.fields["general.architecture"]
     if arch != "llama":
         return {}
-    heads = {"attn_q": reader.fields["llama.attention.head_count"].contents()}
-    heads["attn_k"] = (
-        reader.fields["llama.attention.head_count_kv"].contents()
-        if "llama.attention.head_count_kv" in reader.fields
-        else heads["attn_q"]
-    )
+    heads = {"attn_q": index.fields["llama.attention.head_count"]}
+    heads["attn_k"] = index.fields.get("llama.attention.head_count_kv", heads["attn_q"])
     wanted = set(names)
     out = {}
-    for t in reader.tensors:
+    for t in index.tensors:
         parts = t.name.split(".")  # blk.{i}.{tensor}.weight
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LLAMA_LINEAR or t.tensor_type.name not in TYPES:
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LLAMA_LINEAR or t.type_name not in TYPES:
             continue
         name = f"model.layers.{parts[1]}.{LLAMA_LINEAR[parts[2]]}"
         if name not in wanted:
             continue
-        raw = t.data  # (rows = out, bytes), a view of the memory map
+        raw = index.data(t)  # (rows = out, bytes), a view of the memory map
         if parts[2] in heads:
             raw = raw[rotary_rows(raw.shape[0], heads[parts[2]])]
-        out[name] = split_blocks(TYPES[t.tensor_type.name][0], raw)
+        out[name] = split_blocks(TYPES[t.type_name][0], raw)
     return out

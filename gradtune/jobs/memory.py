@@ -195,15 +195,14 @@ def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int
             for f in sorted(folder.glob("*.safetensors"))
             for name, (shape, _) in hf.safetensors_shapes(f).items()
         ]
-    import gguf as gguf_lib  # lazy: optional dependency (memory-maps the file; reads headers)
+    from gradtune.models.gguf_index import read_index
 
     try:
-        reader = gguf_lib.GGUFReader(str(folder / gguf))
+        index = read_index(folder / gguf)
     except hf.LOAD_ERRORS:  # the builder names a corrupt file
         return []
     return [
-        (t.name, len(t.shape), int(t.n_elements), int(t.n_bytes) if t.tensor_type.name in GGUF_BLOCKS else None)
-        for t in reader.tensors
+        (t.name, len(t.shape), t.n_elements, t.n_bytes if t.type_name in GGUF_BLOCKS else None) for t in index.tensors
     ]
 
 

@@ -82,9 +82,7 @@ def objective_for(task: str, weights: Optional[list[float]] = None) -> Objective
 def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.Module, Any, frozenset[str]]:
     """(model after the method's transforms, tokenizer, declared trainable names)."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    body, tokenizer = hf.load(
-        cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype, converted_copy=cfg.quantize == "none"
-    )
+    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
     if activation_checkpointing(cfg) and getattr(body, "supports_gradient_checkpointing", False):
         # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
         # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.
@@ -102,6 +100,8 @@ def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.
         quantize=cfg.quantize,
         source=cfg.model,
     )
+    if cfg.quantize != "none":
+        hf.own_weights(model)  # drop the file mapping that the float layers quantisation replaced lived in
     return model, tokenizer, trainable
 
 

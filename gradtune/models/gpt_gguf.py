@@ -40,21 +40,20 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata key -> python value, tensor name -> float32 tensor) of a .gguf file."""
     import gguf  # lazy: optional dependency
 
+    from gradtune.models.gguf_index import read_index
+
     check_gguf(Path(path))  # a file shorter than its header is named, not a struct.error
     try:
-        reader = gguf.GGUFReader(str(path))
+        index = read_index(path)
     except LOAD_ERRORS as e:  # past the header: truncated or corrupt metadata / tensor table
         raise ModelSourceError(f"model file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e})") from None
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")):
-            continue  # vocabularies: large and not needed for the network
-        meta[key] = field.contents()
+    vocabulary = ("tokens", "scores", "token_type", "merges")  # large and not needed for the network
+    meta = {k: v for k, v in index.fields.items() if not (k.startswith("tokenizer.ggml.") and k.endswith(vocabulary))}
     tensors = {}
-    for t in reader.tensors:
-        # t.data is already in numpy (rows, cols) order, i.e. torch's (out, in); quantised types
-        # come as raw bytes per row that dequantize expands.
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    for t in index.tensors:
+        # data is in numpy (rows, cols) order, i.e. torch's (out, in); quantised types come as
+        # raw bytes per row that dequantize expands.
+        arr = gguf.quants.dequantize(index.data(t), gguf.GGMLQuantizationType(t.type_id)).astype(np.float32, copy=False)
         if not arr.flags.writeable:  # float tensors are views of the read-only memory map
             arr = arr.copy()
         tensors[t.name] = torch.from_numpy(arr)

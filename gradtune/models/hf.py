@@ -160,13 +160,10 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_model(
-    source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32, converted_copy: bool = True
-) -> nn.Module:
-    """The pretrained model on the CPU, in train mode (dropout on, as the loop expects).
-    ``converted_copy=False``: a .gguf is read by transformers even when a converted copy exists
-    (a quantised base: the copy's weights are memory-mapped, and a mapping kept alive by the
-    tied embedding would hold the float layers quantisation replaces in memory)."""
+def load_model(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The pretrained model on the CPU, in train mode (dropout on, as the loop expects). Weights
+    read from safetensors (a folder, or a .gguf's converted copy) are views of the file's memory
+    map until something writes them: see ``own_weights``."""
     from transformers import AutoModel, AutoModelForCausalLM  # lazy: heavy import
     from transformers.utils import logging as hf_logging
 
@@ -177,7 +174,7 @@ def load_model(
     folder, gguf = resolve(source)
     cls = AutoModel if kind == "encoder" else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}
-    converted = gguf_cache.cached(folder / gguf, f"{kind}-model") if gguf and converted_copy else None
+    converted = gguf_cache.cached(folder / gguf, f"{kind}-model") if gguf else None
     if converted:  # a .gguf converted by an earlier load (models/gguf_cache.py)
         folder = converted
     elif gguf:
@@ -191,11 +188,22 @@ def load_model(
         raise ModelSourceError(f"cannot load model from {str(source)!r}: {first}") from e
     if gguf and not converted:  # transformers read the .gguf itself
         gguf_cache.unmark(model)
-        if converted_copy and dtype == torch.float32:
+        if dtype == torch.float32:
             nbytes = sum(p.numel() * 4 for p in model.parameters())
             gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
     return model.train()
+
+
+def own_weights(model: nn.Module) -> None:
+    """Every parameter in memory of the process's own, none a view of a file's memory map. A
+    quantised base needs it: once its linear layers are replaced (a GGUF's blocks are read from
+    the .gguf, so the converted copy's float layers are never touched), the tensors that stay
+    float (the tied embedding, norms) would keep the whole mapping alive, and every page of it
+    that was read resident."""
+    with torch.no_grad():
+        for p in model.parameters():  # tied weights are one Parameter: cloned once, still tied
+            p.data = p.data.clone()
 
 
 def fast_dropout(model: nn.Module) -> None:
@@ -241,10 +249,8 @@ def check_vocab(model: nn.Module, tokenizer: Any) -> None:
         )
 
 
-def load(
-    source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32, converted_copy: bool = True
-) -> tuple[nn.Module, Any]:
+def load(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(model, tokenizer), checked to belong together."""
-    model, tokenizer = load_model(source, kind, dtype, converted_copy), load_tokenizer(source)
+    model, tokenizer = load_model(source, kind, dtype), load_tokenizer(source)
     check_vocab(model, tokenizer)
     return model, tokenizer

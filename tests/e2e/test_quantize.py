@@ -136,6 +136,7 @@ BOUNDS = {
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quantised-smollm2")  # one worker: the float32 run (module fixture) is made once
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_smollm2_lora_on_a_quantised_base(kind, float_base, tmp_path):
     q = smollm2_run(kind, tmp_path / kind)

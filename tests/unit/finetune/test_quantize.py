@@ -279,3 +279,32 @@ def test_smollm2_kept_blocks_equal_transformers_float32_weights():
     assert len(layers) == 210 and all(m.kind == "q4_1" for m in layers.values())
     assert torch.equal(layers["model.layers.0.self_attn.q_proj"].weight, q_proj)
     assert not any(n.endswith("proj.weight") for n, _ in model.named_parameters())
+
+
+def _mapped(path) -> bool:
+    return any(str(path) in line for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_a_quantised_base_keeps_no_mapping_of_its_weights_file(tmp_path):
+    """Weights loaded from safetensors are views of the file's memory map; after quantisation the
+    float tensors left (the tied embedding, norms) are copied out, so the mapping (and every page
+    of it that quantisation read) is released; the model computes the same."""
+    import gc
+
+    from gradtune.models import hf
+
+    tiny_hf.llama(tmp_path / "llama")
+    weights = tmp_path / "llama" / "model.safetensors"
+    model = hf.load_model(tmp_path / "llama").eval()
+    assert _mapped(weights)  # what makes the copy necessary (a loader that copies would fail here)
+    methods.apply(model, "lora", lora=LoraSection(rank=4), quantize="int8")
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        before = model(ids).logits
+    hf.own_weights(model)
+    gc.collect()
+    assert not _mapped(weights)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
