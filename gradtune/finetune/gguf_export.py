@@ -216,15 +216,18 @@ def write_new(target: Path, write: Any) -> None:
 def vocab_from_gguf(path: str | Path) -> Vocab:
     """Every ``tokenizer.*`` key of an existing GGUF file, as written there."""
     import gguf
+    import numpy as np
 
-    reader = gguf.GGUFReader(str(path))
-    if "tokenizer.ggml.tokens" not in reader.fields:
+    from gradtune.models.gguf_index import ARRAY, read_index
+
+    index = read_index(path, strings=True)
+    if "tokenizer.ggml.tokens" not in index.fields:
         raise GradtuneError(f"{path}: has no tokenizer (no tokenizer.ggml.tokens) to copy")
     tokens, types, scores, extra = [], [], None, []
-    for key, f in reader.fields.items():
+    for key, value in index.fields.items():
         if not key.startswith("tokenizer."):
             continue
-        value = f.contents()
+        value = value.tolist() if isinstance(value, np.ndarray) else value  # python values for the writer
         if key == "tokenizer.ggml.tokens":
             tokens = list(value)
         elif key == "tokenizer.ggml.token_type":
@@ -232,8 +235,9 @@ def vocab_from_gguf(path: str | Path) -> Vocab:
         elif key == "tokenizer.ggml.scores":
             scores = [float(v) for v in value]
         else:
-            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-            extra.append((key, value, f.types[0], sub))
+            kind = index.types[key]
+            sub = gguf.GGUFValueType(kind[1]) if kind[0] == ARRAY else None
+            extra.append((key, value, gguf.GGUFValueType(kind[0]), sub))
     return Vocab(tokens, types or [NORMAL] * len(tokens), scores, extra, str(path))
 
 

@@ -7,12 +7,13 @@ the same base. The first load writes what transformers built under
 ``$GRADTUNE_CACHE/gguf/<key>/`` (``model/``: config.json + float32 model.safetensors;
 ``tokenizer/``: the saved tokenizer); later loads read those (~1-2 s).
 
-key: a hash of the file's resolved path, size and modification time and of the transformers
-version (its GGUF conversion may change between versions), so an edited or replaced file is
-converted again. The .gguf is only read. Each part is written to a temporary folder and renamed
-into place once complete (a killed run leaves no half copy that looks whole). Bases whose
-float32 copy would exceed MAX_BYTES, or that do not fit the free disk twice over, are not cached:
-their loads stay as slow as transformers' own.
+key: a hash of the file's identity (device and inode: a hard link or a rename of the same file
+finds its copy), size and modification time and of the transformers version (its GGUF conversion
+may change between versions), so an edited, copied or replaced file is converted again. The
+.gguf is only read. Each part is written to a temporary folder and renamed into place once
+complete (a killed run leaves no half copy that looks whole). Bases whose float32 copy would
+exceed MAX_BYTES, or that do not fit the free disk twice over, are not cached: their loads stay
+as slow as transformers' own.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def folder(gguf: Path, part: str) -> Path:
     import transformers  # lazy: heavy
 
     st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    key = f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
     return cache.path("gguf", hashlib.sha256(key.encode()).hexdigest()[:24], part)
 
 

@@ -9,7 +9,7 @@ Why not ``gguf.GGUFReader``: it decodes every metadata value into numpy views, o
 vocabulary of 49,152 tokens and ~49,000 merges costs seconds of Python per open; callers that need
 the tensor table (quantised bases, the memory check, our GPT's GGUF loader) open a file more than
 once per run. Here string arrays are skipped by their lengths and kept only when short
-(``MAX_STRINGS``); the export, which copies a whole vocabulary, still uses ``GGUFReader``.
+(``MAX_STRINGS``), unless ``strings=True`` (the export copies a whole vocabulary).
 
 Layout (little-endian, GGUF v2/v3): magic ``GGUF``, u32 version, u64 tensor count, u64 key count;
 each key: string name, u32 value type, value; each tensor: string name, u32 n_dims, n_dims x u64
@@ -46,8 +46,11 @@ class TensorInfo:
 
 
 class GGUFIndex:
-    def __init__(self, path: Path, fields: dict[str, Any], tensors: list[TensorInfo]):
-        self.path, self.fields, self.tensors = path, fields, tensors
+    """``fields``: key -> a scalar, a string, a list of strings or a numpy array; ``types``: key ->
+    (GGUF value type,) or (ARRAY, element type), as ``GGUFReader``'s ``field.types``."""
+
+    def __init__(self, path: Path, fields: dict[str, Any], types: dict[str, tuple[int, ...]], tensors: list):
+        self.path, self.fields, self.types, self.tensors = path, fields, types, tensors
         self._map: np.memmap | None = None
 
     def data(self, t: TensorInfo) -> np.ndarray:
@@ -64,8 +67,8 @@ class GGUFIndex:
 
 
 class _Cursor:
-    def __init__(self, buf: memoryview):
-        self.buf, self.at = buf, 0
+    def __init__(self, buf: memoryview, strings: bool):
+        self.buf, self.at, self.strings = buf, 0, strings
 
     def u32(self) -> int:
         (v,) = U32.unpack_from(self.buf, self.at)
@@ -93,22 +96,16 @@ class _Cursor:
             raise ValueError("a string array runs past the end of the file")
         self.at = at
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int) -> tuple[Any, tuple[int, ...]]:
+        """(the value or None if skipped, its types)"""
+        if vtype == ARRAY:
+            etype = self.u32()
+            return self.array(etype, self.u64()), (ARRAY, etype)
+        return self.scalar(vtype), (vtype,)
+
+    def scalar(self, vtype: int) -> Any:
         if vtype == STRING:
             return self.string()
-        if vtype == ARRAY:
-            etype, count = self.u32(), self.u64()
-            if etype == STRING:
-                if count > MAX_STRINGS:
-                    self.skip_strings(count)
-                    return None
-                return [self.string() for _ in range(count)]
-            if etype not in SCALARS:
-                raise ValueError(f"unsupported GGUF array element type {etype}")
-            size = struct.calcsize("<" + SCALARS[etype])
-            out = np.frombuffer(self.buf, dtype="<" + SCALARS[etype], count=count, offset=self.at).copy()
-            self.at += size * count
-            return out
         if vtype not in SCALARS:
             raise ValueError(f"unsupported GGUF value type {vtype}")
         fmt = "<" + SCALARS[vtype]
@@ -116,17 +113,33 @@ class _Cursor:
         self.at += struct.calcsize(fmt)
         return v
 
+    def array(self, etype: int, count: int) -> Any:
+        if etype == STRING:
+            if count > MAX_STRINGS and not self.strings:
+                self.skip_strings(count)
+                return None
+            return [self.string() for _ in range(count)]
+        if etype not in SCALARS:
+            raise ValueError(f"unsupported GGUF array element type {etype}")
+        size = struct.calcsize("<" + SCALARS[etype])
+        if self.at + size * count > len(self.buf):
+            raise ValueError(f"an array of {count} values runs past the end of the file at byte {self.at}")
+        out = np.frombuffer(self.buf, dtype="<" + SCALARS[etype], count=count, offset=self.at).copy()
+        self.at += size * count
+        return out
 
-def read_index(path: str | Path) -> GGUFIndex:
+
+def read_index(path: str | Path, strings: bool = False) -> GGUFIndex:
     """Parse ``path``'s header, metadata and tensor table (raises ``ValueError`` or
-    ``struct.error`` on a truncated or corrupt file; the caller names the file)."""
+    ``struct.error`` on a truncated or corrupt file; the caller names the file). ``strings``:
+    decode long string arrays too (a vocabulary) instead of skipping them."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: optional dependency
 
     path = Path(path)
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         buf = memoryview(mm)
         try:
-            cur = _Cursor(buf)
+            cur = _Cursor(buf, strings)
             if bytes(buf[:4]) != b"GGUF":
                 raise ValueError("not a GGUF file")
             cur.at = 4
@@ -135,9 +148,10 @@ def read_index(path: str | Path) -> GGUFIndex:
                 raise ValueError(f"GGUF version {version} is not supported")
             n_tensors, n_kv = cur.u64(), cur.u64()
             fields: dict[str, Any] = {}
+            types: dict[str, tuple[int, ...]] = {}
             for _ in range(n_kv):
                 key = cur.string()
-                value = cur.value(cur.u32())
+                value, types[key] = cur.value(cur.u32())
                 if value is not None:
                     fields[key] = value
             table = []
@@ -159,4 +173,4 @@ def read_index(path: str | Path) -> GGUFIndex:
         if info.offset + info.n_bytes > size:
             raise ValueError(f"tensor {name} ends at byte {info.offset + info.n_bytes}, past the file's {size}")
         tensors.append(info)
-    return GGUFIndex(path, fields, tensors)
+    return GGUFIndex(path, fields, types, tensors)

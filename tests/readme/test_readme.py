@@ -35,10 +35,17 @@ def _needs(block: md.Block) -> list[md.Block]:
     return out
 
 
-def _root(block: md.Block) -> str:
-    """The first block of ``block``'s chain of ``after`` blocks, or itself."""
-    needs = _needs(block)
-    return needs[0].name if needs else block.name
+def _group(block: md.Block) -> str:
+    """The xdist group of ``block``: the first root (a block needing none) of the blocks linked to
+    it by ``after``, either way. Blocks sharing a run folder then share one worker, so RAN spares
+    every rerun (a block after two roots would otherwise run one of them again)."""
+    linked, todo = {block.name}, [block]
+    while todo:
+        b = todo.pop()
+        near = _needs(b) + [o for o in BLOCKS if b in _needs(o)]
+        todo += [o for o in near if o.name not in linked]
+        linked |= {o.name for o in near}
+    return min(o.name for o in BLOCKS if o.name in linked and not _needs(o))
 
 
 def _params():
@@ -52,7 +59,7 @@ def _params():
         if any("max_time" in d.text for d in chain):  # asserts on wall time: run alone (make test)
             marks.append(pytest.mark.serial)
         # A block and the blocks it needs run in one pytest-xdist worker, so RAN spares the reruns.
-        marks.append(pytest.mark.xdist_group(_root(b)))
+        marks.append(pytest.mark.xdist_group(_group(b)))
         yield pytest.param(b, id=b.name, marks=marks)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,13 @@ def test_key_follows_the_file(tmp_path, own_cache):
     assert gguf_cache.folder(f, "tokenizer") != a
     f.write_bytes(b"GGUF" + bytes(61))
     assert gguf_cache.folder(f, "tokenizer") != a
+    b = gguf_cache.folder(f, "tokenizer")
+    os.link(f, tmp_path / "linked.gguf")  # the same file under another name: its copy is found
+    assert gguf_cache.folder(tmp_path / "linked.gguf", "tokenizer") == b
+    f.rename(tmp_path / "moved.gguf")
+    assert gguf_cache.folder(tmp_path / "moved.gguf", "tokenizer") == b
+    shutil.copy2(tmp_path / "moved.gguf", f)  # another file, the same bytes and modification time
+    assert gguf_cache.folder(f, "tokenizer") != b
 
 
 def test_store_is_all_or_nothing(tmp_path, own_cache, monkeypatch):

@@ -22,12 +22,15 @@ def _same_as_reader(path: Path) -> None:
         got, want = index.data(ours), theirs.data
         assert got.shape == want.shape and got.dtype == want.dtype, ours.name
         assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), ours.name
+    everything = read_index(path, strings=True)
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):  # the reader's own header pseudo-fields
             continue
         value = field.contents()
+        assert everything.types[key] == tuple(int(t) for t in field.types), key
         if isinstance(value, list) and len(value) > MAX_STRINGS and isinstance(value[0], str):
-            assert key not in index.fields  # a vocabulary: skipped, not decoded
+            assert key not in index.fields  # a vocabulary: skipped by default, not decoded
+            assert everything.fields[key] == value
             continue
         got = index.fields[key]
         array = isinstance(got, (list, np.ndarray))
