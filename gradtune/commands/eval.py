@@ -20,6 +20,7 @@ from gradtune.jobs import rl
 from gradtune.jobs.reload import load_run, run_data, run_task
 from gradtune.loop.eval_chunk import choose, probe, room_for_run
 from gradtune.loop.evaluation import evaluate, task_metrics
+from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
 from gradtune.runtime.device import autocast
 from gradtune.runtime.errors import GradtuneError
 
@@ -87,9 +88,6 @@ def benchmark(args: argparse.Namespace) -> int:
         raise GradtuneError(f"eval: --limit must be >= 1, got {args.limit}")
     if args.data is not None:
         raise GradtuneError("eval: --data and --lm-eval do not combine (a task names its own data)")
-    # lazy: lm-eval's import (~0.1 s, requests and chardet with it) would be paid by every command
-    from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
-
     tasks = resolve_tasks(args.lm_eval)
     if run_task(args.run) != "lm":
         raise GradtuneError(f"{args.run}: --lm-eval scores causal language models; this run is not one")

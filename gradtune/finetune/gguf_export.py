@@ -39,6 +39,7 @@ from gradtune.finetune.export import hf_base, merged_state_dict
 from gradtune.finetune.gguf_types import FILE_TYPE, add_tensor, check_type
 from gradtune.finetune.gpt_export_refusals import refuse_unexpressible
 from gradtune.finetune.heads import EncoderWithHead
+from gradtune.models.gguf_index import ARRAY, read_index
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_load import config_from_hf, state_dict_from_hf
 from gradtune.models.llama_parts import GGUF_PARTS, part_rows
@@ -217,8 +218,6 @@ def vocab_from_gguf(path: str | Path) -> Vocab:
     """Every ``tokenizer.*`` key of an existing GGUF file, as written there."""
     import gguf
     import numpy as np
-
-    from gradtune.models.gguf_index import ARRAY, read_index
 
     index = read_index(path, strings=True)
     if "tokenizer.ggml.tokens" not in index.fields:

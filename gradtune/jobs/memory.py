@@ -55,6 +55,7 @@ from gradtune.finetune.gguf_blocks import TYPES as GGUF_BLOCKS
 from gradtune.finetune.methods import body_method
 from gradtune.jobs.text import gpt
 from gradtune.models import hf
+from gradtune.models.gguf_index import read_index
 from gradtune.runtime import distributed
 from gradtune.runtime.device import resolve_device
 from gradtune.runtime.errors import GradtuneError
@@ -195,8 +196,6 @@ def _tensor_sizes(folder: Path, gguf: Optional[str]) -> list[tuple[str, int, int
             for f in sorted(folder.glob("*.safetensors"))
             for name, (shape, _) in hf.safetensors_shapes(f).items()
         ]
-    from gradtune.models.gguf_index import read_index
-
     try:
         index = read_index(folder / gguf)
     except hf.LOAD_ERRORS:  # the builder names a corrupt file

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gradtune.models.gguf_index import read_index
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.hf import LOAD_ERRORS, ModelSourceError, check_gguf
 from gradtune.models.llama_parts import GGUF_PARTS
@@ -39,8 +40,6 @@ def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata key -> python value, tensor name -> float32 tensor) of a .gguf file."""
     import gguf  # lazy: optional dependency
-
-    from gradtune.models.gguf_index import read_index
 
     check_gguf(Path(path))  # a file shorter than its header is named, not a struct.error
     try:
