@@ -83,7 +83,12 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
+# The tests that read the launches below share one xdist worker (and the session-scoped fixture
+# there), so the two launches run once, not once per worker.
+RUNS = pytest.mark.xdist_group("distributed-runs")
+
+
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> Path:
     """One 2-process launch (DDP cases, FSDP2 + checkpoints, probe) and one 3-process launch
     (DDP cases, probe), side by side."""
@@ -120,6 +125,7 @@ def worst_rel(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
     return max(((got[k] - ref[k]).norm() / ref[k].norm().clamp(min=1e-30)).item() for k in ref)
 
 
+@RUNS
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", DDP_CASES)
 def test_ddp_update_equals_one_process(runs, case, world):
@@ -139,18 +145,21 @@ def test_ddp_update_equals_one_process(runs, case, world):
     assert loss == pytest.approx(ref_loss, rel=tol)
 
 
+@RUNS
 @pytest.mark.parametrize("world", [2, 3])
 def test_unwrapped_model_gradients_are_summed_across_ranks(runs, world):
     got = load_file(str(runs / f"w{world}" / f"w{world}_plain_grads.safetensors"))
     assert worst_rel(got, worker.plain_grads()) < 1e-12
 
 
+@RUNS
 def test_fsdp2_equals_one_process(runs):
     ref, _ = reference("gpt_fsdp")
     got = load_file(str(runs / "w2" / "w2_gpt_fsdp.safetensors"))
     assert worst_rel(got, ref) < 1e-5
 
 
+@RUNS
 def test_fsdp2_sharded_resume_same_world_size_is_bit_exact(runs):
     """The loop's FSDP2 checkpoints (written every 5 steps), resumed from step 5 at the same world
     size, end bitwise on the uninterrupted run (which wrote no checkpoint at all)."""

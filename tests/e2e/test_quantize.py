@@ -115,7 +115,7 @@ def smollm2_run(quantize: str, out: Path, steps: int = STEPS, extra: list[str] =
     return marks
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # with the tests' xdist group: made once, not once per worker or module visit
 def float_base(tmp_path_factory):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to measure peak memory")
