@@ -25,8 +25,12 @@ ROWS = {
 }
 
 
-def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADTUNE_CACHE": str(tmp_path / "cache")}
+def _run(tmp_path: Path, *args: str, shared_cache: bool = False) -> subprocess.CompletedProcess:
+    """bench/gpu.py in a fresh process; its cache in ``tmp_path``, or (``shared_cache``) the
+    suite's, where the SmolLM2 GGUF is converted once for every test (~15 s a conversion)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not shared_cache:
+        env["GRADTUNE_CACHE"] = str(tmp_path / "cache")
     env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even on a machine that has one
     env.pop("GRADTUNE_TEST_FAULTS", None)
     return subprocess.run(
@@ -75,7 +79,7 @@ def test_a_failed_exactness_row_or_an_error_exits_1(tmp_path, monkeypatch, capsy
 
 @pytest.mark.slow  # ~1-2 minutes on 2 cores: six rows of real runs, a torchrun launch, the SmolLM2 GGUF
 def test_tiny_on_cpu_prints_every_row(tmp_path):
-    p = _run(tmp_path, "--device", "cpu", "--tiny", "--keep", str(tmp_path / "runs"))
+    p = _run(tmp_path, "--device", "cpu", "--tiny", "--keep", str(tmp_path / "runs"), shared_cache=True)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     lines = p.stdout.strip().splitlines()
     assert lines[0].startswith("gpu-check: device cpu (capability ") and "[tiny], torch " in lines[0], lines
