@@ -18,7 +18,7 @@ from torch import nn
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE
 from gradtune.objectives import losses
-from gradtune.objectives.logits import forward
+from gradtune.objectives.logits import forward, forward_trained
 from gradtune.objectives.output import Output
 
 
@@ -29,9 +29,11 @@ class CausalLM:
 
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         labels = batch["labels"]  # (B, T)
-        logits = forward(model, batch)  # (B, T, V)
-        if self.shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+        if self.shift:  # (B, K, V), (B, K): from the first position that predicts a trained token
+            logits, labels = forward_trained(model, batch, labels)
+            logits, labels = logits[:, :-1], labels[:, 1:]  # (B, K-1, V), (B, K-1)
+        else:
+            logits = forward(model, batch)  # (B, T, V)
         loss_sum = losses.cross_entropy(
             logits, labels, reduction="sum", ignore_index=IGNORE, label_smoothing=self.label_smoothing
         )

@@ -12,11 +12,14 @@ A model may return a tensor, a tuple whose first element is the logits, or an ob
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from gradtune.data.dataset import Batch
 from gradtune.data.packing import block_causal_mask
+from gradtune.data.sequences import IGNORE
 from gradtune.runtime.errors import GradtuneError
 
 
@@ -29,21 +32,47 @@ def logits_of(out: object) -> torch.Tensor:
     return out.logits  # type: ignore[attr-defined]
 
 
-def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run ``model`` on the inputs ``batch`` carries and return its logits / predictions."""
+def forward(model: nn.Module, batch: Batch, keep: int = 0) -> torch.Tensor:
+    """Run ``model`` on the inputs ``batch`` carries and return its logits / predictions.
+    ``keep`` > 0: an HF causal LM's logits of the last ``keep`` positions only (B, keep, V)."""
     if "x" in batch:
         return logits_of(model(batch["x"]))
+    extra = {"logits_to_keep": keep} if keep else {}
     if "document_ids" in batch:
         return logits_of(
             model(
                 input_ids=batch["input_ids"],
                 position_ids=batch["position_ids"],
                 attention_mask=packed_mask(model, batch["document_ids"]),
+                **extra,
             )
         )
     if "attention_mask" in batch:
-        return logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-    return logits_of(model(batch["input_ids"]))
+        return logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra))
+    return logits_of(model(batch["input_ids"], **extra))
+
+
+def forward_trained(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V), labels (B, K)) of a causal LM whose ``labels`` (B, T) are aligned with
+    its inputs (shifted by the caller: logits at t score the label at t + 1), cut to the last K
+    positions from the first that predicts a trained label in any row. Prompts come first, so
+    the LM head and the loss's softmax over the vocabulary (V ~ 50k: most of the step's memory,
+    a fifth of its matmuls for a small model) skip most prompt positions. Models that cannot
+    return part of their logits (``logits_to_keep``: transformers' causal LMs) give all T."""
+    t = labels.shape[1]
+    trained = (labels[:, 1:] != IGNORE).any(0).nonzero()  # positions p whose label p + 1 is trained
+    keep = t - int(trained[0]) if len(trained) else 1
+    if keep >= t or not _keeps_logits(model):
+        return forward(model, batch), labels
+    return forward(model, batch, keep), labels[:, t - keep :]
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def packed_mask(model: nn.Module, document_ids: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE
-from gradtune.objectives.logits import float32, forward
+from gradtune.objectives.logits import float32, forward_trained
 from gradtune.objectives.output import Output
 from gradtune.objectives.preference_losses import REFERENCE_FREE, kto_kl, kto_losses, pair_losses
 
@@ -87,7 +87,7 @@ class Preference:
         if self.reference is None:
             raise ValueError("Preference: no reference (neither ref_logps in the batch nor a reference context)")
         with torch.no_grad(), self.reference(model):
-            return sequence_logps(forward(model, self._inputs(batch)), batch["labels"])[0]
+            return sequence_logps(*forward_trained(model, self._inputs(batch), batch["labels"]))[0]
 
     def _inputs(self, batch: Batch) -> Batch:
         return batch if self.attention_mask else {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -97,7 +97,7 @@ class Preference:
         pairs = labels.shape[0] // 2
         # Reference first: its logits are freed before the policy's activations are held.
         ref = None if self.loss in REFERENCE_FREE else self.reference_logps(model, batch)
-        logps, n = sequence_logps(forward(model, self._inputs(batch)), labels)  # (2B,), (2B,)
+        logps, n = sequence_logps(*forward_trained(model, self._inputs(batch), labels))  # (2B,), (2B,)
         if self.loss == "kto":
             return self._kto(logps, ref.to(logps.dtype), batch["label"].bool(), pairs)
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], n[:pairs], n[pairs:]

@@ -4,6 +4,7 @@ a block is marked: skip with a reason, slow, a budget scale, what it shows)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def _params():
         chain = [*_needs(b), b]
         if any("slow" in d.options for d in chain):
             marks.append(pytest.mark.slow)
-        if any("max_time" in d.text for d in chain):  # asserts on wall time: run alone (make test)
+        # a time budget (max_time=null turns it off): asserts on wall time, run alone (make test)
+        if any(re.search(r"max_time(?!=null)", d.text) for d in chain):
             marks.append(pytest.mark.serial)
         # A block and the blocks it needs run in one pytest-xdist worker, so RAN spares the reruns.
         marks.append(pytest.mark.xdist_group(_group(b)))
