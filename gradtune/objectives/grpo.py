@@ -41,7 +41,7 @@ from gradtune.data.sequences import IGNORE, pad
 from gradtune.models import fast_decoder
 from gradtune.models.generate import generate
 from gradtune.objectives import rewards as reward_fns
-from gradtune.objectives.logits import float32, forward
+from gradtune.objectives.logits import float32, forward_trained
 from gradtune.objectives.output import Output
 
 Reference = Callable[[nn.Module], contextlib.AbstractContextManager]
@@ -77,6 +77,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) 
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(labels.shape)
     return -nll
+
+
+def trained_token_logps(model: nn.Module, seq: Batch, temperature: float) -> torch.Tensor:
+    """``token_logps`` (S, T-1) of ``model`` on ``seq``, its logits computed only from the first
+    position that predicts a completion token (``forward_trained``: prompts come first); the
+    positions before it are IGNORE labels, 0 as ``token_logps`` gives them."""
+    logits, labels = forward_trained(model, seq, seq["labels"])  # (S, K, V), (S, K)
+    logps = token_logps(logits, labels, temperature)  # (S, K-1)
+    return F.pad(logps, (seq["labels"].shape[1] - labels.shape[1], 0))
 
 
 def per_token_loss(
@@ -191,16 +200,16 @@ class GRPO:
             return None
         with torch.no_grad():
             if self.ref_model is not None:
-                return token_logps(forward(self.ref_model, seq), seq["labels"], self.sampling.temperature)
+                return trained_token_logps(self.ref_model, seq, self.sampling.temperature)
             with self.reference(model) if self.reference is not None else contextlib.nullcontext():
-                return token_logps(forward(model, seq), seq["labels"], self.sampling.temperature)
+                return trained_token_logps(model, seq, self.sampling.temperature)
 
     def loss(self, model: nn.Module, roll: dict[str, Any], source: int = 0) -> Output:
         """The GRPO loss sum and completion-token count of a scored rollout."""
         dev = roll["input_ids"].device
         seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels")}
         ref = self.reference_logps(model, seq)  # first: its logits are freed before the policy's are held
-        logp = token_logps(forward(model, seq), seq["labels"], self.sampling.temperature)  # (S, L-1)
+        logp = trained_token_logps(model, seq, self.sampling.temperature)  # (S, L-1)
         mask = (seq["labels"][:, 1:] != IGNORE).to(logp.dtype)
         g = self.sampling.num_generations
         rewards = roll["rewards"]
