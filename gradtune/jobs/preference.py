@@ -35,8 +35,7 @@ from gradtune.finetune import methods
 from gradtune.finetune.lora import adapters_disabled
 from gradtune.models import hf
 from gradtune.models.gpt import GPT
-from gradtune.objectives.logits import forward
-from gradtune.objectives.preference import Preference, sequence_logps
+from gradtune.objectives.preference import Preference, model_sequence_logps
 from gradtune.objectives.preference_losses import REFERENCE_FREE
 from gradtune.runtime import distributed
 from gradtune.runtime.device import autocast, resolve_device
@@ -93,7 +92,7 @@ def precompute(model: nn.Module, data: PairDataset, chunk: int, device: torch.de
     for idx in mine.split(chunk):
         batch = {k: v.to(device) for k, v in data.get(idx).items() if k != "attention_mask" or not gpt}
         with autocast(precision, device):
-            logps = sequence_logps(forward(model, batch), batch["labels"])[0].cpu()  # (2b,)
+            logps = model_sequence_logps(model, batch, batch["labels"])[0].cpu()  # (2b,)
         ref[idx] = torch.stack([logps[: len(idx)], logps[len(idx) :]], dim=1).double()  # (b, 2)
     if distributed.active():
         ref = ref.to(device)

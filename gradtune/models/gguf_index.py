@@ -32,6 +32,9 @@ SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 STRING, ARRAY = 8, 9
 MAX_STRINGS = 1024  # longer string arrays (vocabularies, merges) are skipped, not decoded
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
+# ggml types a numpy dtype holds as they are (the rest come as raw bytes, as GGUFReader gives them)
+PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16}
+PLAIN |= {"I32": np.int32, "I64": np.int64}
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,12 @@ class GGUFIndex:
         self._map: np.memmap | None = None
 
     def data(self, t: TensorInfo) -> np.ndarray:
-        """The tensor's bytes as ``GGUFReader`` gives them (a read-only view of the file): float
-        types as (rows, cols) of their dtype, block types as uint8 (rows, bytes per row)."""
+        """The tensor's bytes as ``GGUFReader`` gives them (a read-only view of the file): plain
+        types as (rows, cols) of their dtype, others (blocks, BF16) as uint8 (rows, bytes per row)."""
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._map[t.offset : t.offset + t.n_bytes]
-        dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}.get(t.type_name)
+        dtype = PLAIN.get(t.type_name)
         if dtype is not None:
             return raw.view(dtype).reshape(t.shape)
         rows = t.n_elements // t.shape[-1] if t.shape else 1

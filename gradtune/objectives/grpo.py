@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradtune.data.dataset import Batch
@@ -41,7 +40,7 @@ from gradtune.data.sequences import IGNORE, pad
 from gradtune.models import fast_decoder
 from gradtune.models.generate import generate
 from gradtune.objectives import rewards as reward_fns
-from gradtune.objectives.logits import float32, forward_trained
+from gradtune.objectives.logits import trained_token_logps
 from gradtune.objectives.output import Output
 
 Reference = Callable[[nn.Module], contextlib.AbstractContextManager]
@@ -67,25 +66,6 @@ def advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
     with ``scale``, divided by its unbiased std + 1e-4 (TRL's constant)."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale else centred
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-token log-probabilities (S, T-1) of the labels under logits / temperature, 0 where the
-    label is IGNORE; the logits at t score the label at t+1. logits (S, T, V), labels (S, T)."""
-    logits, labels = float32(logits[:, :-1]) / temperature, labels[:, 1:]
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(labels.shape)
-    return -nll
-
-
-def trained_token_logps(model: nn.Module, seq: Batch, temperature: float) -> torch.Tensor:
-    """``token_logps`` (S, T-1) of ``model`` on ``seq``, its logits computed only from the first
-    position that predicts a completion token (``forward_trained``: prompts come first); the
-    positions before it are IGNORE labels, 0 as ``token_logps`` gives them."""
-    logits, labels = forward_trained(model, seq, seq["labels"])  # (S, K, V), (S, K)
-    logps = token_logps(logits, labels, temperature)  # (S, K-1)
-    return F.pad(logps, (seq["labels"].shape[1] - labels.shape[1], 0))
 
 
 def per_token_loss(
@@ -200,16 +180,16 @@ class GRPO:
             return None
         with torch.no_grad():
             if self.ref_model is not None:
-                return trained_token_logps(self.ref_model, seq, self.sampling.temperature)
+                return trained_token_logps(self.ref_model, seq, seq["labels"], self.sampling.temperature)
             with self.reference(model) if self.reference is not None else contextlib.nullcontext():
-                return trained_token_logps(model, seq, self.sampling.temperature)
+                return trained_token_logps(model, seq, seq["labels"], self.sampling.temperature)
 
     def loss(self, model: nn.Module, roll: dict[str, Any], source: int = 0) -> Output:
         """The GRPO loss sum and completion-token count of a scored rollout."""
         dev = roll["input_ids"].device
         seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels")}
         ref = self.reference_logps(model, seq)  # first: its logits are freed before the policy's are held
-        logp = trained_token_logps(model, seq, self.sampling.temperature)  # (S, L-1)
+        logp = trained_token_logps(model, seq, seq["labels"], self.sampling.temperature)  # (S, L-1)
         mask = (seq["labels"][:, 1:] != IGNORE).to(logp.dtype)
         g = self.sampling.num_generations
         rewards = roll["rewards"]

@@ -12,9 +12,11 @@ A model may return a tensor, a tuple whose first element is the logits, or an ob
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradtune.data.dataset import Batch
@@ -57,8 +59,8 @@ def forward_trained(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tup
     its inputs (shifted by the caller: logits at t score the label at t + 1), cut to the last K
     positions from the first that predicts a trained label in any row. Prompts come first, so
     the LM head and the loss's softmax over the vocabulary (V ~ 50k: most of the step's memory,
-    a fifth of its matmuls for a small model) skip most prompt positions. Models that cannot
-    return part of their logits (``logits_to_keep``: transformers' causal LMs) give all T."""
+    a fifth of its matmuls for a small model) skip most prompt positions. Only a model whose
+    forward takes ``logits_to_keep`` (transformers' causal LMs) is cut; others give all T."""
     t = labels.shape[1]
     trained = (labels[:, 1:] != IGNORE).any(0).nonzero()  # positions p whose label p + 1 is trained
     keep = t - int(trained[0]) if len(trained) else 1
@@ -67,10 +69,33 @@ def forward_trained(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tup
     return forward(model, batch, keep), labels[:, t - keep :]
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probabilities (S, T-1) of the labels under logits / temperature, 0 where the
+    label is IGNORE; the logits at t score the label at t+1. logits (S, T, V), labels (S, T)."""
+    logits, labels = float32(logits[:, :-1]) / temperature, labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)
+    return -nll
+
+
+def trained_token_logps(model: nn.Module, batch: Batch, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``token_logps`` (S, T-1) of ``model`` on ``batch``, its logits from ``forward_trained``,
+    zero-padded in front to the full width: the positions cut are IGNORE labels, 0 either way, and
+    a sum over the row then adds the same values in the same layout whatever K the batch had."""
+    logits, kept = forward_trained(model, batch, labels)  # (S, K, V), (S, K)
+    return F.pad(token_logps(logits, kept, temperature), (labels.shape[1] - kept.shape[1], 0))
+
+
 def _keeps_logits(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    return _takes_logits_to_keep(type(getattr(model, "module", model)))  # DDP keeps the model in .module
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    """Read once per model class: the signature is inspected on every micro-batch otherwise."""
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 

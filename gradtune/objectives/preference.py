@@ -29,12 +29,11 @@ import contextlib
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE
-from gradtune.objectives.logits import float32, forward_trained
+from gradtune.objectives.logits import token_logps, trained_token_logps
 from gradtune.objectives.output import Output
 from gradtune.objectives.preference_losses import REFERENCE_FREE, kto_kl, kto_losses, pair_losses
 
@@ -48,12 +47,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """(summed log-probability of each sequence's scored tokens (S,), their count (S,)) from
     logits (S, T, V) and labels (S, T) aligned with the inputs (IGNORE: not scored); the logits
     at t score the label at t+1."""
-    logits, labels = float32(logits[:, :-1]), labels[:, 1:]  # (S, T-1, V), (S, T-1)
-    # cross_entropy fuses log-softmax and gather; it is 0 at ignored positions.
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    ).view(labels.shape)
-    return -nll.sum(-1), (labels != IGNORE).sum(-1)
+    return token_logps(logits, labels).sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
+
+
+def model_sequence_logps(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of ``model`` on ``batch``, the LM head run only where an answer is
+    scored (``trained_token_logps``); each row sums the same values in the same layout as from
+    the full logits, whichever rows share its batch."""
+    return trained_token_logps(model, batch, labels).sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
 
 
 class Preference:
@@ -87,7 +88,7 @@ class Preference:
         if self.reference is None:
             raise ValueError("Preference: no reference (neither ref_logps in the batch nor a reference context)")
         with torch.no_grad(), self.reference(model):
-            return sequence_logps(*forward_trained(model, self._inputs(batch), batch["labels"]))[0]
+            return model_sequence_logps(model, self._inputs(batch), batch["labels"])[0]
 
     def _inputs(self, batch: Batch) -> Batch:
         return batch if self.attention_mask else {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -97,7 +98,7 @@ class Preference:
         pairs = labels.shape[0] // 2
         # Reference first: its logits are freed before the policy's activations are held.
         ref = None if self.loss in REFERENCE_FREE else self.reference_logps(model, batch)
-        logps, n = sequence_logps(*forward_trained(model, self._inputs(batch), labels))  # (2B,), (2B,)
+        logps, n = model_sequence_logps(model, self._inputs(batch), labels)  # (2B,), (2B,)
         if self.loss == "kto":
             return self._kto(logps, ref.to(logps.dtype), batch["label"].bool(), pairs)
         pi_c, pi_r, n_c, n_r = logps[:pairs], logps[pairs:], n[:pairs], n[pairs:]

@@ -49,6 +49,7 @@ def _written(path: Path) -> Path:
     rng = np.random.default_rng(0)
     w.add_tensor("a.weight", rng.standard_normal((6, 64)).astype(np.float32))
     w.add_tensor("b.weight", rng.standard_normal((3, 32)).astype(np.float16))
+    w.add_tensor("positions", np.arange(8, dtype=np.int32))  # I32: a plain integer type
     q8 = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("c.weight", q8, raw_shape=q8.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.write_header_to_file()
@@ -63,7 +64,8 @@ def test_a_written_file_reads_as_the_gguf_reader_reads_it(tmp_path):
     _same_as_reader(path)
     index = read_index(path)
     assert index.fields["test.words"] == ["a", "bc"] and "tokenizer.ggml.tokens" not in index.fields
-    assert index.tensors[2].type_name == "Q8_0" and index.data(index.tensors[2]).shape == (4, 2 * 34)
+    assert index.tensors[2].type_name == "I32" and index.data(index.tensors[2]).dtype == np.int32
+    assert index.tensors[3].type_name == "Q8_0" and index.data(index.tensors[3]).shape == (4, 2 * 34)
 
 
 def test_smollm2_reads_as_the_gguf_reader_reads_it():
