@@ -145,6 +145,8 @@ class RMSNorm(nn.Module):
 def rotary_cache(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables (block_size, hs) for rotary positions, HF's "rotate half" layout."""
     hs = cfg.head_dim
+    if torch.get_default_device().type == "meta":  # shapes only: see _embedding below
+        return torch.empty(cfg.block_size, hs), torch.empty(cfg.block_size, hs)
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs): pair i with i + hs/2
@@ -252,20 +254,34 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+# Built on the meta device (the memory check's parameter count, GPT.from_state_dict), a model has
+# nothing to draw or compute: and normal_ (or pow) on a meta tensor runs a Python decomposition whose
+# first call imports torch._dynamo, about a second of every run's start-up. Real tensors are as before.
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))  # no reset_parameters draw
+    return nn.Embedding(num, dim)
+
+
+def _normal_(p: torch.Tensor, std: float) -> None:
+    if not p.is_meta:
+        nn.init.normal_(p, mean=0.0, std=std)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                wte=_embedding(cfg.vocab_size, cfg.n_embd),
                 drop=Dropout(cfg.dropout),
                 h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
                 ln_f=make_norm(cfg),
             )
         )
         if cfg.family == "gpt2":
-            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.transformer["wpe"] = _embedding(cfg.block_size, cfg.n_embd)
         else:  # rotary tables are derived, not learned: non-persistent, absent from state_dict
             cos, sin = rotary_cache(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -278,7 +294,7 @@ class GPT(nn.Module):
         # stream's variance does not grow with depth (two adds per block).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                _normal_(p, 0.02 / math.sqrt(2 * cfg.n_layer))
                 if cfg.zero_init_proj:  # drawn first all the same: the other weights' draws stay as they were
                     nn.init.zeros_(p)
 
@@ -299,11 +315,11 @@ class GPT(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            _normal_(module.weight, 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            _normal_(module.weight, 0.02)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) long -> logits (B, T, V). With ``cache``, positions start at cache.pos."""

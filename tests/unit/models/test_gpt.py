@@ -4,6 +4,8 @@ PyTorch autograd without checkpointing for the backward, hand counts for paramet
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +53,24 @@ def test_presets_and_param_counts() -> None:
         GPTConfig.preset("gpt2", n_layers=3)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         GPTConfig(family="llama", n_head=4, n_kv_head=3)
+
+
+def test_a_meta_build_draws_nothing_and_imports_no_compiler() -> None:
+    """The memory check counts a GPT's parameters on the meta device before every run: normal_ (or
+    a rotary table's pow) on a meta tensor would import torch._dynamo, ~1 s of each run's start-up.
+    Fails if either is drawn or computed there again. A fresh interpreter: the suite's own process
+    has imported torch._dynamo long before."""
+    code = (
+        "import sys, torch\n"
+        "from gradtune.models.gpt import GPT, GPTConfig\n"
+        "for family in ('gpt2', 'llama'):\n"
+        "    with torch.device('meta'):\n"
+        "        model = GPT(GPTConfig.preset('shakespeare', family=family))\n"
+        "    assert all(p.is_meta for p in model.parameters())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_flops_per_token_matches_hand_count() -> None:
