@@ -57,13 +57,19 @@ def next_token(
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
 ) -> torch.Tensor:
-    """Pick one token per row from last-position logits (B, V) -> (B, 1)."""
+    """Pick one token per row from last-position logits (B, V) -> (B, 1). A list of n generators:
+    the B rows are n equal consecutive groups, group i drawn with generator i alone."""
     if not temperature:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)  # (B, V)
+    if not isinstance(generator, list):
+        return torch.multinomial(probs, 1, generator=generator)
+    rows = probs.shape[0] // len(generator)
+    return torch.cat(
+        [torch.multinomial(probs[i * rows : (i + 1) * rows], 1, generator=g) for i, g in enumerate(generator)]
+    )
 
 
 def context_length(model: nn.Module) -> Optional[int]:
@@ -77,6 +83,12 @@ def context_length(model: nn.Module) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def takes_padding(model: nn.Module) -> bool:
+    """Whether ``generate`` takes left-padded rows (an ``attention_mask``) for ``model``: every
+    transformers causal LM; not our GPT, whose rows must be of equal length."""
+    return not isinstance(model, GPT)
 
 
 def _gpt_forward(model: GPT) -> Forward:
@@ -160,7 +172,7 @@ def generate(
     temperature: float | None = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     eos_id: int | None = None,
     use_cache: bool = True,
     attention_mask: torch.Tensor | None = None,
@@ -169,7 +181,9 @@ def generate(
     """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
 
     eos_id: a row that emitted it keeps emitting it (padding); generation stops once all rows
-    did. seed makes sampling reproducible without touching the global RNG. attention_mask
+    did. seed makes sampling reproducible without touching the global RNG; a list of n seeds splits
+    the B rows into n equal consecutive groups, each drawing from its own generator (the draws of
+    a group do not depend on the other groups: several prompts' samples in one batch). attention_mask
     (B, T), HF models: 1 on tokens, 0 on left pads (prompts of different lengths in one batch).
     keep_packed: keep the fast decoder's packed weights for the next call until a parameter
     changes (fast_decoder.weights): for repeated calls on weights written only by torch ops and
@@ -190,8 +204,12 @@ def generate(
     )
     if forward is None:
         forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)
-    generator = None
-    if seed is not None:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if isinstance(seed, list):
+        if not seed or input_ids.shape[0] % len(seed):
+            raise ValueError(f"generate: {len(seed)} seeds do not split {input_ids.shape[0]} rows into equal groups")
+        generator = [torch.Generator(device=input_ids.device).manual_seed(s) for s in seed]
+    elif seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     out, step_input, cache, cached = input_ids, input_ids, None, use_cache
     done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)

@@ -3,9 +3,11 @@
 Per micro-batch of B prompts, inside the objective (the loop stays as it is):
 
 1. **Rollout** (no gradient, eval mode): ``G = num_generations`` completions per prompt from the
-   KV-cache sampler (``models/generate.py``), cut after the first end token; the generator of
-   prompt ``i`` is seeded from (seed, step, sample id of i) alone, so neither the micro-batch
-   split nor the number of ranks changes a completion, and a resumed step samples the same ones.
+   KV-cache sampler (``models/generate.py``), all B G rows in one batched call, cut after the
+   first end token. The G rows of prompt ``i`` draw from a generator seeded from (seed, step,
+   sample id of i) alone, so a resumed step samples the same completions, and neither the
+   micro-batch split nor the number of ranks changes a draw: only the logits it draws from, by
+   float rounding (another batch shape and padding; a token flips with about that probability).
 2. **Rewards** r = sum_k w_k r_k (``rewards.py``) and group-relative advantages per prompt:
    A = (r - mean_group(r)) / (std_group(r) + 1e-4)   (unbiased std; ``scale_rewards=False``: no division).
 3. **Loss** on the S = B G sequences (prompt + completion), per completion token t of row s:
@@ -38,7 +40,7 @@ from torch import nn
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE, pad
 from gradtune.models import fast_decoder
-from gradtune.models.generate import generate
+from gradtune.models.generate import generate, takes_padding
 from gradtune.objectives import rewards as reward_fns
 from gradtune.objectives.logits import trained_token_logps
 from gradtune.objectives.output import Output
@@ -122,27 +124,51 @@ class GRPO:
     @torch.no_grad()
     def complete(self, model: nn.Module, batch: Batch) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids per row, completion ids per row) for the S = B G rows, prompt-major;
-        each completion ends at its first end token (kept) or at max_new_tokens."""
+        each completion ends at its first end token (kept) or at max_new_tokens.
+
+        The B prompts are sampled in one batched call (left-padded; our GPT: one call per prompt
+        length), each prompt's G rows drawing from its own generator: a decoding step reads every
+        weight once for all S rows, where one call per prompt read them B times."""
         gen_model = getattr(model, "module", model)  # DDP: generate on the wrapped model, no hooks
         s, g = self.sampling, self.sampling.num_generations
-        prompts, completions = [], []
+        prompts, seeds = [], []
         for i in range(batch["prompt_ids"].shape[0]):
-            p = batch["prompt_ids"][i, : int(batch["prompt_len"][i])]
+            prompts.append(batch["prompt_ids"][i, : int(batch["prompt_len"][i])].tolist())
             step = -1 if int(batch["source"][i]) else self.step  # validation: the same draws every time
-            seed = seed_for(self.seed, step, int(batch["source"][i]), int(batch["row"][i]))
-            ids = p.unsqueeze(0).repeat(g, 1)  # (G, P): one prompt, no padding
-            # keep_packed: one packing per step's weights, not per prompt (freed below, before the
+            seeds.append(seed_for(self.seed, step, int(batch["source"][i]), int(batch["row"][i])))
+        groups: dict[int, list[int]] = defaultdict(list)  # prompts sampled together
+        for i, p in enumerate(prompts):
+            groups[0 if takes_padding(gen_model) else len(p)].append(i)
+        completions: list[list[int]] = [[] for _ in range(len(prompts) * g)]
+        for group in groups.values():
+            ids, mask = self._left_padded([prompts[i] for i in group], batch["prompt_ids"].device)  # (|group| G, W)
+            # keep_packed: one packing per step's weights, not per call (freed below, before the
             # step's backward: no higher peak memory)
             out = generate(
-                gen_model, ids, s.max_new_tokens, s.temperature, None, s.top_p, seed, self.eos_id, keep_packed=True
+                gen_model,
+                ids,
+                s.max_new_tokens,
+                s.temperature,
+                None,
+                s.top_p,
+                [seeds[i] for i in group],
+                self.eos_id,
+                attention_mask=mask,
+                keep_packed=True,
             )
-            for row in out[:, p.shape[0] :].tolist():
+            for k, row in enumerate(out[:, ids.shape[1] :].tolist()):
                 if self.eos_id is not None and self.eos_id in row:
                     row = row[: row.index(self.eos_id) + 1]
-                prompts.append(p.tolist())
-                completions.append(row)
+                completions[group[k // g] * g + k % g] = row
         fast_decoder.forget(gen_model)
-        return prompts, completions
+        return [p for p in prompts for _ in range(g)], completions
+
+    def _left_padded(self, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask (P G, W), each prompt repeated G times, pads on the left."""
+        g, width = self.sampling.num_generations, max(len(p) for p in prompts)
+        ids = [[self.pad_id] * (width - len(p)) + p for p in prompts for _ in range(g)]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(g)]
+        return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
     def rollout(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
         """Sampled completions, their rewards and the padded sequences for the loss."""

@@ -89,3 +89,37 @@ def test_filter_logits() -> None:
     kept = ~torch.isinf(filter_logits(logits, top_k=None, top_p=0.7))
     assert kept.tolist() == [[True, True, False, False]]  # .64 < .7, so the second one stays
     assert (~torch.isinf(filter_logits(logits, None, top_p=0.01))).sum() == 1  # top token always
+
+
+def test_seed_per_group_draws_each_group_as_alone() -> None:
+    """A list of n seeds: the rows are n groups, each drawing from its own generator, so a group's
+    samples are those of a call with that group alone (several prompts' samples in one batch). A
+    float64 Llama with left-padded prompts of different lengths (the rounding of a batched step
+    cannot flip a draw); our GPT with prompts of one length."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    llama = transformers.LlamaForCausalLM(cfg).double().eval()
+    prompts, g, seeds = [[5, 7, 9], [11, 2, 3, 4, 6, 8], [1]], 3, [11, 22, 33]
+    ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts for _ in range(g)])  # (9, 6) left pads
+    mask = torch.tensor([[0] * (6 - len(p)) + [1] * len(p) for p in prompts for _ in range(g)])
+    both = generate(llama, ids, 12, temperature=1.0, seed=seeds, attention_mask=mask)[:, 6:]
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = generate(llama, torch.tensor([p] * g), 12, temperature=1.0, seed=s)[:, len(p) :]
+        assert torch.equal(both[i * g : (i + 1) * g], alone), i
+    assert not torch.equal(both[:g], both[g : 2 * g])  # the groups' draws differ
+    gpt = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=32)).double().eval()
+    rows = torch.randint(0, 50, (4, 5))
+    both = generate(gpt, rows, 8, temperature=1.0, seed=[3, 4])
+    assert torch.equal(both[:2], generate(gpt, rows[:2], 8, temperature=1.0, seed=3))
+    assert torch.equal(both[2:], generate(gpt, rows[2:], 8, temperature=1.0, seed=4))
+    with pytest.raises(ValueError, match="3 seeds do not split 4 rows"):
+        generate(gpt, rows, 2, seed=[1, 2, 3])
