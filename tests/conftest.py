@@ -1,3 +1,4 @@
+import functools
 import os
 import tempfile
 
@@ -21,6 +22,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # machine, not once per test or worker (~25 s each for SmolLM2). Entries are keyed by content and
 # written by rename (runtime/cache.py), so concurrent sessions share it safely.
 os.environ.setdefault("GRADTUNE_CACHE", os.path.join(tempfile.gettempdir(), f"gradtune-tests-{os.getuid()}"))
+
+
+def _memoise_gguf_lookups() -> None:
+    """transformers' GGUF loader (the oracle of the GGUF tests, and the conversion of a .gguf base on
+    its first load) builds gguf's tensor-name map once per tensor (397 times for SmolLM2, ~5 s) and
+    parses the file's metadata twice per load (~4 s): both pure functions of their arguments (a file
+    by its inode, size and mtime), so the suite keeps one of each. Nothing they return is changed."""
+    try:
+        import gguf
+    except ImportError:
+        return
+    name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    reader_class, last = gguf.GGUFReader, {}  # the newest reader only: no file is held open for long
+
+    def reader(path, mode="r"):
+        if mode != "r":
+            return reader_class(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in last:
+            last.clear()
+            last[key] = reader_class(path, mode)
+        return last[key]
+
+    gguf.get_tensor_name_map, gguf.GGUFReader = name_map, reader
+
+
+_memoise_gguf_lookups()
 
 # Tests never reach a hub: every model and data set comes from local files or packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
