@@ -68,11 +68,16 @@ FIRST = (
 )
 
 
+SERIAL_FILES = pytest.StashKey[dict]()  # node id -> file of every test marked serial, before -m deselects
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``long`` (minutes each: real-model training curves, multi-GiB data) run only
     with GRADTUNE_LONG_TESTS=1 (``make test-long``): ``make test`` must fit CI's 12 minutes."""
     # Longest first (minutes-long tests measured in a quiet `make test`): xdist hands out tests in
     # collection order, so one started last would run alone on one core while the other idles.
+    config.stash[SERIAL_FILES] = {item.nodeid: item.path for item in items if "serial" in item.keywords}
     items.sort(key=lambda item: next((i for i, first in enumerate(FIRST) if item.nodeid.startswith(first)), len(FIRST)))
     if LONG:
         return
@@ -80,3 +85,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
+
+
+SERIAL_PHASES = ("serial", "serial and not slow")  # the Makefile's second phase of test / test-fast
+
+
+def pytest_ignore_collect(collection_path, config):
+    """The serial phase runs a handful of tests: it does not import the test files that cannot hold
+    one (no ``serial`` in their text), ~10 s of collecting the whole suite again."""
+    if config.option.markexpr.strip() in SERIAL_PHASES and collection_path.suffix == ".py":
+        if collection_path.name.startswith("test_") and "serial" not in collection_path.read_text():
+            return True
+    return None
