@@ -20,7 +20,7 @@ from gradtune.jobs import rl
 from gradtune.jobs.reload import load_run, run_data, run_task
 from gradtune.loop.eval_chunk import choose, probe, room_for_run
 from gradtune.loop.evaluation import evaluate, task_metrics
-from gradtune.models.lm_eval_model import GradtuneLM, resolve_tasks, run_tasks
+from gradtune.models.lm_eval_model import lm_class, resolve_tasks, run_tasks
 from gradtune.runtime.device import autocast
 from gradtune.runtime.errors import GradtuneError
 
@@ -92,7 +92,7 @@ def benchmark(args: argparse.Namespace) -> int:
     if run_task(args.run) != "lm":
         raise GradtuneError(f"{args.run}: --lm-eval scores causal language models; this run is not one")
     r = load_run(args.run)
-    results = run_tasks(GradtuneLM(r.model, r.tokenizer, args.batch_size or LM_BATCH), tasks, args.limit)
+    results = run_tasks(lm_class()(r.model, r.tokenizer, args.batch_size or LM_BATCH), tasks, args.limit)
     for task, metrics in results.items():
         shown = {"n": metrics.get("sample_len")} if isinstance(metrics.get("sample_len"), int) else {}
         shown.update(

@@ -1,8 +1,9 @@
 """gradtune's causal LMs (our GPT, a Hugging Face model, LoRA applied or not) as the lm-eval
 harness's ``LM``, and the tasks ``gradtune eval --lm-eval`` accepts.
 
-``GradtuneLM`` subclasses lm-eval's ``TemplateLM``: lm-eval turns each task into requests and
-calls
+``GradtuneLM`` subclasses lm-eval's ``TemplateLM`` (the class is made on first use, ``lm_class``:
+lm-eval and what it imports cost ~0.1 s, which every other command would pay at start-up).
+lm-eval turns each task into requests and calls
 
 * ``loglikelihood`` (multiple choice): the harness's own encoding of (context, continuation)
   (``TemplateLM._encode_pair``: context spaces moved to the continuation, the pair encoded whole
@@ -25,6 +26,8 @@ Only ``--lm-eval`` needs the package: without it ``require()`` is a one-line err
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,15 +41,7 @@ from gradtune.models.generate import context_length, generate
 from gradtune.models.gpt import GPT
 from gradtune.runtime.errors import GradtuneError
 
-try:  # an optional dependency (pyproject extra "eval")
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    AVAILABLE = True
-except ImportError:
-    TemplateLM = object  # type: ignore[misc,assignment]
-    AVAILABLE = False
+AVAILABLE = importlib.util.find_spec("lm_eval") is not None  # an optional dependency (pyproject extra "eval")
 
 TASKS = DATASETS / "lm_eval"  # the tasks gradtune ships: <name>.yaml + its JSONL
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when the model's config names no context length
@@ -57,9 +52,25 @@ def require() -> None:
         raise GradtuneError("--lm-eval needs the lm-eval package: pip install 'gradtune[eval]' (lm-eval==0.4.13)")
 
 
-class GradtuneLM(TemplateLM):
+@functools.cache
+def lm_class() -> type:
+    """``GradtuneLM``: the methods below on lm-eval's ``TemplateLM``."""
+    require()
+    from lm_eval.api.model import TemplateLM
+
+    return type("GradtuneLM", (Scorer, TemplateLM), {"__module__": __name__, "__doc__": Scorer.__doc__})
+
+
+def __getattr__(name: str) -> Any:  # lm_eval_model.GradtuneLM, made on first use
+    if name == "GradtuneLM":
+        return lm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class Scorer:
     """``model`` (eval mode, on ``device``) with its tokenizer: an HF tokenizer, or gradtune's
-    (``encode`` / ``decode`` / ``eos_id``) for our GPT."""
+    (``encode`` / ``decode`` / ``eos_id``) for our GPT. lm-eval's ``TemplateLM`` methods come with
+    ``lm_class``; ``super()`` below is ``TemplateLM``."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 8, device: str = "cpu") -> None:
         super().__init__()
@@ -132,6 +143,8 @@ class GradtuneLM(TemplateLM):
         return res
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         out = []
         for (string,) in [r.args for r in requests]:
             windows = map(
@@ -148,6 +161,8 @@ class GradtuneLM(TemplateLM):
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
         out = []
         eos = self.tok_decode(self.eot_token_id)
         for context, gen_kwargs in [r.args for r in requests]:
@@ -227,7 +242,7 @@ def resolve_tasks(spec: str) -> list[Any]:
     return out
 
 
-def run_tasks(lm: GradtuneLM, tasks: list[Any], limit: Optional[int] = None) -> dict[str, dict[str, Any]]:
+def run_tasks(lm: Any, tasks: list[Any], limit: Optional[int] = None) -> dict[str, dict[str, Any]]:
     """{task: {metric: value}} from lm-eval's ``simple_evaluate`` (zero-shot, as each task's
     config says; no bootstrap standard errors)."""
     from lm_eval import simple_evaluate
