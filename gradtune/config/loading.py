@@ -177,8 +177,10 @@ def _budget_defaults(cfg: Config, given: set[str]) -> None:
 
 def scale_budget(cfg: Config, scale_text: Optional[str] = None) -> Optional[str]:
     """``GRADTUNE_BUDGET_SCALE=S`` (0 < S <= 1; the README harness): max_time, max_steps, epochs
-    and finetune.min_steps multiplied by S (at least 1 step / epoch), so a long command runs as
-    written on a smaller budget. Returns the line that says so, or None."""
+    and finetune.min_steps multiplied by S (at least 1 step / epoch), and a language model's final
+    evaluation on its eval_tokens sample (``eval_final=sample``: a full pass of a large validation
+    set would outlast the scaled run), so a long command runs as written on a smaller budget.
+    Returns the line that says so, or None."""
     scale_text = scale_text if scale_text is not None else os.environ.get("GRADTUNE_BUDGET_SCALE")
     if not scale_text:
         return None
@@ -194,9 +196,12 @@ def scale_budget(cfg: Config, scale_text: Optional[str] = None) -> Optional[str]
         cfg.max_steps = max(1, math.ceil(cfg.max_steps * scale))
     cfg.epochs = max(1, math.ceil(cfg.epochs * scale))
     cfg.finetune.min_steps = math.ceil(cfg.finetune.min_steps * scale)
+    sampled = ""
+    if cfg.eval_tokens:
+        cfg.eval_final, sampled = "sample", " eval_final=sample"
     return (
         f"gradtune: GRADTUNE_BUDGET_SCALE={scale:g}: budget scaled to epochs={cfg.epochs} max_steps={cfg.max_steps} "
-        f"max_time={cfg.max_time} finetune.min_steps={cfg.finetune.min_steps}"
+        f"max_time={cfg.max_time} finetune.min_steps={cfg.finetune.min_steps}{sampled}"
     )
 
 

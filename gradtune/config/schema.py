@@ -284,6 +284,9 @@ class Config:
     # language models: intermediate evaluations on a fixed, seeded sample of this many validation tokens; the final one
     # is full; None: always full
     eval_tokens: Optional[int] = None
+    # the final evaluation of a language model: the full validation pass, or (sample) the eval_tokens sample, an
+    # estimate as nanoGPT's, for a validation set too large to pass over
+    eval_final: Literal["full", "sample"] = "full"
     # --- numerics and reproducibility ------------------------------------------------------------
     seed: int = 0  # initial weights, data order and split; same seed, same run
     dtype: Literal["float32", "float64"] = "float32"  # float64: exact checks, slower

@@ -112,11 +112,11 @@ class Loop(LoopState):
         self.count = 0.0
         self.train_loss = math.nan
         self.progress = Progress("off", self.total)  # the ProgressDisplay component's, once begun
-        # eval_tokens: intermediate evaluations of language models on one fixed, seeded sample
-        # of validation windows; the final evaluation is the full pass (or max_time's sample).
+        # eval_tokens: LM evaluations on one seeded sample of windows; the final one full unless eval_final=sample
         self.eval_set = self.final_set = job.val
         if cfg.eval_tokens and job.unit == "tokens" and job.val is not None:
             self.eval_set = token_sample(job.val, cfg.eval_tokens, cfg.seed) or job.val
+            self.final_set = self.eval_set if cfg.eval_final == "sample" else job.val
         split = self.sampler.micro < self.sampler.batch
         found = components(job, cfg, out_dir, self.total, split, started)
         for c in found:

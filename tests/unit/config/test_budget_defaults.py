@@ -80,9 +80,10 @@ def test_budget_scale():
     cfg = load_config(str(RECIPE))
     said = scale_budget(cfg, "0.01")
     assert cfg.max_time == "6s" and cfg.epochs == 1 and "GRADTUNE_BUDGET_SCALE=0.01" in said
+    assert cfg.eval_final == "sample" and said.endswith(" eval_final=sample")  # the recipe sets eval_tokens
     cfg = load_config(None, ["max_steps=30"])
-    scale_budget(cfg, "0.1")
-    assert cfg.max_steps == 3
+    said = scale_budget(cfg, "0.1")
+    assert cfg.max_steps == 3 and cfg.eval_final == "full" and "eval_final" not in said  # no sample to take
     assert scale_budget(Config(), "") is None
     with pytest.raises(GradtuneError, match="GRADTUNE_BUDGET_SCALE"):
         scale_budget(Config(), "2")

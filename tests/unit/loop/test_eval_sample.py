@@ -62,3 +62,29 @@ def test_intermediate_evaluations_use_the_sample_and_the_last_is_full(tmp_path, 
     evals = [r for r in evals if r["kind"] == "eval"]
     assert [r.get("val_samples") for r in evals] == [11, 11, None]  # 11 windows of 32 tokens >= 330
     assert all(r["tokens_per_s"] > 0 for r in evals)
+
+
+def test_eval_final_sample_ends_on_the_same_sample(tmp_path, monkeypatch):
+    """eval_final=sample: the final evaluation is the intermediate ones' sample, not the full pass
+    (the same windows: the same loss as a full-pass run's last intermediate row on its sample)."""
+    monkeypatch.setenv("GRADTUNE_CACHE", str(tmp_path / "cache"))
+    base = [
+        "model=gpt",
+        "gpt.n_layer=1",
+        "gpt.n_head=2",
+        "gpt.n_embd=32",
+        "gpt.block_size=32",
+        "batch_size=4",
+        "progress=off",
+        "plot=false",
+        "val_fraction=0.01",
+        "eval_tokens=330",
+        "eval_every=2",
+    ]
+    rows = {}
+    for name, extra in (("full", ["max_steps=6"]), ("sample", ["max_steps=4", "eval_final=sample"])):
+        assert main(["train", *base, *extra, f"out_dir={tmp_path / name}"]) == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    assert [r.get("val_samples") for r in rows["sample"]] == [11, 11]  # the last one sampled too
+    assert rows["sample"][-1]["val_loss"] == rows["full"][1]["val_loss"]  # step 4, the same 11 windows
