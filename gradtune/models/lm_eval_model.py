@@ -56,7 +56,10 @@ def require() -> None:
 def lm_class() -> type:
     """``GradtuneLM``: the methods below on lm-eval's ``TemplateLM``."""
     require()
-    from lm_eval.api.model import TemplateLM
+    try:
+        from lm_eval.api.model import TemplateLM
+    except ImportError as e:  # installed, but it or a dependency of it does not import
+        raise GradtuneError(f"--lm-eval: the lm-eval package does not import: {e}") from e
 
     return type("GradtuneLM", (Scorer, TemplateLM), {"__module__": __name__, "__doc__": Scorer.__doc__})
 

@@ -5,6 +5,7 @@ greedy generations, and so the same task accuracy; a task YAML file with its JSO
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -94,6 +95,9 @@ def test_unknown_task_and_missing_package_are_one_line_errors(tiny, monkeypatch)
         lme.resolve_tasks("shakespeare_cloze,no_such_task")
     with pytest.raises(GradtuneError, match="no such task file"):
         lme.resolve_tasks("missing.yaml")
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)  # installed, but does not import
+    with pytest.raises(GradtuneError, match="the lm-eval package does not import"):
+        lme.lm_class.__wrapped__()  # past the cache: the class is made once per process
     monkeypatch.setattr(lme, "AVAILABLE", False)
     with pytest.raises(GradtuneError, match="needs the lm-eval package"):
         lme.resolve_tasks("shakespeare_cloze")
