@@ -15,6 +15,22 @@ from gradtune.models.gpt import GPT, GPTConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _llama(vocab: int, width: int):
+    """A random 2-layer transformers Llama with grouped-query attention (4 heads, 2 key/value)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=width * 3 // 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> None:
@@ -26,16 +42,7 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
         cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
         hf = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(
-            vocab_size=300,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        hf = transformers.LlamaForCausalLM(cfg)
+        hf = _llama(vocab=300, width=64)
     with torch.no_grad():  # larger weights: a peaked distribution, so argmax is not a near-tie
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -96,18 +103,9 @@ def test_seed_per_group_draws_each_group_as_alone() -> None:
     samples are those of a call with that group alone (several prompts' samples in one batch). A
     float64 Llama with left-padded prompts of different lengths (the rounding of a batched step
     cannot flip a draw); our GPT with prompts of one length."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    llama = transformers.LlamaForCausalLM(cfg).double().eval()
+    llama = _llama(vocab=50, width=32).double().eval()
     prompts, g, seeds = [[5, 7, 9], [11, 2, 3, 4, 6, 8], [1]], 3, [11, 22, 33]
     ids = torch.tensor([[0] * (6 - len(p)) + p for p in prompts for _ in range(g)])  # (9, 6) left pads
     mask = torch.tensor([[0] * (6 - len(p)) + [1] * len(p) for p in prompts for _ in range(g)])
