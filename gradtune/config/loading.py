@@ -236,6 +236,11 @@ def load_config(
     check_combinations(cfg)
     check_method(cfg)
     _warn_disabled(cfg, file_values, [_nest(k, v) for k, v in pairs])
+    if cfg.eval_final == "sample" and not cfg.eval_tokens:  # nothing to sample: it would do nothing
+        print(
+            "gradtune: warning: eval_final=sample given without eval_tokens: the final evaluation is full",
+            file=sys.stderr,
+        )
     return cfg
 
 

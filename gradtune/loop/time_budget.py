@@ -63,15 +63,13 @@ class TimeBudget(Component):
     def schedule(self, step: float, total: int) -> tuple[float, int]:
         return self.budget.schedule_step(step, total)
 
-    def _final_base(self) -> Any:
-        """The final evaluation's set without a budget: validation, or eval_final's sample."""
-        if self.unbudgeted is None:
-            self.unbudgeted = self.view.final_set
-        return self.unbudgeted
+    def attach(self, view: Any) -> None:
+        super().attach(view)
+        self.unbudgeted = view.final_set  # validation, or eval_final's sample: what the budget may cut
 
     def _final_set(self, per: float) -> int:
         """Samples of the final evaluation: all of its set, or what FINAL_SHARE allows."""
-        n = len(self._final_base() or ())
+        n = len(self.unbudgeted or ())
         allowed = FINAL_SHARE * self.budget.plan.seconds
         return n if per * n <= allowed else max(1, min(n, int(allowed / max(per, 1e-12))))
 
@@ -86,7 +84,7 @@ class TimeBudget(Component):
         ph = v.phases
         ckpt_s = ph.ckpt / ph.ckpt_n if ph.ckpt_n else budget.output_seconds(3 * state_bytes, False)
         final_n = self._final_set(per)
-        self.budget.plan.final_samples = final_n if final_n < len(self._final_base() or ()) else 0
+        self.budget.plan.final_samples = final_n if final_n < len(self.unbudgeted or ()) else 0
         final_s = per * final_n + budget.output_seconds(state_bytes, cfg.plot) + (ckpt_s if v.chained else 0.0)
         # The warm-up's own evaluations (same set, logging included) say best what one costs;
         # else the probe (its chunks run warm) plus the row's logging.
@@ -121,7 +119,7 @@ class TimeBudget(Component):
             v.warmup = cap
             why = "the steps already taken" if cap == p.at_step else f"{WARMUP_SHARE:.0%} of the step budget"
             said += f"; warmup_steps {self.cfg.warmup_steps} capped to {cap} ({why})"
-        base = self._final_base()
+        base = self.unbudgeted
         if p.final_samples and base is not None:
             v.final_set = sample(base, p.final_samples, self.cfg.seed)
             said += f"; final evaluation on {p.final_samples:,} of {len(base):,} validation samples"

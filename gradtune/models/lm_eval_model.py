@@ -64,12 +64,6 @@ def lm_class() -> type:
     return type("GradtuneLM", (Scorer, TemplateLM), {"__module__": __name__, "__doc__": Scorer.__doc__})
 
 
-def __getattr__(name: str) -> Any:  # lm_eval_model.GradtuneLM, made on first use
-    if name == "GradtuneLM":
-        return lm_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class Scorer:
     """``model`` (eval mode, on ``device``) with its tokenizer: an HF tokenizer, or gradtune's
     (``encode`` / ``decode`` / ``eos_id``) for our GPT. lm-eval's ``TemplateLM`` methods come with

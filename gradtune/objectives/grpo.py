@@ -137,8 +137,9 @@ class GRPO:
             step = -1 if int(batch["source"][i]) else self.step  # validation: the same draws every time
             seeds.append(seed_for(self.seed, step, int(batch["source"][i]), int(batch["row"][i])))
         groups: dict[int, list[int]] = defaultdict(list)  # prompts sampled together
+        padded = takes_padding(gen_model)
         for i, p in enumerate(prompts):
-            groups[0 if takes_padding(gen_model) else len(p)].append(i)
+            groups[0 if padded else len(p)].append(i)
         completions: list[list[int]] = [[] for _ in range(len(prompts) * g)]
         for group in groups.values():
             ids, mask = self._left_padded([prompts[i] for i in group], batch["prompt_ids"].device)  # (|group| G, W)

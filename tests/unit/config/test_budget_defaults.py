@@ -87,3 +87,11 @@ def test_budget_scale():
     assert scale_budget(Config(), "") is None
     with pytest.raises(GradtuneError, match="GRADTUNE_BUDGET_SCALE"):
         scale_budget(Config(), "2")
+
+
+def test_eval_final_sample_without_eval_tokens_warns(capsys):
+    """Nothing to sample from: the setting would do nothing, so one line says so (the run goes on)."""
+    cfg = load_config(None, ["model=gpt", "eval_tokens=null", "eval_final=sample"])
+    assert cfg.eval_final == "sample" and "eval_final=sample given without eval_tokens" in capsys.readouterr().err
+    load_config(None, ["model=gpt", "eval_final=sample"])  # the recipe's eval_tokens: nothing to say
+    assert "eval_final" not in capsys.readouterr().err

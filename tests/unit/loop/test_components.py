@@ -256,8 +256,8 @@ def test_time_budget_calibrates_caps_warmup_and_maps_the_schedule(monkeypatch, c
 def test_time_budget_samples_the_final_evaluation_when_a_full_pass_would_not_fit():
     cfg = load_config(None, ["model=mlp", "max_time=10s", "seed=3"])
     val = torch.utils.data.TensorDataset(torch.zeros(1000))
-    c, v = attached(TimeBudget(cfg, None, 1000))
-    v.job.val = v.final_set = val  # as the loop sets them (eval_final=full)
+    c, v = attached(TimeBudget(cfg, None, 1000), final_set=val)  # set before attach, as the loop does
+    v.job.val = val
     assert c._final_set(0.001) == 1000  # 1 s of 10: fits in FINAL_SHARE
     k = c._final_set(0.01)  # 10 s: a sample of 1.5 s
     assert k == 150
@@ -270,8 +270,8 @@ def test_time_budget_prices_the_final_set_eval_final_chose():
     loop chose, not from the whole validation set."""
     cfg = load_config(None, ["model=mlp", "max_time=10s", "seed=3"])
     val = torch.utils.data.TensorDataset(torch.zeros(1000))
-    c, v = attached(TimeBudget(cfg, None, 1000))
-    v.job.val, v.final_set = val, torch.utils.data.Subset(val, range(100))
+    c, v = attached(TimeBudget(cfg, None, 1000), final_set=torch.utils.data.Subset(val, range(100)))
+    v.job.val = val
     assert c._final_set(0.01) == 100  # 1 s: fits, where the full pass (10 s) would be cut to 150
     assert c._final_set(0.1) == 15
     c.budget.plan.steps, c.budget.plan.final_samples = 20, 15

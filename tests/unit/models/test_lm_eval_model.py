@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = hf.load(str(d / "llama"), "causal_lm", torch.float32)[0].eval()
-    ours = lme.GradtuneLM(model, hf.load_tokenizer(str(d / "llama")), batch_size=3)
+    ours = lme.lm_class()(model, hf.load_tokenizer(str(d / "llama")), batch_size=3)
     theirs = HFLM(pretrained=str(d / "llama"), batch_size=3, device="cpu", dtype="float32")
     return d, ours, theirs
 
