@@ -21,6 +21,14 @@ def _pyplot():
     return plt
 
 
+def _margins(fig: Any) -> None:
+    """Fixed margins in inches (tick labels, axis labels, title) for a one-axes chart. A tight
+    layout measures every tick label by drawing the figure once more before saving it: half of a
+    chart's time, and a run's report draws half a dozen charts."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.35 / height)
+
+
 def _log_scale(ax: Any, values: Sequence[float]) -> None:
     finite = [v for v in values if v == v and abs(v) != float("inf")]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 50:
@@ -46,7 +54,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "", optimum
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    _margins(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -95,7 +103,7 @@ def plot_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _margins(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
@@ -183,7 +191,7 @@ def lines_png(
     ax.grid(alpha=0.3, which="both" if log else "major")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    _margins(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -225,7 +233,7 @@ def plot_paths(panels: Sequence[PathPanel], path: Path, title: str) -> Path:
         ax.set_aspect("equal")
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout()  # panels with equal aspect and a suptitle: measured, once per demo
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

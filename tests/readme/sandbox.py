@@ -75,8 +75,9 @@ def populate(where: Path) -> None:
         chat.append({"prompt": f"What is the capital of {country}?", "response": answer})
     (where / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     (where / "book.txt").write_text(" ".join(w for t, _ in _texts(400, 5) for w in t.split()) + "\n")
+    # 8 pairs (7 trained on, 1 held out): the preference commands run SmolLM2, two sequences a pair.
     pairs = (ROOT / "tests/data/preferences.jsonl").read_text().splitlines(keepends=True)
-    (where / "pairs.jsonl").write_text("".join(pairs[:20]))
+    (where / "pairs.jsonl").write_text("".join(pairs[:8]))
     # The README runs from the repository's root: its shipped configs, examples and test data are there.
     shutil.copytree(ROOT / "configs", where / "configs")
     shutil.copytree(ROOT / "examples", where / "examples")
