@@ -12,6 +12,7 @@ import argparse
 import atexit
 import contextlib
 import errno
+import gc
 import importlib.metadata
 import os
 import platform
@@ -38,14 +39,17 @@ _BEFORE = (
     {s: signal.signal(s, _interrupted_while_starting) for s in (signal.SIGINT, signal.SIGTERM)} if _STARTING else {}
 )
 
-import torch  # noqa: E402
+from gradtune.runtime import collector  # noqa: E402
 
-from gradtune.commands import compare, demo, export, generate, lr_find, predict, tokenizer, train  # noqa: E402
-from gradtune.commands import config as config_cmd  # noqa: E402
-from gradtune.commands import eval as eval_cmd  # noqa: E402
-from gradtune.runtime import distributed, lock  # noqa: E402
-from gradtune.runtime.errors import GradtuneError  # noqa: E402
-from gradtune.state.preempt import Preempted, command_scope, settled  # noqa: E402
+with collector.paused():  # torch and the commands: objects that live as long as the process
+    import torch  # noqa: E402
+
+    from gradtune.commands import compare, demo, export, generate, lr_find, predict, tokenizer, train  # noqa: E402
+    from gradtune.commands import config as config_cmd  # noqa: E402
+    from gradtune.commands import eval as eval_cmd  # noqa: E402
+    from gradtune.runtime import distributed, lock  # noqa: E402
+    from gradtune.runtime.errors import GradtuneError  # noqa: E402
+    from gradtune.state.preempt import Preempted, command_scope, settled  # noqa: E402
 
 for _signum, _handler in _BEFORE.items():
     signal.signal(_signum, _handler)
@@ -181,6 +185,8 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
 
 def entry() -> int:
     """The ``gradtune`` console command (and ``python -m gradtune``): the process ends here."""
+    # What is loaded now lives as long as the process: later collections need not walk it again.
+    gc.freeze()
     try:
         code = main(exiting=True)
     except SystemExit as e:  # argparse: --help (0), a bad argument (2, its message printed)

@@ -28,6 +28,7 @@ from torch import nn
 
 from gradtune.models import gguf_cache, hf_attention, loader_bars
 from gradtune.models.dropout import swap_dropouts
+from gradtune.runtime import collector
 from gradtune.runtime.errors import InputError
 from gradtune.runtime.json_object import parse_object
 
@@ -160,6 +161,7 @@ def resolve(source: str | Path) -> tuple[Path, str | None]:
     return path, None
 
 
+@collector.paused()  # transformers' import and the model's modules: no garbage
 def load_model(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pretrained model on the CPU, in train mode (dropout on, as the loop expects). Weights
     read from safetensors (a folder, or a .gguf's converted copy) are views of the file's memory
@@ -215,6 +217,7 @@ def fast_dropout(model: nn.Module) -> None:
         model.set_attn_implementation(hf_attention.register())
 
 
+@collector.paused()  # transformers' import and the model's modules: no garbage
 def load_tokenizer(source: str | Path, weights: bool = True) -> Any:
     """The tokenizer stored with the model (tokenizer.json / GGUF metadata), right padding.
     ``weights=False``: a folder holding only a saved tokenizer (a run's ``tokenizer/``)."""

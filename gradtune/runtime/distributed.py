@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401
 from torch import nn
 
+from gradtune.runtime import collector
 from gradtune.runtime.errors import GradtuneError
 
 _STATE: dict[str, Any] = {"mode": "none"}
@@ -223,8 +224,9 @@ def _shard_fsdp(model: nn.Module, dev: torch.device) -> nn.Module:
 
     One explicit mesh for every unit, on the training device: FSDP2's default mesh would take the
     machine's accelerator (CUDA) even for a CPU run, and one mesh is one reference to drop."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    with collector.paused():  # FSDP2 brings DTensor, sympy and more: loaded, never garbage
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
     mesh = _STATE["mesh"] = init_device_mesh(dev.type, (world_size(),))
     for mod in list(model.modules()):

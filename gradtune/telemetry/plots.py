@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from gradtune.runtime import collector
 from gradtune.runtime.atomic import atomic_path
 
 
+@collector.paused()  # matplotlib's import: loaded, never garbage
 def _pyplot():
     import matplotlib
 
