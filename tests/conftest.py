@@ -1,4 +1,5 @@
 import functools
+import gc
 import os
 import tempfile
 
@@ -85,6 +86,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """What collection loaded (torch, transformers, every test module) lives as long as the worker:
+    frozen out of the collector's full passes, which the in-process tests trigger again and again."""
+    gc.freeze()
 
 
 SERIAL_PHASES = ("serial", "serial and not slow")  # the Makefile's second phase of test / test-fast
