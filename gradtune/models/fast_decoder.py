@@ -198,6 +198,11 @@ def forget(model: nn.Module) -> None:
     _PACKED.pop(model, None)
 
 
+def _spread(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Each row of x r times in a row (dim 0): a group's computed row copied to its r rows."""
+    return x if r == 1 else x.repeat_interleave(r, 0)
+
+
 class Decoder:
     """One ``generate`` call's decoding state: the packed weights, KV cache, rotary table, positions."""
 
@@ -209,8 +214,12 @@ class Decoder:
         mask: Optional[torch.Tensor],
         pack: bool = True,
         keep: bool = False,
+        repeats: int = 1,
     ) -> None:
         w = weights(model, rows, pack, keep)
+        # The prompt (the first call) comes ``repeats`` times in consecutive rows (several samples
+        # of one prompt): it runs once per group and its keys and values are copied to the rows.
+        self.repeats = repeats
         self.w, self.heads, self.kv_heads, self.dim = w, w.heads, w.kv_heads, w.dim
         p, inner = w.embed, model.model
         # Rotary table (capacity, D) in the model's dtype, from the model's own rotary module.
@@ -296,20 +305,22 @@ class Decoder:
             self.length += 1
             return logits
         start, end = self.length, self.length + t
-        pos = self._positions(t)
-        cos, sin = self.cos[pos][:, :, None], self.sin_signed[pos][:, :, None]  # (B, t, 1, D)
-        mask = self._mask(t, end)
-        x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (B t, hidden)
+        r = self.repeats if start == 0 else 1  # rows computed: one of every r (B / r = b of them)
+        pos, mask = self._positions(t)[::r], self._mask(t, end)  # positions of all B rows kept for later steps
+        mask = mask if mask is None or r == 1 else mask[::r]
+        ids, b = ids[::r], b // r
+        cos, sin = self.cos[pos][:, :, None], self.sin_signed[pos][:, :, None]  # (b, t, 1, D)
+        x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (b t, hidden)
         h, hkv, d = self.heads, self.kv_heads, self.dim
         for (norm_in, qkv, o, norm_post, gate_up, down, scale), (k_cache, v_cache) in zip(self.w.layers, self.kv):
-            q, k, v = self._qkv(qkv, self._rms(x, *norm_in), b, t, cos, sin)  # (B, t, H | Hkv, D)
-            q = q.transpose(1, 2)  # (B, H, t, D)
-            k_cache[:, :, start:end] = k.transpose(1, 2)
-            v_cache[:, :, start:end] = v.transpose(1, 2)
+            q, k, v = self._qkv(qkv, self._rms(x, *norm_in), b, t, cos, sin)  # (b, t, H | Hkv, D)
+            q = q.transpose(1, 2)  # (b, H, t, D)
+            k_cache[:, :, start:end] = _spread(k.transpose(1, 2), r)  # (B, Hkv, t, D)
+            v_cache[:, :, start:end] = _spread(v.transpose(1, 2), r)
             attn = F.scaled_dot_product_attention(
                 q,
-                k_cache[:, :, :end],
-                v_cache[:, :, :end],
+                k_cache[::r, :, :end],
+                v_cache[::r, :, :end],
                 attn_mask=mask,
                 is_causal=mask is None and t > 1,
                 scale=scale,
@@ -319,5 +330,5 @@ class Decoder:
             g, u = gate_up(self._rms(x, *norm_post))
             x = x + down(F.silu(g) * u)[0]
         self.length = end
-        last = x.view(b, t, -1)[:, -1]  # (B, hidden)
-        return self.w.head(self._rms(last, *self.w.norm))[0]
+        last = x.view(b, t, -1)[:, -1]  # (b, hidden)
+        return _spread(self.w.head(self._rms(last, *self.w.norm))[0], r)  # (B, V)

@@ -142,7 +142,7 @@ PACK_MIN_TOKENS = 32
 
 
 def _fast_forward(
-    model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int, keep: bool
+    model: nn.Module, capacity: int, mask: Optional[torch.Tensor], new_tokens: int, keep: bool, repeats: int
 ) -> Optional[Forward]:
     """Cached steps through fast_decoder (built at the first cached call), uncached ones through
     transformers; None when the fast decoder does not know the model, or under autocast (whose
@@ -158,10 +158,19 @@ def _fast_forward(
             return hf_forward(ids, None, False, text_mask)
         if cache is None:
             pack = new_tokens >= PACK_MIN_TOKENS
-            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack, keep)
+            cache = fast_decoder.Decoder(model, ids.shape[0], capacity, mask, pack, keep, repeats)
         return cache(ids), cache
 
     return forward
+
+
+def _check_repeats(input_ids: torch.Tensor, mask: Optional[torch.Tensor], repeats: int) -> None:
+    rows = input_ids.shape[0]
+    if repeats < 1 or rows % repeats:
+        raise ValueError(f"generate: repeats={repeats} does not split {rows} rows into equal groups")
+    for t in (input_ids, mask):
+        if repeats > 1 and t is not None and not torch.equal(t, t[::repeats].repeat_interleave(repeats, 0)):
+            raise ValueError(f"generate: repeats={repeats}, but the rows of a group are not the same prompt")
 
 
 @torch.no_grad()
@@ -177,6 +186,7 @@ def generate(
     use_cache: bool = True,
     attention_mask: torch.Tensor | None = None,
     keep_packed: bool = False,
+    repeats: int = 1,
 ) -> torch.Tensor:
     """Extend input_ids (B, T) by up to max_new_tokens -> (B, T + n), for our GPT or an HF causal LM.
 
@@ -187,7 +197,10 @@ def generate(
     (B, T), HF models: 1 on tokens, 0 on left pads (prompts of different lengths in one batch).
     keep_packed: keep the fast decoder's packed weights for the next call until a parameter
     changes (fast_decoder.weights): for repeated calls on weights written only by torch ops and
-    gradtune's optimizers (a ``p.data`` write is not seen: fast_decoder.forget after one)."""
+    gradtune's optimizers (a ``p.data`` write is not seen: fast_decoder.forget after one).
+    repeats: input_ids (and attention_mask) hold each prompt that many times in consecutive rows
+    (several samples of one prompt, as GRPO draws them): the fast decoder runs each prompt once and
+    copies its keys and values to the rows (the other paths run every row)."""
     if temperature is not None and (math.isnan(temperature) or temperature < 0):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     was_training = model.training
@@ -197,10 +210,11 @@ def generate(
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)  # (B, T), grows by a column a step
     capacity = input_ids.shape[1] + max_new_tokens if limit is None else min(input_ids.shape[1] + max_new_tokens, limit)
+    _check_repeats(input_ids, mask, repeats)
     forward = (
         None
         if isinstance(model, GPT) or not use_cache
-        else _fast_forward(model, capacity, mask, max_new_tokens, keep_packed)
+        else _fast_forward(model, capacity, mask, max_new_tokens, keep_packed, repeats)
     )
     if forward is None:
         forward = _gpt_forward(model) if isinstance(model, GPT) else _hf_forward(model)

@@ -156,6 +156,7 @@ class GRPO:
                 self.eos_id,
                 attention_mask=mask,
                 keep_packed=True,
+                repeats=g,  # each prompt's G rows: its prefill runs once
             )
             for k, row in enumerate(out[:, ids.shape[1] :].tolist()):
                 if self.eos_id is not None and self.eos_id in row:

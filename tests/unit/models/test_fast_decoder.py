@@ -101,6 +101,29 @@ def test_left_padded_batch_equals_rows_alone_and_transformers(new: int) -> None:
         assert torch.equal(got[i, ids.shape[1] :], alone), i
 
 
+@pytest.mark.parametrize("new", [12, 40], ids=["unpacked", "packed"])
+def test_repeated_prompts_prefilled_once_give_the_rows_computed_one_by_one(new: int, monkeypatch) -> None:
+    """repeats=G (GRPO's G samples of each prompt): each left-padded prompt runs once, its keys and
+    values copied to its G rows; the seeded draws equal those of every row computed (repeats=1),
+    and the prefill computed B / G rows."""
+    model = _llama()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, V, (n,), generator=gen).tolist() for n in (7, 3, 5)]
+    ids, mask = _left_padded([p for p in prompts for _ in range(4)])  # (12, 7)
+    kwargs = dict(temperature=1.0, seed=[1, 2, 3], attention_mask=mask)
+    every_row = generate(model, ids, new, **kwargs)
+    rows_seen = []
+    embedding = fast_decoder.F.embedding
+    monkeypatch.setattr(fast_decoder.F, "embedding", lambda i, w: rows_seen.append(i.shape[0]) or embedding(i, w))
+    shared = generate(model, ids, new, repeats=4, **kwargs)
+    assert rows_seen[0] == 3 and torch.equal(shared, every_row)  # 3 prompts prefilled, the same 12 samples
+    assert not torch.equal(shared[0], shared[1])  # a prompt's 4 rows still draw 4 samples
+    with pytest.raises(ValueError, match="repeats=5 does not split 12 rows"):
+        generate(model, ids, 2, repeats=5, attention_mask=mask)
+    with pytest.raises(ValueError, match="not the same prompt"):
+        generate(model, ids, 2, repeats=6, attention_mask=mask)
+
+
 def test_lora_read_as_merged_and_model_unchanged() -> None:
     model = _llama(lora=True)
     assert fast_decoder.supported(model) and any(isinstance(m, LoRALinear) for m in model.modules())
