@@ -254,7 +254,8 @@ def wrap(
         return model, param_groups
     if mode == "ddp":
         ids = [dev.index] if dev.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        with collector.paused():  # DDP's constructor imports torch._dynamo: loaded, never garbage
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp, param_groups
     names = {id(p): n for n, p in model.named_parameters()}
