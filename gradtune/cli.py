@@ -208,8 +208,11 @@ def leave(code: int) -> int:
     and renamed before main returns); what it would still do that matters is done here, in its
     order: wait for non-daemon threads, run the atexit handlers (trackers, logging,
     multiprocessing), flush stdout and stderr. Under a profiler, tracer or coverage tool the normal
-    exit is kept (returns ``code``), so that it can write its results."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
+    exit is kept (returns ``code``), so that it can write its results. So it is for a rank of a
+    torchrun job that fails: torchrun stops the other ranks the moment one exits, and they may
+    not yet have said why they stop (a full disk fails every rank's checkpoint write at once);
+    the teardown's time is theirs to say it, as it always was."""
+    if sys.getprofile() is not None or sys.gettrace() is not None or (code != 0 and distributed.launched()):
         return code
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:

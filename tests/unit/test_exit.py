@@ -1,6 +1,7 @@
 """The ``gradtune`` process ends without the interpreter's teardown (cli.leave), and loses nothing
 by it: threads finish, atexit handlers run (trackers register theirs there), buffered output is
-written, the exit code is the command's. A profiler or tracer keeps the normal exit."""
+written, the exit code is the command's. A profiler or tracer keeps the normal exit, and so does
+a failing torchrun rank."""
 
 from __future__ import annotations
 
@@ -60,3 +61,10 @@ def test_under_a_profiler_the_normal_exit_is_kept():
         assert cli.leave(5) == 5  # returned: the profiler writes its results at the normal exit
     finally:
         sys.setprofile(previous)
+
+
+def test_a_failing_torchrun_rank_keeps_the_normal_exit(monkeypatch):
+    """torchrun stops the other ranks when one exits: a failing rank leaves them the teardown's
+    time to print their own line (every rank's one-line error, tests/e2e/test_fsdp_resume.py)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.leave(74) == 74  # returned, not os._exit: the interpreter's exit follows
