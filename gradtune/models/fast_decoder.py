@@ -306,8 +306,9 @@ class Decoder:
             return logits
         start, end = self.length, self.length + t
         r = self.repeats if start == 0 else 1  # rows computed: one of every r (B / r = b of them)
-        pos, mask = self._positions(t)[::r], self._mask(t, end)  # positions of all B rows kept for later steps
-        mask = mask if mask is None or r == 1 else mask[::r]
+        pos = self._positions(t)[::r]  # (b, t); all B rows' next positions kept for the later steps
+        mask = self._mask(t, end)
+        mask = None if mask is None else mask[::r]
         ids, b = ids[::r], b // r
         cos, sin = self.cos[pos][:, :, None], self.sin_signed[pos][:, :, None]  # (b, t, 1, D)
         x = F.embedding(ids, self.w.embed).reshape(b * t, -1)  # (b t, hidden)

@@ -235,7 +235,7 @@ def plot_paths(panels: Sequence[PathPanel], path: Path, title: str) -> Path:
         ax.set_aspect("equal")
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
-    fig.tight_layout()  # panels with equal aspect and a suptitle: measured, once per demo
+    fig.tight_layout()  # panels of equal aspect under a suptitle: fixed margins do not fit; one figure a demo
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
