@@ -194,6 +194,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype 
             nbytes = sum(p.numel() * 4 for p in model.parameters())
             gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
+    contiguous_head(model)
     return model.train()
 
 
@@ -206,6 +207,24 @@ def own_weights(model: nn.Module) -> None:
     with torch.no_grad():
         for p in model.parameters():  # tied weights are one Parameter: cloned once, still tied
             p.data = p.data.clone()
+
+
+def contiguous_head(model: nn.Module) -> None:
+    """The output head's input made contiguous. A causal LM cut to its last K positions
+    (``logits_to_keep``, objectives/logits.py) hands its head the slice hidden[:, -K:] (B, K, D),
+    which cannot be viewed as (B*K, D); with the head's weight frozen (LoRA) torch's matmul then
+    runs a batched product against the (V, D) weight expanded B times, forward and back, at a
+    fraction of the speed of one (B*K, D) x (D, V) product (V ~ 50k: the largest matmul of a
+    small model's step). The copy is B*K*D floats."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def fast_dropout(model: nn.Module) -> None:

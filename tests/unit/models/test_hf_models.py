@@ -97,3 +97,22 @@ def test_smollm2_gguf_loads_dequantised_and_predicts():
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     assert "Paris" in tok.decode(logits[0, -1].argmax())
+
+
+def test_head_of_a_cut_causal_lm_runs_one_matmul(tmp_path):
+    """Logits of the last K positions (``logits_to_keep``) while training: the head gets a
+    contiguous (B, K, D) input, one (B*K, D) x (D, V) product forward and back, not a matmul
+    batched over the weight expanded B times (what torch's matmul gives a slice needing grad
+    times a frozen weight: the LoRA case); same logits."""
+    tiny_hf.llama(tmp_path, vocab_size=512)
+    model = hf.load_model(tmp_path, "causal_lm")
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied: the embedding too, as LoRA leaves it
+    ids = torch.randint(4, 512, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.profiler.profile(record_shapes=True) as prof:
+        cut = model(input_ids=ids, logits_to_keep=5).logits
+        cut.square().sum().backward()
+    batched = [e.input_shapes for e in prof.events() if e.name == "aten::bmm"]
+    assert not any(512 in [d for s in shapes for d in s] for shapes in batched), batched
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+    torch.testing.assert_close(cut.detach(), whole[:, -5:], rtol=1e-5, atol=1e-5)
