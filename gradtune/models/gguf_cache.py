@@ -74,13 +74,24 @@ def store(gguf: Path, part: str, save: Callable[[Path], None], nbytes: int = 0) 
 def save_model(model: torch.nn.Module, dest: Path) -> None:
     """config.json + float32 model.safetensors. transformers refuses ``save_pretrained`` on a
     model it loaded from GGUF (it marks it quantised), though its weights are plain tensors."""
-    from safetensors.torch import save_model as save_tensors  # lazy: only on a first GGUF load
+    from safetensors.torch import save_file  # lazy: only on a first GGUF load
+    from safetensors.torch import save_model as save_tensors
 
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.save_pretrained(str(dest))
-    save_tensors(model, str(dest / "model.safetensors"))  # tied weights stored once
+    tensors = model.state_dict()
+    # A tied weight stored once, under its source's name (transformers' {target: source}, e.g. the
+    # embedding for lm_head): stored under the target's, the source counts as missing on load and
+    # transformers fills it with random numbers before tying (~0.1 s for a 50k x 576 embedding).
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in tensors and source in tensors and tensors[target].data_ptr() == tensors[source].data_ptr():
+            del tensors[target]
+    try:
+        save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    except RuntimeError:  # other tensors share memory (refused before writing): safetensors picks the names
+        save_tensors(model, str(dest / "model.safetensors"))
 
 
 def unmark(model: torch.nn.Module) -> None:

@@ -83,3 +83,26 @@ def test_second_load_of_smollm2_reads_the_converted_copy(own_cache):
     assert (tok1.eos_token_id, tok1.pad_token_id, len(tok1)) == (tok2.eos_token_id, tok2.pad_token_id, len(tok2))
     assert not hasattr(first.config, "quantization_config") and first.hf_quantizer is None  # save_pretrained works
     assert gguf.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_converted_copy_stores_a_tied_weight_under_its_source(tmp_path, monkeypatch):
+    """A tied head is stored once, as the embedding (the tie's source): loading the copy then
+    fills nothing with random numbers before tying (the target's name would leave the source
+    missing, and transformers initialises a missing weight)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tests import tiny_hf
+
+    model = tiny_hf.llama(vocab_size=512)
+    gguf_cache.save_model(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    drawn = []
+    real = torch.Tensor.normal_
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda t, *a, **k: drawn.append(t) or real(t, *a, **k))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True)
+    assert [t.shape for t in drawn if t.device.type != "meta"] == []  # the model is built on "meta"
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
