@@ -51,6 +51,10 @@ with collector.paused():  # torch and the commands: objects that live as long as
     from gradtune.runtime.errors import GradtuneError  # noqa: E402
     from gradtune.state.preempt import Preempted, command_scope, settled  # noqa: E402
 
+    # What the imports loaded lives as long as the process (a command, or a caller of main): out of
+    # every later pass, which would walk all of it once more as soon as the collector resumes.
+    gc.freeze()
+
 for _signum, _handler in _BEFORE.items():
     signal.signal(_signum, _handler)
 
@@ -185,8 +189,7 @@ def main(argv: Optional[list[str]] = None, exiting: bool = False) -> int:
 
 def entry() -> int:
     """The ``gradtune`` console command (and ``python -m gradtune``): the process ends here."""
-    # What is loaded now lives as long as the process: later collections need not walk it again.
-    gc.freeze()
+    collector.keep_loaded()  # a command: what it loads (a model, matplotlib) lives until it exits
     try:
         code = main(exiting=True)
     except SystemExit as e:  # argparse: --help (0), a bad argument (2, its message printed)

@@ -5,6 +5,11 @@ thousands of objects that live as long as the process. While they load, the coll
 passes walk all of them again and again and free nothing: a large share of a short command's
 start-up. Reference counting still frees whatever is not in a cycle; the collector resumes (if it
 was on) when the block ends. Used as ``with paused():`` or as a decorator.
+
+Resumed, the collector would still walk everything the block loaded once or twice more (the
+objects are young: the first collections after the block scan all of them). A command, whose
+loads live until it exits, calls ``keep_loaded()``: from then on each block ends by freezing what
+exists (``gc.freeze``: out of every later pass). A library user's process is left as it was.
 """
 
 from __future__ import annotations
@@ -12,6 +17,15 @@ from __future__ import annotations
 import contextlib
 import gc
 from typing import Iterator
+
+_KEEP = False  # this process is a command: what it loads lives until it exits
+
+
+def keep_loaded() -> None:
+    """What exists now, and what each later ``paused`` block loads, is never walked again."""
+    global _KEEP
+    _KEEP = True
+    gc.freeze()
 
 
 @contextlib.contextmanager
@@ -21,5 +35,7 @@ def paused() -> Iterator[None]:
     try:
         yield
     finally:
+        if _KEEP:
+            gc.freeze()
         if was_on:
             gc.enable()
