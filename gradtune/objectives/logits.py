@@ -72,7 +72,9 @@ def forward_trained(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tup
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probabilities (S, T-1) of the labels under logits / temperature, 0 where the
     label is IGNORE; the logits at t score the label at t+1. logits (S, T, V), labels (S, T)."""
-    logits, labels = float32(logits[:, :-1]) / temperature, labels[:, 1:]
+    logits, labels = float32(logits[:, :-1]), labels[:, 1:]
+    if temperature != 1.0:  # a pass over (S, T, V) floats: only where it changes them
+        logits = logits / temperature
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(labels.shape)
