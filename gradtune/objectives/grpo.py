@@ -42,6 +42,7 @@ from gradtune.data.sequences import IGNORE, pad
 from gradtune.models import fast_decoder
 from gradtune.models.generate import generate, takes_padding
 from gradtune.objectives import rewards as reward_fns
+from gradtune.objectives import shared_prompt
 from gradtune.objectives.logits import trained_token_logps
 from gradtune.objectives.output import Output
 
@@ -198,26 +199,36 @@ class GRPO:
             "input_ids": pad(seqs, self.pad_id),
             "attention_mask": pad([[1] * len(x) for x in seqs], 0),
             "labels": pad(labels, IGNORE),
+            "prompt_len": torch.tensor([len(p) for p in prompts]),  # (S,)
             "per_fn": per_fn,
             "rewards": (weights.unsqueeze(1) * per_fn).sum(0),  # (S,)
         }
 
     # --- 3. loss ---------------------------------------------------------------------------------
+    def token_logps(self, model: nn.Module, seq: Batch) -> torch.Tensor:
+        """(S, L-1) log-probabilities of the completion tokens: each prompt's forward once for its
+        G rows where the model allows it (objectives/shared_prompt.py), else the whole rows."""
+        t = self.sampling.temperature
+        if "prompt_len" in seq and shared_prompt.supports(model):
+            g = self.sampling.num_generations
+            return shared_prompt.token_logps(model, seq["input_ids"], seq["attention_mask"], seq["prompt_len"], g, t)
+        return trained_token_logps(model, seq, seq["labels"], t)
+
     def reference_logps(self, model: nn.Module, seq: Batch) -> Optional[torch.Tensor]:
         if not self.beta:
             return None
         with torch.no_grad():
             if self.ref_model is not None:
-                return trained_token_logps(self.ref_model, seq, seq["labels"], self.sampling.temperature)
+                return self.token_logps(self.ref_model, seq)
             with self.reference(model) if self.reference is not None else contextlib.nullcontext():
-                return trained_token_logps(model, seq, seq["labels"], self.sampling.temperature)
+                return self.token_logps(model, seq)
 
     def loss(self, model: nn.Module, roll: dict[str, Any], source: int = 0) -> Output:
         """The GRPO loss sum and completion-token count of a scored rollout."""
         dev = roll["input_ids"].device
-        seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels")}
+        seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels", "prompt_len") if k in roll}
         ref = self.reference_logps(model, seq)  # first: its logits are freed before the policy's are held
-        logp = trained_token_logps(model, seq, seq["labels"], self.sampling.temperature)  # (S, L-1)
+        logp = self.token_logps(model, seq)  # (S, L-1)
         mask = (seq["labels"][:, 1:] != IGNORE).to(logp.dtype)
         g = self.sampling.num_generations
         rewards = roll["rewards"]
@@ -252,7 +263,7 @@ class GRPO:
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         roll = self.rollout(model, batch)
         dev = batch["prompt_ids"].device
-        for k in ("input_ids", "attention_mask", "labels"):
+        for k in ("input_ids", "attention_mask", "labels", "prompt_len"):
             roll[k] = roll[k].to(dev)
         return self.loss(model, roll, int(batch["source"][0]))
 

@@ -10,6 +10,11 @@ completions and fixed rewards:
 * TRL's own GRPO loss code (``GRPOTrainer._compute_loss``, trl 1.16) fed the same per-token
   log-probabilities: ``loss_type="dapo"`` (and ``"bnpo"``, the same in one process without
   accumulation) equal to 1e-10, loss and gradients.
+
+Both with each row's whole forward. The shared-prompt forward (objectives/shared_prompt.py, what
+GRPO runs on transformers causal LMs) gives the same loss to 1e-12 and the same gradients to float32
+rounding (the model's RMSNorm computes in float32 even in a float64 model, and the G rows'
+gradients are summed before it, not after): its own test below.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch  # noqa: E402
 from gradtune.data.prompts import load_prompts  # noqa: E402
 from gradtune.finetune.lora import adapters_disabled, apply_lora  # noqa: E402
 from gradtune.models import hf  # noqa: E402
-from gradtune.objectives import grpo, rewards  # noqa: E402
+from gradtune.objectives import grpo, rewards, shared_prompt  # noqa: E402
 from tests import tiny_hf  # noqa: E402
 
 PROMPTS = ["what is the answer", "hello world", "call me now"]
@@ -61,6 +66,13 @@ def setup(tmp_path_factory):
             p.data = (torch.randn_like(p) * 0.3).double()  # B != 0: the policy differs from the base
     data = load_prompts(d / "p.jsonl", tok)
     return policy, base, data, tok
+
+
+@pytest.fixture(autouse=True)
+def whole_rows(monkeypatch, request):
+    """The oracles' tests run each row's whole forward (float64-exact); the shared-prompt test not."""
+    if "shared_prompt" not in request.node.name:
+        monkeypatch.setattr(shared_prompt, "supports", lambda model: False)
 
 
 def objective(data, tok, beta, temperature=1.0, scale=True):
@@ -220,3 +232,29 @@ def test_equals_trl(setup, loss_type, beta):
     assert float(out.loss_sum.detach() / out.count) == pytest.approx(float(theirs.detach()), abs=1e-10, rel=1e-10)
     for g, e in zip(ours, grads):
         assert (g - e).abs().max() < 1e-10 * max(1.0, float(e.abs().max()))
+
+
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.3, 0.7)])
+def test_shared_prompt_forward_equals_whole_rows(setup, beta, temperature, monkeypatch):
+    """Each prompt's forward once for its G rows (prompts of 3 lengths, left-padded; completions
+    of 1-7 tokens, right-padded): the loss of the whole rows' forward to 1e-12, gradients to float32
+    rounding (see the module docstring); the reference's log-probs take the same path."""
+    policy, _, data, tok = setup
+    assert shared_prompt.supports(policy)
+    obj = objective(data, tok, beta, temperature)
+    roll, _, _ = rollout(obj, data)
+    out = obj.loss(policy, roll)
+    shared = torch.autograd.grad(out.loss_sum / out.count, lora_params(policy))
+    monkeypatch.setattr(shared_prompt, "supports", lambda model: False)
+    whole = obj.loss(policy, roll)
+    grads = torch.autograd.grad(whole.loss_sum / whole.count, lora_params(policy))
+    assert int(out.count) == int(whole.count)
+    assert float(out.loss_sum) == pytest.approx(float(whole.loss_sum), abs=1e-12, rel=1e-12)
+    for g, e in zip(shared, grads):
+        assert (g - e).abs().max() < 1e-6 * max(1e-3, float(e.abs().max()))
+
+
+def test_shared_prompt_refuses_rows_of_different_prompts():
+    ids, mask = torch.ones(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="share one prompt"):
+        shared_prompt.token_logps(None, ids, mask, torch.tensor([3, 3, 2, 3]), 2)

@@ -1,0 +1,111 @@
+"""Log-probabilities of G completions per prompt, each prompt's forward run once.
+
+GRPO scores S = B G rows: G sampled completions of each of B prompts, prompt-major. A forward
+over each row's [prompt; completion] spends most of its tokens on the prompt (~50 prompt tokens
+for ~10 completion tokens in the README's example), the same prompt G times over. Here the B
+prompts run once (left-padded, position ids counted from each prompt's first token), their keys
+and values are repeated to the G rows of each group, and only the completions (right-padded,
+S rows) run on top, attending to their prompt through the cache. The backward goes through the
+repeat, so each prompt position receives the sum of its G completions' gradients: the full
+forward's gradient, up to float rounding (other matmul shapes).
+
+Only for transformers causal LMs that take ``past_key_values``, ``position_ids`` and
+``logits_to_keep`` and return a cache that can be repeated; other models (our GPT, activation
+checkpointing, which turns the cache off) take the full forward (``supports``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradtune.data.sequences import IGNORE
+from gradtune.objectives.logits import float32
+
+
+def supports(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    if getattr(inner, "is_gradient_checkpointing", False) or not hasattr(inner, "config"):
+        return False
+    return _cache_arg(type(inner)) != ""
+
+
+@functools.cache
+def _cache_arg(cls: type) -> str:
+    """The forward's cache argument ("cache" since transformers 5.x, "past_key_values" before), or
+    "" where the forward takes no cache, positions or ``logits_to_keep``."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    if not all(k in params for k in ("position_ids", "logits_to_keep", "use_cache")):
+        return ""
+    return next((k for k in ("cache", "past_key_values") if k in params), "")
+
+
+def token_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: torch.Tensor,
+    g: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probabilities (S, L-1) in ``logits.token_logps``' layout (the value at t
+    scores the token at t + 1; 0 where that token is a prompt token or padding) of rows
+    input_ids (S, L) = [prompt; completion; pads] (attention_mask (S, L) marks prompt and
+    completion), whose G consecutive rows share one prompt of ``prompt_len`` (S,) tokens."""
+    s, width = input_ids.shape
+    dev = input_ids.device
+    plen, total = prompt_len.tolist(), attention_mask.sum(1).tolist()
+    heads = list(range(0, s, g))  # the first row of each group holds its prompt
+    if any(plen[r] != plen[r + k] for r in heads for k in range(g)):
+        raise ValueError("the G rows of a group must share one prompt")
+    w = max(plen[r] for r in heads)
+    prompts = torch.zeros(len(heads), w, dtype=input_ids.dtype, device=dev)  # (B, W), pads on the left
+    pmask = torch.zeros(len(heads), w, dtype=attention_mask.dtype, device=dev)
+    for b, r in enumerate(heads):
+        prompts[b, w - plen[r] :] = input_ids[r, : plen[r]]
+        pmask[b, w - plen[r] :] = 1
+    inner = getattr(model, "module", model)  # the completions' forward below goes through DDP's
+    first = inner(
+        input_ids=prompts,
+        attention_mask=pmask,
+        position_ids=(pmask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,  # (B, 1, V): the prediction of each completion's first token
+    )
+    arg = _cache_arg(type(inner))
+    cache = first.get("cache")  # ModelOutput keys hold the fields that are set
+    cache = cache if cache is not None else first.get("past_key_values")
+    cache.batch_repeat_interleave(g)  # (B, ...) -> (S, ...), differentiable
+
+    c = max(t - p for t, p in zip(total, plen))
+    cols = torch.arange(c, device=dev)
+    clen = torch.tensor([t - p for t, p in zip(total, plen)], device=dev)
+    cmask = (cols[None] < clen[:, None]).to(attention_mask.dtype)  # (S, C)
+    starts = torch.tensor(plen, device=dev)[:, None]
+    at = (starts + cols[None]).clamp(max=width - 1)  # (S, C) positions of completion tokens in the rows
+    completions = torch.where(cmask.bool(), input_ids.gather(1, at), torch.zeros_like(at))
+    logits = model(
+        input_ids=completions,
+        attention_mask=torch.cat([pmask.repeat_interleave(g, 0), cmask], 1),
+        position_ids=starts + cols[None],
+        **{arg: cache},
+    ).logits  # (S, C, V): column k predicts completion token k + 1
+    preds = torch.cat([first.logits.repeat_interleave(g, 0), logits[:, :-1]], 1)  # column k predicts token k
+    preds = float32(preds)
+    if temperature != 1.0:
+        preds = preds / temperature
+    targets = torch.where(cmask.bool(), completions, torch.full_like(completions, IGNORE))
+    lp = -F.cross_entropy(
+        preds.reshape(-1, preds.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(s, c)
+    out = lp.new_zeros(s, width - 1)
+    keep = cmask.bool()
+    rows = torch.arange(s, device=dev)[:, None].expand(s, c)
+    return out.index_put((rows[keep], (at - 1)[keep]), lp[keep])  # token at p is scored at p - 1
