@@ -33,6 +33,7 @@ from torch import nn
 
 from gradtune.data.dataset import Batch
 from gradtune.data.sequences import IGNORE
+from gradtune.objectives import shared_prompt
 from gradtune.objectives.logits import token_logps, trained_token_logps
 from gradtune.objectives.output import Output
 from gradtune.objectives.preference_losses import REFERENCE_FREE, kto_kl, kto_losses, pair_losses
@@ -54,7 +55,9 @@ def model_sequence_logps(model: nn.Module, batch: Batch, labels: torch.Tensor) -
     """``sequence_logps`` of ``model`` on ``batch``, the LM head run only where an answer is
     scored (``trained_token_logps``); each row sums the same values in the same layout as from
     the full logits, whichever rows share its batch."""
-    return trained_token_logps(model, batch, labels).sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
+    shared = shared_prompt.pair_logps(model, batch, labels)  # each pair's prompt run once, where it can
+    logps = shared if shared is not None else trained_token_logps(model, batch, labels)
+    return logps.sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
 
 
 class Preference:

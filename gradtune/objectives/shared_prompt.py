@@ -7,10 +7,12 @@ prompts run once (left-padded, position ids counted from each prompt's first tok
 and values are repeated to the G rows of each group, and only the completions (right-padded,
 S rows) run on top, attending to their prompt through the cache. The backward goes through the
 repeat, so each prompt position receives the sum of its G completions' gradients: the full
-forward's gradient, up to float rounding (other matmul shapes).
+forward's gradient, up to float rounding (other matmul shapes, and the sum taken before the
+model's float32 RMSNorm instead of after it). A preference pair is a group of two (``pair_logps``:
+chosen row i and rejected row B + i, the prompt being everything before the first scored label).
 
-Only for transformers causal LMs that take ``past_key_values``, ``position_ids`` and
-``logits_to_keep`` and return a cache that can be repeated; other models (our GPT, activation
+Only for transformers causal LMs whose forward takes a cache (``cache``, ``past_key_values``
+before transformers 5), ``position_ids`` and ``logits_to_keep``; other models (our GPT, activation
 checkpointing, which turns the cache off) take the full forward (``supports``).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,13 @@ from gradtune.objectives.logits import float32
 
 def supports(model: nn.Module) -> bool:
     inner = getattr(model, "module", model)  # DDP keeps the model in .module
-    if getattr(inner, "is_gradient_checkpointing", False) or not hasattr(inner, "config"):
+    # transformers 5.x: is_activation_checkpointing (the old name warns); before: is_gradient_checkpointing
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(inner), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    if getattr(inner, name, False) or not hasattr(inner, "config"):
         return False
     return _cache_arg(type(inner)) != ""
 
@@ -54,11 +63,13 @@ def token_logps(
     prompt_len: torch.Tensor,
     g: int,
     temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-token log-probabilities (S, L-1) in ``logits.token_logps``' layout (the value at t
     scores the token at t + 1; 0 where that token is a prompt token or padding) of rows
     input_ids (S, L) = [prompt; completion; pads] (attention_mask (S, L) marks prompt and
-    completion), whose G consecutive rows share one prompt of ``prompt_len`` (S,) tokens."""
+    completion), whose G consecutive rows share one prompt of ``prompt_len`` (S,) tokens.
+    ``labels`` (S, L): only the completion tokens they do not IGNORE are scored (else all)."""
     s, width = input_ids.shape
     dev = input_ids.device
     plen, total = prompt_len.tolist(), attention_mask.sum(1).tolist()
@@ -106,6 +117,30 @@ def token_logps(
         preds.reshape(-1, preds.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(s, c)
     out = lp.new_zeros(s, width - 1)
-    keep = cmask.bool()
+    keep = cmask.bool() if labels is None else cmask.bool() & (labels.gather(1, at) != IGNORE)
     rows = torch.arange(s, device=dev)[:, None].expand(s, c)
     return out.index_put((rows[keep], (at - 1)[keep]), lp[keep])  # token at p is scored at p - 1
+
+
+def pair_logps(model: nn.Module, batch: dict, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """``token_logps`` (2B, L-1) of preference rows, rows i and B + i (chosen, rejected) sharing
+    the prompt before their first scored label; None where they do not (KTO's mismatched rows, a
+    truncated prompt) or the model cannot (``supports``): the caller runs the whole rows."""
+    if "attention_mask" not in batch or "document_ids" in batch or not supports(model):
+        return None
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    s = ids.shape[0]
+    scored = labels != IGNORE  # (2B, L)
+    if s % 2 or not bool(scored.any(1).all()):
+        return None
+    plen = scored.float().argmax(1)  # the first scored position of each row
+    order = torch.arange(s, device=ids.device).view(2, s // 2).t().reshape(-1)  # c0, r0, c1, r1, ...
+    p, q = plen[order][0::2], plen[order][1::2]
+    if not bool((p == q).all()):
+        return None
+    cols = torch.arange(ids.shape[1], device=ids.device)[None]
+    heads, others = ids[order][0::2], ids[order][1::2]
+    if not bool(((heads == others) | (cols >= p[:, None])).all()):
+        return None
+    out = token_logps(model, ids[order], mask[order], plen[order], 2, labels=labels[order])
+    return out[torch.argsort(order)]

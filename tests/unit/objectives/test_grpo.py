@@ -14,7 +14,7 @@ completions and fixed rewards:
 Both with each row's whole forward. The shared-prompt forward (objectives/shared_prompt.py, what
 GRPO runs on transformers causal LMs) gives the same loss to 1e-12 and the same gradients to float32
 rounding (the model's RMSNorm computes in float32 even in a float64 model, and the G rows'
-gradients are summed before it, not after): its own test below.
+gradients are summed before it, not after): its own test below (conftest.py: the others run whole rows).
 """
 
 from __future__ import annotations
@@ -66,13 +66,6 @@ def setup(tmp_path_factory):
             p.data = (torch.randn_like(p) * 0.3).double()  # B != 0: the policy differs from the base
     data = load_prompts(d / "p.jsonl", tok)
     return policy, base, data, tok
-
-
-@pytest.fixture(autouse=True)
-def whole_rows(monkeypatch, request):
-    """The oracles' tests run each row's whole forward (float64-exact); the shared-prompt test not."""
-    if "shared_prompt" not in request.node.name:
-        monkeypatch.setattr(shared_prompt, "supports", lambda model: False)
 
 
 def objective(data, tok, beta, temperature=1.0, scale=True):
@@ -258,3 +251,15 @@ def test_shared_prompt_refuses_rows_of_different_prompts():
     ids, mask = torch.ones(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="share one prompt"):
         shared_prompt.token_logps(None, ids, mask, torch.tensor([3, 3, 2, 3]), 2)
+
+
+def test_shared_prompt_only_where_the_model_takes_a_cache_on():
+    """transformers causal LMs without activation checkpointing (which turns the cache off); our
+    GPT keeps the whole rows."""
+    from gradtune.models.gpt import GPT, GPTConfig
+
+    llama = tiny_hf.llama()
+    assert shared_prompt.supports(llama)
+    llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not shared_prompt.supports(llama)
+    assert not shared_prompt.supports(GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8)))

@@ -26,7 +26,8 @@ from gradtune.data.sequences import IGNORE  # noqa: E402
 from gradtune.finetune.lora import adapters_disabled, apply_lora  # noqa: E402
 from gradtune.jobs.preference import precompute  # noqa: E402
 from gradtune.models import hf  # noqa: E402
-from gradtune.objectives.preference import Preference  # noqa: E402
+from gradtune.objectives import shared_prompt  # noqa: E402
+from gradtune.objectives.preference import Preference, model_sequence_logps  # noqa: E402
 from tests import tiny_hf  # noqa: E402
 
 PAIRS = [
@@ -215,3 +216,26 @@ def test_equals_trl(setup, loss, beta, ls):
             ]
         ).mean()
     assert float(ours.loss_sum.detach() / ours.count) == pytest.approx(float(theirs), abs=1e-10, rel=1e-10)
+
+
+def test_shared_prompt_pairs_equal_whole_rows(setup, monkeypatch):
+    """Each pair's prompt run once for its chosen and rejected rows (rows i and B + i): the summed
+    log-probabilities of the whole rows' forward to 1e-12, gradients to float32 rounding (the model's
+    RMSNorm, conftest.py); rows whose prompts differ (KTO's mismatched half) run whole."""
+    policy, _, data = setup
+    batch = data.get(torch.arange(len(data)))
+    labels = batch["labels"]
+    assert shared_prompt.pair_logps(policy, batch, labels) is not None
+    a, n_a = model_sequence_logps(policy, batch, labels)
+    ga = torch.autograd.grad(a.sum(), [p for p in policy.parameters() if p.requires_grad])
+    with monkeypatch.context() as m:
+        m.setattr(shared_prompt, "supports", lambda model: False)
+        b, n_b = model_sequence_logps(policy, batch, labels)
+    gb = torch.autograd.grad(b.sum(), [p for p in policy.parameters() if p.requires_grad])
+    assert torch.equal(n_a, n_b)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for x, y in zip(ga, gb):
+        assert (x - y).abs().max() < 1e-6 * max(1e-3, float(y.abs().max()))
+    half = len(data)
+    swapped = {k: torch.cat([v[:half], v[half:].roll(1, 0)]) for k, v in batch.items() if v.dim() == 2}
+    assert shared_prompt.pair_logps(policy, swapped, swapped["labels"]) is None
