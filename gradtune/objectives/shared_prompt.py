@@ -40,6 +40,8 @@ def supports(model: nn.Module) -> bool:
     )
     if getattr(inner, name, False) or not hasattr(inner, "config"):
         return False
+    if any(c.__name__ == "FSDPModule" for c in type(inner).__mro__):  # two forwards per backward: not tried
+        return False
     return _cache_arg(type(inner)) != ""
 
 

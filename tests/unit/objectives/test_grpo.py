@@ -255,7 +255,7 @@ def test_shared_prompt_refuses_rows_of_different_prompts():
 
 def test_shared_prompt_only_where_the_model_takes_a_cache_on():
     """transformers causal LMs without activation checkpointing (which turns the cache off); our
-    GPT keeps the whole rows."""
+    GPT and an FSDP2-sharded model keep the whole rows."""
     from gradtune.models.gpt import GPT, GPTConfig
 
     llama = tiny_hf.llama()
@@ -263,3 +263,10 @@ def test_shared_prompt_only_where_the_model_takes_a_cache_on():
     llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not shared_prompt.supports(llama)
     assert not shared_prompt.supports(GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8)))
+
+    class FSDPModule:  # FSDP2's fully_shard makes the model's class a subclass of one of this name
+        pass
+
+    sharded = tiny_hf.llama()
+    sharded.__class__ = type("FSDPLlamaForCausalLM", (FSDPModule, type(sharded)), {})
+    assert not shared_prompt.supports(sharded)
