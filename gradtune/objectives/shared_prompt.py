@@ -78,6 +78,8 @@ def token_logps(
     heads = list(range(0, s, g))  # the first row of each group holds its prompt
     if any(plen[r] != plen[r + k] for r in heads for k in range(g)):
         raise ValueError("the G rows of a group must share one prompt")
+    if min(plen) < 1:  # a row's first token has no prediction to score it
+        raise ValueError("each row needs a prompt of at least one token")
     w = max(plen[r] for r in heads)
     prompts = torch.zeros(len(heads), w, dtype=input_ids.dtype, device=dev)  # (B, W), pads on the left
     pmask = torch.zeros(len(heads), w, dtype=attention_mask.dtype, device=dev)
@@ -138,7 +140,7 @@ def pair_logps(model: nn.Module, batch: dict, labels: torch.Tensor) -> Optional[
     plen = scored.float().argmax(1)  # the first scored position of each row
     order = torch.arange(s, device=ids.device).view(2, s // 2).t().reshape(-1)  # c0, r0, c1, r1, ...
     p, q = plen[order][0::2], plen[order][1::2]
-    if not bool((p == q).all()):
+    if not bool((p == q).all()) or int(p.min()) < 1:
         return None
     cols = torch.arange(ids.shape[1], device=ids.device)[None]
     heads, others = ids[order][0::2], ids[order][1::2]

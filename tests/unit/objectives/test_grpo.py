@@ -251,6 +251,8 @@ def test_shared_prompt_refuses_rows_of_different_prompts():
     ids, mask = torch.ones(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="share one prompt"):
         shared_prompt.token_logps(None, ids, mask, torch.tensor([3, 3, 2, 3]), 2)
+    with pytest.raises(ValueError, match="at least one token"):
+        shared_prompt.token_logps(None, ids, mask, torch.tensor([0, 0, 2, 2]), 2)
 
 
 def test_shared_prompt_only_where_the_model_takes_a_cache_on():
