@@ -199,7 +199,6 @@ class GRPO:
             "input_ids": pad(seqs, self.pad_id),
             "attention_mask": pad([[1] * len(x) for x in seqs], 0),
             "labels": pad(labels, IGNORE),
-            "prompt_len": torch.tensor([len(p) for p in prompts]),  # (S,)
             "per_fn": per_fn,
             "rewards": (weights.unsqueeze(1) * per_fn).sum(0),  # (S,)
         }
@@ -208,11 +207,9 @@ class GRPO:
     def token_logps(self, model: nn.Module, seq: Batch) -> torch.Tensor:
         """(S, L-1) log-probabilities of the completion tokens: each prompt's forward once for its
         G rows where the model allows it (objectives/shared_prompt.py), else the whole rows."""
-        t = self.sampling.temperature
-        if "prompt_len" in seq and shared_prompt.supports(model):
-            g = self.sampling.num_generations
-            return shared_prompt.token_logps(model, seq["input_ids"], seq["attention_mask"], seq["prompt_len"], g, t)
-        return trained_token_logps(model, seq, seq["labels"], t)
+        t, g = self.sampling.temperature, self.sampling.num_generations
+        shared = shared_prompt.group_logps(model, seq["input_ids"], seq["attention_mask"], seq["labels"], g, t)
+        return shared if shared is not None else trained_token_logps(model, seq, seq["labels"], t)
 
     def reference_logps(self, model: nn.Module, seq: Batch) -> Optional[torch.Tensor]:
         if not self.beta:
@@ -226,7 +223,7 @@ class GRPO:
     def loss(self, model: nn.Module, roll: dict[str, Any], source: int = 0) -> Output:
         """The GRPO loss sum and completion-token count of a scored rollout."""
         dev = roll["input_ids"].device
-        seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels", "prompt_len") if k in roll}
+        seq = {k: roll[k] for k in ("input_ids", "attention_mask", "labels")}
         ref = self.reference_logps(model, seq)  # first: its logits are freed before the policy's are held
         logp = self.token_logps(model, seq)  # (S, L-1)
         mask = (seq["labels"][:, 1:] != IGNORE).to(logp.dtype)
@@ -263,7 +260,7 @@ class GRPO:
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         roll = self.rollout(model, batch)
         dev = batch["prompt_ids"].device
-        for k in ("input_ids", "attention_mask", "labels", "prompt_len"):
+        for k in ("input_ids", "attention_mask", "labels"):
             roll[k] = roll[k].to(dev)
         return self.loss(model, roll, int(batch["source"][0]))
 

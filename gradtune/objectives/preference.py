@@ -52,9 +52,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def model_sequence_logps(model: nn.Module, batch: Batch, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logps`` of ``model`` on ``batch``, the LM head run only where an answer is
-    scored (``trained_token_logps``); each row sums the same values in the same layout as from
-    the full logits, whichever rows share its batch."""
+    """``sequence_logps`` of ``model`` on ``batch``: each pair's prompt run once for both answers
+    where the model allows it (``shared_prompt.pair_logps``), else the whole rows with the LM head
+    run only where an answer is scored (``trained_token_logps``); the same values either way, up
+    to float rounding."""
     shared = shared_prompt.pair_logps(model, batch, labels)  # each pair's prompt run once, where it can
     logps = shared if shared is not None else trained_token_logps(model, batch, labels)
     return logps.sum(-1), (labels[:, 1:] != IGNORE).sum(-1)

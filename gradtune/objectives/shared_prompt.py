@@ -126,25 +126,36 @@ def token_logps(
     return out.index_put((rows[keep], (at - 1)[keep]), lp[keep])  # token at p is scored at p - 1
 
 
+def group_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    g: int,
+    temperature: float = 1.0,
+) -> Optional[torch.Tensor]:
+    """``token_logps`` (S, L-1) of rows whose G consecutive rows share the prompt before their
+    first scored label (``labels`` (S, L)); None where they do not (a row without one, a prompt
+    that differs or is empty) or the model cannot (``supports``): the caller runs the whole rows."""
+    s = input_ids.shape[0]
+    scored = labels != IGNORE  # (S, L)
+    if s % g or not supports(model) or not bool(scored.any(1).all()):
+        return None
+    plen = scored.float().argmax(1)  # (S,) the first scored position of each row
+    heads, lens = input_ids[0::g], plen[0::g]  # (B, L), (B,): the first row of each group
+    cols = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    same = (input_ids == heads.repeat_interleave(g, 0)) | (cols >= plen[:, None])  # (S, L)
+    if not bool((plen == lens.repeat_interleave(g)).all()) or int(lens.min()) < 1 or not bool(same.all()):
+        return None
+    return token_logps(model, input_ids, attention_mask, plen, g, temperature, labels)
+
+
 def pair_logps(model: nn.Module, batch: dict, labels: torch.Tensor) -> Optional[torch.Tensor]:
-    """``token_logps`` (2B, L-1) of preference rows, rows i and B + i (chosen, rejected) sharing
-    the prompt before their first scored label; None where they do not (KTO's mismatched rows, a
-    truncated prompt) or the model cannot (``supports``): the caller runs the whole rows."""
-    if "attention_mask" not in batch or "document_ids" in batch or not supports(model):
+    """``group_logps`` of preference rows: chosen row i and rejected row B + i, a group of two
+    (KTO's second half pairs mismatched prompts: None, as for every row ``group_logps`` refuses)."""
+    if "attention_mask" not in batch or "document_ids" in batch or batch["input_ids"].shape[0] % 2:
         return None
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    s = ids.shape[0]
-    scored = labels != IGNORE  # (2B, L)
-    if s % 2 or not bool(scored.any(1).all()):
-        return None
-    plen = scored.float().argmax(1)  # the first scored position of each row
-    order = torch.arange(s, device=ids.device).view(2, s // 2).t().reshape(-1)  # c0, r0, c1, r1, ...
-    p, q = plen[order][0::2], plen[order][1::2]
-    if not bool((p == q).all()) or int(p.min()) < 1:
-        return None
-    cols = torch.arange(ids.shape[1], device=ids.device)[None]
-    heads, others = ids[order][0::2], ids[order][1::2]
-    if not bool(((heads == others) | (cols >= p[:, None])).all()):
-        return None
-    out = token_logps(model, ids[order], mask[order], plen[order], 2, labels=labels[order])
-    return out[torch.argsort(order)]
+    s = batch["input_ids"].shape[0]
+    order = torch.arange(s, device=labels.device).view(2, s // 2).t().reshape(-1)  # c0, r0, c1, r1, ...
+    out = group_logps(model, batch["input_ids"][order], batch["attention_mask"][order], labels[order], 2)
+    return None if out is None else out[torch.argsort(order)]

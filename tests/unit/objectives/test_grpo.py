@@ -236,6 +236,8 @@ def test_shared_prompt_forward_equals_whole_rows(setup, beta, temperature, monke
     assert shared_prompt.supports(policy)
     obj = objective(data, tok, beta, temperature)
     roll, _, _ = rollout(obj, data)
+    # the rows qualify: the first loss below runs the shared path, not the whole rows again
+    assert shared_prompt.group_logps(policy, roll["input_ids"], roll["attention_mask"], roll["labels"], G) is not None
     out = obj.loss(policy, roll)
     shared = torch.autograd.grad(out.loss_sum / out.count, lora_params(policy))
     monkeypatch.setattr(shared_prompt, "supports", lambda model: False)
