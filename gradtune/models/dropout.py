@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtune.models import mask_kernel
+from gradtune.models import fused_attention, mask_kernel
 
 LEVELS = 1 << 15  # 15 random bits per element: each int16 of an int64 draw, masked to 15 bits
 
@@ -231,11 +231,14 @@ def attention(
         bias = mask
         if mask is not None and mask.dtype == torch.bool:  # additive: -> finfo.min where masked, as the fill below
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        drop, kq = _drop(p)
         if mask_kernel.fusable(q):
-            keep: "torch.Tensor | tuple[int, int]" = (mask_kernel.draw(), _drop(p)[0])  # scaled_keep's draw
+            keep: "torch.Tensor | tuple[int, int]" = (mask_kernel.draw(), drop)  # scaled_keep's draw
+            if fused_attention.supports(q, k, v):  # the same mask and products, one C pass a head each way
+                return fused_attention.FusedAttention.apply(q, k, v, bias, keep[0], drop, scale, 1.0 / kq)
         else:
             keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
-        return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / _drop(p)[1])
+        return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / kq)
     scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None and mask.dtype == torch.bool:  # a finite fill keeps all-masked rows finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)

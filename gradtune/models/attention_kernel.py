@@ -1,0 +1,400 @@
+"""The C side of models/fused_attention.py: float32 dropout attention, one OpenMP task per
+(batch, head), forward and backward (the arithmetic and the why are there). Built once per machine
+by runtime/c_build.py; ``attn_width`` is the vector width in floats (16 AVX-512, 8 AVX2, 0 where
+the CPU has neither: no kernel). ``load`` gives None without a compiler or on a failed build."""
+
+from __future__ import annotations
+
+import ctypes
+
+from gradtune.runtime.c_build import Library
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+static inline uint32_t level(uint64_t seed, int64_t i) {  /* mask_kernel.py's stream */
+    uint64_t z = seed + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    return (uint32_t)(z >> 49);
+}
+
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VW 16
+#define CB 4      /* score columns a pass: CB vectors */
+#define RB 4      /* query rows a pass */
+#define VZERO _mm512_setzero_ps()
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VSET1 _mm512_set1_ps
+#define VFMA _mm512_fmadd_ps
+#define VMUL _mm512_mul_ps
+#define VADD _mm512_add_ps
+#define VSUB _mm512_sub_ps
+#define VMAX _mm512_max_ps
+#define VMIN _mm512_min_ps
+#define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define VZERO_BELOW(y, x, t) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, VSET1(t), _CMP_GE_OQ), y)
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline float vhmax(vec v) { return _mm512_reduce_max_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+#define VW 8
+#define CB 2
+#define RB 4
+#define VZERO _mm256_setzero_ps()
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VSET1 _mm256_set1_ps
+#define VFMA _mm256_fmadd_ps
+#define VMUL _mm256_mul_ps
+#define VADD _mm256_add_ps
+#define VSUB _mm256_sub_ps
+#define VMAX _mm256_max_ps
+#define VMIN _mm256_min_ps
+#define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define VZERO_BELOW(y, x, t) _mm256_and_ps(y, _mm256_cmp_ps(x, VSET1(t), _CMP_GE_OQ))
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float vhmax(vec v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#define EXP_LO -87.33654f   /* below: exp underflows; written as 0 */
+#define EXP_HI 88.3762626647949f
+
+#ifdef VW
+int attn_width(void) { return VW; }
+
+/* Cephes expf: n = round(x log2 e), r = x - n ln 2 in two parts, exp r by a degree-7 polynomial. */
+static inline vec vexp(vec x) {
+    vec xc = VMIN(VMAX(x, VSET1(EXP_LO)), VSET1(EXP_HI));
+    vec n = VROUND(VMUL(xc, VSET1(1.44269504088896341f)));
+    vec r = VFMA(n, VSET1(-0.693359375f), xc);
+    r = VFMA(n, VSET1(2.12194440e-4f), r);
+    vec p = VSET1(1.9875691500e-4f);
+    p = VFMA(p, r, VSET1(1.3981999507e-3f));
+    p = VFMA(p, r, VSET1(8.3334519073e-3f));
+    p = VFMA(p, r, VSET1(4.1665795894e-2f));
+    p = VFMA(p, r, VSET1(1.6666665459e-1f));
+    p = VFMA(p, r, VSET1(5.0000001201e-1f));
+    p = VFMA(p, VMUL(r, r), VADD(r, VSET1(1.0f)));
+    return VZERO_BELOW(VMUL(p, VPOW2(n)), x, EXP_LO);
+}
+
+/* One row's scores -> probabilities in place: + bias, softmax; returns nothing, p has s entries. */
+static void softmax_row(float *p, const float *bias, int64_t s) {
+    int64_t j;
+    if (bias) for (j = 0; j < s; j++) p[j] += bias[j];
+    float m = -INFINITY;
+    j = 0;
+    if (s >= VW) {
+        vec mv = VLOAD(p);
+        for (j = VW; j + VW <= s; j += VW) mv = VMAX(mv, VLOAD(p + j));
+        m = vhmax(mv);
+    }
+    for (; j < s; j++) m = p[j] > m ? p[j] : m;
+    vec sv = VZERO, mv = VSET1(m);
+    for (j = 0; j + VW <= s; j += VW) {
+        vec e = vexp(VSUB(VLOAD(p + j), mv));
+        VSTORE(p + j, e);
+        sv = VADD(sv, e);
+    }
+    float sum = vsum(sv);
+    for (; j < s; j++) { float e = p[j] - m < EXP_LO ? 0.0f : expf(p[j] - m); p[j] = e; sum += e; }
+    float inv = 1.0f / sum;
+    for (j = 0; j < s; j++) p[j] *= inv;
+}
+
+/* Dims: B, H, T, S, D. Strides (elements) of q, k, v, out/go-like tensors: [b, h, t], d contiguous. */
+typedef struct { int64_t b, h, t; } strides;
+
+#define AI static inline __attribute__((always_inline))
+
+/* sc[r][j] = sum_d q[r][d] kt[d][j] for R rows (stride qst), all s columns; kt is D x s. */
+AI void scores(const int R, float *sc, const float *q, int64_t qst, const float *kt, const float *k, int64_t kst,
+               int64_t s, int64_t d) {
+    int64_t j = 0;
+    for (; j + CB * VW <= s; j += CB * VW) {
+        vec acc[RB][CB];
+        for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c] = VZERO;
+        for (int64_t e = 0; e < d; e++) {
+            vec kv[CB];
+            for (int c = 0; c < CB; c++) kv[c] = VLOAD(kt + e * s + j + c * VW);
+            for (int r = 0; r < R; r++) {
+                vec qb = VSET1(q[r * qst + e]);
+                for (int c = 0; c < CB; c++) acc[r][c] = VFMA(qb, kv[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) VSTORE(sc + r * s + j + c * VW, acc[r][c]);
+    }
+    for (; j + VW <= s; j += VW) {
+        vec acc[RB];
+        for (int r = 0; r < R; r++) acc[r] = VZERO;
+        for (int64_t e = 0; e < d; e++) {
+            vec kv = VLOAD(kt + e * s + j);
+            for (int r = 0; r < R; r++) acc[r] = VFMA(VSET1(q[r * qst + e]), kv, acc[r]);
+        }
+        for (int r = 0; r < R; r++) VSTORE(sc + r * s + j, acc[r]);
+    }
+    for (; j < s; j++)
+        for (int r = 0; r < R; r++) {
+            float a = 0.0f;
+            for (int64_t e = 0; e < d; e++) a += q[r * qst + e] * k[j * kst + e];
+            sc[r * s + j] = a;
+        }
+}
+
+/* o[r] = mul * sum_j w[r][j] m[j-row] (ND vectors) for R rows: w is R x s, m rows of stride mst. */
+AI void combine(const int R, const int ND, float *o, int64_t ost, const float *w, const float *m, int64_t mst,
+                int64_t s, float mul) {
+    vec acc[RB][8];
+    for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) acc[r][n] = VZERO;
+    for (int64_t j = 0; j < s; j++) {
+        vec mv[8];
+        for (int n = 0; n < ND; n++) mv[n] = VLOAD(m + j * mst + n * VW);
+        for (int r = 0; r < R; r++) {
+            vec b = VSET1(w[r * s + j]);
+            for (int n = 0; n < ND; n++) acc[r][n] = VFMA(b, mv[n], acc[r][n]);
+        }
+    }
+    vec mu = VSET1(mul);
+    for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) VSTORE(o + r * ost + n * VW, VMUL(acc[r][n], mu));
+}
+
+/* acc[j] += sum_r w[r][j] x[r] (ND vectors) for every j < s: a rank-R update of an s x D buffer. */
+AI void rank_update(const int R, const int ND, float *acc, const float *w, const float *x, int64_t xst, int64_t s) {
+    vec xv[RB][8];
+    for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) xv[r][n] = VLOAD(x + r * xst + n * VW);
+    const int64_t d = ND * VW;
+    for (int64_t j = 0; j < s; j++) {
+        vec a[8];
+        for (int n = 0; n < ND; n++) a[n] = VLOAD(acc + j * d + n * VW);
+        for (int r = 0; r < R; r++) {
+            vec b = VSET1(w[r * s + j]);
+            for (int n = 0; n < ND; n++) a[n] = VFMA(b, xv[r][n], a[n]);
+        }
+        for (int n = 0; n < ND; n++) VSTORE(acc + j * d + n * VW, a[n]);
+    }
+}
+
+/* dst (rows x d, dense) = src (rows x d, row stride st). The kernels read k and v from such a copy:
+   a head-split source puts its rows H * d floats apart, and reading a column of them, or a vector
+   from each row in turn, maps the rows onto a few cache sets that evict each other. */
+static void dense(float *dst, const float *src, int64_t rows, int64_t st, int64_t d) {
+    for (int64_t j = 0; j < rows; j++) memcpy(dst + j * d, src + j * st, d * sizeof(float));
+}
+
+/* dst (d x rows) = src (rows x d, dense)^T. */
+static void transpose(float *dst, const float *src, int64_t rows, int64_t d) {
+    for (int64_t e = 0; e < d; e++) for (int64_t j = 0; j < rows; j++) dst[e * rows + j] = src[j * d + e];
+}
+
+static void mask_row(float *m, uint64_t seed, int64_t base, int64_t s, int32_t drop) {
+    for (int64_t j = 0; j < s; j++) m[j] = (int32_t)level(seed, base + j) >= drop ? 1.0f : 0.0f;
+}
+
+/* Forward of R query rows starting at row i of head (b, h). */
+AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, const float *q, strides qs,
+                 const float *kt, const float *k, strides ks, const float *v, strides vs, const float *bias,
+                 strides bs, float *o, strides os, int64_t s, float scale, float inv_kq, uint64_t seed,
+                 int64_t base, int32_t drop) {
+    const int64_t d = ND * VW;
+    scores(R, P, q, qs.t, kt, k, ks.t, s, d);
+    for (int r = 0; r < R; r++) {
+        float *p = P + r * s;
+        for (int64_t j = 0; j < s; j++) p[j] *= scale;
+        softmax_row(p, bias ? bias + r * bs.t : NULL, s);
+        mask_row(mk, seed, base + r * s, s, drop);
+        for (int64_t j = 0; j < s; j++) pd[r * s + j] = p[j] * mk[j];
+    }
+    combine(R, ND, o, os.t, pd, v, vs.t, s, inv_kq);
+}
+
+typedef struct {
+    int64_t B, H, T, S, D;
+    strides q, k, v, o, bias;  /* o: the output (forward) or the output gradient (backward) */
+    strides gq, gk, gv;        /* backward's outputs */
+    float scale, inv_kq;
+    uint64_t seed;
+    int32_t drop;
+} shape;
+
+AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const float *q, const float *k,
+                 const float *v, const float *bias, int64_t bh, float *kt, float *kc, float *vc, float *pd, float *mk) {
+    int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D;
+    const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + h * a->k.h;
+    const float *vh = v + b * a->v.b + h * a->v.h;
+    const float *bh_ = bias ? bias + b * a->bias.b + h * a->bias.h : NULL;
+    float *oh = out + b * a->o.b + h * a->o.h, *ph = probs + bh * T * S;
+    dense(kc, kh, S, a->k.t, D);
+    dense(vc, vh, S, a->v.t, D);
+    transpose(kt, kc, S, D);
+    strides ds = {0, 0, D};
+    int64_t i = 0;
+    for (; i + RB <= T; i += RB)
+        fwd_rows(RB, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, kc, ds, vc, ds,
+                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, S, a->scale, a->inv_kq,
+                 a->seed, (bh * T + i) * S, a->drop);
+    for (; i < T; i++)
+        fwd_rows(1, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, kc, ds, vc, ds,
+                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, S, a->scale, a->inv_kq,
+                 a->seed, (bh * T + i) * S, a->drop);
+}
+
+void attn_fwd(const shape *a, float *out, float *probs, const float *q, const float *k, const float *v,
+              const float *bias, int nthreads) {
+    int64_t n = a->B * a->H, nd = a->D / VW;
+    int nt = n < nthreads ? (int)n : nthreads;
+    #pragma omp parallel num_threads(nt)
+    {
+        float *kt = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
+        float *pd = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
+        float *mk = aligned_alloc(64, ((a->S + 15) / 16) * 64);
+        float *kc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
+        float *vc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < n; bh++) {
+            switch (nd) {
+            case 1: fwd_head(1, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
+            case 2: fwd_head(2, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
+            case 4: fwd_head(4, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
+            case 8: fwd_head(8, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
+            }
+        }
+        free(kt); free(kc); free(vc); free(pd); free(mk);
+    }
+}
+
+/* Backward of R query rows starting at row i: dq rows out; dk, dv accumulated in gka, gva (S x D). */
+AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd, float *mk, float *g,
+                 const float *go, strides gos, const float *q, strides qs, const float *k, strides ks,
+                 const float *v, strides vs, const float *vt, float *gq, strides gqs, float *gka, float *gva,
+                 int64_t s, float scale, float inv_kq, uint64_t seed, int64_t base, int32_t drop) {
+    const int64_t d = ND * VW;
+    for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
+    scores(R, ds, g, d, vt, v, vs.t, s, d);  /* (go * inv_kq) v^T */
+    for (int r = 0; r < R; r++) {
+        const float *p = P + r * s;
+        float *dr = ds + r * s, *pr = pd + r * s;
+        mask_row(mk, seed, base + r * s, s, drop);
+        vec cv = VZERO;
+        int64_t j = 0;
+        for (; j + VW <= s; j += VW) {  /* vectors by hand: the compiler keeps a float sum in order */
+            vec m = VLOAD(mk + j), pv = VLOAD(p + j), dv = VMUL(VLOAD(dr + j), m);
+            VSTORE(dr + j, dv);
+            VSTORE(pr + j, VMUL(pv, m));
+            cv = VFMA(dv, pv, cv);
+        }
+        float c = vsum(cv);
+        for (; j < s; j++) { dr[j] *= mk[j]; pr[j] = p[j] * mk[j]; c += dr[j] * p[j]; }
+        for (j = 0; j < s; j++) dr[j] = p[j] * (dr[j] - c);
+    }
+    combine(R, ND, gq, gqs.t, ds, k, ks.t, s, scale);
+    rank_update(R, ND, gka, ds, q, qs.t, s);
+    rank_update(R, ND, gva, pd, g, d, s);
+}
+
+AI void bwd_head(const int ND, const shape *a, float *gq, float *gk, float *gv, const float *probs,
+                 const float *go, const float *q, const float *k, const float *v, int64_t bh, float *vt,
+                 float *kc, float *vc, float *ds, float *pd, float *mk, float *g, float *gka, float *gva) {
+    int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D;
+    const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + h * a->k.h;
+    const float *vh = v + b * a->v.b + h * a->v.h, *goh = go + b * a->o.b + h * a->o.h;
+    const float *ph = probs + bh * T * S;
+    float *gqh = gq + b * a->gq.b + h * a->gq.h;
+    dense(kc, kh, S, a->k.t, D);
+    dense(vc, vh, S, a->v.t, D);
+    transpose(vt, vc, S, D);
+    strides dn = {0, 0, D};
+    memset(gka, 0, S * D * sizeof(float));
+    memset(gva, 0, S * D * sizeof(float));
+    int64_t i = 0;
+    for (; i + RB <= T; i += RB)
+        bwd_rows(RB, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn, vt,
+                 gqh + i * a->gq.t, a->gq, gka, gva, S, a->scale, a->inv_kq, a->seed, (bh * T + i) * S, a->drop);
+    for (; i < T; i++)
+        bwd_rows(1, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn, vt,
+                 gqh + i * a->gq.t, a->gq, gka, gva, S, a->scale, a->inv_kq, a->seed, (bh * T + i) * S, a->drop);
+    float *gkh = gk + b * a->gk.b + h * a->gk.h, *gvh = gv + b * a->gv.b + h * a->gv.h;
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t e = 0; e < D; e++) {
+            gkh[j * a->gk.t + e] = gka[j * D + e] * a->scale;
+            gvh[j * a->gv.t + e] = gva[j * D + e];
+        }
+}
+
+void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *probs, const float *go,
+              const float *q, const float *k, const float *v, int nthreads) {
+    int64_t n = a->B * a->H, nd = a->D / VW;
+    int nt = n < nthreads ? (int)n : nthreads;
+    #pragma omp parallel num_threads(nt)
+    {
+        int64_t sd = ((a->D * a->S + 15) / 16) * 64, rs = ((RB * a->S + 15) / 16) * 64;
+        float *vt = aligned_alloc(64, sd), *gka = aligned_alloc(64, sd), *gva = aligned_alloc(64, sd);
+        float *kc = aligned_alloc(64, sd), *vc = aligned_alloc(64, sd);
+        float *ds = aligned_alloc(64, rs), *pd = aligned_alloc(64, rs);
+        float *mk = aligned_alloc(64, ((a->S + 15) / 16) * 64);
+        float *g = aligned_alloc(64, ((RB * a->D + 15) / 16) * 64);
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < n; bh++) {
+            switch (nd) {
+            case 1: bwd_head(1, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
+            case 2: bwd_head(2, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
+            case 4: bwd_head(4, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
+            case 8: bwd_head(8, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
+            }
+        }
+        free(vt); free(kc); free(vc); free(gka); free(gva); free(ds); free(pd); free(mk); free(g);
+    }
+}
+#else
+int attn_width(void) { return 0; }
+#endif
+"""
+
+
+class Strides(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("t", ctypes.c_int64)]
+
+
+class Shape(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("B", "H", "T", "S", "D")]
+    _fields_ += [(n, Strides) for n in ("q", "k", "v", "o", "bias", "gq", "gk", "gv")]
+    _fields_ += [("scale", ctypes.c_float), ("inv_kq", ctypes.c_float), ("seed", ctypes.c_uint64)]
+    _fields_ += [("drop", ctypes.c_int32)]
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    ptr = ctypes.c_void_p
+    lib.attn_width.argtypes, lib.attn_width.restype = [], ctypes.c_int
+    if lib.attn_width() == 0:
+        return
+    lib.attn_fwd.argtypes = [ctypes.POINTER(Shape), ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.attn_bwd.argtypes = [ctypes.POINTER(Shape), ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.attn_fwd.restype = lib.attn_bwd.restype = None
+
+
+_LIBRARY = Library(SOURCE, "dropout_attention", _bind)
+load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (the composite path); forget it

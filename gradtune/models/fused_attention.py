@@ -1,0 +1,115 @@
+"""Float32 attention with dropout on the CPU in one C pass per head, each way (models/dropout.py's
+fast path; the C source is models/attention_kernel.py).
+
+Why: through torch ops, dropout attention is eight passes over the (B, H, T, S) scores forward and
+backward each (batched GEMMs with a short inner dimension, the bias, softmax, the mask, its
+backward), plus copies of the head-split q, k, v and of the output. For an encoder fine-tuned at
+128 tokens the batched products run at half the rate of the large GEMMs. Here one OpenMP task per
+(batch, head) keeps that head's rows in cache: the scores of four query rows at a time, the bias,
+softmax, the mask and the product with v, without a (B, H, T, S) temporary besides the
+probabilities kept for backward; backward regenerates the mask, forms the softmax gradient row by
+row and accumulates dk and dv in the task's own buffers. q, k, v and the output gradient are read
+through their strides (transformers' head-split views need no copy) and the output and gradients
+are written in (B, T, H, D) memory, the layout the next linear layer reads.
+
+The arithmetic is the composite path's (dropout.py ``_DropoutAttention``):
+
+    P = softmax(scale * q k^T + bias)            (B, H, T, S), kept for backward
+    out = (P * keep) @ v * inv_kq                keep: the seeded mask of mask_kernel.py, 0 or 1
+    dP = (go @ v^T) * keep * inv_kq;  dS = P * (dP - rowsum(dP * P))
+    dq = scale * dS @ k;  dk = scale * dS^T @ q;  dv = (P * keep)^T @ go * inv_kq
+
+with the same mask for the same seed (element ((b * H + h) * T + i) * S + j of the mask stream), a
+polynomial exp (Cephes' expf) and sums in another order, so results agree with the
+composite path to float32 rounding. Heads whose size is not 1, 2, 4 or 8 vectors (of 16 floats on
+AVX-512, 8 on AVX2), and CPUs with neither, take the composite path
+(``supports``); so does everything where ``load`` gives None (no compiler, a failed build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from gradtune.models.attention_kernel import Shape, Strides, load
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel takes these (B, H, T, D) / (B, H, S, D) operands: float32 on the CPU, the head
+    size D a multiple of the vector width up to 8 vectors, the kernel built, no torch.compile trace."""
+    if not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 for x in (q, k, v)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    lib = load()
+    width = lib.attn_width() if lib is not None else 0
+    d = q.shape[-1]
+    return width > 0 and d % width == 0 and d // width in (1, 2, 4, 8) and k.shape[1] == q.shape[1]
+
+
+def _strides(x: Optional[torch.Tensor]) -> Strides:
+    return Strides(0, 0, 0) if x is None else Strides(x.stride(0), x.stride(1), x.stride(2))
+
+
+def _last_dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _heads_last(b: int, h: int, t: int, d: int) -> torch.Tensor:
+    """A (B, H, T, D) tensor in (B, T, H, D) memory: what the output projection reads after the
+    head merge, so that transpose + contiguous there is free."""
+    return torch.empty(b, t, h, d, dtype=torch.float32).transpose(1, 2)
+
+
+class FusedAttention(torch.autograd.Function):
+    """(softmax(scale q k^T + bias) * keep) @ v * inv_kq for q (B, H, T, D), k/v (B, H, S, D),
+    bias additive, broadcastable to (B, H, T, S), or None; keep the mask_kernel.py mask of
+    (seed, drop) over (B, H, T, S). Returns (B, H, T, D) in (B, T, H, D) memory."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float):
+        q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
+        (bsz, heads, t, d), s = q.shape, k.shape[2]
+        if bias is not None:
+            bias = _last_dense(bias.to(torch.float32).expand(bsz, heads, t, s))
+        out = _heads_last(bsz, heads, t, d)
+        probs = torch.empty(bsz, heads, t, s, dtype=torch.float32)
+        shape = Shape(bsz, heads, t, s, d, _strides(q), _strides(k), _strides(v), _strides(out), _strides(bias))
+        shape.scale, shape.inv_kq, shape.seed, shape.drop = scale, inv_kq, seed, drop
+        load().attn_fwd(
+            ctypes.byref(shape),
+            out.data_ptr(),
+            probs.data_ptr(),
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.shape = shape
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, probs = ctx.saved_tensors
+        go = _last_dense(go)
+        (bsz, heads, t, d), s = q.shape, k.shape[2]
+        gq, gk, gv = _heads_last(bsz, heads, t, d), _heads_last(bsz, heads, s, d), _heads_last(bsz, heads, s, d)
+        shape = ctx.shape
+        shape.o, shape.gq, shape.gk, shape.gv = _strides(go), _strides(gq), _strides(gk), _strides(gv)
+        load().attn_bwd(
+            ctypes.byref(shape),
+            gq.data_ptr(),
+            gk.data_ptr(),
+            gv.data_ptr(),
+            probs.data_ptr(),
+            go.data_ptr(),
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return gq, gk, gv, None, None, None, None, None

@@ -1,0 +1,113 @@
+"""The fused dropout attention (models/fused_attention.py, its C in models/attention_kernel.py)
+against the composite path of models/dropout.py (torch ops, the same seeded mask): outputs and the
+three gradients to float32 rounding, over head sizes, ragged lengths, bias shapes and head-split
+strides; the fallback where the kernel cannot take the operands; thread-count independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradtune.models import attention_kernel, dropout, fused_attention
+
+pytestmark = pytest.mark.skipif(
+    attention_kernel.load() is None or attention_kernel.load().attn_width() == 0,
+    reason="no C compiler or no AVX2/AVX-512",
+)
+
+
+def _operands(b: int, h: int, t: int, s: int, d: int, seed: int = 0):
+    """q (B, H, T, D), k, v (B, H, S, D) as transformers makes them: head-split views of (B, T, H, D)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, h, d, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(b, s, h, d, generator=g).transpose(1, 2).requires_grad_()
+    return q, k, v, torch.randn(b, h, t, d, generator=g)
+
+
+def _both(q, k, v, go, bias, p=0.3, seed=1234):
+    drop, kq = dropout._drop(p)
+    scale = q.shape[-1] ** -0.5
+    fused = fused_attention.FusedAttention.apply(q, k, v, bias, seed, drop, scale, 1.0 / kq)
+    ref = dropout._DropoutAttention.apply(q, k, v, bias, (seed, drop), scale, 1.0 / kq)
+    return (fused, *torch.autograd.grad(fused, (q, k, v), go)), (ref, *torch.autograd.grad(ref, (q, k, v), go))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= 2e-6 * max(b.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize(
+    "t,s,bias",
+    [(128, 128, None), (48, 40, "keys"), (37, 53, "square"), (5, 7, "full"), (9, 9, "causal"), (1, 33, None)],
+)
+@pytest.mark.parametrize("vectors", [1, 2, 4])
+def test_fused_equals_the_composite_path(t, s, bias, vectors):
+    width = attention_kernel.load().attn_width()
+    d = width * vectors
+    q, k, v, go = _operands(2, 3, t, s, d)
+    g = torch.Generator().manual_seed(5)
+    masked = torch.where(torch.rand(2, 1, t, s, generator=g) < 0.3, torch.finfo(torch.float32).min, 0.0)
+    masked[..., 0] = 0.0  # every query sees a key
+    b = {
+        None: None,
+        "keys": masked[:, :, :1, :],  # (B, 1, 1, S): a padding mask
+        "square": masked[0, 0],  # (T, S)
+        "full": torch.randn(2, 3, t, s, generator=g),
+        "causal": torch.zeros(t, s).masked_fill_(~torch.ones(t, s, dtype=torch.bool).tril(), -3.0e38),
+    }[bias]
+    assert fused_attention.supports(q, k, v)
+    for a, r in zip(*_both(q, k, v, go, b)):
+        _close(a, r)
+
+
+def test_output_is_heads_last_and_dropout_masks_match():
+    """The output is (B, H, T, D) over (B, T, H, D) memory (the head merge after it is free), and a
+    large p drops what the composite path drops: equal results show the mask is the same stream."""
+    q, k, v, go = _operands(2, 2, 16, 16, attention_kernel.load().attn_width() * 2)
+    (out, *grads), (ref, *rgrads) = _both(q, k, v, go, None, p=0.7)
+    assert out.transpose(1, 2).is_contiguous()
+    _close(out, ref)
+    for a, r in zip(grads, rgrads):
+        _close(a, r)
+
+
+def test_threads_do_not_change_the_result():
+    q, k, v, go = _operands(2, 3, 24, 24, attention_kernel.load().attn_width() * 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _both(q, k, v, go, None)[0]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, _both(q, k, v, go, None)[0]):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_operands_take_the_composite_path():
+    """A head size off the vector width, float64, and grouped heads: ``supports`` says no and
+    ``dropout.attention`` still computes (through torch ops), seeded as before."""
+    width = attention_kernel.load().attn_width()
+    odd = torch.randn(1, 2, 5, width + 4)
+    assert not fused_attention.supports(odd, odd, odd)
+    d = torch.randn(1, 2, 5, width, dtype=torch.float64)
+    assert not fused_attention.supports(d, d, d)
+    q, kv = torch.randn(1, 4, 5, width), torch.randn(1, 2, 5, width)
+    assert not fused_attention.supports(q, kv, kv)
+    torch.manual_seed(3)
+    a = dropout.attention(odd, odd, odd, None, False, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout.attention(odd, odd, odd, None, False, 0.3))
+
+
+def test_dropout_attention_takes_the_kernel_and_is_seeded():
+    """``dropout.attention`` in float32 with p in (0, 1) runs the kernel; the same seed gives the same
+    output bit for bit, another seed another mask."""
+    q, k, v, _ = _operands(2, 2, 16, 16, attention_kernel.load().attn_width() * 2)
+    outs = []
+    for seed in (4, 4, 5):
+        torch.manual_seed(seed)
+        outs.append(dropout.attention(q, k, v, None, True, 0.2))
+    assert outs[0].grad_fn.name() == "FusedAttentionBackward"
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
