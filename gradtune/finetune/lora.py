@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradtune.finetune.patterns import matches
+from gradtune.models.onednn_linear import rows_linear, rows_times
 from gradtune.runtime.errors import InputError
 
 # Attention projections under the names of the common families: Llama/Mistral/Qwen (q_proj...),
@@ -41,7 +42,7 @@ class _LoRARows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float):  # x (N, in)
         h = x.mm(a.t())  # (N, rank)
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x.mm(weight.t())  # (N, out)
+        y = rows_linear(x, weight, bias)  # (N, out); oneDNN on AMD CPUs (models/onednn_linear.py)
         y.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, a, b, h)
         ctx.scaling = scaling
@@ -52,7 +53,7 @@ class _LoRARows(torch.autograd.Function):
         x, weight, a, b, h = ctx.saved_tensors
         s, need = ctx.scaling, ctx.needs_input_grad
         gh = gy.mm(b)  # (N, rank), the scale applied on the small products below
-        gx = gy.mm(weight).addmm_(gh, a, alpha=s) if need[0] else None
+        gx = rows_times(gy, weight).addmm_(gh, a, alpha=s) if need[0] else None
         gw = gy.t().mm(x) if need[1] else None
         gbias = gy.sum(0) if need[2] else None
         ga = gh.t().mm(x).mul_(s) if need[3] else None

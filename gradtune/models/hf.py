@@ -28,6 +28,7 @@ from torch import nn
 
 from gradtune.models import gguf_cache, hf_attention, loader_bars
 from gradtune.models.dropout import swap_dropouts
+from gradtune.models.onednn_linear import swap_linears
 from gradtune.runtime import collector
 from gradtune.runtime.errors import InputError
 from gradtune.runtime.json_object import parse_object
@@ -194,6 +195,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype 
             nbytes = sum(p.numel() * 4 for p in model.parameters())
             gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
+    swap_linears(model)  # float32 linears through oneDNN where the CPU is AMD (models/onednn_linear.py)
     contiguous_head(model)
     return model.train()
 
