@@ -31,7 +31,7 @@ static inline uint32_t level(uint64_t seed, int64_t i) {  /* mask_kernel.py's st
 typedef __m512 vec;
 #define VW 16
 #define CB 4      /* score columns a pass: CB vectors */
-#define RB 4      /* query rows a pass */
+#define RB 6      /* query rows a pass (6 x 4 accumulators of 32 registers) */
 #define VZERO _mm512_setzero_ps()
 #define VLOAD _mm512_loadu_ps
 #define VSTORE _mm512_storeu_ps
@@ -103,19 +103,24 @@ static inline vec vexp(vec x) {
     return VZERO_BELOW(VMUL(p, VPOW2(n)), x, EXP_LO);
 }
 
-/* One row's scores -> probabilities in place: + bias, softmax; returns nothing, p has s entries. */
-static void softmax_row(float *p, const float *bias, int64_t s) {
-    int64_t j;
-    if (bias) for (j = 0; j < s; j++) p[j] += bias[j];
-    float m = -INFINITY;
-    j = 0;
-    if (s >= VW) {
-        vec mv = VLOAD(p);
-        for (j = VW; j + VW <= s; j += VW) mv = VMAX(mv, VLOAD(p + j));
-        m = vhmax(mv);
+/* One row: p (s scores) -> softmax(scale * p + bias) in place, and pd = p * mk (the dropped row):
+   three passes (scale, bias and max; exp and sum; normalise and mask). */
+static void softmax_row(float *p, float *pd, const float *mk, const float *bias, float scale, int64_t s) {
+    int64_t j = 0;
+    vec mv = VSET1(-INFINITY), sc = VSET1(scale);
+    for (; j + VW <= s; j += VW) {
+        vec x = VMUL(VLOAD(p + j), sc);
+        if (bias) x = VADD(x, VLOAD(bias + j));
+        VSTORE(p + j, x);
+        mv = VMAX(mv, x);
     }
-    for (; j < s; j++) m = p[j] > m ? p[j] : m;
-    vec sv = VZERO, mv = VSET1(m);
+    float m = vhmax(mv);
+    for (; j < s; j++) {
+        p[j] = p[j] * scale + (bias ? bias[j] : 0.0f);
+        m = p[j] > m ? p[j] : m;
+    }
+    vec sv = VZERO;
+    mv = VSET1(m);
     for (j = 0; j + VW <= s; j += VW) {
         vec e = vexp(VSUB(VLOAD(p + j), mv));
         VSTORE(p + j, e);
@@ -124,7 +129,13 @@ static void softmax_row(float *p, const float *bias, int64_t s) {
     float sum = vsum(sv);
     for (; j < s; j++) { float e = p[j] - m < EXP_LO ? 0.0f : expf(p[j] - m); p[j] = e; sum += e; }
     float inv = 1.0f / sum;
-    for (j = 0; j < s; j++) p[j] *= inv;
+    vec iv = VSET1(inv);
+    for (j = 0; j + VW <= s; j += VW) {
+        vec x = VMUL(VLOAD(p + j), iv);
+        VSTORE(p + j, x);
+        VSTORE(pd + j, VMUL(x, VLOAD(mk + j)));
+    }
+    for (; j < s; j++) { p[j] *= inv; pd[j] = p[j] * mk[j]; }
 }
 
 /* Dims: B, H, T, S, D. Strides (elements) of q, k, v, out/go-like tensors: [b, h, t], d contiguous. */
@@ -222,13 +233,9 @@ AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, cons
                  int64_t base, int32_t drop) {
     const int64_t d = ND * VW;
     scores(R, P, q, qs.t, kt, k, ks.t, s, d);
-    for (int r = 0; r < R; r++) {
-        float *p = P + r * s;
-        for (int64_t j = 0; j < s; j++) p[j] *= scale;
-        softmax_row(p, bias ? bias + r * bs.t : NULL, s);
-        mask_row(mk, seed, base + r * s, s, drop);
-        for (int64_t j = 0; j < s; j++) pd[r * s + j] = p[j] * mk[j];
-    }
+    mask_row(mk, seed, base, R * s, drop);  /* the R rows' mask elements are consecutive */
+    for (int r = 0; r < R; r++)
+        softmax_row(P + r * s, pd + r * s, mk + r * s, bias ? bias + r * bs.t : NULL, scale, s);
     combine(R, ND, o, os.t, pd, v, vs.t, s, inv_kq);
 }
 
@@ -271,7 +278,7 @@ void attn_fwd(const shape *a, float *out, float *probs, const float *q, const fl
     {
         float *kt = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         float *pd = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
-        float *mk = aligned_alloc(64, ((a->S + 15) / 16) * 64);
+        float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
         float *kc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         float *vc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         #pragma omp for schedule(static)
@@ -295,21 +302,23 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
     const int64_t d = ND * VW;
     for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
     scores(R, ds, g, d, vt, v, vs.t, s, d);  /* (go * inv_kq) v^T */
+    mask_row(mk, seed, base, R * s, drop);
     for (int r = 0; r < R; r++) {
-        const float *p = P + r * s;
+        const float *p = P + r * s, *mr = mk + r * s;
         float *dr = ds + r * s, *pr = pd + r * s;
-        mask_row(mk, seed, base + r * s, s, drop);
         vec cv = VZERO;
         int64_t j = 0;
         for (; j + VW <= s; j += VW) {  /* vectors by hand: the compiler keeps a float sum in order */
-            vec m = VLOAD(mk + j), pv = VLOAD(p + j), dv = VMUL(VLOAD(dr + j), m);
+            vec m = VLOAD(mr + j), pv = VLOAD(p + j), dv = VMUL(VLOAD(dr + j), m);
             VSTORE(dr + j, dv);
             VSTORE(pr + j, VMUL(pv, m));
             cv = VFMA(dv, pv, cv);
         }
         float c = vsum(cv);
-        for (; j < s; j++) { dr[j] *= mk[j]; pr[j] = p[j] * mk[j]; c += dr[j] * p[j]; }
-        for (j = 0; j < s; j++) dr[j] = p[j] * (dr[j] - c);
+        for (; j < s; j++) { dr[j] *= mr[j]; pr[j] = p[j] * mr[j]; c += dr[j] * p[j]; }
+        vec cc = VSET1(c);
+        for (j = 0; j + VW <= s; j += VW) { vec pv = VLOAD(p + j); VSTORE(dr + j, VMUL(pv, VSUB(VLOAD(dr + j), cc))); }
+        for (; j < s; j++) dr[j] = p[j] * (dr[j] - c);
     }
     combine(R, ND, gq, gqs.t, ds, k, ks.t, s, scale);
     rank_update(R, ND, gka, ds, q, qs.t, s);
@@ -355,7 +364,7 @@ void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *prob
         float *vt = aligned_alloc(64, sd), *gka = aligned_alloc(64, sd), *gva = aligned_alloc(64, sd);
         float *kc = aligned_alloc(64, sd), *vc = aligned_alloc(64, sd);
         float *ds = aligned_alloc(64, rs), *pd = aligned_alloc(64, rs);
-        float *mk = aligned_alloc(64, ((a->S + 15) / 16) * 64);
+        float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
         float *g = aligned_alloc(64, ((RB * a->D + 15) / 16) * 64);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++) {
