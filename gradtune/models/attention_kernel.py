@@ -8,16 +8,14 @@ from __future__ import annotations
 import ctypes
 
 from gradtune.runtime.c_build import Library
+from gradtune.runtime.c_vectors import HEADER
 
-SOURCE = r"""
-#include <stdint.h>
+SOURCE = (
+    HEADER
+    + r"""
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 #include <omp.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 static inline uint32_t level(uint64_t seed, int64_t i) {  /* mask_kernel.py's stream */
     uint64_t z = seed + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
@@ -27,81 +25,15 @@ static inline uint32_t level(uint64_t seed, int64_t i) {  /* mask_kernel.py's st
     return (uint32_t)(z >> 49);
 }
 
-#if defined(__AVX512F__)
-typedef __m512 vec;
-#define VW 16
-#define CB 4      /* score columns a pass: CB vectors */
-#define RB 6      /* query rows a pass (6 x 4 accumulators of 32 registers) */
-#define VZERO _mm512_setzero_ps()
-#define VLOAD _mm512_loadu_ps
-#define VSTORE _mm512_storeu_ps
-#define VSET1 _mm512_set1_ps
-#define VFMA _mm512_fmadd_ps
-#define VMUL _mm512_mul_ps
-#define VADD _mm512_add_ps
-#define VSUB _mm512_sub_ps
-#define VMAX _mm512_max_ps
-#define VMIN _mm512_min_ps
-#define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define VPOW2(n) \
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
-#define VZERO_BELOW(y, x, t) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, VSET1(t), _CMP_GE_OQ), y)
-static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-static inline float vhmax(vec v) { return _mm512_reduce_max_ps(v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-typedef __m256 vec;
-#define VW 8
-#define CB 2
-#define RB 4
-#define VZERO _mm256_setzero_ps()
-#define VLOAD _mm256_loadu_ps
-#define VSTORE _mm256_storeu_ps
-#define VSET1 _mm256_set1_ps
-#define VFMA _mm256_fmadd_ps
-#define VMUL _mm256_mul_ps
-#define VADD _mm256_add_ps
-#define VSUB _mm256_sub_ps
-#define VMAX _mm256_max_ps
-#define VMIN _mm256_min_ps
-#define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define VPOW2(n) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
-#define VZERO_BELOW(y, x, t) _mm256_and_ps(y, _mm256_cmp_ps(x, VSET1(t), _CMP_GE_OQ))
-static inline float vsum(vec v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-static inline float vhmax(vec v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-#define EXP_LO -87.33654f   /* below: exp underflows; written as 0 */
-#define EXP_HI 88.3762626647949f
-
 #ifdef VW
 int attn_width(void) { return VW; }
-
-/* Cephes expf: n = round(x log2 e), r = x - n ln 2 in two parts, exp r by a degree-7 polynomial. */
-static inline vec vexp(vec x) {
-    vec xc = VMIN(VMAX(x, VSET1(EXP_LO)), VSET1(EXP_HI));
-    vec n = VROUND(VMUL(xc, VSET1(1.44269504088896341f)));
-    vec r = VFMA(n, VSET1(-0.693359375f), xc);
-    r = VFMA(n, VSET1(2.12194440e-4f), r);
-    vec p = VSET1(1.9875691500e-4f);
-    p = VFMA(p, r, VSET1(1.3981999507e-3f));
-    p = VFMA(p, r, VSET1(8.3334519073e-3f));
-    p = VFMA(p, r, VSET1(4.1665795894e-2f));
-    p = VFMA(p, r, VSET1(1.6666665459e-1f));
-    p = VFMA(p, r, VSET1(5.0000001201e-1f));
-    p = VFMA(p, VMUL(r, r), VADD(r, VSET1(1.0f)));
-    return VZERO_BELOW(VMUL(p, VPOW2(n)), x, EXP_LO);
-}
+#if VW == 16
+#define CB 4      /* score columns a pass: CB vectors */
+#define RB 6      /* query rows a pass (6 x 4 accumulators of 32 registers) */
+#else
+#define CB 2
+#define RB 4
+#endif
 
 /* One row: p (s scores) -> softmax(scale * p + bias) in place, and pd = p * mk (the dropped row):
    three passes (scale, bias and max; exp and sum; normalise and mask). */
@@ -382,6 +314,7 @@ void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *prob
 int attn_width(void) { return 0; }
 #endif
 """
+)
 
 
 class Strides(ctypes.Structure):
