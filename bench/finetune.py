@@ -156,8 +156,18 @@ def ours(method: str, folder: Path, steps: int, max_length: int, precision: str)
         "mean_s": step_time(times, mean=True),
         "accuracy": r.metrics["val_accuracy"],
         "peak_mb": peak_mb(),
-        "policy": f"{precision}, {allocator.describe()}",
+        "policy": f"{precision}, {allocator.describe()}, {kernels()}",
     }
+
+
+def kernels() -> str:
+    """Which CPU kernels our side ran (models/onednn_linear.py, models/fused_attention.py)."""
+    from gradtune.models import fused_attention, onednn_linear
+
+    linears = "oneDNN" if onednn_linear.preferred() else "MKL"
+    lib = fused_attention.load()
+    attention = "fused C" if lib is not None and lib.attn_width() > 0 else "torch ops"
+    return f"fp32 linears {linears}, fp32 dropout attention {attention}"
 
 
 def hf(method: str, folder: Path, steps: int, max_length: int, precision: str, grouped: bool = False) -> dict:

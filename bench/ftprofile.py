@@ -8,6 +8,11 @@ seconds per step of each, then torch.profiler's op table (self CPU time) for a f
 
     python bench/ftprofile.py --method lora --steps 8 [--ours-only] [--table 25]
     python bench/ftprofile.py --table 0 --ours precision=fp32 precision=bf16   # A/B/C medians only
+    python bench/ftprofile.py --kernels --steps 10   # our step with its CPU kernels on and off, alternated
+
+``--kernels`` times our float32 step four ways in one process, alternated step by step: as it
+runs (fused C attention, oneDNN linears where the CPU is AMD), without the fused attention (torch
+ops, the same mask), without oneDNN (MKL), and without both; each median against the last.
 """
 
 from __future__ import annotations
@@ -101,6 +106,34 @@ def hf(method: str):
     return step
 
 
+def kernels(step, batch: dict, steps: int) -> None:
+    """Medians of our step with each CPU kernel switched off in turn (module docstring)."""
+    from gradtune.models import fused_attention, onednn_linear
+
+    fused, onednn = fused_attention.supports, onednn_linear.preferred
+    print(f"fused attention built: {fused_attention.load() is not None}; oneDNN linears on this CPU: {onednn()}")
+
+    def off(*_: object) -> bool:
+        return False
+
+    modes = {"as it runs": (fused, onednn), "no fused attention": (off, onednn), "no oneDNN": (fused, off)}
+    modes["neither"] = (off, off)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for i in range(steps + 1):
+            for m, (f, o) in modes.items():
+                fused_attention.supports, onednn_linear.preferred = f, o
+                t = time.perf_counter()
+                step(batch)
+                if i:  # the first round warms every path
+                    times[m].append(time.perf_counter() - t)
+    finally:
+        fused_attention.supports, onednn_linear.preferred = fused, onednn
+    base = statistics.median(times["neither"])
+    for m, ts in times.items():
+        print(f"{m:<20} median {statistics.median(ts):.3f} s/step  {statistics.median(ts) / base:.3f}x neither")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", default="lora")
@@ -115,6 +148,7 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--shapes", action="store_true", help="op tables grouped by input shapes")
+    ap.add_argument("--kernels", action="store_true", help="our step with the fused attention / oneDNN on and off")
     a = ap.parse_args()
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
@@ -135,6 +169,8 @@ def main() -> None:
         "attention_mask": torch.ones(a.batch, 128, dtype=torch.long),
         "labels": torch.randint(0, 6, (a.batch,), generator=g),
     }
+    if a.kernels:
+        return kernels(ours(a.method, folder / "train.tsv", ["precision=fp32"]), batch, a.steps)
     sides = {f"ours {v}".strip(): ours(a.method, folder / "train.tsv", v.split()) for v in a.ours}
     if not a.ours_only:
         sides["hf"] = hf(a.method)
