@@ -53,43 +53,53 @@ def preferred() -> bool:
 
 def _takes(rows: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        rows.dtype == weight.dtype == torch.float32
+        rows.dtype is torch.float32
+        and weight.dtype is torch.float32
         and rows.device.type == "cpu"
         and rows.shape[0] >= MIN_ROWS
+        and preferred()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and preferred()
     )
+
+
+def _onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _onednn_times(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
 
 
 def rows_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """rows (N, in) W^T + b -> (N, out), no autograd (callers write their backward)."""
     if _takes(rows, weight):
-        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        return _onednn_linear(rows, weight, bias)
     return torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
 
 
 def rows_times(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad (N, out) W -> (N, in): a linear layer's input gradient, no autograd."""
     if _takes(grad, weight):
-        return torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        return _onednn_times(grad, weight)
     return grad.mm(weight)
 
 
 class _Linear(torch.autograd.Function):
-    """y = rows W^T + b on rows (N, in); backward as the module docstring says."""
+    """y = rows W^T + b on rows (N, in) through oneDNN (the caller checked ``_takes``); backward as
+    the module docstring says."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias):
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return rows_linear(rows, weight, bias)
+        return _onednn_linear(rows, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):  # gy (N, out)
         rows, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gx = rows_times(gy, weight) if need[0] else None
+        gx = _onednn_times(gy, weight) if need[0] else None
         gw = gy.t().mm(rows) if need[1] else None
         gb = gy.sum(0) if ctx.has_bias and need[2] else None
         return gx, gw, gb
