@@ -93,6 +93,7 @@ class FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # C / oneDNN calls: no graph of their own
     def backward(ctx, go):
         q, k, v, probs = ctx.saved_tensors
         go = _last_dense(go)

@@ -96,6 +96,7 @@ class _Linear(torch.autograd.Function):
         return _onednn_linear(rows, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # C / oneDNN calls: no graph of their own
     def backward(ctx, gy):  # gy (N, out)
         rows, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
