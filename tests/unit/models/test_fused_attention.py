@@ -111,3 +111,13 @@ def test_dropout_attention_takes_the_kernel_and_is_seeded():
         outs.append(dropout.attention(q, k, v, None, True, 0.2))
     assert outs[0].grad_fn.name() == "FusedAttentionBackward"
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_second_derivative_raises():
+    """The C backward builds no graph: asking for a second derivative is an error, not a wrong zero."""
+    q, k, v, go = _operands(1, 2, 8, 8, attention_kernel.load().attn_width())
+    drop, kq = dropout._drop(0.2)
+    out = fused_attention.FusedAttention.apply(q, k, v, None, 1, drop, 0.25, 1.0 / kq)
+    (gq,) = torch.autograd.grad(out, q, go, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gq.sum(), k)
