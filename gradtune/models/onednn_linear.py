@@ -12,7 +12,7 @@ autocast, this module computes
     dW = dy^T x,  db = sum(dy)       as before (MKL; oneDNN was slower with transposed operands)
 
 Same values up to float32 rounding (the sums run in another order). Elsewhere -- Intel CPUs (MKL
-is Intel's own), no oneDNN, fewer than MIN_ROWS rows (a decoding step: MKL's GEMV is as fast),
+is Intel's own), no oneDNN, a single row (a decoding step at batch 1: MKL's GEMV),
 float64, autocast (bf16 goes to oneDNN already), torch.compile traces -- the plain torch ops run.
 The choice is fixed per machine (the CPU vendor), never timed, so two runs of one configuration
 on one machine compute the same arithmetic and a resumed run stays exact.
@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 16  # below: MKL (a 1-row product of a 384 x 384 layer took 1.6x as long through oneDNN)
+# From 2 rows on, oneDNN gives each row the same result whatever the number of rows (a 1-row product
+# takes its GEMV path, other sums; MKL's differ up to 3 rows), so an evaluation's chunk size does not
+# change a row's value; 1 row: MKL, as before (and faster there).
+MIN_ROWS = 2
 
 
 @functools.lru_cache(maxsize=1)

@@ -96,3 +96,17 @@ def test_rule_is_the_cpu_vendor():
             assert first == ("AuthenticAMD" in vendor)
     finally:
         onednn_linear.preferred.cache_clear()
+
+
+@pytest.mark.skipif(not onednn_linear.preferred(), reason="this CPU keeps MKL")
+def test_a_row_does_not_depend_on_its_batch():
+    """Where oneDNN runs, a row's output is the same bits in a batch of 2 rows or of 300 (an
+    evaluation's chunk size, a preference pair's partner): the single row takes MKL either way."""
+    torch.manual_seed(1)
+    layer = nn.Linear(96, 200)
+    onednn_linear.swap_linears(nn.Sequential(layer))
+    x = torch.randn(300, 96)
+    with torch.no_grad():
+        full = layer(x)
+        for n in (2, 3, 7, 15, 16, 17, 64, 299):
+            assert torch.equal(layer(x[:n]), full[:n]), n
