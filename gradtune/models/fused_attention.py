@@ -37,9 +37,12 @@ from gradtune.models.attention_kernel import Shape, Strides, load
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel takes these (B, H, T, D) / (B, H, S, D) operands: float32 on the CPU, the head
-    size D a multiple of the vector width up to 8 vectors, the kernel built, no torch.compile trace."""
+    """The kernel takes these (B, H, T, D) / (B, H, S, D) operands: float32 on the CPU, none empty,
+    as many k/v heads as q heads, the head size D 1, 2, 4 or 8 vectors, the kernel built, no
+    torch.compile trace."""
     if not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 for x in (q, k, v)):
+        return False
+    if q.numel() == 0 or k.numel() == 0:
         return False
     if torch.compiler.is_compiling():
         return False

@@ -121,3 +121,10 @@ def test_second_derivative_raises():
     (gq,) = torch.autograd.grad(out, q, go, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(gq.sum(), k)
+
+
+def test_empty_operands_take_the_composite_path():
+    w = attention_kernel.load().attn_width()
+    q, kv = torch.randn(0, 2, 5, w), torch.randn(0, 2, 5, w)
+    assert not fused_attention.supports(q, kv, kv)
+    assert dropout.attention(q, kv, kv, None, False, 0.3).shape == (0, 2, 5, w)
