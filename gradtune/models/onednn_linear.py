@@ -2,10 +2,9 @@
 
 Why: torch computes a float32 ``F.linear`` on the CPU with MKL's sgemm. On AMD CPUs oneDNN's
 GEMM (the one torch itself uses for bf16, reached through ``torch.ops.mkldnn._linear_pointwise``)
-is faster at the shapes of fine-tuning: a MiniLM layer at 2048 rows, forward and input gradient,
-runs at ~200 GFLOP/s through oneDNN against 100-190 through MKL on a 2-core EPYC
-(``bench/finetune.py`` prints the step it makes). So on an AMD CPU, for float32 rows outside
-autocast, this module computes
+is faster at the shapes of fine-tuning, forward and input gradient (the README gives the figures;
+``bench/ftprofile.py --kernels`` measures the step with and without it). So on an AMD CPU, for
+float32 rows outside autocast, this module computes
 
     y  = x W^T + b          oneDNN (inner product, fp32 arithmetic)
     dx = dy W               oneDNN (the transposed weight as a view)
