@@ -127,3 +127,13 @@ def swap_linears(model: nn.Module) -> int:
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n
+
+
+def unswap_linears(model: nn.Module) -> int:
+    """Undo ``swap_linears``: every ``nn.Linear`` gets torch's own forward back (a peer model in a
+    benchmark must not run ours); returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and vars(m).pop("forward", None) is not None:  # noqa: E721
+            n += 1
+    return n

@@ -110,3 +110,10 @@ def test_a_row_does_not_depend_on_its_batch():
         full = layer(x)
         for n in (2, 3, 7, 15, 16, 17, 64, 299):
             assert torch.equal(layer(x[:n]), full[:n]), n
+
+
+def test_unswap_gives_torch_its_forward_back(prefer):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    assert onednn_linear.swap_linears(model) == 2
+    assert onednn_linear.unswap_linears(model) == 2
+    assert all("forward" not in vars(m) for m in model) and onednn_linear.unswap_linears(model) == 0
