@@ -11,7 +11,8 @@ float32 rows outside autocast, this module computes
     dW = dy^T x,  db = sum(dy)       as before (MKL; oneDNN was slower with transposed operands)
 
 Same values up to float32 rounding (the sums run in another order). Elsewhere -- Intel CPUs (MKL
-is Intel's own), no oneDNN, a single row (a decoding step at batch 1: MKL's GEMV),
+is Intel's own), no oneDNN, a single row (a decoding step at batch 1: MKL's GEMV), layers under
+MIN_WEIGHTS weights,
 float64, autocast (bf16 goes to oneDNN already), torch.compile traces -- the plain torch ops run.
 The choice is fixed per machine (the CPU vendor), never timed, so two runs of one configuration
 on one machine compute the same arithmetic and a resumed run stays exact.
@@ -36,6 +37,10 @@ from torch import nn
 # takes its GEMV path, other sums; MKL's differ up to 3 rows), so an evaluation's chunk size does not
 # change a row's value; 1 row: MKL, as before (and faster there).
 MIN_ROWS = 2
+# Below this many weights a layer keeps MKL: a oneDNN call costs ~50 us however small the product and
+# ~0.7 ms the first time a shape is seen, which a 32 x 32 layer never earns back. Decided per layer,
+# never per batch, so a row's value still does not depend on its batch.
+MIN_WEIGHTS = 1 << 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,6 +64,7 @@ def _takes(rows: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype is torch.float32
         and rows.device.type == "cpu"
         and rows.shape[0] >= MIN_ROWS
+        and weight.numel() >= MIN_WEIGHTS
         and preferred()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
@@ -123,7 +129,7 @@ def swap_linears(model: nn.Module) -> int:
         return 0
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear:  # noqa: E721 (subclasses, e.g. quantised layers, keep their forward)
+        if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHTS:  # noqa: E721 (subclasses keep theirs)
             m.forward = types.MethodType(_forward, m)
             n += 1
     return n

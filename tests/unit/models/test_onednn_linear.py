@@ -50,13 +50,14 @@ def test_linear_and_gradients_equal_float64(prefer, rows, fin, fout, bias):
 @needs_onednn
 def test_swap_keeps_class_state_and_copies(prefer):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 3))
+    model = nn.Sequential(nn.Linear(256, 300), nn.ReLU(), nn.Linear(300, 256), nn.Linear(256, 3))
     ref = copy.deepcopy(model)
     keys = list(model.state_dict())
     assert onednn_linear.swap_linears(model) == 2
     assert all(type(m) is nn.Linear for m in (model[0], model[2]))  # noqa: E721
+    assert "forward" not in vars(model[3])  # 768 weights: MKL
     assert list(model.state_dict()) == keys
-    x = torch.randn(4, 32, 12)  # 128 rows: through oneDNN
+    x = torch.randn(4, 32, 256)  # 128 rows: through oneDNN (the last, small layer: MKL)
     out = model(x)
     assert out.grad_fn is not None and torch.allclose(out, ref(x), atol=1e-5, rtol=1e-5)
     out.sum().backward()
@@ -65,17 +66,18 @@ def test_swap_keeps_class_state_and_copies(prefer):
         assert torch.allclose(p.grad, r.grad, atol=1e-4, rtol=1e-5)
     twin = copy.deepcopy(model)  # its forward is bound to the copy, not to the original
     with torch.no_grad():
-        twin[2].bias.add_(1.0)
+        twin[3].bias.add_(1.0)
     assert torch.allclose(twin(x), model(x) + 1.0, atol=1e-5)
 
 
 def test_plain_path_where_mkl_is_the_rule(monkeypatch):
     monkeypatch.setattr(onednn_linear, "preferred", lambda: False)
-    layer = nn.Linear(8, 4)
+    layer = nn.Linear(256, 256)
     assert onednn_linear.swap_linears(nn.Sequential(layer)) == 0 and "forward" not in vars(layer)
     monkeypatch.setattr(onednn_linear, "preferred", lambda: True)
+    assert onednn_linear.swap_linears(nn.Sequential(nn.Linear(8, 4))) == 0  # too small to pay for a call
     onednn_linear.swap_linears(nn.Sequential(layer))
-    x = torch.randn(onednn_linear.MIN_ROWS - 1, 8)  # too few rows: F.linear itself
+    x = torch.randn(onednn_linear.MIN_ROWS - 1, 256)  # too few rows: F.linear itself
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     x64 = x.double()  # float64: F.linear itself
     assert torch.equal(layer.double()(x64), F.linear(x64, layer.weight, layer.bias))
@@ -103,9 +105,9 @@ def test_a_row_does_not_depend_on_its_batch():
     """Where oneDNN runs, a row's output is the same bits in a batch of 2 rows or of 300 (an
     evaluation's chunk size, a preference pair's partner): the single row takes MKL either way."""
     torch.manual_seed(1)
-    layer = nn.Linear(96, 200)
+    layer = nn.Linear(256, 300)
     onednn_linear.swap_linears(nn.Sequential(layer))
-    x = torch.randn(300, 96)
+    x = torch.randn(300, 256)
     with torch.no_grad():
         full = layer(x)
         for n in (2, 3, 7, 15, 16, 17, 64, 299):
@@ -113,7 +115,7 @@ def test_a_row_does_not_depend_on_its_batch():
 
 
 def test_unswap_gives_torch_its_forward_back(prefer):
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
     assert onednn_linear.swap_linears(model) == 2
     assert onednn_linear.unswap_linears(model) == 2
     assert all("forward" not in vars(m) for m in model) and onednn_linear.unswap_linears(model) == 0
