@@ -7,23 +7,18 @@ from __future__ import annotations
 
 import ctypes
 
+from gradtune.models.mask_kernel import LEVEL
 from gradtune.runtime.c_build import Library
 from gradtune.runtime.c_vectors import HEADER
 
 SOURCE = (
     HEADER
+    + LEVEL
     + r"""
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
-static inline uint32_t level(uint64_t seed, int64_t i) {  /* mask_kernel.py's stream */
-    uint64_t z = seed + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 49);
-}
 
 #ifdef VW
 int attn_width(void) { return VW; }

@@ -24,10 +24,10 @@ import torch
 
 from gradtune.runtime.c_build import Library
 
-SOURCE = r"""
+# Element i's 15-bit level from the seed: the mask stream, shared as C text with models/attention_kernel.py
+# (whose fused attention must draw the same mask as this kernel's).
+LEVEL = r"""
 #include <stdint.h>
-#include <omp.h>
-
 static inline uint32_t level(uint64_t seed, int64_t i) {
     uint64_t z = seed + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;  /* splitmix64 */
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -35,6 +35,12 @@ static inline uint32_t level(uint64_t seed, int64_t i) {
     z ^= z >> 31;
     return (uint32_t)(z >> 49);  /* top 15 bits */
 }
+"""
+
+SOURCE = (
+    LEVEL
+    + r"""
+#include <omp.h>
 
 #define MASK(name, T)                                                                         \
 void name(T *out, int64_t n, uint64_t seed, int32_t drop, T on, int nthreads) {              \
@@ -57,6 +63,7 @@ void name(T *out, const T *x, int64_t n, uint64_t seed, int32_t drop, T on, int 
 TIMES(times_f32, float)
 TIMES(times_f64, double)
 """
+)
 
 _FUNCS = {torch.float32: "mask_f32", torch.float64: "mask_f64", torch.uint8: "mask_u8"}
 _TIMES = {torch.float32: "times_f32", torch.float64: "times_f64"}
