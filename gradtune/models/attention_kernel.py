@@ -70,16 +70,17 @@ typedef struct { int64_t b, h, t; } strides;
 
 #define AI static inline __attribute__((always_inline))
 
-/* sc[r][j] = sum_d q[r][d] kt[d][j] for R rows (stride qst), all s columns; kt is D x s. */
-AI void scores(const int R, float *sc, const float *q, int64_t qst, const float *kt, const float *k, int64_t kst,
-               int64_t s, int64_t d) {
+/* sc[r][j] = sum_d q[r][d] kt[d][j] for R rows (stride qst), the first s columns (sc rows s apart);
+   kt is D x (its row stride kts >= s). */
+AI void scores(const int R, float *sc, const float *q, int64_t qst, const float *kt, int64_t kts, const float *k,
+               int64_t kst, int64_t s, int64_t d) {
     int64_t j = 0;
     for (; j + CB * VW <= s; j += CB * VW) {
         vec acc[RB][CB];
         for (int r = 0; r < R; r++) for (int c = 0; c < CB; c++) acc[r][c] = VZERO;
         for (int64_t e = 0; e < d; e++) {
             vec kv[CB];
-            for (int c = 0; c < CB; c++) kv[c] = VLOAD(kt + e * s + j + c * VW);
+            for (int c = 0; c < CB; c++) kv[c] = VLOAD(kt + e * kts + j + c * VW);
             for (int r = 0; r < R; r++) {
                 vec qb = VSET1(q[r * qst + e]);
                 for (int c = 0; c < CB; c++) acc[r][c] = VFMA(qb, kv[c], acc[r][c]);
@@ -91,7 +92,7 @@ AI void scores(const int R, float *sc, const float *q, int64_t qst, const float 
         vec acc[RB];
         for (int r = 0; r < R; r++) acc[r] = VZERO;
         for (int64_t e = 0; e < d; e++) {
-            vec kv = VLOAD(kt + e * s + j);
+            vec kv = VLOAD(kt + e * kts + j);
             for (int r = 0; r < R; r++) acc[r] = VFMA(VSET1(q[r * qst + e]), kv, acc[r]);
         }
         for (int r = 0; r < R; r++) VSTORE(sc + r * s + j, acc[r]);
@@ -150,19 +151,28 @@ static void transpose(float *dst, const float *src, int64_t rows, int64_t d) {
 }
 
 static void mask_row(float *m, uint64_t seed, int64_t base, int64_t s, int32_t drop) {
+    if (drop <= 0) {  /* p = 0 (levels are >= 0): every element kept, no hashing */
+        for (int64_t j = 0; j < s; j++) m[j] = 1.0f;
+        return;
+    }
     for (int64_t j = 0; j < s; j++) m[j] = (int32_t)level(seed, base + j) >= drop ? 1.0f : 0.0f;
 }
 
-/* Forward of R query rows starting at row i of head (b, h). */
+/* Forward of R query rows of one head: their scores over the first s keys (P rows s apart); row r
+   attends to its first lim + r keys (causal; lim >= s: all s), the rest of its row is 0. Row r's
+   mask elements start at base + r * SS (SS: all the keys), the composite path's index. */
 AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, const float *q, strides qs,
-                 const float *kt, const float *k, strides ks, const float *v, strides vs, const float *bias,
-                 strides bs, float *o, strides os, int64_t s, float scale, float inv_kq, uint64_t seed,
-                 int64_t base, int32_t drop) {
+                 const float *kt, int64_t kts, const float *k, strides ks, const float *v, strides vs,
+                 const float *bias, strides bs, float *o, strides os, int64_t s, int64_t lim, float scale,
+                 float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
     const int64_t d = ND * VW;
-    scores(R, P, q, qs.t, kt, k, ks.t, s, d);
-    mask_row(mk, seed, base, R * s, drop);  /* the R rows' mask elements are consecutive */
-    for (int r = 0; r < R; r++)
-        softmax_row(P + r * s, pd + r * s, mk + r * s, bias ? bias + r * bs.t : NULL, scale, s);
+    scores(R, P, q, qs.t, kt, kts, k, ks.t, s, d);
+    for (int r = 0; r < R; r++) {
+        int64_t n = lim + r < s ? lim + r : s;
+        mask_row(mk + r * s, seed, base + r * SS, n, drop);
+        softmax_row(P + r * s, pd + r * s, mk + r * s, bias ? bias + r * bs.t : NULL, scale, n);
+        for (int64_t j = n; j < s; j++) P[r * s + j] = pd[r * s + j] = 0.0f;
+    }
     combine(R, ND, o, os.t, pd, v, vs.t, s, inv_kq);
 }
 
@@ -173,13 +183,24 @@ typedef struct {
     float scale, inv_kq;
     uint64_t seed;
     int32_t drop;
+    int32_t causal;            /* query i sees keys 0 .. i + S - T (T <= S) */
+    int64_t G;                 /* query heads per k/v head: k, v, gk, gv have H / G heads */
 } shape;
+
+/* Keys a block of rows starting at row i computes (P rows that far apart) and the valid keys of
+   its first row: all S, or causal up to the block's last row. */
+static int64_t block_keys(const shape *a, int64_t i, int R) {
+    int64_t n = i + R + a->S - a->T;
+    return a->causal && n < a->S ? n : a->S;
+}
+
+static int64_t first_valid(const shape *a, int64_t i) { return a->causal ? i + 1 + a->S - a->T : a->S; }
 
 AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const float *q, const float *k,
                  const float *v, const float *bias, int64_t bh, float *kt, float *kc, float *vc, float *pd, float *mk) {
-    int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D;
-    const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + h * a->k.h;
-    const float *vh = v + b * a->v.b + h * a->v.h;
+    int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D, kh_ = h / a->G;
+    const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + kh_ * a->k.h;
+    const float *vh = v + b * a->v.b + kh_ * a->v.h;
     const float *bh_ = bias ? bias + b * a->bias.b + h * a->bias.h : NULL;
     float *oh = out + b * a->o.b + h * a->o.h, *ph = probs + bh * T * S;
     dense(kc, kh, S, a->k.t, D);
@@ -188,14 +209,21 @@ AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const f
     strides ds = {0, 0, D};
     int64_t i = 0;
     for (; i + RB <= T; i += RB)
-        fwd_rows(RB, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, kc, ds, vc, ds,
-                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, S, a->scale, a->inv_kq,
-                 a->seed, (bh * T + i) * S, a->drop);
+        fwd_rows(RB, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, RB),
+                 first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
     for (; i < T; i++)
-        fwd_rows(1, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, kc, ds, vc, ds,
-                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, S, a->scale, a->inv_kq,
-                 a->seed, (bh * T + i) * S, a->drop);
+        fwd_rows(1, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+                 bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, 1),
+                 first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
 }
+
+/* The head-size switch: ND (vectors a head) is a compile-time constant in each case. */
+#define BY_ND(nd, call) \
+    switch (nd) { \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; case 4: call(4); break; \
+    case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; case 8: call(8); break; \
+    }
 
 void attn_fwd(const shape *a, float *out, float *probs, const float *q, const float *k, const float *v,
               const float *bias, int nthreads) {
@@ -210,26 +238,25 @@ void attn_fwd(const shape *a, float *out, float *probs, const float *q, const fl
         float *vc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++) {
-            switch (nd) {
-            case 1: fwd_head(1, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
-            case 2: fwd_head(2, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
-            case 4: fwd_head(4, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
-            case 8: fwd_head(8, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk); break;
-            }
+#define FWD(N) fwd_head(N, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk)
+            BY_ND(nd, FWD)
+#undef FWD
         }
         free(kt); free(kc); free(vc); free(pd); free(mk);
     }
 }
 
-/* Backward of R query rows starting at row i: dq rows out; dk, dv accumulated in gka, gva (S x D). */
+/* Backward of R query rows: dq rows out; dk, dv accumulated in gka, gva (S x D) over the first s
+   keys, as forward computed them (P rows s apart, 0 past each row's valid keys: their dS and
+   dropped P are 0 too). vt is D x SS; row r's mask starts at base + r * SS. */
 AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd, float *mk, float *g,
                  const float *go, strides gos, const float *q, strides qs, const float *k, strides ks,
                  const float *v, strides vs, const float *vt, float *gq, strides gqs, float *gka, float *gva,
-                 int64_t s, float scale, float inv_kq, uint64_t seed, int64_t base, int32_t drop) {
+                 int64_t s, float scale, float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
     const int64_t d = ND * VW;
     for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
-    scores(R, ds, g, d, vt, v, vs.t, s, d);  /* (go * inv_kq) v^T */
-    mask_row(mk, seed, base, R * s, drop);
+    scores(R, ds, g, d, vt, SS, v, vs.t, s, d);  /* (go * inv_kq) v^T */
+    for (int r = 0; r < R; r++) mask_row(mk + r * s, seed, base + r * SS, s, drop);
     for (int r = 0; r < R; r++) {
         const float *p = P + r * s, *mr = mk + r * s;
         float *dr = ds + r * s, *pr = pd + r * s;
@@ -252,28 +279,35 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
     rank_update(R, ND, gva, pd, g, d, s);
 }
 
+/* One task: k/v head kh of batch b (bk = b * H / G + kh) and its G query heads, whose dk, dv sum in
+   the task's gka, gva: no two tasks write the same rows. */
 AI void bwd_head(const int ND, const shape *a, float *gq, float *gk, float *gv, const float *probs,
-                 const float *go, const float *q, const float *k, const float *v, int64_t bh, float *vt,
+                 const float *go, const float *q, const float *k, const float *v, int64_t bk, float *vt,
                  float *kc, float *vc, float *ds, float *pd, float *mk, float *g, float *gka, float *gva) {
-    int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D;
-    const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + h * a->k.h;
-    const float *vh = v + b * a->v.b + h * a->v.h, *goh = go + b * a->o.b + h * a->o.h;
-    const float *ph = probs + bh * T * S;
-    float *gqh = gq + b * a->gq.b + h * a->gq.h;
+    int64_t hk = a->H / a->G, b = bk / hk, h_ = bk % hk, T = a->T, S = a->S, D = a->D;
+    const float *kh = k + b * a->k.b + h_ * a->k.h, *vh = v + b * a->v.b + h_ * a->v.h;
     dense(kc, kh, S, a->k.t, D);
     dense(vc, vh, S, a->v.t, D);
     transpose(vt, vc, S, D);
     strides dn = {0, 0, D};
     memset(gka, 0, S * D * sizeof(float));
     memset(gva, 0, S * D * sizeof(float));
-    int64_t i = 0;
-    for (; i + RB <= T; i += RB)
-        bwd_rows(RB, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn, vt,
-                 gqh + i * a->gq.t, a->gq, gka, gva, S, a->scale, a->inv_kq, a->seed, (bh * T + i) * S, a->drop);
-    for (; i < T; i++)
-        bwd_rows(1, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn, vt,
-                 gqh + i * a->gq.t, a->gq, gka, gva, S, a->scale, a->inv_kq, a->seed, (bh * T + i) * S, a->drop);
-    float *gkh = gk + b * a->gk.b + h * a->gk.h, *gvh = gv + b * a->gv.b + h * a->gv.h;
+    for (int64_t h = h_ * a->G; h < (h_ + 1) * a->G; h++) {
+        int64_t bh = b * a->H + h;
+        const float *qh = q + b * a->q.b + h * a->q.h, *goh = go + b * a->o.b + h * a->o.h;
+        const float *ph = probs + bh * T * S;
+        float *gqh = gq + b * a->gq.b + h * a->gq.h;
+        int64_t i = 0;
+        for (; i + RB <= T; i += RB)
+            bwd_rows(RB, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+                     vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, RB), a->scale, a->inv_kq, a->seed,
+                     (bh * T + i) * S, S, a->drop);
+        for (; i < T; i++)
+            bwd_rows(1, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+                     vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, 1), a->scale, a->inv_kq, a->seed,
+                     (bh * T + i) * S, S, a->drop);
+    }
+    float *gkh = gk + b * a->gk.b + h_ * a->gk.h, *gvh = gv + b * a->gv.b + h_ * a->gv.h;
     for (int64_t j = 0; j < S; j++)
         for (int64_t e = 0; e < D; e++) {
             gkh[j * a->gk.t + e] = gka[j * D + e] * a->scale;
@@ -283,7 +317,7 @@ AI void bwd_head(const int ND, const shape *a, float *gq, float *gk, float *gv, 
 
 void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *probs, const float *go,
               const float *q, const float *k, const float *v, int nthreads) {
-    int64_t n = a->B * a->H, nd = a->D / VW;
+    int64_t n = a->B * (a->H / a->G), nd = a->D / VW;
     int nt = n < nthreads ? (int)n : nthreads;
     #pragma omp parallel num_threads(nt)
     {
@@ -294,13 +328,10 @@ void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *prob
         float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
         float *g = aligned_alloc(64, ((RB * a->D + 15) / 16) * 64);
         #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < n; bh++) {
-            switch (nd) {
-            case 1: bwd_head(1, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
-            case 2: bwd_head(2, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
-            case 4: bwd_head(4, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
-            case 8: bwd_head(8, a, gq, gk, gv, probs, go, q, k, v, bh, vt, kc, vc, ds, pd, mk, g, gka, gva); break;
-            }
+        for (int64_t bk = 0; bk < n; bk++) {
+#define BWD(N) bwd_head(N, a, gq, gk, gv, probs, go, q, k, v, bk, vt, kc, vc, ds, pd, mk, g, gka, gva)
+            BY_ND(nd, BWD)
+#undef BWD
         }
         free(vt); free(kc); free(vc); free(gka); free(gva); free(ds); free(pd); free(mk); free(g);
     }
@@ -320,7 +351,7 @@ class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("B", "H", "T", "S", "D")]
     _fields_ += [(n, Strides) for n in ("q", "k", "v", "o", "bias", "gq", "gk", "gv")]
     _fields_ += [("scale", ctypes.c_float), ("inv_kq", ctypes.c_float), ("seed", ctypes.c_uint64)]
-    _fields_ += [("drop", ctypes.c_int32)]
+    _fields_ += [("drop", ctypes.c_int32), ("causal", ctypes.c_int32), ("G", ctypes.c_int64)]
 
 
 def _bind(lib: ctypes.CDLL) -> None:

@@ -217,10 +217,15 @@ def attention(
     additive float; ``causal``: queries see keys up to their own position (aligned at the end).
     Returns (B, H, T, D)."""
     t, s = q.shape[2], k.shape[2]
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    if causal and mask is None and t > 1 and q.device.type == "cpu" and fused_attention.takes_causal(q, k, v, p):
+        # Decoders (models/gpt.py): one C pass a head each way over the keys each query sees, any p,
+        # grouped k/v heads read in place (fused_attention.py). p = 0 draws no seed.
+        drop, kq = _drop(p) if p > 0.0 else (0, 1.0)
+        return fused_attention.causal(q, k, v, mask_kernel.draw() if p > 0.0 else 0, drop, scale, 1.0 / kq)
     if causal and mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
     # The scale on q (B, H, T, D), not on the scores (B, H, T, S): S / D times fewer elements, as SDPA's math path.
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
     if (
         0.0 < p < 1.0
         and q.device.type == "cpu"

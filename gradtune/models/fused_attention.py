@@ -21,9 +21,18 @@ The arithmetic is the composite path's (dropout.py ``_DropoutAttention``):
 
 with the same mask for the same seed (element ((b * H + h) * T + i) * S + j of the mask stream), a
 polynomial exp (Cephes' expf) and sums in another order, so results agree with the
-composite path to float32 rounding. Heads whose size is not 1, 2, 4 or 8 vectors (of 16 floats on
-AVX-512, 8 on AVX2), and CPUs with neither, take the composite path
-(``supports``); so does everything where ``load`` gives None (no compiler, a failed build).
+composite path to float32 rounding. Two more cases, for decoders (models/gpt.py, through
+dropout.py ``attention``):
+
+- causal: query i sees keys 0 .. i + S - T. A block of query rows computes scores only up to its
+  last row's last key, so the products, the softmax and backward do about half the work of the
+  full square; probabilities past a row's keys are 0 and stay so in backward;
+- grouped k/v heads (H / G of them, each serving G query heads): read in place, no repeated copies;
+  backward runs one task per k/v head and sums its G query heads' dk, dv there.
+
+p = 0 (drop 0) skips the mask's hashing. Heads whose size is not 1 to 8 vectors (of 16 floats on
+AVX-512, 8 on AVX2), and CPUs with neither, take the composite path (``supports``); so does
+everything where ``load`` gives None (no compiler, a failed build).
 """
 
 from __future__ import annotations
@@ -36,11 +45,11 @@ import torch
 from gradtune.models.attention_kernel import Shape, Strides, load
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel takes these (B, H, T, D) / (B, H, S, D) operands: float32 on the CPU, none empty,
-    as many k/v heads as q heads, the head size D 1, 2, 4 or 8 vectors, the kernel built, no
-    torch.compile trace."""
-    if not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 for x in (q, k, v)):
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple = (torch.float32,)) -> bool:
+    """The kernel takes these (B, H, T, D) / (B, H / G, S, D) operands: float32 (or each one of
+    ``dtypes``) on the CPU, none empty, k/v heads dividing the q heads, the head size D 1 to 8
+    vectors, the kernel built, no torch.compile trace."""
+    if not all(x.dtype in dtypes and x.device.type == "cpu" and x.dim() == 4 for x in (q, k, v)):
         return False
     if q.numel() == 0 or k.numel() == 0:
         return False
@@ -49,7 +58,25 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     lib = load()
     width = lib.attn_width() if lib is not None else 0
     d = q.shape[-1]
-    return width > 0 and d % width == 0 and d // width in (1, 2, 4, 8) and k.shape[1] == q.shape[1]
+    heads, kv = q.shape[1], k.shape[1]
+    same = k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[-1] == d
+    return width > 0 and d % width == 0 and 1 <= d // width <= 8 and same and heads % kv == 0
+
+
+def takes_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> bool:
+    """``causal`` takes these: float32 or bfloat16 operands (mixed, as autocast leaves them: rotated
+    q, k float32, v bfloat16) ``supports`` takes, T <= S, 0 <= p < 1."""
+    return 0.0 <= p < 1.0 and q.shape[2] <= k.shape[2] and supports(q, k, v, (torch.float32, torch.bfloat16))
+
+
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int, drop: int, scale: float, inv_kq: float):
+    """Causal ``FusedAttention`` (no bias) as ``takes_causal`` allows. bfloat16 operands (autocast's
+    projections) are computed in float32, the kernel's arithmetic (on CPUs without AMX also faster
+    than SDPA in bfloat16), and the output is bfloat16 then, as SDPA's under autocast, still in
+    (B, T, H, D) memory."""
+    out = FusedAttention.apply(q.float(), k.float(), v.float(), None, seed, drop, scale, inv_kq, True)
+    low = torch.bfloat16 in (q.dtype, k.dtype, v.dtype)
+    return out.to(torch.bfloat16) if low else out
 
 
 def _strides(x: Optional[torch.Tensor]) -> Strides:
@@ -67,20 +94,24 @@ def _heads_last(b: int, h: int, t: int, d: int) -> torch.Tensor:
 
 
 class FusedAttention(torch.autograd.Function):
-    """(softmax(scale q k^T + bias) * keep) @ v * inv_kq for q (B, H, T, D), k/v (B, H, S, D),
+    """(softmax(scale q k^T + bias) * keep) @ v * inv_kq for q (B, H, T, D), k/v (B, H / G, S, D),
     bias additive, broadcastable to (B, H, T, S), or None; keep the mask_kernel.py mask of
-    (seed, drop) over (B, H, T, S). Returns (B, H, T, D) in (B, T, H, D) memory."""
+    (seed, drop) over (B, H, T, S); ``causal``: query i sees keys 0 .. i + S - T (T <= S).
+    Returns (B, H, T, D) in (B, T, H, D) memory."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float):
+    def forward(ctx, q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float, causal: bool = False):
         q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
         (bsz, heads, t, d), s = q.shape, k.shape[2]
+        if causal and t > s:
+            raise ValueError(f"causal attention needs T <= S, got T={t}, S={s}")
         if bias is not None:
             bias = _last_dense(bias.to(torch.float32).expand(bsz, heads, t, s))
         out = _heads_last(bsz, heads, t, d)
         probs = torch.empty(bsz, heads, t, s, dtype=torch.float32)
         shape = Shape(bsz, heads, t, s, d, _strides(q), _strides(k), _strides(v), _strides(out), _strides(bias))
         shape.scale, shape.inv_kq, shape.seed, shape.drop = scale, inv_kq, seed, drop
+        shape.causal, shape.G = int(causal), heads // k.shape[1]
         load().attn_fwd(
             ctypes.byref(shape),
             out.data_ptr(),
@@ -100,8 +131,8 @@ class FusedAttention(torch.autograd.Function):
     def backward(ctx, go):
         q, k, v, probs = ctx.saved_tensors
         go = _last_dense(go)
-        (bsz, heads, t, d), s = q.shape, k.shape[2]
-        gq, gk, gv = _heads_last(bsz, heads, t, d), _heads_last(bsz, heads, s, d), _heads_last(bsz, heads, s, d)
+        (bsz, heads, t, d), (kv, s) = q.shape, k.shape[1:3]
+        gq, gk, gv = _heads_last(bsz, heads, t, d), _heads_last(bsz, kv, s, d), _heads_last(bsz, kv, s, d)
         shape = ctx.shape
         shape.o, shape.gq, shape.gk, shape.gv = _strides(go), _strides(gq), _strides(gk), _strides(gv)
         load().attn_bwd(
@@ -116,4 +147,4 @@ class FusedAttention(torch.autograd.Function):
             v.data_ptr(),
             torch.get_num_threads(),
         )
-        return gq, gk, gv, None, None, None, None, None
+        return gq, gk, gv, None, None, None, None, None, None

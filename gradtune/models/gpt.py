@@ -16,9 +16,10 @@ Shapes in comments: B batch, T time (tokens), C width (n_embd), nh heads, nkv ke
 hs head size, V vocabulary. The model returns logits only; the loss lives in an objective.
 
 Why it is shaped for speed: q, k and v come from one matmul (one large GEMM instead of three
-small ones), and so do SwiGLU's gate and up; attention is
-``F.scaled_dot_product_attention(is_causal=True)``, so no (T, T) mask is built and torch picks
-its fused attention kernel; GELU-tanh is the single fused ``F.gelu(approximate="tanh")`` kernel
+small ones), and so do SwiGLU's gate and up; causal attention on the CPU is one C pass a head
+each way over the keys each query sees (models/fused_attention.py; float32 arithmetic, also under
+bf16 autocast), elsewhere ``F.scaled_dot_product_attention(is_causal=True)``, so no (T, T) mask
+is built and torch picks its fused attention kernel; GELU-tanh is the single fused ``F.gelu(approximate="tanh")`` kernel
 instead of a chain of elementwise ops.
 """
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gradtune.models import fused_attention
 from gradtune.models.dropout import Dropout
 from gradtune.models.dropout import attention as dropout_attention
 from gradtune.models.gpt_mlp import KINDS as MLP_KINDS
@@ -217,14 +219,20 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         dropout = cfg.dropout if self.training else 0.0
         gqa = cfg.n_kv_head != cfg.n_head  # each k/v head serves n_head // n_kv_head query heads
-        if dropout > 0.0 and x.device.type == "cpu":  # SDPA's CPU dropout: math path + bernoulli_
-            if gqa:
+        causal = past == 0 and T > 1
+        cpu = x.device.type == "cpu"
+        # On the CPU a causal window (training, evaluation, a prompt) takes the C kernel at any dropout
+        # (fused_attention.py: half the square's work, grouped k/v read in place); SDPA's own CPU
+        # dropout would leave its fused kernels for the math path and draw with bernoulli_.
+        fused = cpu and causal and fused_attention.takes_causal(q, k, v, dropout)
+        if fused or (dropout > 0.0 and cpu):
+            if gqa and not fused:
                 k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
                 v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            y = dropout_attention(q, k, v, mask, past == 0 and T > 1, dropout)
+            y = dropout_attention(q, k, v, mask, causal, dropout)
         else:  # grouped heads read their shared k/v in place (enable_gqa): no (B, nh, T, hs) copies
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=past == 0 and T > 1, enable_gqa=gqa
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=gqa
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)

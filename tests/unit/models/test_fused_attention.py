@@ -1,7 +1,9 @@
 """The fused dropout attention (models/fused_attention.py, its C in models/attention_kernel.py)
 against the composite path of models/dropout.py (torch ops, the same seeded mask): outputs and the
 three gradients to float32 rounding, over head sizes, ragged lengths, bias shapes and head-split
-strides; the fallback where the kernel cannot take the operands; thread-count independence."""
+strides; causal attention (decoders) over grouped k/v heads and head sizes of 1 to 8 vectors, at p = 0
+and p > 0, from float32 and bfloat16 operands; the fallback where the kernel cannot take the
+operands; thread-count independence."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from gradtune.models import attention_kernel, dropout, fused_attention
+from gradtune.models.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(
     attention_kernel.load() is None or attention_kernel.load().attn_width() == 0,
@@ -86,15 +89,19 @@ def test_threads_do_not_change_the_result():
 
 
 def test_unsupported_operands_take_the_composite_path():
-    """A head size off the vector width, float64, and grouped heads: ``supports`` says no and
-    ``dropout.attention`` still computes (through torch ops), seeded as before."""
+    """A head size off the vector width or over 8 vectors, float64, k/v heads not dividing the q
+    heads: ``supports`` says no and ``dropout.attention`` still computes (through torch ops), seeded
+    as before."""
     width = attention_kernel.load().attn_width()
     odd = torch.randn(1, 2, 5, width + 4)
     assert not fused_attention.supports(odd, odd, odd)
+    wide = torch.randn(1, 2, 5, width * 9)
+    assert not fused_attention.supports(wide, wide, wide)
     d = torch.randn(1, 2, 5, width, dtype=torch.float64)
     assert not fused_attention.supports(d, d, d)
-    q, kv = torch.randn(1, 4, 5, width), torch.randn(1, 2, 5, width)
+    q, kv = torch.randn(1, 3, 5, width), torch.randn(1, 2, 5, width)
     assert not fused_attention.supports(q, kv, kv)
+    assert fused_attention.supports(q[:, :2].repeat(1, 2, 1, 1), kv, kv)  # 4 heads over 2: grouped
     torch.manual_seed(3)
     a = dropout.attention(odd, odd, odd, None, False, 0.3)
     torch.manual_seed(3)
@@ -128,3 +135,97 @@ def test_empty_operands_take_the_composite_path():
     q, kv = torch.randn(0, 2, 5, w), torch.randn(0, 2, 5, w)
     assert not fused_attention.supports(q, kv, kv)
     assert dropout.attention(q, kv, kv, None, False, 0.3).shape == (0, 2, 5, w)
+
+
+def _causal_reference(q, k, v, p, seed):
+    """The composite path with the k/v heads repeated and the causal mask as an additive bias."""
+    (t, s), g = (q.shape[2], k.shape[2]), q.shape[1] // k.shape[1]
+    bias = torch.zeros(t, s).masked_fill_(
+        ~torch.ones(t, s, dtype=torch.bool).tril(s - t), torch.finfo(torch.float32).min
+    )
+    drop, kq = dropout._drop(p) if p > 0 else (0, 1.0)
+    kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return dropout._DropoutAttention.apply(q, kr, vr, bias, (seed, drop), q.shape[-1] ** -0.5, 1.0 / kq)
+
+
+@pytest.mark.parametrize(
+    "heads,kv,t,s,vectors",
+    [(4, 2, 64, 64, 3), (3, 3, 37, 37, 1), (4, 1, 19, 30, 2), (6, 2, 23, 23, 5), (2, 2, 7, 7, 8), (2, 1, 1, 9, 6)],
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_causal_grouped_equals_the_composite_path(heads, kv, t, s, vectors, p):
+    """Causal attention (query i sees keys 0 .. i + S - T) over k/v heads shared by heads / kv query
+    heads: output and gradients equal the composite path with the heads repeated and a causal bias,
+    the same mask stream at p > 0 (the kernel computes a block's keys up to its last row only)."""
+    w = attention_kernel.load().attn_width()
+    g = torch.Generator().manual_seed(heads * 100 + t)
+    q = torch.randn(2, t, heads, w * vectors, generator=g).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, s, kv, w * vectors, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+    go = torch.randn(2, heads, t, w * vectors, generator=g)
+    drop, kq = dropout._drop(p) if p > 0 else (0, 1.0)
+    out = fused_attention.FusedAttention.apply(q, k, v, None, 77, drop, q.shape[-1] ** -0.5, 1.0 / kq, True)
+    ref = _causal_reference(q, k, v, p, 77)
+    for a, r in zip((out, *torch.autograd.grad(out, (q, k, v), go)), (ref, *torch.autograd.grad(ref, (q, k, v), go))):
+        _close(a, r)
+
+
+def test_causal_at_p_zero_equals_sdpa_and_draws_no_seed():
+    """``dropout.attention`` at p = 0, causal, no mask: the kernel, equal to torch's SDPA with
+    enable_gqa, and torch's generator untouched (a run without dropout keeps its random stream)."""
+    w = attention_kernel.load().attn_width()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, w * 3, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, 40, w * 3, generator=g).requires_grad_() for _ in range(2))
+    state = torch.get_rng_state()
+    out = dropout.attention(q, k, v, None, True, 0.0)
+    assert torch.equal(state, torch.get_rng_state())
+    assert out.grad_fn.name() == "FusedAttentionBackward"
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    go = torch.randn(out.shape, generator=g)
+    for a, r in zip((out, *torch.autograd.grad(out, (q, k, v), go)), (ref, *torch.autograd.grad(ref, (q, k, v), go))):
+        _close(a, r)
+
+
+def test_bfloat16_operands_are_computed_in_float32():
+    """Autocast's mixed operands (q, k float32 after rotation, v bfloat16): computed from their
+    float32 values, the output bfloat16 as SDPA's is, gradients in each operand's dtype."""
+    w = attention_kernel.load().attn_width()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 24, w * 2, generator=g).requires_grad_()
+    k = torch.randn(1, 1, 24, w * 2, generator=g).requires_grad_()
+    v = torch.randn(1, 1, 24, w * 2, generator=g).bfloat16().requires_grad_()
+    assert fused_attention.takes_causal(q, k, v, 0.0)
+    out = dropout.attention(q, k, v, None, True, 0.0)
+    assert out.dtype == torch.bfloat16
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v.float(), is_causal=True, enable_gqa=True)
+    assert (out.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()  # bf16 rounding of the output
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+
+
+def test_gpt_attention_takes_the_kernel_and_equals_sdpa(monkeypatch):
+    """Our GPT's causal windows go through the kernel with grouped heads and a head size of 3
+    vectors (the recipe's shape); its loss and gradients equal SDPA's (the kernel refused)."""
+    w = attention_kernel.load().attn_width()
+    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=4 * 3 * w, block_size=32, family="llama")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (2, 32))
+
+    def run():
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    causal = fused_attention.causal
+    monkeypatch.setattr(fused_attention, "causal", lambda *a: calls.append(1) or causal(*a))
+    loss, grads = run()
+    assert len(calls) == cfg.n_layer
+    monkeypatch.setattr(fused_attention, "takes_causal", lambda *a: False)
+    ref_loss, ref_grads = run()
+    assert len(calls) == cfg.n_layer
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for a, r in zip(grads, ref_grads):
+        assert (a - r).abs().max().item() <= 1e-4 * max(r.abs().max().item(), 1e-3)
