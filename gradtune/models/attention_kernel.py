@@ -30,8 +30,8 @@ int attn_width(void) { return VW; }
 #define RB 4
 #endif
 
-/* One row: p (s scores) -> softmax(scale * p + bias) in place, and pd = p * mk (the dropped row):
-   three passes (scale, bias and max; exp and sum; normalise and mask). */
+/* One row: p (s scores) -> softmax(scale * p + bias) in place, and pd = p * mk (the dropped row;
+   mk NULL: no dropout, pd unused): three passes (scale, bias and max; exp and sum; normalise and mask). */
 static void softmax_row(float *p, float *pd, const float *mk, const float *bias, float scale, int64_t s) {
     int64_t j = 0;
     vec mv = VSET1(-INFINITY), sc = VSET1(scale);
@@ -57,6 +57,11 @@ static void softmax_row(float *p, float *pd, const float *mk, const float *bias,
     for (; j < s; j++) { float e = p[j] - m < EXP_LO ? 0.0f : expf(p[j] - m); p[j] = e; sum += e; }
     float inv = 1.0f / sum;
     vec iv = VSET1(inv);
+    if (!mk) {
+        for (j = 0; j + VW <= s; j += VW) VSTORE(p + j, VMUL(VLOAD(p + j), iv));
+        for (; j < s; j++) p[j] *= inv;
+        return;
+    }
     for (j = 0; j + VW <= s; j += VW) {
         vec x = VMUL(VLOAD(p + j), iv);
         VSTORE(p + j, x);
@@ -151,16 +156,13 @@ static void transpose(float *dst, const float *src, int64_t rows, int64_t d) {
 }
 
 static void mask_row(float *m, uint64_t seed, int64_t base, int64_t s, int32_t drop) {
-    if (drop <= 0) {  /* p = 0 (levels are >= 0): every element kept, no hashing */
-        for (int64_t j = 0; j < s; j++) m[j] = 1.0f;
-        return;
-    }
     for (int64_t j = 0; j < s; j++) m[j] = (int32_t)level(seed, base + j) >= drop ? 1.0f : 0.0f;
 }
 
 /* Forward of R query rows of one head: their scores over the first s keys (P rows s apart); row r
    attends to its first lim + r keys (causal; lim >= s: all s), the rest of its row is 0. Row r's
-   mask elements start at base + r * SS (SS: all the keys), the composite path's index. */
+   mask elements start at base + r * SS (SS: all the keys), the composite path's index; drop <= 0
+   (p = 0): no mask, the probabilities themselves multiply v. */
 AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, const float *q, strides qs,
                  const float *kt, int64_t kts, const float *k, strides ks, const float *v, strides vs,
                  const float *bias, strides bs, float *o, strides os, int64_t s, int64_t lim, float scale,
@@ -169,11 +171,11 @@ AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, cons
     scores(R, P, q, qs.t, kt, kts, k, ks.t, s, d);
     for (int r = 0; r < R; r++) {
         int64_t n = lim + r < s ? lim + r : s;
-        mask_row(mk + r * s, seed, base + r * SS, n, drop);
-        softmax_row(P + r * s, pd + r * s, mk + r * s, bias ? bias + r * bs.t : NULL, scale, n);
+        if (drop > 0) mask_row(mk + r * s, seed, base + r * SS, n, drop);
+        softmax_row(P + r * s, pd + r * s, drop > 0 ? mk + r * s : NULL, bias ? bias + r * bs.t : NULL, scale, n);
         for (int64_t j = n; j < s; j++) P[r * s + j] = pd[r * s + j] = 0.0f;
     }
-    combine(R, ND, o, os.t, pd, v, vs.t, s, inv_kq);
+    combine(R, ND, o, os.t, drop > 0 ? pd : P, v, vs.t, s, inv_kq);
 }
 
 typedef struct {
@@ -196,24 +198,26 @@ static int64_t block_keys(const shape *a, int64_t i, int R) {
 
 static int64_t first_valid(const shape *a, int64_t i) { return a->causal ? i + 1 + a->S - a->T : a->S; }
 
+/* probs NULL (no backward to follow): each block's probabilities live in the task's ps (RB x S). */
 AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const float *q, const float *k,
-                 const float *v, const float *bias, int64_t bh, float *kt, float *kc, float *vc, float *pd, float *mk) {
+                 const float *v, const float *bias, int64_t bh, float *kt, float *kc, float *vc, float *pd, float *mk,
+                 float *ps) {
     int64_t b = bh / a->H, h = bh % a->H, T = a->T, S = a->S, D = a->D, kh_ = h / a->G;
     const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + kh_ * a->k.h;
     const float *vh = v + b * a->v.b + kh_ * a->v.h;
     const float *bh_ = bias ? bias + b * a->bias.b + h * a->bias.h : NULL;
-    float *oh = out + b * a->o.b + h * a->o.h, *ph = probs + bh * T * S;
+    float *oh = out + b * a->o.b + h * a->o.h, *ph = probs ? probs + bh * T * S : NULL;
     dense(kc, kh, S, a->k.t, D);
     dense(vc, vh, S, a->v.t, D);
     transpose(kt, kc, S, D);
     strides ds = {0, 0, D};
     int64_t i = 0;
     for (; i + RB <= T; i += RB)
-        fwd_rows(RB, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+        fwd_rows(RB, ND, ph ? ph + i * S : ps, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, RB),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
     for (; i < T; i++)
-        fwd_rows(1, ND, ph + i * S, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+        fwd_rows(1, ND, ph ? ph + i * S : ps, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, 1),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
 }
@@ -236,13 +240,14 @@ void attn_fwd(const shape *a, float *out, float *probs, const float *q, const fl
         float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
         float *kc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         float *vc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
+        float *ps = probs ? NULL : aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++) {
-#define FWD(N) fwd_head(N, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk)
+#define FWD(N) fwd_head(N, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk, ps)
             BY_ND(nd, FWD)
 #undef FWD
         }
-        free(kt); free(kc); free(vc); free(pd); free(mk);
+        free(kt); free(kc); free(vc); free(pd); free(mk); free(ps);
     }
 }
 
@@ -256,6 +261,24 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
     const int64_t d = ND * VW;
     for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
     scores(R, ds, g, d, vt, SS, v, vs.t, s, d);  /* (go * inv_kq) v^T */
+    if (drop <= 0) {  /* no mask: dS = P * (dP - rowsum(dP * P)), and P itself multiplies into dv */
+        for (int r = 0; r < R; r++) {
+            const float *p = P + r * s;
+            float *dr = ds + r * s;
+            vec cv = VZERO;
+            int64_t j = 0;
+            for (; j + VW <= s; j += VW) cv = VFMA(VLOAD(dr + j), VLOAD(p + j), cv);
+            float c = vsum(cv);
+            for (; j < s; j++) c += dr[j] * p[j];
+            vec cc = VSET1(c);
+            for (j = 0; j + VW <= s; j += VW) VSTORE(dr + j, VMUL(VLOAD(p + j), VSUB(VLOAD(dr + j), cc)));
+            for (; j < s; j++) dr[j] = p[j] * (dr[j] - c);
+        }
+        combine(R, ND, gq, gqs.t, ds, k, ks.t, s, scale);
+        rank_update(R, ND, gka, ds, q, qs.t, s);
+        rank_update(R, ND, gva, P, g, d, s);
+        return;
+    }
     for (int r = 0; r < R; r++) mask_row(mk + r * s, seed, base + r * SS, s, drop);
     for (int r = 0; r < R; r++) {
         const float *p = P + r * s, *mr = mk + r * s;

@@ -240,7 +240,7 @@ def attention(
         if mask_kernel.fusable(q):
             keep: "torch.Tensor | tuple[int, int]" = (mask_kernel.draw(), drop)  # scaled_keep's draw
             if fused_attention.supports(q, k, v):  # the same mask and products, one C pass a head each way
-                return fused_attention.FusedAttention.apply(q, k, v, bias, keep[0], drop, scale, 1.0 / kq)
+                return fused_attention.attend(q, k, v, bias, keep[0], drop, scale, 1.0 / kq)
         else:
             keep = scaled_keep(torch.Size((q.shape[0], q.shape[1], t, s)), p, q.device, q.dtype, 1.0)  # 0/1
         return _DropoutAttention.apply(q, k, v, bias, keep, scale, 1.0 / kq)

@@ -74,7 +74,7 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int, drop: i
     projections) are computed in float32, the kernel's arithmetic (on CPUs without AMX also faster
     than SDPA in bfloat16), and the output is bfloat16 then, as SDPA's under autocast, still in
     (B, T, H, D) memory."""
-    out = FusedAttention.apply(q.float(), k.float(), v.float(), None, seed, drop, scale, inv_kq, True)
+    out = attend(q.float(), k.float(), v.float(), None, seed, drop, scale, inv_kq, True)
     low = torch.bfloat16 in (q.dtype, k.dtype, v.dtype)
     return out.to(torch.bfloat16) if low else out
 
@@ -93,6 +93,41 @@ def _heads_last(b: int, h: int, t: int, d: int) -> torch.Tensor:
     return torch.empty(b, t, h, d, dtype=torch.float32).transpose(1, 2)
 
 
+def _forward(q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float, causal: bool, keep: bool):
+    """(out, probs or None, the kernel's Shape, q, k, v as the kernel read them); ``keep``: write the
+    probabilities backward needs into a (B, H, T, S) tensor, else only into the tasks' scratch."""
+    q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
+    (bsz, heads, t, d), s = q.shape, k.shape[2]
+    if causal and t > s:
+        raise ValueError(f"causal attention needs T <= S, got T={t}, S={s}")
+    if bias is not None:
+        bias = _last_dense(bias.to(torch.float32).expand(bsz, heads, t, s))
+    out = _heads_last(bsz, heads, t, d)
+    probs = torch.empty(bsz, heads, t, s, dtype=torch.float32) if keep else None
+    shape = Shape(bsz, heads, t, s, d, _strides(q), _strides(k), _strides(v), _strides(out), _strides(bias))
+    shape.scale, shape.inv_kq, shape.seed, shape.drop = scale, inv_kq, seed, drop
+    shape.causal, shape.G = int(causal), heads // k.shape[1]
+    load().attn_fwd(
+        ctypes.byref(shape),
+        out.data_ptr(),
+        None if probs is None else probs.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out, probs, shape, q, k, v
+
+
+def attend(q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float, causal: bool = False) -> torch.Tensor:
+    """``FusedAttention`` where a gradient may follow; without one (evaluation, generation, no_grad)
+    the forward alone, keeping no (B, H, T, S) probabilities."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return FusedAttention.apply(q, k, v, bias, seed, drop, scale, inv_kq, causal)
+    return _forward(q, k, v, bias, seed, drop, scale, inv_kq, causal, keep=False)[0]
+
+
 class FusedAttention(torch.autograd.Function):
     """(softmax(scale q k^T + bias) * keep) @ v * inv_kq for q (B, H, T, D), k/v (B, H / G, S, D),
     bias additive, broadcastable to (B, H, T, S), or None; keep the mask_kernel.py mask of
@@ -101,27 +136,7 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float, causal: bool = False):
-        q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
-        (bsz, heads, t, d), s = q.shape, k.shape[2]
-        if causal and t > s:
-            raise ValueError(f"causal attention needs T <= S, got T={t}, S={s}")
-        if bias is not None:
-            bias = _last_dense(bias.to(torch.float32).expand(bsz, heads, t, s))
-        out = _heads_last(bsz, heads, t, d)
-        probs = torch.empty(bsz, heads, t, s, dtype=torch.float32)
-        shape = Shape(bsz, heads, t, s, d, _strides(q), _strides(k), _strides(v), _strides(out), _strides(bias))
-        shape.scale, shape.inv_kq, shape.seed, shape.drop = scale, inv_kq, seed, drop
-        shape.causal, shape.G = int(causal), heads // k.shape[1]
-        load().attn_fwd(
-            ctypes.byref(shape),
-            out.data_ptr(),
-            probs.data_ptr(),
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            torch.get_num_threads(),
-        )
+        out, probs, shape, q, k, v = _forward(q, k, v, bias, seed, drop, scale, inv_kq, causal, keep=True)
         ctx.save_for_backward(q, k, v, probs)
         ctx.shape = shape
         return out

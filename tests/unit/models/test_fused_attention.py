@@ -229,3 +229,18 @@ def test_gpt_attention_takes_the_kernel_and_equals_sdpa(monkeypatch):
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     for a, r in zip(grads, ref_grads):
         assert (a - r).abs().max().item() <= 1e-4 * max(r.abs().max().item(), 1e-3)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_without_a_gradient_the_forward_keeps_no_probabilities_and_equals(p):
+    """Under no_grad (evaluation, generation) the forward alone runs, its probabilities in scratch:
+    the same output, bit for bit, as the forward autograd keeps them for; same seed, same mask."""
+    q, k, v, _ = _operands(2, 4, 30, 30, attention_kernel.load().attn_width() * 3)
+    k, v = k[:, :2], v[:, :2]
+    torch.manual_seed(8)
+    with_grad = dropout.attention(q, k, v, None, True, p)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        alone = dropout.attention(q, k, v, None, True, p)
+    assert with_grad.grad_fn.name() == "FusedAttentionBackward" and alone.grad_fn is None
+    assert torch.equal(with_grad.detach(), alone)
