@@ -102,9 +102,17 @@ t.append(time.perf_counter())
 print(*(b - a for a, b in zip(t, t[1:])))
 """
 
-# Ops whose time is the model's arithmetic (matrix products and fused attention): at fp32 the
+# Ops whose time is the model's arithmetic (matrix products and attention kernels): at fp32 the
 # pass cannot be faster than these take, whatever else is removed.
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+MATMULS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "mkldnn::_linear_pointwise",  # float32 linears on AMD CPUs (models/onednn_linear.py)
+    "FusedAttention",  # the C attention kernel (models/fused_attention.py)
+)
 
 
 def startup(run: str, threads: int | None) -> list[float]:

@@ -1,5 +1,6 @@
-"""The C side of models/fused_attention.py: float32 dropout attention, one OpenMP task per
-(batch, head), forward and backward (the arithmetic and the why are there). Built once per machine
+"""The C side of models/fused_attention.py: float32 attention (dropout, causal, grouped k/v heads),
+one OpenMP task per (batch, head) forward and per (batch, k/v head) backward (the arithmetic and
+the why are there). Built once per machine
 by runtime/c_build.py; ``attn_width`` is the vector width in floats (16 AVX-512, 8 AVX2, 0 where
 the CPU has neither: no kernel). ``load`` gives None without a compiler or on a failed build."""
 
