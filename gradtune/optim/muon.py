@@ -6,11 +6,10 @@
     p   = p * (1 - lr * weight_decay)                # decoupled decay at the unscaled lr
     p   = p - lr * scale(shape) * O                  # scale: adjust_lr_fn, see adjust_lr
 
-NS_k is k steps of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T,
-with (a, b, c) = (3.4445, -4.7750, 2.0315) chosen to raise small singular values fastest
-(Keller Jordan's Muon, the nanoGPT speedrun and torch.optim.Muon): the singular values of O land
-near 1 (roughly 0.7-1.2), not exactly 1, which does not hurt training. The iteration runs in
-bfloat16 as torch's does, on the wide orientation (rows <= columns) so A is the small Gram matrix.
+NS_k is k steps of the quintic Newton-Schulz iteration (newton_schulz.py): singular values near 1,
+in bfloat16 as torch's. ``muon_reference`` orthogonalises one matrix at a time; the optimizers'
+step (``muon_group_``) does the same operations with equally shaped matrices orthogonalised as one
+batch (``orthogonalise``, bitwise equal to the reference, checked on first use).
 
 Every matrix then moves by the same spectral amount whatever its gradient's scale, which is why
 Muon is for the hidden matrices only; embeddings, output heads, norms and biases go to AdamW
@@ -30,29 +29,10 @@ from torch import Tensor
 
 from gradtune.optim.base import Optimizer, no_grad
 from gradtune.optim.hyper import MuonHyper
+from gradtune.optim.newton_schulz import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz, orthogonalise
 from gradtune.optim.params import check_lr, step_groups
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic
-NS_STEPS = 5
-NS_EPS = 1e-7  # floor of the Frobenius norm the update is first divided by
 ADJUST_LR = (None, "original", "match_rms_adamw")
-
-
-def newton_schulz(g: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
-    """The orthogonalised (rows, cols) matrix ``g`` in bfloat16, torch's operations in torch's order."""
-    if g.ndim != 2:
-        raise ValueError(f"Muon orthogonalises 2-D matrices; got shape {tuple(g.shape)}")
-    a, b, c = coefficients
-    x = g.bfloat16()
-    tall = g.size(0) > g.size(1)
-    if tall:  # (r, c) with r > c: iterate on the (c, r) transpose so x @ x.T is (c, c)
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))  # Frobenius norm >= spectral norm: singular values now <= 1
-    for _ in range(steps):
-        gram = x @ x.T  # A = X X^T, (r', r')
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
-    return x.T if tall else x
 
 
 def adjust_lr(lr: float, adjust_lr_fn: Optional[str], shape: torch.Size) -> float:
@@ -79,6 +59,19 @@ def muon_reference(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
         param.add_(ortho, alpha=-adjust_lr(lr, hyper.adjust_lr_fn, param.shape))
 
 
+def muon_batched(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], hyper: MuonHyper) -> None:
+    """``muon_reference``'s operations on each matrix, with the orthogonalisation of equally shaped
+    matrices batched (newton_schulz.py ``orthogonalise``): the same values, bit for bit."""
+    lr, momentum = hyper.lr, hyper.momentum
+    updates = []
+    for grad, buf in zip(grads, bufs):
+        buf.lerp_(grad, 1 - momentum)
+        updates.append(grad.lerp(buf, momentum) if hyper.nesterov else buf)
+    for param, ortho in zip(params, orthogonalise(updates, hyper.ns_coefficients, hyper.ns_steps, hyper.eps)):
+        param.mul_(1 - lr * hyper.weight_decay)
+        param.add_(ortho, alpha=-adjust_lr(lr, hyper.adjust_lr_fn, param.shape))
+
+
 def momentum_buffers(state: dict[Tensor, Any], params: list[Tensor]) -> list[Tensor]:
     """Each matrix's buffer, created at zero on its first step (torch's lazy init)."""
     for p in params:
@@ -91,7 +84,7 @@ def muon_group_(state: dict[Tensor, Any], group: dict[str, Any], params: list[Te
     """One group's Muon step with its hyper-parameters (shared by ``Muon`` and ``MuonAdamW``)."""
     if any(torch.is_complex(p) for p in params):
         raise RuntimeError("gradtune Muon does not support complex parameters")
-    muon_reference(params, grads, momentum_buffers(state, params), MuonHyper.of(group))
+    muon_batched(params, grads, momentum_buffers(state, params), MuonHyper.of(group))
 
 
 def check_hyper(lr: Any, momentum: float, weight_decay: float, ns_steps: int, adjust_lr_fn: Optional[str]) -> None:
