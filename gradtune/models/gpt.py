@@ -40,6 +40,7 @@ from gradtune.models.dropout import Dropout
 from gradtune.models.dropout import attention as dropout_attention
 from gradtune.models.gpt_mlp import KINDS as MLP_KINDS
 from gradtune.models.gpt_mlp import MLP
+from gradtune.models.onednn_linear import swap_linears
 
 
 @dataclass
@@ -305,6 +306,7 @@ class GPT(nn.Module):
                 _normal_(p, 0.02 / math.sqrt(2 * cfg.n_layer))
                 if cfg.zero_init_proj:  # drawn first all the same: the other weights' draws stay as they were
                     nn.init.zeros_(p)
+        swap_linears(self)  # float32 linears' forward and input gradient through oneDNN on AMD CPUs (onednn_linear.py)
 
     @classmethod
     def from_state_dict(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor]) -> "GPT":
