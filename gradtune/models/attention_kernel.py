@@ -194,6 +194,7 @@ typedef struct {
    its first row: all S, or causal up to the block's last row. */
 static int64_t block_keys(const shape *a, int64_t i, int R) {
     int64_t n = i + R + a->S - a->T;
+    n = (n + VW - 1) / VW * VW;  /* whole vectors: a scalar tail of columns would cost about what the vectors do */
     return a->causal && n < a->S ? n : a->S;
 }
 
