@@ -20,7 +20,6 @@ SOURCE = (
 #include <string.h>
 #include <omp.h>
 
-
 #ifdef VW
 int attn_width(void) { return VW; }
 #if VW == 16
@@ -111,16 +110,16 @@ AI void scores(const int R, float *sc, const float *q, int64_t qst, const float 
         }
 }
 
-/* o[r] = mul * sum_j w[r][j] m[j-row] (ND vectors) for R rows: w is R x s, m rows of stride mst. */
-AI void combine(const int R, const int ND, float *o, int64_t ost, const float *w, const float *m, int64_t mst,
-                int64_t s, float mul) {
+/* o[r] = mul * sum_j w[r][j] m[j-row] (ND vectors) for R rows, j < s: w rows ws apart, m rows mst. */
+AI void combine(const int R, const int ND, float *o, int64_t ost, const float *w, int64_t ws, const float *m,
+                int64_t mst, int64_t s, float mul) {
     vec acc[RB][8];
     for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) acc[r][n] = VZERO;
     for (int64_t j = 0; j < s; j++) {
         vec mv[8];
         for (int n = 0; n < ND; n++) mv[n] = VLOAD(m + j * mst + n * VW);
         for (int r = 0; r < R; r++) {
-            vec b = VSET1(w[r * s + j]);
+            vec b = VSET1(w[r * ws + j]);
             for (int n = 0; n < ND; n++) acc[r][n] = VFMA(b, mv[n], acc[r][n]);
         }
     }
@@ -128,8 +127,9 @@ AI void combine(const int R, const int ND, float *o, int64_t ost, const float *w
     for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) VSTORE(o + r * ost + n * VW, VMUL(acc[r][n], mu));
 }
 
-/* acc[j] += sum_r w[r][j] x[r] (ND vectors) for every j < s: a rank-R update of an s x D buffer. */
-AI void rank_update(const int R, const int ND, float *acc, const float *w, const float *x, int64_t xst, int64_t s) {
+/* acc[j] += sum_r w[r][j] x[r] (ND vectors) for every j < s (w rows ws apart): a rank-R update of an s x D buffer. */
+AI void rank_update(const int R, const int ND, float *acc, const float *w, int64_t ws, const float *x, int64_t xst,
+                    int64_t s) {
     vec xv[RB][8];
     for (int r = 0; r < R; r++) for (int n = 0; n < ND; n++) xv[r][n] = VLOAD(x + r * xst + n * VW);
     const int64_t d = ND * VW;
@@ -137,7 +137,7 @@ AI void rank_update(const int R, const int ND, float *acc, const float *w, const
         vec a[8];
         for (int n = 0; n < ND; n++) a[n] = VLOAD(acc + j * d + n * VW);
         for (int r = 0; r < R; r++) {
-            vec b = VSET1(w[r * s + j]);
+            vec b = VSET1(w[r * ws + j]);
             for (int n = 0; n < ND; n++) a[n] = VFMA(b, xv[r][n], a[n]);
         }
         for (int n = 0; n < ND; n++) VSTORE(acc + j * d + n * VW, a[n]);
@@ -151,16 +151,23 @@ static void dense(float *dst, const float *src, int64_t rows, int64_t st, int64_
     for (int64_t j = 0; j < rows; j++) memcpy(dst + j * d, src + j * st, d * sizeof(float));
 }
 
-/* dst (d x rows) = src (rows x d, dense)^T. */
-static void transpose(float *dst, const float *src, int64_t rows, int64_t d) {
-    for (int64_t e = 0; e < d; e++) for (int64_t j = 0; j < rows; j++) dst[e * rows + j] = src[j * d + e];
+/* dst (d x sp) = src (rows x d, dense)^T, columns rows .. sp zero. */
+static void transpose(float *dst, const float *src, int64_t rows, int64_t sp, int64_t d) {
+    for (int64_t e = 0; e < d; e++) {
+        for (int64_t j = 0; j < rows; j++) dst[e * sp + j] = src[j * d + e];
+        for (int64_t j = rows; j < sp; j++) dst[e * sp + j] = 0.0f;
+    }
 }
+
+/* Keys rounded up to whole vectors: the products with k^T (scores) compute that many columns (a scalar tail
+   costs about what the vectors do) from zero-padded copies; softmax, mask, products with v stop at the keys. */
+#define PAD(n) (((n) + VW - 1) / VW * VW)
 
 static void mask_row(float *m, uint64_t seed, int64_t base, int64_t s, int32_t drop) {
     for (int64_t j = 0; j < s; j++) m[j] = (int32_t)level(seed, base + j) >= drop ? 1.0f : 0.0f;
 }
 
-/* Forward of R query rows of one head: their scores over the first s keys (P rows s apart); row r
+/* Forward of R query rows of one head: their scores over the first s keys (P rows PAD(s) apart); row r
    attends to its first lim + r keys (causal; lim >= s: all s), the rest of its row is 0. Row r's
    mask elements start at base + r * SS (SS: all the keys), the composite path's index; drop <= 0
    (p = 0): no mask, the probabilities themselves multiply v. */
@@ -168,15 +175,15 @@ AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, cons
                  const float *kt, int64_t kts, const float *k, strides ks, const float *v, strides vs,
                  const float *bias, strides bs, float *o, strides os, int64_t s, int64_t lim, float scale,
                  float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
-    const int64_t d = ND * VW;
-    scores(R, P, q, qs.t, kt, kts, k, ks.t, s, d);
+    const int64_t d = ND * VW, pw = PAD(s);
+    scores(R, P, q, qs.t, kt, kts, k, ks.t, pw, d);  /* P rows pw apart */
     for (int r = 0; r < R; r++) {
         int64_t n = lim + r < s ? lim + r : s;
-        if (drop > 0) mask_row(mk + r * s, seed, base + r * SS, n, drop);
-        softmax_row(P + r * s, pd + r * s, drop > 0 ? mk + r * s : NULL, bias ? bias + r * bs.t : NULL, scale, n);
-        for (int64_t j = n; j < s; j++) P[r * s + j] = pd[r * s + j] = 0.0f;
+        if (drop > 0) mask_row(mk + r * pw, seed, base + r * SS, n, drop);
+        softmax_row(P + r * pw, pd + r * pw, drop > 0 ? mk + r * pw : NULL, bias ? bias + r * bs.t : NULL, scale, n);
+        for (int64_t j = n; j < s; j++) P[r * pw + j] = pd[r * pw + j] = 0.0f;
     }
-    combine(R, ND, o, os.t, drop > 0 ? pd : P, v, vs.t, s, inv_kq);
+    combine(R, ND, o, os.t, drop > 0 ? pd : P, pw, v, vs.t, s, inv_kq);
 }
 
 typedef struct {
@@ -193,8 +200,7 @@ typedef struct {
 /* Keys a block of rows starting at row i computes (P rows that far apart) and the valid keys of
    its first row: all S, or causal up to the block's last row. */
 static int64_t block_keys(const shape *a, int64_t i, int R) {
-    int64_t n = i + R + a->S - a->T;
-    n = (n + VW - 1) / VW * VW;  /* whole vectors: a scalar tail of columns would cost about what the vectors do */
+    int64_t n = PAD(i + R + a->S - a->T);  /* whole vectors, as the products with k^T compute them */
     return a->causal && n < a->S ? n : a->S;
 }
 
@@ -208,18 +214,18 @@ AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const f
     const float *qh = q + b * a->q.b + h * a->q.h, *kh = k + b * a->k.b + kh_ * a->k.h;
     const float *vh = v + b * a->v.b + kh_ * a->v.h;
     const float *bh_ = bias ? bias + b * a->bias.b + h * a->bias.h : NULL;
-    float *oh = out + b * a->o.b + h * a->o.h, *ph = probs ? probs + bh * T * S : NULL;
+    float *oh = out + b * a->o.b + h * a->o.h, *ph = probs ? probs + bh * T * PAD(S) : NULL;
     dense(kc, kh, S, a->k.t, D);
     dense(vc, vh, S, a->v.t, D);
-    transpose(kt, kc, S, D);
+    transpose(kt, kc, S, PAD(S), D);
     strides ds = {0, 0, D};
     int64_t i = 0;
     for (; i + RB <= T; i += RB)
-        fwd_rows(RB, ND, ph ? ph + i * S : ps, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+        fwd_rows(RB, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), kc, ds, vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, RB),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
     for (; i < T; i++)
-        fwd_rows(1, ND, ph ? ph + i * S : ps, pd, mk, qh + i * a->q.t, a->q, kt, S, kc, ds, vc, ds,
+        fwd_rows(1, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), kc, ds, vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, 1),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
 }
@@ -233,16 +239,16 @@ AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const f
 
 void attn_fwd(const shape *a, float *out, float *probs, const float *q, const float *k, const float *v,
               const float *bias, int nthreads) {
-    int64_t n = a->B * a->H, nd = a->D / VW;
+    int64_t n = a->B * a->H, nd = a->D / VW, sp = PAD(a->S);
     int nt = n < nthreads ? (int)n : nthreads;
     #pragma omp parallel num_threads(nt)
     {
-        float *kt = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
-        float *pd = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
-        float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
+        float *kt = aligned_alloc(64, ((a->D * sp + 15) / 16) * 64);
+        float *pd = aligned_alloc(64, ((RB * sp + 15) / 16) * 64);
+        float *mk = aligned_alloc(64, ((RB * sp + 15) / 16) * 64);
         float *kc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
         float *vc = aligned_alloc(64, ((a->D * a->S + 15) / 16) * 64);
-        float *ps = probs ? NULL : aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
+        float *ps = probs ? NULL : aligned_alloc(64, ((RB * sp + 15) / 16) * 64);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < n; bh++) {
 #define FWD(N) fwd_head(N, a, out, probs, q, k, v, bias, bh, kt, kc, vc, pd, mk, ps)
@@ -255,18 +261,19 @@ void attn_fwd(const shape *a, float *out, float *probs, const float *q, const fl
 
 /* Backward of R query rows: dq rows out; dk, dv accumulated in gka, gva (S x D) over the first s
    keys, as forward computed them (P rows s apart, 0 past each row's valid keys: their dS and
-   dropped P are 0 too). vt is D x SS; row r's mask starts at base + r * SS. */
+   dropped P are 0 too). vt is D x PAD(SS); row r's mask starts at base + r * SS. */
 AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd, float *mk, float *g,
                  const float *go, strides gos, const float *q, strides qs, const float *k, strides ks,
                  const float *v, strides vs, const float *vt, float *gq, strides gqs, float *gka, float *gva,
                  int64_t s, float scale, float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
     const int64_t d = ND * VW;
     for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
-    scores(R, ds, g, d, vt, SS, v, vs.t, s, d);  /* (go * inv_kq) v^T */
+    const int64_t pw = PAD(s);  /* P, ds, pd, mk rows pw apart, as forward stored P */
+    scores(R, ds, g, d, vt, PAD(SS), v, vs.t, pw, d);  /* (go * inv_kq) v^T */
     if (drop <= 0) {  /* no mask: dS = P * (dP - rowsum(dP * P)), and P itself multiplies into dv */
         for (int r = 0; r < R; r++) {
-            const float *p = P + r * s;
-            float *dr = ds + r * s;
+            const float *p = P + r * pw;
+            float *dr = ds + r * pw;
             vec cv = VZERO;
             int64_t j = 0;
             for (; j + VW <= s; j += VW) cv = VFMA(VLOAD(dr + j), VLOAD(p + j), cv);
@@ -276,15 +283,15 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
             for (j = 0; j + VW <= s; j += VW) VSTORE(dr + j, VMUL(VLOAD(p + j), VSUB(VLOAD(dr + j), cc)));
             for (; j < s; j++) dr[j] = p[j] * (dr[j] - c);
         }
-        combine(R, ND, gq, gqs.t, ds, k, ks.t, s, scale);
-        rank_update(R, ND, gka, ds, q, qs.t, s);
-        rank_update(R, ND, gva, P, g, d, s);
+        combine(R, ND, gq, gqs.t, ds, pw, k, ks.t, s, scale);
+        rank_update(R, ND, gka, ds, pw, q, qs.t, s);
+        rank_update(R, ND, gva, P, pw, g, d, s);
         return;
     }
-    for (int r = 0; r < R; r++) mask_row(mk + r * s, seed, base + r * SS, s, drop);
+    for (int r = 0; r < R; r++) mask_row(mk + r * pw, seed, base + r * SS, s, drop);
     for (int r = 0; r < R; r++) {
-        const float *p = P + r * s, *mr = mk + r * s;
-        float *dr = ds + r * s, *pr = pd + r * s;
+        const float *p = P + r * pw, *mr = mk + r * pw;
+        float *dr = ds + r * pw, *pr = pd + r * pw;
         vec cv = VZERO;
         int64_t j = 0;
         for (; j + VW <= s; j += VW) {  /* vectors by hand: the compiler keeps a float sum in order */
@@ -299,9 +306,9 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
         for (j = 0; j + VW <= s; j += VW) { vec pv = VLOAD(p + j); VSTORE(dr + j, VMUL(pv, VSUB(VLOAD(dr + j), cc))); }
         for (; j < s; j++) dr[j] = p[j] * (dr[j] - c);
     }
-    combine(R, ND, gq, gqs.t, ds, k, ks.t, s, scale);
-    rank_update(R, ND, gka, ds, q, qs.t, s);
-    rank_update(R, ND, gva, pd, g, d, s);
+    combine(R, ND, gq, gqs.t, ds, pw, k, ks.t, s, scale);
+    rank_update(R, ND, gka, ds, pw, q, qs.t, s);
+    rank_update(R, ND, gva, pd, pw, g, d, s);
 }
 
 /* One task: k/v head kh of batch b (bk = b * H / G + kh) and its G query heads, whose dk, dv sum in
@@ -309,26 +316,26 @@ AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd
 AI void bwd_head(const int ND, const shape *a, float *gq, float *gk, float *gv, const float *probs,
                  const float *go, const float *q, const float *k, const float *v, int64_t bk, float *vt,
                  float *kc, float *vc, float *ds, float *pd, float *mk, float *g, float *gka, float *gva) {
-    int64_t hk = a->H / a->G, b = bk / hk, h_ = bk % hk, T = a->T, S = a->S, D = a->D;
+    int64_t hk = a->H / a->G, b = bk / hk, h_ = bk % hk, T = a->T, S = a->S, D = a->D, SP = PAD(S);
     const float *kh = k + b * a->k.b + h_ * a->k.h, *vh = v + b * a->v.b + h_ * a->v.h;
     dense(kc, kh, S, a->k.t, D);
     dense(vc, vh, S, a->v.t, D);
-    transpose(vt, vc, S, D);
+    transpose(vt, vc, S, SP, D);
     strides dn = {0, 0, D};
     memset(gka, 0, S * D * sizeof(float));
     memset(gva, 0, S * D * sizeof(float));
     for (int64_t h = h_ * a->G; h < (h_ + 1) * a->G; h++) {
         int64_t bh = b * a->H + h;
         const float *qh = q + b * a->q.b + h * a->q.h, *goh = go + b * a->o.b + h * a->o.h;
-        const float *ph = probs + bh * T * S;
+        const float *ph = probs + bh * T * SP;
         float *gqh = gq + b * a->gq.b + h * a->gq.h;
         int64_t i = 0;
         for (; i + RB <= T; i += RB)
-            bwd_rows(RB, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+            bwd_rows(RB, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
                      vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, RB), a->scale, a->inv_kq, a->seed,
                      (bh * T + i) * S, S, a->drop);
         for (; i < T; i++)
-            bwd_rows(1, ND, ph + i * S, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+            bwd_rows(1, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
                      vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, 1), a->scale, a->inv_kq, a->seed,
                      (bh * T + i) * S, S, a->drop);
     }
@@ -346,11 +353,11 @@ void attn_bwd(const shape *a, float *gq, float *gk, float *gv, const float *prob
     int nt = n < nthreads ? (int)n : nthreads;
     #pragma omp parallel num_threads(nt)
     {
-        int64_t sd = ((a->D * a->S + 15) / 16) * 64, rs = ((RB * a->S + 15) / 16) * 64;
-        float *vt = aligned_alloc(64, sd), *gka = aligned_alloc(64, sd), *gva = aligned_alloc(64, sd);
+        int64_t sd = ((a->D * a->S + 15) / 16) * 64, rs = ((RB * PAD(a->S) + 15) / 16) * 64;
+        float *vt = aligned_alloc(64, ((a->D * PAD(a->S) + 15) / 16) * 64);
+        float *gka = aligned_alloc(64, sd), *gva = aligned_alloc(64, sd);
         float *kc = aligned_alloc(64, sd), *vc = aligned_alloc(64, sd);
-        float *ds = aligned_alloc(64, rs), *pd = aligned_alloc(64, rs);
-        float *mk = aligned_alloc(64, ((RB * a->S + 15) / 16) * 64);
+        float *ds = aligned_alloc(64, rs), *pd = aligned_alloc(64, rs), *mk = aligned_alloc(64, rs);
         float *g = aligned_alloc(64, ((RB * a->D + 15) / 16) * 64);
         #pragma omp for schedule(static)
         for (int64_t bk = 0; bk < n; bk++) {

@@ -103,7 +103,8 @@ def _forward(q, k, v, bias, seed: int, drop: int, scale: float, inv_kq: float, c
     if bias is not None:
         bias = _last_dense(bias.to(torch.float32).expand(bsz, heads, t, s))
     out = _heads_last(bsz, heads, t, d)
-    probs = torch.empty(bsz, heads, t, s, dtype=torch.float32) if keep else None
+    width = load().attn_width()  # the kernel stores each row's keys rounded up to whole vectors
+    probs = torch.empty(bsz, heads, t, -(-s // width) * width, dtype=torch.float32) if keep else None
     shape = Shape(bsz, heads, t, s, d, _strides(q), _strides(k), _strides(v), _strides(out), _strides(bias))
     shape.scale, shape.inv_kq, shape.seed, shape.drop = scale, inv_kq, seed, drop
     shape.causal, shape.G = int(causal), heads // k.shape[1]
