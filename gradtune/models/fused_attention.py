@@ -63,10 +63,22 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtypes: tuple = 
     return width > 0 and d % width == 0 and 1 <= d // width <= 8 and same and heads % kv == 0
 
 
+# Keys per head dimension up to which a causal window at p = 0 keeps its probabilities for backward:
+# (B, H, T, S) floats, at most 8 x the (B, H, T, D) of each of q, k, v and the output, about the size
+# of the layer's other saved activations. Longer windows with a gradient to follow take torch's
+# flash attention, whose backward recomputes them (memory linear in S); with dropout (the composite
+# path kept them too) or without a gradient (nothing kept), the kernel takes any length.
+KEPT_KEYS_PER_DIM = 8
+
+
 def takes_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> bool:
     """``causal`` takes these: float32 or bfloat16 operands (mixed, as autocast leaves them: rotated
-    q, k float32, v bfloat16) ``supports`` takes, T <= S, 0 <= p < 1."""
-    return 0.0 <= p < 1.0 and q.shape[2] <= k.shape[2] and supports(q, k, v, (torch.float32, torch.bfloat16))
+    q, k float32, v bfloat16) ``supports`` takes, T <= S, 0 <= p < 1, and at p = 0 with a gradient
+    to follow at most KEPT_KEYS_PER_DIM x D keys."""
+    if not (0.0 <= p < 1.0 and q.shape[2] <= k.shape[2] and supports(q, k, v, (torch.float32, torch.bfloat16))):
+        return False
+    keeps = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return p > 0.0 or not keeps or k.shape[2] <= KEPT_KEYS_PER_DIM * q.shape[-1]
 
 
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: int, drop: int, scale: float, inv_kq: float):

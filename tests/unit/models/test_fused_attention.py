@@ -244,3 +244,20 @@ def test_without_a_gradient_the_forward_keeps_no_probabilities_and_equals(p):
         alone = dropout.attention(q, k, v, None, True, p)
     assert with_grad.grad_fn.name() == "FusedAttentionBackward" and alone.grad_fn is None
     assert torch.equal(with_grad.detach(), alone)
+
+
+def test_long_causal_windows_keep_no_probabilities_at_p_zero():
+    """At p = 0 with a gradient to follow, windows over KEPT_KEYS_PER_DIM x D keys take torch's flash
+    attention (its backward recomputes the probabilities; ours would keep (B, H, T, S) floats);
+    without a gradient, or with dropout, the kernel takes them."""
+    w = attention_kernel.load().attn_width()
+    d = w
+    s = fused_attention.KEPT_KEYS_PER_DIM * d
+    q, k, v = (torch.randn(1, 2, s + 1, d, requires_grad=True) for _ in range(3))
+    assert not fused_attention.takes_causal(q, k, v, 0.0)
+    assert fused_attention.takes_causal(q[:, :, :s], k[:, :, :s], v[:, :, :s], 0.0)
+    assert fused_attention.takes_causal(q, k, v, 0.1)
+    with torch.no_grad():
+        assert fused_attention.takes_causal(q, k, v, 0.0)
+    out = dropout.attention(q, k, v, None, True, 0.0)
+    assert out.grad_fn.name() != "FusedAttentionBackward"
