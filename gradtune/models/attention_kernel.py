@@ -75,10 +75,10 @@ typedef struct { int64_t b, h, t; } strides;
 
 #define AI static inline __attribute__((always_inline))
 
-/* sc[r][j] = sum_d q[r][d] kt[d][j] for R rows (stride qst), the first s columns (sc rows s apart);
-   kt is D x (its row stride kts >= s). */
-AI void scores(const int R, float *sc, const float *q, int64_t qst, const float *kt, int64_t kts, const float *k,
-               int64_t kst, int64_t s, int64_t d) {
+/* sc[r][j] = sum_d q[r][d] kt[d][j] for R rows (stride qst), the first s columns, s whole vectors (PAD:
+   the callers' zero-padded kt, D x (its row stride kts >= s)); sc rows s apart. */
+AI void scores(const int R, float *sc, const float *q, int64_t qst, const float *kt, int64_t kts, int64_t s,
+               int64_t d) {
     int64_t j = 0;
     for (; j + CB * VW <= s; j += CB * VW) {
         vec acc[RB][CB];
@@ -102,12 +102,6 @@ AI void scores(const int R, float *sc, const float *q, int64_t qst, const float 
         }
         for (int r = 0; r < R; r++) VSTORE(sc + r * s + j, acc[r]);
     }
-    for (; j < s; j++)
-        for (int r = 0; r < R; r++) {
-            float a = 0.0f;
-            for (int64_t e = 0; e < d; e++) a += q[r * qst + e] * k[j * kst + e];
-            sc[r * s + j] = a;
-        }
 }
 
 /* o[r] = mul * sum_j w[r][j] m[j-row] (ND vectors) for R rows, j < s: w rows ws apart, m rows mst. */
@@ -172,11 +166,11 @@ static void mask_row(float *m, uint64_t seed, int64_t base, int64_t s, int32_t d
    mask elements start at base + r * SS (SS: all the keys), the composite path's index; drop <= 0
    (p = 0): no mask, the probabilities themselves multiply v. */
 AI void fwd_rows(const int R, const int ND, float *P, float *pd, float *mk, const float *q, strides qs,
-                 const float *kt, int64_t kts, const float *k, strides ks, const float *v, strides vs,
-                 const float *bias, strides bs, float *o, strides os, int64_t s, int64_t lim, float scale,
-                 float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
+                 const float *kt, int64_t kts, const float *v, strides vs, const float *bias, strides bs, float *o,
+                 strides os, int64_t s, int64_t lim, float scale, float inv_kq, uint64_t seed, int64_t base,
+                 int64_t SS, int32_t drop) {
     const int64_t d = ND * VW, pw = PAD(s);
-    scores(R, P, q, qs.t, kt, kts, k, ks.t, pw, d);  /* P rows pw apart */
+    scores(R, P, q, qs.t, kt, kts, pw, d);  /* P rows pw apart */
     for (int r = 0; r < R; r++) {
         int64_t n = lim + r < s ? lim + r : s;
         if (drop > 0) mask_row(mk + r * pw, seed, base + r * SS, n, drop);
@@ -206,7 +200,7 @@ static int64_t block_keys(const shape *a, int64_t i, int R) {
 
 static int64_t first_valid(const shape *a, int64_t i) { return a->causal ? i + 1 + a->S - a->T : a->S; }
 
-/* probs NULL (no backward to follow): each block's probabilities live in the task's ps (RB x S). */
+/* probs NULL (no backward to follow): each block's probabilities live in the task's ps (RB x PAD(S)). */
 AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const float *q, const float *k,
                  const float *v, const float *bias, int64_t bh, float *kt, float *kc, float *vc, float *pd, float *mk,
                  float *ps) {
@@ -221,11 +215,11 @@ AI void fwd_head(const int ND, const shape *a, float *out, float *probs, const f
     strides ds = {0, 0, D};
     int64_t i = 0;
     for (; i + RB <= T; i += RB)
-        fwd_rows(RB, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), kc, ds, vc, ds,
+        fwd_rows(RB, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, RB),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
     for (; i < T; i++)
-        fwd_rows(1, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), kc, ds, vc, ds,
+        fwd_rows(1, ND, ph ? ph + i * PAD(S) : ps, pd, mk, qh + i * a->q.t, a->q, kt, PAD(S), vc, ds,
                  bh_ ? bh_ + i * a->bias.t : NULL, a->bias, oh + i * a->o.t, a->o, block_keys(a, i, 1),
                  first_valid(a, i), a->scale, a->inv_kq, a->seed, (bh * T + i) * S, S, a->drop);
 }
@@ -260,16 +254,16 @@ void attn_fwd(const shape *a, float *out, float *probs, const float *q, const fl
 }
 
 /* Backward of R query rows: dq rows out; dk, dv accumulated in gka, gva (S x D) over the first s
-   keys, as forward computed them (P rows s apart, 0 past each row's valid keys: their dS and
+   keys, as forward computed them (P rows PAD(s) apart, 0 past each row's valid keys: their dS and
    dropped P are 0 too). vt is D x PAD(SS); row r's mask starts at base + r * SS. */
 AI void bwd_rows(const int R, const int ND, const float *P, float *ds, float *pd, float *mk, float *g,
                  const float *go, strides gos, const float *q, strides qs, const float *k, strides ks,
-                 const float *v, strides vs, const float *vt, float *gq, strides gqs, float *gka, float *gva,
+                 const float *vt, float *gq, strides gqs, float *gka, float *gva,
                  int64_t s, float scale, float inv_kq, uint64_t seed, int64_t base, int64_t SS, int32_t drop) {
     const int64_t d = ND * VW;
     for (int r = 0; r < R; r++) for (int64_t e = 0; e < d; e++) g[r * d + e] = go[r * gos.t + e] * inv_kq;
     const int64_t pw = PAD(s);  /* P, ds, pd, mk rows pw apart, as forward stored P */
-    scores(R, ds, g, d, vt, PAD(SS), v, vs.t, pw, d);  /* (go * inv_kq) v^T */
+    scores(R, ds, g, d, vt, PAD(SS), pw, d);  /* (go * inv_kq) v^T */
     if (drop <= 0) {  /* no mask: dS = P * (dP - rowsum(dP * P)), and P itself multiplies into dv */
         for (int r = 0; r < R; r++) {
             const float *p = P + r * pw;
@@ -331,11 +325,11 @@ AI void bwd_head(const int ND, const shape *a, float *gq, float *gk, float *gv, 
         float *gqh = gq + b * a->gq.b + h * a->gq.h;
         int64_t i = 0;
         for (; i + RB <= T; i += RB)
-            bwd_rows(RB, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+            bwd_rows(RB, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn,
                      vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, RB), a->scale, a->inv_kq, a->seed,
                      (bh * T + i) * S, S, a->drop);
         for (; i < T; i++)
-            bwd_rows(1, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn, vc, dn,
+            bwd_rows(1, ND, ph + i * SP, ds, pd, mk, g, goh + i * a->o.t, a->o, qh + i * a->q.t, a->q, kc, dn,
                      vt, gqh + i * a->gq.t, a->gq, gka, gva, block_keys(a, i, 1), a->scale, a->inv_kq, a->seed,
                      (bh * T + i) * S, S, a->drop);
     }
