@@ -2,13 +2,15 @@
 
     vocab = vocab_from_gguf("base.gguf")             # a GGUF base: its tokenizer metadata copied
     vocab = vocab_from_hf_folder(run / "tokenizer")  # tokenizer.json (+ tokenizer_config.json)
-    export_gguf(model, vocab, "out.gguf", "q4_0")    # our GPT (family llama) or a HF Llama
+    export_gguf(model, vocab, "out.gguf", "q4_0")    # our GPT (family llama) or a HF Llama / Qwen3
 
-The model is our ``GPT`` with ``family: llama`` or a transformers ``LlamaForCausalLM``, LoRA
-updates folded in (``export.merged_state_dict``); both are mapped to our GPT's layout first (one
-writer), then to llama.cpp's tensor names. Three layout facts of the format:
-  * q/k rows are permuted from HF's "rotate half" rotary layout to GGML's interleaved pairs
-    (``permute_rotary``, the inverse of ``gpt_gguf.unpermute_rotary`` used on load);
+The model is our ``GPT`` with ``family: llama`` or a transformers ``LlamaForCausalLM`` /
+``Qwen3ForCausalLM``, LoRA updates folded in (``export.merged_state_dict``); both are mapped to our
+GPT's layout first (one writer), then to llama.cpp's tensor names, as its ``llama`` architecture or,
+with q/k norms (``gpt.qk_norm``), its ``qwen3`` (models/llama_parts.py). Layout facts of the format:
+  * llama's q/k rows are permuted from HF's "rotate half" rotary layout to GGML's interleaved pairs
+    (``permute_rotary``, the inverse of ``gpt_gguf.unpermute_rotary`` used on load); qwen3's are
+    not (llama.cpp rotates its "rotate half" pairs, NEOX style);
   * a tied lm_head is written as no ``output.weight`` tensor;
   * 1-D tensors (norm weights) stay float32 whatever the type; which type each matrix gets
     (f32, f16, bf16, q8_0, the K-quant mixes q6_k / q5_k_m / q4_k_m / ..., q5_1, q5_0, q4_1,
@@ -42,7 +44,7 @@ from gradtune.finetune.heads import EncoderWithHead
 from gradtune.models.gguf_index import ARRAY, read_index
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_load import config_from_hf, state_dict_from_hf
-from gradtune.models.llama_parts import GGUF_PARTS, part_rows
+from gradtune.models.llama_parts import ARCH, gguf_parts, part_rows
 from gradtune.runtime.atomic import fsync_dir
 from gradtune.runtime.errors import GradtuneError
 
@@ -80,7 +82,7 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
                 f"GGUF export writes Llama-family models; this GPT has family "
                 f"'{model.config.family}' (gpt.family: llama)"
             )
-        refuse_unexpressible(model.config, "GGUF export", "llama.cpp's llama architecture")
+        refuse_unexpressible(model.config, "GGUF export", "llama.cpp's llama / qwen3 architectures")
         return model.config, {k: v.detach() for k, v in model.state_dict().items()}
     if isinstance(model, EncoderWithHead) or not hasattr(model, "config"):
         raise GradtuneError(
@@ -89,9 +91,9 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
     base = hf_base(model)
     hf_config = base.config.to_dict()
     kind = hf_config.get("model_type")
-    if kind != "llama" or not hasattr(base, "lm_head"):
+    if kind not in ("llama", "qwen3") or not hasattr(base, "lm_head"):
         raise GradtuneError(
-            f"GGUF export writes Llama-family causal LMs; this model is {type(base).__name__} (model_type '{kind}')"
+            f"GGUF export writes Llama-family (and Qwen3) causal LMs; this model is {type(base).__name__} (model_type '{kind}')"
         )
     try:
         cfg = config_from_hf(hf_config)
@@ -102,17 +104,15 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
 
 
 def gguf_tensors(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our llama state dict -> llama.cpp tensor names (float32, q/k rows permuted)."""
+    """Our llama state dict -> llama.cpp tensor names (float32; llama's q/k rows permuted)."""
     out = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"]}
     rows = part_rows(cfg)
     for i in range(cfg.n_layer):
-        for ours, parts in GGUF_PARTS.items():
+        for ours, parts in gguf_parts(cfg).items():
             t = sd[f"transformer.h.{i}.{ours}"]
             for name, piece in zip(parts, t.split(rows[ours]) if len(parts) > 1 else [t]):
-                if name == "attn_q":
-                    piece = permute_rotary(piece, cfg.n_head)
-                elif name == "attn_k":
-                    piece = permute_rotary(piece, cfg.n_kv_head)
+                if name in ("attn_q", "attn_k") and not cfg.qk_norm:  # qwen3: HF's pairs as they are
+                    piece = permute_rotary(piece, cfg.n_head if name == "attn_q" else cfg.n_kv_head)
                 out[f"blk.{i}.{name}.weight"] = piece
     if not cfg.tie_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
@@ -132,7 +132,7 @@ def _add_hparams(writer: Any, cfg: GPTConfig, vocab_size: int, qtype: str, name:
     writer.add_rope_dimension_count(cfg.head_dim)  # transformers reads head_dim from this key
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    if cfg.head_dim * cfg.n_head != cfg.n_embd:  # llama.cpp (and our loader) read a decoupled head size here
+    if cfg.head_dim * cfg.n_head != cfg.n_embd or cfg.qk_norm:  # llama.cpp (and our loader) read a decoupled head size here
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     if qtype.startswith("q"):
@@ -171,7 +171,7 @@ def export_gguf(model: nn.Module, vocab: Vocab, out: str | Path, qtype: str = "f
         raise GradtuneError(f"{out}: exists; GGUF export never overwrites a file, choose a new path")
     cfg, sd = llama_weights(model)
     tensors = gguf_tensors(cfg, sd)
-    writer = gguf.GGUFWriter(None, "llama")
+    writer = gguf.GGUFWriter(None, ARCH[cfg.qk_norm][2])
     _add_hparams(writer, cfg, tensors["token_embd.weight"].shape[0], qtype, name or out.stem)
     _add_vocab(writer, vocab, tensors["token_embd.weight"].shape[0])
     for tname, t in tensors.items():

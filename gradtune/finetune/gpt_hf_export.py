@@ -2,7 +2,8 @@
 
     export_gpt_hf(run.model, run.tokenizer, "out/hf")   # then AutoModelForCausalLM.from_pretrained
 
-``family: llama`` becomes ``LlamaForCausalLM``, ``family: gpt2`` ``GPT2LMHeadModel``
+``family: llama`` becomes ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with ``gpt.qk_norm``: the same
+block with q/k norms), ``family: gpt2`` ``GPT2LMHeadModel``
 (``models/gpt_load.config_to_hf`` / ``state_dict_to_hf``, the inverse of the loader's mapping).
 The folder holds config.json, model.safetensors (the run's dtype), generation_config.json and the
 tokenizer: tokenizer.json (``data/tokenizer_json.py``: the run's own file, or the byte / char
@@ -20,8 +21,8 @@ What needs no conversion, checked against transformers' code:
   * a model built without biases (``GPTConfig.bias=False``, gpt2 family) gets zero biases, which
     compute the same; dropout is written as the config's rates (inactive in eval / generation).
 Refused, one line: a gpt2-family model whose head size is not n_embd / n_head (HF GPT-2 derives
-it), a llama-family model with biases (our loader reads no Llama biases back), and gpt.qk_norm,
-gpt.logit_softcap or a gpt.mlp other than the family's (``finetune/gpt_export_refusals.py``).
+it), a llama-family model with biases (our loader reads no Llama biases back), a gpt2-family
+gpt.qk_norm, gpt.logit_softcap or a gpt.mlp other than the family's (``finetune/gpt_export_refusals.py``).
 
 Special ids: the tokenizer's end-of-text token (documents were separated by it in training) is
 ``eos_token_id``, and ``bos_token_id`` as in GPT-2, since a document starts right after it;
@@ -47,6 +48,7 @@ from gradtune.data.tokenizer_json import hf_tokenizer_json, token_text
 from gradtune.finetune.gpt_export_refusals import refuse_unexpressible
 from gradtune.models.gpt import GPT
 from gradtune.models.gpt_load import config_to_hf, state_dict_to_hf
+from gradtune.models.llama_parts import ARCH
 from gradtune.runtime import outdir
 from gradtune.runtime.atomic import file_mode
 from gradtune.runtime.errors import GradtuneError
@@ -70,7 +72,8 @@ def check(model: GPT, tokenizer: Tokenizer) -> None:
         )
     if cfg.family == "llama" and cfg.bias:
         raise GradtuneError("export --hf: a llama-family model with biases is not written (bias=False is Llama's)")
-    refuse_unexpressible(cfg, "export --hf", "LlamaForCausalLM" if cfg.family == "llama" else "GPT2LMHeadModel")
+    target = ARCH[cfg.qk_norm][1] if cfg.family == "llama" else "GPT2LMHeadModel"
+    refuse_unexpressible(cfg, "export --hf", target)
 
 
 def hf_weights(model: GPT) -> dict[str, torch.Tensor]:

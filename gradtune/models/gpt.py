@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradtune.models import fused_attention
+from gradtune.models import fused_attention, rms_norm_kernel
 from gradtune.models.dropout import Dropout
 from gradtune.models.dropout import attention as dropout_attention
 from gradtune.models.gpt_mlp import KINDS as MLP_KINDS
@@ -142,6 +142,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, w = x.unsqueeze(-2), self.weight.view(1, -1)  # (..., 1, C): one group a row
+        if rms_norm_kernel.takes(rows, w):  # one C pass each way (models/rms_norm_kernel.py)
+            return rms_norm_kernel.rms_norm(rows, w, self.eps).squeeze(-2)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -204,12 +207,13 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q, k, v = self.c_attn(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.c_attn(x)  # (B, T, q_size + 2 kv_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.norm_qk(qkv, q, k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0 if cache is None else cache.pos
@@ -237,6 +241,18 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)
+
+
+    def norm_qk(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_norm(q), k_norm(k) (B, nh / nkv, T, hs). On the CPU the q|k columns of ``qkv`` (B, T, .)
+        are normalised per head in one kernel pass, read in place (models/rms_norm_kernel.py)."""
+        cfg = self.cfg
+        heads = qkv[..., : self.q_size + self.kv_size].unflatten(-1, (cfg.n_head + cfg.n_kv_head, cfg.head_dim))
+        w = torch.cat([self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1)])
+        if not rms_norm_kernel.takes(heads, w):
+            return self.q_norm(q), self.k_norm(k)
+        q, k = rms_norm_kernel.rms_norm(heads, w, self.q_norm.eps).split([cfg.n_head, cfg.n_kv_head], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:

@@ -3,7 +3,8 @@
 Every quantised tensor (Q4_1, Q8_0, ...) is expanded to float32 by ``gguf.quants.dequantize``;
 the model then trains or fine-tunes in full precision. Two layout facts of llama.cpp exports:
   * llama q/k rows are permuted from HF's "rotate half" rotary layout to GGML's interleaved
-    pairs; we undo it so our rotary (HF layout) applies (``unpermute_rotary``).
+    pairs; we undo it so our rotary (HF layout) applies (``unpermute_rotary``); qwen3's (llama's
+    block with q/k norms, read as ``gpt.qk_norm``) are in HF's layout already.
   * GPT-2's Conv1D weights were already transposed to (out, in) by the converter.
 No ``output.weight`` tensor means the lm_head is tied to ``token_embd``.
 """
@@ -18,7 +19,7 @@ import torch
 from gradtune.models.gguf_index import read_index
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.hf import LOAD_ERRORS, ModelSourceError, check_gguf
-from gradtune.models.llama_parts import GGUF_PARTS
+from gradtune.models.llama_parts import gguf_parts
 
 GPT2_BLOCK = {  # ours (transformer.h.i.) -> GGUF (blk.i.), one tensor each
     "ln_1": "attn_norm",
@@ -81,19 +82,20 @@ def config_from_gguf(meta: dict, tensors: dict[str, torch.Tensor]) -> GPTConfig:
     )
     if arch == "gpt2":
         return GPTConfig(family="gpt2", norm_eps=get("attention.layer_norm_epsilon"), **common)
-    if arch == "llama":
-        if "rope_freqs.weight" in tensors or meta.get("llama.rope.scaling.type", "none") != "none":
-            raise ValueError("GGUF llama with rope scaling (e.g. Llama 3.1) is not supported")
-        head_dim = meta.get("llama.attention.key_length") or common["n_embd"] // common["n_head"]
+    if arch in ("llama", "qwen3"):  # qwen3: llama's block with q/k norms (models/llama_parts.py)
+        if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+            raise ValueError(f"GGUF {arch} with rope scaling (e.g. Llama 3.1) is not supported")
+        head_dim = meta.get(f"{arch}.attention.key_length") or common["n_embd"] // common["n_head"]
         return GPTConfig(
             family="llama",
             n_kv_head=get("attention.head_count_kv", common["n_head"]),
             head_dim=head_dim,
             norm_eps=get("attention.layer_norm_rms_epsilon"),
             rope_theta=float(get("rope.freq_base", 10000.0)),
+            qk_norm=arch == "qwen3",
             **common,
         )
-    raise ValueError(f"GGUF architecture {arch!r} is not supported; gradtune loads 'gpt2' and 'llama'")
+    raise ValueError(f"GGUF architecture {arch!r} is not supported; gradtune loads 'gpt2', 'llama' and 'qwen3'")
 
 
 def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -109,10 +111,11 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> di
     else:
         out["transformer.ln_f.weight"] = tensors["output_norm.weight"]
         for i in range(cfg.n_layer):
-            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in GGUF_PARTS.values() for p in parts}
-            t["attn_q"] = unpermute_rotary(t["attn_q"], cfg.n_head)
-            t["attn_k"] = unpermute_rotary(t["attn_k"], cfg.n_kv_head)
-            for ours, parts in GGUF_PARTS.items():
+            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in gguf_parts(cfg).values() for p in parts}
+            if not cfg.qk_norm:  # qwen3 keeps HF's rotary layout
+                t["attn_q"] = unpermute_rotary(t["attn_q"], cfg.n_head)
+                t["attn_k"] = unpermute_rotary(t["attn_k"], cfg.n_kv_head)
+            for ours, parts in gguf_parts(cfg).items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([t[p] for p in parts])
     out["lm_head.weight"] = out["transformer.wte.weight"] if cfg.tie_embeddings else tensors["output.weight"]
     return out

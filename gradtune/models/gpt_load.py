@@ -17,6 +17,8 @@ Name mapping. Ours follows nanoGPT; q/k/v (and SwiGLU's gate/up) are fused into 
     transformer.h.i.mlp.c_fc     <- cat(mlp.gate_proj, mlp.up_proj)
     transformer.h.i.mlp.c_proj   <- mlp.down_proj
     transformer.ln_f             <- model.norm
+  qwen3 (a llama block with q/k norms: ``gpt.qk_norm``; models/llama_parts.py)
+    transformer.h.i.attn.q_norm / k_norm  <- self_attn.q_norm / k_norm
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.models.gpt_gguf import load_gguf  # imports the gguf package only when called
-from gradtune.models.llama_parts import HF_PARTS, part_rows
+from gradtune.models.llama_parts import ARCH, hf_parts, part_rows
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The sizes every config.json gives, per family: our GPTConfig field -> its key (read and written).
@@ -107,24 +109,33 @@ def config_from_hf(c: dict) -> GPTConfig:
             norm_eps=c.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=c.get("tie_word_embeddings", True),
         )
-    if kind == "llama":
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"rope scaling {rope} is not supported (plain rotary only)")
-        if c.get("attention_bias") or c.get("mlp_bias"):
-            raise ValueError("llama with attention_bias / mlp_bias is not supported")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported llama activation {c['hidden_act']!r}")
-        return GPTConfig(
-            family="llama",
-            **sizes_from_hf(c, "llama"),
-            n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
-            head_dim=c.get("head_dim"),
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            tie_embeddings=c.get("tie_word_embeddings", False),
-        )
-    raise ValueError(f"model_type {kind!r} is not supported; gradtune's GPT loads 'gpt2' and 'llama'")
+    if kind in ("llama", "qwen3"):
+        return llama_config_from_hf(c, qk_norm=kind == "qwen3")
+    raise ValueError(f"model_type {kind!r} is not supported; gradtune's GPT loads 'gpt2', 'llama' and 'qwen3'")
+
+
+def llama_config_from_hf(c: dict, qk_norm: bool) -> GPTConfig:
+    """A llama (or qwen3: the same block with q/k norms) config.json dict; variants we do not
+    compute are refused."""
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope scaling {rope} is not supported (plain rotary only)")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError(f"{c.get('model_type')} with attention_bias / mlp_bias is not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported {c.get('model_type')} activation {c['hidden_act']!r}")
+    if c.get("use_sliding_window") or any(t != "full_attention" for t in c.get("layer_types") or ()):
+        raise ValueError("sliding-window attention layers are not supported (full causal attention only)")
+    return GPTConfig(
+        family="llama",
+        **sizes_from_hf(c, "llama"),
+        n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c.get("head_dim"),
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        qk_norm=qk_norm,
+    )
 
 
 def sizes_from_hf(c: dict, family: str) -> dict[str, int]:
@@ -148,9 +159,11 @@ def config_to_hf(cfg: GPTConfig) -> dict:
             "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout,
         }
+    model_type, hf_class, _ = ARCH[cfg.qk_norm]
+    window = {"use_sliding_window": False} if cfg.qk_norm else {}  # qwen3's own switch: full attention
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "architectures": [hf_class],
         **sizes,
         "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,
@@ -162,6 +175,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": cfg.dropout,
+        **window,
     }
 
 
@@ -178,7 +192,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
         out["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
         out["transformer.ln_f.weight"] = sd["model.norm.weight"]
         for i in range(cfg.n_layer):
-            for ours, parts in HF_PARTS.items():
+            for ours, parts in hf_parts(cfg).items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([sd[f"model.layers.{i}.{p}"] for p in parts])
         if "lm_head.weight" in sd:
             out["lm_head.weight"] = sd["lm_head.weight"]
@@ -200,7 +214,7 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
         rows = part_rows(cfg)
         for i in range(cfg.n_layer):
-            for ours, parts in HF_PARTS.items():
+            for ours, parts in hf_parts(cfg).items():
                 t = sd[f"transformer.h.{i}.{ours}"]
                 pieces = t.split(rows[ours]) if len(parts) > 1 else [t]
                 for p, piece in zip(parts, pieces):

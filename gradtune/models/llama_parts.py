@@ -4,6 +4,12 @@ Ours fuses q|k|v into ``attn.c_attn`` and SwiGLU's gate|up into ``mlp.c_fc`` (on
 Hugging Face (names inside ``model.layers.i.``) and GGUF (llama.cpp's, inside ``blk.i.``) keep
 the parts, which concatenate along rows, in this order, into ours. One table for both formats,
 so a loader, a saver and the GGUF exporter cannot disagree on a name or an order.
+
+A llama block with ``gpt.qk_norm`` (an RMSNorm over each head's q and k, before rotary) is Qwen3's
+block: transformers' ``Qwen3ForCausalLM`` and llama.cpp's ``qwen3`` architecture hold the two norm
+weights under the names of ``QK_NORM_PARTS``, and differ from Llama in nothing else we write (the
+MLP, norms, rotary and grouped heads are the same; llama.cpp runs qwen3's rotary on HF's
+"rotate half" pairs, so its q/k rows are not permuted as llama's are).
 """
 
 from __future__ import annotations
@@ -22,8 +28,24 @@ PARTS: dict[str, list[tuple[str, str]]] = {  # ours (inside transformer.h.i.) ->
     "mlp.c_fc.weight": [("mlp.gate_proj.weight", "ffn_gate"), ("mlp.up_proj.weight", "ffn_up")],
     "mlp.c_proj.weight": [("mlp.down_proj.weight", "ffn_down")],
 }
-HF_PARTS = {ours: [hf for hf, _ in parts] for ours, parts in PARTS.items()}
-GGUF_PARTS = {ours: [gguf for _, gguf in parts] for ours, parts in PARTS.items()}
+QK_NORM_PARTS: dict[str, list[tuple[str, str]]] = {
+    "attn.q_norm.weight": [("self_attn.q_norm.weight", "attn_q_norm")],
+    "attn.k_norm.weight": [("self_attn.k_norm.weight", "attn_k_norm")],
+}
+# (HF model_type, HF class, GGUF architecture) of a llama block without / with q/k norms
+ARCH = {False: ("llama", "LlamaForCausalLM", "llama"), True: ("qwen3", "Qwen3ForCausalLM", "qwen3")}
+
+
+def hf_parts(cfg: GPTConfig) -> dict[str, list[str]]:
+    """Ours -> the HF parts, for this config (the q/k norms where it has them)."""
+    table = {**PARTS, **QK_NORM_PARTS} if cfg.qk_norm else PARTS
+    return {ours: [hf for hf, _ in parts] for ours, parts in table.items()}
+
+
+def gguf_parts(cfg: GPTConfig) -> dict[str, list[str]]:
+    """Ours -> the GGUF parts, for this config (the q/k norms where it has them)."""
+    table = {**PARTS, **QK_NORM_PARTS} if cfg.qk_norm else PARTS
+    return {ours: [gguf for _, gguf in parts] for ours, parts in table.items()}
 
 
 def part_rows(cfg: GPTConfig) -> dict[str, list[int]]:

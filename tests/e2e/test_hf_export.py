@@ -178,22 +178,28 @@ def test_a_gpt2_model_without_biases_gets_zero_biases_and_unexpressible_shapes_a
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_speedrun_settings_export_or_are_refused_by_name(tmp_path, family):
-    """zero_init_proj changes only the starting weights: exported, transformers gives our logits.
-    qk_norm, logit_softcap and an MLP other than the family's have no counterpart: refused, nothing written."""
+    """zero_init_proj changes only the starting weights: exported, transformers gives our logits; so
+    does qk_norm on a llama block (written as Qwen3ForCausalLM). logit_softcap, an MLP other than the
+    family's and a gpt2 block's qk_norm have no counterpart: refused, nothing written."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset(f"tiny-{family}", vocab_size=256, zero_init_proj=True)).eval()
+    qk = dict(qk_norm=True) if family == "llama" else {}
+    model = GPT(GPTConfig.preset(f"tiny-{family}", vocab_size=256, zero_init_proj=True, **qk)).eval()
     with torch.no_grad():  # trained-looking projections: a zero one dropped on export would show
         for name, p in model.named_parameters():
             if name.endswith("c_proj.weight"):
                 p.normal_(0.0, 0.05)
+            elif name.endswith("norm.weight"):  # q/k norms away from 1: a dropped one would show
+                p.normal_(1.0, 0.2)
     gpt_hf_export.export_gpt_hf(model, ByteTokenizer(), tmp_path / "zero")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "zero")).eval()
+    assert type(theirs).__name__ == ("Qwen3ForCausalLM" if family == "llama" else "GPT2LMHeadModel")
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-5, rtol=0)
     other = "swiglu" if family == "gpt2" else "gelu"
+    refused_qk = [("gpt.qk_norm=true", dict(qk_norm=True))] if family == "gpt2" else []
     for setting, kw in [
-        ("gpt.qk_norm=true", dict(qk_norm=True)),
+        *refused_qk,
         ("gpt.logit_softcap=30", dict(logit_softcap=30.0)),
         ("gpt.mlp=relu2", dict(mlp="relu2")),
         (f"gpt.mlp={other}", dict(mlp=other)),

@@ -82,6 +82,36 @@ def test_our_llama_gpt_round_trips_f32(tmp_path, tied):
     assert len(tokens) == cfg.vocab_size and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"  # padded rows
 
 
+def test_qk_norm_gpt_is_written_as_qwen3(tmp_path):
+    """gpt.qk_norm: llama.cpp's qwen3 architecture (its q/k norms, HF's rotary rows unpermuted);
+    transformers' GGUF reader builds a Qwen3ForCausalLM with our logits, and so does our loader.
+    Head size 128: transformers reads no qwen3 head size from GGUF and takes Qwen3's default."""
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_folder(tmp_path / "tok")
+    shape = dict(family="llama", vocab_size=len(tok), block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**shape, head_dim=128, intermediate_size=96, qk_norm=True, tie_embeddings=False)).eval()
+    for p in model.parameters():  # q/k norm weights away from 1: a dropped or swapped norm would show
+        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.2)
+    out = gguf_export.export_gguf(model, gguf_export.vocab_from_hf_folder(tmp_path / "tok"), tmp_path / "o" / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "qwen3"
+    raw = {t.name: torch.from_numpy(t.data.copy()).reshape(t.data.shape) for t in reader.tensors}
+    q_rows = model.transformer.h[0].attn.c_attn.weight[: 2 * 128]
+    assert torch.equal(raw["blk.0.attn_q.weight"], q_rows.detach())  # not permuted
+    assert torch.equal(raw["blk.1.attn_k_norm.weight"], model.transformer.h[1].attn.k_norm.weight.detach())
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), gguf_file="m.gguf").eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM"
+    back = load_gguf(out).eval()
+    assert back.config.qk_norm and back.config.head_dim == 128
+    with torch.no_grad():
+        ours = model(IDS)
+        assert ours.abs().max() > 1.0
+        torch.testing.assert_close(theirs(IDS).logits, ours, atol=1e-4, rtol=0)
+        torch.testing.assert_close(back(IDS), ours, atol=1e-5, rtol=0)
+
+
 def _hf_llama(tmp_path, lora_steps: int = 0):
     tok = bpe_folder(tmp_path / "hf")
     model = tiny_hf.llama(vocab_size=len(tok), seed=1)
@@ -163,7 +193,8 @@ def test_tokenizers_llama_cpp_cannot_express_are_refused(tmp_path):
 
 
 def test_speedrun_settings_llama_cpp_cannot_express_are_refused(tmp_path):
-    """zero_init_proj (only the starting weights) round-trips; qk_norm, soft-capping, relu2 are refused by name."""
+    """zero_init_proj (only the starting weights) round-trips; soft-capping, relu2 are refused by name
+    (qk_norm is qwen3's block: test_qk_norm_gpt_is_written_as_qwen3)."""
     tok = bpe_folder(tmp_path / "tok")
     vocab = gguf_export.vocab_from_hf_folder(tmp_path / "tok")
     shape = dict(family="llama", vocab_size=len(tok), block_size=16, n_layer=1, n_head=2, n_embd=16)
@@ -175,7 +206,7 @@ def test_speedrun_settings_llama_cpp_cannot_express_are_refused(tmp_path):
     back = load_gguf(gguf_export.export_gguf(zero, vocab, tmp_path / "zero.gguf", "f32")).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(IDS), zero(IDS), atol=1e-5, rtol=0)
-    for setting, kw in [("gpt.qk_norm", dict(qk_norm=True)), ("gpt.logit_softcap", dict(logit_softcap=30.0))]:
+    for setting, kw in [("gpt.logit_softcap", dict(logit_softcap=30.0))]:
         with pytest.raises(GradtuneError, match=f"GGUF export: {setting}=.*has no counterpart"):
             gguf_export.export_gguf(GPT(GPTConfig(**shape, **kw)), vocab, tmp_path / "a.gguf")
     for mlp in ("relu2", "gelu"):

@@ -88,6 +88,39 @@ def test_llama_folder(tmp_path: Path, tie: bool) -> None:
     assert_same_logits(ours, hf)
 
 
+def hf_qwen3(tmp_path: Path, **kw) -> torch.nn.Module:
+    cfg = transformers.Qwen3Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # decoupled from hidden / heads, as Qwen3's own (128 at 1,024)
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        **kw,
+    )
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    scramble(model)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_qwen3_folder_is_a_llama_block_with_qk_norm(tmp_path: Path) -> None:
+    """transformers' Qwen3 (q/k RMSNorm per head before rotary) loads as gpt.qk_norm: same logits;
+    the norm weights scrambled like the rest, so a norm dropped or misplaced shows."""
+    hf = hf_qwen3(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert ours.config.qk_norm and ours.config.head_dim == 24 and ours.config.family == "llama"
+    assert_same_logits(ours, hf)
+    hf_qwen3(tmp_path / "window", use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        load_pretrained(tmp_path / "window")
+
+
 def test_sharded_folder(tmp_path: Path) -> None:
     cfg = transformers.LlamaConfig(
         vocab_size=300,
@@ -106,15 +139,18 @@ def test_sharded_folder(tmp_path: Path) -> None:
     assert_same_logits(load_pretrained(tmp_path), hf)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3"])
 def test_export_round_trip(tmp_path: Path, family: str) -> None:
     from gradtune.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
-    ours = GPT(GPTConfig.preset(f"tiny-{family}", tie_embeddings=family == "gpt2")).eval()
+    qk = dict(qk_norm=True) if family == "qwen3" else {}
+    preset = "tiny-llama" if family == "qwen3" else f"tiny-{family}"
+    ours = GPT(GPTConfig.preset(preset, tie_embeddings=family == "gpt2", **qk)).eval()
     scramble(ours)
     save_hf(ours, tmp_path / "out")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(theirs).__name__.lower().startswith(family)
     assert_same_logits(ours, theirs, vocab=256)
     assert_same_logits(load_pretrained(tmp_path / "out"), theirs, vocab=256)
 

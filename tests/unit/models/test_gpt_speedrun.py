@@ -140,7 +140,9 @@ def test_kv_cache_and_generation_equal_the_full_forward(family: str, setting: st
     cache = KVCache(model.config, 2, torch.float32, torch.device("cpu"))
     parts = [model(x[:, :5], cache=cache), model(x[:, 5:9], cache=cache)]  # prefill, then a chunk
     parts += [model(x[:, i : i + 1], cache=cache) for i in range(9, 14)]  # one token at a time
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)  # logits ~10: relative
+    # logits up to ~10 after scrambling: float32 rounding of ~1e-6 of that scale differs between one pass
+    # and the cached chunks (other GEMM shapes, SDPA vs the C attention), so 3e-5 on small entries too
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=3e-5)
     prompt = x[:, :4]
     a = generate(model, prompt, 12, temperature=1.0, seed=3)
     b = generate(model, prompt, 12, temperature=1.0, seed=3, use_cache=False)

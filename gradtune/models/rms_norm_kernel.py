@@ -1,0 +1,207 @@
+"""RMSNorm forward and backward in one C pass each over groups of contiguous floats (our GPT's
+norms: models/gpt.py ``RMSNorm``, and its per-head q/k norms).
+
+Why: torch's CPU ``rms_norm`` is composite (pow, mean, add, rsqrt, mul, each a pass over x, with
+the float32 copy, the rounding back to the input dtype and the weight's product on top), and its
+backward is as many again. A 4-layer byte-level model's step spent about a tenth of its time in
+these passes, and per-head q/k norms (``gpt.qk_norm``) nearly doubled it. Here one OpenMP pass reads
+each group once forward (sum of squares, then the scaled and weighted output) and once backward.
+
+    r = 1 / sqrt(mean(x^2) + eps)                      per group of N (a head or a whole row)
+    y = x * r, rounded to x's dtype;  out = y * w      (float32 out: w is float32)
+    dy = g * w;  dx = r * (dy - x r * mean(dy * x r));  dw = sum over groups of g * y
+
+the composite path's arithmetic (``F.rms_norm(x.float()).to(x.dtype) * w``) with sums in another
+order, so results agree to float32 rounding; dx is written in x's dtype (bfloat16 rounded to
+nearest even). x is read through one row stride: a row of G groups of N contiguous values, so the
+q|k columns of the fused q/k/v projection are normalised per head without a copy. Everything else
+(weights other than float32, float64, no compiler, a torch.compile trace) takes the torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from gradtune.runtime.c_build import Library
+from gradtune.runtime.c_vectors import HEADER
+
+SOURCE = (
+    HEADER
+    + r"""
+#include <omp.h>
+#include <string.h>
+
+static inline float bf16_in(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t bf16_out(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf16_round(float f) { return bf16_in(bf16_out(f)); }
+
+/* sum of a[i] * b[i], i < n */
+static inline float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#ifdef VW
+    vec acc = VZERO;
+    for (; i + VW <= n; i += VW) acc = VFMA(VLOAD(a + i), VLOAD(b + i), acc);
+    s = vsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One group's values in float32 (xf), from float32 or bfloat16 memory. */
+#define LOAD_GROUP(T, src, xf, n) \
+    for (int i = 0; i < n; i++) xf[i] = IN_##T(src[i]);
+#define IN_f32(v) (v)
+#define IN_bf16(v) bf16_in(v)
+#define OUT_f32(v) (v)
+#define OUT_bf16(v) bf16_out(v)
+#define ROUND_f32(v) (v)
+#define ROUND_bf16(v) bf16_round(v)
+
+#define KERNELS(T, CT)                                                                                 \
+void rms_fwd_##T(const CT *x, int64_t rows, int64_t stride, int groups, int n, const float *w,       \
+                 float eps, float *out, float *rstd, int nthreads) {                                   \
+    int nt = rows * groups * n < (1 << 15) ? 1 : nthreads;                                             \
+    _Pragma("omp parallel num_threads(nt)")                                                            \
+    {                                                                                                  \
+        float xf[n];                                                                                   \
+        _Pragma("omp for schedule(static)")                                                            \
+        for (int64_t r = 0; r < rows; r++) {                                                           \
+            for (int g = 0; g < groups; g++) {                                                         \
+                const CT *src = x + r * stride + (int64_t)g * n;                                       \
+                float *o = out + (r * groups + g) * (int64_t)n;                                        \
+                const float *wg = w + (int64_t)g * n;                                                  \
+                LOAD_GROUP(T, src, xf, n)                                                              \
+                float s = 1.0f / sqrtf(dot(xf, xf, n) / (float)n + eps);                               \
+                rstd[r * groups + g] = s;                                                              \
+                for (int i = 0; i < n; i++) o[i] = ROUND_##T(xf[i] * s) * wg[i];                       \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}                                                                                                      \
+/* dw_part: (nthreads, groups * n) zeros, each thread's sums; the caller adds them up. */            \
+void rms_bwd_##T(const CT *x, int64_t rows, int64_t stride, int groups, int n, const float *w,       \
+                 const float *rstd, const float *go, CT *dx, float *dw_part, int nthreads) {           \
+    int nt = rows * groups * n < (1 << 15) ? 1 : nthreads;                                             \
+    _Pragma("omp parallel num_threads(nt)")                                                            \
+    {                                                                                                  \
+        float xh[n], dy[n];                                                                            \
+        float *dw = dw_part + (int64_t)omp_get_thread_num() * groups * n;                              \
+        _Pragma("omp for schedule(static)")                                                            \
+        for (int64_t r = 0; r < rows; r++) {                                                           \
+            for (int g = 0; g < groups; g++) {                                                         \
+                const CT *src = x + r * stride + (int64_t)g * n;                                       \
+                const float *gg = go + (r * groups + g) * (int64_t)n, *wg = w + (int64_t)g * n;        \
+                float *dwg = dw + (int64_t)g * n;                                                      \
+                CT *d = dx + (r * groups + g) * (int64_t)n;                                            \
+                float s = rstd[r * groups + g];                                                        \
+                for (int i = 0; i < n; i++) {                                                          \
+                    xh[i] = IN_##T(src[i]) * s;                                                        \
+                    dy[i] = gg[i] * wg[i];                                                             \
+                    dwg[i] += gg[i] * ROUND_##T(xh[i]);                                                \
+                }                                                                                      \
+                float c = dot(dy, xh, n) / (float)n;                                                   \
+                for (int i = 0; i < n; i++) d[i] = OUT_##T(s * (dy[i] - xh[i] * c));                   \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}
+KERNELS(f32, float)
+KERNELS(bf16, uint16_t)
+"""
+)
+
+_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    for name in _TYPES.values():
+        f = getattr(lib, f"rms_fwd_{name}")
+        f.argtypes = [ptr, i64, i64, i32, i32, ptr, f32, ptr, ptr, i32]
+        f.restype = None
+        f = getattr(lib, f"rms_bwd_{name}")
+        f.argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
+        f.restype = None
+
+
+_LIBRARY = Library(SOURCE, "rms_norm", _bind)
+load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (the torch ops); forget it
+
+
+def rows_of(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) when x (..., G, N) is rows of G * N contiguous values at one stride:
+    the last two dimensions dense, the leading ones collapsing to one strided dimension."""
+    if x.dim() < 2 or x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
+        return None
+    lead = x.shape[:-2]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if rows == 0:
+        return None
+    stride = x.stride(-3) if x.dim() > 2 else x.shape[-2] * x.shape[-1]
+    expect = stride  # the leading dimensions must be one arithmetic run of rows
+    for i in range(x.dim() - 3, -1, -1):
+        if x.shape[i] > 1 and x.stride(i) != expect:
+            return None
+        expect *= x.shape[i]
+    return rows, stride
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel computes this norm: CPU, x float32 or bfloat16 in rows (``rows_of``), a float32
+    weight of x's last two dimensions' shape, the library built, no torch.compile trace."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _TYPES
+        and weight.dtype == torch.float32
+        and weight.shape == x.shape[-2:]
+        and not torch.compiler.is_compiling()
+        and rows_of(x) is not None
+        and load() is not None
+    )
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        rows, stride = rows_of(x)  # type: ignore[misc]
+        groups, n = x.shape[-2], x.shape[-1]
+        w = weight.contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        rstd = torch.empty(rows * groups, dtype=torch.float32)
+        getattr(load(), f"rms_fwd_{_TYPES[x.dtype]}")(
+            x.data_ptr(), rows, stride, groups, n, w.data_ptr(), eps, out.data_ptr(), rstd.data_ptr(),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x, w, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, go: torch.Tensor):  # type: ignore[override]
+        x, w, rstd = ctx.saved_tensors
+        rows, stride = rows_of(x)  # type: ignore[misc]
+        groups, n = x.shape[-2], x.shape[-1]
+        go = go.contiguous().float()
+        threads = torch.get_num_threads()
+        dx = torch.empty(x.shape, dtype=x.dtype)
+        dw = torch.zeros(threads, groups, n, dtype=torch.float32)
+        getattr(load(), f"rms_bwd_{_TYPES[x.dtype]}")(
+            x.data_ptr(), rows, stride, groups, n, w.data_ptr(), rstd.data_ptr(), go.data_ptr(), dx.data_ptr(),
+            dw.data_ptr(), threads,
+        )
+        return dx, dw.sum(0), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x.float(), (N,), eps=eps).to(x.dtype) * weight`` over the last dimension of
+    x (..., G, N), weight (G, N) (one group's weight repeated for per-head norms), float32 out;
+    as ``takes`` says."""
+    return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,113 @@
+"""The RMSNorm kernel (models/rms_norm_kernel.py) against its oracle, the composite torch path
+``F.rms_norm(x.float()).to(x.dtype) * w``: outputs and both gradients, float32 and bfloat16 inputs,
+whole rows and per-head groups read through a row stride; our GPT's norms and q/k norms take it and
+give the composite path's loss and gradients; without the library the torch path runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradtune.models import rms_norm_kernel
+from gradtune.models.gpt import GPT, GPTConfig
+
+pytestmark = pytest.mark.skipif(rms_norm_kernel.load() is None, reason="no C compiler: the torch path only")
+
+
+def composite(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w
+
+
+# (base shape, how x is cut from it): whole rows as one group; heads of a contiguous tensor; the q|k
+# columns of a fused projection (row stride 384, 6 heads of 48); one row; a group of odd size
+CASES = {
+    "rows": ((3, 5, 64), lambda b: b.unsqueeze(-2)),
+    "heads": ((2, 7, 6, 48), lambda b: b),
+    "qk columns": ((2, 7, 384), lambda b: b[..., :288].unflatten(-1, (6, 48))),
+    "one row": ((1, 1, 1, 20), lambda b: b),
+    "odd size": ((4, 3, 2, 19), lambda b: b),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_composite_path(case: str, dtype: torch.dtype) -> None:
+    shape, cut = CASES[case]
+    torch.manual_seed(0)
+    base = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+    x = cut(base)
+    w = (torch.randn(x.shape[-2:]) * 0.3 + 1).requires_grad_()
+    assert rms_norm_kernel.takes(x, w)
+    out, ref = rms_norm_kernel.rms_norm(x, w, 1e-5), composite(x, w, 1e-5)
+    assert out.dtype == ref.dtype == torch.float32
+    g = torch.randn_like(ref)
+    dx, dw = torch.autograd.grad(out, (base, w), g)
+    rdx, rdw = torch.autograd.grad(ref, (base, w), g)
+    assert dx.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(dx, rdx, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-5)
+        return
+    # bf16: the output and dw are the composite's (y rounded to bf16 before the weight, as there);
+    # dx: the composite rounds dy = g * w to bf16 before the norm's backward, the kernel does not,
+    # so each is within a few bf16 steps of the float64 gradient and the kernel the closer one
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dw, rdw, atol=1e-4, rtol=1e-5)
+    base64 = base.detach().double().requires_grad_()
+    exact = torch.autograd.grad(composite(cut(base64), w.double(), 1e-5), base64, g.double())[0]
+    ours, theirs = (dx.double() - exact).abs().mean(), (rdx.double() - exact).abs().mean()
+    assert ours <= theirs * 1.01
+    torch.testing.assert_close(dx.double(), exact, atol=0.05, rtol=0.02)
+
+
+def test_layouts_the_kernel_cannot_read_take_the_torch_path() -> None:
+    w = torch.ones(1, 8)
+    assert not rms_norm_kernel.takes(torch.randn(4, 8, 3).transpose(-1, -2).unsqueeze(-2), w)  # strided last dim
+    assert not rms_norm_kernel.takes(torch.randn(2, 3, 1, 8).transpose(0, 1), w)  # rows not one run
+    assert not rms_norm_kernel.takes(torch.randn(4, 1, 8, dtype=torch.float64), w)
+    assert not rms_norm_kernel.takes(torch.randn(4, 1, 8), w.bfloat16())
+    assert rms_norm_kernel.takes(torch.randn(4, 1, 8), w)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_gpt_norms_take_the_kernel_and_equal_the_torch_path(monkeypatch, qk_norm: bool) -> None:
+    """Every RMSNorm and the per-head q/k norms go through the kernel (counted); the loss and every
+    gradient equal the composite path's (kernel refused), in float32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset("tiny-llama", vocab_size=64, qk_norm=qk_norm)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".ln_" in name:
+                p.normal_(1.0, 0.3)
+    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    calls = []
+    real = rms_norm_kernel.rms_norm
+    monkeypatch.setattr(rms_norm_kernel, "rms_norm", lambda *a: calls.append(1) or real(*a))
+
+    def loss_and_grads(bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for bf16, tol in ((False, 2e-5), (True, 2e-2)):
+        calls.clear()
+        ours = loss_and_grads(bf16)
+        assert len(calls) == 2 * cfg.n_layer + 1 + (cfg.n_layer if qk_norm else 0)
+        with monkeypatch.context() as m:
+            m.setattr(rms_norm_kernel, "takes", lambda *a: False)
+            theirs = loss_and_grads(bf16)
+        torch.testing.assert_close(ours[0], theirs[0], atol=tol / 10, rtol=0)
+        for a, b in zip(ours[1], theirs[1]):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_without_the_library_the_torch_path_runs(monkeypatch) -> None:
+    monkeypatch.setattr(rms_norm_kernel, "load", lambda: None)
+    assert not rms_norm_kernel.takes(torch.randn(4, 1, 8), torch.ones(1, 8))
+    model = GPT(GPTConfig.preset("tiny-llama", vocab_size=64, qk_norm=True))
+    model(torch.randint(0, 64, (1, 8))).sum().backward()  # composite norms, no kernel call
