@@ -10,8 +10,9 @@ from typing import Any
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # ``model: gpt`` alone is the recipe (configs/gpt-shakespeare.yaml, where every choice is
     # commented; tests/unit/config keeps the two equal): a 1.7M-parameter Llama-family model with the
-    # nanoGPT speedrun's Muon, on the plays, 10 minutes of wall time (configs/ says why QK-norm, ReLU^2
-    # and WSD stayed out). An explicit epochs or max_steps replaces the max_time budget.
+    # nanoGPT speedrun's Muon and QK-norm (gpt.qk_norm unset: the llama family's, on), on the plays,
+    # 10 minutes of wall time (configs/ says why ReLU^2 and WSD stayed out). An explicit epochs or
+    # max_steps replaces the max_time budget.
     "gpt": {
         "data": "shakespeare",
         "text": {"tokenizer": "byte"},

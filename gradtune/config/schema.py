@@ -49,7 +49,9 @@ class GPTSection:
     activation_checkpointing: bool = False
     # MLP form; None: the family's (gelu for gpt2, swiglu for llama); relu2: relu(x)^2 in a 4x MLP (the speedrun's)
     mlp: Optional[Literal["gelu", "swiglu", "relu2"]] = None
-    qk_norm: bool = False  # RMSNorm on each head's q and k before rotary/attention: bounded attention logits
+    # RMSNorm on each head's q and k before rotary/attention: bounded attention logits; null: the family's
+    # (on for llama, Qwen3's block, which export writes; off for gpt2, which no export format has with it)
+    qk_norm: Optional[bool] = None
     # c: logits = c * tanh(logits / c), in the loss and in generation (|logits| < c); null: off
     logit_softcap: Optional[float] = None
     zero_init_proj: bool = False  # attention and MLP output projections start at zero: each block starts as identity

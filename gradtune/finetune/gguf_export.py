@@ -93,7 +93,8 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
     kind = hf_config.get("model_type")
     if kind not in ("llama", "qwen3") or not hasattr(base, "lm_head"):
         raise GradtuneError(
-            f"GGUF export writes Llama-family (and Qwen3) causal LMs; this model is {type(base).__name__} (model_type '{kind}')"
+            f"GGUF export writes Llama-family (and Qwen3) causal LMs; this model is {type(base).__name__} "
+            f"(model_type '{kind}')"
         )
     try:
         cfg = config_from_hf(hf_config)
@@ -132,7 +133,9 @@ def _add_hparams(writer: Any, cfg: GPTConfig, vocab_size: int, qtype: str, name:
     writer.add_rope_dimension_count(cfg.head_dim)  # transformers reads head_dim from this key
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    if cfg.head_dim * cfg.n_head != cfg.n_embd or cfg.qk_norm:  # llama.cpp (and our loader) read a decoupled head size here
+    if (
+        cfg.head_dim * cfg.n_head != cfg.n_embd or cfg.qk_norm
+    ):  # llama.cpp (and our loader) read a decoupled head size here
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     if qtype.startswith("q"):

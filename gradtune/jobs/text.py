@@ -42,9 +42,12 @@ ModelFactory = Callable[[int, GPTSection], nn.Module]
 
 
 def gpt(vocab_size: int, section: GPTSection) -> GPT:
-    """GPT(GPTConfig) from every cfg.gpt field GPTConfig also has, plus vocab_size."""
+    """GPT(GPTConfig) from every cfg.gpt field GPTConfig also has, plus vocab_size; an unset
+    qk_norm is the family's (on for llama: Qwen3's block, which export --hf / --gguf write)."""
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     given = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+    if "qk_norm" in given and given["qk_norm"] is None:
+        given["qk_norm"] = section.family == "llama"
     return GPT(GPTConfig(vocab_size=vocab_size, **given))
 
 

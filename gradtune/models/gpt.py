@@ -242,7 +242,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)
 
-
     def norm_qk(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_norm(q), k_norm(k) (B, nh / nkv, T, hs). On the CPU the q|k columns of ``qkv`` (B, T, .)
         are normalised per head in one kernel pass, read in place (models/rms_norm_kernel.py)."""

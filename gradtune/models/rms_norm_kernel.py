@@ -178,7 +178,15 @@ class _RMSNorm(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=torch.float32)
         rstd = torch.empty(rows * groups, dtype=torch.float32)
         getattr(load(), f"rms_fwd_{_TYPES[x.dtype]}")(
-            x.data_ptr(), rows, stride, groups, n, w.data_ptr(), eps, out.data_ptr(), rstd.data_ptr(),
+            x.data_ptr(),
+            rows,
+            stride,
+            groups,
+            n,
+            w.data_ptr(),
+            eps,
+            out.data_ptr(),
+            rstd.data_ptr(),
             torch.get_num_threads(),
         )
         ctx.save_for_backward(x, w, rstd)
@@ -194,8 +202,17 @@ class _RMSNorm(torch.autograd.Function):
         dx = torch.empty(x.shape, dtype=x.dtype)
         dw = torch.zeros(threads, groups, n, dtype=torch.float32)
         getattr(load(), f"rms_bwd_{_TYPES[x.dtype]}")(
-            x.data_ptr(), rows, stride, groups, n, w.data_ptr(), rstd.data_ptr(), go.data_ptr(), dx.data_ptr(),
-            dw.data_ptr(), threads,
+            x.data_ptr(),
+            rows,
+            stride,
+            groups,
+            n,
+            w.data_ptr(),
+            rstd.data_ptr(),
+            go.data_ptr(),
+            dx.data_ptr(),
+            dw.data_ptr(),
+            threads,
         )
         return dx, dw.sum(0), None
 

@@ -3,8 +3,9 @@
 Oracle: transformers. ``AutoModelForCausalLM.from_pretrained(OUT)`` gives the logits of the run as
 ``gradtune generate`` loads it (``load_run``) within 1e-5 in float32, and greedy generation of 50
 tokens by transformers' ``generate`` equals ours (``models/generate.py``), for a Llama-family run
-(grouped-query attention, untied head, a BPE tokenizer.json with an end-of-text token) and a
-GPT-2-family run (char tokenizer, tied head). ``AutoTokenizer`` / ``tokenizers`` loaded from the
+(grouped-query attention, untied head, a BPE tokenizer.json with an end-of-text token), one with
+the family's default q/k norms (Qwen3ForCausalLM, byte tokenizer) and a GPT-2-family run (char
+tokenizer, tied head). ``AutoTokenizer`` / ``tokenizers`` loaded from the
 folder encode a sample to the run's ids (byte, char and tokenizer.json). Exporting twice, or into
 a folder of the user's, is one line, exit 2, everything byte-identical.
 """
@@ -52,7 +53,14 @@ TINY = [
     *QUIET,
 ]
 RUNS = {
-    "llama": ["gpt.family=llama", "gpt.n_kv_head=2", "gpt.tie_embeddings=false", "text.tokenizer=BPE"],
+    "llama": [
+        "gpt.family=llama",
+        "gpt.qk_norm=false",
+        "gpt.n_kv_head=2",
+        "gpt.tie_embeddings=false",
+        "text.tokenizer=BPE",
+    ],
+    "qwen3": ["gpt.family=llama", "text.tokenizer=byte"],  # the family's default q/k norms: Qwen3's block
     "gpt2": ["gpt.family=gpt2", "text.tokenizer=char"],
 }
 
@@ -101,7 +109,7 @@ def test_transformers_gives_our_logits_and_greedy_tokens(exported, family):
     run_dir, dest = exported[family]
     run = load_run(run_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(dest)).eval()
-    expected_class = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    expected_class = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
     assert type(theirs).__name__ == expected_class and next(theirs.parameters()).dtype == torch.float32
     ids = torch.tensor([run.tokenizer.encode(SAMPLE)])[:, :12]  # (1, 12): 12 + 50 new <= block_size 64
     with torch.no_grad():
@@ -118,6 +126,8 @@ def test_transformers_gives_our_logits_and_greedy_tokens(exported, family):
     if family == "llama":  # the run's settings as transformers names them
         assert (cfg["num_key_value_heads"], cfg["tie_word_embeddings"], cfg["hidden_act"]) == (2, False, "silu")
         assert (cfg["rope_theta"], cfg["rms_norm_eps"], eos) == (10000.0, 1e-5, 0)
+    elif family == "qwen3":
+        assert (cfg["model_type"], cfg["use_sliding_window"], cfg["head_dim"], eos) == ("qwen3", False, 8, None)
     else:
         assert (cfg["activation_function"], cfg["n_inner"], eos) == ("gelu_new", 128, None)
 

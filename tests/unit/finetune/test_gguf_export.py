@@ -94,7 +94,9 @@ def test_qk_norm_gpt_is_written_as_qwen3(tmp_path):
     model = GPT(GPTConfig(**shape, head_dim=128, intermediate_size=96, qk_norm=True, tie_embeddings=False)).eval()
     for p in model.parameters():  # q/k norm weights away from 1: a dropped or swapped norm would show
         torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.2)
-    out = gguf_export.export_gguf(model, gguf_export.vocab_from_hf_folder(tmp_path / "tok"), tmp_path / "o" / "m.gguf", "f32")
+    out = gguf_export.export_gguf(
+        model, gguf_export.vocab_from_hf_folder(tmp_path / "tok"), tmp_path / "o" / "m.gguf", "f32"
+    )
     reader = gguf.GGUFReader(str(out))
     assert reader.fields["general.architecture"].contents() == "qwen3"
     raw = {t.name: torch.from_numpy(t.data.copy()).reshape(t.data.shape) for t in reader.tensors}
