@@ -66,7 +66,7 @@ from gradtune.config.schema import Config  # noqa: E402
 from gradtune.finetune import methods  # noqa: E402
 from gradtune.finetune.lora import LoRALinear  # noqa: E402
 from gradtune.jobs.reload import load_run  # noqa: E402
-from gradtune.models import decode_kernel, decode_step, fast_decoder, hf, onednn_linear  # noqa: E402
+from gradtune.models import decode_kernel, decode_step, fast_decoder, hf, onednn_linear, rms_norm_kernel  # noqa: E402
 from gradtune.models.generate import PACK_MIN_TOKENS, generate, next_token  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -155,6 +155,7 @@ def merged_peer(model: torch.nn.Module) -> torch.nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(peer.get_submodule(parent), child, m.base)
     onednn_linear.unswap_linears(peer)  # torch's own F.linear (MKL), as transformers runs it
+    rms_norm_kernel.unswap_rms_norms(peer)  # transformers' own RMSNorm
     if peer.config._attn_implementation != "sdpa":
         peer.set_attn_implementation("sdpa")
     peer.generation_config.eos_token_id = None  # eos off: every row makes all the tokens

@@ -29,6 +29,7 @@ from torch import nn
 from gradtune.models import gguf_cache, hf_attention, loader_bars
 from gradtune.models.dropout import swap_dropouts
 from gradtune.models.onednn_linear import swap_linears
+from gradtune.models.rms_norm_kernel import swap_rms_norms
 from gradtune.runtime import collector
 from gradtune.runtime.errors import InputError
 from gradtune.runtime.json_object import parse_object
@@ -196,6 +197,7 @@ def load_model(source: str | Path, kind: Kind = "causal_lm", dtype: torch.dtype 
             gguf_cache.store(folder / gguf, f"{kind}-model", lambda d: gguf_cache.save_model(model, d), nbytes)
     fast_dropout(model)
     swap_linears(model)  # float32 linears through oneDNN where the CPU is AMD (models/onednn_linear.py)
+    swap_rms_norms(model)  # Llama-family RMSNorms in one C pass each way (models/rms_norm_kernel.py)
     contiguous_head(model)
     return model.train()
 

@@ -16,13 +16,22 @@ order, so results agree to float32 rounding; dx is written in x's dtype (bfloat1
 nearest even). x is read through one row stride: a row of G groups of N contiguous values, so the
 q|k columns of the fused q/k/v projection are normalised per head without a copy. Everything else
 (weights other than float32, float64, no compiler, a torch.compile trace) takes the torch ops.
+
+transformers' Llama, Mistral, Qwen2 and Qwen3 RMSNorm modules compute the same arithmetic
+(``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``); ``swap_rms_norms`` routes theirs
+here too (models/hf.py, as it routes linears through oneDNN), checking each class's forward source
+first: a class whose forward says anything else keeps its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
+import types
 
 import torch
+from torch import nn
 
 from gradtune.runtime.c_build import Library
 from gradtune.runtime.c_vectors import HEADER
@@ -222,3 +231,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x (..., G, N), weight (G, N) (one group's weight repeated for per-head norms), float32 out;
     as ``takes`` says."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+# transformers' RMSNorm classes computing ``rms_norm`` above, and the body their forward must have
+HF_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+HF_BODY = [
+    "input_dtype = hidden_states.dtype",
+    "hidden_states = hidden_states.to(torch.float32)",
+    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+    "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+    "return self.weight * hidden_states.to(input_dtype)",
+]
+
+
+@functools.cache
+def _same_arithmetic(cls: type) -> bool:
+    """``cls.forward``'s statements are HF_BODY's, read from its source (blank and comment lines out)."""
+    try:
+        lines = [ln.strip() for ln in inspect.getsource(cls.forward).splitlines()[1:]]
+    except (OSError, TypeError):
+        return False
+    return [ln for ln in lines if ln and not ln.startswith("#")] == HF_BODY
+
+
+def _hf_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    rows, w = hidden_states.unsqueeze(-2), self.weight.view(1, -1)  # (..., 1, C): one group a row
+    if takes(rows, w):
+        return rms_norm(rows, w, self.variance_epsilon).squeeze(-2)
+    return type(self).forward(self, hidden_states)
+
+
+def swap_rms_norms(model: nn.Module) -> int:
+    """Route ``model``'s transformers RMSNorm modules of ``HF_CLASSES`` whose forward is HF_BODY
+    through the kernel (an instance ``forward``; class and state dict unchanged); returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ in HF_CLASSES and hasattr(m, "variance_epsilon") and _same_arithmetic(type(m)):
+            m.forward = types.MethodType(_hf_forward, m)
+            n += 1
+    return n
+
+
+def unswap_rms_norms(model: nn.Module) -> int:
+    """Undo ``swap_rms_norms`` (a benchmark's peer runs transformers' own); returns how many."""
+    return sum(1 for m in model.modules() if type(m).__name__ in HF_CLASSES and vars(m).pop("forward", None))

@@ -111,3 +111,78 @@ def test_without_the_library_the_torch_path_runs(monkeypatch) -> None:
     assert not rms_norm_kernel.takes(torch.randn(4, 1, 8), torch.ones(1, 8))
     model = GPT(GPTConfig.preset("tiny-llama", vocab_size=64, qk_norm=True))
     model(torch.randint(0, 64, (1, 8))).sum().backward()  # composite norms, no kernel call
+
+
+def _hf_model(kind: str) -> torch.nn.Module:
+    import transformers
+
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    sizes.update(intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    else:  # q/k norms over (B, T, heads, head_dim) views too
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**sizes, head_dim=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_transformers_rms_norms_swapped_give_their_logits_and_gradients(kind: str) -> None:
+    """swap_rms_norms routes transformers' Llama / Qwen3 RMSNorms (and Qwen3's q/k norms) through
+    the kernel: logits and every gradient equal the unswapped model's; unswap restores theirs."""
+    pytest.importorskip("transformers")
+    model = _hf_model(kind)
+    ids = torch.randint(0, 64, (2, 12))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    theirs = run()
+    per_layer = 4 if kind == "qwen3" else 2
+    assert rms_norm_kernel.swap_rms_norms(model) == per_layer * 2 + 1
+    calls = []
+    real = rms_norm_kernel.rms_norm
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(rms_norm_kernel, "rms_norm", lambda *a: calls.append(1) or real(*a))
+        ours = run()
+    assert len(calls) == per_layer * 2 + 1
+    assert theirs[0].abs().max() > 0.1
+    torch.testing.assert_close(ours[0], theirs[0], atol=2e-5, rtol=1e-5)
+    for a, b in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert rms_norm_kernel.unswap_rms_norms(model) == per_layer * 2 + 1
+    assert all("forward" not in vars(mod) for mod in model.modules())
+
+
+def test_a_norm_class_with_other_arithmetic_keeps_its_own() -> None:
+    """Only a forward whose statements are transformers' Llama RMSNorm's is swapped: a class of the
+    same name computing something else (Gemma's 1 + weight, say) keeps its own."""
+
+    class LlamaRMSNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.zeros(8)), 1e-6
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
+            return hidden_states * torch.rsqrt(variance + self.variance_epsilon) * (1.0 + self.weight)
+
+    assert rms_norm_kernel.swap_rms_norms(torch.nn.Sequential(LlamaRMSNorm())) == 0
+
+
+def test_pretrained_llama_models_load_with_the_kernel(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from gradtune.models import hf
+    from tests import tiny_hf
+
+    tiny_hf.llama(tmp_path / "llama")
+    model = hf.load_model(tmp_path / "llama")
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5 and all("forward" in vars(m) for m in norms)
