@@ -43,24 +43,29 @@ def hf_gpt2(tmp_path: Path, **kw) -> torch.nn.Module:
     return model
 
 
-def hf_llama(tmp_path: Path, tie: bool = False, **kw) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_theta=5000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        **kw,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+# the shape of the random Llama-family models below (transformers' names)
+SIZES = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
+
+
+def scrambled_and_saved(model: torch.nn.Module, tmp_path: Path) -> torch.nn.Module:
+    model.eval()
     scramble(model)
     model.save_pretrained(tmp_path)
     return model
+
+
+def hf_llama(tmp_path: Path, tie: bool = False, **kw) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(**SIZES, rope_theta=5000.0, tie_word_embeddings=tie, **kw)
+    return scrambled_and_saved(transformers.LlamaForCausalLM(cfg), tmp_path)
 
 
 def assert_same_logits(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: int = 300) -> None:
@@ -90,23 +95,13 @@ def test_llama_folder(tmp_path: Path, tie: bool) -> None:
 
 def hf_qwen3(tmp_path: Path, **kw) -> torch.nn.Module:
     cfg = transformers.Qwen3Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SIZES,
         head_dim=24,  # decoupled from hidden / heads, as Qwen3's own (128 at 1,024)
-        max_position_embeddings=64,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
-        rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         **kw,
     )
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    scramble(model)
-    model.save_pretrained(tmp_path)
-    return model
+    return scrambled_and_saved(transformers.Qwen3ForCausalLM(cfg), tmp_path)
 
 
 def test_qwen3_folder_is_a_llama_block_with_qk_norm(tmp_path: Path) -> None:
@@ -122,17 +117,7 @@ def test_qwen3_folder_is_a_llama_block_with_qk_norm(tmp_path: Path) -> None:
 
 
 def test_sharded_folder(tmp_path: Path) -> None:
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES, tie_word_embeddings=False)).eval()
     scramble(hf)
     hf.save_pretrained(tmp_path, max_shard_size="50KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
