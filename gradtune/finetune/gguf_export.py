@@ -133,9 +133,8 @@ def _add_hparams(writer: Any, cfg: GPTConfig, vocab_size: int, qtype: str, name:
     writer.add_rope_dimension_count(cfg.head_dim)  # transformers reads head_dim from this key
     writer.add_rope_freq_base(float(cfg.rope_theta))
     writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    if (
-        cfg.head_dim * cfg.n_head != cfg.n_embd or cfg.qk_norm
-    ):  # llama.cpp (and our loader) read a decoupled head size here
+    # llama.cpp (and our loader) read a decoupled head size here; qwen3's always (its head size is its own)
+    if cfg.head_dim * cfg.n_head != cfg.n_embd or cfg.qk_norm:
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     if qtype.startswith("q"):

@@ -143,8 +143,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, w = x.unsqueeze(-2), self.weight.view(1, -1)  # (..., 1, C): one group a row
-        if rms_norm_kernel.takes(rows, w):  # one C pass each way (models/rms_norm_kernel.py)
-            return rms_norm_kernel.rms_norm(rows, w, self.eps).squeeze(-2)
+        layout = rms_norm_kernel.takes(rows, w)  # one C pass each way (models/rms_norm_kernel.py)
+        if layout:
+            return rms_norm_kernel.rms_norm(rows, w, self.eps, layout).squeeze(-2)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -248,9 +249,11 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         heads = qkv[..., : self.q_size + self.kv_size].unflatten(-1, (cfg.n_head + cfg.n_kv_head, cfg.head_dim))
         w = torch.cat([self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1)])
-        if not rms_norm_kernel.takes(heads, w):
+        layout = rms_norm_kernel.takes(heads, w)
+        if not layout:
             return self.q_norm(q), self.k_norm(k)
-        q, k = rms_norm_kernel.rms_norm(heads, w, self.q_norm.eps).split([cfg.n_head, cfg.n_kv_head], dim=2)
+        normed = rms_norm_kernel.rms_norm(heads, w, self.q_norm.eps, layout)
+        q, k = normed.split([cfg.n_head, cfg.n_kv_head], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
 
 

@@ -36,16 +36,18 @@ QK_NORM_PARTS: dict[str, list[tuple[str, str]]] = {
 ARCH = {False: ("llama", "LlamaForCausalLM", "llama"), True: ("qwen3", "Qwen3ForCausalLM", "qwen3")}
 
 
-def hf_parts(cfg: GPTConfig) -> dict[str, list[str]]:
-    """Ours -> the HF parts, for this config (the q/k norms where it has them)."""
+def _parts(cfg: GPTConfig, side: int) -> dict[str, list[str]]:
+    """Ours -> one format's parts (side 0: HF, 1: GGUF), the q/k norms where ``cfg`` has them."""
     table = {**PARTS, **QK_NORM_PARTS} if cfg.qk_norm else PARTS
-    return {ours: [hf for hf, _ in parts] for ours, parts in table.items()}
+    return {ours: [names[side] for names in parts] for ours, parts in table.items()}
+
+
+def hf_parts(cfg: GPTConfig) -> dict[str, list[str]]:
+    return _parts(cfg, 0)
 
 
 def gguf_parts(cfg: GPTConfig) -> dict[str, list[str]]:
-    """Ours -> the GGUF parts, for this config (the q/k norms where it has them)."""
-    table = {**PARTS, **QK_NORM_PARTS} if cfg.qk_norm else PARTS
-    return {ours: [gguf for _, gguf in parts] for ours, parts in table.items()}
+    return _parts(cfg, 1)
 
 
 def part_rows(cfg: GPTConfig) -> dict[str, list[int]]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import inspect
+import math
 import types
 
 import torch
@@ -149,39 +150,36 @@ def rows_of(x: torch.Tensor) -> tuple[int, int] | None:
     the last two dimensions dense, the leading ones collapsing to one strided dimension."""
     if x.dim() < 2 or x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
         return None
-    lead = x.shape[:-2]
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(x.shape[:-2])
     if rows == 0:
         return None
     stride = x.stride(-3) if x.dim() > 2 else x.shape[-2] * x.shape[-1]
-    expect = stride  # the leading dimensions must be one arithmetic run of rows
-    for i in range(x.dim() - 3, -1, -1):
+    expect = stride * x.shape[-3] if x.dim() > 2 else stride  # outer dimensions: one arithmetic run of rows
+    for i in range(x.dim() - 4, -1, -1):
         if x.shape[i] > 1 and x.stride(i) != expect:
             return None
         expect *= x.shape[i]
     return rows, stride
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The kernel computes this norm: CPU, x float32 or bfloat16 in rows (``rows_of``), a float32
-    weight of x's last two dimensions' shape, the library built, no torch.compile trace."""
-    return (
+def takes(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int] | None:
+    """x's (rows, row stride) when the kernel computes this norm, else None: CPU, x float32 or
+    bfloat16 in rows (``rows_of``), a float32 weight of x's last two dimensions' shape, the library
+    built, no torch.compile trace. Pass it on to ``rms_norm`` (read once per call, kept for backward)."""
+    ok = (
         x.device.type == "cpu"
         and x.dtype in _TYPES
         and weight.dtype == torch.float32
         and weight.shape == x.shape[-2:]
         and not torch.compiler.is_compiling()
-        and rows_of(x) is not None
         and load() is not None
     )
+    return rows_of(x) if ok else None
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        rows, stride = rows_of(x)  # type: ignore[misc]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, rows: int, stride: int) -> torch.Tensor:  # type: ignore[override]
         groups, n = x.shape[-2], x.shape[-1]
         w = weight.contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
@@ -199,12 +197,13 @@ class _RMSNorm(torch.autograd.Function):
             torch.get_num_threads(),
         )
         ctx.save_for_backward(x, w, rstd)
+        ctx.rows, ctx.stride = rows, stride
         return out
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):  # type: ignore[override]
         x, w, rstd = ctx.saved_tensors
-        rows, stride = rows_of(x)  # type: ignore[misc]
+        rows, stride = ctx.rows, ctx.stride
         groups, n = x.shape[-2], x.shape[-1]
         go = go.contiguous().float()
         threads = torch.get_num_threads()
@@ -223,14 +222,15 @@ class _RMSNorm(torch.autograd.Function):
             dw.data_ptr(),
             threads,
         )
-        return dx, dw.sum(0), None
+        return dx, dw.sum(0), None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: tuple[int, int] | None = None) -> torch.Tensor:
     """``F.rms_norm(x.float(), (N,), eps=eps).to(x.dtype) * weight`` over the last dimension of
     x (..., G, N), weight (G, N) (one group's weight repeated for per-head norms), float32 out;
-    as ``takes`` says."""
-    return _RMSNorm.apply(x, weight, eps)
+    as ``takes`` says, whose result is ``layout`` (read from x when not given)."""
+    rows, stride = layout or rows_of(x)  # type: ignore[misc]
+    return _RMSNorm.apply(x, weight, eps, rows, stride)
 
 
 # transformers' RMSNorm classes computing ``rms_norm`` above, and the body their forward must have
@@ -256,8 +256,9 @@ def _same_arithmetic(cls: type) -> bool:
 
 def _hf_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     rows, w = hidden_states.unsqueeze(-2), self.weight.view(1, -1)  # (..., 1, C): one group a row
-    if takes(rows, w):
-        return rms_norm(rows, w, self.variance_epsilon).squeeze(-2)
+    layout = takes(rows, w)
+    if layout:
+        return rms_norm(rows, w, self.variance_epsilon, layout).squeeze(-2)
     return type(self).forward(self, hidden_states)
 
 

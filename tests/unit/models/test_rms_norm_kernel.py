@@ -109,8 +109,14 @@ def test_gpt_norms_take_the_kernel_and_equal_the_torch_path(monkeypatch, qk_norm
 def test_without_the_library_the_torch_path_runs(monkeypatch) -> None:
     monkeypatch.setattr(rms_norm_kernel, "load", lambda: None)
     assert not rms_norm_kernel.takes(torch.randn(4, 1, 8), torch.ones(1, 8))
+
+    def unreachable(*args):
+        raise AssertionError("the kernel was called without its library")
+
+    monkeypatch.setattr(rms_norm_kernel, "rms_norm", unreachable)
     model = GPT(GPTConfig.preset("tiny-llama", vocab_size=64, qk_norm=True))
     model(torch.randint(0, 64, (1, 8))).sum().backward()  # composite norms, no kernel call
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def _hf_model(kind: str) -> torch.nn.Module:
