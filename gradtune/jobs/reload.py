@@ -129,10 +129,16 @@ RELOADERS: dict[str, Callable[[Path, Config, dict[str, Any]], Run]] = {
 }
 
 
+# Settings whose unset value came to mean something else after runs were saved without the key:
+# a config.yaml from before the setting existed is read with the value those runs trained with.
+# gpt.qk_norm: absent before the speedrun's settings (off then); unset is the family's now (on for llama).
+SAVED_WITHOUT: dict[str, Any] = {"gpt": {"qk_norm": False}}
+
+
 def _facts(folder: Path) -> tuple[Path, Config, dict[str, Any]]:
     """(run folder, its config, summary.json's "job" dict) of a run or checkpoint folder."""
     run = run_folder(folder)
-    cfg = load_config(str(run / "config.yaml"))
+    cfg = load_config(str(run / "config.yaml"), base=SAVED_WITHOUT)
     try:
         info = json.loads((run / "summary.json").read_text())["job"]
     except (ValueError, KeyError, TypeError) as e:

@@ -52,6 +52,21 @@ def save_weights(model: nn.Module, path: Path | str, metadata: Optional[dict[str
     save_state(model.state_dict(), path, metadata)
 
 
+def misfit(where: Path | str, missing: list[str], unexpected: list[str], shown: int = 5) -> GradtuneError:
+    """The one-line error for weights whose names are not the model's; when the only difference
+    is the q/k norms, the setting that makes them fit (runs from before the llama family's
+    QK-norm default have none)."""
+    hint = ""
+    norms = ("q_norm.weight", "k_norm.weight")
+    if missing and not unexpected and all(k.endswith(norms) for k in missing):
+        hint = "; the weights have no q/k norms: set gpt.qk_norm=false"
+    elif unexpected and not missing and all(k.endswith(norms) for k in unexpected):
+        hint = "; the weights have q/k norms: set gpt.qk_norm=true"
+    return GradtuneError(
+        f"{where}: weights do not fit the model (missing {missing[:shown]}, unexpected {unexpected[:shown]}){hint}"
+    )
+
+
 def load_weights(model: nn.Module, path: Path | str) -> None:
     """Load a safetensors file into ``model``; names and shapes must match (tied aliases may be absent)."""
     p = Path(path)
@@ -65,9 +80,7 @@ def load_weights(model: nn.Module, path: Path | str) -> None:
     missing = sorted(set(own) - set(state) - aliases(model))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise GradtuneError(
-            f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise misfit(path, missing, unexpected)
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise GradtuneError(f"{path}: '{k}' has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")

@@ -29,7 +29,7 @@ import torch
 from gradtune.config import Config
 from gradtune.data import fingerprint
 from gradtune.jobs.job import Job
-from gradtune.models.weights import aliases
+from gradtune.models.weights import aliases, misfit
 from gradtune.runtime.atomic import write_text
 from gradtune.runtime.errors import GradtuneError
 from gradtune.state import checkpoint, sharded
@@ -108,7 +108,7 @@ def _check_fits(plan: Plan, model: torch.nn.Module) -> None:
     tied = aliases(model)  # stored once by checkpoint.save (sharded ones list every name)
     missing, unexpected = sorted(set(own) - set(plan.model) - tied), sorted(set(plan.model) - set(own))
     if missing or unexpected:
-        raise GradtuneError(f"{plan.folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        raise misfit(plan.folder, missing, unexpected, shown=len(missing) + len(unexpected))
     for k, v in plan.model.items():
         if v.shape != own[k].shape or v.dtype != own[k].dtype:
             raise GradtuneError(

@@ -178,3 +178,34 @@ def test_a_run_with_every_setting_trains_reloads_generates_and_evaluates(tmp_pat
     out = capsys.readouterr().out
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert f"loss={last['val_loss']:.6g}" in out, (out, last)
+
+
+def test_runs_saved_before_qk_norm_existed_reload_without_it(tmp_path: Path, capsys) -> None:
+    """A llama run's config.yaml from before gpt.qk_norm (no such key) trained without q/k norms:
+    it reloads and evaluates as trained, not as today's llama default (QK-norm on); a config
+    saved with the key unset keeps the family's; weights without the norms given to a QK-norm
+    model name the setting that fits them."""
+    from gradtune.jobs.reload import load_run
+
+    (tmp_path / "t.txt").write_text("to be or not to be, that is the question. " * 200)
+    args = ["model=gpt", f"data={tmp_path / 't.txt'}", "gpt.family=llama", "gpt.n_layer=1", "gpt.n_embd=32"]
+    args += ["gpt.n_head=2", "gpt.block_size=32", "batch_size=4", "max_steps=2", "progress=off", "plot=false"]
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert main(["train", *args, "gpt.qk_norm=false", f"out_dir={old}"]) == 0
+    assert main(["train", *args, f"out_dir={new}"]) == 0
+    assert "qk_norm: null" in (new / "config.yaml").read_text()
+    saved = (old / "config.yaml").read_text()
+    assert "  qk_norm: false\n" in saved
+    (old / "config.yaml").write_text(saved.replace("  qk_norm: false\n", ""))  # as a run saved then
+    assert load_run(old).model.config.qk_norm is False
+    assert load_run(new).model.config.qk_norm is True
+    capsys.readouterr()
+    assert main(["eval", str(old)]) == 0
+    last = json.loads((old / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"loss={last['val_loss']:.6g}" in capsys.readouterr().out
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    assert main(["train", *args, f"init={old / 'model.safetensors'}", f"out_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors: weights do not fit the model" in err[0], err
+    assert err[0].endswith("the weights have no q/k norms: set gpt.qk_norm=false"), err
+    assert before == {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
