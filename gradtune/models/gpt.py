@@ -35,12 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradtune.models import fused_attention, rms_norm_kernel
+from gradtune.models import fused_attention, rms_norm_kernel, rotary
 from gradtune.models.dropout import Dropout
 from gradtune.models.dropout import attention as dropout_attention
 from gradtune.models.gpt_mlp import KINDS as MLP_KINDS
 from gradtune.models.gpt_mlp import MLP
 from gradtune.models.onednn_linear import swap_linears
+from gradtune.models.rotary import apply_rotary
 
 
 @dataclass
@@ -160,16 +161,6 @@ def rotary_cache(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x[i], x[i + hs/2]) pair by its position's angle. x (B, nh, T, hs), cos (T, hs).
-
-    x * cos + rotate_half(x) * sin, with rotate_half's sign moved onto the small (T, hs) table:
-    three passes over x (cat, mul, addcmul) instead of five (neg, cat, mul, mul, add)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), torch.cat([-s1, s2], dim=-1))
-
-
 class KVCache:
     """Keys and values of past tokens per layer, preallocated (B, nkv, block_size, hs).
 
@@ -213,10 +204,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.norm_qk(qkv, q, k)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cfg.qk_norm or rope is not None:
+            q, k = self.norm_and_rotate(qkv, q, k, rope)
         past = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, past + T, hs)
@@ -243,18 +232,27 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.c_proj(y)
 
-    def norm_qk(self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_norm(q), k_norm(k) (B, nh / nkv, T, hs). On the CPU the q|k columns of ``qkv`` (B, T, .)
-        are normalised per head in one kernel pass, read in place (models/rms_norm_kernel.py)."""
+    def norm_and_rotate(
+        self, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (B, nh / nkv, T, hs) after the q/k norms (gpt.qk_norm) and rotary positions. On the CPU
+        the q|k columns of ``qkv`` (B, T, .) are read in place as (B, T, nh + nkv, hs) heads: one
+        kernel pass normalises both (models/rms_norm_kernel.py), one rotates both (models/rotary.py)."""
         cfg = self.cfg
         heads = qkv[..., : self.q_size + self.kv_size].unflatten(-1, (cfg.n_head + cfg.n_kv_head, cfg.head_dim))
-        w = torch.cat([self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1)])
-        layout = rms_norm_kernel.takes(heads, w)
-        if not layout:
-            return self.q_norm(q), self.k_norm(k)
-        normed = rms_norm_kernel.rms_norm(heads, w, self.q_norm.eps, layout)
-        q, k = normed.split([cfg.n_head, cfg.n_kv_head], dim=2)
-        return q.transpose(1, 2), k.transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
+        if cfg.qk_norm:
+            w = torch.cat([self.q_norm.weight.expand(cfg.n_head, -1), self.k_norm.weight.expand(cfg.n_kv_head, -1)])
+            layout = rms_norm_kernel.takes(heads, w)
+            if not layout:  # the torch ops throughout
+                q, k = self.q_norm(q), self.k_norm(k)
+                return (apply_rotary(q, *rope), apply_rotary(k, *rope)) if rope is not None else (q, k)
+            heads = rms_norm_kernel.rms_norm(heads, w, self.q_norm.eps, layout)  # float32 (B, T, nh + nkv, hs)
+        turn = rotary.takes(heads, *rope) if rope is not None else None
+        if turn:
+            heads = rotary.rotate(heads, *rope, turn)  # type: ignore[misc]
+        q, k = heads.split([cfg.n_head, cfg.n_kv_head], dim=2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
+        return (apply_rotary(q, *rope), apply_rotary(k, *rope)) if rope is not None and not turn else (q, k)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtune.models.swiglu_kernel import swiglu
+
 KINDS = ("gelu", "swiglu", "relu2")
 
 
@@ -28,8 +30,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)  # silu(gate) * up, one C pass each way on the CPU (models/swiglu_kernel.py)
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:

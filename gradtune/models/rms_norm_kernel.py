@@ -35,21 +35,13 @@ import torch
 from torch import nn
 
 from gradtune.runtime.c_build import Library
-from gradtune.runtime.c_vectors import HEADER
+from gradtune.runtime.c_vectors import BF16, HEADER
 
 SOURCE = (
     HEADER
+    + BF16
     + r"""
 #include <omp.h>
-#include <string.h>
-
-static inline float bf16_in(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t bf16_out(float f) {  /* round to nearest even; NaN stays NaN */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-static inline float bf16_round(float f) { return bf16_in(bf16_out(f)); }
 
 /* sum of a[i] * b[i], i < n */
 static inline float dot(const float *a, const float *b, int n) {
@@ -67,13 +59,6 @@ static inline float dot(const float *a, const float *b, int n) {
 /* One group's values in float32 (xf), from float32 or bfloat16 memory. */
 #define LOAD_GROUP(T, src, xf, n) \
     for (int i = 0; i < n; i++) xf[i] = IN_##T(src[i]);
-#define IN_f32(v) (v)
-#define IN_bf16(v) bf16_in(v)
-#define OUT_f32(v) (v)
-#define OUT_bf16(v) bf16_out(v)
-#define ROUND_f32(v) (v)
-#define ROUND_bf16(v) bf16_round(v)
-
 #define KERNELS(T, CT)                                                                                 \
 void rms_fwd_##T(const CT *x, int64_t rows, int64_t stride, int groups, int n, const float *w,       \
                  float eps, float *out, float *rstd, int nthreads) {                                   \
@@ -147,19 +132,23 @@ load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (the torch op
 
 def rows_of(x: torch.Tensor) -> tuple[int, int] | None:
     """(rows, row stride) when x (..., G, N) is rows of G * N contiguous values at one stride:
-    the last two dimensions dense, the leading ones collapsing to one strided dimension."""
+    the last two dimensions dense, the leading ones (size-1 ones skipped: their stride is
+    arbitrary) collapsing to one strided dimension."""
     if x.dim() < 2 or x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
         return None
     rows = math.prod(x.shape[:-2])
     if rows == 0:
         return None
-    stride = x.stride(-3) if x.dim() > 2 else x.shape[-2] * x.shape[-1]
-    expect = stride * x.shape[-3] if x.dim() > 2 else stride  # outer dimensions: one arithmetic run of rows
-    for i in range(x.dim() - 4, -1, -1):
-        if x.shape[i] > 1 and x.stride(i) != expect:
+    stride, expect = None, 0
+    for i in range(x.dim() - 3, -1, -1):
+        if x.shape[i] == 1:
+            continue
+        if stride is None:
+            stride = expect = x.stride(i)
+        elif x.stride(i) != expect:
             return None
         expect *= x.shape[i]
-    return rows, stride
+    return rows, stride if stride is not None else x.shape[-2] * x.shape[-1]
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int] | None:

@@ -3,13 +3,16 @@
 ``HEADER`` defines, for the widest float vectors the build's ``-march=native`` offers,
 
     vec, VW (floats a vector: 16 with AVX-512, 8 with AVX2 + FMA; undefined with neither)
-    VZERO VLOAD VSTORE VSET1 VFMA VMUL VADD VSUB VMAX VMIN VROUND VPOW2 VZERO_BELOW
+    VZERO VLOAD VSTORE VSET1 VFMA VMUL VADD VSUB VDIV VMAX VMIN VROUND VPOW2 VZERO_BELOW
     vsum(v), vhmax(v)      horizontal sum and max
     vexp(x)                Cephes' expf: n = round(x log2 e), r = x - n ln 2 in two parts, a
                            degree-7 polynomial for exp r, times 2^n; 0 below EXP_LO
 
 so that a kernel writes its loops once for both widths and keeps a portable path (``#ifndef VW``)
-for CPUs with neither.
+for CPUs with neither. ``BF16`` (appended by kernels that read or write bfloat16) converts one value
+each way, rounding to nearest even as torch does, and names the element types ``f32`` / ``bf16``
+for kernels generated per type: ``IN_T(v)`` to float, ``OUT_T(v)`` from float, ``ROUND_T(v)`` to
+the type's precision and back.
 """
 
 HEADER = r"""
@@ -30,6 +33,7 @@ typedef __m512 vec;
 #define VMUL _mm512_mul_ps
 #define VADD _mm512_add_ps
 #define VSUB _mm512_sub_ps
+#define VDIV _mm512_div_ps
 #define VMAX _mm512_max_ps
 #define VMIN _mm512_min_ps
 #define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -49,6 +53,7 @@ typedef __m256 vec;
 #define VMUL _mm256_mul_ps
 #define VADD _mm256_add_ps
 #define VSUB _mm256_sub_ps
+#define VDIV _mm256_div_ps
 #define VMAX _mm256_max_ps
 #define VMIN _mm256_min_ps
 #define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -90,4 +95,21 @@ static inline vec vexp(vec x) {
     return VZERO_BELOW(VMUL(p, VPOW2(n)), x, EXP_LO);
 }
 #endif  /* VW */
+"""
+
+BF16 = r"""
+#include <string.h>
+static inline float bf16_in(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t bf16_out(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf16_round(float f) { return bf16_in(bf16_out(f)); }
+#define IN_f32(v) (v)
+#define IN_bf16(v) bf16_in(v)
+#define OUT_f32(v) (v)
+#define OUT_bf16(v) bf16_out(v)
+#define ROUND_f32(v) (v)
+#define ROUND_bf16(v) bf16_round(v)
 """
