@@ -11,9 +11,9 @@ rotated copy, the product with cos, the fused multiply-add) and as many backward
 (B, nh, T, hs) temporary; in the recipe's step these cost about as much as the q/k norms did
 before their kernel. ``rotate`` reads heads (B, T, G, hs) through one row stride (the q|k columns of
 qkv in place, or the q/k norms' output) and writes float32 (B, T, G, hs), as torch's ops promote
-against the float32 tables: forward equal to them in float32 (the same products and sum, no
-contraction); the input's gradient is written in its dtype rounded once (bf16: torch rounds each
-branch's gradient before adding them). Everything else (float64, a torch.compile trace, no
+against the float32 tables: forward the same products and sum (equal to float32 rounding); the
+input's gradient is written in its dtype rounded once (bf16: torch rounds each branch's gradient
+before adding them). Everything else (float64, a torch.compile trace, no
 compiler) takes ``apply_rotary``.
 """
 
