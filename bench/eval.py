@@ -23,6 +23,12 @@ run per invocation for the chunk the command chooses.
 
   python bench/eval.py runs/gpt-shakespeare                         # medians of 3
   python bench/eval.py RUN --repeats 1 --threads 1                  # smoke run / busy cores
+  python bench/eval.py RUN --before-code REV                        # against the code at REV
+
+``--before-code REV`` compares with older code itself: a git worktree of REV (in a temporary folder,
+removed after) runs its own ``gradtune eval RUN`` and its own pass (64 a forward, float32), each in a
+child process, against this checkout's command and pass (the chosen chunk at the run's precision),
+also in children; RUN must be a run that code can read (trained by it, say).
 
 On 2 cores shared with other work, 2 torch threads spend much of each op at thread barriers;
 --threads 1 (also given to the commands as OMP_NUM_THREADS) keeps the comparison about the work.
@@ -32,10 +38,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,15 +63,20 @@ BEFORE = 64  # gradtune eval's --batch-size default until the chunk was chosen f
 CPU = torch.device("cpu")
 
 
-def command(run: str, extra: list[str], threads: int | None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of ``gradtune eval RUN *extra`` in a child process."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parents[1]  # this checkout
+
+
+def command(run: str, extra: list[str], threads: int | None, root: Path = HERE) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of ``gradtune eval RUN *extra`` in a child process, with
+    the gradtune of ``root`` (a checkout)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-S", "-c", LAUNCH, sys.executable, "-m", "gradtune", "eval", run, *extra],
         env=env,
+        cwd=root,
         capture_output=True,
         text=True,
     )
@@ -117,7 +131,7 @@ MATMULS = (
 
 def startup(run: str, threads: int | None) -> list[float]:
     """[imports, load, data, chunk] seconds of ``gradtune eval RUN`` before its pass, in a child."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(HERE))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run([sys.executable, "-c", PHASES, run], env=env, capture_output=True, text=True)
@@ -180,11 +194,95 @@ def bench(run: str, repeats: int, threads: int | None) -> None:
     )
 
 
+# --before-code: the pass as each checkout's ``gradtune eval`` runs it, in a child process with that
+# checkout's gradtune (the older code cannot be imported beside this one). "fixed": 64 samples per
+# forward without autocast (the eval of before the chosen chunk); "chosen": this checkout's rule.
+# Prints the chunk, the loss and the median of the passes after the first (lazy kernel loads).
+PASS = """
+import contextlib, statistics, sys, time, torch
+from gradtune.jobs.reload import load_run, run_data
+from gradtune.loop.evaluation import evaluate
+r = load_run(sys.argv[2]); data = run_data(r, None); cpu = torch.device("cpu")
+chunk, amp = 64, contextlib.nullcontext()
+if sys.argv[1] == "chosen":
+    from gradtune.loop.eval_chunk import choose, probe, room_for_run
+    from gradtune.runtime.device import autocast
+    amp = autocast(r.cfg.precision, cpu)
+    chunk = choose(room_for_run(r.info, cpu), probe(r.model, r.objective, data, cpu, amp), len(data), cpu)
+times = []
+for _ in range(3):
+    t = time.perf_counter(); loss = evaluate(r.model, r.objective, data, chunk, cpu, amp)[0]
+    times.append(time.perf_counter() - t)
+print(chunk, loss, statistics.median(times[1:]))
+"""
+
+
+@contextlib.contextmanager
+def checkout(rev: str):
+    """A detached worktree of ``rev`` in a temporary folder, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="gradtune-before-")) / "code"
+    subprocess.run(
+        ["git", "-C", str(HERE), "worktree", "add", "--detach", str(folder), rev], check=True, capture_output=True
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(folder)], capture_output=True)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def child_pass(root: Path, rule: str, run: str, threads: int | None) -> tuple[int, float, float]:
+    """(chunk, loss, seconds) of one child's evaluation pass with the gradtune of ``root``."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, "-c", PASS, rule, run], env=env, cwd=root, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the pass of {root} on {run} failed: {done.stderr.strip()[-300:]}")
+    chunk, loss, seconds = done.stdout.split()[-3:]
+    return int(chunk), float(loss), float(seconds)
+
+
+def bench_code(run: str, rev: str, before: Path, repeats: int, threads: int | None) -> None:
+    """``gradtune eval RUN`` of the code at ``before`` against this checkout's: passes and commands."""
+    roots = {"before": before, "after": HERE}
+    passes: dict[str, list[float]] = {"before": [], "after": []}
+    walls: dict[str, list[float]] = {"before": [], "after": []}
+    rss: dict[str, list[float]] = {"before": [], "after": []}
+    seen = {}
+    for i in range(repeats):
+        for side in ("before", "after") if i % 2 == 0 else ("after", "before"):
+            chunk, loss, seconds = child_pass(roots[side], "fixed" if side == "before" else "chosen", run, threads)
+            seen[side] = (chunk, loss)
+            passes[side].append(seconds)
+            wall, mb = command(run, [], threads, roots[side])
+            walls[side].append(wall)
+            rss[side].append(mb)
+    med = {k: statistics.median(v) for k, v in passes.items()}
+    cmd = {k: statistics.median(v) for k, v in walls.items()}
+    peak = (json.loads((Path(run) / "summary.json").read_text())["job"].get("memory") or {}).get("train_peak_bytes")
+    print("  commands (s):", {k: [round(w, 2) for w in v] for k, v in walls.items()})
+    print(
+        f"{run}, the code at {rev} -> this checkout: pass {med['before']:.2f} s (chunk {seen['before'][0]}, "
+        f"loss {seen['before'][1]:.6f}) -> {med['after']:.2f} s (chunk {seen['after'][0]}, loss "
+        f"{seen['after'][1]:.6f}): {med['before'] / med['after']:.2f}x; command {cmd['before']:.1f} s -> "
+        f"{cmd['after']:.1f} s: {cmd['before'] / cmd['after']:.2f}x; peak RSS {max(rss['before']):.0f} -> "
+        f"{max(rss['after']):.0f} MB "
+        + (f"(training peak {peak / 2**20:.0f} MB)" if peak else "(no training peak recorded)")
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="finished run folders")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the commands")
+    ap.add_argument(
+        "--before-code",
+        metavar="REV",
+        help="compare with gradtune eval of the code at git revision REV (its own eval: 64 samples a forward, "
+        "float32) instead of this code's fixed chunk; the runs must be ones that code can read",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,8 +290,13 @@ def main() -> None:
         f"cpu {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
         f"load {os.getloadavg()[0]:.1f}"
     )
-    for run in args.runs:
-        bench(run, args.repeats, args.threads)
+    if args.before_code:
+        with checkout(args.before_code) as before:
+            for run in args.runs:
+                bench_code(run, args.before_code, before, args.repeats, args.threads)
+    else:
+        for run in args.runs:
+            bench(run, args.repeats, args.threads)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 
