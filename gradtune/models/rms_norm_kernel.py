@@ -34,8 +34,8 @@ import types
 import torch
 from torch import nn
 
-from gradtune.runtime.c_build import Library
-from gradtune.runtime.c_vectors import BF16, HEADER
+from gradtune.runtime.c_build import Library, bind_per_type
+from gradtune.runtime.c_vectors import BF16, HEADER, PER_TYPE, TYPE_NAMES
 
 SOURCE = (
     HEADER
@@ -107,23 +107,18 @@ void rms_bwd_##T(const CT *x, int64_t rows, int64_t stride, int groups, int n, c
         }                                                                                              \
     }                                                                                                  \
 }
-KERNELS(f32, float)
-KERNELS(bf16, uint16_t)
 """
+    + PER_TYPE
 )
-
-_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    for name in _TYPES.values():
-        f = getattr(lib, f"rms_fwd_{name}")
-        f.argtypes = [ptr, i64, i64, i32, i32, ptr, f32, ptr, ptr, i32]
-        f.restype = None
-        f = getattr(lib, f"rms_bwd_{name}")
-        f.argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, ptr, ptr, i32]
-        f.restype = None
+    signatures = {
+        "rms_fwd": [ptr, i64, i64, i32, i32, ptr, f32, ptr, ptr, i32],
+        "rms_bwd": [ptr, i64, i64, i32, i32, ptr, ptr, ptr, ptr, ptr, i32],
+    }
+    bind_per_type(lib, signatures, TYPE_NAMES.values())
 
 
 _LIBRARY = Library(SOURCE, "rms_norm", _bind)
@@ -157,7 +152,7 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int] | None:
     built, no torch.compile trace. Pass it on to ``rms_norm`` (read once per call, kept for backward)."""
     ok = (
         x.device.type == "cpu"
-        and x.dtype in _TYPES
+        and x.dtype in TYPE_NAMES
         and weight.dtype == torch.float32
         and weight.shape == x.shape[-2:]
         and not torch.compiler.is_compiling()
@@ -173,7 +168,7 @@ class _RMSNorm(torch.autograd.Function):
         w = weight.contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         rstd = torch.empty(rows * groups, dtype=torch.float32)
-        getattr(load(), f"rms_fwd_{_TYPES[x.dtype]}")(
+        getattr(load(), f"rms_fwd_{TYPE_NAMES[x.dtype]}")(
             x.data_ptr(),
             rows,
             stride,
@@ -198,7 +193,7 @@ class _RMSNorm(torch.autograd.Function):
         threads = torch.get_num_threads()
         dx = torch.empty(x.shape, dtype=x.dtype)
         dw = torch.zeros(threads, groups, n, dtype=torch.float32)
-        getattr(load(), f"rms_bwd_{_TYPES[x.dtype]}")(
+        getattr(load(), f"rms_bwd_{TYPE_NAMES[x.dtype]}")(
             x.data_ptr(),
             rows,
             stride,

@@ -24,8 +24,8 @@ import ctypes
 import torch
 
 from gradtune.models.rms_norm_kernel import rows_of
-from gradtune.runtime.c_build import Library
-from gradtune.runtime.c_vectors import BF16, HEADER
+from gradtune.runtime.c_build import Library, bind_per_type
+from gradtune.runtime.c_vectors import BF16, HEADER, PER_TYPE, TYPE_NAMES
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,23 +81,18 @@ void rope_bwd_##T_(const float *go, int64_t rows, int64_t T, int groups, int n, 
         }                                                                                              \
     }                                                                                                  \
 }
-KERNELS(f32, float)
-KERNELS(bf16, uint16_t)
 """
+    + PER_TYPE
 )
-
-_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    for name in _TYPES.values():
-        f = getattr(lib, f"rope_fwd_{name}")
-        f.argtypes = [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32]
-        f.restype = None
-        f = getattr(lib, f"rope_bwd_{name}")
-        f.argtypes = [ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32]
-        f.restype = None
+    signatures = {
+        "rope_fwd": [ptr, i64, i64, i64, i32, i32, ptr, ptr, ptr, i32],
+        "rope_bwd": [ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32],
+    }
+    bind_per_type(lib, signatures, TYPE_NAMES.values())
 
 
 _LIBRARY = Library(SOURCE, "rotary", _bind)
@@ -111,7 +106,7 @@ def takes(heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[in
     ok = (
         heads.device.type == "cpu"
         and heads.dim() == 4
-        and heads.dtype in _TYPES
+        and heads.dtype in TYPE_NAMES
         and heads.shape[-1] % 2 == 0
         and all(
             t.dtype == torch.float32 and t.is_contiguous() and t.shape == (heads.shape[1], heads.shape[-1])
@@ -128,7 +123,7 @@ class _Rotate(torch.autograd.Function):
     def forward(ctx, x, cos, sin, rows: int, stride: int):  # type: ignore[override]
         out = torch.empty(x.shape, dtype=torch.float32)
         T, groups, n = x.shape[1], x.shape[2], x.shape[3]
-        getattr(load(), f"rope_fwd_{_TYPES[x.dtype]}")(
+        getattr(load(), f"rope_fwd_{TYPE_NAMES[x.dtype]}")(
             x.data_ptr(),
             rows,
             stride,
@@ -150,7 +145,7 @@ class _Rotate(torch.autograd.Function):
         go = go.float().contiguous()
         dx = torch.empty(ctx.shape, dtype=ctx.dtype)
         T, groups, n = ctx.shape[1], ctx.shape[2], ctx.shape[3]
-        getattr(load(), f"rope_bwd_{_TYPES[ctx.dtype]}")(
+        getattr(load(), f"rope_bwd_{TYPE_NAMES[ctx.dtype]}")(
             go.data_ptr(),
             ctx.rows,
             T,

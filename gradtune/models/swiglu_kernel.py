@@ -23,8 +23,8 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from gradtune.runtime.c_build import Library
-from gradtune.runtime.c_vectors import BF16, HEADER
+from gradtune.runtime.c_build import Library, bind_per_type
+from gradtune.runtime.c_vectors import BF16, HEADER, PER_TYPE, TYPE_NAMES
 
 SOURCE = (
     HEADER
@@ -89,23 +89,15 @@ void swiglu_bwd_##T(const CT *h, int64_t rows, int64_t stride, int64_t hidden, c
         }                                                                                              \
     }                                                                                                  \
 }
-KERNELS(f32, float)
-KERNELS(bf16, uint16_t)
 """
+    + PER_TYPE
 )
-
-_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    for name in _TYPES.values():
-        f = getattr(lib, f"swiglu_fwd_{name}")
-        f.argtypes = [ptr, i64, i64, i64, ptr, i32]
-        f.restype = None
-        f = getattr(lib, f"swiglu_bwd_{name}")
-        f.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32]
-        f.restype = None
+    signatures = {"swiglu_fwd": [ptr, i64, i64, i64, ptr, i32], "swiglu_bwd": [ptr, i64, i64, i64, ptr, ptr, i32]}
+    bind_per_type(lib, signatures, TYPE_NAMES.values())
 
 
 _LIBRARY = Library(SOURCE, "swiglu", _bind)
@@ -131,7 +123,7 @@ def takes(h: torch.Tensor) -> bool:
     stride, the library built, no torch.compile trace."""
     return (
         h.device.type == "cpu"
-        and h.dtype in _TYPES
+        and h.dtype in TYPE_NAMES
         and h.shape[-1] % 2 == 0
         and not torch.compiler.is_compiling()
         and _row_stride(h) is not None
@@ -145,7 +137,7 @@ class _SwiGLU(torch.autograd.Function):
         hidden = h.shape[-1] // 2
         rows, stride = h.numel() // h.shape[-1], _row_stride(h)
         out = torch.empty(*h.shape[:-1], hidden, dtype=h.dtype)
-        getattr(load(), f"swiglu_fwd_{_TYPES[h.dtype]}")(
+        getattr(load(), f"swiglu_fwd_{TYPE_NAMES[h.dtype]}")(
             h.data_ptr(), rows, stride, hidden, out.data_ptr(), torch.get_num_threads()
         )
         ctx.save_for_backward(h)
@@ -157,7 +149,7 @@ class _SwiGLU(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         go = go.to(h.dtype).contiguous()
         dh = torch.empty(h.shape, dtype=h.dtype)
-        getattr(load(), f"swiglu_bwd_{_TYPES[h.dtype]}")(
+        getattr(load(), f"swiglu_bwd_{TYPE_NAMES[h.dtype]}")(
             h.data_ptr(), ctx.rows, ctx.stride, h.shape[-1] // 2, go.data_ptr(), dh.data_ptr(), torch.get_num_threads()
         )
         return dh

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from gradtune.runtime import cache
 
@@ -104,3 +104,12 @@ class Library:
 
     def reset(self) -> None:
         self.lib, self.tried = None, False
+
+
+def bind_per_type(lib: ctypes.CDLL, signatures: dict[str, list], types: Iterable[str]) -> None:
+    """Type ``lib``'s functions ``<name>_<type>`` for every name and type: argument types from
+    ``signatures[name]``, no result (kernels generated per element type: c_vectors.PER_TYPE)."""
+    for t in types:
+        for name, args in signatures.items():
+            f = getattr(lib, f"{name}_{t}")
+            f.argtypes, f.restype = args, None

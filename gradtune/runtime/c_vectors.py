@@ -12,8 +12,11 @@ so that a kernel writes its loops once for both widths and keeps a portable path
 for CPUs with neither. ``BF16`` (appended by kernels that read or write bfloat16) converts one value
 each way, rounding to nearest even as torch does, and names the element types ``f32`` / ``bf16``
 for kernels generated per type: ``IN_T(v)`` to float, ``OUT_T(v)`` from float, ``ROUND_T(v)`` to
-the type's precision and back.
+the type's precision and back; ``PER_TYPE`` instantiates a kernel's ``KERNELS(T, CT)`` macro for
+both, and ``TYPE_NAMES`` maps torch dtypes to those names.
 """
+
+import torch
 
 HEADER = r"""
 #include <stdint.h>
@@ -113,3 +116,9 @@ static inline float bf16_round(float f) { return bf16_in(bf16_out(f)); }
 #define ROUND_f32(v) (v)
 #define ROUND_bf16(v) bf16_round(v)
 """
+
+PER_TYPE = """
+KERNELS(f32, float)
+KERNELS(bf16, uint16_t)
+"""
+TYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the suffix of each instantiated function

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from gradtune.models import rms_norm_kernel
 from gradtune.models.gpt import GPT, GPTConfig
+from tests.gpt_paths import assert_kernel_equals_torch_ops
 
 pytestmark = pytest.mark.skipif(rms_norm_kernel.load() is None, reason="no C compiler: the torch path only")
 
@@ -82,28 +83,11 @@ def test_gpt_norms_take_the_kernel_and_equal_the_torch_path(monkeypatch, qk_norm
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or ".ln_" in name:
                 p.normal_(1.0, 0.3)
-    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
     calls = []
     real = rms_norm_kernel.rms_norm
     monkeypatch.setattr(rms_norm_kernel, "rms_norm", lambda *a: calls.append(1) or real(*a))
-
-    def loss_and_grads(bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    for bf16, tol in ((False, 2e-5), (True, 2e-2)):
-        calls.clear()
-        ours = loss_and_grads(bf16)
-        assert len(calls) == 2 * cfg.n_layer + 1 + (cfg.n_layer if qk_norm else 0)
-        with monkeypatch.context() as m:
-            m.setattr(rms_norm_kernel, "takes", lambda *a: False)
-            theirs = loss_and_grads(bf16)
-        torch.testing.assert_close(ours[0], theirs[0], atol=tol / 10, rtol=0)
-        for a, b in zip(ours[1], theirs[1]):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    per_pass = 2 * cfg.n_layer + 1 + (cfg.n_layer if qk_norm else 0)
+    assert_kernel_equals_torch_ops(monkeypatch, model, calls, per_pass, rms_norm_kernel)
 
 
 def test_without_the_library_the_torch_path_runs(monkeypatch) -> None:

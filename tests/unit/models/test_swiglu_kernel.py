@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from gradtune.models import swiglu_kernel
 from gradtune.models.gpt import GPT, GPTConfig
+from tests.gpt_paths import assert_kernel_equals_torch_ops
 
 pytestmark = pytest.mark.skipif(swiglu_kernel.load() is None, reason="no C compiler: the torch path only")
 
@@ -84,29 +85,10 @@ def test_gpt_mlp_takes_the_kernel_and_equals_the_torch_ops(monkeypatch) -> None:
     torch.manual_seed(0)
     cfg = GPTConfig.preset("tiny-llama", vocab_size=64)
     model = GPT(cfg)
-    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
     calls = []
     real = swiglu_kernel._SwiGLU.apply
     monkeypatch.setattr(swiglu_kernel._SwiGLU, "apply", lambda h: calls.append(1) or real(h))
-
-    def loss_and_grads(bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    for bf16, tol in ((False, 2e-5), (True, 2e-2)):
-        calls.clear()
-        ours = loss_and_grads(bf16)
-        assert len(calls) == cfg.n_layer
-        with monkeypatch.context() as m:
-            m.setattr(swiglu_kernel, "takes", lambda h: False)
-            theirs = loss_and_grads(bf16)
-        assert len(calls) == cfg.n_layer
-        torch.testing.assert_close(ours[0], theirs[0], atol=tol / 10, rtol=0)
-        for a, b in zip(ours[1], theirs[1]):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert_kernel_equals_torch_ops(monkeypatch, model, calls, cfg.n_layer, swiglu_kernel)
 
 
 def test_without_the_library_the_torch_ops_run(monkeypatch) -> None:
