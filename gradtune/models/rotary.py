@@ -8,13 +8,12 @@ For a pair (a, b) = (x[i], x[i + hs/2]) at position t, with c = cos[t, i] and s 
 
 Why a kernel: torch's ``apply_rotary`` is three passes over q and three over k forward (the
 rotated copy, the product with cos, the fused multiply-add) and as many backward, each writing a
-(B, nh, T, hs) temporary; in the recipe's step these cost about as much as the q/k norms did
-before their kernel. ``rotate`` reads heads (B, T, G, hs) through one row stride (the q|k columns of
-qkv in place, or the q/k norms' output) and writes float32 (B, T, G, hs), as torch's ops promote
-against the float32 tables: forward the same products and sum (equal to float32 rounding); the
-input's gradient is written in its dtype rounded once (bf16: torch rounds each branch's gradient
-before adding them). Everything else (float64, a torch.compile trace, no
-compiler) takes ``apply_rotary``.
+(B, nh, T, hs) temporary (README: what the kernel saves). ``rotate`` reads heads (B, T, G, hs)
+through one row stride (the q|k columns of qkv in place, or the q/k norms' output) and writes
+float32 (B, T, G, hs), as torch's ops promote against the float32 tables: forward the same
+products and sum (equal to float32 rounding); the input's gradient is written in its dtype
+rounded once (bf16: torch rounds each branch's gradient before adding them). Everything else
+(float64, a torch.compile trace, no compiler) takes ``apply_rotary``.
 """
 
 from __future__ import annotations

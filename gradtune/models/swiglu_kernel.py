@@ -3,8 +3,7 @@ models/gpt_mlp.py, gate|up written side by side by one matmul).
 
 Why: torch runs it as silu (a pass over gate, writing silu(gate)), then mul (reading that and up,
 writing the product); backward as two muls and ``silu_backward``: five passes over (N, H) tensors
-and two temporaries where one pass reads gate and up once each way. In the recipe's bf16 step
-these elementwise passes cost about as much as a quarter of the MLP's matmuls.
+and two temporaries where one pass reads gate and up once each way (README: what it saves).
 
     s = silu(g) = g / (1 + exp(-g)), rounded to h's dtype;  out = s * u, rounded
     ds = dout * u, rounded;  dg = ds * sig(g) * (1 + g (1 - sig(g)));  du = dout * s
