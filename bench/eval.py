@@ -221,9 +221,14 @@ print(chunk, loss, statistics.median(times[1:]))
 def checkout(rev: str):
     """A detached worktree of ``rev`` in a temporary folder, removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="gradtune-before-")) / "code"
-    subprocess.run(
-        ["git", "-C", str(HERE), "worktree", "add", "--detach", str(folder), rev], check=True, capture_output=True
+    made = subprocess.run(
+        ["git", "-C", str(HERE), "worktree", "add", "--detach", str(folder), rev], capture_output=True, text=True
     )
+    if made.returncode:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        raise SystemExit(
+            f"--before-code {rev}: {made.stderr.strip().splitlines()[-1] if made.stderr else 'git failed'}"
+        )
     try:
         yield folder
     finally:

@@ -107,9 +107,9 @@ def llama_weights(model: nn.Module) -> tuple[GPTConfig, dict[str, torch.Tensor]]
 def gguf_tensors(cfg: GPTConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our llama state dict -> llama.cpp tensor names (float32; llama's q/k rows permuted)."""
     out = {"token_embd.weight": sd["transformer.wte.weight"], "output_norm.weight": sd["transformer.ln_f.weight"]}
-    rows = part_rows(cfg)
+    rows, table = part_rows(cfg), gguf_parts(cfg)
     for i in range(cfg.n_layer):
-        for ours, parts in gguf_parts(cfg).items():
+        for ours, parts in table.items():
             t = sd[f"transformer.h.{i}.{ours}"]
             for name, piece in zip(parts, t.split(rows[ours]) if len(parts) > 1 else [t]):
                 if name in ("attn_q", "attn_k") and not cfg.qk_norm:  # qwen3: HF's pairs as they are

@@ -110,12 +110,13 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> di
                     out[f"transformer.h.{i}.{ours}.{kind}"] = tensors[f"blk.{i}.{theirs}.{kind}"]
     else:
         out["transformer.ln_f.weight"] = tensors["output_norm.weight"]
+        table = gguf_parts(cfg)
         for i in range(cfg.n_layer):
-            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in gguf_parts(cfg).values() for p in parts}
+            t = {p: tensors[f"blk.{i}.{p}.weight"] for parts in table.values() for p in parts}
             if not cfg.qk_norm:  # qwen3 keeps HF's rotary layout
                 t["attn_q"] = unpermute_rotary(t["attn_q"], cfg.n_head)
                 t["attn_k"] = unpermute_rotary(t["attn_k"], cfg.n_kv_head)
-            for ours, parts in gguf_parts(cfg).items():
+            for ours, parts in table.items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([t[p] for p in parts])
     out["lm_head.weight"] = out["transformer.wte.weight"] if cfg.tie_embeddings else tensors["output.weight"]
     return out

@@ -191,8 +191,9 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     else:
         out["transformer.wte.weight"] = sd["model.embed_tokens.weight"]
         out["transformer.ln_f.weight"] = sd["model.norm.weight"]
+        table = hf_parts(cfg)
         for i in range(cfg.n_layer):
-            for ours, parts in hf_parts(cfg).items():
+            for ours, parts in table.items():
                 out[f"transformer.h.{i}.{ours}"] = torch.cat([sd[f"model.layers.{i}.{p}"] for p in parts])
         if "lm_head.weight" in sd:
             out["lm_head.weight"] = sd["lm_head.weight"]
@@ -212,9 +213,9 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     else:
         out["model.embed_tokens.weight"] = sd["transformer.wte.weight"]
         out["model.norm.weight"] = sd["transformer.ln_f.weight"]
-        rows = part_rows(cfg)
+        rows, table = part_rows(cfg), hf_parts(cfg)
         for i in range(cfg.n_layer):
-            for ours, parts in hf_parts(cfg).items():
+            for ours, parts in table.items():
                 t = sd[f"transformer.h.{i}.{ours}"]
                 pieces = t.split(rows[ours]) if len(parts) > 1 else [t]
                 for p, piece in zip(parts, pieces):

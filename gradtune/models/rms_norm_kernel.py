@@ -3,9 +3,9 @@ norms: models/gpt.py ``RMSNorm``, and its per-head q/k norms).
 
 Why: torch's CPU ``rms_norm`` is composite (pow, mean, add, rsqrt, mul, each a pass over x, with
 the float32 copy, the rounding back to the input dtype and the weight's product on top), and its
-backward is as many again. A 4-layer byte-level model's step spent about a tenth of its time in
-these passes, and per-head q/k norms (``gpt.qk_norm``) nearly doubled it. Here one OpenMP pass reads
-each group once forward (sum of squares, then the scaled and weighted output) and once backward.
+backward is as many again, and per-head q/k norms (``gpt.qk_norm``) run them once more per layer
+(README: what the kernel saves). Here one OpenMP pass reads each group once forward (sum of
+squares, then the scaled and weighted output) and once backward.
 
     r = 1 / sqrt(mean(x^2) + eps)                      per group of N (a head or a whole row)
     y = x * r, rounded to x's dtype;  out = y * w      (float32 out: w is float32)

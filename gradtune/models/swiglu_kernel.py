@@ -22,6 +22,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
+from gradtune.models.rms_norm_kernel import rows_of
 from gradtune.runtime.c_build import Library, bind_per_type
 from gradtune.runtime.c_vectors import BF16, HEADER, PER_TYPE, TYPE_NAMES
 
@@ -103,38 +104,24 @@ _LIBRARY = Library(SOURCE, "swiglu", _bind)
 load, reset = _LIBRARY.load, _LIBRARY.reset  # the library or None (the torch ops); forget it
 
 
-def _row_stride(h: torch.Tensor) -> int | None:
-    """The stride between rows of h (..., 2H) when each row is contiguous and the leading
-    dimensions collapse to one strided dimension, else None."""
-    if h.dim() < 2 or h.stride(-1) != 1 or h.numel() == 0:
-        return None
-    stride = h.stride(-2)
-    expect = stride * h.shape[-2]
-    for i in range(h.dim() - 3, -1, -1):
-        if h.shape[i] > 1 and h.stride(i) != expect:
-            return None
-        expect *= h.shape[i]
-    return stride
-
-
-def takes(h: torch.Tensor) -> bool:
-    """The kernel computes ``swiglu(h)``: CPU, float32 or bfloat16 rows of an even width at one
-    stride, the library built, no torch.compile trace."""
-    return (
+def takes(h: torch.Tensor) -> tuple[int, int] | None:
+    """h's (rows, row stride) when the kernel computes ``swiglu(h)``: CPU, float32 or bfloat16 rows
+    of an even width at one stride (``rows_of``), the library built, no torch.compile trace; else
+    None. Pass it on to the kernel (read once per call)."""
+    ok = (
         h.device.type == "cpu"
         and h.dtype in TYPE_NAMES
         and h.shape[-1] % 2 == 0
         and not torch.compiler.is_compiling()
-        and _row_stride(h) is not None
         and load() is not None
     )
+    return rows_of(h.unsqueeze(-2)) if ok else None  # (..., 1, 2H): one group a row
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, h: torch.Tensor, rows: int, stride: int) -> torch.Tensor:  # type: ignore[override]
         hidden = h.shape[-1] // 2
-        rows, stride = h.numel() // h.shape[-1], _row_stride(h)
         out = torch.empty(*h.shape[:-1], hidden, dtype=h.dtype)
         getattr(load(), f"swiglu_fwd_{TYPE_NAMES[h.dtype]}")(
             h.data_ptr(), rows, stride, hidden, out.data_ptr(), torch.get_num_threads()
@@ -151,13 +138,14 @@ class _SwiGLU(torch.autograd.Function):
         getattr(load(), f"swiglu_bwd_{TYPE_NAMES[h.dtype]}")(
             h.data_ptr(), ctx.rows, ctx.stride, h.shape[-1] // 2, go.data_ptr(), dh.data_ptr(), torch.get_num_threads()
         )
-        return dh
+        return dh, None, None
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for h = gate|up (..., 2H) -> (..., H) in h's dtype: the kernel where
     ``takes(h)``, else the torch ops."""
-    if takes(h):
-        return _SwiGLU.apply(h)
+    layout = takes(h)
+    if layout:
+        return _SwiGLU.apply(h, *layout)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
