@@ -105,7 +105,7 @@ from gradtune.jobs.reload import load_run, run_data
 from gradtune.loop.eval_chunk import choose, probe, room_for_run
 from gradtune.runtime.device import autocast
 t.append(time.perf_counter())
-r = load_run(sys.argv[1])
+r = load_run(sys.argv[1], inference_only=True)  # as the command loads it
 t.append(time.perf_counter())
 data = run_data(r, None)
 t.append(time.perf_counter())
@@ -150,7 +150,7 @@ def matmul_share(pass_: Callable[[], object]) -> float:
 
 
 def bench(run: str, repeats: int, threads: int | None) -> None:
-    r = load_run(run)
+    r = load_run(run, inference_only=True)  # as the command loads it
     data = run_data(r, None)
     amp = autocast(r.cfg.precision, CPU)
     chunk = choose(room_for_run(r.info, CPU), probe(r.model, r.objective, data, CPU, amp), len(data), CPU)
@@ -199,10 +199,11 @@ def bench(run: str, repeats: int, threads: int | None) -> None:
 # forward without autocast (the eval of before the chosen chunk); "chosen": this checkout's rule.
 # Prints the chunk, the loss and the median of the passes after the first (lazy kernel loads).
 PASS = """
-import contextlib, statistics, sys, time, torch
+import contextlib, inspect, statistics, sys, time, torch
 from gradtune.jobs.reload import load_run, run_data
 from gradtune.loop.evaluation import evaluate
-r = load_run(sys.argv[2]); data = run_data(r, None); cpu = torch.device("cpu")
+own = "inference_only" in inspect.signature(load_run).parameters  # the model the checkout's command computes with
+r = load_run(sys.argv[2], inference_only=True) if own else load_run(sys.argv[2]); data = run_data(r, None); cpu = torch.device("cpu")
 chunk, amp = 64, contextlib.nullcontext()
 if sys.argv[1] == "chosen":
     from gradtune.loop.eval_chunk import choose, probe, room_for_run

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return benchmark(args)
     if args.limit is not None:
         raise GradtuneError("eval: --limit applies to --lm-eval only")
-    r = load_run(args.run)
+    r = load_run(args.run, inference_only=True)
     if r.data_task == "rl":  # mean reward of sampled completions (jobs/rl.py)
         found = rl.mean_reward(r.cfg, r.model, r.tokenizer, args.data, args.batch_size or LM_BATCH)
         print(f"eval {args.data or 'validation split'}: " + " ".join(f"{k}={v:.6g}" for k, v in found.items()))

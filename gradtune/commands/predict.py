@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     names = _carried_names(args)
     if args.out is not None:  # a folder, a device, a file of the user's (without --overwrite): refused
         outfile.check(args.out, args.overwrite, "predict: --out")
-    r = load_run(args.run)
+    r = load_run(args.run, inference_only=True)
     data = run_inputs(r, args.data)
     carried = input_columns(r, args.data, names, len(data)) if names else None
     text = table(r, outputs(r.model, data, args.batch_size), carried)

@@ -27,6 +27,7 @@ from gradtune.finetune.summary import summary
 from gradtune.jobs import preference, rl
 from gradtune.jobs.job import Job, eval_chunk
 from gradtune.models import hf
+from gradtune.models.bert import load_bert
 from gradtune.objectives.causal_lm import CausalLM
 from gradtune.objectives.class_metrics import class_weights
 from gradtune.objectives.classification import Classification
@@ -79,10 +80,18 @@ def objective_for(task: str, weights: Optional[list[float]] = None) -> Objective
     return CausalLM(shift=True, token_accuracy=True)  # labels aligned with input_ids (HF convention)
 
 
-def transformed(cfg: Config, task: str, num_outputs: Optional[int]) -> tuple[nn.Module, Any, frozenset[str]]:
-    """(model after the method's transforms, tokenizer, declared trainable names)."""
+def transformed(
+    cfg: Config, task: str, num_outputs: Optional[int], inference_only: bool = False
+) -> tuple[nn.Module, Any, frozenset[str]]:
+    """(model after the method's transforms, tokenizer, declared trainable names).
+    ``inference_only``: the model will only compute (a run reloaded for eval / predict), so a
+    BERT-family encoder may be gradtune's own module (models/bert.py); the tokenizer is then None
+    (the run's saved one is what encodes)."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
+    own = inference_only and task in ENCODER_TASKS and cfg.quantize == "none"
+    body, tokenizer = (load_bert(cfg.model, dtype) if own else None), None
+    if body is None:
+        body, tokenizer = hf.load(cfg.model, "encoder" if task in ENCODER_TASKS else "causal_lm", dtype)
     if activation_checkpointing(cfg) and getattr(body, "supports_gradient_checkpointing", False):
         # Non-reentrant: correct with frozen embeddings (inputs that do not require grad), the
         # trap the audit catches with the reentrant variant. Dropout masks are replayed exactly.

@@ -31,6 +31,7 @@ from gradtune.config import Config, load_config
 from gradtune.data import tabular, text
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Dataset, TensorDataset
+from gradtune.data.encoder_tokenizer import encoder_tokenizer
 from gradtune.data.plain_tokenizer import PlainTokenizer
 from gradtune.data.split import split_indices
 from gradtune.data.text_tasks import LabelMap
@@ -76,7 +77,7 @@ def _need(run: Path, *names: str) -> None:
             raise GradtuneError(f"{run}: incomplete run folder (no {name})")
 
 
-def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
+def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any], inference_only: bool = False) -> Run:
     classes = info.get("classes")
     task = info["task"]
     objective, _, n_out = tabular_job.objective_for(cfg, task, len(classes or []), info.get("class_weights"))
@@ -84,7 +85,7 @@ def _reload_tabular(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     return Run(run, cfg, kind(cfg.model), task, model, objective, info, classes=classes, data_task=task)
 
 
-def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
+def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any], inference_only: bool = False) -> Run:
     _need(run, "tokenizer.json")
     tok = tokenizers.load(str(run / "tokenizer.json"))
     model = gpt(tok.vocab_size, cfg.gpt)
@@ -96,12 +97,17 @@ def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     return Run(run, cfg, "gpt", "lm", model, CausalLM(cfg.label_smoothing), info, tokenizer=tok, data_task="lm")
 
 
-def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
+def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any], inference_only: bool = False) -> Run:
     _need(run, "tokenizer")
     task = pretrained.resolve_task(cfg)
     labels = LabelMap.load(run / "labels.json") if (run / "labels.json").is_file() else None
-    model, _, _ = pretrained.transformed(cfg, task, len(labels.names) if labels is not None else 1)
-    tokenizer = hf.load_tokenizer(run / "tokenizer", weights=False)
+    n_out = len(labels.names) if labels is not None else 1
+    model, base_tokenizer, _ = pretrained.transformed(cfg, task, n_out, inference_only)
+    tokenizer = None if base_tokenizer is not None else encoder_tokenizer(run / "tokenizer")
+    if tokenizer is None:
+        tokenizer = hf.load_tokenizer(run / "tokenizer", weights=False)
+    if base_tokenizer is None:  # gradtune's own encoder: the check hf.load makes
+        hf.check_vocab(getattr(model, "body", model), tokenizer)
     if task == "preference":  # DPO and family: rewards on pairs, the reference as in training
         job_task, objective = "preference", preference.eval_objective(cfg)
     else:
@@ -120,7 +126,9 @@ def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any]) -> Run:
     )
 
 
-RELOADERS: dict[str, Callable[[Path, Config, dict[str, Any]], Run]] = {
+# (run folder, its config, summary.json's "job", inference_only) -> Run. inference_only: the
+# model will only compute (eval, predict), not be exported or trained further.
+RELOADERS: dict[str, Callable[[Path, Config, dict[str, Any], bool], Run]] = {
     "linear": _reload_tabular,
     "logistic": _reload_tabular,
     "mlp": _reload_tabular,
@@ -167,7 +175,7 @@ def _checkpoint_in(folder: Path) -> Path:
     return found[-1] if found else folder
 
 
-def load_run(folder: Path | str) -> Run:
+def load_run(folder: Path | str, inference_only: bool = False) -> Run:
     """The finished run at ``folder`` (or the run of the checkpoint folder ``folder``), with the
     weights of ``folder`` loaded, in eval mode."""
     folder = _checkpoint_in(Path(folder))
@@ -176,7 +184,7 @@ def load_run(folder: Path | str) -> Run:
     if not weights.is_file():
         raise GradtuneError(f"{folder}: no model.safetensors")
     trained_only.check_base(weights, run)  # a trained-only file: its base is there, the same bytes
-    loaded = RELOADERS[kind(cfg.model)](run, cfg, info)
+    loaded = RELOADERS[kind(cfg.model)](run, cfg, info, inference_only)
     if trained_only.base_of(weights) is not None:
         trained_only.load_trained(loaded.model, weights)
     else:

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -321,6 +323,18 @@ def test_minilm_predict_agrees_with_eval_accuracy(tmp_path, capsys):
     assert all(abs(float(r["p_ham"]) + float(r["p_spam"]) - 1) < 1e-9 for r in got)
     no_text = _write(tmp_path / "no_text.csv", test_rows, ["label"])
     _fails(capsys, ["predict", str(run), "--data", str(no_text)], str(no_text), "'text'")
+    # A MiniLM run's eval and predict compute with gradtune's own encoder and tokenizer
+    # (models/bert.py, data/encoder_tokenizer.py): transformers is never imported, same output.
+    for argv, want in (
+        (["eval", str(run), "--data", str(test)], f"accuracy={metrics['accuracy']:.6g}"),
+        (["predict", str(run), "--data", str(test)], "prediction,p_ham,p_spam"),
+    ):
+        child = (
+            "import sys; from gradtune import cli; rc = cli.main(sys.argv[1:]); "
+            "sys.exit(rc or 3 * ('transformers' in sys.modules))"
+        )
+        done = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and want in done.stdout, (done.returncode, done.stderr[-2000:])
 
 
 def test_eval_of_a_jsonl_run_reads_its_text_field(tmp_path, capsys):

@@ -18,6 +18,8 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from gradtune.cli import main  # noqa: E402
+from gradtune.jobs.reload import load_run  # noqa: E402
+from gradtune.models.bert import BertModel  # noqa: E402
 from tests import tiny_hf  # noqa: E402
 
 QUIET = ["progress=off", "plot=false"]
@@ -88,6 +90,12 @@ def test_train_each_method_on_tiny_bert(assets, tmp_path, capsys, method, extra)
     assert "val_accuracy" in last and "accuracy" in last
     assert json.loads((run / "labels.json").read_text())["labels"] == ["ham", "spam"]
     assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "model.safetensors").is_file()
+    # eval and predict reload the body as gradtune's own encoder: transformers' outputs, bit for bit
+    ours, theirs = load_run(run, inference_only=True).model, load_run(run).model
+    assert isinstance(ours.body, BertModel) and not isinstance(theirs.body, BertModel)
+    ids = torch.tensor([[2, 6, 7, 8, 3, 0], [2, 9, 10, 11, 12, 3]])  # [CLS] words [SEP] [PAD]
+    with torch.no_grad():
+        assert torch.equal(ours(ids, (ids != 0).long()), theirs(ids, (ids != 0).long()))
 
 
 def test_instruction_tuning_loss_falls_and_generates(assets, tmp_path, capsys):
@@ -119,8 +127,6 @@ def test_instruction_tuning_loss_falls_and_generates(assets, tmp_path, capsys):
 def test_exported_adapter_loads_in_peft_with_our_logits(assets, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-
-    from gradtune.jobs.reload import load_run
 
     run = tmp_path / "lora"
     assert (
