@@ -203,7 +203,8 @@ import contextlib, inspect, statistics, sys, time, torch
 from gradtune.jobs.reload import load_run, run_data
 from gradtune.loop.evaluation import evaluate
 own = "inference_only" in inspect.signature(load_run).parameters  # the model the checkout's command computes with
-r = load_run(sys.argv[2], inference_only=True) if own else load_run(sys.argv[2]); data = run_data(r, None); cpu = torch.device("cpu")
+r = load_run(sys.argv[2], inference_only=True) if own else load_run(sys.argv[2])
+data = run_data(r, None); cpu = torch.device("cpu")
 chunk, amp = 64, contextlib.nullcontext()
 if sys.argv[1] == "chosen":
     from gradtune.loop.eval_chunk import choose, probe, room_for_run
