@@ -23,6 +23,7 @@ import csv
 import io
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -33,11 +34,14 @@ from gradtune.data.dataset import Dataset
 from gradtune.data.text_tasks import read_rows
 from gradtune.datasets import EMBEDDED, embedded_path
 from gradtune.jobs.reload import Run, load_run, run_folder, run_inputs, run_task, target_units
+from gradtune.loop.eval_chunk import choose, probe, room_for_run
 from gradtune.objectives.logits import forward
 from gradtune.runtime import outfile
+from gradtune.runtime.device import autocast
 from gradtune.runtime.errors import GradtuneError
 
 Carried = tuple[list[str], list[list[str]]]  # (column names, cells of each row)
+TABLE_BATCH = 256  # table rows per forward: a tabular model's forward is a few small matmuls
 
 HELP = "predict with a finished tabular or text classification/regression run (CSV out)"
 
@@ -49,7 +53,12 @@ def setup(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default=None, help="CSV file to write (default: stdout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file gradtune did not write")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (memory only)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (default: texts as eval chooses, within the run's training peak; tables 256)",
+    )
     p.add_argument(
         "--id-column",
         default=None,
@@ -102,6 +111,14 @@ def input_columns(r: Run, path: str, names: list[str], n: int) -> Carried:
     return names, [["" if row.get(c) is None else str(row.get(c)) for c in names] for _, row in rows]
 
 
+class _Forward:
+    """What ``probe`` measures for predict: the forward alone (its rows carry no labels for an
+    objective to score), the logits held as ``probe`` holds a loss."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> SimpleNamespace:
+        return SimpleNamespace(loss_sum=forward(model, batch))
+
+
 @torch.no_grad()
 def outputs(model: nn.Module, data: Dataset, batch: int) -> torch.Tensor:
     """The model's raw outputs for every sample of ``data``, in its order: (N, out) float64.
@@ -149,7 +166,7 @@ def table(r: Run, logits: torch.Tensor, carried: Optional[Carried] = None) -> st
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise GradtuneError(f"predict: --batch-size must be >= 1, got {args.batch_size}")
     if run_task(args.run) == "lm":
         raise GradtuneError(
@@ -163,7 +180,14 @@ def run(args: argparse.Namespace) -> int:
     r = load_run(args.run, inference_only=True)
     data = run_inputs(r, args.data)
     carried = input_columns(r, args.data, names, len(data)) if names else None
-    text = table(r, outputs(r.model, data, args.batch_size), carried)
+    cpu = torch.device("cpu")
+    # The run's precision, as eval and training's validation computed: predictions agree with eval's metrics.
+    amp = autocast(r.cfg.precision, cpu)
+    chunk = args.batch_size or TABLE_BATCH
+    if args.batch_size is None and getattr(data, "lengths", None) is not None:  # texts: as eval chooses
+        chunk = choose(room_for_run(r.info, cpu), probe(r.model, _Forward(), data, cpu, amp), len(data), cpu)
+    with amp:
+        text = table(r, outputs(r.model, data, chunk), carried)
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -188,6 +188,33 @@ def test_eval_reports_accuracy_and_rejects_unseen_labels(assets, tmp_path, capsy
     assert len(err) == 1 and "label 'maybe' was not seen in training" in err[0], err
 
 
+def test_predict_computes_at_the_runs_precision_as_eval_does(assets, tmp_path, capsys):
+    """A bf16 run: predict's probabilities are the model's under bf16 autocast (as eval and
+    training's validation computed), at any chunk; before, predict computed in float32."""
+    import csv
+    import io
+
+    from gradtune.jobs.reload import run_inputs
+
+    run = tmp_path / "run"
+    settings = [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", "method=head+lora", "precision=bf16"]
+    assert main(["train", *settings, f"out_dir={run}", "epochs=2", "batch_size=8", "lr=1e-2", *QUIET]) == 0
+    capsys.readouterr()
+    tables = []
+    for extra in ([], ["--batch-size", "3"]):
+        assert main(["predict", str(run), "--data", str(assets / "cls.csv"), *extra]) == 0
+        tables.append(list(csv.DictReader(io.StringIO(capsys.readouterr().out))))
+    assert tables[0] == tables[1]
+    r = load_run(run, inference_only=True)
+    batch = run_inputs(r, str(assets / "cls.csv")).get(torch.arange(40))
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = torch.softmax(r.model(batch["input_ids"], batch["attention_mask"]).double(), 1)
+        fp32 = torch.softmax(r.model(batch["input_ids"], batch["attention_mask"]).double(), 1)
+    got = torch.tensor([[float(row["p_ham"]), float(row["p_spam"])] for row in tables[0]], dtype=torch.float64)
+    assert (got - bf16).abs().max() < 1e-12 < (got - fp32).abs().max()
+
+
 def test_bad_method_and_export_are_one_line_errors(assets, tmp_path, capsys):
     base = [f"model={assets / 'bert'}", f"data={assets / 'cls.csv'}", f"out_dir={tmp_path / 'r'}", *QUIET]
     assert main(["train", *base, "method=lora+bitfit"]) == 2
