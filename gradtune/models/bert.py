@@ -209,7 +209,7 @@ def _config(raw: dict[str, Any]) -> Optional[BertConfig]:
 
 
 def _names(file_key: str, prefixed: bool) -> str:
-    key = file_key[len(PREFIX) :] if prefixed else file_key
+    key = file_key[len(PREFIX) :] if prefixed and file_key.startswith(PREFIX) else file_key
     for old, new in LEGACY.items():
         if key.endswith(old) and ".LayerNorm" in key:
             key = key[: -len(old)] + new

@@ -82,6 +82,22 @@ def test_a_task_models_checkpoint_loads_its_body(tmp_path):
     assert torch.equal(_hidden(ours, ids, mask, False), _hidden(ref, ids, mask, False))
 
 
+def test_legacy_layer_norm_names_and_pretraining_heads_load(tmp_path):
+    """An original BERT checkpoint's names: the body under 'bert.', LayerNorm gamma / beta, the
+    pretraining heads under 'cls.' (not part of the body)."""
+    folder, model = _tiny(tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    renamed = {}
+    for k, v in state.items():
+        k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        renamed["bert." + k] = v
+    renamed["cls.predictions.bias"] = torch.zeros(64)
+    save_file(renamed, str(folder / "model.safetensors"))
+    ours = load_bert(folder).eval()
+    ids, mask = _batch(64)
+    assert torch.equal(_hidden(ours, ids, mask, False), _hidden(model.eval(), ids, mask, False))
+
+
 @pytest.mark.parametrize(
     "config",
     [
