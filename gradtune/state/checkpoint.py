@@ -248,7 +248,21 @@ def newest_step(root: Path) -> Optional[int]:
 
 def prune(root: Path, keep: int) -> None:
     for _, path in listing(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
+
+
+def remove(folder: Path) -> None:
+    """Delete ``folder`` so that a kill at any moment leaves it whole under its name or not under
+    it at all: renamed out of the listing first (atomic), then deleted; what a killed process
+    left half deleted is an ``.old-*`` folder, which ``sweep`` removes. (Deleted in place, a kill
+    inside rmtree left a checkpoint name on a folder missing some of its files.)"""
+    trash = folder.parent / f".old-{folder.name}-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(folder, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --- verifying and reading -------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import reprlib
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +241,7 @@ def plan(cfg: Config, out_dir: Optional[Path], job: Job) -> Optional[Plan]:
 
 def discard(out_dir: Path) -> None:
     """``resume: never``: the old checkpoints belong to another run; remove them."""
-    shutil.rmtree(checkpoint.root(out_dir), ignore_errors=True)
+    checkpoint.remove(checkpoint.root(out_dir))
 
 
 def open_log(out_dir: Optional[Path], found: Optional[Plan], sinks: Sequence[Any] = ()) -> MetricsLog:

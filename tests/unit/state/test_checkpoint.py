@@ -52,6 +52,28 @@ def test_retention_keeps_the_newest_and_sweeps_leftovers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000009", "step-00000012"]
 
 
+def test_a_kill_while_pruning_leaves_no_broken_checkpoint(tmp_path, monkeypatch):
+    """Death inside the deletion of an old checkpoint (after its first file): every folder under a
+    checkpoint name still verifies, and the next save sweeps the half-deleted one."""
+    save(tmp_path, 3)
+    save(tmp_path, 6)
+
+    def dies_midway(path, ignore_errors=False):
+        if not Path(path).exists():
+            return
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dies_midway)
+    with pytest.raises(SystemExit):
+        save(tmp_path, 9)
+    monkeypatch.undo()
+    assert [s for s, _ in checkpoint.listing(tmp_path)] == [6, 9]
+    assert all(checkpoint.verify(p) is None for _, p in checkpoint.listing(tmp_path))
+    save(tmp_path, 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000009", "step-00000012"]
+
+
 def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     save(tmp_path, 5)
     save(tmp_path, 5)
