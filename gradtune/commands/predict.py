@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is None and getattr(data, "lengths", None) is not None:  # texts: as eval chooses
         chunk = choose(room_for_run(r.info, cpu), probe(r.model, _Forward(), data, cpu, amp), len(data), cpu)
     with amp:
-        text = table(r, outputs(r.model, data, chunk), carried)
+        logits = outputs(r.model, data, chunk)
+    text = table(r, logits, carried)
     if args.out is None:
         sys.stdout.write(text)
         return 0

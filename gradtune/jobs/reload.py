@@ -177,7 +177,10 @@ def _checkpoint_in(folder: Path) -> Path:
 
 def load_run(folder: Path | str, inference_only: bool = False) -> Run:
     """The finished run at ``folder`` (or the run of the checkpoint folder ``folder``), with the
-    weights of ``folder`` loaded, in eval mode."""
+    weights of ``folder`` loaded, in eval mode. ``inference_only``: the model will only compute
+    (eval, predict): a BERT-family encoder is then gradtune's own module (models/bert.py, the
+    same outputs) and its tokenizer the tokenizers library's, so transformers is not imported;
+    not for a model to export or train further (transformers' classes are what those write)."""
     folder = _checkpoint_in(Path(folder))
     run, cfg, info = _facts(folder)
     weights = folder / "model.safetensors"
