@@ -1,18 +1,19 @@
-"""BERT-family encoders (config.json ``model_type: bert``) as gradtune's own module, for a run
-that only computes: ``eval`` and ``predict`` of an encoder fine-tuned on classification or
-regression.
+"""BERT-family encoders (config.json ``model_type``: bert, roberta, xlm-roberta) as gradtune's
+own module, for a run that only computes: ``eval`` and ``predict`` of an encoder fine-tuned on
+classification or regression.
 
 Why: importing transformers' BERT modules costs more than evaluating a few thousand texts (its
 import pulls torch.distributed.tensor, sympy and the model-loading machinery); this module needs
 torch and safetensors only. Training, exports and every other architecture load through
 transformers (models/hf.py); this module is the same computation, not another model:
 
-    module tree and parameter names  = transformers' BertModel (a run's weights, LoRA wrappers,
-                                       freeze patterns and heads address both alike)
-    forward, op for op               = BertModel's with SDPA attention (embeddings summed in its
-                                       order, post-norm residuals, exact-erf GELU, a boolean padding
-                                       mask, or none when a batch has no padding), so eval prints
-                                       the loss that training logged, float32 and bf16 autocast
+    module tree and parameter names  = transformers' BertModel / RobertaModel (a run's weights,
+                                       LoRA wrappers, freeze patterns and heads address both alike)
+    forward, op for op               = theirs with SDPA attention: embeddings summed in their order
+                                       (RoBERTa's positions count from the pad id + 1 over non-pad
+                                       tokens), post-norm residuals, exact-erf GELU, a boolean
+                                       padding mask or none when a batch has no padding; so eval
+                                       prints the loss training logged, float32 and bf16 autocast
 
     body = load_bert("path/to/MiniLM", torch.float32)    # or None: not one this module computes
     hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state      # (B, T, H)
@@ -38,7 +39,8 @@ from gradtune.models.hf import ModelSourceError, read_config, resolve, safetenso
 from gradtune.models.onednn_linear import swap_linears
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # transformers' ACT2FN entries that are these functions
-PREFIX = "bert."  # a task model's checkpoint (BertForSequenceClassification...) holds the body under it
+# model_type -> the prefix a task model's checkpoint (BertForSequenceClassification...) holds the body under
+PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}
 LEGACY = {".gamma": ".weight", ".beta": ".bias"}  # LayerNorm names of the original TF checkpoints
 
 
@@ -58,6 +60,7 @@ class BertConfig:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    roberta: bool = False  # positions as RoBERTa numbers them (from the pad id + 1, pads keep the pad id)
 
 
 @dataclass
@@ -69,7 +72,8 @@ class Embeddings(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.roberta_pad = c.pad_token_id if c.roberta else None
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size, padding_idx=self.roberta_pad)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
@@ -77,6 +81,9 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        if self.roberta_pad is not None:  # (B, T): pad + 1, pad + 2, ... over real tokens, pad on padding
+            real = input_ids.ne(self.roberta_pad).int()
+            positions = (torch.cumsum(real, dim=1).type_as(real) * real).long() + self.roberta_pad
         if token_type_ids is None:  # segment 0 everywhere: one row, broadcast (B, T, H)
             types = self.token_type_embeddings.weight[0].expand(1, T, -1)
         else:
@@ -194,22 +201,26 @@ class BertModel(nn.Module):
 
 def _config(raw: dict[str, Any]) -> Optional[BertConfig]:
     """The config when this module computes that model as transformers does, else None."""
-    if raw.get("model_type") != "bert" or raw.get("is_decoder") or raw.get("add_cross_attention"):
+    if raw.get("model_type") not in PREFIXES or raw.get("is_decoder") or raw.get("add_cross_attention"):
         return None
+    if raw["model_type"] != "bert" and raw.get("pad_token_id") is None:
+        return None  # RoBERTa numbers positions from its pad id
     if raw.get("position_embedding_type", "absolute") != "absolute" or raw.get("chunk_size_feed_forward"):
         return None
     if raw.get("hidden_act", "gelu") not in ACTIVATIONS:
         return None
     try:
         fields = {k: raw[k] for k in BertConfig.__dataclass_fields__ if k in raw}
-        c = BertConfig(**fields)
+        c = BertConfig(**fields, roberta=raw["model_type"] != "bert")
     except TypeError:  # a required field missing: transformers says which
         return None
     return c if c.hidden_size % c.num_attention_heads == 0 else None
 
 
-def _names(file_key: str, prefixed: bool) -> str:
-    key = file_key[len(PREFIX) :] if prefixed and file_key.startswith(PREFIX) else file_key
+def _names(file_key: str, prefix: str) -> str:
+    """A file's tensor name as this module names it: without the task model's ``prefix`` ('' for
+    a bare body), legacy LayerNorm names renamed."""
+    key = file_key[len(prefix) :] if prefix and file_key.startswith(prefix) else file_key
     for old, new in LEGACY.items():
         if key.endswith(old) and ".LayerNorm" in key:
             key = key[: -len(old)] + new
@@ -221,20 +232,24 @@ def load_bert(source: str | Path, dtype: torch.dtype = torch.float32) -> Optiona
     returns transformers' (dropout and linears swapped for gradtune's); None where transformers
     must load it (see the module's docstring). The pooler may be absent from the files (zeros)."""
     folder, gguf = resolve(source)
-    config = _config(read_config(folder)) if gguf is None else None
+    raw = read_config(folder) if gguf is None else {}
+    config = _config(raw) if raw else None
     if config is None:
         return None
     files = sorted(folder.glob("*.safetensors"))
     keys = [k for f in files for k in safetensors_shapes(f)]
-    prefixed = not any(k.startswith("embeddings.") for k in keys) and any(k.startswith(PREFIX) for k in keys)
+    prefix = PREFIXES[raw["model_type"]]
+    prefix = (
+        prefix if not any(k.startswith("embeddings.") for k in keys) and any(k.startswith(prefix) for k in keys) else ""
+    )
     model = BertModel(config)  # (not on the meta device: that imports torch._dynamo, a second)
     wanted = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    named = {_names(k, prefixed) for k in keys}
+    named = {_names(k, prefix) for k in keys}
     if any(n not in named for n in wanted if not n.startswith("pooler.")):
         return None  # names transformers may know how to rename
     state = {}
     for f in files:
-        state.update({_names(k, prefixed): t for k, t in load_file(str(f)).items() if _names(k, prefixed) in wanted})
+        state.update({_names(k, prefix): t for k, t in load_file(str(f)).items() if _names(k, prefix) in wanted})
     for n, shape in wanted.items():
         if n not in state:  # the pooler, never computed
             state[n] = torch.zeros(shape, dtype=dtype)

@@ -188,6 +188,33 @@ def test_eval_reports_accuracy_and_rejects_unseen_labels(assets, tmp_path, capsy
     assert len(err) == 1 and "label 'maybe' was not seen in training" in err[0], err
 
 
+def test_a_roberta_run_reloads_as_gradtunes_own_encoder(assets, tmp_path, capsys):
+    """A RoBERTa body (positions from the pad id + 1) fine-tuned with LoRA: eval's reload computes
+    transformers' logits bit for bit, padded rows included."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=0,  # the tiny tokenizer's [PAD]
+    )
+    RobertaModel(config).save_pretrained(str(tmp_path / "roberta"))
+    tiny_hf.tokenizer("bert").save_pretrained(str(tmp_path / "roberta"))
+    run = tmp_path / "run"
+    settings = [f"model={tmp_path / 'roberta'}", f"data={assets / 'cls.csv'}", "method=lora", f"out_dir={run}"]
+    assert main(["train", *settings, "epochs=2", "batch_size=8", *QUIET]) == 0
+    ours, theirs = load_run(run, inference_only=True).model, load_run(run).model
+    assert isinstance(ours.body, BertModel) and not isinstance(theirs.body, BertModel)
+    ids = torch.tensor([[2, 6, 7, 8, 3, 0], [2, 9, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids, (ids != 0).long()), theirs(ids, (ids != 0).long()))
+
+
 def test_predict_computes_at_the_runs_precision_as_eval_does(assets, tmp_path, capsys):
     """A bf16 run: predict's probabilities are the model's under bf16 autocast (as eval and
     training's validation computed), at any chunk; before, predict computed in float32."""
