@@ -81,6 +81,37 @@ def bert(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
     return model
 
 
+def roberta(
+    folder: Path | None = None, kind: str = "roberta", pad_token_id: int = 1, task: bool = False, seed: int = 0
+):
+    """A 2-layer RoBERTa (``kind`` "xlm-roberta": XLM-R) body (hidden 32), returned in eval mode;
+    saved when ``folder`` is given: the body, or with ``task`` its sequence classifier's checkpoint
+    (the body under 'roberta.', a classifier beside it)."""
+    import transformers
+
+    name = "XLMRoberta" if kind == "xlm-roberta" else "Roberta"
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=pad_token_id,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    body = getattr(transformers, f"{name}Model")(config)
+    if folder is not None and task:
+        model = getattr(transformers, f"{name}ForSequenceClassification")(config)
+        model.roberta.load_state_dict(body.state_dict(), strict=False)  # its body has no pooler
+        model.save_pretrained(str(folder))
+    elif folder is not None:
+        body.save_pretrained(str(folder))
+    return body.eval()
+
+
 def llama(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
     """A 2-layer Llama causal LM (hidden 32, tied embeddings); saved when ``folder`` is given."""
     from transformers import LlamaConfig, LlamaForCausalLM

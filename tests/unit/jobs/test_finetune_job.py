@@ -191,19 +191,7 @@ def test_eval_reports_accuracy_and_rejects_unseen_labels(assets, tmp_path, capsy
 def test_a_roberta_run_reloads_as_gradtunes_own_encoder(assets, tmp_path, capsys):
     """A RoBERTa body (positions from the pad id + 1) fine-tuned with LoRA: eval's reload computes
     transformers' logits bit for bit, padded rows included."""
-    from transformers import RobertaConfig, RobertaModel
-
-    torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        pad_token_id=0,  # the tiny tokenizer's [PAD]
-    )
-    RobertaModel(config).save_pretrained(str(tmp_path / "roberta"))
+    tiny_hf.roberta(tmp_path / "roberta", pad_token_id=0)  # the tiny tokenizer's [PAD]
     tiny_hf.tokenizer("bert").save_pretrained(str(tmp_path / "roberta"))
     run = tmp_path / "run"
     settings = [f"model={tmp_path / 'roberta'}", f"data={assets / 'cls.csv'}", "method=lora", f"out_dir={run}"]

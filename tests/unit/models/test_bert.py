@@ -98,34 +98,6 @@ def test_legacy_layer_norm_names_and_pretraining_heads_load(tmp_path):
     assert torch.equal(_hidden(ours, ids, mask, False), _hidden(model.eval(), ids, mask, False))
 
 
-def _roberta(folder, kind: str = "roberta", task: bool = False):
-    """A tiny random RoBERTa (or XLM-R) body saved to ``folder`` (its task model's checkpoint when
-    ``task``): transformers' model of the body."""
-    import transformers
-
-    name = "XLMRoberta" if kind == "xlm-roberta" else "Roberta"
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        pad_token_id=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    body = getattr(transformers, f"{name}Model")(config)
-    if task:
-        model = getattr(transformers, f"{name}ForSequenceClassification")(config)
-        model.roberta.load_state_dict(body.state_dict(), strict=False)  # its body has no pooler
-        model.save_pretrained(str(folder))
-    else:
-        body.save_pretrained(str(folder))
-    return body.eval()
-
-
 def _padded(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.where(mask.bool(), ids, torch.full_like(ids, pad))
 
@@ -134,7 +106,7 @@ def _padded(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> torch.Tensor:
 def test_roberta_family_equals_transformers(tmp_path, kind, task):
     """RoBERTa numbers positions from its pad id + 1 over real tokens: the padded rows' real
     tokens keep their positions, bitwise transformers' outputs."""
-    body = _roberta(tmp_path, kind, task)
+    body = tiny_hf.roberta(tmp_path, kind, task=task)
     ours = load_bert(tmp_path).eval()
     ids, mask = _batch(64)
     ids = _padded(ids, mask, 1)
