@@ -254,10 +254,12 @@ def prune(root: Path, keep: int) -> None:
 def remove(folder: Path) -> None:
     """Delete ``folder`` so that a kill at any moment leaves it whole under its name or not under
     it at all: renamed out of the listing first (atomic), then deleted; what a killed process
-    left half deleted is an ``.old-*`` folder, which ``sweep`` removes. (Deleted in place, a kill
+    left half deleted is an ``.old-*`` folder, which ``sweep`` removes, and so does the next removal
+    of the same name (``resume: never``'s whole checkpoints folder). (Deleted in place, a kill
     inside rmtree left a checkpoint name on a folder missing some of its files.)"""
     trash = folder.parent / f".old-{folder.name}-{os.getpid()}"
-    shutil.rmtree(trash, ignore_errors=True)
+    for stale in folder.parent.glob(f".old-{folder.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.replace(folder, trash)
     except FileNotFoundError:

@@ -74,6 +74,17 @@ def test_a_kill_while_pruning_leaves_no_broken_checkpoint(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000009", "step-00000012"]
 
 
+def test_removing_a_folder_again_takes_what_a_killed_removal_left(tmp_path):
+    """resume: never removes the whole checkpoints folder the same way; a removal killed midway
+    left it renamed beside it: the next removal of that name takes it too."""
+    root = tmp_path / "checkpoints"
+    save(root, 3)
+    left = tmp_path / ".old-checkpoints-99999"
+    (left / "step-00000001").mkdir(parents=True)
+    checkpoint.remove(root)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     save(tmp_path, 5)
     save(tmp_path, 5)
