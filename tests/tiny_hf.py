@@ -37,6 +37,17 @@ WORDS = [
 ]
 
 
+# The tiny encoders' shape (BERT and RoBERTa alike): 2 layers of width 32, no dropout.
+ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+
 def tokenizer(kind: str = "bert"):
     """A word-level fast tokenizer over WORDS; BERT-style ([CLS] .. [SEP]) or Llama-style (<s>)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -64,16 +75,7 @@ def bert(folder: Path | None = None, vocab_size: int = 64, seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = BertConfig(vocab_size=vocab_size, max_position_embeddings=64, **ENCODER)
     model = BertModel(config)
     if folder is not None:
         model.save_pretrained(str(folder))
@@ -91,15 +93,7 @@ def roberta(
 
     name = "XLMRoberta" if kind == "xlm-roberta" else "Roberta"
     config = getattr(transformers, f"{name}Config")(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        pad_token_id=pad_token_id,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=64, max_position_embeddings=40, pad_token_id=pad_token_id, **ENCODER
     )
     torch.manual_seed(seed)
     body = getattr(transformers, f"{name}Model")(config)

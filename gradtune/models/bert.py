@@ -80,8 +80,9 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
         T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)[None]  # (1, T)
-        if self.roberta_pad is not None:  # (B, T): pad + 1, pad + 2, ... over real tokens, pad on padding
+        if self.roberta_pad is None:
+            positions = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        else:  # (B, T): pad + 1, pad + 2, ... over real tokens, pad on padding
             real = input_ids.ne(self.roberta_pad).int()
             positions = (torch.cumsum(real, dim=1).type_as(real) * real).long() + self.roberta_pad
         if token_type_ids is None:  # segment 0 everywhere: one row, broadcast (B, T, H)
@@ -244,12 +245,12 @@ def load_bert(source: str | Path, dtype: torch.dtype = torch.float32) -> Optiona
     )
     model = BertModel(config)  # (not on the meta device: that imports torch._dynamo, a second)
     wanted = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    named = {_names(k, prefix) for k in keys}
-    if any(n not in named for n in wanted if not n.startswith("pooler.")):
+    names = {k: _names(k, prefix) for k in keys}  # the file's name -> this module's
+    if any(n not in names.values() for n in wanted if not n.startswith("pooler.")):
         return None  # names transformers may know how to rename
     state = {}
     for f in files:
-        state.update({_names(k, prefix): t for k, t in load_file(str(f)).items() if _names(k, prefix) in wanted})
+        state.update({names[k]: t for k, t in load_file(str(f)).items() if names[k] in wanted})
     for n, shape in wanted.items():
         if n not in state:  # the pooler, never computed
             state[n] = torch.zeros(shape, dtype=dtype)
