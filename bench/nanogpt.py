@@ -4,16 +4,17 @@ Both sides are ``gradtune train`` runs of the same ``max_time`` (the budget coun
 evaluations and outputs; each run fixes its step count from its own measured pace, so its cosine
 reaches min_lr when the time runs out), one after the other, never together:
 
-  ours   configs/gpt-shakespeare.yaml as it is (``gradtune train model=gpt``): Llama-family block
-         (RoPE, RMSNorm, SwiGLU), 4L x 192, 2 KV heads, Muon + AdamW, ``precision: auto`` (bf16
-         where the probe finds it faster), cosine, batch 8 x 256.
+  ours   configs/gpt-shakespeare.yaml as it is: its own BPE learnt from the training plays,
+         Llama-family block (RoPE, RMSNorm, SwiGLU, QK-norm), 4L x 192, 2 KV heads, Muon + AdamW,
+         ``precision: auto`` (bf16 where the probe finds it faster), cosine, batch 8 x 256.
   peer   nanoGPT's defaults as a gradtune run: the GPT-2 block (learned positions, LayerNorm, GELU
          MLP 4x, full multi-head attention), AdamW with nanoGPT's shakespeare_char settings (lr 1e-3,
          betas (0.9, 0.99), weight decay 0.1, warm-up 100 capped like ours to 10% of the steps,
          cosine to lr/10, gradient clipping 1.0), fp32 as the issue asks; everything else the
-         recipe's: the same embedded Shakespeare, byte tokenizer, the last 5% held out, the same
-         evaluation sample and schedule of evaluations, the same width, depth, context and batch,
-         dropout 0, so that only the block, the optimizer and the precision differ.
+         recipe's: the same embedded Shakespeare, the last 5% held out, the same schedule of
+         evaluations, the same width, depth, context and batch, dropout 0, so that only the
+         tokenizer (bytes, as nanoGPT's shakespeare_char reads characters), the block, the
+         optimizer and the precision differ.
 
 nanoGPT's own shakespeare_char shape (6L x 384, 6 heads, batch 64 x 256, dropout 0.2) takes about
 10 s a step on 2 CPU cores, some 60 steps in 10 minutes: ``--peer-shape nanogpt`` runs it anyway
@@ -34,11 +35,12 @@ start-up before it on the ``max_time`` clock (process start: imports, data, the 
 so a row's elapsed wall seconds are ``startup_s + time``, the clock ``max_time`` counts (ours'
 precision probe is charged to ours; a cached answer costs nothing). Intermediate evaluations use
 one fixed, seeded sample of the validation windows (``eval_tokens``: the same windows on both
-sides, one block size); the final one is the full pass. The two sets do not give the same loss,
-so each comparison stays on one set:
+sides when they share a tokenizer; ours' BPE windows hold ~3x the bytes of the peer's, a larger
+sample of the same held-out plays); the final one is the full pass. The two sets do not give the
+same loss, so each comparison stays on one set:
 
-  final          each side's full-pass validation loss (nats per byte: the byte tokenizer's nats
-                 per token) at its own end, both inside the same ``max_time``
+  final          each side's full-pass validation loss per byte (ours' ``val_nats_per_byte``, the
+                 byte tokenizer's nats per token) at its own end, both inside the same ``max_time``
   equal seconds  on the sampled curves, both read at the same elapsed seconds (linear between
                  evaluations): the peer's last sampled evaluation, or ours' if ours ended first
   to target      the seconds ours needed to reach the peer's last sampled loss (first crossing of
@@ -80,6 +82,7 @@ PEER = [
     "lr=1e-3",
     "betas=[0.9,0.99]",
     "weight_decay=0.1",
+    "text.tokenizer=byte",
     "warmup_steps=100",
     "schedule=cosine",
     "min_lr=1e-4",
@@ -133,6 +136,8 @@ def read_run(side: str, folder: Path, wall: float) -> Run:
     startup = float(job.get("time_budget", {}).get("plan", {}).get("startup_s", 0.0))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r, startup + float(r["time"])) for r in rows if r.get("kind") == "eval" and "val_loss" in r]
+    for r, _ in evals:  # per byte: a BPE run's val_nats_per_byte, a byte run's val_loss
+        r["val_loss"] = r.get("val_nats_per_byte", r["val_loss"])
     if not evals:
         raise SystemExit(f"{side}: no evaluation in {folder / 'metrics.jsonl'}")
     last, end = evals[-1]

@@ -7,9 +7,12 @@ text encodes with no unknown token and decodes back byte for byte; GPT-2's pre-t
 ``<|endoftext|>`` (id 0: the end-of-text id between documents) and the chosen chat template's
 markers (``chatml``: ``<|im_start|>``, ``<|im_end|>``), never split by the BPE.
 
-``text.tokenizer: train`` trains one on the run's data first; the result is cached under
-``$GRADTUNE_CACHE/tokenizers`` by the data's shard fingerprints and the settings, so a second
-run (or a resume, or another rank) loads it instead of training again.
+``text.tokenizer: train`` trains one on the run's data first, on the training text alone: the
+validation split is the last ``val_fraction`` of each source's text (at most that share of its
+bytes, data/text.val_tokens), so the BPE learns from each source's first ``1 - val_fraction`` of
+bytes (a name found only in the held-out text earns no token). The result
+is cached under ``$GRADTUNE_CACHE/tokenizers`` by the data's shard fingerprints and the settings,
+so a second run (or a resume, or another rank) loads it instead of training again.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 from gradtune.data import corpus, records
 from gradtune.data.records import Shard
@@ -30,15 +33,46 @@ CHAT_TOKENS = {"chatml": ["<|im_start|>", "<|im_end|>"], "none": []}
 VERSION = 1  # bump when the training recipe changes: cached tokenizers are retrained
 
 
-def _texts(shards: list[Shard], field: str) -> Iterator[str]:
+def train_share(val_fraction: float) -> float:
+    """The share of each source's bytes a run's BPE learns from: the training text's. The
+    validation split (data/text.val_tokens) holds at most ``val_fraction`` of the bytes at the
+    end, so it starts at or after this share."""
+    return 1.0 - max(val_fraction, 0.0)
+
+
+def _all(shards: list[Shard], field: str) -> Iterator[str]:
     for shard in shards:
         for _, text, _ in records.texts(shard, field):
             yield text
 
 
-def train(shards: list[Shard], vocab_size: int, field: str = "text", chat: str = "chatml") -> str:
+def _texts(sources: Sequence[list[Shard]], field: str, share: float) -> Iterator[str]:
+    """Each source's texts in order, up to ``share`` of its UTF-8 bytes (the last text cut)."""
+    for shards in sources:
+        if share >= 1.0:
+            yield from _all(shards, field)
+            continue
+        left = share * sum(len(t.encode("utf-8")) for t in _all(shards, field))  # a first pass: the total
+        for text in _all(shards, field):
+            raw = text.encode("utf-8")
+            if len(raw) >= left:
+                yield raw[: int(left)].decode("utf-8", errors="ignore")
+                break
+            left -= len(raw)
+            yield text
+
+
+def train(
+    shards: list[Shard],
+    vocab_size: int,
+    field: str = "text",
+    chat: str = "chatml",
+    sources: Optional[Sequence[list[Shard]]] = None,
+    share: float = 1.0,
+) -> str:
     """A byte-level BPE of ``vocab_size`` tokens (special ones included) trained on the shards'
-    text, streamed; returns its tokenizer.json text."""
+    text, streamed; returns its tokenizer.json text. ``sources`` (lists of shards, the run's
+    corpora) with ``share`` < 1: on the first ``share`` of each source's bytes only."""
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:
@@ -57,7 +91,7 @@ def train(shards: list[Shard], vocab_size: int, field: str = "text", chat: str =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_texts(shards, field), trainer)
+    tok.train_from_iterator(_texts(sources or [shards], field, share), trainer)
     return tok.to_str()
 
 
@@ -69,13 +103,24 @@ def save(text: str, out: Path | str) -> Path:
     return out
 
 
-def cached(shards: list[Shard], digests: list[str], vocab_size: int, field: str, chat: str = "chatml") -> Path:
-    """The path of the tokenizer trained on these shards with these settings, training it first
-    when the cache has none (``digests``: the shards' fingerprints, data/fingerprint.shard_digest)."""
+def cached(
+    sources: list[list[Shard]],
+    digests: list[str],
+    vocab_size: int,
+    field: str,
+    share: float = 1.0,
+    chat: str = "chatml",
+) -> Path:
+    """The path of the tokenizer trained on the first ``share`` of each source's bytes with these
+    settings, training it first when the cache has none (``digests``: every shard's fingerprint,
+    data/fingerprint.shard_digest, in order)."""
+    shards = [s for group in sources for s in group]
     key: Any = [VERSION, vocab_size, field, chat, [str(s.path.resolve()) for s in shards], digests]
+    if share < 1.0 or len(sources) > 1:  # a whole single corpus keeps the key it always had
+        key += [share, [len(g) for g in sources]]
     name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
     path = cache.path("tokenizers", f"bpe{vocab_size}-{name}.json")
     with corpus.locked(path.with_suffix(".lock")):  # under torchrun one rank trains, the others wait
         if not path.is_file():
-            save(train(shards, vocab_size, field, chat), path)
+            save(train(shards, vocab_size, field, chat, sources, share), path)
     return path

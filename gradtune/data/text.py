@@ -34,6 +34,7 @@ from gradtune.data import corpus
 from gradtune.data import tokenizer as tokenizers
 from gradtune.data.dataset import Batch
 from gradtune.data.records import path_kind
+from gradtune.data.token_bytes import token_bytes
 from gradtune.data.tokenizer import Tokenizer
 from gradtune.runtime import cache, distributed
 from gradtune.runtime.errors import GradtuneError, InputError
@@ -170,10 +171,35 @@ class TextWindows:
         return {"input_ids": w[:, :-1], "labels": w[:, 1:], "sample_id": idx}
 
 
+SCAN = 1 << 22  # tokens per slice while counting the validation tail's bytes (32 MB of int64)
+
+
+def val_tokens(tf: TokenFile, val_fraction: float) -> int:
+    """Tokens of the validation tail: the most tokens at the end whose text is at most
+    ``val_fraction`` of the corpus's UTF-8 bytes, so that the split falls at the same text
+    whatever the tokenizer (a BPE's tokens of held-out text carry fewer bytes than the rest: a
+    split counted in tokens would hold out less text); counted in tokens where a token's bytes
+    are not fixed (data/token_bytes.py). With bytes as tokens both counts are the same."""
+    n, total = tf.n_tokens, tf.meta.get("bytes")
+    table = None if isinstance(tf.tokenizer, tokenizers.ByteTokenizer) else token_bytes(tf.tokenizer)
+    if val_fraction <= 0 or table is None or not total:
+        return int(n * val_fraction)
+    per, want, tail, stop = table.numpy(), total * val_fraction, 0, n
+    while stop > 0:  # back from the end, a slice at a time: only the tail is read
+        start = max(stop - SCAN, 0)
+        seen = tail + np.cumsum(per[tf.tokens[start:stop][::-1]])  # bytes of the last 1, 2, ... tokens
+        k = int(np.searchsorted(seen, want, side="right"))  # how many of them fit in want
+        if k < len(seen):
+            return n - stop + k
+        tail, stop = int(seen[-1]), start
+    return n
+
+
 def split(tf: TokenFile, block_size: int, val_fraction: float = 0.1) -> tuple[TextWindows, Optional[TextWindows]]:
-    """Training windows over the first (1 - val_fraction) of the tokens, validation over the rest."""
+    """Training windows over the first (1 - val_fraction) of the text, validation over the rest
+    (``val_tokens``)."""
     n = tf.n_tokens
-    n_val = int(n * val_fraction)
+    n_val = val_tokens(tf, val_fraction)
     n_train, need = n - n_val, block_size + 1
     if n_train < need:
         raise GradtuneError(

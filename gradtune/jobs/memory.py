@@ -164,7 +164,8 @@ def _gpt_estimate(cfg: Config) -> Optional[Estimate]:
     spec = cfg.text.tokenizer
     try:
         # char: the vocabulary is known only after reading the text; 1 keeps the bound a bound.
-        vocab = 1 if spec == "char" else tokenizers.load(spec).vocab_size
+        # train: the BPE to learn has at most text.vocab_size tokens.
+        vocab = {"char": 1, "train": cfg.text.vocab_size}.get(spec) or tokenizers.load(spec).vocab_size
         with torch.device("meta"):
             model = gpt(vocab, cfg.gpt)
     except (GradtuneError, ValueError):  # a bad tokenizer or shape: the builder says which

@@ -38,10 +38,9 @@ from gradtune.data.text_tasks import LabelMap
 from gradtune.jobs import preference, pretrained, trained_only
 from gradtune.jobs import tabular as tabular_job
 from gradtune.jobs.registry import kind
-from gradtune.jobs.text import gpt, gpt_base, validation_windows
+from gradtune.jobs.text import gpt, gpt_base, lm_objective, validation_windows
 from gradtune.models import hf
 from gradtune.models.weights import load_weights
-from gradtune.objectives.causal_lm import CausalLM
 from gradtune.objectives.output import Objective
 from gradtune.runtime.errors import GradtuneError
 
@@ -94,7 +93,7 @@ def _reload_gpt(run: Path, cfg: Config, info: dict[str, Any], inference_only: bo
     if cfg.task == "preference":  # a GPT tuned on pairs (jobs/text.preference_job)
         objective = preference.eval_objective(cfg)
         return Run(run, cfg, "gpt", "preference", model, objective, info, tokenizer=tok, data_task="preference")
-    return Run(run, cfg, "gpt", "lm", model, CausalLM(cfg.label_smoothing), info, tokenizer=tok, data_task="lm")
+    return Run(run, cfg, "gpt", "lm", model, lm_objective(cfg, tok), info, tokenizer=tok, data_task="lm")
 
 
 def _reload_pretrained(run: Path, cfg: Config, info: dict[str, Any], inference_only: bool = False) -> Run:

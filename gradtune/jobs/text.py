@@ -29,8 +29,9 @@ from gradtune.data import tokenizer as tokenizers
 from gradtune.data.fingerprint import shard_digest
 from gradtune.data.mixture import MixtureWindows, SourceTokens
 from gradtune.data.plain_tokenizer import PlainTokenizer
+from gradtune.data.token_bytes import token_bytes
 from gradtune.jobs import preference
-from gradtune.jobs.job import Job, eval_chunk, load_init
+from gradtune.jobs.job import Job, eval_chunk, load_init, metrics_for
 from gradtune.models.gpt import GPT, GPTConfig
 from gradtune.objectives.causal_lm import CausalLM
 from gradtune.optim.groups import decay_groups
@@ -56,12 +57,17 @@ def is_mixture(data: Any) -> bool:
 
 
 def tokenizer_spec(cfg: Config) -> str:
-    """``cfg.text.tokenizer``, or for ``train`` the path of a BPE trained on the run's data (cached)."""
+    """``cfg.text.tokenizer``, or for ``train`` the path of a BPE trained on the run's training
+    text (cached)."""
     if cfg.text.tokenizer != "train":
         return cfg.text.tokenizer
-    _, shards = corpus.shards_of(cfg.data)
-    digests = [shard_digest(s.path) for s in shards]
-    return str(bpe.cached(shards, digests, cfg.text.vocab_size, cfg.text.field))
+    # Trained on each source's training text only: the validation split is each one's tail.
+    sources = (
+        [corpus.shards_of(d["path"])[1] for d in cfg.data] if is_mixture(cfg.data) else [corpus.shards_of(cfg.data)[1]]
+    )
+    digests = [shard_digest(s.path) for group in sources for s in group]
+    share = bpe.train_share(cfg.val_fraction)
+    return str(bpe.cached(sources, digests, cfg.text.vocab_size, cfg.text.field, share))
 
 
 def source_names(paths: list[Any]) -> list[str]:
@@ -141,9 +147,8 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
     if hasattr(model, "flops_per_token"):  # our GPT; a stand-in model may not count its FLOPs
         info["flops_per_token"] = model.flops_per_token()
         info["n_params"] = model.num_params()
-    objective: Any = CausalLM(cfg.label_smoothing)
-    if extra:
-        objective = SourceTokens(objective, [s["name"] for s in extra["sources"]])
+    lm = lm_objective(cfg, tf.tokenizer)
+    objective: Any = SourceTokens(lm, [s["name"] for s in extra["sources"]]) if extra else lm
     job = Job(
         model,
         objective,
@@ -153,9 +158,17 @@ def text_job(cfg: Config, make_model: ModelFactory) -> Job:
         info,
         param_groups=decay_groups(model, cfg.weight_decay),
         eval_chunk=eval_chunk(cfg, cheap_rows=False),
+        metrics=(*metrics_for("lm"), "nats_per_byte") if lm.token_bytes is not None else (),
     )
     job.save_extra = lambda out_dir: save_tokenizer(job, out_dir)
     return job
+
+
+def lm_objective(cfg: Config, tokenizer: tokenizers.Tokenizer) -> CausalLM:
+    """The next-token objective; it also sums the predicted text's bytes (a loss per byte, the
+    figure that compares tokenizers) unless each token is a byte already."""
+    table = None if isinstance(tokenizer, tokenizers.ByteTokenizer) else token_bytes(tokenizer)
+    return CausalLM(cfg.label_smoothing, token_bytes=table)
 
 
 def build_text(cfg: Config) -> Job:

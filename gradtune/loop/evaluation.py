@@ -146,6 +146,8 @@ def task_metrics(
     out.update(class_metrics.derived(prefix, sums, info.get("classes")))  # precision/recall/F1, confusion
     if "ppl" in metrics:
         out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+    if sums.get("bytes"):  # a language model's loss per UTF-8 byte of the predicted text (nats)
+        out[f"{prefix}nats_per_byte"] = loss * count / sums["bytes"]
     if count:  # DPO rewards: means over pairs
         out.update({f"{prefix}{k}": sums[k] / count for k in PREFERENCE_METRICS if k in metrics and k in sums})
     if "reward" in metrics and sums.get("completions"):  # GRPO: a completion's reward, a token's KL

@@ -13,6 +13,9 @@ Two label conventions, one objective:
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import nn
 
 from gradtune.data.dataset import Batch
@@ -23,9 +26,18 @@ from gradtune.objectives.output import Output
 
 
 class CausalLM:
-    def __init__(self, label_smoothing: float = 0.0, shift: bool = False, token_accuracy: bool = False) -> None:
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        shift: bool = False,
+        token_accuracy: bool = False,
+        token_bytes: Optional[torch.Tensor] = None,
+    ) -> None:
         self.label_smoothing, self.shift = label_smoothing, shift
         self.token_accuracy = token_accuracy  # also sum correct next-token guesses (one argmax over V)
+        # (V,) UTF-8 bytes of each token (data/token_bytes.py): also sum the predicted tokens'
+        # bytes, so that a loss per byte compares runs across tokenizers
+        self.token_bytes = token_bytes
 
     def __call__(self, model: nn.Module, batch: Batch) -> Output:
         labels = batch["labels"]  # (B, T)
@@ -41,4 +53,8 @@ class CausalLM:
         metrics = {}
         if self.token_accuracy:
             metrics["correct"] = ((logits.detach().argmax(-1) == labels) & trained).sum()
+        if self.token_bytes is not None:
+            if self.token_bytes.device != labels.device:
+                self.token_bytes = self.token_bytes.to(labels.device)
+            metrics["bytes"] = torch.where(trained, self.token_bytes[labels.clamp(min=0)], 0).sum()
         return Output(loss_sum, trained.sum(), metrics)

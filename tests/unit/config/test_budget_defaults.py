@@ -1,4 +1,4 @@
-"""Defaults that do what they say: ``model: gpt`` is the recipe, a convergence run is not cut by
+"""Defaults that do what they say: ``model: gpt`` is the recipe (but for its tokenizer), a convergence run is not cut by
 the default epochs, an explicit budget wins, other tools' names get ours, and the README
 harness's budget scale."""
 
@@ -18,10 +18,13 @@ from gradtune.runtime.errors import GradtuneError
 RECIPE = Path(__file__).resolve().parents[3] / "configs" / "gpt-shakespeare.yaml"
 
 
-def test_model_gpt_alone_is_the_recipe():
+def test_model_gpt_alone_is_the_recipe_with_bytes_for_tokens():
     recipe = dataclasses.asdict(load_config(str(RECIPE)))
     alone = dataclasses.asdict(load_config(None, ["model=gpt"]))
     recipe.pop("out_dir"), alone.pop("out_dir")  # the recipe names its folder
+    # The recipe learns a BPE from the plays; model=gpt on any corpus (gigabytes included) starts
+    # with no tokenizer to train: bytes.
+    assert (recipe["text"].pop("tokenizer"), alone["text"].pop("tokenizer")) == ("train", "byte")
     assert alone == recipe
 
 
