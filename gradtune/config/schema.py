@@ -212,7 +212,7 @@ class Config:
     categorical: Union[Literal["none", "auto"], list[str]] = "none"
     standardize: bool = True  # features to zero mean / unit variance (train statistics)
     standardize_target: bool = True  # regression target too: lr stops depending on units; loss reads as 1 - R^2
-    val_fraction: float = 0.2  # held out for validation; 0: no validation
+    val_fraction: float = 0.2  # held out for validation (text: the last share of its bytes); 0: no validation
     hidden: list[int] = field(default_factory=lambda: [5])  # MLP hidden widths (classic 10-5-1)
     activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"  # MLP non-linearity
     init: str = "random"  # random (seeded) | path to a .safetensors weights file
