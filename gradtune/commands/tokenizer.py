@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     label, shards = corpus.shards_of(args.data)
     if any(s.path.resolve() == out.resolve() for s in shards):
         raise GradtuneError(f"--out {args.out}: is one of the inputs")
-    text = bpe.train(shards, args.vocab_size, args.field, args.chat_template)
+    text = bpe.train([shards], args.vocab_size, args.field, args.chat_template)
     bpe.save(text, out)
     tok = tokenizers.load(str(out))
     print(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 from gradtune.data import corpus, records
 from gradtune.data.records import Shard
@@ -63,16 +63,11 @@ def _texts(sources: Sequence[list[Shard]], field: str, share: float) -> Iterator
 
 
 def train(
-    shards: list[Shard],
-    vocab_size: int,
-    field: str = "text",
-    chat: str = "chatml",
-    sources: Optional[Sequence[list[Shard]]] = None,
-    share: float = 1.0,
+    sources: Sequence[list[Shard]], vocab_size: int, field: str = "text", chat: str = "chatml", share: float = 1.0
 ) -> str:
-    """A byte-level BPE of ``vocab_size`` tokens (special ones included) trained on the shards'
-    text, streamed; returns its tokenizer.json text. ``sources`` (lists of shards, the run's
-    corpora) with ``share`` < 1: on the first ``share`` of each source's bytes only."""
+    """A byte-level BPE of ``vocab_size`` tokens (special ones included) trained on the text of
+    ``sources`` (lists of shards: a corpus each), streamed, on the first ``share`` of each one's
+    bytes; returns its tokenizer.json text."""
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     except ImportError:
@@ -91,7 +86,7 @@ def train(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_texts(sources or [shards], field, share), trainer)
+    tok.train_from_iterator(_texts(sources, field, share), trainer)
     return tok.to_str()
 
 
@@ -122,5 +117,5 @@ def cached(
     path = cache.path("tokenizers", f"bpe{vocab_size}-{name}.json")
     with corpus.locked(path.with_suffix(".lock")):  # under torchrun one rank trains, the others wait
         if not path.is_file():
-            save(train(shards, vocab_size, field, chat, sources, share), path)
+            save(train(sources, vocab_size, field, chat, share), path)
     return path

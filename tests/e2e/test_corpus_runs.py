@@ -204,7 +204,7 @@ def test_own_tokenizer_round_trips_pretrains_generates_and_exports(tmp_path, cap
     for _ in range(2):
         assert main(["train", *gpt, "data=shakespeare", "text.tokenizer=train", f"out_dir={trained}"]) == 0
     (shard,) = corpus.shards_of("shakespeare")[1:]
-    want = bpe.train(shard, 4096, sources=[shard], share=bpe.train_share(0.05))
+    want = bpe.train([shard], 4096, share=bpe.train_share(0.05))
     assert (trained / "tokenizer.json").read_text() == want != tok_path.read_text()
     assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
 

@@ -35,7 +35,7 @@ def bpe_file(tmp_path_factory):
     """A 600-token byte-level BPE trained on a slice of Shakespeare (data/bpe.py)."""
     d = tmp_path_factory.mktemp("bpe")
     (d / "s.txt").write_text(SHAKESPEARE[:300_000])
-    return str(bpe.save(bpe.train(records.resolve(str(d / "s.txt")), 600), d / "tok.json"))
+    return str(bpe.save(bpe.train([records.resolve(str(d / "s.txt"))], 600), d / "tok.json"))
 
 
 def docs_folder(root, n_docs=40, size=3000):

@@ -29,10 +29,10 @@ TEXTS = [
 CORPUS = datasets.text("shakespeare")[:60_000] + "".join(TEXTS) * 20
 
 
-def _trained(tmp_path, text: str, vocab: int = 600, **kw) -> tokenizers.Tokenizer:
+def _trained(tmp_path, text: str, vocab: int = 600) -> tokenizers.Tokenizer:
     (tmp_path / "c.txt").write_text(text, encoding="utf-8")
     shards = records.resolve(str(tmp_path / "c.txt"))
-    return tokenizers.load(str(bpe.save(bpe.train(shards, vocab, **kw), tmp_path / "tok.json")))
+    return tokenizers.load(str(bpe.save(bpe.train([shards], vocab), tmp_path / "tok.json")))
 
 
 def test_byte_and_char_tables():
@@ -87,14 +87,14 @@ def test_the_runs_bpe_never_learns_the_held_out_tail(tmp_path):
     (tmp_path / "b.txt").write_text(common[::-1] + " Vrooglemax" * 120)
     a, b = (records.resolve(str(tmp_path / f)) for f in ("a.txt", "b.txt"))
 
-    def learnt(**kw) -> set[str]:
-        vocab = json.loads(bpe.train(a + b, 700, **kw))["model"]["vocab"]
+    def learnt(sources, share: float = 1.0) -> set[str]:
+        vocab = json.loads(bpe.train(sources, 700, share=share))["model"]["vocab"]
         return {w for w in ("Quux", "Vroog") if any(w in t for t in vocab)}
 
-    assert learnt() == {"Quux", "Vroog"}
+    assert learnt([a + b]) == {"Quux", "Vroog"}
     share = bpe.train_share(0.05)
-    assert learnt(sources=[a + b], share=share) == {"Quux"}  # one stream: the first source's tail leaks
-    assert learnt(sources=[a, b], share=share) == set()
+    assert learnt([a + b], share) == {"Quux"}  # one stream: the first source's tail leaks
+    assert learnt([a, b], share) == set()
     assert bpe.train_share(0.0) == 1.0 and bpe.train_share(0.05) == pytest.approx(0.95)
 
 
